@@ -1,0 +1,8 @@
+"""onnxprune: structured pruning of ONNX models with Subspace Node Pruning (SNP)."""
+
+__version__ = "0.1.0"
+
+from .api import PruneResult, prune  # noqa: E402
+from .errors import CalibrationError, ModelError, OnnxPruneError, TargetError  # noqa: E402
+
+__all__ = ["prune", "PruneResult", "OnnxPruneError", "ModelError", "CalibrationError", "TargetError", "__version__"]

@@ -1,0 +1,205 @@
+"""The pipeline: load -> analyse -> calibrate -> score -> plan -> rewrite -> verify/report."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from .analyse import Analysis, analyse
+from .calibrate import collect_stats
+from .cost import CostModel, build_cost_model, count_macs, count_params
+from .data import CalibrationData, load_calibration
+from .errors import CalibrationError, ModelError, TargetError
+from .graph import GraphIndex, fix_input_shapes, infer_shapes
+from .load import load_model
+from .plan import Plan, Target, make_plan
+from .recovery import fit_recovery
+from .report import PruneReport, SpaceRow
+from .rewrite import rewrite
+from .score import METHODS, ORDERS, RECOVERING_METHODS, score_space
+from .verify import verify
+
+DEFAULT_TOLERANCE = 0.01
+ProgressFactory = Callable[[str, int], Callable[[int], None]]
+
+
+@dataclass
+class PruneResult:
+    """The pruned model and the report; unpacks as `model, report = prune(...)`."""
+
+    model: onnx.ModelProto
+    report: PruneReport
+
+    def __iter__(self) -> Iterator:
+        return iter((self.model, self.report))
+
+
+def resolve_target(ratio: float | None, flops: float | None, params: float | None, tolerance: float | None) -> Target:
+    """Exactly one target; none given means --tolerance DEFAULT_TOLERANCE."""
+    given = {k: v for k, v in (("ratio", ratio), ("flops", flops), ("params", params), ("tolerance", tolerance)) if v is not None}
+    if len(given) > 1:
+        raise TargetError(f"give one target, not {' and '.join('--' + k for k in given)}")
+    if not given:
+        return Target("tolerance", DEFAULT_TOLERANCE)
+    kind, value = given.popitem()
+    return Target(kind, float(value))
+
+
+def default_verify_samples(n_samples: int) -> int:
+    """10% of the calibration samples, at most 256, held out for verification."""
+    return min(256, n_samples // 10)
+
+
+def _no_progress(description: str, total: int) -> Callable[[int], None]:
+    return lambda advance: None
+
+
+@contextmanager
+def _stage(seconds: dict[str, float], name: str):
+    start = time.perf_counter()
+    yield
+    seconds[name] = round(time.perf_counter() - start, 3)
+
+
+def prune(
+    model: str | Path | onnx.ModelProto,
+    calib: str | Path | dict[str, np.ndarray] | CalibrationData,
+    *,
+    ratio: float | None = None,
+    flops: float | None = None,
+    params: float | None = None,
+    tolerance: float | None = None,
+    method: str = "snp",
+    order: str = "pivoted",
+    round_to: int = 1,
+    min_keep: float = 1,
+    exclude: list[str] | tuple[str, ...] = (),
+    batch_size: int = 32,
+    verify_samples: int | None = None,
+    seed: int = 0,
+    progress: ProgressFactory | None = None,
+) -> PruneResult:
+    """Prune `model` with calibration data `calib`; returns the pruned ModelProto and a report.
+
+    Targets (one of them): `ratio` / `flops` / `params` = fraction of prunable units / MACs /
+    parameters to REMOVE; `tolerance` = largest normalised energy loss of a removed unit.
+    """
+    if method not in METHODS:
+        raise TargetError(f"unknown method '{method}' (choose from {', '.join(METHODS)})")
+    if order not in ORDERS:
+        raise TargetError(f"unknown order '{order}' (choose from {', '.join(ORDERS)})")
+    if batch_size < 1:
+        raise TargetError(f"--batch-size must be >= 1, got {batch_size}")
+    target = resolve_target(ratio, flops, params, tolerance)
+    progress = progress or _no_progress
+    seconds: dict[str, float] = {}
+    warnings: list[str] = []
+
+    with _stage(seconds, "load"):
+        original, name = load_model(model)
+        data = load_calibration(calib, original)
+        n_verify = default_verify_samples(data.n_samples) if verify_samples is None else verify_samples
+        if not 0 <= n_verify < data.n_samples:
+            raise CalibrationError(f"--verify-samples {n_verify} must leave calibration samples (the data has {data.n_samples})")
+        calib_data, verify_data = data.split(n_verify)
+        batch_size = _batch_size_for(original, batch_size)
+
+    with _stage(seconds, "analyse"):
+        shapes = infer_shapes(fix_input_shapes(original, data.sample_shapes()))
+        index = GraphIndex(original, shapes)
+        analysis = analyse(original, list(exclude), index=index)
+        if not analysis.prunable:
+            reasons = "; ".join(f"{s.name}: {s.pinned[0]}" for s in analysis.spaces[:3]) or "no Conv/Gemm/MatMul with constant weights"
+            raise ModelError(f"nothing to prune in '{name}': {len(analysis.spaces)} spaces found, none prunable ({reasons})")
+        cost = build_cost_model(index, analysis)
+
+    sites = [site for space in analysis.prunable for site in space.sites]
+    stats = {}
+    if method in ("snp", "variance", "lsq"):
+        with _stage(seconds, "calibrate"):
+            ranks = {site.tensor: len(shapes[site.tensor]) for site in sites}
+            advance = progress("calibrating", calib_data.n_samples)
+            stats = collect_stats(original, sites, ranks, calib_data.batches(batch_size), advance)
+        for site in sites:
+            if stats[site.tensor].count <= site.n:
+                warnings.append(
+                    f"site '{site.tensor}' saw {stats[site.tensor].count} rows for {site.n} units: "
+                    "its statistics are rank-deficient (regularised); give more calibration samples"
+                )
+
+    with _stage(seconds, "score"):
+        scores = {s.id: score_space(s, stats, index, method, order, seed) for s in analysis.prunable}
+    with _stage(seconds, "plan"):
+        plan = make_plan(analysis, scores, cost, target, min_keep, round_to)
+    with _stage(seconds, "rewrite"):
+        recoveries = None
+        if method in RECOVERING_METHODS:
+            recoveries = {
+                (space.id, site.tensor): fit_recovery(stats[site.tensor], plan.spaces[space.id].keep, plan.spaces[space.id].prune)
+                for space in analysis.prunable
+                if len(plan.spaces[space.id].prune)
+                for site in space.sites
+            }
+        pruned = rewrite(original, analysis, plan, recoveries)
+    with _stage(seconds, "verify"):
+        advance = progress("verifying", 1)
+        fidelity = verify(original, pruned, verify_data, batch_size)
+        advance(1)
+
+    report = _build_report(name, method, order, target, plan, analysis, cost, original, pruned, data, calib_data, verify_data, fidelity)
+    report.warnings, report.seconds = warnings, seconds
+    return PruneResult(pruned, report)
+
+
+def _batch_size_for(model: onnx.ModelProto, wanted: int) -> int:
+    """A static batch dimension in the model's inputs overrides --batch-size."""
+    initializers = {t.name for t in model.graph.initializer}
+    for value in model.graph.input:
+        dims = value.type.tensor_type.shape.dim
+        if value.name not in initializers and dims and dims[0].HasField("dim_value") and dims[0].dim_value > 0:
+            return dims[0].dim_value
+    return wanted
+
+
+def _build_report(
+    name: str,
+    method: str,
+    order: str,
+    target: Target,
+    plan: Plan,
+    analysis: Analysis,
+    cost: CostModel,
+    original: onnx.ModelProto,
+    pruned: onnx.ModelProto,
+    data: CalibrationData,
+    calib_data: CalibrationData,
+    verify_data: CalibrationData,
+    fidelity: list,
+) -> PruneReport:
+    sample_shapes = data.sample_shapes()
+    macs_before = count_macs(GraphIndex(original, infer_shapes(fix_input_shapes(original, sample_shapes))))
+    macs_after = count_macs(GraphIndex(pruned, infer_shapes(fix_input_shapes(pruned, sample_shapes))))
+    fractions = plan.fractions()
+    rows = []
+    for space in analysis.spaces:
+        kept = len(plan.spaces[space.id].keep) if space.id in plan.spaces else space.n
+        terms = [cost.node_macs[p] for p in space.producers if p in cost.node_macs]
+        rows.append(SpaceRow(
+            space.name, list(space.producers), space.n, kept,
+            int(sum(t.base for t in terms)), int(round(sum(cost.term_macs(t, fractions) for t in terms))),
+            list(space.pinned),
+        ))
+    return PruneReport(
+        model=name, method=method, order=order, target={target.kind: target.value}, threshold=plan.threshold,
+        params_before=count_params(original), params_after=count_params(pruned),
+        macs_before=macs_before, macs_after=macs_after,
+        units_before=plan.units_total, units_after=plan.units_total - plan.units_removed,
+        calibration_samples=calib_data.n_samples, verification_samples=verify_data.n_samples,
+        spaces=rows, fidelity=fidelity,
+    )

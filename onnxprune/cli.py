@@ -1,0 +1,122 @@
+"""Command line: `onnxprune MODEL --calib FILE [-o OUT] [target] [options]`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from . import __version__
+from .api import DEFAULT_TOLERANCE, prune
+from .errors import OnnxPruneError
+from .load import default_output_path, save_model_atomic
+from .score import METHODS, ORDERS
+
+EXIT_USAGE = 2
+EXIT_INTERNAL = 1
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a usage error as one line and exit code 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        sys.stderr.write(f"onnxprune: error: {message} (see onnxprune --help)\n")
+        sys.exit(EXIT_USAGE)
+
+
+def _fraction(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got '{text}'") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="onnxprune",
+        description="Remove whole units (conv filters, neurons) from an ONNX model with Subspace Node Pruning.",
+    )
+    parser.add_argument("model", help="input .onnx model (never modified)")
+    parser.add_argument("--calib", required=True, help=".npz with one array per graph input (sample axis first), or a .npy for a single-input model")
+    parser.add_argument("-o", "--output", help="pruned model path (default: MODEL.pruned.onnx)")
+    target = parser.add_mutually_exclusive_group()
+    target.add_argument("--ratio", type=_fraction, help="fraction of prunable units to REMOVE, spread over layers automatically (0..1)")
+    target.add_argument("--flops", type=_fraction, help="fraction of the model's MACs to REMOVE (0..1)")
+    target.add_argument("--params", type=_fraction, help="fraction of the model's parameters to REMOVE (0..1)")
+    target.add_argument("--tolerance", type=_fraction, help=f"remove every unit whose normalised energy loss is <= T (default {DEFAULT_TOLERANCE} when no target is given)")
+    parser.add_argument("--method", choices=METHODS, default="snp", help="pruning criterion: snp (default), lsq = magnitude order + LS recovery, l1/l2/variance/random = baselines without recovery")
+    parser.add_argument("--order", choices=ORDERS, default="pivoted", help="SNP unit order: greedy pivoted Cholesky (default), weighted by consumer weights, by variance, or by residual score")
+    parser.add_argument("--round-to", type=int, default=1, metavar="N", help="keep a multiple of N units per layer (8 suits TensorRT/GEMM kernels)")
+    parser.add_argument("--min-keep", type=float, default=1, metavar="K", help="per-layer floor: K units, or a fraction of the layer's units when K < 1 (default 1)")
+    parser.add_argument("--exclude", action="append", default=[], metavar="PATTERN", help="never prune the units of producer nodes matching this name pattern (fnmatch; repeatable)")
+    parser.add_argument("--batch-size", type=int, default=32, metavar="B", help="samples per onnxruntime run (default 32)")
+    parser.add_argument("--verify-samples", type=int, metavar="N", help="calibration samples held out to verify the pruned model (default 10%%, at most 256)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random baseline")
+    parser.add_argument("--report", metavar="JSON", help="also write the report as JSON")
+    parser.add_argument("--overwrite", action="store_true", help="allow the output path to be the input model")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar and no table")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    parser.add_argument("--version", action="version", version=f"onnxprune {__version__}")
+    return parser
+
+
+def _progress_factory(progress: Progress) -> Callable[[str, int], Callable[[int], None]]:
+    def factory(description: str, total: int) -> Callable[[int], None]:
+        task = progress.add_task(description, total=total)
+        return lambda advance: progress.advance(task, advance)
+    return factory
+
+
+def run(args: argparse.Namespace) -> int:
+    output = Path(args.output) if args.output else default_output_path(args.model)
+    if Path(args.model).exists() and output.exists() and output.resolve() == Path(args.model).resolve() and not args.overwrite:
+        raise OnnxPruneError(f"output '{output}' is the input model; choose another -o or pass --overwrite")
+    options = dict(
+        ratio=args.ratio, flops=args.flops, params=args.params, tolerance=args.tolerance,
+        method=args.method, order=args.order, round_to=args.round_to, min_keep=args.min_keep,
+        exclude=args.exclude, batch_size=args.batch_size, verify_samples=args.verify_samples, seed=args.seed,
+    )
+    stderr = Console(stderr=True)
+    if args.quiet:
+        result = prune(args.model, args.calib, **options)
+    else:
+        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+        with Progress(*columns, console=stderr, transient=True) as progress:
+            result = prune(args.model, args.calib, progress=_progress_factory(progress), **options)
+    save_model_atomic(result.model, output)
+    result.report.output = str(output)
+    if args.report:
+        result.report.write_json(args.report)
+    if not args.quiet:
+        result.report.render(Console())
+        Console().print(f"wrote {output}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return run(args)
+    except OnnxPruneError as exc:
+        if args.debug:
+            traceback.print_exc()
+        sys.stderr.write(f"onnxprune: error: {exc}\n")
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        sys.stderr.write("onnxprune: interrupted\n")
+        return 130
+    except Exception as exc:  # noqa: BLE001 - last resort: one line unless --debug
+        if args.debug:
+            traceback.print_exc()
+        sys.stderr.write(f"onnxprune: internal error: {type(exc).__name__}: {exc} (rerun with --debug for a traceback)\n")
+        return EXIT_INTERNAL
+
+
+if __name__ == "__main__":
+    sys.exit(main())

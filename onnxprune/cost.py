@@ -1,0 +1,120 @@
+"""Cost model: MACs and parameters of a model, and how they scale with the kept units."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+
+from .analyse import Analysis
+from .graph import GraphIndex, get_attr
+from .ops import MAC_OPS
+
+
+def _prod(dims) -> int | None:
+    if dims is None or any(d is None for d in dims):
+        return None
+    return int(np.prod(dims, dtype=np.int64))
+
+
+def node_macs(index: GraphIndex, node: onnx.NodeProto) -> int:
+    """Multiply-accumulates of one Conv/ConvTranspose/Gemm/MatMul at the indexed shapes (0 if unknown)."""
+    op = node.op_type
+    if op not in MAC_OPS:
+        return 0
+    out_shape = index.shape(node.output[0])
+    weight_shape = index.shape(node.input[1]) if len(node.input) > 1 else None
+    if op == "Conv":
+        out, kernel = _prod(out_shape), _prod(weight_shape[1:] if weight_shape else None)
+        return out * kernel if out and kernel else 0
+    if op == "ConvTranspose":
+        inp, kernel = _prod(index.shape(node.input[0])), _prod(weight_shape[1:] if weight_shape else None)
+        return inp * kernel if inp and kernel else 0
+    a_shape = index.shape(node.input[0])
+    out = _prod(out_shape)
+    if not out or not a_shape or a_shape[-1] is None:
+        return 0
+    inner = a_shape[0] if (op == "Gemm" and get_attr(node, "transA", 0)) else a_shape[-1]
+    return out * int(inner)
+
+
+def count_macs(index: GraphIndex) -> int:
+    return sum(node_macs(index, node) for node in index.nodes)
+
+
+def count_params(model: onnx.ModelProto) -> int:
+    """Elements of all float initializers and Constant-node tensors (weights, biases, BN)."""
+    index = GraphIndex(model, shapes={})
+    return int(sum(v.size for v in index.constants.values() if v.dtype.kind == "f"))
+
+
+@dataclass
+class CostTerm:
+    """`base` scaled by kept/n of each listed space."""
+
+    base: int
+    spaces: tuple[int, ...]
+
+
+@dataclass
+class CostModel:
+    """MACs and params as products of per-space kept fractions (exact for Conv/Gemm/MatMul)."""
+
+    macs_terms: list[CostTerm] = field(default_factory=list)
+    params_terms: list[CostTerm] = field(default_factory=list)
+    node_macs: dict[str, CostTerm] = field(default_factory=dict)
+
+    @property
+    def total_macs(self) -> int:
+        return sum(t.base for t in self.macs_terms)
+
+    @property
+    def total_params(self) -> int:
+        return sum(t.base for t in self.params_terms)
+
+    @staticmethod
+    def _evaluate(terms: list[CostTerm], fraction: dict[int, float]) -> float:
+        total = 0.0
+        for term in terms:
+            value = float(term.base)
+            for space in term.spaces:
+                value *= fraction.get(space, 1.0)
+            total += value
+        return total
+
+    def macs(self, fraction: dict[int, float]) -> float:
+        return self._evaluate(self.macs_terms, fraction)
+
+    def params(self, fraction: dict[int, float]) -> float:
+        return self._evaluate(self.params_terms, fraction)
+
+    def term_macs(self, term: CostTerm, fraction: dict[int, float]) -> float:
+        return self._evaluate([term], fraction)
+
+
+def build_cost_model(index: GraphIndex, analysis: Analysis) -> CostModel:
+    """Which spaces scale each node's MACs and each constant's size."""
+    node_spaces: dict[str, set[int]] = {}
+    const_spaces: dict[str, set[int]] = {}
+    for space in analysis.spaces:
+        if not space.prunable:
+            continue
+        for label in space.producers + [c.node for c in space.consumers] + [a.node for a in space.attrs]:
+            node_spaces.setdefault(label, set()).add(space.id)
+        for cut in space.slices:
+            const_spaces.setdefault(index.node(cut.node).input[cut.input_index], set()).add(space.id)
+        for consumer in space.consumers:
+            const_spaces.setdefault(index.node(consumer.node).input[consumer.weight_index], set()).add(space.id)
+    model = CostModel()
+    for node in index.nodes:
+        macs = node_macs(index, node)
+        if macs:
+            label = index.label(node)
+            term = CostTerm(macs, tuple(sorted(node_spaces.get(label, ()))))
+            model.macs_terms.append(term)
+            model.node_macs[label] = term
+    for name, value in index.constants.items():
+        if value.dtype.kind == "f":
+            model.params_terms.append(CostTerm(int(value.size), tuple(sorted(const_spaces.get(name, ())))))
+    return model

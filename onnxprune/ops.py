@@ -1,0 +1,28 @@
+"""Operator tables: how each ONNX op treats a unit (channel / feature) axis."""
+
+# Element-wise ops with one data input: unit i of the output depends only on unit i of the input.
+UNARY_PASS_THROUGH = frozenset({
+    "Relu", "LeakyRelu", "Clip", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "Gelu", "Erf",
+    "Elu", "Selu", "Celu", "Softplus", "Softsign", "Mish", "ThresholdedRelu", "Abs", "Neg",
+    "Sqrt", "Exp", "Log", "Reciprocal", "Floor", "Ceil", "Round", "Sign", "Cast", "Identity",
+    "Dropout", "PRelu",
+})
+
+# Ops that act on each channel of an NCHW tensor separately (the unit axis must be axis 1).
+CHANNEL_WISE = frozenset({
+    "MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "LpPool", "GlobalLpPool",
+})
+
+# Per-channel normalisations whose parameters (inputs 1..) are indexed by channel (axis 1).
+CHANNEL_PARAM_OPS = {"BatchNormalization": (1, 2, 3, 4), "InstanceNormalization": (1, 2)}
+
+# Element-wise ops with broadcasting over several inputs.
+BROADCAST_ELEMENTWISE = frozenset({"Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Mean", "Sum", "Where"})
+
+REDUCE_OPS = frozenset({
+    "ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL1", "ReduceL2",
+    "ReduceSumSquare", "ReduceLogSum", "ReduceLogSumExp",
+})
+
+# Ops whose MACs onnxprune counts (the rest are cheap next to them).
+MAC_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})

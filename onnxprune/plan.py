@@ -1,0 +1,155 @@
+"""Planning: one global threshold on normalised tail energies decides every space's kept units."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from .analyse import Analysis
+from .cost import CostModel
+from .errors import TargetError
+from .score import SpaceScore
+
+TARGET_KINDS = ("ratio", "flops", "params", "tolerance")
+
+
+@dataclass(frozen=True)
+class Target:
+    """What to meet: fraction of prunable units / MACs / params REMOVED, or an energy tolerance."""
+
+    kind: str
+    value: float
+
+    def __post_init__(self) -> None:
+        if self.kind not in TARGET_KINDS:
+            raise TargetError(f"unknown target '{self.kind}' (expected one of {', '.join(TARGET_KINDS)})")
+        if not math.isfinite(self.value) or not 0 <= self.value <= 1 or (self.kind != "tolerance" and self.value >= 1):
+            upper = "1]" if self.kind == "tolerance" else "1)"
+            raise TargetError(f"--{self.kind} must be in [0, {upper}, got {self.value}")
+
+
+@dataclass
+class SpacePlan:
+    """Kept and pruned unit indices (ascending) of one space."""
+
+    space_id: int
+    n: int
+    keep: np.ndarray
+    prune: np.ndarray
+
+    @property
+    def fraction(self) -> float:
+        return len(self.keep) / self.n
+
+
+@dataclass
+class Plan:
+    """The keep-set of every prunable space and the threshold that produced it."""
+
+    spaces: dict[int, SpacePlan]
+    threshold: float
+    target: Target
+
+    def fractions(self) -> dict[int, float]:
+        return {sid: p.fraction for sid, p in self.spaces.items()}
+
+    @property
+    def units_total(self) -> int:
+        return sum(p.n for p in self.spaces.values())
+
+    @property
+    def units_removed(self) -> int:
+        return sum(len(p.prune) for p in self.spaces.values())
+
+    @property
+    def is_empty(self) -> bool:
+        return self.units_removed == 0
+
+
+def floor_units(n: int, min_keep: float) -> int:
+    """Per-space floor: a count (>= 1) or, below 1, a fraction of the space's units."""
+    wanted = math.ceil(min_keep * n) if min_keep < 1 else int(min_keep)
+    return min(n, max(1, wanted))
+
+
+class Planner:
+    """Maps a threshold to kept counts (floors and --round-to applied) and searches the target."""
+
+    def __init__(self, scores: dict[int, SpaceScore], cost: CostModel, min_keep: float = 1, round_to: int = 1):
+        if round_to < 1:
+            raise TargetError(f"--round-to must be >= 1, got {round_to}")
+        if min_keep <= 0:
+            raise TargetError(f"--min-keep must be > 0, got {min_keep}")
+        self.scores = scores
+        self.cost = cost
+        self.round_to = round_to
+        self.tails = {sid: s.tail_fraction() for sid, s in scores.items()}
+        self.floors = {sid: floor_units(len(s.order), min_keep) for sid, s in scores.items()}
+
+    def kept_counts(self, threshold: float) -> dict[int, int]:
+        counts = {}
+        for sid, tail in self.tails.items():
+            n = len(tail)
+            kept = max(int(np.count_nonzero(tail > threshold)), self.floors[sid])
+            counts[sid] = min(n, math.ceil(kept / self.round_to) * self.round_to)
+        return counts
+
+    def removed(self, kind: str, threshold: float) -> float:
+        """Fraction of units / MACs / params removed at this threshold."""
+        counts = self.kept_counts(threshold)
+        if kind == "ratio":
+            total = sum(len(t) for t in self.tails.values())
+            return (total - sum(counts.values())) / total if total else 0.0
+        fractions = {sid: counts[sid] / len(self.tails[sid]) for sid in counts}
+        if kind == "flops":
+            total = self.cost.total_macs
+            return 1 - self.cost.macs(fractions) / total if total else 0.0
+        total = self.cost.total_params
+        return 1 - self.cost.params(fractions) / total if total else 0.0
+
+    def threshold_for(self, target: Target) -> float:
+        if target.kind == "tolerance":
+            return target.value
+        candidates = np.unique(np.concatenate([[-1.0], *self.tails.values()]))
+        if target.value == 0:
+            return -1.0
+        best = self.removed(target.kind, float(candidates[-1]))
+        if best < target.value:
+            what = {"ratio": "prunable units", "flops": "MACs", "params": "parameters"}[target.kind]
+            raise TargetError(
+                f"--{target.kind} {target.value:g} cannot be reached: at most {best:.1%} of the {what} can be "
+                "removed (pinned spaces, --min-keep and --round-to limit it)"
+            )
+        lo, hi = 0, len(candidates) - 1  # smallest candidate that meets the target
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if self.removed(target.kind, float(candidates[mid])) >= target.value:
+                hi = mid
+            else:
+                lo = mid + 1
+        return float(candidates[lo])
+
+    def plan(self, target: Target) -> Plan:
+        threshold = self.threshold_for(target)
+        counts = self.kept_counts(threshold)
+        spaces = {}
+        for sid, score in self.scores.items():
+            order = score.order
+            spaces[sid] = SpacePlan(sid, len(order), np.sort(order[: counts[sid]]), np.sort(order[counts[sid]:]))
+        return Plan(spaces, threshold, target)
+
+
+def make_plan(
+    analysis: Analysis,
+    scores: dict[int, SpaceScore],
+    cost: CostModel,
+    target: Target,
+    min_keep: float = 1,
+    round_to: int = 1,
+) -> Plan:
+    """Plan every prunable space of `analysis` to meet `target` with one global threshold."""
+    prunable = {s.id for s in analysis.prunable}
+    planner = Planner({sid: sc for sid, sc in scores.items() if sid in prunable}, cost, min_keep, round_to)
+    return planner.plan(target)
