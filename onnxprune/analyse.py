@@ -93,6 +93,7 @@ class Space:
     consumers: list[Consumer] = field(default_factory=list)
     sites: list[Site] = field(default_factory=list)
     tensors: dict[str, int] = field(default_factory=dict)
+    flattened: list[str] = field(default_factory=list)
     pass_through: list[str] = field(default_factory=list)
     pinned: list[str] = field(default_factory=list)
 
@@ -330,6 +331,7 @@ class _Grower:
                 return
             self.space.reshapes.append(ShapeUpdate(label, 1, 1, block))
         self.space.pass_through.append(label)
+        self.space.flattened.append(flat)
         for consumer_node, (in_axis, out_axis), _ in consumers:
             self.visited_nodes.add(id(consumer_node))
             consumer = Consumer(index.label(consumer_node), consumer_node.op_type, 1, in_axis, out_axis, name, block)

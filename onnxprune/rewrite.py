@@ -69,7 +69,8 @@ class ConstantEdits:
         node = self.index.node(label)
         self.edits[(id(node), slot)] = _Edit(node, slot, value)
 
-    def commit(self) -> None:
+    def commit(self) -> set[str]:
+        """Write the new values; returns the names of constants whose shape may have changed."""
         graph = self.model.graph
         use_count: dict[str, int] = {}
         for node in graph.node:
@@ -77,9 +78,11 @@ class ConstantEdits:
                 use_count[name] = use_count.get(name, 0) + 1
         initializers = {t.name: t for t in graph.initializer}
         constant_nodes = {n.output[0]: n for n in graph.node if n.op_type == "Constant"}
-        orphans = set()
+        orphans: set[str] = set()
+        changed: set[str] = set()
         for edit in self.edits.values():
             name = edit.node.input[edit.slot] if edit.slot < len(edit.node.input) else ""
+            changed.add(name)
             tensor = numpy_helper.from_array(np.ascontiguousarray(edit.value), name)
             if name and use_count.get(name, 0) == 1 and name in initializers:
                 initializers[name].CopyFrom(tensor)
@@ -100,6 +103,7 @@ class ConstantEdits:
                     edit.node.input.append(new_name)
         self._insert_bias_nodes()
         _drop_unused_initializers(self.model, orphans)
+        return changed
 
     def _insert_bias_nodes(self) -> None:
         graph = self.model.graph
@@ -170,8 +174,8 @@ class Rewriter:
                 self.edits.set(consumer.node, consumer.weight_index, new_weight)
                 if delta is not None:
                     self._add_bias(consumer, delta.astype(np.float64))
-        self.edits.commit()
-        _refresh_value_info(self.model, {t for s, _ in spaces for t in s.tensors})
+        changed = self.edits.commit()
+        _refresh_value_info(self.model, changed | {t for s, _ in spaces for t in [*s.tensors, *s.flattened]})
         return self.model
 
     def _add_bias(self, consumer: Consumer, delta: np.ndarray) -> None:
