@@ -3,8 +3,12 @@
 A *space* is a set of n units that must be removed together: the output channels of its
 producers, carried through pass-through ops (whose per-unit constants are sliced) to the
 consumers whose input weights absorb the least-squares recovery. Spaces are grown by a
-flood fill over the tensors that carry the unit axis; residual Add/Mul of two unit tensors
-merges them. Anything the fill does not understand pins the whole space.
+flood fill over the tensors that carry the units; each tensor records where the units sit on
+its unit axis (a Placement: Concat shifts them, Split/Slice cut them). Residual Add/Mul of two
+unit tensors couples them into one space. Anything the fill does not understand pins the space.
+
+Every edit is recorded against a tensor: the rewrite removes, from each recorded constant or
+shape, the positions of that tensor whose units were pruned (by any space).
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
-from .graph import GraphIndex, Shape, get_attr
+from .graph import GraphIndex, get_attr
 from .ops import (
     BROADCAST_ELEMENTWISE,
     CHANNEL_PARAM_OPS,
@@ -24,41 +28,55 @@ from .ops import (
     REDUCE_OPS,
     UNARY_PASS_THROUGH,
 )
+from .placement import Placement
 
 
 @dataclass(frozen=True)
 class ParamSlice:
-    """A constant input of a node that is indexed by the space's units along `axis`."""
+    """A constant input whose `axis` is indexed like the unit axis of `tensor`."""
 
     node: str
     input_index: int
     axis: int
+    tensor: str
 
 
 @dataclass(frozen=True)
 class AttrUpdate:
-    """An integer attribute that must equal the kept unit count (depthwise Conv's group)."""
+    """An integer attribute that must equal the kept width of `tensor` (depthwise Conv's group)."""
 
     node: str
     attribute: str
+    tensor: str
 
 
 @dataclass(frozen=True)
 class ShapeUpdate:
-    """A Reshape target whose entry `position` equals units x `block` (Flatten into a Gemm)."""
+    """Entry `position` of a constant shape input is (kept width of `tensor`) x `block`."""
 
     node: str
     input_index: int
     position: int
     block: int
+    tensor: str
+
+
+@dataclass(frozen=True)
+class WindowUpdate:
+    """A Split or Slice on the unit axis of `tensor`: its windows [start, stop) shrink by the
+    removed positions inside them."""
+
+    node: str
+    tensor: str
+    windows: tuple[tuple[int, int], ...]
 
 
 @dataclass(frozen=True)
 class Consumer:
-    """A linear op that reads the space's units and absorbs the recovery into its weight.
+    """A linear op that reads units at `site` and absorbs the recovery into its weight.
 
-    The weight's unit axis `in_axis` is `block` features per unit (Flatten of C x H x W into
-    a Gemm: block = H*W, unit c owns features c*block .. (c+1)*block - 1).
+    The weight's `in_axis` holds `block` features per position of the site's unit axis
+    (Flatten of C x H x W into a Gemm: block = H*W).
     """
 
     node: str
@@ -72,11 +90,11 @@ class Consumer:
 
 @dataclass(frozen=True)
 class Site:
-    """An activation tensor whose units feed consumers: statistics are gathered here."""
+    """An activation tensor read by consumers; statistics cover its whole unit axis."""
 
     tensor: str
     axis: int
-    n: int
+    width: int
 
 
 @dataclass
@@ -90,9 +108,10 @@ class Space:
     slices: list[ParamSlice] = field(default_factory=list)
     attrs: list[AttrUpdate] = field(default_factory=list)
     reshapes: list[ShapeUpdate] = field(default_factory=list)
+    windows: list[WindowUpdate] = field(default_factory=list)
     consumers: list[Consumer] = field(default_factory=list)
-    sites: list[Site] = field(default_factory=list)
-    tensors: dict[str, int] = field(default_factory=dict)
+    sites: list[str] = field(default_factory=list)
+    tensors: dict[str, Placement] = field(default_factory=dict)
     flattened: list[str] = field(default_factory=list)
     pass_through: list[str] = field(default_factory=list)
     pinned: list[str] = field(default_factory=list)
@@ -100,9 +119,6 @@ class Space:
     @property
     def prunable(self) -> bool:
         return not self.pinned
-
-    def site(self, tensor: str) -> Site:
-        return next(s for s in self.sites if s.tensor == tensor)
 
 
 @dataclass
@@ -119,15 +135,32 @@ class Analysis:
     def pinned(self) -> list[Space]:
         return [s for s in self.spaces if not s.prunable]
 
+    def sites(self) -> list[Site]:
+        """Distinct activation sites of the prunable spaces."""
+        found: dict[str, Site] = {}
+        for space in self.prunable:
+            for tensor in space.sites:
+                placement = space.tensors[tensor]
+                found.setdefault(tensor, Site(tensor, placement.axis, placement.width))
+        return list(found.values())
+
+    def occupancy(self, tensor: str) -> list[tuple[int, int]]:
+        """(space id, units of that space on the tensor) for every prunable space on it."""
+        return [(s.id, s.tensors[tensor].count()) for s in self.prunable if tensor in s.tensors]
+
+
+def _append(items: list, item) -> None:
+    if item not in items:
+        items.append(item)
+
 
 def producer_output(index: GraphIndex, node: onnx.NodeProto) -> tuple[str, int, int] | None:
     """(output tensor, unit axis, n) when `node` creates units we can remove, else None."""
     op = node.op_type
-    if op == "Conv" and index.is_constant(node.input[1]):
+    if op in ("Conv", "ConvTranspose") and len(node.input) > 1 and index.is_constant(node.input[1]):
         weight = index.const(node.input[1])
-        group = get_attr(node, "group", 1)
-        if group == 1 and weight.ndim >= 3:
-            return node.output[0], 1, int(weight.shape[0])
+        if get_attr(node, "group", 1) == 1 and weight.ndim >= 3:
+            return node.output[0], 1, int(weight.shape[0] if op == "Conv" else weight.shape[1])
     if op == "Gemm" and index.is_constant(node.input[1]) and not get_attr(node, "transA", 0):
         weight = index.const(node.input[1])
         if weight.ndim == 2 and (len(node.input) < 3 or not node.input[2] or index.is_constant(node.input[2])):
@@ -141,153 +174,155 @@ def producer_output(index: GraphIndex, node: onnx.NodeProto) -> tuple[str, int, 
 
 
 def _producer_slices(index: GraphIndex, node: onnx.NodeProto, n: int) -> list[ParamSlice]:
-    label = index.label(node)
-    if node.op_type == "Conv":
-        slices = [ParamSlice(label, 1, 0)]
-        if len(node.input) > 2 and node.input[2]:
-            slices.append(ParamSlice(label, 2, 0))
-        return slices
+    label, out = index.label(node), node.output[0]
+    has_bias = len(node.input) > 2 and bool(node.input[2])
+    if node.op_type in ("Conv", "ConvTranspose"):
+        slices = [ParamSlice(label, 1, 0 if node.op_type == "Conv" else 1, out)]
+        return slices + ([ParamSlice(label, 2, 0, out)] if has_bias else [])
     if node.op_type == "Gemm":
-        slices = [ParamSlice(label, 1, 0 if get_attr(node, "transB", 0) else 1)]
-        if len(node.input) > 2 and node.input[2]:
-            bias = index.const(node.input[2])
-            if bias.ndim >= 1 and bias.shape[-1] == n:
-                slices.append(ParamSlice(label, 2, bias.ndim - 1))
+        slices = [ParamSlice(label, 1, 0 if get_attr(node, "transB", 0) else 1, out)]
+        bias = index.const(node.input[2]) if has_bias else None
+        if bias is not None and bias.ndim >= 1 and bias.shape[-1] == n:
+            slices.append(ParamSlice(label, 2, bias.ndim - 1, out))
         return slices
-    return [ParamSlice(label, 1, 1)]  # MatMul
+    return [ParamSlice(label, 1, 1, out)]  # MatMul
+
+
+def linear_weight_axes(index: GraphIndex, node: onnx.NodeProto, slot: int) -> tuple[int, int] | None:
+    """(in_axis, out_axis) of the constant 2-D weight when `node` is a Gemm/MatMul reading `slot` 0."""
+    if slot != 0 or len(node.input) < 2 or not index.is_constant(node.input[1]):
+        return None
+    weight = index.const(node.input[1])
+    if weight.ndim != 2:
+        return None
+    if node.op_type == "Gemm" and not get_attr(node, "transA", 0):
+        return (1, 0) if get_attr(node, "transB", 0) else (0, 1)
+    if node.op_type == "MatMul":
+        return 0, 1
+    return None
 
 
 class _Grower:
-    """Flood fill from one producer output over every tensor that carries its unit axis."""
+    """Flood fill from one producer output over every tensor that carries its units."""
 
-    def __init__(self, index: GraphIndex, space: Space, claimed: dict[str, int], exclude: list[str]):
+    def __init__(self, index: GraphIndex, space: Space, claimed: dict[str, list[tuple[int, set[int]]]], exclude: list[str]):
         self.index = index
         self.space = space
         self.claimed = claimed
         self.exclude = exclude
         self.queue: deque[str] = deque()
-        self.visited_nodes: set[int] = set()
 
     # -- bookkeeping -------------------------------------------------------------------------
     def pin(self, reason: str) -> None:
-        if reason not in self.space.pinned:
-            self.space.pinned.append(reason)
+        _append(self.space.pinned, reason)
 
-    def add_tensor(self, name: str, axis: int) -> None:
+    def add(self, name: str, placement: Placement) -> None:
+        """Record that `name` carries these units; merge with what is known, re-visit on change."""
         known = self.space.tensors.get(name)
         if known is not None:
-            if known != axis:
-                self.pin(f"tensor '{name}' carries the units on two different axes")
-            return
-        owner = self.claimed.get(name)
-        if owner is not None and owner != self.space.id:
-            self.pin(f"tensor '{name}' is shared with another space")
-            return
+            if known == placement:
+                return
+            merged = known.merged(placement)
+            if merged is None:
+                self.pin(f"tensor '{name}' carries the units at conflicting positions")
+                return
+            if merged == known:
+                return
+            placement = merged
         shape = self.index.shape(name)
-        if shape is not None and axis < len(shape) and shape[axis] not in (None, self.space.n):
-            self.pin(f"tensor '{name}' has {shape[axis]} units on axis {axis}, expected {self.space.n}")
+        if shape is not None and placement.axis < len(shape) and shape[placement.axis] not in (None, placement.width):
+            self.pin(f"tensor '{name}' has {shape[placement.axis]} units on axis {placement.axis}, expected {placement.width}")
             return
-        self.space.tensors[name] = axis
-        self.claimed[name] = self.space.id
+        positions = set(placement.unit_positions()[1].tolist())
+        for owner, taken in self.claimed.get(name, []):
+            if owner != self.space.id and taken & positions:
+                self.pin(f"tensor '{name}' is shared with another space")
+                return
+        self.claimed.setdefault(name, [])
+        self.claimed[name] = [(o, t) for o, t in self.claimed[name] if o != self.space.id] + [(self.space.id, positions)]
+        self.space.tensors[name] = placement
         self.queue.append(name)
 
     def run(self) -> None:
         while self.queue:
             name = self.queue.popleft()
-            axis = self.space.tensors[name]
-            self._backward(name, axis)
-            self._forward(name, axis)
+            placement = self.space.tensors[name]
+            self._backward(name, placement)
+            self._forward(name, placement)
+
+    def _record(self, label: str) -> None:
+        _append(self.space.pass_through, label)
 
     # -- traversal ---------------------------------------------------------------------------
-    def _backward(self, name: str, axis: int) -> None:
+    def _backward(self, name: str, placement: Placement) -> None:
         node = self.index.producer.get(name)
         if node is None:
             if name in self.index.graph_inputs:
                 self.pin(f"units come from graph input '{name}'")
             return
-        if id(node) in self.visited_nodes:
-            return
         produced = producer_output(self.index, node)
         if produced is not None and produced[0] == name:
-            self.visited_nodes.add(id(node))
             label = self.index.label(node)
-            if produced[2] != self.space.n:
-                self.pin(f"producer '{label}' has {produced[2]} units, expected {self.space.n}")
-            self.space.producers.append(label)
-            self.space.slices.extend(_producer_slices(self.index, node, self.space.n))
+            if not placement.is_identity(produced[2]) or placement.axis != produced[1]:
+                self.pin(f"producer '{label}' writes {produced[2]} units that only partly belong to this space")
+                return
+            if label not in self.space.producers:
+                self.space.producers.append(label)
+                for cut in _producer_slices(self.index, node, self.space.n):
+                    _append(self.space.slices, cut)
             if any(fnmatch.fnmatchcase(label, pattern) for pattern in self.exclude):
                 self.pin(f"producer '{label}' is excluded by --exclude")
             return
-        self._visit_elementwise(node, name, axis)
+        if node.op_type in ("Concat", "Split", "Slice"):
+            if not any(i in self.space.tensors for i in node.input):  # reached by coupling, not by a forward step
+                self.pin(f"{node.op_type} '{self.index.label(node)}' feeds a tensor coupled to these units")
+            return
+        self._visit(node, name, placement)
 
-    def _forward(self, name: str, axis: int) -> None:
+    def _forward(self, name: str, placement: Placement) -> None:
         if name in self.index.graph_outputs:
             self.pin(f"tensor '{name}' is a graph output")
         for use in self.index.uses.get(name, []):
-            node = use.node
-            if id(node) in self.visited_nodes:
-                continue
-            if self._try_consumer(node, use.index, name, axis):
-                continue
-            self._visit_elementwise(node, name, axis)
+            if not self._try_consumer(use.node, use.index, name, placement):
+                self._visit(use.node, name, placement)
 
-    def _try_consumer(self, node: onnx.NodeProto, slot: int, name: str, axis: int) -> bool:
+    def _try_consumer(self, node: onnx.NodeProto, slot: int, name: str, placement: Placement) -> bool:
         index, op = self.index, node.op_type
         label = index.label(node)
         rank = index.rank(name)
-        if op == "Conv" and slot == 0 and index.is_constant(node.input[1]):
-            group = get_attr(node, "group", 1)
+        if op in ("Conv", "ConvTranspose") and slot == 0 and len(node.input) > 1 and index.is_constant(node.input[1]):
+            if get_attr(node, "group", 1) != 1:
+                return False  # depthwise is a pass-through; other groups pin in _visit
             weight = index.const(node.input[1])
-            if group != 1:
-                return False  # depthwise is a pass-through; other groups pin below
-            self.visited_nodes.add(id(node))
-            if axis != 1:
-                self.pin(f"Conv '{label}' reads the units on axis {axis}, not the channel axis")
-                return True
-            if weight.shape[1] != self.space.n:
-                self.pin(f"Conv '{label}' weight has {weight.shape[1]} input channels, expected {self.space.n}")
-                return True
-            self._add_consumer(Consumer(label, op, 1, 1, 0, name), name, axis)
+            in_axis, out_axis = (1, 0) if op == "Conv" else (0, 1)
+            if placement.axis != 1:
+                self.pin(f"{op} '{label}' reads the units on axis {placement.axis}, not the channel axis")
+            elif weight.shape[in_axis] != placement.width:
+                self.pin(f"{op} '{label}' weight has {weight.shape[in_axis]} input channels, expected {placement.width}")
+            else:
+                self._add_consumer(Consumer(label, op, 1, in_axis, out_axis, name), name)
             return True
-        linear = self._linear_weight_axes(node, slot)
-        if linear is not None:
-            self.visited_nodes.add(id(node))
-            if rank is None or axis != rank - 1:
+        axes = linear_weight_axes(index, node, slot)
+        if axes is not None:
+            if rank is None or placement.axis != rank - 1:
                 self.pin(f"{op} '{label}' does not reduce over the units' axis")
-                return True
-            in_axis, out_axis = linear
-            if index.const(node.input[1]).shape[in_axis] != self.space.n:
-                self.pin(f"{op} '{label}' weight does not match {self.space.n} units")
-                return True
-            self._add_consumer(Consumer(label, op, 1, in_axis, out_axis, name), name, axis)
+            elif index.const(node.input[1]).shape[axes[0]] != placement.width:
+                self.pin(f"{op} '{label}' weight does not match {placement.width} inputs")
+            else:
+                self._add_consumer(Consumer(label, op, 1, axes[0], axes[1], name), name)
             return True
         if op in ("Flatten", "Reshape") and slot == 0:
-            self.visited_nodes.add(id(node))
-            self._flatten_into_linear(node, name, axis)
+            self._flatten_into_linear(node, name, placement)
             return True
         return False
 
-    def _linear_weight_axes(self, node: onnx.NodeProto, slot: int) -> tuple[int, int] | None:
-        """(in_axis, out_axis) of the constant weight when `node` is Gemm/MatMul reading slot 0."""
-        index = self.index
-        if slot != 0 or len(node.input) < 2 or not index.is_constant(node.input[1]):
-            return None
-        weight = index.const(node.input[1])
-        if weight.ndim != 2:
-            return None
-        if node.op_type == "Gemm" and not get_attr(node, "transA", 0):
-            return (1, 0) if get_attr(node, "transB", 0) else (0, 1)
-        if node.op_type == "MatMul":
-            return 0, 1
-        return None
-
-    def _flatten_into_linear(self, node: onnx.NodeProto, name: str, axis: int) -> None:
+    def _flatten_into_linear(self, node: onnx.NodeProto, name: str, placement: Placement) -> None:
         index, label = self.index, self.index.label(node)
         shape = index.shape(name)
-        if shape is None or axis != 1 or len(shape) < 2:
+        if shape is None or placement.axis != 1 or len(shape) < 2:
             self.pin(f"{node.op_type} '{label}' mixes the units' axis")
             return
-        reshape_update = None
+        reshape_target = None
         if node.op_type == "Flatten":
             if get_attr(node, "axis", 1) != 1:
                 self.pin(f"Flatten '{label}' does not flatten from the channel axis")
@@ -301,8 +336,7 @@ class _Grower:
             if int(target[0]) not in (0, -1) and (batch is None or int(target[0]) != batch):
                 self.pin(f"Reshape '{label}' mixes the batch and unit axes")
                 return
-            if int(target[1]) != -1:
-                reshape_update = int(target[1])
+            reshape_target = int(target[1])
         flat = node.output[0]
         uses = index.uses.get(flat, [])
         if flat in index.graph_outputs or not uses:
@@ -310,156 +344,129 @@ class _Grower:
             return
         consumers = []
         for use in uses:
-            axes = self._linear_weight_axes(use.node, use.index)
+            axes = linear_weight_axes(index, use.node, use.index)
             if axes is None:
                 self.pin(f"{node.op_type} '{label}' feeds {use.node.op_type} '{index.label(use.node)}', not a Gemm/MatMul")
                 return
             features = index.const(use.node.input[1]).shape[axes[0]]
-            if features % self.space.n:
-                self.pin(f"{use.node.op_type} '{index.label(use.node)}' has {features} inputs, not a multiple of {self.space.n}")
+            if features % placement.width:
+                self.pin(f"{use.node.op_type} '{index.label(use.node)}' has {features} inputs, not a multiple of {placement.width}")
                 return
-            consumers.append((use.node, axes, features // self.space.n))
+            consumers.append((use.node, axes, features // placement.width))
         blocks = {b for _, _, b in consumers}
-        spatial = [d for d in shape[2:]]
+        spatial = list(shape[2:])
         if len(blocks) != 1 or (None not in spatial and int(np.prod(spatial, dtype=np.int64)) not in blocks):
             self.pin(f"{node.op_type} '{label}' feature count does not match channels x spatial size")
             return
         block = blocks.pop()
-        if reshape_update is not None:
-            if reshape_update != self.space.n * block:
-                self.pin(f"Reshape '{label}' target {reshape_update} is not {self.space.n} x {block}")
+        if reshape_target is not None and reshape_target != -1:
+            if reshape_target != placement.width * block:
+                self.pin(f"Reshape '{label}' target {reshape_target} is not {placement.width} x {block}")
                 return
-            self.space.reshapes.append(ShapeUpdate(label, 1, 1, block))
-        self.space.pass_through.append(label)
-        self.space.flattened.append(flat)
+            _append(self.space.reshapes, ShapeUpdate(label, 1, 1, block, name))
+        self._record(label)
+        _append(self.space.flattened, flat)
         for consumer_node, (in_axis, out_axis), _ in consumers:
-            self.visited_nodes.add(id(consumer_node))
             consumer = Consumer(index.label(consumer_node), consumer_node.op_type, 1, in_axis, out_axis, name, block)
-            self._add_consumer(consumer, name, axis)
+            self._add_consumer(consumer, name)
 
-    def _add_consumer(self, consumer: Consumer, tensor: str, axis: int) -> None:
+    def _add_consumer(self, consumer: Consumer, tensor: str) -> None:
         if self.index.rank(tensor) is None:
             self.pin(f"tensor '{tensor}' read by '{consumer.node}' has an unknown rank")
             return
-        self.space.consumers.append(consumer)
-        if all(s.tensor != tensor for s in self.space.sites):
-            self.space.sites.append(Site(tensor, axis, self.space.n))
+        _append(self.space.consumers, consumer)
+        _append(self.space.sites, tensor)
 
-    def _visit_elementwise(self, node: onnx.NodeProto, name: str, axis: int) -> None:
-        """Pass-through ops: slice their per-unit constants and follow every unit tensor."""
+    def _visit(self, node: onnx.NodeProto, name: str, placement: Placement) -> None:
+        """Ops that carry units through: slice their per-unit constants and follow every unit tensor."""
         index, op = self.index, node.op_type
         label = index.label(node)
-        self.visited_nodes.add(id(node))
-        out_rank = index.rank(node.output[0]) if node.output else None
         extra_outputs = [o for o in node.output[1:] if o and (index.uses.get(o) or o in index.graph_outputs)]
-        if extra_outputs:
+        if extra_outputs and op not in ("Split",):
             self.pin(f"{op} '{label}' output '{extra_outputs[0]}' is used")
             return
-        if op in UNARY_PASS_THROUGH or op in CHANNEL_WISE or op in CHANNEL_PARAM_OPS:
+        axis = placement.axis
+        if op in UNARY_PASS_THROUGH and op != "PRelu" or op in CHANNEL_WISE or op in CHANNEL_PARAM_OPS:
             if (op in CHANNEL_WISE or op in CHANNEL_PARAM_OPS) and axis != 1:
                 self.pin(f"{op} '{label}' acts on axis 1, the units are on axis {axis}")
                 return
-            if op in CHANNEL_PARAM_OPS:
-                for slot in CHANNEL_PARAM_OPS[op]:
-                    if slot < len(node.input) and node.input[slot]:
-                        self._slice_param(node, slot, param_axis=0)
-            elif op == "PRelu":
-                self._broadcast_inputs(node, name, axis, out_rank)
-                return
-            self._record_pass_through(label)
-            self.add_tensor(node.input[0], axis)
-            self.add_tensor(node.output[0], axis)
+            for slot in CHANNEL_PARAM_OPS.get(op, ()):
+                if slot < len(node.input) and node.input[slot]:
+                    self._slice_param(node, slot, 0, node.input[0], placement)
+            self._through(label, node.input[0], node.output[0], placement)
             return
         if op == "Conv" and self._is_depthwise(node):
             if axis != 1:
                 self.pin(f"depthwise Conv '{label}' acts on axis 1, the units are on axis {axis}")
                 return
-            self._slice_param(node, 1, param_axis=0)
+            self._slice_param(node, 1, 0, node.input[0], placement)
             if len(node.input) > 2 and node.input[2]:
-                self._slice_param(node, 2, param_axis=0)
-            self.space.attrs.append(AttrUpdate(label, "group"))
-            self._record_pass_through(label)
-            self.add_tensor(node.input[0], axis)
-            self.add_tensor(node.output[0], axis)
+                self._slice_param(node, 2, 0, node.input[0], placement)
+            _append(self.space.attrs, AttrUpdate(label, "group", node.input[0]))
+            self._through(label, node.input[0], node.output[0], placement)
             return
-        if op in BROADCAST_ELEMENTWISE:
-            self._broadcast_inputs(node, name, axis, out_rank)
-            return
-        if op in REDUCE_OPS:
-            self._reduce(node, axis)
-            return
-        if op == "Pad":
-            self._pad(node, axis)
-            return
-        if op == "Resize":
-            self._resize(node, axis)
-            return
-        reason = f"{op} '{label}' on the unit axis is not supported"
-        if op == "Conv":
-            reason = f"grouped Conv '{label}' (group={get_attr(node, 'group', 1)}) couples units in blocks"
-        self.pin(reason)
+        handlers = {"Concat": self._concat, "Split": self._split, "Slice": self._slice, "Pad": self._pad, "Resize": self._resize}
+        if op in BROADCAST_ELEMENTWISE or op == "PRelu":
+            self._broadcast(node, name, placement)
+        elif op in REDUCE_OPS:
+            self._reduce(node, placement)
+        elif op in handlers:
+            handlers[op](node, name, placement)
+        elif op == "Conv":
+            self.pin(f"grouped Conv '{label}' (group={get_attr(node, 'group', 1)}) couples units in blocks")
+        else:
+            self.pin(f"{op} '{label}' on the unit axis is not supported")
+
+    def _through(self, label: str, inp: str, out: str, placement: Placement, out_placement: Placement | None = None) -> None:
+        self._record(label)
+        self.add(inp, placement)
+        self.add(out, out_placement or placement)
 
     def _is_depthwise(self, node: onnx.NodeProto) -> bool:
-        weight = self.index.const(node.input[1])
+        weight = self.index.const(node.input[1]) if len(node.input) > 1 else None
         group = get_attr(node, "group", 1)
         return weight is not None and group > 1 and weight.shape[0] == group and weight.shape[1] == 1
 
-    def _record_pass_through(self, label: str) -> None:
-        if label not in self.space.pass_through:
-            self.space.pass_through.append(label)
-
-    def _slice_param(self, node: onnx.NodeProto, slot: int, param_axis: int) -> None:
+    def _slice_param(self, node: onnx.NodeProto, slot: int, param_axis: int, tensor: str, placement: Placement) -> None:
         label = self.index.label(node)
         value = self.index.const(node.input[slot])
         if value is None:
             self.pin(f"{node.op_type} '{label}' input '{node.input[slot]}' is not a constant")
-            return
-        if value.ndim <= param_axis or value.shape[param_axis] != self.space.n:
+        elif value.ndim <= param_axis or value.shape[param_axis] != placement.width:
             self.pin(f"{node.op_type} '{label}' parameter '{node.input[slot]}' is not per-unit")
-            return
-        self.space.slices.append(ParamSlice(label, slot, param_axis))
+        else:
+            _append(self.space.slices, ParamSlice(label, slot, param_axis, tensor))
 
-    def _broadcast_inputs(self, node: onnx.NodeProto, name: str, axis: int, out_rank: int | None) -> None:
-        """Inputs are aligned from the right (numpy broadcasting): slice constants, couple tensors."""
+    def _broadcast(self, node: onnx.NodeProto, name: str, placement: Placement) -> None:
+        """Inputs align from the right (numpy broadcasting): slice constants, couple unit tensors."""
         index, label = self.index, self.index.label(node)
-        rank = index.rank(name)
+        rank, out_rank = index.rank(name), index.rank(node.output[0])
         if rank is None or out_rank is None:
             self.pin(f"{node.op_type} '{label}' has inputs of unknown rank")
             return
-        from_right = axis - rank
-        if out_rank + from_right < 0:
-            self.pin(f"{node.op_type} '{label}' broadcasting is unclear")
-            return
-        first_data = 1 if node.op_type == "Where" else 0  # Where's condition is a data input too
+        from_right = placement.axis - rank
+        first_data = 1 if node.op_type == "Where" else 0  # Where's condition must not carry units
         for slot, inp in enumerate(node.input):
             if not inp or inp == name:
                 continue
             value = index.const(inp)
-            if value is not None:
-                pos = value.ndim + from_right
-                if pos < 0 or value.shape[pos] == 1:
-                    continue
-                if value.shape[pos] == self.space.n:
-                    self.space.slices.append(ParamSlice(label, slot, pos))
-                    continue
-                self.pin(f"{node.op_type} '{label}' constant '{inp}' does not broadcast over {self.space.n} units")
-                return
-            shape = index.shape(inp)
-            if shape is None:
+            dims = value.shape if value is not None else index.shape(inp)
+            if dims is None:
                 self.pin(f"{node.op_type} '{label}' input '{inp}' has an unknown shape")
                 return
-            pos = len(shape) + from_right
-            if pos < 0 or shape[pos] == 1:
-                continue  # the same value for every unit: channel-independent
-            if slot < first_data or shape[pos] != self.space.n:
-                self.pin(f"{node.op_type} '{label}' input '{inp}' mixes units")
+            pos = len(dims) + from_right
+            if pos < 0 or dims[pos] == 1:
+                continue  # the same value for every unit: unit-independent
+            if dims[pos] != placement.width or (value is None and slot < first_data):
+                self.pin(f"{node.op_type} '{label}' input '{inp}' does not broadcast over {placement.width} units")
                 return
-            self.add_tensor(inp, pos)
-        self._record_pass_through(label)
-        self.add_tensor(name, axis)
-        self.add_tensor(node.output[0], out_rank + from_right)
+            if value is not None:
+                _append(self.space.slices, ParamSlice(label, slot, pos, name))
+            else:
+                self.add(inp, Placement(pos, placement.width, placement.segments))
+        self._through(label, name, node.output[0], placement, Placement(out_rank + from_right, placement.width, placement.segments))
 
-    def _reduce(self, node: onnx.NodeProto, axis: int) -> None:
+    def _reduce(self, node: onnx.NodeProto, placement: Placement) -> None:
         index, label = self.index, self.index.label(node)
         rank = index.rank(node.input[0])
         axes = get_attr(node, "axes")
@@ -473,53 +480,130 @@ class _Grower:
             self.pin(f"{node.op_type} '{label}' reduces over every axis")
             return
         axes = [a % rank for a in axes]
+        axis = placement.axis
         if axis in axes:
             self.pin(f"{node.op_type} '{label}' reduces over the units' axis")
             return
         out_axis = axis if get_attr(node, "keepdims", 1) else axis - sum(a < axis for a in axes)
-        self._record_pass_through(label)
-        self.add_tensor(node.input[0], axis)
-        self.add_tensor(node.output[0], out_axis)
+        self._through(label, node.input[0], node.output[0], placement, placement.shifted(0, placement.width, out_axis))
 
-    def _pad(self, node: onnx.NodeProto, axis: int) -> None:
+    def _concat(self, node: onnx.NodeProto, name: str, placement: Placement) -> None:
+        index, label = self.index, self.index.label(node)
+        rank = index.rank(node.output[0])
+        widths = []
+        for inp in node.input:
+            shape = index.shape(inp)
+            widths.append(None if shape is None or rank is None else shape[placement.axis])
+        if rank is None or get_attr(node, "axis", 0) % rank != placement.axis:
+            self.pin(f"Concat '{label}' joins along another axis than the units'")
+            return
+        if None in widths:
+            self.pin(f"Concat '{label}' has inputs of unknown width")
+            return
+        total, offsets = sum(widths), np.cumsum([0, *widths])
+        self._record(label)
+        for slot, inp in enumerate(node.input):
+            if inp == name:
+                self.add(node.output[0], placement.shifted(int(offsets[slot]), int(total)))
+
+    def _split_windows(self, node: onnx.NodeProto, width: int) -> list[tuple[int, int]] | None:
+        sizes = get_attr(node, "split")
+        if sizes is None and len(node.input) > 1 and node.input[1]:
+            value = self.index.const(node.input[1])
+            if value is None:
+                return None
+            sizes = value.tolist()
+        if sizes is None:
+            parts = get_attr(node, "num_outputs", len(node.output))
+            chunk = -(-width // parts)
+            sizes = [min(chunk, width - i * chunk) for i in range(parts)]
+        ends = np.cumsum([0, *sizes])
+        if ends[-1] != width:
+            return None
+        return [(int(a), int(b)) for a, b in zip(ends[:-1], ends[1:], strict=True)]
+
+    def _split(self, node: onnx.NodeProto, name: str, placement: Placement) -> None:
+        index, label = self.index, self.index.label(node)
+        rank = index.rank(name)
+        if rank is None:
+            self.pin(f"Split '{label}' input has an unknown rank")
+            return
+        if get_attr(node, "axis", 0) % rank != placement.axis:
+            self._record(label)
+            for out in node.output:
+                if out:
+                    self.add(out, placement)
+            return
+        windows = self._split_windows(node, placement.width)
+        if windows is None or len(windows) != len(node.output):
+            self.pin(f"Split '{label}' has sizes onnxprune cannot read")
+            return
+        _append(self.space.windows, WindowUpdate(label, name, tuple(windows)))
+        self._record(label)
+        for out, (start, stop) in zip(node.output, windows, strict=True):
+            part = placement.window(start, stop)
+            if out and part is not None:
+                self.add(out, part)
+
+    def _slice(self, node: onnx.NodeProto, name: str, placement: Placement) -> None:
+        index, label = self.index, self.index.label(node)
+        rank = index.rank(name)
+        consts = [index.const(i) if i else None for i in node.input[1:]]
+        if rank is None or len(consts) < 2 or any(c is None for c in consts):
+            self.pin(f"Slice '{label}' has computed or missing starts/ends")
+            return
+        starts, ends = consts[0].tolist(), consts[1].tolist()
+        axes = consts[2].tolist() if len(consts) > 2 else list(range(len(starts)))
+        steps = consts[3].tolist() if len(consts) > 3 else [1] * len(starts)
+        axes = [a % rank for a in axes]
+        if placement.axis not in axes:
+            self._through(label, name, node.output[0], placement)
+            return
+        k = axes.index(placement.axis)
+        width = placement.width
+        start, stop = (max(0, min(width, v + width if v < 0 else v)) for v in (starts[k], ends[k]))
+        if steps[k] != 1 or stop <= start:
+            self.pin(f"Slice '{label}' on the unit axis has a step other than 1 or is empty")
+            return
+        _append(self.space.windows, WindowUpdate(label, name, ((start, stop),)))
+        self._record(label)
+        part = placement.window(start, stop)
+        if part is not None:
+            self.add(node.output[0], part)
+
+    def _pad(self, node: onnx.NodeProto, name: str, placement: Placement) -> None:
         index, label = self.index, self.index.label(node)
         pads = get_attr(node, "pads")
         if pads is None and len(node.input) > 1:
             value = index.const(node.input[1])
             pads = None if value is None else value.tolist()
-        rank = index.rank(node.input[0])
+        rank = index.rank(name)
         axes_given = len(node.input) > 3 and node.input[3]
         if pads is None or rank is None or axes_given or len(pads) != 2 * rank:
             self.pin(f"Pad '{label}' has pads onnxprune cannot read")
-            return
-        if pads[axis] or pads[axis + rank]:
+        elif pads[placement.axis] or pads[placement.axis + rank]:
             self.pin(f"Pad '{label}' pads the units' axis")
-            return
-        self._record_pass_through(label)
-        self.add_tensor(node.input[0], axis)
-        self.add_tensor(node.output[0], axis)
+        else:
+            self._through(label, name, node.output[0], placement)
 
-    def _resize(self, node: onnx.NodeProto, axis: int) -> None:
+    def _resize(self, node: onnx.NodeProto, name: str, placement: Placement) -> None:
         index, label = self.index, self.index.label(node)
         scales = index.const(node.input[2]) if len(node.input) > 2 and node.input[2] else None
-        sizes_given = len(node.input) > 3 and node.input[3]
-        if sizes_given or scales is None or scales.size <= axis or scales[axis] != 1:
-            self.pin(f"Resize '{label}' does not keep the units' axis as it is (needs constant scales)")
-            return
-        self._record_pass_through(label)
-        self.add_tensor(node.input[0], axis)
-        self.add_tensor(node.output[0], axis)
+        sizes = index.const(node.input[3]) if len(node.input) > 3 and node.input[3] else None
+        axis = placement.axis
+        if scales is not None and scales.size > axis and scales[axis] == 1:
+            self._through(label, name, node.output[0], placement)
+        elif sizes is not None and sizes.size > axis and sizes[axis] == placement.width:
+            _append(self.space.reshapes, ShapeUpdate(label, 3, axis, 1, name))
+            self._through(label, name, node.output[0], placement)
+        else:
+            self.pin(f"Resize '{label}' does not keep the units' axis (needs constant scales or sizes)")
 
 
-def analyse(
-    model: onnx.ModelProto,
-    exclude: list[str] | None = None,
-    shapes: dict[str, Shape] | None = None,
-    index: GraphIndex | None = None,
-) -> Analysis:
+def analyse(model: onnx.ModelProto, exclude: list[str] | None = None, index: GraphIndex | None = None) -> Analysis:
     """Find every space of units in the model; pinned spaces carry the reasons."""
-    index = index or GraphIndex(model, shapes)
-    claimed: dict[str, int] = {}
+    index = index or GraphIndex(model)
+    claimed: dict[str, list[tuple[int, set[int]]]] = {}
     spaces: list[Space] = []
     for node in index.nodes:
         produced = producer_output(index, node)
@@ -528,7 +612,7 @@ def analyse(
         out, axis, n = produced
         space = Space(id=len(spaces), name=index.label(node), n=n)
         grower = _Grower(index, space, claimed, list(exclude or []))
-        grower.add_tensor(out, axis)
+        grower.add(out, Placement.identity(axis, n))
         grower.run()
         if not space.consumers and not space.pinned:
             space.pinned.append("no linear layer reads these units")

@@ -19,10 +19,11 @@ from .errors import CalibrationError, ModelError, TargetError
 from .graph import GraphIndex, fix_input_shapes, infer_shapes
 from .load import load_model
 from .plan import Plan, Target, make_plan
-from .recovery import fit_recovery
+from .recovery import Recovery, fit_recovery
 from .report import PruneReport, SpaceRow
 from .rewrite import rewrite
 from .score import METHODS, ORDERS, RECOVERING_METHODS, score_space
+from .stats import SiteStats
 from .verify import verify
 
 DEFAULT_TOLERANCE = 0.01
@@ -119,7 +120,7 @@ def prune(
             raise ModelError(f"nothing to prune in '{name}': {len(analysis.spaces)} spaces found, none prunable ({reasons})")
         cost = build_cost_model(index, analysis)
 
-    sites = [site for space in analysis.prunable for site in space.sites]
+    sites = analysis.sites()
     stats = {}
     if method in ("snp", "variance", "lsq"):
         with _stage(seconds, "calibrate"):
@@ -127,9 +128,9 @@ def prune(
             advance = progress("calibrating", calib_data.n_samples)
             stats = collect_stats(original, sites, ranks, calib_data.batches(batch_size), advance)
         for site in sites:
-            if stats[site.tensor].count <= site.n:
+            if stats[site.tensor].count <= site.width:
                 warnings.append(
-                    f"site '{site.tensor}' saw {stats[site.tensor].count} rows for {site.n} units: "
+                    f"site '{site.tensor}' saw {stats[site.tensor].count} rows for {site.width} units: "
                     "its statistics are rank-deficient (regularised); give more calibration samples"
                 )
 
@@ -138,14 +139,7 @@ def prune(
     with _stage(seconds, "plan"):
         plan = make_plan(analysis, scores, cost, target, min_keep, round_to)
     with _stage(seconds, "rewrite"):
-        recoveries = None
-        if method in RECOVERING_METHODS:
-            recoveries = {
-                (space.id, site.tensor): fit_recovery(stats[site.tensor], plan.spaces[space.id].keep, plan.spaces[space.id].prune)
-                for space in analysis.prunable
-                if len(plan.spaces[space.id].prune)
-                for site in space.sites
-            }
+        recoveries = fit_recoveries(analysis, plan, stats) if method in RECOVERING_METHODS else None
         pruned = rewrite(original, analysis, plan, recoveries)
     with _stage(seconds, "verify"):
         advance = progress("verifying", 1)
@@ -155,6 +149,21 @@ def prune(
     report = _build_report(name, method, order, target, plan, analysis, cost, original, pruned, data, calib_data, verify_data, fidelity)
     report.warnings, report.seconds = warnings, seconds
     return PruneResult(pruned, report)
+
+
+def fit_recoveries(analysis: Analysis, plan: Plan, stats: dict[str, SiteStats]) -> dict[tuple[int, str], Recovery]:
+    """One least-squares recovery per (pruned space, site), on the site's columns of that space."""
+    recoveries = {}
+    for space in analysis.prunable:
+        space_plan = plan.spaces[space.id]
+        if not len(space_plan.prune):
+            continue
+        for tensor in space.sites:
+            placement = space.tensors[tensor]
+            keep, prune = placement.positions_of(space_plan.keep), placement.positions_of(space_plan.prune)
+            if len(prune):
+                recoveries[(space.id, tensor)] = fit_recovery(stats[tensor], keep, prune)
+    return recoveries
 
 
 def _batch_size_for(model: onnx.ModelProto, wanted: int) -> int:
@@ -192,7 +201,7 @@ def _build_report(
         terms = [cost.node_macs[p] for p in space.producers if p in cost.node_macs]
         rows.append(SpaceRow(
             space.name, list(space.producers), space.n, kept,
-            int(sum(t.base for t in terms)), int(round(sum(cost.term_macs(t, fractions) for t in terms))),
+            int(sum(t.base for t in terms)), int(round(cost.evaluate(terms, fractions))),
             list(space.pinned),
         ))
     return PruneReport(

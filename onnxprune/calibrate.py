@@ -42,7 +42,7 @@ def instrument(model: onnx.ModelProto, sites: list[Site], ranks: dict[str, int])
             perm = [a for a in range(rank) if a != site.axis] + [site.axis]
             nodes.append(helper.make_node("Transpose", [source], [p + "t"], perm=perm))
             source = p + "t"
-        graph.initializer.append(numpy_helper.from_array(np.array([-1, site.n], dtype=np.int64), p + "shape"))
+        graph.initializer.append(numpy_helper.from_array(np.array([-1, site.width], dtype=np.int64), p + "shape"))
         nodes.append(helper.make_node("Reshape", [source, p + "shape"], [p + "rows32"]))
         nodes.append(helper.make_node("Cast", [p + "rows32"], [p + "rows"], to=TensorProto.DOUBLE))
         nodes.append(helper.make_node("Transpose", [p + "rows"], [p + "rowsT"], perm=[1, 0]))
@@ -55,8 +55,8 @@ def instrument(model: onnx.ModelProto, sites: list[Site], ranks: dict[str, int])
         nodes.append(helper.make_node("Shape", [p + "rows"], [p + "rshape"]))
         graph.node.extend(nodes)
         graph.output.extend([
-            helper.make_tensor_value_info(p + "gram", TensorProto.DOUBLE, [site.n, site.n]),
-            helper.make_tensor_value_info(p + "sum", TensorProto.DOUBLE, [site.n]),
+            helper.make_tensor_value_info(p + "gram", TensorProto.DOUBLE, [site.width, site.width]),
+            helper.make_tensor_value_info(p + "sum", TensorProto.DOUBLE, [site.width]),
             helper.make_tensor_value_info(p + "rshape", TensorProto.INT64, [2]),
         ])
         names.append((p + "gram", p + "sum", p + "rshape"))
@@ -86,7 +86,7 @@ def collect_stats(
         return {}
     instrumented, names = instrument(model, sites, ranks)
     session = make_session(instrumented)
-    stats = {site.tensor: SiteStats.empty(site.n) for site in sites}
+    stats = {site.tensor: SiteStats.empty(site.width) for site in sites}
     fetch = [name for triple in names for name in triple]
     for batch in batches:
         try:

@@ -51,16 +51,20 @@ def count_params(model: onnx.ModelProto) -> int:
 
 @dataclass
 class CostTerm:
-    """`base` scaled by kept/n of each listed space."""
+    """`base` scaled by the kept fraction of each listed tensor's unit axis."""
 
     base: int
-    spaces: tuple[int, ...]
+    tensors: tuple[str, ...]
 
 
 @dataclass
 class CostModel:
-    """MACs and params as products of per-space kept fractions (exact for Conv/Gemm/MatMul)."""
+    """MACs and params as products of kept fractions of unit axes (exact for Conv/Gemm/MatMul).
 
+    A tensor's kept fraction is 1 - sum over the spaces on it of count x (1 - space fraction) / width.
+    """
+
+    occupancy: dict[str, tuple[int, list[tuple[int, int]]]] = field(default_factory=dict)
     macs_terms: list[CostTerm] = field(default_factory=list)
     params_terms: list[CostTerm] = field(default_factory=list)
     node_macs: dict[str, CostTerm] = field(default_factory=dict)
@@ -73,48 +77,54 @@ class CostModel:
     def total_params(self) -> int:
         return sum(t.base for t in self.params_terms)
 
-    @staticmethod
-    def _evaluate(terms: list[CostTerm], fraction: dict[int, float]) -> float:
+    def tensor_fraction(self, tensor: str, fraction: dict[int, float]) -> float:
+        width, spaces = self.occupancy[tensor]
+        return 1.0 - sum(count * (1.0 - fraction.get(sid, 1.0)) for sid, count in spaces) / width
+
+    def evaluate(self, terms: list[CostTerm], fraction: dict[int, float]) -> float:
+        cache: dict[str, float] = {}
         total = 0.0
         for term in terms:
             value = float(term.base)
-            for space in term.spaces:
-                value *= fraction.get(space, 1.0)
+            for tensor in term.tensors:
+                if tensor not in cache:
+                    cache[tensor] = self.tensor_fraction(tensor, fraction)
+                value *= cache[tensor]
             total += value
         return total
 
     def macs(self, fraction: dict[int, float]) -> float:
-        return self._evaluate(self.macs_terms, fraction)
+        return self.evaluate(self.macs_terms, fraction)
 
     def params(self, fraction: dict[int, float]) -> float:
-        return self._evaluate(self.params_terms, fraction)
-
-    def term_macs(self, term: CostTerm, fraction: dict[int, float]) -> float:
-        return self._evaluate([term], fraction)
+        return self.evaluate(self.params_terms, fraction)
 
 
 def build_cost_model(index: GraphIndex, analysis: Analysis) -> CostModel:
-    """Which spaces scale each node's MACs and each constant's size."""
-    node_spaces: dict[str, set[int]] = {}
-    const_spaces: dict[str, set[int]] = {}
-    for space in analysis.spaces:
-        if not space.prunable:
-            continue
-        for label in space.producers + [c.node for c in space.consumers] + [a.node for a in space.attrs]:
-            node_spaces.setdefault(label, set()).add(space.id)
-        for cut in space.slices:
-            const_spaces.setdefault(index.node(cut.node).input[cut.input_index], set()).add(space.id)
-        for consumer in space.consumers:
-            const_spaces.setdefault(index.node(consumer.node).input[consumer.weight_index], set()).add(space.id)
+    """Which unit axes scale each node's MACs and each constant's size."""
     model = CostModel()
+    node_tensors: dict[str, set[str]] = {}
+    const_tensors: dict[str, set[str]] = {}
+    for space in analysis.prunable:
+        for tensor, placement in space.tensors.items():
+            model.occupancy.setdefault(tensor, (placement.width, []))[1].append((space.id, placement.count()))
+        for label in space.producers:
+            node_tensors.setdefault(label, set()).add(index.node(label).output[0])
+        for consumer in space.consumers:
+            node_tensors.setdefault(consumer.node, set()).add(consumer.site)
+            const_tensors.setdefault(index.node(consumer.node).input[consumer.weight_index], set()).add(consumer.site)
+        for attr in space.attrs:
+            node_tensors.setdefault(attr.node, set()).add(attr.tensor)
+        for cut in space.slices:
+            const_tensors.setdefault(index.node(cut.node).input[cut.input_index], set()).add(cut.tensor)
     for node in index.nodes:
         macs = node_macs(index, node)
         if macs:
             label = index.label(node)
-            term = CostTerm(macs, tuple(sorted(node_spaces.get(label, ()))))
+            term = CostTerm(macs, tuple(sorted(node_tensors.get(label, ()))))
             model.macs_terms.append(term)
             model.node_macs[label] = term
     for name, value in index.constants.items():
         if value.dtype.kind == "f":
-            model.params_terms.append(CostTerm(int(value.size), tuple(sorted(const_spaces.get(name, ())))))
+            model.params_terms.append(CostTerm(int(value.size), tuple(sorted(const_tensors.get(name, ())))))
     return model

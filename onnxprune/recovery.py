@@ -17,13 +17,18 @@ class Recovery:
 
     weights: np.ndarray  # B, |P| x |K|
     offset: np.ndarray  # b0, |P|
+    keep: np.ndarray  # positions of the kept units on the site tensor
+    prune: np.ndarray  # positions of the pruned units
 
 
 def fit_recovery(stats: SiteStats, keep: np.ndarray, prune: np.ndarray) -> Recovery:
-    """B = S_PK S_KK^-1 on the centred covariance (solve, never invert); b0 = mu_P - B mu_K."""
+    """B = S_PK S_KK^-1 on the centred covariance (solve, never invert); b0 = mu_P - B mu_K.
+
+    `keep` and `prune` are positions (columns) of the site's statistics.
+    """
     cov, mean = stats.covariance(), stats.mean()
     if len(keep) == 0:
-        return Recovery(np.zeros((len(prune), 0)), mean[prune])
+        return Recovery(np.zeros((len(prune), 0)), mean[prune], keep, prune)
     s_kk = cov[np.ix_(keep, keep)]
     ridge = RIDGE * max(np.trace(s_kk) / len(keep), np.finfo(float).tiny)
     s_kk = s_kk + ridge * np.eye(len(keep))
@@ -33,4 +38,4 @@ def fit_recovery(stats: SiteStats, keep: np.ndarray, prune: np.ndarray) -> Recov
     except np.linalg.LinAlgError:
         solution = sla.lstsq(s_kk, s_kp, check_finite=False)[0]
     weights = solution.T
-    return Recovery(weights, mean[prune] - weights @ mean[keep])
+    return Recovery(weights, mean[prune] - weights @ mean[keep], keep, prune)

@@ -9,39 +9,32 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from .analyse import Analysis, Consumer, Space
+from .analyse import Analysis, AttrUpdate, Consumer, ParamSlice, ShapeUpdate, Space, WindowUpdate
 from .graph import GraphIndex, get_attr
+from .placement import expand_blocks, removed_count
 from .plan import Plan, SpacePlan
 from .recovery import Recovery
 
 SUFFIX = "_onnxprune"
 
 
-def fold_consumer_weight(
-    weight: np.ndarray,
-    consumer: Consumer,
-    n: int,
-    plan: SpacePlan,
-    recovery: Recovery | None,
-) -> tuple[np.ndarray, np.ndarray | None]:
-    """Keep the consumer's input units; with a recovery, W_K += W_P B and return the bias delta W_P b0.
+def fold_consumer_weight(weight: np.ndarray, consumer: Consumer, width: int, recovery: Recovery) -> tuple[np.ndarray, np.ndarray]:
+    """W_K += W_P B and the bias delta W_P b0, on the consumer's full (unsliced) weight.
 
-    For a Conv the fold is per kernel tap and the bias delta sums the taps; for Flatten into a
-    Gemm it is per spatial position (`block` features per unit).
+    `width` is the site's unit-axis size; each position owns `consumer.block` features of the
+    weight's input axis. For a Conv the fold is per kernel tap and the bias delta sums the taps;
+    for Flatten into a Gemm it is per spatial position (DESIGN §2).
     """
     w = np.moveaxis(weight.astype(np.float64), consumer.in_axis, 0)
     rest = w.shape[1:]
-    w = w.reshape(n, consumer.block, -1)
-    kept = w[plan.keep]
-    delta = None
-    if recovery is not None and len(plan.prune):
-        pruned = w[plan.prune]
-        kept = kept + np.tensordot(recovery.weights, pruned, axes=(0, 0))
-        full = np.tensordot(recovery.offset, pruned, axes=(0, 0)).sum(axis=0).reshape(rest)
-        out_pos = consumer.out_axis - (consumer.out_axis > consumer.in_axis)
-        delta = full.sum(axis=tuple(i for i in range(len(rest)) if i != out_pos))
-    new = kept.reshape((len(plan.keep) * consumer.block, *rest))
-    return np.moveaxis(new, 0, consumer.in_axis).astype(weight.dtype), delta
+    w = w.reshape(width, consumer.block, -1).copy()
+    pruned = w[recovery.prune]
+    w[recovery.keep] += np.tensordot(recovery.weights, pruned, axes=(0, 0))
+    full = np.tensordot(recovery.offset, pruned, axes=(0, 0)).sum(axis=0).reshape(rest)
+    out_pos = consumer.out_axis - (consumer.out_axis > consumer.in_axis)
+    delta = full.sum(axis=tuple(i for i in range(len(rest)) if i != out_pos))
+    new = np.moveaxis(w.reshape((width * consumer.block, *rest)), 0, consumer.in_axis)
+    return new.astype(weight.dtype), delta
 
 
 @dataclass
@@ -136,79 +129,164 @@ def _drop_unused_initializers(model: onnx.ModelProto, candidates: set[str]) -> N
 
 
 class Rewriter:
-    """Applies a Plan to a copy of the model."""
+    """Applies a Plan to a copy of the model.
+
+    Every edit is derived from the removed positions of one tensor's unit axis (DESIGN §3):
+    folds first on full-size weights, then all deletions, shape and attribute updates.
+    """
 
     def __init__(self, model: onnx.ModelProto, analysis: Analysis, plan: Plan, recoveries: dict[tuple[int, str], Recovery] | None):
         self.model = onnx.ModelProto()
         self.model.CopyFrom(model)
         self.analysis = analysis
         self.plan = plan
-        self.recoveries = recoveries
+        self.recoveries = recoveries or {}
         self.index = GraphIndex(self.model, shapes={})
         self.edits = ConstantEdits(self.model, self.index)
+        self.biases: dict[tuple[str, int], str] = {}  # bias inputs the folds touched -> output tensor
 
     def pruned_spaces(self) -> list[tuple[Space, SpacePlan]]:
-        return [(s, self.plan.spaces[s.id]) for s in self.analysis.spaces if s.id in self.plan.spaces and len(self.plan.spaces[s.id].prune)]
+        return [(s, self.plan.spaces[s.id]) for s in self.analysis.prunable if s.id in self.plan.spaces and len(self.plan.spaces[s.id].prune)]
+
+    def removed_positions(self, spaces: list[tuple[Space, SpacePlan]]) -> tuple[dict[str, np.ndarray], dict[str, int]]:
+        removed: dict[str, set[int]] = {}
+        widths: dict[str, int] = {}
+        for space, plan in spaces:
+            for tensor, placement in space.tensors.items():
+                removed.setdefault(tensor, set()).update(placement.positions_of(plan.prune).tolist())
+                widths[tensor] = placement.width
+        return {t: np.array(sorted(p), dtype=np.int64) for t, p in removed.items()}, widths
 
     def run(self) -> onnx.ModelProto:
         spaces = self.pruned_spaces()
         if not spaces:
             return self.model
-        for space, plan in spaces:  # phase 1: output axes and per-unit constants
-            for cut in space.slices:
-                self.edits.set(cut.node, cut.input_index, np.take(self.edits.get(cut.node, cut.input_index), plan.keep, axis=cut.axis))
-            for attr in space.attrs:
-                node = self.index.node(attr.node)
-                for a in node.attribute:
-                    if a.name == attr.attribute:
-                        a.i = len(plan.keep)
-            for update in space.reshapes:
-                target = self.edits.get(update.node, update.input_index).copy()
-                target[update.position] = len(plan.keep) * update.block
-                self.edits.set(update.node, update.input_index, target)
-        for space, plan in spaces:  # phase 2: consumers' input axes and recovery
+        removed, widths = self.removed_positions(spaces)
+        for space, _ in spaces:  # 1. least-squares folds on full-size weights
             for consumer in space.consumers:
-                recovery = None if self.recoveries is None else self.recoveries[(space.id, consumer.site)]
-                weight = self.edits.get(consumer.node, consumer.weight_index)
-                new_weight, delta = fold_consumer_weight(weight, consumer, space.n, plan, recovery)
-                self.edits.set(consumer.node, consumer.weight_index, new_weight)
-                if delta is not None:
-                    self._add_bias(consumer, delta.astype(np.float64))
+                recovery = self.recoveries.get((space.id, consumer.site))
+                if recovery is not None and len(recovery.prune):
+                    self._fold(consumer, widths[consumer.site], recovery)
+        records = [r for space, _ in spaces for r in [*space.slices, *space.consumers, *space.attrs, *space.reshapes, *space.windows]]
+        sliced = set()
+        for record in dict.fromkeys(records):  # 2. deletions and updates, once per record
+            if isinstance(record, ParamSlice):
+                sliced.add((record.node, record.input_index))
+                self._delete(record.node, record.input_index, record.axis, removed.get(record.tensor))
+            elif isinstance(record, Consumer):
+                self._delete(record.node, record.weight_index, record.in_axis, expand_blocks(removed[record.site], record.block))
+            elif isinstance(record, AttrUpdate):
+                self._set_int_attr(record.node, record.attribute, widths[record.tensor] - len(removed[record.tensor]))
+            elif isinstance(record, ShapeUpdate):
+                target = self.edits.get(record.node, record.input_index).copy()
+                target[record.position] = (widths[record.tensor] - len(removed[record.tensor])) * record.block
+                self.edits.set(record.node, record.input_index, target)
+            else:
+                self._shrink_windows(record, removed[record.tensor])
+        for (label, slot), tensor in self.biases.items():  # biases that were created or broadcast by a fold
+            if (label, slot) not in sliced and tensor in removed:
+                value = self.edits.get(label, slot)
+                if value.shape and value.shape[-1] == widths[tensor]:
+                    self.edits.set(label, slot, np.delete(value, removed[tensor], axis=value.ndim - 1))
+        self.edits.bias_nodes = [
+            (node, np.delete(bias, removed[node.output[0]]) if node.output[0] in removed else bias) for node, bias in self.edits.bias_nodes
+        ]
         changed = self.edits.commit()
-        _refresh_value_info(self.model, changed | {t for s, _ in spaces for t in [*s.tensors, *s.flattened]})
+        touched = {t for s, _ in spaces for t in [*s.tensors, *s.flattened]}
+        _refresh_value_info(self.model, changed | touched)
         return self.model
+
+    def _delete(self, label: str, slot: int, axis: int, positions: np.ndarray | None) -> None:
+        if positions is None or not len(positions):
+            return
+        self.edits.set(label, slot, np.delete(self.edits.get(label, slot), positions, axis=axis))
+
+    def _set_int_attr(self, label: str, name: str, value: int) -> None:
+        for attr in self.index.node(label).attribute:
+            if attr.name == name:
+                attr.i = value
+
+    def _shrink_windows(self, update: WindowUpdate, removed: np.ndarray) -> None:
+        node = self.index.node(update.node)
+        shrunk = [(a - removed_count(removed, 0, a), b - removed_count(removed, 0, b)) for a, b in update.windows]
+        if node.op_type == "Slice":
+            (start, stop), = shrunk
+            rank = self.index.rank(node.input[0]) if self.index.shape(node.input[0]) else None
+            axes = self.edits.get(update.node, 3).tolist() if len(node.input) > 3 and node.input[3] else None
+            k = self._slice_axis_slot(node, axes, rank)
+            for slot, value in ((1, start), (2, stop)):
+                array = self.edits.get(update.node, slot).copy()
+                array[k] = value
+                self.edits.set(update.node, slot, array)
+            return
+        sizes = np.array([b - a for a, b in shrunk], dtype=np.int64)
+        if len(node.input) > 1 and node.input[1]:
+            self.edits.set(update.node, 1, sizes)
+        elif get_attr(node, "split") is not None or _opset(self.model) < 13:
+            _replace_attr(node, helper.make_attribute("split", sizes.tolist()))
+        else:
+            kept = [a for a in node.attribute if a.name != "num_outputs"]
+            del node.attribute[:]
+            node.attribute.extend(kept)
+            self.edits.set(update.node, 1, sizes)
+
+    def _slice_axis_slot(self, node: onnx.NodeProto, axes: list[int] | None, rank: int | None) -> int:
+        """Index, within Slice's starts/ends, of the entry for the unit axis."""
+        space_axis = next(s.tensors[node.input[0]].axis for s in self.analysis.prunable if node.input[0] in s.tensors)
+        if axes is None:
+            return space_axis
+        rank = rank if rank is not None else max(space_axis + 1, max(abs(a) for a in axes))
+        return [a % rank for a in axes].index(space_axis)
+
+    def _fold(self, consumer: Consumer, width: int, recovery: Recovery) -> None:
+        weight = self.edits.get(consumer.node, consumer.weight_index)
+        new_weight, delta = fold_consumer_weight(weight, consumer, width, recovery)
+        self.edits.set(consumer.node, consumer.weight_index, new_weight)
+        node = self.index.node(consumer.node)
+        if node.op_type == "ConvTranspose":  # a constant reaches each output through kernel/stride taps on average
+            delta = delta / float(np.prod(get_attr(node, "strides", [1])))
+        self._add_bias(consumer, delta)
 
     def _add_bias(self, consumer: Consumer, delta: np.ndarray) -> None:
         node = self.index.node(consumer.node)
         dtype = self.edits.get(consumer.node, consumer.weight_index).dtype
-        if node.op_type == "Conv":
+        if node.op_type in ("Conv", "ConvTranspose"):
             self._add_to_input(consumer.node, 2, delta, dtype)
         elif node.op_type == "Gemm":
             alpha, beta = get_attr(node, "alpha", 1.0), get_attr(node, "beta", 1.0)
             has_c = len(node.input) > 2 and node.input[2]
             if has_c and not self.index.is_constant(node.input[2]):
-                self.edits.bias_nodes.append((node, (alpha * delta).astype(dtype)))
-                return
-            if not has_c or beta == 0:
+                self._add_bias_node(node, alpha * delta, dtype)
+            elif not has_c or beta == 0:
                 _set_float_attr(node, "beta", 1.0)
-                self.edits.set(consumer.node, 2, (alpha * delta).astype(dtype))
-                return
-            self._add_to_input(consumer.node, 2, alpha * delta / beta, dtype)
+                self._add_to_input(consumer.node, 2, alpha * delta, dtype, replace=True)
+            else:
+                self._add_to_input(consumer.node, 2, alpha * delta / beta, dtype)
         else:  # MatMul: fold into a following Add of a constant, else add one
             bias_add = self._following_bias_add(node)
             if bias_add is None:
-                self.edits.bias_nodes.append((node, delta.astype(dtype)))
+                self._add_bias_node(node, delta, dtype)
             else:
-                label, slot = bias_add
-                self._add_to_input(label, slot, delta, dtype)
+                self._add_to_input(*bias_add, delta, dtype)
 
-    def _add_to_input(self, label: str, slot: int, delta: np.ndarray, dtype: np.dtype) -> None:
+    def _add_bias_node(self, node: onnx.NodeProto, delta: np.ndarray, dtype: np.dtype) -> None:
+        for i, (pending, bias) in enumerate(self.edits.bias_nodes):
+            if pending is node:
+                self.edits.bias_nodes[i] = (node, (bias.astype(np.float64) + delta).astype(dtype))
+                return
+        self.edits.bias_nodes.append((node, delta.astype(dtype)))
+
+    def _add_to_input(self, label: str, slot: int, delta: np.ndarray, dtype: np.dtype, replace: bool = False) -> None:
+        """bias += delta (created when absent; `replace` ignores an existing value, for Gemm beta=0)."""
         node = self.index.node(label)
-        if slot < len(node.input) and node.input[slot]:
+        key = (label, slot)
+        exists = slot < len(node.input) and bool(node.input[slot])
+        if (exists and not replace) or key in self.biases:
             current = self.edits.get(label, slot)
             self.edits.set(label, slot, (current.astype(np.float64) + delta).astype(current.dtype))
         else:
             self.edits.set(label, slot, delta.astype(dtype))
+        self.biases[key] = node.output[0]
 
     def _following_bias_add(self, node: onnx.NodeProto) -> tuple[str, int] | None:
         out = node.output[0]
@@ -228,6 +306,16 @@ def _set_float_attr(node: onnx.NodeProto, name: str, value: float) -> None:
             attr.f = value
             return
     node.attribute.append(helper.make_attribute(name, value))
+
+
+def _opset(model: onnx.ModelProto) -> int:
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
+
+
+def _replace_attr(node: onnx.NodeProto, attribute: onnx.AttributeProto) -> None:
+    kept = [a for a in node.attribute if a.name != attribute.name]
+    del node.attribute[:]
+    node.attribute.extend([*kept, attribute])
 
 
 def _refresh_value_info(model: onnx.ModelProto, changed: set[str]) -> None:

@@ -40,8 +40,13 @@ def regularised(cov: np.ndarray) -> np.ndarray:
 
 
 def space_covariance(space: Space, stats: dict[str, SiteStats]) -> np.ndarray:
-    """Joint covariance of a space: the sum over its sites (each read by its own consumers)."""
-    return sum(stats[site.tensor].covariance() for site in space.sites)
+    """Joint covariance of a space: the sum over its sites of each site's block for these units."""
+    cov = np.zeros((space.n, space.n))
+    for tensor in space.sites:
+        units, positions = space.tensors[tensor].unit_positions()
+        block = stats[tensor].covariance()[np.ix_(positions, positions)]
+        np.add.at(cov, np.ix_(units, units), block)
+    return cov
 
 
 def cholesky_energy(cov: np.ndarray, order: np.ndarray) -> np.ndarray:
@@ -66,9 +71,11 @@ def consumer_weight_norms(space: Space, index: GraphIndex) -> np.ndarray:
     """Per unit: sum over consumers of the squared norm of the weights that read it."""
     norms = np.zeros(space.n)
     for consumer in space.consumers:
-        node = index.node(consumer.node)
-        weight = np.moveaxis(index.const(node.input[consumer.weight_index]).astype(np.float64), consumer.in_axis, 0)
-        norms += (weight.reshape(space.n, -1) ** 2).sum(axis=1)
+        placement = space.tensors[consumer.site]
+        weight = index.const(index.node(consumer.node).input[consumer.weight_index]).astype(np.float64)
+        per_position = (np.moveaxis(weight, consumer.in_axis, 0).reshape(placement.width, -1) ** 2).sum(axis=1)
+        units, positions = placement.unit_positions()
+        np.add.at(norms, units, per_position[positions])
     return norms
 
 

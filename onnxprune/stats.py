@@ -35,6 +35,10 @@ class SiteStats:
         self.total += other.total
         self.gram += other.gram
 
+    def subset(self, positions: np.ndarray) -> SiteStats:
+        """Statistics of the selected columns only."""
+        return SiteStats(self.count, self.total[positions], self.gram[np.ix_(positions, positions)])
+
     def mean(self) -> np.ndarray:
         return self.total / max(self.count, 1)
 

@@ -1,0 +1,83 @@
+"""Where a space's units sit on a tensor's unit axis (Concat shifts them, Split/Slice cut them)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Segment:
+    """Units lo..hi-1 of a space sit at positions offset..offset+(hi-lo)-1."""
+
+    offset: int
+    lo: int
+    hi: int
+
+
+@dataclass(frozen=True)
+class Placement:
+    """A space's units on one tensor: the unit axis, its full width, and the segments."""
+
+    axis: int
+    width: int
+    segments: tuple[Segment, ...]
+
+    @classmethod
+    def identity(cls, axis: int, n: int) -> Placement:
+        return cls(axis, n, (Segment(0, 0, n),))
+
+    def is_identity(self, n: int) -> bool:
+        return self.width == n and self.segments == (Segment(0, 0, n),)
+
+    def unit_positions(self) -> tuple[np.ndarray, np.ndarray]:
+        """(units, positions), aligned: unit units[i] is at position positions[i]."""
+        units = [np.arange(s.lo, s.hi) for s in self.segments]
+        positions = [np.arange(s.offset, s.offset + s.hi - s.lo) for s in self.segments]
+        if not units:
+            return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+        return np.concatenate(units), np.concatenate(positions)
+
+    def positions_of(self, units: np.ndarray) -> np.ndarray:
+        """Positions (ascending) of the given units that appear on this tensor."""
+        all_units, positions = self.unit_positions()
+        return np.sort(positions[np.isin(all_units, units)])
+
+    def count(self) -> int:
+        return sum(s.hi - s.lo for s in self.segments)
+
+    def shifted(self, shift: int, width: int, axis: int | None = None) -> Placement:
+        moved = tuple(Segment(s.offset + shift, s.lo, s.hi) for s in self.segments)
+        return Placement(self.axis if axis is None else axis, width, moved)
+
+    def window(self, start: int, stop: int) -> Placement | None:
+        """The part of this placement inside positions [start, stop), re-based to start; None if empty."""
+        cut = []
+        for s in self.segments:
+            a, b = max(s.offset, start), min(s.offset + s.hi - s.lo, stop)
+            if a < b:
+                cut.append(Segment(a - start, s.lo + a - s.offset, s.lo + b - s.offset))
+        return Placement(self.axis, stop - start, tuple(cut)) if cut else None
+
+    def merged(self, other: Placement) -> Placement | None:
+        """Union of two placements of the same tensor; None if they overlap or disagree."""
+        if other.axis != self.axis or other.width != self.width:
+            return None
+        segments = tuple(sorted(set(self.segments) | set(other.segments), key=lambda s: s.offset))
+        ends = [(s.offset, s.offset + s.hi - s.lo) for s in segments]
+        if any(a[1] > b[0] for a, b in zip(ends, ends[1:], strict=False)):
+            return None
+        return Placement(self.axis, self.width, segments)
+
+
+def removed_count(removed: np.ndarray, start: int, stop: int) -> int:
+    """How many removed positions fall in [start, stop)."""
+    return int(np.count_nonzero((removed >= start) & (removed < stop)))
+
+
+def expand_blocks(positions: np.ndarray, block: int) -> np.ndarray:
+    """Positions of units -> feature indices when every unit owns `block` consecutive features."""
+    if block == 1:
+        return positions
+    return (positions[:, None] * block + np.arange(block)[None, :]).ravel()
