@@ -19,10 +19,10 @@ from .errors import CalibrationError, ModelError, TargetError
 from .graph import GraphIndex, fix_input_shapes, infer_shapes
 from .load import load_model
 from .plan import Plan, Target, make_plan
-from .recovery import Recovery, fit_recovery
+from .recovery import Recovery, fit_recovery, mean_recovery
 from .report import PruneReport, SpaceRow
 from .rewrite import rewrite
-from .score import METHODS, ORDERS, RECOVERING_METHODS, score_space
+from .score import METHODS, ORDERS, RECOVERY, STATS_METHODS, score_space
 from .stats import SiteStats
 from .verify import verify
 
@@ -122,7 +122,7 @@ def prune(
 
     sites = analysis.sites()
     stats = {}
-    if method in ("snp", "variance", "lsq"):
+    if method in STATS_METHODS:
         with _stage(seconds, "calibrate"):
             ranks = {site.tensor: len(shapes[site.tensor]) for site in sites}
             advance = progress("calibrating", calib_data.n_samples)
@@ -139,7 +139,7 @@ def prune(
     with _stage(seconds, "plan"):
         plan = make_plan(analysis, scores, cost, target, min_keep, round_to)
     with _stage(seconds, "rewrite"):
-        recoveries = fit_recoveries(analysis, plan, stats) if method in RECOVERING_METHODS else None
+        recoveries = fit_recoveries(analysis, plan, stats, RECOVERY[method]) if method in RECOVERY else None
         pruned = rewrite(original, analysis, plan, recoveries)
     with _stage(seconds, "verify"):
         advance = progress("verifying", 1)
@@ -151,8 +151,10 @@ def prune(
     return PruneResult(pruned, report)
 
 
-def fit_recoveries(analysis: Analysis, plan: Plan, stats: dict[str, SiteStats]) -> dict[tuple[int, str], Recovery]:
-    """One least-squares recovery per (pruned space, site), on the site's columns of that space."""
+def fit_recoveries(analysis: Analysis, plan: Plan, stats: dict[str, SiteStats], kind: str = "lsq") -> dict[tuple[int, str], Recovery]:
+    """One recovery per (pruned space, site), on the site's columns of that space: least squares
+    (`lsq`) or the pruned units' means (`mean`, FLAP's bias compensation)."""
+    fit = fit_recovery if kind == "lsq" else mean_recovery
     recoveries = {}
     for space in analysis.prunable:
         space_plan = plan.spaces[space.id]
@@ -162,7 +164,7 @@ def fit_recoveries(analysis: Analysis, plan: Plan, stats: dict[str, SiteStats]) 
             placement = space.tensors[tensor]
             keep, prune = placement.positions_of(space_plan.keep), placement.positions_of(space_plan.prune)
             if len(prune):
-                recoveries[(space.id, tensor)] = fit_recovery(stats[tensor], keep, prune)
+                recoveries[(space.id, tensor)] = fit(stats[tensor], keep, prune)
     return recoveries
 
 

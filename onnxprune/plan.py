@@ -85,7 +85,7 @@ class Planner:
         self.scores = scores
         self.cost = cost
         self.round_to = round_to
-        self.tails = {sid: s.tail_fraction() for sid, s in scores.items()}
+        self.tails = {sid: s.prune_scores() for sid, s in scores.items()}
         self.floors = {sid: floor_units(len(s.order), min_keep) for sid, s in scores.items()}
 
     def kept_counts(self, threshold: float) -> dict[int, int]:
@@ -112,9 +112,9 @@ class Planner:
     def threshold_for(self, target: Target) -> float:
         if target.kind == "tolerance":
             return target.value
-        candidates = np.unique(np.concatenate([[-1.0], *self.tails.values()]))
+        candidates = np.unique(np.concatenate([[-np.inf], *self.tails.values()]))
         if target.value == 0:
-            return -1.0
+            return -np.inf
         best = self.removed(target.kind, float(candidates[-1]))
         if best < target.value:
             what = {"ratio": "prunable units", "flops": "MACs", "params": "parameters"}[target.kind]

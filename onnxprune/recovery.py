@@ -21,6 +21,11 @@ class Recovery:
     prune: np.ndarray  # positions of the pruned units
 
 
+def mean_recovery(stats: SiteStats, keep: np.ndarray, prune: np.ndarray) -> Recovery:
+    """FLAP's bias compensation: a pruned unit is replaced by its calibration mean."""
+    return Recovery(np.zeros((len(prune), len(keep))), stats.mean()[prune], keep, prune)
+
+
 def fit_recovery(stats: SiteStats, keep: np.ndarray, prune: np.ndarray) -> Recovery:
     """B = S_PK S_KK^-1 on the centred covariance (solve, never invert); b0 = mu_P - B mu_K.
 

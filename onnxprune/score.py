@@ -13,8 +13,10 @@ from .graph import GraphIndex
 from .stats import SiteStats
 
 ORDERS = ("pivoted", "weighted", "variance", "residual")
-METHODS = ("snp", "lsq", "l1", "l2", "variance", "random")
-RECOVERING_METHODS = frozenset({"snp", "lsq"})
+METHODS = ("snp", "lsq", "fluct", "l1", "l2", "variance", "random")
+# How each method compensates the pruned units: least squares, their mean (FLAP), or not at all.
+RECOVERY = {"snp": "lsq", "lsq": "lsq", "fluct": "mean"}
+STATS_METHODS = frozenset({"snp", "lsq", "fluct", "variance"})
 RIDGE = 1e-10  # relative to the mean unit variance: keeps exactly redundant units finite
 
 
@@ -25,6 +27,14 @@ class SpaceScore:
     space_id: int
     order: np.ndarray
     energy: np.ndarray
+    standardised: bool = False  # FLAP-style: threshold z-scores of the energy instead of tail fractions
+
+    def prune_scores(self) -> np.ndarray:
+        """Per position in the order, non-increasing: a unit is pruned when its score <= the threshold."""
+        if not self.standardised:
+            return self.tail_fraction()
+        spread = self.energy.std()
+        return (self.energy - self.energy.mean()) / spread if spread > 0 else np.zeros_like(self.energy)
 
     def tail_fraction(self) -> np.ndarray:
         """Normalised energy lost if units order[j:] are pruned, for each position j."""
@@ -112,6 +122,11 @@ def score_space(
         units = _by_score(norms)
         return SpaceScore(space.id, units, norms[units])
     cov = space_covariance(space, stats)
+    if method == "fluct":
+        # FLAP: fluctuation (variance) of the input unit x squared norm of the weights reading it
+        fluctuation = np.diag(cov) * consumer_weight_norms(space, index)
+        units = _by_score(fluctuation)
+        return SpaceScore(space.id, units, fluctuation[units], standardised=True)
     if method == "variance":
         units = _by_score(np.diag(cov))
         return SpaceScore(space.id, units, np.diag(cov)[units])
