@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import traceback
 from collections.abc import Callable
@@ -14,6 +15,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from . import __version__
 from .api import DEFAULT_TOLERANCE, prune
 from .errors import OnnxPruneError
+from .inspect import inspect_model
 from .load import default_output_path, save_model_atomic
 from .score import METHODS, ORDERS
 
@@ -39,7 +41,8 @@ def _fraction(text: str) -> float:
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="onnxprune",
-        description="Remove whole units (conv filters, neurons) from an ONNX model with Subspace Node Pruning.",
+        description="Remove whole units (conv filters, neurons) from an ONNX model with Subspace Node Pruning. "
+        "`onnxprune inspect MODEL` shows what can be pruned without calibrating.",
     )
     parser.add_argument("model", help="input .onnx model (never modified)")
     parser.add_argument("--calib", required=True, help=".npz with one array per graph input (sample axis first), or a .npy for a single-input model")
@@ -98,11 +101,45 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def build_inspect_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="onnxprune inspect", description="Show the prunable and pinned spaces of a model, without calibration.")
+    parser.add_argument("model", help="input .onnx model")
+    parser.add_argument("--json", action="store_true", help="print the analysis as JSON")
+    parser.add_argument("--input-shapes", metavar="NAME:D,D,..", action="append", default=[], help="static shape of an input (dynamic dims default to 1)")
+    parser.add_argument("--exclude", action="append", default=[], metavar="PATTERN", help="producer name pattern to treat as excluded")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    return parser
+
+
+def parse_shapes(items: list[str]) -> dict[str, tuple[int, ...]]:
+    shapes = {}
+    for item in items:
+        name, _, dims = item.rpartition(":")
+        try:
+            shapes[name] = tuple(int(d) for d in dims.split(","))
+        except ValueError:
+            raise OnnxPruneError(f"--input-shapes '{item}' is not NAME:D,D,... with integer dims") from None
+        if not name:
+            raise OnnxPruneError(f"--input-shapes '{item}' has no input name")
+    return shapes
+
+
+def run_inspect(args: argparse.Namespace) -> int:
+    report = inspect_model(args.model, parse_shapes(args.input_shapes), args.exclude)
+    if args.json:
+        sys.stdout.write(json.dumps(report.to_dict(), indent=2) + "\n")
+    else:
+        report.render(Console())
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    inspecting = bool(argv) and argv[0] == "inspect"
+    parser = build_inspect_parser() if inspecting else build_parser()
+    args = parser.parse_args(argv[1:] if inspecting else argv)
     try:
-        return run(args)
+        return run_inspect(args) if inspecting else run(args)
     except OnnxPruneError as exc:
         if args.debug:
             traceback.print_exc()
