@@ -16,7 +16,7 @@ from .calibrate import collect_stats
 from .cost import CostModel, build_cost_model, count_macs, count_params
 from .data import CalibrationData, load_calibration
 from .errors import CalibrationError, ModelError, TargetError
-from .graph import GraphIndex, fix_input_shapes, infer_shapes
+from .graph import GraphIndex, static_shapes
 from .load import load_model
 from .plan import Plan, Target, make_plan
 from .recovery import Recovery, fit_recovery, mean_recovery
@@ -112,7 +112,7 @@ def prune(
         batch_size = _batch_size_for(original, batch_size)
 
     with _stage(seconds, "analyse"):
-        shapes = infer_shapes(fix_input_shapes(original, data.sample_shapes()))
+        shapes = static_shapes(original, data.sample_shapes())
         index = GraphIndex(original, shapes)
         analysis = analyse(original, list(exclude), index=index)
         if not analysis.prunable:
@@ -194,8 +194,8 @@ def _build_report(
     fidelity: list,
 ) -> PruneReport:
     sample_shapes = data.sample_shapes()
-    macs_before = count_macs(GraphIndex(original, infer_shapes(fix_input_shapes(original, sample_shapes))))
-    macs_after = count_macs(GraphIndex(pruned, infer_shapes(fix_input_shapes(pruned, sample_shapes))))
+    macs_before = count_macs(GraphIndex(original, static_shapes(original, sample_shapes)))
+    macs_after = count_macs(GraphIndex(pruned, static_shapes(pruned, sample_shapes)))
     fractions = plan.fractions()
     rows = []
     for space in analysis.spaces:

@@ -12,7 +12,7 @@ from rich.table import Table
 from .analyse import analyse
 from .cost import build_cost_model, count_params
 from .data import input_specs
-from .graph import GraphIndex, fix_input_shapes, infer_shapes
+from .graph import GraphIndex, static_shapes
 from .load import load_model
 
 
@@ -70,7 +70,7 @@ def inspect_model(model: str | Path | onnx.ModelProto, input_shapes: dict[str, t
     shapes = dict(input_shapes or {})
     for spec in input_specs(proto):
         shapes.setdefault(spec.name, tuple(1 if d is None else d for d in spec.dims))
-    index = GraphIndex(proto, infer_shapes(fix_input_shapes(proto, shapes)))
+    index = GraphIndex(proto, static_shapes(proto, shapes))
     analysis = analyse(proto, exclude, index=index)
     cost = build_cost_model(index, analysis)
     spaces = [
