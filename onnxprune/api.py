@@ -23,6 +23,7 @@ from .recovery import Recovery, fit_recovery, mean_recovery
 from .report import PruneReport, SpaceRow
 from .rewrite import rewrite
 from .score import METHODS, ORDERS, RECOVERY, STATS_METHODS, score_space
+from .sources import ImageOptions
 from .stats import SiteStats
 from .verify import verify
 
@@ -85,11 +86,15 @@ def prune(
     verify_samples: int | None = None,
     seed: int = 0,
     progress: ProgressFactory | None = None,
+    image_options: ImageOptions | None = None,
+    calib_samples: int | None = None,
 ) -> PruneResult:
     """Prune `model` with calibration data `calib`; returns the pruned ModelProto and a report.
 
     Targets (one of them): `ratio` / `flops` / `params` = fraction of prunable units / MACs /
     parameters to REMOVE; `tolerance` = largest normalised energy loss of a removed unit.
+    `calib`: a .npz/.npy path, a folder of images (see `image_options`), a `loader.py:function`
+    hook yielding {input name: array} batches, or a dict of arrays (samples on axis 0).
     """
     if method not in METHODS:
         raise TargetError(f"unknown method '{method}' (choose from {', '.join(METHODS)})")
@@ -104,7 +109,7 @@ def prune(
 
     with _stage(seconds, "load"):
         original, name = load_model(model)
-        data = load_calibration(calib, original)
+        data = load_calibration(calib, original, image_options, calib_samples)
         n_verify = default_verify_samples(data.n_samples) if verify_samples is None else verify_samples
         if not 0 <= n_verify < data.n_samples:
             raise CalibrationError(f"--verify-samples {n_verify} must leave calibration samples (the data has {data.n_samples})")

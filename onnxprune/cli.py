@@ -18,6 +18,7 @@ from .errors import OnnxPruneError
 from .inspect import inspect_model
 from .load import default_output_path, save_model_atomic
 from .score import METHODS, ORDERS
+from .sources import ImageOptions
 
 EXIT_USAGE = 2
 EXIT_INTERNAL = 1
@@ -38,6 +39,23 @@ def _fraction(text: str) -> float:
         raise argparse.ArgumentTypeError(f"expected a number, got '{text}'") from None
 
 
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got '{text}'") from None
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected H,W integers, got '{text}'") from None
+    if len(values) != 2 or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected H,W positive integers, got '{text}'")
+    return values
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="onnxprune",
@@ -45,7 +63,15 @@ def build_parser() -> argparse.ArgumentParser:
         "`onnxprune inspect MODEL` shows what can be pruned without calibrating.",
     )
     parser.add_argument("model", help="input .onnx model (never modified)")
-    parser.add_argument("--calib", required=True, help=".npz with one array per graph input (sample axis first), or a .npy for a single-input model")
+    parser.add_argument("--calib", help=".npz with one array per graph input (samples on axis 0), a .npy for a single-input model, or a folder of images")
+    parser.add_argument("--data-loader-script", metavar="FILE.py:FUNC", help="calibrate with FUNC() from FILE.py, a generator of {input name: array} batches (instead of --calib)")
+    parser.add_argument("--calib-samples", type=int, metavar="N", help="use at most N calibration samples")
+    images = parser.add_argument_group("image-folder calibration")
+    images.add_argument("--input-size", type=_ints, metavar="H,W", help="resize images to H x W (default: the model's input size)")
+    images.add_argument("--mean", type=_floats, default=(0.0,), metavar="M[,M,M]", help="per-channel mean subtracted after --scale (default 0)")
+    images.add_argument("--std", type=_floats, default=(1.0,), metavar="S[,S,S]", help="per-channel std divided after the mean (default 1)")
+    images.add_argument("--layout", choices=("NCHW", "NHWC"), help="input layout (default: guessed from the model input)")
+    images.add_argument("--scale", type=float, default=1 / 255, help="pixel values are multiplied by this first (default 1/255)")
     parser.add_argument("-o", "--output", help="pruned model path (default: MODEL.pruned.onnx)")
     target = parser.add_mutually_exclusive_group()
     target.add_argument("--ratio", type=_fraction, help="fraction of prunable units to REMOVE, spread over layers automatically (0..1)")
@@ -60,7 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=32, metavar="B", help="samples per onnxruntime run (default 32)")
     parser.add_argument("--verify-samples", type=int, metavar="N", help="calibration samples held out to verify the pruned model (default 10%%, at most 256)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random baseline")
-    parser.add_argument("--report", metavar="JSON", help="also write the report as JSON")
+    parser.add_argument("--report", metavar="FILE", action="append", default=[], help="also write the report: .json (all numbers) or .md (Markdown summary for CI logs / pull requests); repeatable")
+    parser.add_argument("--plot", metavar="PNG", help="write a figure of units kept and MACs per layer (needs matplotlib: pip install onnxprune[plot])")
     parser.add_argument("--overwrite", action="store_true", help="allow the output path to be the input model")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar and no table")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -76,6 +103,8 @@ def _progress_factory(progress: Progress) -> Callable[[str, int], Callable[[int]
 
 
 def run(args: argparse.Namespace) -> int:
+    if (args.calib is None) == (args.data_loader_script is None):
+        raise OnnxPruneError("give calibration data with --calib FILE|FOLDER or --data-loader-script FILE.py:FUNC (one of them)")
     output = Path(args.output) if args.output else default_output_path(args.model)
     if Path(args.model).exists() and output.exists() and output.resolve() == Path(args.model).resolve() and not args.overwrite:
         raise OnnxPruneError(f"output '{output}' is the input model; choose another -o or pass --overwrite")
@@ -83,18 +112,29 @@ def run(args: argparse.Namespace) -> int:
         ratio=args.ratio, flops=args.flops, params=args.params, tolerance=args.tolerance,
         method=args.method, order=args.order, round_to=args.round_to, min_keep=args.min_keep,
         exclude=args.exclude, batch_size=args.batch_size, verify_samples=args.verify_samples, seed=args.seed,
+        calib_samples=args.calib_samples,
+        image_options=ImageOptions(size=args.input_size, mean=args.mean, std=args.std, layout=args.layout, scale=args.scale),
     )
+    calib = args.calib if args.calib is not None else args.data_loader_script
+    for path in [*args.report, *([args.plot] if args.plot else [])]:
+        if Path(path).suffix.lower() not in (".json", ".md", ".png"):
+            raise OnnxPruneError(f"report '{path}' must end in .json or .md (plots: .png)")
     stderr = Console(stderr=True)
     if args.quiet:
-        result = prune(args.model, args.calib, **options)
+        result = prune(args.model, calib, **options)
     else:
         columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
         with Progress(*columns, console=stderr, transient=True) as progress:
-            result = prune(args.model, args.calib, progress=_progress_factory(progress), **options)
+            result = prune(args.model, calib, progress=_progress_factory(progress), **options)
     save_model_atomic(result.model, output)
     result.report.output = str(output)
-    if args.report:
-        result.report.write_json(args.report)
+    for path in args.report:
+        if path.lower().endswith(".md"):
+            Path(path).write_text(result.report.markdown())
+        else:
+            result.report.write_json(path)
+    if args.plot:
+        result.report.plot(args.plot)
     if not args.quiet:
         result.report.render(Console())
         Console().print(f"wrote {output}")

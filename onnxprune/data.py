@@ -120,13 +120,31 @@ def check_calibration(arrays: dict[str, np.ndarray], model: onnx.ModelProto, sou
     return CalibrationData(checked, source)
 
 
-def load_calibration(calib: str | Path | dict[str, np.ndarray] | CalibrationData, model: onnx.ModelProto) -> CalibrationData:
-    """Accept a path, a dict of arrays or CalibrationData; return checked CalibrationData."""
+def load_calibration(
+    calib: str | Path | dict[str, np.ndarray] | CalibrationData,
+    model: onnx.ModelProto,
+    image_options=None,
+    limit: int | None = None,
+) -> CalibrationData:
+    """Accept a .npz/.npy path, a folder of images, a `loader.py:function` hook, a dict of arrays
+    or CalibrationData; return checked CalibrationData (at most `limit` samples)."""
+    from .sources import ImageOptions, load_image_folder, load_loader_script
+
     if isinstance(calib, CalibrationData):
-        return check_calibration(calib.arrays, model, calib.source)
-    if isinstance(calib, dict):
-        return check_calibration(calib, model, "<arrays>")
-    return check_calibration(load_arrays(calib), model, str(calib))
+        arrays, source = calib.arrays, calib.source
+    elif isinstance(calib, dict):
+        arrays, source = calib, "<arrays>"
+    elif str(calib).partition(":")[0].endswith(".py") or str(calib).endswith(".py"):
+        arrays, source = load_loader_script(str(calib), limit), str(calib)
+    elif Path(calib).is_dir():
+        arrays, source = load_image_folder(Path(calib), model, image_options or ImageOptions(), limit), str(calib)
+    else:
+        arrays, source = load_arrays(calib), str(calib)
+    if limit:
+        if limit < 2:
+            raise CalibrationError(f"--calib-samples must be at least 2, got {limit}")
+        arrays = {k: v[:limit] for k, v in arrays.items()}
+    return check_calibration(arrays, model, source)
 
 
 def _dims_text(dims: tuple[int | None, ...]) -> str:

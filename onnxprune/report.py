@@ -58,6 +58,67 @@ class PruneReport:
     def write_json(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
 
+    def markdown(self) -> str:
+        """A Markdown summary for CI logs and pull requests."""
+        target = ", ".join(f"{k} {v}" for k, v in self.target.items())
+        lines = [
+            f"## onnxprune: `{self.model}`",
+            "",
+            f"method **{self.method}** (order {self.order}), target {target}, threshold {self.threshold:.3g}; "
+            f"{self.calibration_samples} calibration / {self.verification_samples} verification samples",
+            "",
+            "| | before | after | kept |",
+            "|---|---:|---:|---:|",
+            f"| params | {self.params_before:,} | {self.params_after:,} | {_ratio(self.params_before, self.params_after)} |",
+            f"| MACs / sample | {self.macs_before:,} | {self.macs_after:,} | {_ratio(self.macs_before, self.macs_after)} |",
+            f"| prunable units | {self.units_before} | {self.units_after} | {_ratio(self.units_before, self.units_after)} |",
+            "",
+            "| layer (space) | units kept | MACs before | MACs after |",
+            "|---|---:|---:|---:|",
+        ]
+        lines += [f"| `{r.name}` | {r.kept}/{r.units} | {r.macs_before:,} | {r.macs_after:,} |" for r in self.spaces if not r.pinned]
+        if self.pinned:
+            lines += ["", "| pinned (not prunable) | units | reason |", "|---|---:|---|"]
+            lines += [f"| `{r.name}` | {r.units} | {'; '.join(r.pinned)} |" for r in self.pinned]
+        if self.fidelity:
+            lines += ["", f"Output fidelity on {self.verification_samples} held-out samples:", "",
+                      "| output | relative L2 | cosine | max abs diff | top-1 agreement |", "|---|---:|---:|---:|---:|"]
+            for f in self.fidelity:
+                top1 = "-" if f.top1_agreement is None else f"{f.top1_agreement:.1%}"
+                lines.append(f"| `{f.name}` | {f.relative_l2:.3g} | {f.cosine:.6f} | {f.max_abs:.3g} | {top1} |")
+        lines += ["", *(f"> warning: {w}" for w in self.warnings)] if self.warnings else []
+        return "\n".join(lines) + "\n"
+
+    def plot(self, path: str | Path) -> None:
+        """One figure: units kept and MACs before/after per layer (needs matplotlib)."""
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:
+            from .errors import OnnxPruneError
+
+            raise OnnxPruneError("--plot needs matplotlib: pip install 'onnxprune[plot]'") from None
+        rows = [r for r in self.spaces if not r.pinned]
+        names = [r.name if len(r.name) <= 28 else "…" + r.name[-27:] for r in rows]
+        positions = range(len(rows))
+        fig, (top, bottom) = plt.subplots(2, 1, figsize=(max(6.0, 0.45 * len(rows) + 2), 7), sharex=True)
+        top.bar(positions, [r.units for r in rows], color="#d0d0d0", label="units before")
+        top.bar(positions, [r.kept for r in rows], color="#3a7bd5", label="units kept")
+        top.set_ylabel("units")
+        top.legend()
+        top.set_title(f"{Path(self.model).name}: {self.method}, MACs kept {_ratio(self.macs_before, self.macs_after)}")
+        width = 0.4
+        bottom.bar([p - width / 2 for p in positions], [r.macs_before for r in rows], width, color="#d0d0d0", label="MACs before")
+        bottom.bar([p + width / 2 for p in positions], [r.macs_after for r in rows], width, color="#e07b39", label="MACs after")
+        bottom.set_ylabel("MACs of the layer")
+        bottom.legend()
+        bottom.set_xticks(list(positions), names, rotation=60, ha="right", fontsize=8)
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+
     def render(self, console: Console | None = None) -> None:
         console = console or Console()
         console.print(_summary_table(self))
