@@ -460,8 +460,8 @@ class _Grower:
             if dims[pos] != placement.width or (value is None and slot < first_data):
                 self.pin(f"{node.op_type} '{label}' input '{inp}' does not broadcast over {placement.width} units")
                 return
-            if value is not None:
-                _append(self.space.slices, ParamSlice(label, slot, pos, name))
+            if value is not None:  # keyed by the output: the same record whichever input led here
+                _append(self.space.slices, ParamSlice(label, slot, pos, node.output[0]))
             else:
                 self.add(inp, Placement(pos, placement.width, placement.segments))
         self._through(label, name, node.output[0], placement, Placement(out_rank + from_right, placement.width, placement.segments))

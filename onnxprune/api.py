@@ -123,7 +123,7 @@ def prune(
         if not analysis.prunable:
             reasons = "; ".join(f"{s.name}: {s.pinned[0]}" for s in analysis.spaces[:3]) or "no Conv/Gemm/MatMul with constant weights"
             raise ModelError(f"nothing to prune in '{name}': {len(analysis.spaces)} spaces found, none prunable ({reasons})")
-        cost = build_cost_model(index, analysis)
+        cost = build_cost_model(index, analysis, recovery=method in RECOVERY)
 
     sites = analysis.sites()
     stats = {}

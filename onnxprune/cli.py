@@ -120,7 +120,7 @@ def run(args: argparse.Namespace) -> int:
         if Path(path).suffix.lower() not in (".json", ".md", ".png"):
             raise OnnxPruneError(f"report '{path}' must end in .json or .md (plots: .png)")
     stderr = Console(stderr=True)
-    if args.quiet:
+    if args.quiet or not stderr.is_terminal:  # progress bars are for people; logs get the table only
         result = prune(args.model, calib, **options)
     else:
         columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())

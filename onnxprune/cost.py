@@ -55,6 +55,7 @@ class CostTerm:
 
     base: int
     tensors: tuple[str, ...]
+    appears_when: str | None = None  # a bias that recovery creates once this tensor loses units
 
 
 @dataclass
@@ -71,11 +72,11 @@ class CostModel:
 
     @property
     def total_macs(self) -> int:
-        return sum(t.base for t in self.macs_terms)
+        return sum(t.base for t in self.macs_terms if t.appears_when is None)
 
     @property
     def total_params(self) -> int:
-        return sum(t.base for t in self.params_terms)
+        return sum(t.base for t in self.params_terms if t.appears_when is None)
 
     def tensor_fraction(self, tensor: str, fraction: dict[int, float]) -> float:
         width, spaces = self.occupancy[tensor]
@@ -85,6 +86,8 @@ class CostModel:
         cache: dict[str, float] = {}
         total = 0.0
         for term in terms:
+            if term.appears_when is not None and self.tensor_fraction(term.appears_when, fraction) >= 1.0:
+                continue
             value = float(term.base)
             for tensor in term.tensors:
                 if tensor not in cache:
@@ -100,8 +103,9 @@ class CostModel:
         return self.evaluate(self.params_terms, fraction)
 
 
-def build_cost_model(index: GraphIndex, analysis: Analysis) -> CostModel:
-    """Which unit axes scale each node's MACs and each constant's size."""
+def build_cost_model(index: GraphIndex, analysis: Analysis, recovery: bool = True) -> CostModel:
+    """Which unit axes scale each node's MACs and each constant's size (with `recovery`, also
+    the biases that least-squares recovery adds to consumers that have none)."""
     model = CostModel()
     node_tensors: dict[str, set[str]] = {}
     const_tensors: dict[str, set[str]] = {}
@@ -127,4 +131,24 @@ def build_cost_model(index: GraphIndex, analysis: Analysis) -> CostModel:
     for name, value in index.constants.items():
         if value.dtype.kind == "f":
             model.params_terms.append(CostTerm(int(value.size), tuple(sorted(const_tensors.get(name, ())))))
+    if recovery:
+        model.params_terms.extend(_missing_bias_terms(index, analysis, node_tensors))
     return model
+
+
+def _missing_bias_terms(index: GraphIndex, analysis: Analysis, node_tensors: dict[str, set[str]]) -> list[CostTerm]:
+    terms = {}
+    for space in analysis.prunable:
+        for consumer in space.consumers:
+            node = index.node(consumer.node)
+            if node.op_type == "MatMul":
+                uses = index.uses.get(node.output[0], [])
+                has_bias = len(uses) == 1 and uses[0].node.op_type == "Add" and any(index.is_constant(i) for i in uses[0].node.input)
+            else:
+                has_bias = len(node.input) > 2 and bool(node.input[2])
+            if has_bias:
+                continue
+            outputs = index.const(node.input[consumer.weight_index]).shape[consumer.out_axis]
+            out_tensor = tuple(t for t in node_tensors.get(consumer.node, ()) if t == node.output[0])
+            terms[consumer.node] = CostTerm(int(outputs), out_tensor, appears_when=consumer.site)
+    return list(terms.values())
