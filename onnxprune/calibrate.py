@@ -12,6 +12,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from .analyse import Site
 from .errors import ModelError
+from .load import model_on_disk, needs_external_data
 from .stats import SiteStats
 
 PREFIX = "__onnxprune_"
@@ -69,7 +70,10 @@ def make_session(model: onnx.ModelProto, optimize: bool = True) -> ort.Inference
     if not optimize:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     try:
-        return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        if not needs_external_data(model):
+            return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        with model_on_disk(model) as path:  # over the protobuf limit: onnxruntime reads it from disk
+            return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # noqa: BLE001 - onnxruntime raises several unrelated types
         raise ModelError(f"onnxruntime cannot load the model: {str(exc).splitlines()[0]}") from None
 

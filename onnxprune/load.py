@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import onnx
 from google.protobuf.message import DecodeError
+from onnx.external_data_helper import load_external_data_for_model, uses_external_data
 
 from .errors import ModelError
 
@@ -26,7 +29,10 @@ def load_model(source: str | Path | onnx.ModelProto) -> tuple[onnx.ModelProto, s
         if path.is_dir():
             raise ModelError(f"model path '{path}' is a folder, not an .onnx file")
         try:
-            model = onnx.load_model(str(path), load_external_data=True)
+            model = onnx.load_model(str(path), load_external_data=False)
+            check_external_data(model, path)
+            if any(external_tensors(model)):
+                load_external_data_for_model(model, str(path.parent))
         except (DecodeError, RuntimeError, ValueError) as exc:
             raise ModelError(f"'{path}' is not a readable ONNX model ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
         except OSError as exc:
@@ -34,10 +40,34 @@ def load_model(source: str | Path | onnx.ModelProto) -> tuple[onnx.ModelProto, s
     if not model.graph.node:
         raise ModelError(f"'{name}' is not an ONNX model with a graph (no nodes found)")
     try:
-        onnx.checker.check_model(model)
+        if needs_external_data(model):
+            with model_on_disk(model) as on_disk:
+                onnx.checker.check_model(str(on_disk))
+        else:
+            onnx.checker.check_model(model)
     except Exception as exc:  # noqa: BLE001 - onnx raises ValidationError and others
         raise ModelError(f"'{name}' fails onnx.checker: {str(exc).splitlines()[0]}") from None
     return model, name
+
+
+def external_tensors(model: onnx.ModelProto) -> list[onnx.TensorProto]:
+    """Initializers and Constant-node tensors whose data lives in external files."""
+    tensors = [t for t in model.graph.initializer if uses_external_data(t)]
+    for node in model.graph.node:
+        tensors += [a.t for a in node.attribute if a.HasField("t") and uses_external_data(a.t)]
+    return tensors
+
+
+def check_external_data(model: onnx.ModelProto, path: Path) -> None:
+    """Refuse external-data locations that escape the model's folder (absolute paths, '..', links)."""
+    folder = path.resolve().parent
+    for tensor in external_tensors(model):
+        location = next((e.value for e in tensor.external_data if e.key == "location"), "")
+        target = (folder / location).resolve()
+        if not location or Path(location).is_absolute() or (target != folder and folder not in target.parents):
+            raise ModelError(f"'{path}': tensor '{tensor.name}' points at external data '{location}' outside the model's folder; refusing to read it")
+        if not target.is_file():
+            raise ModelError(f"'{path}': external data file '{location}' of tensor '{tensor.name}' is missing")
 
 
 def default_output_path(model_path: str | Path) -> Path:
@@ -47,22 +77,52 @@ def default_output_path(model_path: str | Path) -> Path:
     return path.with_name(f"{stem}.pruned.onnx")
 
 
-def save_model_atomic(model: onnx.ModelProto, path: str | Path) -> None:
-    """Write to a temporary file in the target folder, then rename over the target."""
+PROTOBUF_LIMIT = 2**31 - 1  # a serialised ModelProto must stay below 2 GiB
+
+
+def needs_external_data(model: onnx.ModelProto, limit: int | None = None) -> bool:
+    """True when the model cannot be serialised as one protobuf (tests lower PROTOBUF_LIMIT)."""
+    return model.ByteSize() >= (PROTOBUF_LIMIT if limit is None else limit)
+
+
+def save_model_atomic(model: onnx.ModelProto, path: str | Path, external_limit: int | None = None) -> None:
+    """Write into a private temporary folder next to the target, then rename into place.
+
+    Models at or over `external_limit` bytes are written with their weights in `<name>.data`
+    beside the model (the ONNX external-data format)."""
     path = Path(path)
     folder = path.parent if str(path.parent) else Path(".")
     if not folder.is_dir():
         raise ModelError(f"output folder '{folder}' does not exist")
     if not os.access(folder, os.W_OK):
         raise ModelError(f"output folder '{folder}' is not writable")
-    payload = model.SerializeToString()
-    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=folder))
     try:
-        with os.fdopen(handle, "wb") as out:
-            out.write(payload)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        staged = staging / path.name
+        if needs_external_data(model, external_limit):
+            data_name = f"{path.name}.data"
+            copy = onnx.ModelProto()
+            copy.CopyFrom(model)
+            onnx.save_model(copy, str(staged), save_as_external_data=True, all_tensors_to_one_file=True, location=data_name, size_threshold=1024)
+            _fsync(staging / data_name)
+            os.replace(staging / data_name, folder / data_name)
+        else:
+            staged.write_bytes(model.SerializeToString())
+        _fsync(staged)
+        os.replace(staged, path)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+@contextmanager
+def model_on_disk(model: onnx.ModelProto):
+    """A temporary .onnx path (external data beside it) for APIs that cannot take a >2 GiB proto."""
+    with tempfile.TemporaryDirectory(prefix="onnxprune-") as folder:
+        path = Path(folder) / "model.onnx"
+        save_model_atomic(model, path, external_limit=0 if needs_external_data(model) else None)
+        yield path
+
+
+def _fsync(path: Path) -> None:
+    with open(path, "rb") as handle:
+        os.fsync(handle.fileno())

@@ -11,6 +11,7 @@ import onnx
 from .calibrate import make_session
 from .data import CalibrationData
 from .errors import ModelError
+from .load import model_on_disk, needs_external_data
 
 
 @dataclass
@@ -27,7 +28,11 @@ class OutputFidelity:
 def check_model(model: onnx.ModelProto) -> None:
     """Full ONNX check (with shape inference); raises ModelError naming the problem."""
     try:
-        onnx.checker.check_model(model, full_check=True)
+        if needs_external_data(model):
+            with model_on_disk(model) as path:
+                onnx.checker.check_model(str(path), full_check=True)
+        else:
+            onnx.checker.check_model(model, full_check=True)
     except Exception as exc:  # noqa: BLE001 - onnx raises ValidationError and InferenceError
         raise ModelError(f"the pruned model fails onnx.checker: {str(exc).splitlines()[0]}") from None
 

@@ -1,0 +1,72 @@
+"""Issue 7: models over the 2 GiB protobuf limit (simulated by lowering the limit) are read and
+written with external data; external data that escapes the model's folder is refused."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+import onnxprune
+import onnxprune.load
+from onnxprune.cli import main
+
+MODELS = Path(__file__).resolve().parents[1] / "models"
+MLP = MODELS / "mlp.ts.onnx"
+CALIB = MODELS / "data" / "fmnist_calib_flat.npz"
+
+
+@pytest.fixture
+def tiny_protobuf_limit(monkeypatch):
+    monkeypatch.setattr(onnxprune.load, "PROTOBUF_LIMIT", 50_000)
+
+
+def external_copy(tmp_path: Path) -> Path:
+    model = onnx.load(MLP)
+    path = tmp_path / "in" / "mlp.onnx"
+    path.parent.mkdir()
+    onnx.save_model(model, str(path), save_as_external_data=True, location="mlp.weights", size_threshold=0)
+    return path
+
+
+def test_external_data_in_and_out(tmp_path, tiny_protobuf_limit):
+    source = external_copy(tmp_path)
+    out = tmp_path / "out" / "pruned.onnx"
+    out.parent.mkdir()
+    assert main([str(source), "--calib", str(CALIB), "-o", str(out), "--ratio", "0.3", "-q"]) == 0
+    assert sorted(p.name for p in out.parent.iterdir()) == ["pruned.onnx", "pruned.onnx.data"]
+    pruned = onnx.load(str(out))
+    onnx.checker.check_model(str(out), full_check=True)
+    x = np.load(CALIB)["input"][:8]
+    import onnxruntime as ort
+
+    y = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
+    assert y.shape == (8, 10) and np.isfinite(y).all()
+    assert sum(t.data_location == onnx.TensorProto.EXTERNAL for t in onnx.load(str(out), load_external_data=False).graph.initializer) > 0
+    assert pruned.graph.initializer
+
+
+@pytest.mark.parametrize("location", ["../outside.bin", "/etc/passwd", "sub/../../outside.bin"])
+def test_external_data_outside_the_model_folder_is_refused(tmp_path, location, capsys):
+    source = external_copy(tmp_path)
+    model = onnx.load(str(source), load_external_data=False)
+    for entry in model.graph.initializer[0].external_data:
+        if entry.key == "location":
+            entry.value = location
+    (tmp_path / "outside.bin").write_bytes(b"\0" * 1024)
+    evil = source.parent / "evil.onnx"
+    onnx.save(model, str(evil))
+    out = tmp_path / "never.onnx"
+    assert main([str(evil), "--calib", str(CALIB), "-o", str(out), "-q"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "outside the model's folder" in err[0]
+    assert not out.exists()
+
+
+def test_missing_external_data_file_is_named(tmp_path, capsys):
+    source = external_copy(tmp_path)
+    (source.parent / "mlp.weights").unlink()
+    assert main([str(source), "--calib", str(CALIB), "-o", str(tmp_path / "o.onnx"), "-q"]) == 2
+    assert "mlp.weights" in capsys.readouterr().err
