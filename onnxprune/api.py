@@ -114,6 +114,7 @@ def prune(
         if not 0 <= n_verify < data.n_samples:
             raise CalibrationError(f"--verify-samples {n_verify} must leave calibration samples (the data has {data.n_samples})")
         calib_data, verify_data = data.split(n_verify)
+        warnings.extend(data.notes)
         batch_size = _batch_size_for(original, batch_size)
 
     with _stage(seconds, "analyse"):

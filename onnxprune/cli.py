@@ -138,6 +138,9 @@ def run(args: argparse.Namespace) -> int:
     if not args.quiet:
         result.report.render(Console())
         Console().print(f"wrote {output}")
+    else:
+        for warning in result.report.warnings:
+            sys.stderr.write(f"onnxprune: warning: {warning}\n")
     return 0
 
 

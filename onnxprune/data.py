@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import zipfile
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -42,13 +42,14 @@ class CalibrationData:
 
     arrays: dict[str, np.ndarray]
     source: str = "<arrays>"
+    notes: list[str] = field(default_factory=list)
 
     @property
     def n_samples(self) -> int:
         return len(next(iter(self.arrays.values())))
 
     def take(self, start: int, stop: int) -> CalibrationData:
-        return CalibrationData({k: v[start:stop] for k, v in self.arrays.items()}, self.source)
+        return CalibrationData({k: v[start:stop] for k, v in self.arrays.items()}, self.source, self.notes)
 
     def split(self, n_verify: int) -> tuple[CalibrationData, CalibrationData]:
         """(calibration, verification): the last `n_verify` samples are held out."""
@@ -96,6 +97,8 @@ def check_calibration(arrays: dict[str, np.ndarray], model: onnx.ModelProto, sou
     if missing:
         raise CalibrationError(f"calibration file '{source}' has no array for model input '{missing[0]}' (keys: {', '.join(sorted(arrays)) or 'none'})")
     checked: dict[str, np.ndarray] = {}
+    notes = [f"calibration file '{source}' has arrays the model does not use: {', '.join(sorted(extra))}"
+             for extra in [set(arrays) - {s.name for s in specs}] if extra]
     for spec in specs:
         array = arrays[spec.name]
         if array.dtype.kind not in "biuf":
@@ -108,6 +111,7 @@ def check_calibration(arrays: dict[str, np.ndarray], model: onnx.ModelProto, sou
         if array.dtype != spec.dtype:
             if not np.can_cast(array.dtype, spec.dtype, casting="same_kind"):
                 raise CalibrationError(f"calibration input '{spec.name}' in '{source}' has dtype {array.dtype}, which cannot be cast safely to the model's {spec.dtype}")
+            notes.append(f"calibration input '{spec.name}' cast from {array.dtype} to the model's {spec.dtype}")
             array = array.astype(spec.dtype)
         if array.dtype.kind == "f" and not np.isfinite(array).all():
             raise CalibrationError(f"calibration input '{spec.name}' in '{source}' contains NaN or Inf values")
@@ -117,7 +121,7 @@ def check_calibration(arrays: dict[str, np.ndarray], model: onnx.ModelProto, sou
         raise CalibrationError(f"calibration inputs in '{source}' have different sample counts: {sorted(counts)}")
     if counts.pop() < 2:
         raise CalibrationError(f"calibration file '{source}' needs at least 2 samples")
-    return CalibrationData(checked, source)
+    return CalibrationData(checked, source, notes)
 
 
 def load_calibration(

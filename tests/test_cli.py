@@ -217,3 +217,14 @@ def test_error_output_is_exactly_one_line(files, quiet: bool) -> None:
         assert result.returncode == 2
         assert result.stderr.startswith("onnxprune: error: "), repr(result.stderr[:80])
         assert result.stderr.count("\n") == 1, repr(result.stderr)
+
+
+def test_exclude_pins_a_layer(files, capsys) -> None:
+    report = files["dir"] / "r.json"
+    code, _, err = cli([files["model"], "--calib", files["calib"], "-o", files["dir"] / "e.onnx", "--ratio", "0.3", "--exclude", "fc1",
+                        "--report", report, "-q"], capsys)
+    assert code == 0, err
+    spaces = {s["name"]: s for s in json.loads(report.read_text())["spaces"]}
+    assert spaces["fc1"]["kept"] == spaces["fc1"]["units"] == 24
+    assert any("exclude" in reason for reason in spaces["fc1"]["pinned"])
+    assert spaces["fc2"]["pinned"] == [] and spaces["fc2"]["kept"] == 12 - 4  # 30% of the 12 prunable units, rounded up

@@ -123,7 +123,7 @@ def conv_into_linear(name: str, kind: str, check=None) -> Case:
 def dense_chain(name: str, producer: str, consumer: str, activation: str = "Relu", check=None, tokens: bool = False,
                 middle: Callable[[GraphBuilder, str], str] | None = None) -> Case:
     """producer(16 -> U) -> activation [-> middle] -> consumer(U -> 4). Kinds: gemm (transB 0),
-    gemm_t (transB 1), gemm_ab (alpha 0.5, beta 2), gemm_noc (no C), matmul_add, matmul_add_swapped
+    gemm_t (transB 1), gemm_t_2d_bias (C of shape [1, n]), gemm_ab (alpha 0.5, beta 2), gemm_noc (no C), matmul_add, matmul_add_swapped
     (bias Add(b, y)), matmul (no bias)."""
     rng = np.random.default_rng(zlib.crc32(name.encode()))
     shape = [None, 5, 16] if tokens else [None, 16]
@@ -134,6 +134,8 @@ def dense_chain(name: str, producer: str, consumer: str, activation: str = "Relu
             return g.gemm(x, np.ascontiguousarray(w_out_in.T), b, name=node, trans_b=0)
         if kind == "gemm_t":
             return g.gemm(x, w_out_in, b, name=node, trans_b=1)
+        if kind == "gemm_t_2d_bias":  # C of shape [1, n]
+            return g.gemm(x, w_out_in, b.reshape(1, -1), name=node, trans_b=1)
         if kind == "gemm_ab":
             return g.gemm(x, w_out_in, b, name=node, trans_b=1, alpha=0.5, beta=2.0)
         if kind == "gemm_noc":
@@ -268,6 +270,7 @@ def build_cases() -> list[Case]:
         dense_chain("gemm_transb0", "gemm", "gemm"),
         dense_chain("gemm_transb1", "gemm_t", "gemm_t"),
         dense_chain("gemm_alpha_beta", "gemm_t", "gemm_ab"),
+        dense_chain("gemm_2d_biases", "gemm_t_2d_bias", "gemm_t_2d_bias"),
         dense_chain("gemm_no_c", "gemm_t", "gemm_noc", check=gemm_bias_added),
         dense_chain("matmul_add", "matmul_add", "matmul_add"),
         dense_chain("matmul_add_swapped", "matmul_add", "matmul_add_swapped"),
@@ -344,3 +347,19 @@ def test_every_snp_order_removes_the_planted_units(order: str) -> None:
     else:  # score-then-orthogonalise: a D = 0 unit in the middle is not removed, but nothing is lost
         assert report.units_after >= U - 3
         assert relative_l2(run(case.model, x), run(model, x)) < 1e-4
+
+
+def test_the_callers_model_is_not_modified() -> None:
+    case = next(c for c in CASES if c.name == "conv_bn_relu")
+    before = case.model.SerializeToString()
+    pruned, _ = onnxprune.prune(case.model, _calib(case), ratio=0.3)
+    assert case.model.SerializeToString() == before
+    assert pruned.SerializeToString() != before
+
+
+def test_exclude_pins_the_matching_producer() -> None:
+    case = next(c for c in CASES if c.name == "conv_bn_relu")
+    with pytest.raises(onnxprune.ModelError, match="nothing to prune"):
+        onnxprune.prune(case.model, _calib(case), ratio=0.3, exclude=["p"])
+    model, report = onnxprune.prune(case.model, _calib(case), tolerance=0.0, exclude=["q*"])  # matches nothing
+    assert [row.name for row in report.spaces if not row.pinned] == ["p"]

@@ -1,0 +1,157 @@
+"""Issue 7: model variety (fp16, opsets 11..21, several inputs and outputs, dynamic batch) and
+determinism (same inputs and options -> byte-identical output)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import onnxprune
+from builders import GraphBuilder, relative_l2, run
+from onnxprune.cli import main
+
+MODELS = Path(__file__).resolve().parents[1] / "models"
+RNG = np.random.default_rng(3)
+
+
+def normal(*shape):
+    return (RNG.normal(size=shape) * 0.5).astype(np.float32)
+
+
+def to_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The same network with every float tensor in float16."""
+    half = onnx.ModelProto()
+    half.CopyFrom(model)
+    for i, tensor in enumerate(half.graph.initializer):
+        value = numpy_helper.to_array(tensor)
+        if value.dtype == np.float32:
+            half.graph.initializer[i].CopyFrom(numpy_helper.from_array(value.astype(np.float16), tensor.name))
+    for node in half.graph.node:
+        for attr in node.attribute:
+            if attr.HasField("t") and attr.t.data_type == TensorProto.FLOAT:
+                attr.t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(attr.t).astype(np.float16), attr.t.name))
+    for value in [*half.graph.input, *half.graph.output]:
+        value.type.tensor_type.elem_type = TensorProto.FLOAT16
+    del half.graph.value_info[:]
+    return half
+
+
+@pytest.mark.parametrize("name,calib", [("mlp.ts", "fmnist_calib_flat"), ("vgg_bn.ts", "fmnist_calib")])
+def test_fp16_models_keep_fp16_weights(name, calib):
+    half = to_fp16(onnx.load(MODELS / f"{name}.onnx"))
+    onnx.checker.check_model(half, full_check=True)
+    model, report = onnxprune.prune(half, MODELS / "data" / f"{calib}.npz", ratio=0.3)
+    onnx.checker.check_model(model, full_check=True)
+    float_types = {t.data_type for t in model.graph.initializer} - {TensorProto.INT64}
+    assert float_types == {TensorProto.FLOAT16}
+    assert model.graph.input[0].type.tensor_type.elem_type == TensorProto.FLOAT16
+    assert any("cast from float32 to the model's float16" in w for w in report.warnings)
+    assert report.fidelity[0].top1_agreement > 0.8
+    assert report.macs_after < report.macs_before
+
+
+def opset_model(opset: int) -> onnx.ModelProto:
+    """Conv-BN-ReLU6-MaxPool, a channel Split (attribute, input or num_outputs by opset) into two
+    convs, Concat, ReduceMean over space (axes attribute or input by opset), Gemm."""
+    g = GraphBuilder([1, 3, 8, 8], opset=opset)
+    c = g.bn(g.conv("x", normal(8, 3, 3, 3), normal(8), name="stem", pads=[1, 1, 1, 1]), np.ones(8), normal(8), normal(8), np.ones(8))
+    c = g.op("MaxPool", [g.op("Clip", [c, g.const(np.float32(0)), g.const(np.float32(6))])], kernel_shape=[2, 2], strides=[2, 2])
+    outs = ["part_a", "part_b"]
+    if opset < 13:
+        g.nodes.append(helper.make_node("Split", [c], outs, axis=1, split=[3, 5], name="split"))
+    elif opset < 18:
+        g.nodes.append(helper.make_node("Split", [c, g.const(np.array([3, 5]), dtype=np.int64)], outs, axis=1, name="split"))
+    else:
+        g.nodes.append(helper.make_node("Split", [c], ["part_a", "part_b"], axis=1, num_outputs=2, name="split"))
+    widths = (3, 5) if opset < 18 else (4, 4)
+    a = g.op("Relu", [g.conv("part_a", normal(4, widths[0], 1, 1), normal(4), name="conv_a")])
+    b = g.op("Relu", [g.conv("part_b", normal(4, widths[1], 1, 1), normal(4), name="conv_b")])
+    cat = g.op("Concat", [a, b], axis=1)
+    if opset < 18:
+        pooled = g.op("ReduceMean", [cat], axes=[2, 3], keepdims=0)
+    else:
+        pooled = g.op("ReduceMean", [cat, g.const(np.array([2, 3]), dtype=np.int64)], keepdims=0)
+    model = g.build(g.gemm(pooled, normal(8, 3), normal(3), name="fc"), ["N", 3])
+    model.ir_version = {11: 6, 12: 7, 13: 7, 14: 7, 15: 8, 16: 8, 17: 8, 18: 8, 19: 9, 20: 9, 21: 10}[opset]
+    return model
+
+
+@pytest.mark.parametrize("opset", list(range(11, 22)))
+def test_opsets_11_to_21(opset):
+    model = opset_model(opset)
+    onnx.checker.check_model(model, full_check=True)
+    x = RNG.normal(size=(64, 3, 8, 8)).astype(np.float32)
+    pruned, report = onnxprune.prune(model, {"x": x}, ratio=0.4)
+    assert pruned.opset_import[0].version == opset and pruned.ir_version == model.ir_version
+    onnx.checker.check_model(pruned, full_check=True)
+    assert report.units_after < report.units_before
+    fresh = RNG.normal(size=(3, 3, 8, 8)).astype(np.float32)
+    assert run(pruned, fresh).shape == (3, 3)
+    same, _ = onnxprune.prune(model, {"x": x}, ratio=0.0)
+    assert np.array_equal(run(model, fresh), run(same, fresh))
+
+
+def two_input_two_output_model() -> onnx.ModelProto:
+    """An image branch and a vector branch joined by Add, with logits and an auxiliary output."""
+    img = helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", 3, 6, 6])
+    vec = helper.make_tensor_value_info("features", TensorProto.FLOAT, ["batch", 5])
+    inits, nodes = [], []
+
+    def const(name, value):
+        inits.append(numpy_helper.from_array(value, name))
+        return name
+
+    nodes += [
+        helper.make_node("Conv", ["image", const("wc", normal(6, 3, 3, 3)), const("bc", normal(6))], ["c"], name="conv", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c"], ["r"]),
+        helper.make_node("GlobalAveragePool", ["r"], ["g"]),
+        helper.make_node("Flatten", ["g"], ["f"]),
+        helper.make_node("Gemm", ["f", const("w1", normal(6, 8)), const("b1", normal(8))], ["h1"], name="fc_img"),
+        helper.make_node("Gemm", ["features", const("w2", normal(5, 8)), const("b2", normal(8))], ["h2"], name="fc_vec"),
+        helper.make_node("Add", ["h1", "h2"], ["h"]),
+        helper.make_node("Relu", ["h"], ["hr"]),
+        helper.make_node("Gemm", ["hr", const("w3", normal(8, 4)), const("b3", normal(4))], ["logits"], name="head"),
+        helper.make_node("Gemm", ["hr", const("w4", normal(8, 2)), const("b4", normal(2))], ["aux"], name="aux_head"),
+    ]
+    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 4]),
+               helper.make_tensor_value_info("aux", TensorProto.FLOAT, ["batch", 2])]
+    graph = helper.make_graph(nodes, "two", [img, vec], outputs, inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+def test_several_inputs_and_outputs(tmp_path):
+    model = two_input_two_output_model()
+    calib = {"image": RNG.normal(size=(80, 3, 6, 6)).astype(np.float32), "features": RNG.normal(size=(80, 5)).astype(np.float32)}
+    pruned, report = onnxprune.prune(model, calib, ratio=0.3)
+    onnx.checker.check_model(pruned, full_check=True)
+    stream = next(r for r in report.spaces if "fc_img" in r.producers)
+    assert set(stream.producers) == {"fc_img", "fc_vec"}, "Add couples both branches"
+    assert {f.name for f in report.fidelity} == {"logits", "aux"}
+    assert [d.dim_param for d in pruned.graph.input[0].type.tensor_type.shape.dim][:1] == ["batch"]
+    session = ort.InferenceSession(pruned.SerializeToString(), providers=["CPUExecutionProvider"])
+    fresh = {"image": calib["image"][:7], "features": calib["features"][:7]}
+    logits, aux = session.run(None, fresh)
+    assert logits.shape == (7, 4) and aux.shape == (7, 2)
+    reference = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, fresh)
+    assert relative_l2(reference[0], logits) < 1.0
+
+
+def test_same_inputs_give_byte_identical_output(tmp_path):
+    outputs = []
+    for i in range(2):
+        out = tmp_path / f"out{i}.onnx"
+        args = [str(MODELS / "vgg_bn.ts.onnx"), "--calib", str(MODELS / "data" / "fmnist_calib.npz"), "-o", str(out), "--ratio", "0.4", "-q"]
+        assert main(args) == 0
+        outputs.append(out.read_bytes())
+    assert outputs[0] == outputs[1]
+    for method in ("random", "fluct"):
+        a, _ = onnxprune.prune(MODELS / "mlp.ts.onnx", MODELS / "data" / "fmnist_calib_flat.npz", ratio=0.3, method=method, seed=5)
+        b, _ = onnxprune.prune(MODELS / "mlp.ts.onnx", MODELS / "data" / "fmnist_calib_flat.npz", ratio=0.3, method=method, seed=5)
+        assert a.SerializeToString() == b.SerializeToString()
