@@ -23,6 +23,7 @@ from .recovery import Recovery, fit_recovery, mean_recovery
 from .report import PruneReport, SpaceRow
 from .rewrite import rewrite
 from .score import METHODS, ORDERS, RECOVERY, STATS_METHODS, score_space
+from .shards import Statistics
 from .sources import ImageOptions
 from .stats import SiteStats
 from .verify import verify
@@ -88,6 +89,9 @@ def prune(
     progress: ProgressFactory | None = None,
     image_options: ImageOptions | None = None,
     calib_samples: int | None = None,
+    statistics: Statistics | None = None,
+    workers: int = 1,
+    scheduler: str | None = None,
 ) -> PruneResult:
     """Prune `model` with calibration data `calib`; returns the pruned ModelProto and a report.
 
@@ -95,6 +99,8 @@ def prune(
     parameters to REMOVE; `tolerance` = largest normalised energy loss of a removed unit.
     `calib`: a .npz/.npy path, a folder of images (see `image_options`), a `loader.py:function`
     hook yielding {input name: array} batches, or a dict of arrays (samples on axis 0).
+    `statistics`: precomputed (merged) calibration statistics from `onnxprune.shards`; `workers`
+    > 1 computes them in local processes, `scheduler` on a Dask cluster ("local" or an address).
     """
     if method not in METHODS:
         raise TargetError(f"unknown method '{method}' (choose from {', '.join(METHODS)})")
@@ -108,37 +114,24 @@ def prune(
     warnings: list[str] = []
 
     with _stage(seconds, "load"):
-        original, name = load_model(model)
-        data = load_calibration(calib, original, image_options, calib_samples)
-        n_verify = default_verify_samples(data.n_samples) if verify_samples is None else verify_samples
-        if not 0 <= n_verify < data.n_samples:
-            raise CalibrationError(f"--verify-samples {n_verify} must leave calibration samples (the data has {data.n_samples})")
-        calib_data, verify_data = data.split(n_verify)
-        warnings.extend(data.notes)
-        batch_size = _batch_size_for(original, batch_size)
-
+        prepared = prepare(model, calib, exclude, batch_size, verify_samples, image_options, calib_samples)
+    warnings.extend(prepared.warnings)
+    original, analysis, index = prepared.original, prepared.analysis, prepared.index
     with _stage(seconds, "analyse"):
-        shapes = static_shapes(original, data.sample_shapes())
-        index = GraphIndex(original, shapes)
-        analysis = analyse(original, list(exclude), index=index)
-        if not analysis.prunable:
-            reasons = "; ".join(f"{s.name}: {s.pinned[0]}" for s in analysis.spaces[:3]) or "no Conv/Gemm/MatMul with constant weights"
-            raise ModelError(f"nothing to prune in '{name}': {len(analysis.spaces)} spaces found, none prunable ({reasons})")
         cost = build_cost_model(index, analysis, recovery=method in RECOVERY)
 
-    sites = analysis.sites()
-    stats = {}
+    stats: dict[str, SiteStats] = {}
     if method in STATS_METHODS:
         with _stage(seconds, "calibrate"):
-            ranks = {site.tensor: len(shapes[site.tensor]) for site in sites}
-            advance = progress("calibrating", calib_data.n_samples)
-            stats = collect_stats(original, sites, ranks, calib_data.batches(batch_size), advance)
-        for site in sites:
-            if stats[site.tensor].count <= site.width:
-                warnings.append(
-                    f"site '{site.tensor}' saw {stats[site.tensor].count} rows for {site.width} units: "
-                    "its statistics are rank-deficient (regularised); give more calibration samples"
-                )
+            if statistics is not None:
+                stats = statistics.for_model(prepared)
+            elif workers > 1 or scheduler:
+                from .shards import collect_sharded
+
+                stats = collect_sharded(model, calib, max(workers, 1), scheduler, prepare_options(exclude, batch_size, verify_samples, image_options, calib_samples)).for_model(prepared)
+            else:
+                stats = calibration_statistics(prepared, progress=progress)
+        warnings.extend(rank_warnings(analysis, stats))
 
     with _stage(seconds, "score"):
         scores = {s.id: score_space(s, stats, index, method, order, seed) for s in analysis.prunable}
@@ -149,12 +142,81 @@ def prune(
         pruned = rewrite(original, analysis, plan, recoveries)
     with _stage(seconds, "verify"):
         advance = progress("verifying", 1)
-        fidelity = verify(original, pruned, verify_data, batch_size)
+        verify_data = prepared.verify_data
+        fidelity = verify(original, pruned, verify_data, prepared.batch_size)
         advance(1)
 
-    report = _build_report(name, method, order, target, plan, analysis, cost, original, pruned, data, calib_data, verify_data, fidelity)
+    report = _build_report(prepared.name, method, order, target, plan, analysis, cost, original, pruned, prepared.data, prepared.calib_data, verify_data, fidelity)
     report.warnings, report.seconds = warnings, seconds
     return PruneResult(pruned, report)
+
+
+@dataclass
+class Prepared:
+    """Everything before calibration: the model, its checked data split, shapes and analysis."""
+
+    original: onnx.ModelProto
+    name: str
+    data: CalibrationData
+    calib_data: CalibrationData
+    verify_data: CalibrationData
+    shapes: dict
+    index: GraphIndex
+    analysis: Analysis
+    batch_size: int
+    warnings: list[str]
+
+
+def prepare_options(exclude, batch_size, verify_samples, image_options, calib_samples) -> dict:
+    """The options of `prepare`, as keywords (shards rebuild the same preparation)."""
+    return dict(exclude=tuple(exclude), batch_size=batch_size, verify_samples=verify_samples, image_options=image_options, calib_samples=calib_samples)
+
+
+def prepare(
+    model: str | Path | onnx.ModelProto,
+    calib,
+    exclude: list[str] | tuple[str, ...] = (),
+    batch_size: int = 32,
+    verify_samples: int | None = None,
+    image_options: ImageOptions | None = None,
+    calib_samples: int | None = None,
+) -> Prepared:
+    """Load and check the model and data, hold out verification samples, analyse the graph."""
+    original, name = load_model(model)
+    data = load_calibration(calib, original, image_options, calib_samples)
+    n_verify = default_verify_samples(data.n_samples) if verify_samples is None else verify_samples
+    if not 0 <= n_verify < data.n_samples:
+        raise CalibrationError(f"--verify-samples {n_verify} must leave calibration samples (the data has {data.n_samples})")
+    calib_data, verify_data = data.split(n_verify)
+    shapes = static_shapes(original, data.sample_shapes())
+    index = GraphIndex(original, shapes)
+    analysis = analyse(original, list(exclude), index=index)
+    if not analysis.prunable:
+        reasons = "; ".join(f"{s.name}: {s.pinned[0]}" for s in analysis.spaces[:3]) or "no Conv/Gemm/MatMul with constant weights"
+        raise ModelError(f"nothing to prune in '{name}': {len(analysis.spaces)} spaces found, none prunable ({reasons})")
+    return Prepared(original, name, data, calib_data, verify_data, shapes, index, analysis, _batch_size_for(original, batch_size), list(data.notes))
+
+
+def calibration_statistics(prepared: Prepared, shard: tuple[int, int] | None = None, progress: ProgressFactory | None = None) -> dict[str, SiteStats]:
+    """Statistics of every site over the calibration samples (or one contiguous shard of them)."""
+    data = prepared.calib_data
+    if shard is not None:
+        index, count = shard
+        bounds = np.linspace(0, data.n_samples, count + 1).astype(int)
+        data = data.take(bounds[index], bounds[index + 1])
+    sites = prepared.analysis.sites()
+    ranks = {site.tensor: len(prepared.shapes[site.tensor]) for site in sites}
+    advance = (progress or _no_progress)("calibrating", data.n_samples)
+    return collect_stats(prepared.original, sites, ranks, data.batches(prepared.batch_size), advance)
+
+
+def rank_warnings(analysis: Analysis, stats: dict[str, SiteStats]) -> list[str]:
+    return [
+        f"site '{site.tensor}' saw {stats[site.tensor].count} rows for {site.width} units: "
+        "its statistics are rank-deficient (regularised); give more calibration samples"
+        for site in analysis.sites()
+        if stats[site.tensor].count <= site.width
+    ]
 
 
 def fit_recoveries(analysis: Analysis, plan: Plan, stats: dict[str, SiteStats], kind: str = "lsq") -> dict[tuple[int, str], Recovery]:

@@ -18,6 +18,7 @@ from .errors import OnnxPruneError
 from .inspect import inspect_model
 from .load import default_output_path, save_model_atomic
 from .score import METHODS, ORDERS
+from .shards import Statistics, partial_statistics
 from .sources import ImageOptions
 
 EXIT_USAGE = 2
@@ -60,7 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="onnxprune",
         description="Remove whole units (conv filters, neurons) from an ONNX model with Subspace Node Pruning. "
-        "`onnxprune inspect MODEL` shows what can be pruned without calibrating.",
+        "`onnxprune inspect MODEL` shows what can be pruned without calibrating; "
+        "`onnxprune stats MODEL --calib F --shard I/K -o part.npz` computes a shard of the statistics.",
     )
     parser.add_argument("model", help="input .onnx model (never modified)")
     parser.add_argument("--calib", help=".npz with one array per graph input (samples on axis 0), a .npy for a single-input model, or a folder of images")
@@ -86,6 +88,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=32, metavar="B", help="samples per onnxruntime run (default 32)")
     parser.add_argument("--verify-samples", type=int, metavar="N", help="calibration samples held out to verify the pruned model (default 10%%, at most 256)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random baseline")
+    shards = parser.add_argument_group("sharded calibration (statistics are additive)")
+    shards.add_argument("--stats", nargs="+", metavar="NPZ", help="use statistics saved by `onnxprune stats` (merged) instead of calibrating; --calib still gives the verification samples")
+    shards.add_argument("--workers", type=int, default=1, metavar="N", help="calibrate N shards in parallel local processes")
+    shards.add_argument("--scheduler", metavar="ADDRESS", help="calibrate the shards on a Dask cluster: 'local' or a scheduler address (pip install onnxprune[distributed])")
     parser.add_argument("--report", metavar="FILE", action="append", default=[], help="also write the report: .json (all numbers) or .md (Markdown summary for CI logs / pull requests); repeatable")
     parser.add_argument("--plot", metavar="PNG", help="write a figure of units kept and MACs per layer (needs matplotlib: pip install onnxprune[plot])")
     parser.add_argument("--overwrite", action="store_true", help="allow the output path to be the input model")
@@ -112,7 +118,8 @@ def run(args: argparse.Namespace) -> int:
         ratio=args.ratio, flops=args.flops, params=args.params, tolerance=args.tolerance,
         method=args.method, order=args.order, round_to=args.round_to, min_keep=args.min_keep,
         exclude=args.exclude, batch_size=args.batch_size, verify_samples=args.verify_samples, seed=args.seed,
-        calib_samples=args.calib_samples,
+        calib_samples=args.calib_samples, workers=args.workers, scheduler=args.scheduler,
+        statistics=Statistics.merge_all([Statistics.load(p) for p in args.stats]) if args.stats else None,
         image_options=ImageOptions(size=args.input_size, mean=args.mean, std=args.std, layout=args.layout, scale=args.scale),
     )
     calib = args.calib if args.calib is not None else args.data_loader_script
@@ -141,6 +148,33 @@ def run(args: argparse.Namespace) -> int:
     else:
         for warning in result.report.warnings:
             sys.stderr.write(f"onnxprune: warning: {warning}\n")
+    return 0
+
+
+def build_stats_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="onnxprune stats", description="Compute (a shard of) the calibration statistics of a model and save them as .npz.")
+    parser.add_argument("model", help="input .onnx model")
+    parser.add_argument("--calib", required=True, help="calibration data (as for pruning)")
+    parser.add_argument("-o", "--output", required=True, help="statistics file to write (.npz)")
+    parser.add_argument("--shard", default="0/1", metavar="I/K", help="compute shard I of K contiguous shards of the calibration samples (default 0/1)")
+    parser.add_argument("--exclude", action="append", default=[], metavar="PATTERN", help="as for pruning (must match the pruning run)")
+    parser.add_argument("--batch-size", type=int, default=32, metavar="B")
+    parser.add_argument("--verify-samples", type=int, metavar="N", help="as for pruning (must match the pruning run)")
+    parser.add_argument("--calib-samples", type=int, metavar="N")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    return parser
+
+
+def run_stats(args: argparse.Namespace) -> int:
+    index, _, count = args.shard.partition("/")
+    try:
+        shard = (int(index), int(count))
+    except ValueError:
+        raise OnnxPruneError(f"--shard must be I/K (e.g. 0/4), got '{args.shard}'") from None
+    if not 0 <= shard[0] < shard[1]:
+        raise OnnxPruneError(f"--shard {args.shard}: I must be in 0..K-1")
+    options = dict(exclude=tuple(args.exclude), batch_size=args.batch_size, verify_samples=args.verify_samples, calib_samples=args.calib_samples)
+    partial_statistics(args.model, args.calib, shard, options).save(args.output)
     return 0
 
 
@@ -178,11 +212,12 @@ def run_inspect(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    inspecting = bool(argv) and argv[0] == "inspect"
-    parser = build_inspect_parser() if inspecting else build_parser()
-    args = parser.parse_args(argv[1:] if inspecting else argv)
+    commands = {"inspect": (build_inspect_parser, run_inspect), "stats": (build_stats_parser, run_stats)}
+    command = argv[0] if argv and argv[0] in commands else None
+    build, action = commands.get(command, (build_parser, run))
+    args = build().parse_args(argv[1:] if command else argv)
     try:
-        return run_inspect(args) if inspecting else run(args)
+        return action(args)
     except OnnxPruneError as exc:
         if args.debug:
             traceback.print_exc()
