@@ -141,7 +141,7 @@ class Analysis:
         for space in self.prunable:
             for tensor in space.sites:
                 placement = space.tensors[tensor]
-                found.setdefault(tensor, Site(tensor, placement.axis, placement.width))
+                found.setdefault(tensor, Site(tensor, placement.axis, placement.size))
         return list(found.values())
 
     def occupancy(self, tensor: str) -> list[tuple[int, int]]:
@@ -202,6 +202,14 @@ def linear_weight_axes(index: GraphIndex, node: onnx.NodeProto, slot: int) -> tu
     return None
 
 
+class _Coarsen(Exception):  # noqa: N818 - control flow, not an error
+    """The units are too fine for a Reshape (columns inside attention heads): regrow with n units."""
+
+    def __init__(self, n: int):
+        super().__init__(n)
+        self.n = n
+
+
 class _Grower:
     """Flood fill from one producer output over every tensor that carries its units."""
 
@@ -211,6 +219,12 @@ class _Grower:
         self.claimed = claimed
         self.exclude = exclude
         self.queue: deque[str] = deque()
+
+    def coarsen(self, factor: int, where: str) -> None:
+        """Ask for units `factor` times coarser (whole heads instead of columns)."""
+        if factor > 1 and self.space.n % factor == 0:
+            raise _Coarsen(self.space.n // factor)
+        self.pin(f"{where} splits the units into groups that do not divide {self.space.n}")
 
     # -- bookkeeping -------------------------------------------------------------------------
     def pin(self, reason: str) -> None:
@@ -230,8 +244,8 @@ class _Grower:
                 return
             placement = merged
         shape = self.index.shape(name)
-        if shape is not None and placement.axis < len(shape) and shape[placement.axis] not in (None, placement.width):
-            self.pin(f"tensor '{name}' has {shape[placement.axis]} units on axis {placement.axis}, expected {placement.width}")
+        if shape is not None and placement.axis < len(shape) and shape[placement.axis] not in (None, placement.size):
+            self.pin(f"tensor '{name}' has {shape[placement.axis]} elements on axis {placement.axis}, expected {placement.size}")
             return
         positions = set(placement.unit_positions()[1].tolist())
         for owner, taken in self.claimed.get(name, []):
@@ -263,8 +277,9 @@ class _Grower:
         produced = producer_output(self.index, node)
         if produced is not None and produced[0] == name:
             label = self.index.label(node)
-            if not placement.is_identity(produced[2]) or placement.axis != produced[1]:
-                self.pin(f"producer '{label}' writes {produced[2]} units that only partly belong to this space")
+            out_features = produced[2]
+            if out_features % self.space.n or placement != Placement.identity(produced[1], self.space.n, out_features // self.space.n):
+                self.pin(f"producer '{label}' writes {out_features} units that only partly belong to this space")
                 return
             if label not in self.space.producers:
                 self.space.producers.append(label)
@@ -297,8 +312,8 @@ class _Grower:
             in_axis, out_axis = (1, 0) if op == "Conv" else (0, 1)
             if placement.axis != 1:
                 self.pin(f"{op} '{label}' reads the units on axis {placement.axis}, not the channel axis")
-            elif weight.shape[in_axis] != placement.width:
-                self.pin(f"{op} '{label}' weight has {weight.shape[in_axis]} input channels, expected {placement.width}")
+            elif weight.shape[in_axis] != placement.size:
+                self.pin(f"{op} '{label}' weight has {weight.shape[in_axis]} input channels, expected {placement.size}")
             else:
                 self._add_consumer(Consumer(label, op, 1, in_axis, out_axis, name), name)
             return True
@@ -306,15 +321,24 @@ class _Grower:
         if axes is not None:
             if rank is None or placement.axis != rank - 1:
                 self.pin(f"{op} '{label}' does not reduce over the units' axis")
-            elif index.const(node.input[1]).shape[axes[0]] != placement.width:
-                self.pin(f"{op} '{label}' weight does not match {placement.width} inputs")
+            elif index.const(node.input[1]).shape[axes[0]] != placement.size:
+                self.pin(f"{op} '{label}' weight does not match {placement.size} inputs")
             else:
                 self._add_consumer(Consumer(label, op, 1, axes[0], axes[1], name), name)
             return True
-        if op in ("Flatten", "Reshape") and slot == 0:
+        if op in ("Flatten", "Reshape") and slot == 0 and self._is_flatten_into_linear(node, name, placement):
             self._flatten_into_linear(node, name, placement)
             return True
         return False
+
+    def _is_flatten_into_linear(self, node: onnx.NodeProto, name: str, placement: Placement) -> bool:
+        """Channels of a feature map flattened with their spatial positions (C x H x W) into a
+        Gemm/MatMul: positions are treated as samples of the channels (DESIGN §2)."""
+        shape, out = self.index.shape(name), self.index.shape(node.output[0])
+        return (
+            placement.axis == 1 and placement.block == 1 and shape is not None and len(shape) >= 3
+            and out is not None and len(out) == 2
+        )
 
     def _flatten_into_linear(self, node: onnx.NodeProto, name: str, placement: Placement) -> None:
         index, label = self.index, self.index.label(node)
@@ -352,7 +376,7 @@ class _Grower:
             if features % placement.width:
                 self.pin(f"{use.node.op_type} '{index.label(use.node)}' has {features} inputs, not a multiple of {placement.width}")
                 return
-            consumers.append((use.node, axes, features // placement.width))
+            consumers.append((use.node, axes, features // placement.width))  # features per channel
         blocks = {b for _, _, b in consumers}
         spatial = list(shape[2:])
         if len(blocks) != 1 or (None not in spatial and int(np.prod(spatial, dtype=np.int64)) not in blocks):
@@ -386,6 +410,9 @@ class _Grower:
             self.pin(f"{op} '{label}' output '{extra_outputs[0]}' is used")
             return
         axis = placement.axis
+        if (op in UNARY_PASS_THROUGH and op != "PRelu" or op in CHANNEL_WISE or op in CHANNEL_PARAM_OPS) and placement.block > 1 and op not in UNARY_PASS_THROUGH:
+            self.pin(f"{op} '{label}' acts per channel on units of {placement.block} elements")
+            return
         if op in UNARY_PASS_THROUGH and op != "PRelu" or op in CHANNEL_WISE or op in CHANNEL_PARAM_OPS:
             if (op in CHANNEL_WISE or op in CHANNEL_PARAM_OPS) and axis != 1:
                 self.pin(f"{op} '{label}' acts on axis 1, the units are on axis {axis}")
@@ -405,7 +432,12 @@ class _Grower:
             _append(self.space.attrs, AttrUpdate(label, "group", node.input[0]))
             self._through(label, node.input[0], node.output[0], placement)
             return
-        handlers = {"Concat": self._concat, "Split": self._split, "Slice": self._slice, "Pad": self._pad, "Resize": self._resize}
+        handlers = {
+            "Concat": self._concat, "Split": self._split, "Slice": self._slice, "Pad": self._pad, "Resize": self._resize,
+            "Reshape": self._reshape, "Flatten": self._reshape, "Transpose": self._transpose, "Unsqueeze": self._unsqueeze,
+            "Squeeze": self._squeeze, "Expand": self._expand, "MatMul": self._batched_matmul,
+            "Softmax": self._softmax, "LogSoftmax": self._softmax,
+        }
         if op in BROADCAST_ELEMENTWISE or op == "PRelu":
             self._broadcast(node, name, placement)
         elif op in REDUCE_OPS:
@@ -457,14 +489,14 @@ class _Grower:
             pos = len(dims) + from_right
             if pos < 0 or dims[pos] == 1:
                 continue  # the same value for every unit: unit-independent
-            if dims[pos] != placement.width or (value is None and slot < first_data):
-                self.pin(f"{node.op_type} '{label}' input '{inp}' does not broadcast over {placement.width} units")
+            if dims[pos] != placement.size or (value is None and slot < first_data):
+                self.pin(f"{node.op_type} '{label}' input '{inp}' does not broadcast over {placement.size} elements")
                 return
             if value is not None:  # keyed by the output: the same record whichever input led here
                 _append(self.space.slices, ParamSlice(label, slot, pos, node.output[0]))
             else:
-                self.add(inp, Placement(pos, placement.width, placement.segments))
-        self._through(label, name, node.output[0], placement, Placement(out_rank + from_right, placement.width, placement.segments))
+                self.add(inp, placement.moved(pos))
+        self._through(label, name, node.output[0], placement, placement.moved(out_rank + from_right))
 
     def _reduce(self, node: onnx.NodeProto, placement: Placement) -> None:
         index, label = self.index, self.index.label(node)
@@ -485,7 +517,7 @@ class _Grower:
             self.pin(f"{node.op_type} '{label}' reduces over the units' axis")
             return
         out_axis = axis if get_attr(node, "keepdims", 1) else axis - sum(a < axis for a in axes)
-        self._through(label, node.input[0], node.output[0], placement, placement.shifted(0, placement.width, out_axis))
+        self._through(label, node.input[0], node.output[0], placement, placement.moved(out_axis))
 
     def _concat(self, node: onnx.NodeProto, name: str, placement: Placement) -> None:
         index, label = self.index, self.index.label(node)
@@ -494,8 +526,19 @@ class _Grower:
         for inp in node.input:
             shape = index.shape(inp)
             widths.append(None if shape is None or rank is None else shape[placement.axis])
-        if rank is None or get_attr(node, "axis", 0) % rank != placement.axis:
-            self.pin(f"Concat '{label}' joins along another axis than the units'")
+        if rank is None:
+            self.pin(f"Concat '{label}' has an output of unknown rank")
+            return
+        if get_attr(node, "axis", 0) % rank != placement.axis:  # e.g. RoPE halves, KV cache: every input carries the units
+            for inp in node.input:
+                if index.is_constant(inp):
+                    self.pin(f"Concat '{label}' joins the units with a constant '{inp}'")
+                    return
+                self.add(inp, placement)
+            self._through(label, name, node.output[0], placement)
+            return
+        if placement.block > 1:
+            self.pin(f"Concat '{label}' joins along units of {placement.block} elements")
             return
         if None in widths:
             self.pin(f"Concat '{label}' has inputs of unknown width")
@@ -535,6 +578,8 @@ class _Grower:
                     self.add(out, placement)
             return
         windows = self._split_windows(node, placement.width)
+        if placement.block > 1:
+            windows = None
         if windows is None or len(windows) != len(node.output):
             self.pin(f"Split '{label}' has sizes onnxprune cannot read")
             return
@@ -561,6 +606,9 @@ class _Grower:
             return
         k = axes.index(placement.axis)
         width = placement.width
+        if placement.block > 1:
+            self.pin(f"Slice '{label}' cuts units of {placement.block} elements")
+            return
         start, stop = (max(0, min(width, v + width if v < 0 else v)) for v in (starts[k], ends[k]))
         if steps[k] != 1 or stop <= start:
             self.pin(f"Slice '{label}' on the unit axis has a step other than 1 or is empty")
@@ -600,6 +648,174 @@ class _Grower:
             self.pin(f"Resize '{label}' does not keep the units' axis (needs constant scales or sizes)")
 
 
+    def _static(self, name: str) -> tuple[int, ...] | None:
+        shape = self.index.shape(name)
+        return None if shape is None or None in shape else tuple(int(d) for d in shape)
+
+    def _reshape(self, node: onnx.NodeProto, name: str, placement: Placement) -> None:
+        """Split or merge the unit axis: heads [.., H] <-> [.., heads, d_head] (DESIGN §3)."""
+        label = self.index.label(node)
+        in_shape, out_shape = self._static(name), self._static(node.output[0])
+        if in_shape is None or out_shape is None:
+            self.pin(f"{node.op_type} '{label}' has a shape onnxprune cannot read")
+            return
+        a = placement.axis
+        outer, inner = int(np.prod(in_shape[:a], dtype=np.int64)), int(np.prod(in_shape[a + 1:], dtype=np.int64))
+        span = placement.block * inner  # elements of one unit slot within one outer block
+        candidates = [k for k in range(len(out_shape)) if int(np.prod(out_shape[:k], dtype=np.int64)) == outer and out_shape[k] != 1]
+        if not candidates:
+            self.pin(f"{node.op_type} '{label}' mixes the units' axis with the axes before it")
+            return
+        k = candidates[0]
+        t = int(np.prod(out_shape[k + 1:], dtype=np.int64))
+        if t % span == 0 and t > span:  # an output index holds several units: use whole groups
+            if placement.is_identity(self.space.n):
+                self.coarsen(t // span, f"{node.op_type} '{label}'")
+            self.pin(f"{node.op_type} '{label}' groups units that are not all of this space")
+            return
+        if span % t or (inner > 1 and inner % t and t % inner):
+            self.pin(f"{node.op_type} '{label}' mixes units with the axes after them")
+            return
+        out_placement = placement.moved(k, block=span // t)
+        if node.op_type == "Reshape":
+            self._shape_update(node, k, out_placement.block, node.output[0])
+        self._through(label, name, node.output[0], placement, out_placement)
+
+    def _shape_update(self, node: onnx.NodeProto, position: int, block: int, tensor: str) -> None:
+        """Record where the Reshape target's entry for the unit axis comes from, to rewrite it."""
+        index, label = self.index, self.index.label(node)
+        target = index.const(node.input[1])
+        if target is None:
+            self.pin(f"Reshape '{label}' target is computed at run time")
+            return
+        entry = int(target[position])
+        if entry in (0, -1):
+            return  # copied from the input or inferred: follows the pruned size by itself
+        if node.input[1] in index.initializer_names or self._is_constant_node(node.input[1]):
+            _append(self.space.reshapes, ShapeUpdate(label, 1, position, block, tensor))
+            return
+        source = self._shape_source(node.input[1], position)
+        if source is None:
+            self.pin(f"Reshape '{label}' target entry {position} is computed; onnxprune cannot rewrite it")
+            return
+        _append(self.space.reshapes, ShapeUpdate(source[0], source[1], source[2], block, tensor))
+
+    def _is_constant_node(self, name: str) -> bool:
+        producer = self.index.producer.get(name)
+        return producer is not None and producer.op_type == "Constant"
+
+    def _shape_source(self, name: str, position: int) -> tuple[str, int, int] | None:
+        """(node, input slot, index) of the stored constant that holds entry `position` of a
+        shape built by Concat / Unsqueeze / Cast of constants (TorchScript's view(B, S, heads, d))."""
+        node = self.index.producer.get(name)
+        while node is not None and node.op_type in ("Cast", "Identity"):
+            name, node = node.input[0], self.index.producer.get(node.input[0])
+        if node is None or node.op_type != "Concat":
+            return None
+        offset = 0
+        for slot, inp in enumerate(node.input):
+            length = self._length(inp)
+            if length is None:
+                return None
+            if offset <= position < offset + length:
+                inner = self.index.producer.get(inp)
+                if inner is not None and inner.op_type == "Unsqueeze" and self.index.is_constant(inner.input[0]):
+                    if self.index.const(inner.input[0]).ndim == 0:
+                        return self.index.label(inner), 0, -1
+                if self.index.is_constant(inp) and (inp in self.index.initializer_names or self._is_constant_node(inp)):
+                    return self.index.label(node), slot, position - offset
+                return None
+            offset += length
+        return None
+
+    def _length(self, name: str) -> int | None:
+        value = self.index.const(name)
+        if value is not None:
+            return int(value.size)
+        shape = self.index.shape(name)
+        return None if shape is None or len(shape) != 1 or shape[0] is None else int(shape[0])
+
+    def _transpose(self, node: onnx.NodeProto, name: str, placement: Placement) -> None:
+        rank = self.index.rank(name)
+        perm = get_attr(node, "perm") or list(range(rank or 0))[::-1]
+        if rank is None or len(perm) != rank:
+            self.pin(f"Transpose '{self.index.label(node)}' has an unknown rank")
+            return
+        self._through(self.index.label(node), name, node.output[0], placement, placement.moved(list(perm).index(placement.axis)))
+
+    def _axes_input(self, node: onnx.NodeProto) -> list[int] | None:
+        axes = get_attr(node, "axes")
+        if axes is None and len(node.input) > 1 and node.input[1]:
+            value = self.index.const(node.input[1])
+            axes = None if value is None else value.tolist()
+        return axes
+
+    def _unsqueeze(self, node: onnx.NodeProto, name: str, placement: Placement) -> None:
+        axes, out_rank = self._axes_input(node), self.index.rank(node.output[0])
+        if axes is None or out_rank is None:
+            self.pin(f"Unsqueeze '{self.index.label(node)}' has computed axes")
+            return
+        inserted = sorted(a % out_rank for a in axes)
+        axis = placement.axis
+        for a in inserted:
+            if a <= axis:
+                axis += 1
+        self._through(self.index.label(node), name, node.output[0], placement, placement.moved(axis))
+
+    def _squeeze(self, node: onnx.NodeProto, name: str, placement: Placement) -> None:
+        axes, rank = self._axes_input(node), self.index.rank(name)
+        shape = self.index.shape(name)
+        if rank is None or (axes is None and shape is None):
+            self.pin(f"Squeeze '{self.index.label(node)}' has computed axes")
+            return
+        removed = [a % rank for a in axes] if axes is not None else [i for i, d in enumerate(shape) if d == 1]
+        if placement.axis in removed:
+            self.pin(f"Squeeze '{self.index.label(node)}' removes the units' axis")
+            return
+        self._through(self.index.label(node), name, node.output[0], placement, placement.moved(placement.axis - sum(a < placement.axis for a in removed)))
+
+    def _expand(self, node: onnx.NodeProto, name: str, placement: Placement) -> None:
+        rank, out_rank = self.index.rank(name), self.index.rank(node.output[0])
+        out_shape = self.index.shape(node.output[0])
+        if rank is None or out_rank is None or out_shape is None:
+            self.pin(f"Expand '{self.index.label(node)}' has an unknown shape")
+            return
+        axis = placement.axis + out_rank - rank
+        if out_shape[axis] not in (None, placement.size):
+            self.pin(f"Expand '{self.index.label(node)}' broadcasts the units' axis")
+            return
+        self._through(self.index.label(node), name, node.output[0], placement, placement.moved(axis))
+
+    def _batched_matmul(self, node: onnx.NodeProto, name: str, placement: Placement) -> None:
+        """MatMul of two activations (attention scores, probs @ V): units must sit on a batch axis."""
+        index, label = self.index, self.index.label(node)
+        ranks = [index.rank(i) for i in node.input]
+        out_rank = index.rank(node.output[0])
+        if None in ranks or out_rank is None or any(index.is_constant(i) for i in node.input):
+            self.pin(f"MatMul '{label}' mixes the units (constant operand on the units' side or unknown rank)")
+            return
+        rank = index.rank(name)
+        from_right = placement.axis - rank
+        if from_right >= -2:
+            self.pin(f"MatMul '{label}' contracts or mixes the units' axis")
+            return
+        for inp, r in zip(node.input, ranks, strict=True):
+            if inp != name:
+                shape = index.shape(inp)
+                pos = r + from_right
+                if pos >= 0 and shape is not None and shape[pos] not in (1,):
+                    self.add(inp, placement.moved(pos))
+        self._through(label, name, node.output[0], placement, placement.moved(out_rank + from_right))
+
+    def _softmax(self, node: onnx.NodeProto, name: str, placement: Placement) -> None:
+        rank = self.index.rank(name)
+        axis = get_attr(node, "axis", -1)
+        if rank is None or axis % rank == placement.axis:
+            self.pin(f"{node.op_type} '{self.index.label(node)}' normalises over the units' axis")
+            return
+        self._through(self.index.label(node), name, node.output[0], placement)
+
+
 def analyse(model: onnx.ModelProto, exclude: list[str] | None = None, index: GraphIndex | None = None) -> Analysis:
     """Find every space of units in the model; pinned spaces carry the reasons."""
     index = index or GraphIndex(model)
@@ -609,12 +825,24 @@ def analyse(model: onnx.ModelProto, exclude: list[str] | None = None, index: Gra
         produced = producer_output(index, node)
         if produced is None or produced[0] in claimed:
             continue
-        out, axis, n = produced
-        space = Space(id=len(spaces), name=index.label(node), n=n)
-        grower = _Grower(index, space, claimed, list(exclude or []))
-        grower.add(out, Placement.identity(axis, n))
-        grower.run()
+        out, axis, features = produced
+        n = features
+        for _ in range(8):  # regrow with coarser units when a Reshape groups them (heads)
+            space = Space(id=len(spaces), name=index.label(node), n=n)
+            trial = {k: list(v) for k, v in claimed.items()}
+            grower = _Grower(index, space, trial, list(exclude or []))
+            try:
+                grower.add(out, Placement.identity(axis, n, features // n))
+                grower.run()
+            except _Coarsen as coarser:
+                n = coarser.n
+                continue
+            claimed.clear()
+            claimed.update(trial)
+            break
         if not space.consumers and not space.pinned:
             space.pinned.append("no linear layer reads these units")
+        if len({space.tensors[t].block for t in space.sites}) > 1:
+            space.pinned.append("consumers read the units with different layouts")
         spaces.append(space)
     return Analysis(spaces)

@@ -230,7 +230,7 @@ def fit_recoveries(analysis: Analysis, plan: Plan, stats: dict[str, SiteStats], 
             continue
         for tensor in space.sites:
             placement = space.tensors[tensor]
-            keep, prune = placement.positions_of(space_plan.keep), placement.positions_of(space_plan.prune)
+            keep, prune = placement.element_positions_of(space_plan.keep), placement.element_positions_of(space_plan.prune)
             if len(prune):
                 recoveries[(space.id, tensor)] = fit(stats[tensor], keep, prune)
     return recoveries

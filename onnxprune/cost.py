@@ -119,6 +119,10 @@ def build_cost_model(index: GraphIndex, analysis: Analysis, recovery: bool = Tru
             const_tensors.setdefault(index.node(consumer.node).input[consumer.weight_index], set()).add(consumer.site)
         for attr in space.attrs:
             node_tensors.setdefault(attr.node, set()).add(attr.tensor)
+        for label in space.pass_through:  # attention's activation x activation MatMuls scale with the heads
+            node = index.node(label)
+            if node.op_type == "MatMul" and node.input[0] in space.tensors:
+                node_tensors.setdefault(label, set()).add(node.input[0])
         for cut in space.slices:
             const_tensors.setdefault(index.node(cut.node).input[cut.input_index], set()).add(cut.tensor)
     for node in index.nodes:

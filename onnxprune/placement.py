@@ -18,18 +18,38 @@ class Segment:
 
 @dataclass(frozen=True)
 class Placement:
-    """A space's units on one tensor: the unit axis, its full width, and the segments."""
+    """A space's units on one tensor: the unit axis, its width in slots, and the segments.
+
+    Each slot holds `block` consecutive elements of the axis (an attention head's d_head
+    columns), so the axis has width x block elements.
+    """
 
     axis: int
     width: int
     segments: tuple[Segment, ...]
+    block: int = 1
 
     @classmethod
-    def identity(cls, axis: int, n: int) -> Placement:
-        return cls(axis, n, (Segment(0, 0, n),))
+    def identity(cls, axis: int, n: int, block: int = 1) -> Placement:
+        return cls(axis, n, (Segment(0, 0, n),), block)
 
     def is_identity(self, n: int) -> bool:
         return self.width == n and self.segments == (Segment(0, 0, n),)
+
+    @property
+    def size(self) -> int:
+        """Elements on the unit axis."""
+        return self.width * self.block
+
+    def moved(self, axis: int, block: int | None = None, width: int | None = None) -> Placement:
+        """The same units on another axis (Transpose, Unsqueeze) or with another block (Reshape)."""
+        block = self.block if block is None else block
+        width = self.size // block if width is None else width
+        return Placement(axis, width, self.segments, block)
+
+    def element_positions_of(self, units: np.ndarray) -> np.ndarray:
+        """Element indices (ascending) on the unit axis of the given units."""
+        return expand_blocks(self.positions_of(units), self.block)
 
     def unit_positions(self) -> tuple[np.ndarray, np.ndarray]:
         """(units, positions), aligned: unit units[i] is at position positions[i]."""
@@ -49,7 +69,7 @@ class Placement:
 
     def shifted(self, shift: int, width: int, axis: int | None = None) -> Placement:
         moved = tuple(Segment(s.offset + shift, s.lo, s.hi) for s in self.segments)
-        return Placement(self.axis if axis is None else axis, width, moved)
+        return Placement(self.axis if axis is None else axis, width, moved, self.block)
 
     def window(self, start: int, stop: int) -> Placement | None:
         """The part of this placement inside positions [start, stop), re-based to start; None if empty."""
@@ -58,17 +78,17 @@ class Placement:
             a, b = max(s.offset, start), min(s.offset + s.hi - s.lo, stop)
             if a < b:
                 cut.append(Segment(a - start, s.lo + a - s.offset, s.lo + b - s.offset))
-        return Placement(self.axis, stop - start, tuple(cut)) if cut else None
+        return Placement(self.axis, stop - start, tuple(cut), self.block) if cut else None
 
     def merged(self, other: Placement) -> Placement | None:
         """Union of two placements of the same tensor; None if they overlap or disagree."""
-        if other.axis != self.axis or other.width != self.width:
+        if other.axis != self.axis or other.width != self.width or other.block != self.block:
             return None
         segments = tuple(sorted(set(self.segments) | set(other.segments), key=lambda s: s.offset))
         ends = [(s.offset, s.offset + s.hi - s.lo) for s in segments]
         if any(a[1] > b[0] for a, b in zip(ends, ends[1:], strict=False)):
             return None
-        return Placement(self.axis, self.width, segments)
+        return Placement(self.axis, self.width, segments, self.block)
 
 
 def removed_count(removed: np.ndarray, start: int, stop: int) -> int:

@@ -148,48 +148,55 @@ class Rewriter:
     def pruned_spaces(self) -> list[tuple[Space, SpacePlan]]:
         return [(s, self.plan.spaces[s.id]) for s in self.analysis.prunable if s.id in self.plan.spaces and len(self.plan.spaces[s.id].prune)]
 
-    def removed_positions(self, spaces: list[tuple[Space, SpacePlan]]) -> tuple[dict[str, np.ndarray], dict[str, int]]:
+    def removed_positions(self, spaces: list[tuple[Space, SpacePlan]]) -> tuple[dict[str, np.ndarray], dict[str, int], dict[str, int]]:
+        """Per tensor: removed unit slots (from every space on it), width in slots, elements per slot."""
         removed: dict[str, set[int]] = {}
         widths: dict[str, int] = {}
+        blocks: dict[str, int] = {}
         for space, plan in spaces:
             for tensor, placement in space.tensors.items():
                 removed.setdefault(tensor, set()).update(placement.positions_of(plan.prune).tolist())
-                widths[tensor] = placement.width
-        return {t: np.array(sorted(p), dtype=np.int64) for t, p in removed.items()}, widths
+                widths[tensor], blocks[tensor] = placement.width, placement.block
+        return {t: np.array(sorted(p), dtype=np.int64) for t, p in removed.items()}, widths, blocks
 
     def run(self) -> onnx.ModelProto:
         spaces = self.pruned_spaces()
         if not spaces:
             return self.model
-        removed, widths = self.removed_positions(spaces)
+        removed, widths, blocks = self.removed_positions(spaces)
+        elements = {t: expand_blocks(r, blocks[t]) for t, r in removed.items()}
         for space, _ in spaces:  # 1. least-squares folds on full-size weights
             for consumer in space.consumers:
                 recovery = self.recoveries.get((space.id, consumer.site))
                 if recovery is not None and len(recovery.prune):
-                    self._fold(consumer, widths[consumer.site], recovery)
+                    self._fold(consumer, widths[consumer.site] * blocks[consumer.site], recovery)
         records = [r for space, _ in spaces for r in [*space.slices, *space.consumers, *space.attrs, *space.reshapes, *space.windows]]
         sliced = set()
         for record in dict.fromkeys(records):  # 2. deletions and updates, once per record
             if isinstance(record, ParamSlice):
                 sliced.add((record.node, record.input_index))
-                self._delete(record.node, record.input_index, record.axis, removed.get(record.tensor))
+                self._delete(record.node, record.input_index, record.axis, elements.get(record.tensor))
             elif isinstance(record, Consumer):
-                self._delete(record.node, record.weight_index, record.in_axis, expand_blocks(removed[record.site], record.block))
+                self._delete(record.node, record.weight_index, record.in_axis, expand_blocks(elements[record.site], record.block))
             elif isinstance(record, AttrUpdate):
                 self._set_int_attr(record.node, record.attribute, widths[record.tensor] - len(removed[record.tensor]))
             elif isinstance(record, ShapeUpdate):
                 target = self.edits.get(record.node, record.input_index).copy()
-                target[record.position] = (widths[record.tensor] - len(removed[record.tensor])) * record.block
+                value = (widths[record.tensor] - len(removed[record.tensor])) * record.block
+                if record.position < 0:
+                    target[()] = value
+                else:
+                    target[record.position] = value
                 self.edits.set(record.node, record.input_index, target)
             else:
                 self._shrink_windows(record, removed[record.tensor])
         for (label, slot), tensor in self.biases.items():  # biases that were created or broadcast by a fold
             if (label, slot) not in sliced and tensor in removed:
                 value = self.edits.get(label, slot)
-                if value.shape and value.shape[-1] == widths[tensor]:
-                    self.edits.set(label, slot, np.delete(value, removed[tensor], axis=value.ndim - 1))
+                if value.shape and value.shape[-1] == widths[tensor] * blocks[tensor]:
+                    self.edits.set(label, slot, np.delete(value, elements[tensor], axis=value.ndim - 1))
         self.edits.bias_nodes = [
-            (node, np.delete(bias, removed[node.output[0]]) if node.output[0] in removed else bias) for node, bias in self.edits.bias_nodes
+            (node, np.delete(bias, elements[node.output[0]]) if node.output[0] in elements else bias) for node, bias in self.edits.bias_nodes
         ]
         changed = self.edits.commit()
         touched = {t for s, _ in spaces for t in [*s.tensors, *s.flattened]}

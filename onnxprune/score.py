@@ -10,6 +10,7 @@ import scipy.linalg as sla
 
 from .analyse import Space
 from .graph import GraphIndex
+from .placement import expand_blocks
 from .stats import SiteStats
 
 ORDERS = ("pivoted", "weighted", "variance", "residual")
@@ -49,14 +50,52 @@ def regularised(cov: np.ndarray) -> np.ndarray:
     return cov + ridge * np.eye(n)
 
 
+def unit_block(space: Space) -> int:
+    """Elements per unit at the space's sites (d_head for attention heads, 1 otherwise)."""
+    return space.tensors[space.sites[0]].block if space.sites else 1
+
+
 def space_covariance(space: Space, stats: dict[str, SiteStats]) -> np.ndarray:
-    """Joint covariance of a space: the sum over its sites of each site's block for these units."""
-    cov = np.zeros((space.n, space.n))
+    """Joint covariance of a space's elements in unit-major order: the sum over its sites of
+    each site's block for these units (a unit may be a block of d_head elements)."""
+    block = unit_block(space)
+    cov = np.zeros((space.n * block, space.n * block))
     for tensor in space.sites:
         units, positions = space.tensors[tensor].unit_positions()
-        block = stats[tensor].covariance()[np.ix_(positions, positions)]
-        np.add.at(cov, np.ix_(units, units), block)
+        rows, cols = expand_blocks(units, block), expand_blocks(positions, block)
+        np.add.at(cov, np.ix_(rows, rows), stats[tensor].covariance()[np.ix_(cols, cols)])
     return cov
+
+
+def block_pivoted_order(cov: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray]:
+    """Greedy block pivoting: next is the unit whose residual block has the largest trace; its
+    energy is that trace (the block Schur complement, DESIGN §2)."""
+    n = len(cov) // block
+    residual = regularised(cov).copy()
+    remaining = list(range(n))
+    order, energy = [], []
+    for _ in range(n):
+        traces = [np.trace(residual[u * block:(u + 1) * block, u * block:(u + 1) * block]) for u in remaining]
+        best = remaining.pop(int(np.argmax(traces)))
+        order.append(best)
+        energy.append(max(float(np.max(traces)), 0.0))
+        idx = slice(best * block, (best + 1) * block)
+        pivot = residual[idx, idx]
+        columns = residual[:, idx]
+        try:
+            residual = residual - columns @ sla.solve(pivot, columns.T, assume_a="pos", check_finite=False)
+        except (np.linalg.LinAlgError, ValueError):
+            residual = residual - columns @ np.linalg.pinv(pivot) @ columns.T
+    return np.array(order), np.array(energy)
+
+
+def block_cholesky_energy(cov: np.ndarray, order: np.ndarray, block: int) -> np.ndarray:
+    """Trace of each unit's residual block given the units before it: ||R_jj||_F^2."""
+    if block == 1:
+        return cholesky_energy(cov, order)
+    elements = expand_blocks(order, block)
+    r = sla.cholesky(regularised(cov)[np.ix_(elements, elements)], lower=False, check_finite=False)
+    return np.array([np.sum(r[j * block:(j + 1) * block, j * block:(j + 1) * block] ** 2) for j in range(len(order))])
 
 
 def cholesky_energy(cov: np.ndarray, order: np.ndarray) -> np.ndarray:
@@ -78,14 +117,15 @@ def pivoted_order(cov: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def consumer_weight_norms(space: Space, index: GraphIndex) -> np.ndarray:
-    """Per unit: sum over consumers of the squared norm of the weights that read it."""
-    norms = np.zeros(space.n)
+    """Per element (unit-major): sum over consumers of the squared norm of the weights reading it."""
+    block = unit_block(space)
+    norms = np.zeros(space.n * block)
     for consumer in space.consumers:
         placement = space.tensors[consumer.site]
         weight = index.const(index.node(consumer.node).input[consumer.weight_index]).astype(np.float64)
-        per_position = (np.moveaxis(weight, consumer.in_axis, 0).reshape(placement.width, -1) ** 2).sum(axis=1)
+        per_element = (np.moveaxis(weight, consumer.in_axis, 0).reshape(placement.size, -1) ** 2).sum(axis=1)
         units, positions = placement.unit_positions()
-        np.add.at(norms, units, per_position[positions])
+        np.add.at(norms, expand_blocks(units, block), per_element[expand_blocks(positions, block)])
     return norms
 
 
@@ -114,9 +154,14 @@ def score_space(
     seed: int = 0,
 ) -> SpaceScore:
     """Order a space's units and give each its energy, for the chosen method."""
+    n, block = space.n, unit_block(space)
+
+    def per_unit(values: np.ndarray) -> np.ndarray:
+        return values.reshape(n, block).sum(axis=1)
+
     if method == "random":
         rng = np.random.default_rng([seed, space.id])
-        return SpaceScore(space.id, rng.permutation(space.n), np.ones(space.n))
+        return SpaceScore(space.id, rng.permutation(n), np.ones(n))
     if method in ("l1", "l2", "lsq"):
         norms = producer_weight_norms(space, index, 1 if method == "l1" else 2)
         units = _by_score(norms)
@@ -124,27 +169,29 @@ def score_space(
     cov = space_covariance(space, stats)
     if method == "fluct":
         # FLAP: fluctuation (variance) of the input unit x squared norm of the weights reading it
-        fluctuation = np.diag(cov) * consumer_weight_norms(space, index)
+        fluctuation = per_unit(np.diag(cov) * consumer_weight_norms(space, index))
         units = _by_score(fluctuation)
         return SpaceScore(space.id, units, fluctuation[units], standardised=True)
+    variance = per_unit(np.diag(cov))
     if method == "variance":
-        units = _by_score(np.diag(cov))
-        return SpaceScore(space.id, units, np.diag(cov)[units])
-    if order == "pivoted":
-        units, energy = pivoted_order(cov)
-        return SpaceScore(space.id, units, energy)
-    if order == "weighted":
-        scale = np.sqrt(consumer_weight_norms(space, index))
-        units, energy = pivoted_order(cov * np.outer(scale, scale))
+        units = _by_score(variance)
+        return SpaceScore(space.id, units, variance[units])
+    if order in ("pivoted", "weighted"):
+        if order == "weighted":
+            scale = np.sqrt(consumer_weight_norms(space, index))
+            cov = cov * np.outer(scale, scale)
+        if not np.trace(cov) > 0:
+            return SpaceScore(space.id, np.arange(n), np.zeros(n))
+        units, energy = pivoted_order(cov) if block == 1 else block_pivoted_order(cov, block)
         return SpaceScore(space.id, units, energy)
     if order == "variance":
-        units = _by_score(np.diag(cov))
+        units = _by_score(variance)
     elif order == "residual":
         # ||W_i||^2 / [C^-1]_ii: output error of removing unit i alone with LS recovery
-        inv_diag = np.diag(sla.cho_solve(sla.cho_factor(regularised(cov)), np.eye(space.n)))
-        units = _by_score(consumer_weight_norms(space, index) / inv_diag)
+        inv_diag = np.diag(sla.cho_solve(sla.cho_factor(regularised(cov)), np.eye(len(cov))))
+        units = _by_score(per_unit(consumer_weight_norms(space, index) / inv_diag))
     else:
         raise ValueError(f"unknown order '{order}'")
     if not np.trace(cov) > 0:
-        return SpaceScore(space.id, units, np.zeros(space.n))
-    return SpaceScore(space.id, units, cholesky_energy(cov, units))
+        return SpaceScore(space.id, units, np.zeros(n))
+    return SpaceScore(space.id, units, block_cholesky_energy(cov, units, block))
