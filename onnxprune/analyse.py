@@ -59,6 +59,7 @@ class ShapeUpdate:
     position: int
     block: int
     tensor: str
+    via: str = ""  # the Reshape whose target a shared Concat builds: the rewrite gives it its own copy
 
 
 @dataclass(frozen=True)
@@ -147,6 +148,9 @@ class Analysis:
     def occupancy(self, tensor: str) -> list[tuple[int, int]]:
         """(space id, units of that space on the tensor) for every prunable space on it."""
         return [(s.id, s.tensors[tensor].count()) for s in self.prunable if tensor in s.tensors]
+
+
+AXIS_MOVERS = frozenset({"Transpose", "Reshape", "Flatten", "Expand", "Unsqueeze", "Squeeze", *REDUCE_OPS})
 
 
 def _append(items: list, item) -> None:
@@ -409,6 +413,13 @@ class _Grower:
         if extra_outputs and op not in ("Split",):
             self.pin(f"{op} '{label}' output '{extra_outputs[0]}' is used")
             return
+        if name not in node.input and op in AXIS_MOVERS:  # reached from the output: map back first
+            source = self._input_placement(node, placement)
+            if source is None:
+                self.pin(f"{op} '{label}' cannot be followed backwards from '{name}'")
+                return
+            self._visit(node, node.input[0], source)
+            return
         axis = placement.axis
         if (op in UNARY_PASS_THROUGH and op != "PRelu" or op in CHANNEL_WISE or op in CHANNEL_PARAM_OPS) and placement.block > 1 and op not in UNARY_PASS_THROUGH:
             self.pin(f"{op} '{label}' acts per channel on units of {placement.block} elements")
@@ -436,7 +447,7 @@ class _Grower:
             "Concat": self._concat, "Split": self._split, "Slice": self._slice, "Pad": self._pad, "Resize": self._resize,
             "Reshape": self._reshape, "Flatten": self._reshape, "Transpose": self._transpose, "Unsqueeze": self._unsqueeze,
             "Squeeze": self._squeeze, "Expand": self._expand, "MatMul": self._batched_matmul,
-            "Softmax": self._softmax, "LogSoftmax": self._softmax,
+            "Softmax": self._softmax, "LogSoftmax": self._softmax, "Shape": self._shape_reader,
         }
         if op in BROADCAST_ELEMENTWISE or op == "PRelu":
             self._broadcast(node, name, placement)
@@ -594,6 +605,9 @@ class _Grower:
         index, label = self.index, self.index.label(node)
         rank = index.rank(name)
         consts = [index.const(i) if i else None for i in node.input[1:]]
+        if rank is not None and len(consts) > 2 and consts[2] is not None and placement.axis not in [a % rank for a in consts[2].tolist()]:
+            self._through(label, name, node.output[0], placement)  # cuts other axes only (RoPE halves)
+            return
         if rank is None or len(consts) < 2 or any(c is None for c in consts):
             self.pin(f"Slice '{label}' has computed or missing starts/ends")
             return
@@ -652,53 +666,98 @@ class _Grower:
         shape = self.index.shape(name)
         return None if shape is None or None in shape else tuple(int(d) for d in shape)
 
-    def _reshape(self, node: onnx.NodeProto, name: str, placement: Placement) -> None:
-        """Split or merge the unit axis: heads [.., H] <-> [.., heads, d_head] (DESIGN §3)."""
-        label = self.index.label(node)
-        in_shape, out_shape = self._static(name), self._static(node.output[0])
-        if in_shape is None or out_shape is None:
-            self.pin(f"{node.op_type} '{label}' has a shape onnxprune cannot read")
-            return
+    def _map_reshape(self, node: onnx.NodeProto, placement: Placement, from_shape, to_shape) -> Placement | None:
+        """Where the units land when a tensor of `from_shape` is reshaped to `to_shape`: the unit
+        axis may be split (heads [.., H] -> [.., heads, d]) or merged with the axes after it."""
+        label = f"{node.op_type} '{self.index.label(node)}'"
+        if from_shape is None or to_shape is None:
+            self.pin(f"{label} has a shape onnxprune cannot read")
+            return None
         a = placement.axis
-        outer, inner = int(np.prod(in_shape[:a], dtype=np.int64)), int(np.prod(in_shape[a + 1:], dtype=np.int64))
+        outer, inner = int(np.prod(from_shape[:a], dtype=np.int64)), int(np.prod(from_shape[a + 1:], dtype=np.int64))
         span = placement.block * inner  # elements of one unit slot within one outer block
-        candidates = [k for k in range(len(out_shape)) if int(np.prod(out_shape[:k], dtype=np.int64)) == outer and out_shape[k] != 1]
+        candidates = [k for k in range(len(to_shape)) if int(np.prod(to_shape[:k], dtype=np.int64)) == outer and to_shape[k] != 1]
         if not candidates:
-            self.pin(f"{node.op_type} '{label}' mixes the units' axis with the axes before it")
-            return
+            self.pin(f"{label} mixes the units' axis with the axes before it")
+            return None
         k = candidates[0]
-        t = int(np.prod(out_shape[k + 1:], dtype=np.int64))
+        t = int(np.prod(to_shape[k + 1:], dtype=np.int64))
         if t % span == 0 and t > span:  # an output index holds several units: use whole groups
             if placement.is_identity(self.space.n):
-                self.coarsen(t // span, f"{node.op_type} '{label}'")
-            self.pin(f"{node.op_type} '{label}' groups units that are not all of this space")
+                self.coarsen(t // span, label)
+            self.pin(f"{label} groups units that are not all of this space")
+            return None
+        if span % t:
+            self.pin(f"{label} mixes units with the axes after them")
+            return None
+        return placement.moved(k, block=span // t, width=placement.width)
+
+    def _reshape(self, node: onnx.NodeProto, name: str, placement: Placement) -> None:
+        """Split or merge the unit axis (DESIGN §3); Reshape targets are rewritten."""
+        out_placement = self._map_reshape(node, placement, self._static(name), self._static(node.output[0]))
+        if out_placement is None:
             return
-        if span % t or (inner > 1 and inner % t and t % inner):
-            self.pin(f"{node.op_type} '{label}' mixes units with the axes after them")
-            return
-        out_placement = placement.moved(k, block=span // t)
         if node.op_type == "Reshape":
-            self._shape_update(node, k, out_placement.block, node.output[0])
-        self._through(label, name, node.output[0], placement, out_placement)
+            self._shape_update(node, out_placement.axis, out_placement.block, node.output[0])
+        self._through(self.index.label(node), name, node.output[0], placement, out_placement)
+
+    def _input_placement(self, node: onnx.NodeProto, out_placement: Placement) -> Placement | None:
+        """Inverse of the axis-moving ops, for a tensor reached from its consumer's side."""
+        op, index = node.op_type, self.index
+        inp, out = node.input[0], node.output[0]
+        in_rank, out_rank = index.rank(inp), index.rank(out)
+        if in_rank is None or out_rank is None:
+            self.pin(f"{op} '{index.label(node)}' has an unknown rank")
+            return None
+        axis = out_placement.axis
+        if op == "Transpose":
+            perm = get_attr(node, "perm") or list(range(in_rank))[::-1]
+            return out_placement.moved(int(perm[axis]))
+        if op in ("Reshape", "Flatten"):
+            return self._map_reshape(node, out_placement, self._static(out), self._static(inp))
+        if op == "Expand":
+            return out_placement.moved(axis - (out_rank - in_rank)) if axis >= out_rank - in_rank else None
+        if op == "Unsqueeze" or op == "Squeeze" or op in REDUCE_OPS:
+            if op == "Unsqueeze":
+                axes = self._axes_input(node)
+                removed = [] if axes is None else sorted(a % out_rank for a in axes)
+                kept = [i for i in range(out_rank) if i not in removed]
+                return out_placement.moved(kept.index(axis)) if axes is not None and axis in kept else None
+            axes = self._axes_input(node)
+            shape = index.shape(inp)
+            if axes is None and op == "Squeeze" and shape is not None:
+                axes = [i for i, d in enumerate(shape) if d == 1]
+            if axes is None:
+                return None
+            if op != "Squeeze" and get_attr(node, "keepdims", 1):
+                return out_placement
+            dropped = sorted(a % in_rank for a in axes)
+            kept = [i for i in range(in_rank) if i not in dropped]
+            return out_placement.moved(kept[axis])
+        return out_placement
 
     def _shape_update(self, node: onnx.NodeProto, position: int, block: int, tensor: str) -> None:
-        """Record where the Reshape target's entry for the unit axis comes from, to rewrite it."""
+        """Record where the Reshape/Expand target's entry for the unit axis comes from, to rewrite
+        it; entries that follow the input by themselves (Reshape 0/-1, Expand 1) need nothing."""
         index, label = self.index, self.index.label(node)
+        automatic = {-1, 1} if node.op_type == "Expand" else ({-1} if get_attr(node, "allowzero", 0) else {0, -1})
         target = index.const(node.input[1])
-        if target is None:
-            self.pin(f"Reshape '{label}' target is computed at run time")
-            return
-        entry = int(target[position])
-        if entry in (0, -1):
-            return  # copied from the input or inferred: follows the pruned size by itself
-        if node.input[1] in index.initializer_names or self._is_constant_node(node.input[1]):
-            _append(self.space.reshapes, ShapeUpdate(label, 1, position, block, tensor))
-            return
+        if target is not None:
+            if int(target[position]) in automatic:
+                return
+            if node.input[1] in index.initializer_names or self._is_constant_node(node.input[1]):
+                _append(self.space.reshapes, ShapeUpdate(label, 1, position, block, tensor))
+                return
         source = self._shape_source(node.input[1], position)
         if source is None:
-            self.pin(f"Reshape '{label}' target entry {position} is computed; onnxprune cannot rewrite it")
+            self.pin(f"{node.op_type} '{label}' target entry {position} is computed at run time; onnxprune cannot rewrite it")
             return
-        _append(self.space.reshapes, ShapeUpdate(source[0], source[1], source[2], block, tensor))
+        holder = index.node(source[0])
+        value = index.const(holder.input[source[1]])
+        if int(value[()] if source[2] < 0 else value[source[2]]) in automatic:
+            return
+        via = label if holder.op_type == "Concat" else ""
+        _append(self.space.reshapes, ShapeUpdate(source[0], source[1], source[2], block, tensor, via))
 
     def _is_constant_node(self, name: str) -> bool:
         producer = self.index.producer.get(name)
@@ -784,6 +843,7 @@ class _Grower:
         if out_shape[axis] not in (None, placement.size):
             self.pin(f"Expand '{self.index.label(node)}' broadcasts the units' axis")
             return
+        self._shape_update(node, axis, placement.block, node.output[0])
         self._through(self.index.label(node), name, node.output[0], placement, placement.moved(axis))
 
     def _batched_matmul(self, node: onnx.NodeProto, name: str, placement: Placement) -> None:
@@ -806,6 +866,33 @@ class _Grower:
                 if pos >= 0 and shape is not None and shape[pos] not in (1,):
                     self.add(inp, placement.moved(pos))
         self._through(label, name, node.output[0], placement, placement.moved(out_rank + from_right))
+
+    def _shape_reader(self, node: onnx.NodeProto, name: str, placement: Placement) -> None:
+        """Shape only reads sizes: fine as long as nothing downstream reads the units' axis size
+        (TorchScript's view(x.size(0), x.size(1), heads, d) reads the batch and sequence sizes)."""
+        index, label = self.index, self.index.label(node)
+        rank = index.rank(name)
+        if rank is None:
+            self.pin(f"Shape '{label}' of a tensor of unknown rank")
+            return
+        start, end = get_attr(node, "start", 0) % rank if get_attr(node, "start", 0) else 0, get_attr(node, "end", rank)
+        end = end % rank if end < 0 else min(end, rank)
+        if not start <= placement.axis < end:
+            return
+        entry = placement.axis - start
+        for use in index.uses.get(node.output[0], []):
+            user = use.node
+            if user.op_type == "Gather" and use.index == 0 and get_attr(user, "axis", 0) == 0 and index.is_constant(user.input[1]):
+                if entry not in [i % (end - start) for i in np.atleast_1d(index.const(user.input[1])).tolist()]:
+                    continue
+            elif user.op_type == "Slice" and use.index == 0 and all(index.is_constant(i) for i in user.input[1:3]):
+                lo, hi = int(index.const(user.input[1])[0]), int(index.const(user.input[2])[0])
+                size = end - start
+                lo, hi = (max(0, min(size, v + size if v < 0 else v)) for v in (lo, hi))
+                if not lo <= entry < hi:
+                    continue
+            self.pin(f"Shape '{label}' reads the size of the units' axis ({user.op_type} '{index.label(user)}')")
+            return
 
     def _softmax(self, node: onnx.NodeProto, name: str, placement: Placement) -> None:
         rank = self.index.rank(name)
@@ -845,4 +932,20 @@ def analyse(model: onnx.ModelProto, exclude: list[str] | None = None, index: Gra
         if len({space.tensors[t].block for t in space.sites}) > 1:
             space.pinned.append("consumers read the units with different layouts")
         spaces.append(space)
+    _pin_shared_shape_constants(spaces)
     return Analysis(spaces)
+
+
+def _pin_shared_shape_constants(spaces: list[Space]) -> None:
+    """A shape constant that must hold the sizes of two different tensors (exporters share one
+    Concat between layers and no Reshape owns it) cannot be edited for both: pin those spaces.
+    Spaces on the same tensor (a Concat of several spaces) agree on the size and are fine."""
+    owners: dict[tuple[str, int, int, str], dict[str, set[int]]] = {}
+    for space in spaces:
+        for update in space.reshapes:
+            owners.setdefault((update.node, update.input_index, update.position, update.via), {}).setdefault(update.tensor, set()).add(space.id)
+    for (node, _, _, _), tensors in owners.items():
+        if len(tensors) > 1:
+            for space in spaces:
+                if any(space.id in ids for ids in tensors.values()):
+                    _append(space.pinned, f"shape constant of '{node}' is shared with another space")

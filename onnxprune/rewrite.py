@@ -52,6 +52,15 @@ class ConstantEdits:
         self.index = index
         self.edits: dict[tuple[int, int], _Edit] = {}
         self.bias_nodes: list[tuple[onnx.NodeProto, np.ndarray]] = []
+        self.own_shapes: dict[int, tuple[onnx.NodeProto, onnx.NodeProto, dict[int, np.ndarray]]] = {}
+
+    def own_shape(self, reshape: onnx.NodeProto, concat: onnx.NodeProto, slot: int, position: int, value: int) -> None:
+        """Give `reshape` its own copy of the Concat that builds its target, with entry
+        `position` of input `slot` set to `value` (exporters share one Concat between layers)."""
+        _, _, inputs = self.own_shapes.setdefault(id(reshape), (reshape, concat, {}))
+        current = inputs.get(slot, self.index.const(concat.input[slot])).copy()
+        current[position] = value
+        inputs[slot] = current
 
     def get(self, label: str, slot: int) -> np.ndarray:
         node = self.index.node(label)
@@ -95,7 +104,9 @@ class ConstantEdits:
                         edit.node.input.append("")
                     edit.node.input.append(new_name)
         self._insert_bias_nodes()
+        self._insert_own_shapes()
         _drop_unused_initializers(self.model, orphans)
+        _drop_dead_nodes(self.model)
         return changed
 
     def _insert_bias_nodes(self) -> None:
@@ -110,6 +121,22 @@ class ConstantEdits:
             position = next(i for i, n in enumerate(graph.node) if n is producer)
             graph.node.insert(position + 1, add)
 
+    def _insert_own_shapes(self) -> None:
+        graph = self.model.graph
+        for reshape, concat, inputs in self.own_shapes.values():
+            clone = onnx.NodeProto()
+            clone.CopyFrom(concat)
+            clone.name = self._fresh_name(f"{concat.name or concat.output[0]}{SUFFIX}")
+            for slot, value in inputs.items():
+                const = self._fresh_name(f"{concat.input[slot]}{SUFFIX}")
+                graph.initializer.append(numpy_helper.from_array(value, const))
+                clone.input[slot] = const
+            del clone.output[:]
+            clone.output.append(self._fresh_name(f"{concat.output[0]}{SUFFIX}"))
+            reshape.input[1] = clone.output[0]  # the target / shape input of Reshape and Expand
+            position = next(i for i, n in enumerate(graph.node) if n is reshape)
+            graph.node.insert(position, clone)
+
     def _fresh_name(self, base: str) -> str:
         taken = {t.name for t in self.model.graph.initializer}
         taken.update(o for n in self.model.graph.node for o in n.output)
@@ -118,6 +145,23 @@ class ConstantEdits:
         while name in taken:
             name, k = f"{base}_{k}", k + 1
         return name
+
+
+def _drop_dead_nodes(model: onnx.ModelProto) -> None:
+    """Remove nodes whose outputs nothing reads any more (a shape Concat replaced by its copy)."""
+    graph = model.graph
+    while True:
+        used = {name for node in graph.node for name in node.input} | {o.name for o in graph.output}
+        dead = [n for n in graph.node if n.output and not any(o in used for o in n.output if o)]
+        if not dead:
+            return
+        keep = [n for n in graph.node if not any(n is d for d in dead)]
+        del graph.node[:]
+        graph.node.extend(keep)
+        unused = {t.name for t in graph.initializer} - {name for node in graph.node for name in node.input} - {o.name for o in graph.output}
+        kept_inits = [t for t in graph.initializer if t.name not in unused]
+        del graph.initializer[:]
+        graph.initializer.extend(kept_inits)
 
 
 def _drop_unused_initializers(model: onnx.ModelProto, candidates: set[str]) -> None:
@@ -181,8 +225,11 @@ class Rewriter:
             elif isinstance(record, AttrUpdate):
                 self._set_int_attr(record.node, record.attribute, widths[record.tensor] - len(removed[record.tensor]))
             elif isinstance(record, ShapeUpdate):
-                target = self.edits.get(record.node, record.input_index).copy()
                 value = (widths[record.tensor] - len(removed[record.tensor])) * record.block
+                if record.via:
+                    self.edits.own_shape(self.index.node(record.via), self.index.node(record.node), record.input_index, record.position, value)
+                    continue
+                target = self.edits.get(record.node, record.input_index).copy()
                 if record.position < 0:
                     target[()] = value
                 else:
