@@ -14,6 +14,7 @@ shape, the positions of that tensor whose units were pruned (by any space).
 from __future__ import annotations
 
 import fnmatch
+import re
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -73,6 +74,17 @@ class WindowUpdate:
 
 
 @dataclass(frozen=True)
+class CacheIO:
+    """A graph input or output that carries the units (a KV cache): its shape shrinks too."""
+
+    tensor: str
+    is_input: bool
+
+
+CACHE_NAME = re.compile(r"past|present|cache", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
 class Consumer:
     """A linear op that reads units at `site` and absorbs the recovery into its weight.
 
@@ -110,6 +122,7 @@ class Space:
     attrs: list[AttrUpdate] = field(default_factory=list)
     reshapes: list[ShapeUpdate] = field(default_factory=list)
     windows: list[WindowUpdate] = field(default_factory=list)
+    cache_io: list[CacheIO] = field(default_factory=list)
     consumers: list[Consumer] = field(default_factory=list)
     sites: list[str] = field(default_factory=list)
     tensors: dict[str, Placement] = field(default_factory=dict)
@@ -275,7 +288,9 @@ class _Grower:
     def _backward(self, name: str, placement: Placement) -> None:
         node = self.index.producer.get(name)
         if node is None:
-            if name in self.index.graph_inputs:
+            if name in self.index.graph_inputs and CACHE_NAME.search(name):
+                _append(self.space.cache_io, CacheIO(name, True))
+            elif name in self.index.graph_inputs:
                 self.pin(f"units come from graph input '{name}'")
             return
         produced = producer_output(self.index, node)
@@ -293,13 +308,19 @@ class _Grower:
                 self.pin(f"producer '{label}' is excluded by --exclude")
             return
         if node.op_type in ("Concat", "Split", "Slice"):
-            if not any(i in self.space.tensors for i in node.input):  # reached by coupling, not by a forward step
+            rank = self.index.rank(name)
+            axis = get_attr(node, "axis", 0) if node.op_type != "Slice" else None
+            if node.op_type == "Concat" and rank is not None and axis % rank != placement.axis:
+                self._visit(node, name, placement)  # joins along another axis (KV cache): same units in every input
+            elif not any(i in self.space.tensors for i in node.input):  # reached by coupling, not by a forward step
                 self.pin(f"{node.op_type} '{self.index.label(node)}' feeds a tensor coupled to these units")
             return
         self._visit(node, name, placement)
 
     def _forward(self, name: str, placement: Placement) -> None:
-        if name in self.index.graph_outputs:
+        if name in self.index.graph_outputs and CACHE_NAME.search(name):
+            _append(self.space.cache_io, CacheIO(name, False))
+        elif name in self.index.graph_outputs:
             self.pin(f"tensor '{name}' is a graph output")
         for use in self.index.uses.get(name, []):
             if not self._try_consumer(use.node, use.index, name, placement):
@@ -584,6 +605,7 @@ class _Grower:
             return
         if get_attr(node, "axis", 0) % rank != placement.axis:
             self._record(label)
+            self.add(node.input[0], placement)
             for out in node.output:
                 if out:
                     self.add(out, placement)

@@ -21,7 +21,7 @@ from .load import load_model
 from .plan import Plan, Target, make_plan
 from .recovery import Recovery, fit_recovery, mean_recovery
 from .report import PruneReport, SpaceRow
-from .rewrite import rewrite
+from .rewrite import cache_io_changes, rewrite
 from .score import METHODS, ORDERS, RECOVERY, STATS_METHODS, score_space
 from .shards import Statistics
 from .sources import ImageOptions
@@ -143,11 +143,13 @@ def prune(
     with _stage(seconds, "verify"):
         advance = progress("verifying", 1)
         verify_data = prepared.verify_data
-        fidelity = verify(original, pruned, verify_data, prepared.batch_size)
+        io_changes = cache_io_changes(analysis, plan)
+        fidelity = verify(original, pruned, verify_data, prepared.batch_size, io_changes)
         advance(1)
 
     report = _build_report(prepared.name, method, order, target, plan, analysis, cost, original, pruned, prepared.data, prepared.calib_data, verify_data, fidelity)
     report.warnings, report.seconds = warnings, seconds
+    report.io_changes = _io_shapes(pruned, io_changes)
     return PruneResult(pruned, report)
 
 
@@ -234,6 +236,15 @@ def fit_recoveries(analysis: Analysis, plan: Plan, stats: dict[str, SiteStats], 
             if len(prune):
                 recoveries[(space.id, tensor)] = fit(stats[tensor], keep, prune)
     return recoveries
+
+
+def _io_shapes(model: onnx.ModelProto, changes: dict) -> dict[str, list]:
+    """New shapes of the graph inputs/outputs that shrank (KV caches)."""
+    shapes = {}
+    for value in [*model.graph.input, *model.graph.output]:
+        if value.name in changes:
+            shapes[value.name] = [d.dim_value if d.HasField("dim_value") else d.dim_param for d in value.type.tensor_type.shape.dim]
+    return shapes
 
 
 def _batch_size_for(model: onnx.ModelProto, wanted: int) -> int:

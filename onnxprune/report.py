@@ -47,6 +47,7 @@ class PruneReport:
     warnings: list[str] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)
     output: str | None = None
+    io_changes: dict[str, list] = field(default_factory=dict)
 
     @property
     def pinned(self) -> list[SpaceRow]:
@@ -127,6 +128,8 @@ class PruneReport:
             console.print(_pinned_table(self))
         if self.fidelity:
             console.print(_fidelity_table(self))
+        for name, shape in self.io_changes.items():
+            console.print(f"[bold]model I/O changed:[/bold] '{name}' is now {shape} (its head axis was pruned)")
         for warning in self.warnings:
             console.print(f"[yellow]warning:[/yellow] {warning}")
 

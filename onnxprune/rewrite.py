@@ -245,6 +245,13 @@ class Rewriter:
         self.edits.bias_nodes = [
             (node, np.delete(bias, elements[node.output[0]]) if node.output[0] in elements else bias) for node, bias in self.edits.bias_nodes
         ]
+        for name, (axis, removed_elements) in cache_io_changes(self.analysis, self.plan).items():
+            for value in [*self.model.graph.input, *self.model.graph.output]:
+                if value.name == name:
+                    dim = value.type.tensor_type.shape.dim[axis]
+                    size = dim.dim_value
+                    dim.Clear()
+                    dim.dim_value = size - len(removed_elements)
         changed = self.edits.commit()
         touched = {t for s, _ in spaces for t in [*s.tensors, *s.flattened]}
         _refresh_value_info(self.model, changed | touched)
@@ -352,6 +359,19 @@ class Rewriter:
         if value is None or value.ndim > 1 and any(d != 1 for d in value.shape[:-1]):
             return None
         return self.index.label(add), slot
+
+
+def cache_io_changes(analysis: Analysis, plan: Plan) -> dict[str, tuple[int, np.ndarray]]:
+    """Graph inputs/outputs (KV caches) whose unit axis shrinks: name -> (axis, removed elements)."""
+    changes = {}
+    for space in analysis.prunable:
+        space_plan = plan.spaces.get(space.id)
+        if space_plan is None or not len(space_plan.prune):
+            continue
+        for io in space.cache_io:
+            placement = space.tensors[io.tensor]
+            changes[io.tensor] = (placement.axis, placement.element_positions_of(space_plan.prune))
+    return changes
 
 
 def _set_float_attr(node: onnx.NodeProto, name: str, value: float) -> None:

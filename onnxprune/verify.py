@@ -67,9 +67,27 @@ def compare_outputs(reference: dict[str, np.ndarray], pruned: dict[str, np.ndarr
     return result
 
 
-def verify(original: onnx.ModelProto, pruned: onnx.ModelProto, data: CalibrationData, batch_size: int) -> list[OutputFidelity]:
-    """Checker + onnxruntime run + comparison with the original on `data`."""
+def verify(
+    original: onnx.ModelProto,
+    pruned: onnx.ModelProto,
+    data: CalibrationData,
+    batch_size: int,
+    io_changes: dict[str, tuple[int, np.ndarray]] | None = None,
+) -> list[OutputFidelity]:
+    """Checker + onnxruntime run + comparison with the original on `data`.
+
+    Inputs and outputs whose unit axis shrank (KV caches, `io_changes`) are fed and compared on
+    the kept units only."""
     check_model(pruned)
     if data.n_samples == 0:
         return []
-    return compare_outputs(run_model(original, data, batch_size), run_model(pruned, data, batch_size))
+    io_changes = io_changes or {}
+    shrink = {name: change for name, change in io_changes.items() if name in data.arrays}
+    pruned_data = CalibrationData({k: _drop(v, shrink.get(k)) for k, v in data.arrays.items()}, data.source)
+    reference = run_model(original, data, batch_size)
+    reference = {k: _drop(v, io_changes.get(k)) for k, v in reference.items()}
+    return compare_outputs(reference, run_model(pruned, pruned_data, batch_size))
+
+
+def _drop(array: np.ndarray, change: tuple[int, np.ndarray] | None) -> np.ndarray:
+    return array if change is None else np.delete(array, change[1], axis=change[0])

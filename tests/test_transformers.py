@@ -1,0 +1,185 @@
+"""Issue 4: FFN neurons and attention heads (MHA, GQA) in transformer exports from both torch
+exporters; planted duplicates are removed exactly; KV-cache models keep generating."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import numpy_helper
+
+import onnxprune
+from onnxprune.graph import GraphIndex
+
+TRANSFORMERS = Path(__file__).resolve().parents[1] / "models" / "transformers"
+CALIB = dict(np.load(TRANSFORMERS / "calib_tokens.npz"))
+KV_CALIB = dict(np.load(TRANSFORMERS / "calib_tokens_kv.npz"))
+
+
+def load(name: str) -> onnx.ModelProto:
+    return onnx.load(TRANSFORMERS / f"{name}.onnx")
+
+
+def feeds_for(model: onnx.ModelProto, data: dict, rows=slice(0, 3), seq: int | None = None) -> dict:
+    names = {i.name for i in model.graph.input}
+    out = {}
+    for key, value in data.items():
+        if key in names:
+            value = value[rows]
+            if seq is not None and key in ("input_ids", "attention_mask"):
+                value = value[:, :seq]
+            out[key] = value
+    return out
+
+
+def run(model: onnx.ModelProto, feeds: dict) -> list[np.ndarray]:
+    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)
+
+
+def relative(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.linalg.norm(a - b) / np.linalg.norm(a))
+
+
+def spaces(model: onnx.ModelProto, data: dict):
+    shapes = {k: (1, *v.shape[1:]) for k, v in feeds_for(model, data).items()}
+    return onnxprune.inspect_model(model, shapes).spaces
+
+
+def copy_columns(model: onnx.ModelProto, producer: str, width: int, source: int, target: int) -> None:
+    """Output columns [target*width, ...) of a MatMul producer (and its bias Add) := those of `source`."""
+    index = GraphIndex(model, shapes={})
+    node = index.node(producer)
+    names = [node.input[1]]
+    uses = index.uses.get(node.output[0], [])
+    if len(uses) == 1 and uses[0].node.op_type == "Add":
+        names += [i for i in uses[0].node.input if i in index.initializer_names]
+    tensors = {t.name: t for t in model.graph.initializer}
+    for name in names:
+        value = numpy_helper.to_array(tensors[name]).copy()
+        value[..., target * width:(target + 1) * width] = value[..., source * width:(source + 1) * width]
+        tensors[name].CopyFrom(numpy_helper.from_array(value, name))
+
+
+def plant_duplicate_unit(model: onnx.ModelProto, space, source: int = 0, target: int | None = None) -> int:
+    """Make unit `target` of a space an exact copy of unit `source` in every producer."""
+    target = space.units - 1 if target is None else target
+    index = GraphIndex(model, shapes={})
+    for producer in space.producers:
+        columns = index.const(index.node(producer).input[1]).shape[1]
+        copy_columns(model, producer, columns // space.units, source, target)
+    return target
+
+
+BOTH = ["bert_tiny.ts", "bert_tiny.dynamo", "llama_tiny.dynamo"]
+
+
+@pytest.mark.parametrize("name", BOTH + ["llama_tiny.ts"])
+def test_ffn_spaces_are_found_and_the_hidden_stream_is_pinned(name):
+    found = spaces(load(name), CALIB)
+    ffn = [s for s in found if not s.pinned and s.units in (128, 256)]
+    assert len(ffn) == 2, "one FFN space per layer"
+    if name.startswith("llama"):
+        assert all(len(s.producers) == 2 for s in ffn), "SwiGLU couples gate and up projections"
+    hidden = [s for s in found if s.units == 64]
+    assert hidden and all(s.pinned for s in hidden)
+    assert any("LayerNormalization" in r or "ReduceMean" in r or "Gather" in r for s in hidden for r in s.pinned)
+
+
+@pytest.mark.parametrize("name", BOTH)
+def test_attention_heads_are_spaces_of_whole_heads(name):
+    found = [s for s in spaces(load(name), CALIB) if len(s.producers) == 3]
+    assert len(found) == 2 and not any(s.pinned for s in found)
+    expected = 2 if name.startswith("llama") else 4  # GQA: 2 KV groups of 2 query heads; BERT: 4 heads
+    assert all(s.units == expected for s in found)
+
+
+@pytest.mark.parametrize("name", BOTH)
+def test_planted_duplicate_ffn_neurons_are_removed_exactly(name):
+    model = load(name)
+    ffn = next(s for s in spaces(model, CALIB) if not s.pinned and s.units in (128, 256))
+    for source, target in ((0, 7), (3, 11), (5, 20)):
+        plant_duplicate_unit(model, ffn, source, target)
+    pruned, report = onnxprune.prune(model, feeds_for(model, CALIB, slice(None)), tolerance=1e-5)
+    row = next(r for r in report.spaces if r.name == ffn.name)
+    assert row.units - row.kept == 3
+    feeds = feeds_for(model, CALIB, slice(0, 4), seq=20)  # fresh length
+    assert relative(run(model, feeds)[0], run(pruned, feeds)[0]) < 1e-4
+
+
+@pytest.mark.parametrize("name", BOTH)
+def test_planted_duplicate_head_is_removed_exactly(name):
+    model = load(name)
+    heads = next(s for s in spaces(model, CALIB) if len(s.producers) == 3)
+    plant_duplicate_unit(model, heads)
+    pruned, report = onnxprune.prune(model, feeds_for(model, CALIB, slice(None)), tolerance=1e-5)
+    rows = [r for r in report.spaces if set(r.producers) == set(heads.producers)]
+    assert [(r.kept, r.units) for r in rows] == [(heads.units - 1, heads.units)]
+    onnx.checker.check_model(pruned, full_check=True)
+    feeds = feeds_for(model, CALIB, slice(0, 4), seq=20)
+    assert relative(run(model, feeds)[0], run(pruned, feeds)[0]) < 1e-4
+    assert report.macs_after < report.macs_before
+
+
+@pytest.mark.parametrize("name", BOTH)
+def test_ratio_prunes_and_keeps_the_graph_valid(name):
+    model = load(name)
+    pruned, report = onnxprune.prune(model, feeds_for(model, CALIB, slice(None)), ratio=0.3)
+    onnx.checker.check_model(pruned, full_check=True)
+    feeds = feeds_for(model, CALIB, slice(0, 2), seq=11)
+    assert run(pruned, feeds)[0].shape == run(model, feeds)[0].shape
+    assert report.units_after < report.units_before
+    same, _ = onnxprune.prune(model, feeds_for(model, CALIB, slice(None)), ratio=0.0)
+    assert np.array_equal(run(model, feeds)[0], run(same, feeds)[0])
+
+
+def generate(model: onnx.ModelProto, first: dict, steps: int = 2) -> list[np.ndarray]:
+    """Greedy decoding: feed the prompt with the given past, then each argmax token with the presents."""
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    feeds, logits = dict(first), []
+    for _ in range(steps):
+        outputs = dict(zip(names, session.run(None, feeds), strict=True))
+        logits.append(outputs["logits"])
+        token = outputs["logits"][:, -1:].argmax(-1).astype(np.int64)
+        feeds = {"input_ids": token}
+        feeds.update({k.replace("present", "past"): v for k, v in outputs.items() if k.startswith("present")})
+    return logits
+
+
+def kv_data_with_duplicate_group(data: dict) -> dict:
+    """Past keys/values whose KV group 1 equals group 0 (consistent with the planted weights)."""
+    data = {k: v.copy() for k, v in data.items()}
+    for key, value in data.items():
+        if key.startswith("past"):
+            value[:, 1] = value[:, 0]
+    return data
+
+
+def test_kv_cache_model_at_ratio_0_generates_like_the_original():
+    model = load("llama_tiny_kv.dynamo")
+    pruned, _ = onnxprune.prune(model, KV_CALIB, ratio=0.0)
+    first = {k: v[:2] for k, v in KV_CALIB.items()}
+    for a, b in zip(generate(model, first), generate(pruned, first), strict=True):
+        assert np.array_equal(a, b)
+
+
+def test_pruning_a_kv_group_shrinks_the_cache_io_and_generation_still_matches():
+    model = load("llama_tiny_kv.dynamo")
+    data = kv_data_with_duplicate_group(KV_CALIB)
+    heads = next(s for s in spaces(model, data) if len(s.producers) == 3)
+    plant_duplicate_unit(model, heads, source=0, target=1)
+    pruned, report = onnxprune.prune(model, data, tolerance=1e-5)
+    assert report.io_changes, "the report names the new cache shapes"
+    assert all(shape[1] == 1 for shape in report.io_changes.values() if isinstance(shape[1], int))
+    shapes = {v.name: v.type.tensor_type.shape.dim[1].dim_value for v in [*pruned.graph.input, *pruned.graph.output] if "past" in v.name or "present" in v.name}
+    assert sorted(set(shapes.values())) in ([1], [1, 2])
+    first = {k: v[:2] for k, v in data.items()}
+    pruned_first = dict(first)
+    for name, value in first.items():
+        if name.startswith("past") and shapes.get(name) == 1:
+            pruned_first[name] = value[:, :1]
+    for a, b in zip(generate(model, first), generate(pruned, pruned_first), strict=True):
+        assert relative(a, b) < 1e-4
