@@ -14,10 +14,10 @@ from .placement import expand_blocks
 from .stats import SiteStats
 
 ORDERS = ("pivoted", "weighted", "variance", "residual")
-METHODS = ("snp", "lsq", "fluct", "l1", "l2", "variance", "random")
+METHODS = ("snp", "lsq", "fluct", "wanda", "l1", "l2", "variance", "random")
 # How each method compensates the pruned units: least squares, their mean (FLAP), or not at all.
 RECOVERY = {"snp": "lsq", "lsq": "lsq", "fluct": "mean"}
-STATS_METHODS = frozenset({"snp", "lsq", "fluct", "variance"})
+STATS_METHODS = frozenset({"snp", "lsq", "fluct", "wanda", "variance"})
 RIDGE = 1e-10  # relative to the mean unit variance: keeps exactly redundant units finite
 
 
@@ -65,6 +65,17 @@ def space_covariance(space: Space, stats: dict[str, SiteStats]) -> np.ndarray:
         rows, cols = expand_blocks(units, block), expand_blocks(positions, block)
         np.add.at(cov, np.ix_(rows, rows), stats[tensor].covariance()[np.ix_(cols, cols)])
     return cov
+
+
+def space_second_moment(space: Space, stats: dict[str, SiteStats]) -> np.ndarray:
+    """Per element (unit-major): E[x^2] summed over the space's sites (uncentred)."""
+    block = unit_block(space)
+    moment = np.zeros(space.n * block)
+    for tensor in space.sites:
+        units, positions = space.tensors[tensor].unit_positions()
+        site = stats[tensor]
+        np.add.at(moment, expand_blocks(units, block), np.diag(site.gram)[expand_blocks(positions, block)] / max(site.count, 1))
+    return moment
 
 
 def block_pivoted_order(cov: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray]:
@@ -116,14 +127,15 @@ def pivoted_order(cov: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return order, energy
 
 
-def consumer_weight_norms(space: Space, index: GraphIndex) -> np.ndarray:
-    """Per element (unit-major): sum over consumers of the squared norm of the weights reading it."""
+def consumer_weight_norms(space: Space, index: GraphIndex, power: int = 2) -> np.ndarray:
+    """Per element (unit-major): sum over consumers of the squared norm (power 2) or the L1 norm
+    (power 1) of the weights reading it."""
     block = unit_block(space)
     norms = np.zeros(space.n * block)
     for consumer in space.consumers:
         placement = space.tensors[consumer.site]
         weight = index.const(index.node(consumer.node).input[consumer.weight_index]).astype(np.float64)
-        per_element = (np.moveaxis(weight, consumer.in_axis, 0).reshape(placement.size, -1) ** 2).sum(axis=1)
+        per_element = (np.abs(np.moveaxis(weight, consumer.in_axis, 0).reshape(placement.size, -1)) ** power).sum(axis=1)
         units, positions = placement.unit_positions()
         np.add.at(norms, expand_blocks(units, block), per_element[expand_blocks(positions, block)])
     return norms
@@ -166,6 +178,11 @@ def score_space(
         norms = producer_weight_norms(space, index, 1 if method == "l1" else 2)
         units = _by_score(norms)
         return SpaceScore(space.id, units, norms[units])
+    if method == "wanda":
+        # Wanda-sp: |W| x ||X|| per input unit (RMS activation times L1 norm of the weights reading it)
+        score = per_unit(np.sqrt(space_second_moment(space, stats)) * consumer_weight_norms(space, index, power=1))
+        units = _by_score(score)
+        return SpaceScore(space.id, units, score[units])
     cov = space_covariance(space, stats)
     if method == "fluct":
         # FLAP: fluctuation (variance) of the input unit x squared norm of the weights reading it
