@@ -1,0 +1,231 @@
+"""Speed and memory benchmark (issue 6). Prints ratios measured in one run, never bare times:
+
+1. tool time: a whole onnxprune run / one plain onnxruntime pass over the same calibration set;
+2. memory: peak RSS of a pruning run at 256 / 1024 / 4096 samples (flat in the sample count);
+3. pruned-model speed: onnxruntime CPU latency of pruned / original at 30/50/70% MACs removed,
+   batch 1 and 32, for --round-to 1 / 8 / 16, next to the MACs ratio;
+4. scale: seconds per layer of the float64 linear algebra for wide layers (n = 4096..16384).
+
+    python tools/bench_speed.py            # the default set (~10 minutes on 2 cores)
+    python tools/bench_speed.py --quick    # a smoke run
+Results also go to results/speed/results.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import onnxprune  # noqa: E402
+from onnxprune.recovery import fit_recovery  # noqa: E402
+from onnxprune.score import block_pivoted_order, cholesky_energy, pivoted_order  # noqa: E402
+from onnxprune.stats import SiteStats  # noqa: E402
+
+MODELS = {
+    "vgg_bn": (ROOT / "models/vgg_bn.ts.onnx", (1, 28, 28)),
+    "resnet18s": (ROOT / "models/zoo/resnet18s.ts.onnx", (3, 32, 32)),
+    "mobilenetv2s": (ROOT / "models/zoo/mobilenetv2s.ts.onnx", (3, 32, 32)),
+    "resnet_fmnist": (ROOT / "models/resnet_fmnist.ts.onnx", (1, 28, 28)),
+}
+THREADS = 2
+
+
+def session(model: onnx.ModelProto | Path) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = THREADS
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
+    return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+
+
+def input_name(path: Path) -> str:
+    return onnx.load(path, load_external_data=False).graph.input[0].name
+
+
+def samples(shape: tuple[int, ...], n: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).normal(size=(n, *shape)).astype(np.float32)
+
+
+# -- 1. tool time -------------------------------------------------------------------------------
+def tool_time(name: str, path: Path, shape, n: int, batch: int) -> dict:
+    x = samples(shape, n)
+    key = input_name(path)
+    sess = session(path)
+    start = time.perf_counter()
+    for i in range(0, n, batch):
+        sess.run(None, {key: x[i:i + batch]})
+    forward = time.perf_counter() - start
+    start = time.perf_counter()
+    _, report = onnxprune.prune(path, {key: x}, flops=0.5, batch_size=batch, verify_samples=0)
+    total = time.perf_counter() - start
+    stages = {k: round(v / forward, 2) for k, v in report.seconds.items()}
+    return {"model": name, "samples": n, "batch": batch, "tool_over_forward": round(total / forward, 2),
+            "calibrate_over_forward": stages.get("calibrate"), "stages_over_forward": stages}
+
+
+# -- 2. memory ----------------------------------------------------------------------------------
+MEMORY_CHILD = """
+import sys, numpy as np, onnxruntime as ort, onnxprune
+path, n, shape, key, mode = sys.argv[1], int(sys.argv[2]), tuple(map(int, sys.argv[3].split(','))), sys.argv[4], sys.argv[5]
+x = np.random.default_rng(0).standard_normal(size=(n, *shape), dtype=np.float32)
+def status_kb(field):
+    return next(int(line.split()[1]) for line in open('/proc/self/status') if line.startswith(field))
+open('/proc/self/clear_refs', 'w').write('5')  # reset the peak (VmHWM) to the current RSS
+base = status_kb('VmRSS')
+if mode == 'floor':  # what any onnxruntime user pays: one session and one batch
+    ort.InferenceSession(path, providers=['CPUExecutionProvider']).run(None, {key: x[:32]})
+else:
+    onnxprune.prune(path, {key: x}, flops=0.3, batch_size=32, verify_samples=16)
+print(base, status_kb('VmHWM'), x.nbytes // 1024)
+"""
+
+
+def memory(name: str, path: Path, shape, counts: list[int]) -> dict:
+    key = input_name(path)
+    model_kb = path.stat().st_size // 1024
+    analysis = onnxprune.api.prepare(path, {key: samples(shape, 40)}, verify_samples=4).analysis
+    gram_kb = sum(8 * s.width ** 2 for s in analysis.sites()) // 1024
+    def growth(n: int, mode: str) -> int:
+        out = subprocess.run([sys.executable, "-c", MEMORY_CHILD, str(path), str(n), ",".join(map(str, shape)), key, mode],
+                             capture_output=True, text=True, check=True, cwd=ROOT).stdout.split()
+        base, peak, _ = map(int, out)
+        return peak - base
+
+    floor = growth(256, "floor")
+    # RSS growth of a run over the process with its data loaded, less what one plain onnxruntime
+    # session costs, against the budget 3 x model size + sum over sites of n^2 x 8 bytes
+    rows = [{"samples": n, "rss_growth_mb": round((growth(n, "prune") - floor) / 1024, 1)} for n in counts]
+    budget = 3 * model_kb + gram_kb
+    return {"model": name, "budget_mb": round(budget / 1024, 1), "session_floor_mb": round(floor / 1024, 1), "runs": rows,
+            "within_budget": all(r["rss_growth_mb"] * 1024 <= budget for r in rows)}
+
+
+# -- 3. pruned-model latency ---------------------------------------------------------------------
+def latency(sess: ort.InferenceSession, key: str, x: np.ndarray, repeats: int) -> float:
+    for _ in range(3):
+        sess.run(None, {key: x})
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        sess.run(None, {key: x})
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+def pruned_speed(name: str, path: Path, shape, targets: list[float], rounds: list[int], repeats: int) -> list[dict]:
+    key = input_name(path)
+    calib = {key: samples(shape, 512)}
+    original = session(path)
+    rows = []
+    for target in targets:
+        for round_to in rounds:
+            try:
+                model, report = onnxprune.prune(path, calib, flops=target, round_to=round_to)
+            except onnxprune.TargetError as exc:
+                rows.append({"model": name, "macs_removed": target, "round_to": round_to, "unreachable": str(exc)})
+                continue
+            pruned = session(model)
+            row = {"model": name, "macs_removed": target, "round_to": round_to, "macs_ratio": round(report.macs_after / report.macs_before, 3)}
+            for batch in (1, 32):
+                x = samples(shape, batch, seed=1)
+                base, fast = [], []
+                for _ in range(3):  # interleave to cancel drift
+                    base.append(latency(original, key, x, repeats))
+                    fast.append(latency(pruned, key, x, repeats))
+                ratio = float(np.median(fast) / np.median(base))
+                row[f"latency_ratio_b{batch}"] = round(ratio, 3)
+                row[f"meets_1.15x_b{batch}"] = ratio <= 1.15 * row["macs_ratio"]
+            rows.append(row)
+    return rows
+
+
+# -- 4. linear algebra at scale ------------------------------------------------------------------
+def wide_layers(sizes: list[int]) -> list[dict]:
+    rows = []
+    rng = np.random.default_rng(0)
+    for n in sizes:
+        rank = n // 2  # activations of a wide layer: low-rank structure plus noise
+        basis = rng.normal(size=(rank, n)) / np.sqrt(rank)
+        cov = basis.T @ basis + 1e-3 * np.eye(n)
+        row = {"units": n}
+        start = time.perf_counter()
+        order, _ = pivoted_order(cov)
+        row["pivoted_cholesky_s"] = round(time.perf_counter() - start, 2)
+        start = time.perf_counter()
+        cholesky_energy(cov, order)
+        row["ordered_cholesky_s"] = round(time.perf_counter() - start, 2)
+        keep, prune = np.sort(order[: n // 2]), np.sort(order[n // 2:])
+        stats = SiteStats(10 * n, np.zeros(n), cov * 10 * n)
+        start = time.perf_counter()
+        fit_recovery(stats, keep, prune)
+        row["recovery_solve_s"] = round(time.perf_counter() - start, 2)
+        rows.append(row)
+        del cov, basis
+    heads = rng.normal(size=(2048, 12 * 64))
+    start = time.perf_counter()
+    block_pivoted_order(np.cov(heads.T), 64)
+    rows.append({"units": "12 heads x 64", "block_pivoted_s": round(time.perf_counter() - start, 3)})
+    return rows
+
+
+def markdown(results: dict) -> str:
+    lines = ["## 1. Tool time (whole run / one onnxruntime pass over the same calibration set)", "",
+             "| model | samples | batch | tool / forward | calibration / forward |", "|---|---:|---:|---:|---:|"]
+    lines += [f"| {r['model']} | {r['samples']} | {r['batch']} | {r['tool_over_forward']} | {r['calibrate_over_forward']} |" for r in results["tool_time"]]
+    lines += ["", "## 2. Memory (peak RSS growth of a pruning run over the process with its data loaded, less one plain onnxruntime session)", "",
+              "| model | budget 3x model + sum n^2 x 8 (MB) | session floor (MB) | " + " | ".join(f"{r['samples']} samples (MB)" for r in results["memory"][0]["runs"]) + " | within |",
+              "|---|---:|---:|" + "---:|" * len(results["memory"][0]["runs"]) + "---|"]
+    lines += [f"| {m['model']} | {m['budget_mb']} | {m['session_floor_mb']} | " + " | ".join(str(r["rss_growth_mb"]) for r in m["runs"]) + f" | {m['within_budget']} |" for m in results["memory"]]
+    lines += ["", "## 3. Pruned / original onnxruntime CPU latency (2 threads)", "",
+              "| model | MACs removed | round-to | MACs ratio | latency ratio b1 | latency ratio b32 | <= 1.15 x MACs (b1, b32) |",
+              "|---|---:|---:|---:|---:|---:|---|"]
+    lines += [f"| {r['model']} | {r['macs_removed']:.0%} | {r['round_to']} | {r['macs_ratio']} | {r['latency_ratio_b1']} | {r['latency_ratio_b32']} | "
+              f"{r['meets_1.15x_b1']}, {r['meets_1.15x_b32']} |" if "unreachable" not in r else
+              f"| {r['model']} | {r['macs_removed']:.0%} | {r['round_to']} | n/a (unreachable) | | | |" for r in results["speed"]]
+    lines += ["", "## 4. Linear algebra per wide layer (float64, LAPACK)", "", "| units | pivoted Cholesky s | ordered Cholesky s | LS recovery s |", "|---|---:|---:|---:|"]
+    lines += [f"| {r['units']} | {r.get('pivoted_cholesky_s', r.get('block_pivoted_s'))} | {r.get('ordered_cholesky_s', '-')} | {r.get('recovery_solve_s', '-')} |" for r in results["scale"]]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="a small smoke run")
+    parser.add_argument("--models", nargs="+", default=["vgg_bn", "resnet18s", "mobilenetv2s", "resnet_fmnist"])
+    parser.add_argument("--wide", nargs="+", type=int, default=[4096, 8192, 16384], help="layer widths for item 4")
+    parser.add_argument("--out", default=str(ROOT / "results" / "speed"))
+    args = parser.parse_args()
+    models = [m for m in args.models if MODELS[m][0].exists()]
+    targets, rounds, repeats = ([0.5], [1, 8], 10) if args.quick else ([0.3, 0.5, 0.7], [1, 8, 16], 30)
+    counts = [256, 1024] if args.quick else [256, 1024, 4096]
+    results = {"threads": THREADS, "onnxruntime": ort.__version__}
+    results["tool_time"] = [tool_time(m, *MODELS[m], n=512 if args.quick else 2048, batch=32) for m in models]
+    print(json.dumps(results["tool_time"], indent=1), flush=True)
+    results["memory"] = [memory(m, *MODELS[m], counts) for m in models[:2]]
+    print(json.dumps(results["memory"], indent=1), flush=True)
+    results["speed"] = [row for m in models for row in pruned_speed(m, *MODELS[m], targets, rounds, repeats)]
+    results["scale"] = wide_layers([4096] if args.quick else args.wide)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    (out / "results.md").write_text(markdown(results))
+    print(markdown(results))
+    print(f"peak RSS of this benchmark process: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024} MB; wrote {out}")
+
+
+if __name__ == "__main__":
+    with tempfile.TemporaryDirectory():
+        main()
