@@ -19,6 +19,10 @@ METHODS = ("snp", "lsq", "fluct", "wanda", "l1", "l2", "variance", "random")
 RECOVERY = {"snp": "lsq", "lsq": "lsq", "fluct": "mean"}
 STATS_METHODS = frozenset({"snp", "lsq", "fluct", "wanda", "variance"})
 RIDGE = 1e-10  # relative to the mean unit variance: keeps exactly redundant units finite
+# How the sites of a coupled space (a residual stream read by several blocks) are combined into
+# one covariance to rank its units once: "covariance" sums them (sites with more energy count
+# more); "normalised" gives every site the same total weight. See docs/design.md.
+SITE_WEIGHTING = "covariance"
 
 
 @dataclass
@@ -63,7 +67,10 @@ def space_covariance(space: Space, stats: dict[str, SiteStats]) -> np.ndarray:
     for tensor in space.sites:
         units, positions = space.tensors[tensor].unit_positions()
         rows, cols = expand_blocks(units, block), expand_blocks(positions, block)
-        np.add.at(cov, np.ix_(rows, rows), stats[tensor].covariance()[np.ix_(cols, cols)])
+        site = stats[tensor].covariance()[np.ix_(cols, cols)]
+        if SITE_WEIGHTING == "normalised" and np.trace(site) > 0:
+            site = site / np.trace(site)
+        np.add.at(cov, np.ix_(rows, rows), site)
     return cov
 
 
