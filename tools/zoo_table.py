@@ -1,0 +1,41 @@
+"""The reference zoo at a glance (issue 3): per model and exporter, prunable and pinned spaces
+(with reasons), MACs removed at --ratio 0.3 and output fidelity on held-out samples.
+
+    python tools/zoo_table.py [--ratio 0.3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections import Counter
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import onnxprune  # noqa: E402
+
+ZOO = ROOT / "models" / "zoo"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ratio", type=float, default=0.3)
+    args = parser.parse_args()
+    print("| model | exporter | prunable spaces | pinned spaces (reasons) | MACs removed | rel. L2 error | cosine |")
+    print("|---|---|---:|---|---:|---:|---:|")
+    for path in sorted(ZOO.glob("*.onnx")):
+        stem, exporter = path.name.split(".")[:2]
+        calib = ZOO / ("calib64.npz" if stem == "unets" else "calib.npz")
+        _, report = onnxprune.prune(path, calib, ratio=args.ratio)
+        pinned = [s for s in report.spaces if s.pinned]
+        reasons = Counter(s.pinned[0].split(" '")[0] if "graph output" not in s.pinned[0] else "graph output" for s in pinned)
+        reason_text = ", ".join(f"{n}x {r}" for r, n in reasons.items())
+        fidelity = report.fidelity[0]
+        print(f"| {stem} | {exporter} | {len(report.spaces) - len(pinned)} | {len(pinned)} ({reason_text}) | "
+              f"{1 - report.macs_after / report.macs_before:.1%} | {fidelity.relative_l2:.3g} | {fidelity.cosine:.4f} |")
+
+
+if __name__ == "__main__":
+    main()
