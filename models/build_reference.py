@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import collections
 import json
-import os
 import random
 import sys
 import time
@@ -41,6 +40,10 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+import onnx  # noqa: E402
+import onnxruntime as ort  # noqa: E402
+import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
 from fashion_mnist import (  # noqa: E402
     CALIB_SEED,
     MEAN,
@@ -50,11 +53,6 @@ from fashion_mnist import (  # noqa: E402
     heldout_test_indices,
     load_fashion_mnist,
 )
-
-import onnx  # noqa: E402
-import onnxruntime as ort  # noqa: E402
-import torch  # noqa: E402
-import torch.nn as nn  # noqa: E402
 
 SEED = 0
 EPOCHS = {"vgg_bn": 5, "mlp": 10}

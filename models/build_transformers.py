@@ -53,7 +53,6 @@ import hashlib
 import json
 import math
 import random
-import sys
 import time
 import warnings
 from pathlib import Path
@@ -848,7 +847,7 @@ def build_llama(calib: dict, report: dict) -> None:
     empty = {n: np.zeros((N_CALIB, LLAMA_KV_HEADS, 0, HEAD_DIM), np.float32) for n in past_names}
     outs = sess.run(None, {"input_ids": ids_all[:, :KV_PAST].copy(), **empty})
     kv_calib = {"input_ids": ids_all[:, KV_PAST:].copy()}
-    for n, arr in zip(present_names, outs[1:]):
+    for n, arr in zip(present_names, outs[1:], strict=False):
         kv_calib[n.replace("present_", "past_")] = arr.astype(np.float32)
     np.savez_compressed(OUT_DIR / "calib_tokens_kv.npz", **kv_calib)
     report["data"]["calib_tokens_kv.npz"] = {
@@ -872,7 +871,7 @@ def _kv_checks(sess, withcache, nc_sess, calib) -> dict:
     # (a) chunked prefill: empty cache -> 12 tokens, then 8 more with the cache
     past = {n: np.zeros((B, LLAMA_KV_HEADS, 0, HEAD_DIM), np.float32) for n in past_names}
     o1 = sess.run(None, {"input_ids": ids[:, :12], **past})
-    past = dict(zip(past_names, o1[1:]))
+    past = dict(zip(past_names, o1[1:], strict=False))
     o2 = sess.run(None, {"input_ids": ids[:, 12:], **past})
     assert o2[1].shape == (B, LLAMA_KV_HEADS, 20, HEAD_DIM), o2[1].shape
     diffs["chunked_12+8_vs_nocache"] = float(np.abs(np.concatenate([o1[0], o2[0]], 1) - full).max())
@@ -881,7 +880,7 @@ def _kv_checks(sess, withcache, nc_sess, calib) -> dict:
     with torch.no_grad():
         tp = tuple(torch.from_numpy(past[n]) for n in past_names)
         t2 = withcache(torch.from_numpy(ids[:, 12:]), *tp)
-    diffs["cached_step_vs_torch"] = max(float(np.abs(a - b.numpy()).max()) for a, b in zip(o2, t2))
+    diffs["cached_step_vs_torch"] = max(float(np.abs(a - b.numpy()).max()) for a, b in zip(o2, t2, strict=False))
 
     # (b) 2-step greedy generation loop vs the no-cache model on the grown sequence
     prompt = calib["input_ids"][4:7, :8].copy()
@@ -889,9 +888,9 @@ def _kv_checks(sess, withcache, nc_sess, calib) -> dict:
     seq = prompt
     step_in = prompt
     gen_diff = 0.0
-    for step in range(3):  # prefill + 2 generated tokens
+    for _step in range(3):  # prefill + 2 generated tokens
         o = sess.run(None, {"input_ids": step_in, **past})
-        past = dict(zip(past_names, o[1:]))
+        past = dict(zip(past_names, o[1:], strict=False))
         ref = nc_sess.run(None, {"input_ids": seq, "attention_mask": np.ones_like(seq)})[0]
         gen_diff = max(gen_diff, float(np.abs(o[0] - ref[:, -step_in.shape[1]:]).max()))
         nxt = o[0][:, -1].argmax(-1)[:, None].astype(np.int64)

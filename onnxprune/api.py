@@ -190,13 +190,23 @@ def prepare(
     if not 0 <= n_verify < data.n_samples:
         raise CalibrationError(f"--verify-samples {n_verify} must leave calibration samples (the data has {data.n_samples})")
     calib_data, verify_data = data.split(n_verify)
+    notes = list(data.notes)
+    batch_size, static = _batch_size_for(original, batch_size)
+    if static:  # onnxruntime only runs whole batches of the model's fixed batch size
+        if calib_data.n_samples < batch_size:
+            raise CalibrationError(f"model '{name}' has a fixed batch size of {batch_size}; give at least {batch_size + n_verify} samples")
+        dropped = calib_data.n_samples % batch_size + verify_data.n_samples % batch_size
+        calib_data = calib_data.take(0, calib_data.n_samples - calib_data.n_samples % batch_size)
+        verify_data = verify_data.take(0, verify_data.n_samples - verify_data.n_samples % batch_size)
+        if dropped:
+            notes.append(f"model '{name}' has a fixed batch size of {batch_size}: {dropped} samples that do not fill a batch were left out")
     shapes = static_shapes(original, data.sample_shapes())
     index = GraphIndex(original, shapes)
     analysis = analyse(original, list(exclude), index=index)
     if not analysis.prunable:
         reasons = "; ".join(f"{s.name}: {s.pinned[0]}" for s in analysis.spaces[:3]) or "no Conv/Gemm/MatMul with constant weights"
         raise ModelError(f"nothing to prune in '{name}': {len(analysis.spaces)} spaces found, none prunable ({reasons})")
-    return Prepared(original, name, data, calib_data, verify_data, shapes, index, analysis, _batch_size_for(original, batch_size), list(data.notes))
+    return Prepared(original, name, data, calib_data, verify_data, shapes, index, analysis, batch_size, notes)
 
 
 def calibration_statistics(prepared: Prepared, shard: tuple[int, int] | None = None, progress: ProgressFactory | None = None) -> dict[str, SiteStats]:
@@ -204,7 +214,8 @@ def calibration_statistics(prepared: Prepared, shard: tuple[int, int] | None = N
     data = prepared.calib_data
     if shard is not None:
         index, count = shard
-        bounds = np.linspace(0, data.n_samples, count + 1).astype(int)
+        step = prepared.batch_size if prepared.calib_data.n_samples % prepared.batch_size == 0 else 1
+        bounds = (np.linspace(0, data.n_samples // step, count + 1).astype(int)) * step  # whole batches per shard
         data = data.take(bounds[index], bounds[index + 1])
     sites = prepared.analysis.sites()
     ranks = {site.tensor: len(prepared.shapes[site.tensor]) for site in sites}
@@ -247,14 +258,14 @@ def _io_shapes(model: onnx.ModelProto, changes: dict) -> dict[str, list]:
     return shapes
 
 
-def _batch_size_for(model: onnx.ModelProto, wanted: int) -> int:
-    """A static batch dimension in the model's inputs overrides --batch-size."""
+def _batch_size_for(model: onnx.ModelProto, wanted: int) -> tuple[int, bool]:
+    """(batch size, fixed): a static batch dimension in the model's inputs overrides --batch-size."""
     initializers = {t.name for t in model.graph.initializer}
     for value in model.graph.input:
         dims = value.type.tensor_type.shape.dim
         if value.name not in initializers and dims and dims[0].HasField("dim_value") and dims[0].dim_value > 0:
-            return dims[0].dim_value
-    return wanted
+            return dims[0].dim_value, True
+    return wanted, False
 
 
 def _build_report(

@@ -112,6 +112,12 @@ def run(args: argparse.Namespace) -> int:
     if (args.calib is None) == (args.data_loader_script is None):
         raise OnnxPruneError("give calibration data with --calib FILE|FOLDER or --data-loader-script FILE.py:FUNC (one of them)")
     output = Path(args.output) if args.output else default_output_path(args.model)
+    if output.is_dir():
+        raise OnnxPruneError(f"output '{output}' is a folder; give a file name such as '{output / 'model.pruned.onnx'}'")
+    for extra in [*args.report, *([args.plot] if args.plot else [])]:
+        folder = Path(extra).parent
+        if not folder.is_dir():
+            raise OnnxPruneError(f"report folder '{folder}' (for '{extra}') does not exist")
     if Path(args.model).exists() and output.exists() and output.resolve() == Path(args.model).resolve() and not args.overwrite:
         raise OnnxPruneError(f"output '{output}' is the input model; choose another -o or pass --overwrite")
     options = dict(

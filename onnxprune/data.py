@@ -65,24 +65,32 @@ class CalibrationData:
         return {k: (1, *v.shape[1:]) for k, v in self.arrays.items()}
 
 
+NPY_MAGIC = b"\x93NUMPY"
+ZIP_MAGIC = b"PK\x03\x04"
+
+
 def load_arrays(path: str | Path) -> dict[str, np.ndarray]:
-    """Read a .npz (one array per input) or a bare .npy; pickled objects are refused."""
+    """Read a .npz (one array per input) or a bare .npy; pickled objects are refused, never run."""
     path = Path(path)
     if not path.exists():
         raise CalibrationError(f"calibration file '{path}' does not exist")
     if path.is_dir():
         raise CalibrationError(f"calibration path '{path}' is a folder; expected a .npz or .npy file")
+    with open(path, "rb") as handle:
+        magic = handle.read(6)
+    if not (magic.startswith(ZIP_MAGIC) or magic == NPY_MAGIC):
+        raise CalibrationError(f"calibration file '{path}' is not a .npz or .npy file (no numpy or zip header)")
     try:
+        if magic == NPY_MAGIC:
+            return {"": np.load(path, allow_pickle=False)}
         with np.load(path, allow_pickle=False) as loaded:
-            if isinstance(loaded, np.lib.npyio.NpzFile):
-                return {k: loaded[k] for k in loaded.files}
-    except TypeError:  # np.load returns a plain ndarray for .npy (not a context manager)
-        return {"": np.load(path, allow_pickle=False)}
+            return {k: loaded[k] for k in loaded.files}
     except ValueError as exc:
-        raise CalibrationError(f"calibration file '{path}' holds Python objects; only numeric arrays are read ({exc})") from None
+        if "pickle" in str(exc):
+            raise CalibrationError(f"calibration file '{path}' holds pickled Python objects; only numeric arrays are read") from None
+        raise CalibrationError(f"calibration file '{path}' is not a readable .npz/.npy file ({exc})") from None
     except (OSError, zipfile.BadZipFile, EOFError) as exc:
         raise CalibrationError(f"calibration file '{path}' is not a readable .npz/.npy file ({exc})") from None
-    raise CalibrationError(f"calibration file '{path}' is not a .npz/.npy file")
 
 
 def check_calibration(arrays: dict[str, np.ndarray], model: onnx.ModelProto, source: str) -> CalibrationData:
@@ -101,6 +109,11 @@ def check_calibration(arrays: dict[str, np.ndarray], model: onnx.ModelProto, sou
              for extra in [set(arrays) - {s.name for s in specs}] if extra]
     for spec in specs:
         array = arrays[spec.name]
+        if not isinstance(array, np.ndarray):
+            try:
+                array = np.asarray(array)
+            except ValueError:
+                raise CalibrationError(f"calibration input '{spec.name}' in '{source}' is not a rectangular array") from None
         if array.dtype.kind not in "biuf":
             raise CalibrationError(f"calibration input '{spec.name}' in '{source}' has dtype {array.dtype}; expected numbers ({spec.dtype})")
         if array.ndim != len(spec.dims):
@@ -108,13 +121,19 @@ def check_calibration(arrays: dict[str, np.ndarray], model: onnx.ModelProto, sou
         for axis, (got, want) in enumerate(zip(array.shape[1:], spec.dims[1:], strict=False), start=1):
             if want is not None and got != want:
                 raise CalibrationError(f"calibration input '{spec.name}' in '{source}' has size {got} on axis {axis}; the model expects {want} {_dims_text(spec.dims)}")
+        if array.dtype.kind == "f" and not np.isfinite(array).all():
+            raise CalibrationError(f"calibration input '{spec.name}' in '{source}' contains NaN or Inf values")
         if array.dtype != spec.dtype:
             if not np.can_cast(array.dtype, spec.dtype, casting="same_kind"):
                 raise CalibrationError(f"calibration input '{spec.name}' in '{source}' has dtype {array.dtype}, which cannot be cast safely to the model's {spec.dtype}")
             notes.append(f"calibration input '{spec.name}' cast from {array.dtype} to the model's {spec.dtype}")
-            array = array.astype(spec.dtype)
-        if array.dtype.kind == "f" and not np.isfinite(array).all():
-            raise CalibrationError(f"calibration input '{spec.name}' in '{source}' contains NaN or Inf values")
+            with np.errstate(over="ignore", invalid="ignore"):
+                cast = array.astype(spec.dtype)
+            if spec.dtype.kind == "f" and not np.isfinite(cast).all():
+                raise CalibrationError(f"calibration input '{spec.name}' in '{source}' has values outside the range of the model's {spec.dtype}")
+            if spec.dtype.kind in "iu" and not np.array_equal(cast.astype(array.dtype), array):
+                raise CalibrationError(f"calibration input '{spec.name}' in '{source}' has values outside the range of the model's {spec.dtype}")
+            array = cast
         checked[spec.name] = array
     counts = {len(a) for a in checked.values()}
     if len(counts) != 1:

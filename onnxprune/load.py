@@ -96,7 +96,12 @@ def save_model_atomic(model: onnx.ModelProto, path: str | Path, external_limit: 
         raise ModelError(f"output folder '{folder}' does not exist")
     if not os.access(folder, os.W_OK):
         raise ModelError(f"output folder '{folder}' is not writable")
-    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=folder))
+    if path.is_dir():
+        raise ModelError(f"output '{path}' is a folder, not a file name")
+    try:
+        staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=folder))
+    except OSError as exc:
+        raise ModelError(f"cannot write to output folder '{folder}': {exc.strerror or exc}") from None
     try:
         staged = staging / path.name
         if needs_external_data(model, external_limit):
@@ -110,6 +115,8 @@ def save_model_atomic(model: onnx.ModelProto, path: str | Path, external_limit: 
             staged.write_bytes(model.SerializeToString())
         _fsync(staged)
         os.replace(staged, path)
+    except OSError as exc:
+        raise ModelError(f"cannot write '{path}': {exc.strerror or exc}") from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
