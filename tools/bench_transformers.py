@@ -1,0 +1,174 @@
+"""Transformer benchmark (issue 4): one-shot pruning of FFN neurons and attention heads at
+10/20/30% of the FFN+attention parameters, no fine-tuning, SNP vs magnitude (l2), FLAP
+(fluct) and Wanda-sp (wanda), measured on held-out Wikipedia text:
+
+* all-MiniLM-L6-v2: cosine similarity of the mean-pooled sentence embeddings to the unpruned
+  model's;
+* SmolLM2-135M: perplexity on 512-token windows (the unpruned model's next to it).
+
+The statistics are computed once per model and shared by all methods and targets. Time and
+peak memory of pruning SmolLM2 on this machine are reported too.
+
+    python models/export_minilm.py && python models/export_smollm2.py   # once, into ~/.cache
+    python tools/bench_transformers.py [--models minilm smollm2] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "models"))
+
+import onnxprune  # noqa: E402
+from onnxprune.api import calibration_statistics, prepare  # noqa: E402
+from onnxprune.cost import count_params  # noqa: E402
+from onnxprune.shards import Statistics, model_digest  # noqa: E402
+
+CACHE = Path.home() / ".cache" / "onnxprune" / "models"
+METHODS = ("snp", "l2", "fluct", "wanda")
+
+
+def peak_rss_mb() -> float:
+    return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM")) / 1024
+
+
+def session(model: onnx.ModelProto | Path) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    source = str(model) if isinstance(model, Path) else model.SerializeToString()
+    return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+
+
+def prunable_params(prepared) -> int:
+    """Weights of the producers and consumers of the prunable spaces (FFN + attention)."""
+    index, names = prepared.index, set()
+    for space in prepared.analysis.prunable:
+        names.update(index.node(p).input[1] for p in space.producers)
+        names.update(index.node(c.node).input[c.weight_index] for c in space.consumers)
+    return int(sum(index.const(n).size for n in names))
+
+
+def minilm_fidelity(model, reference: np.ndarray, data: dict) -> dict:
+    sess = session(model)
+    names = {i.name for i in sess.get_inputs()}
+    feeds = {k: v for k, v in data.items() if k in names}
+    hidden = sess.run(None, feeds)[0]
+    mask = data["attention_mask"][..., None].astype(np.float64)
+    pooled = (hidden * mask).sum(1) / mask.sum(1)
+    cos = np.sum(pooled * reference, 1) / (np.linalg.norm(pooled, axis=1) * np.linalg.norm(reference, axis=1))
+    return {"cosine_mean": float(cos.mean()), "cosine_min": float(cos.min())}
+
+
+def run_model(name: str, path: Path, calib: dict, evaluation: dict, targets, methods, out: list) -> None:
+    print(f"== {name}: {path}", flush=True)
+    start = time.perf_counter()
+    prepared = prepare(path, calib, verify_samples=4)
+    stats = Statistics(model_digest(prepared.original), calibration_statistics(prepared))
+    calib_seconds = time.perf_counter() - start
+    share = prunable_params(prepared) / count_params(prepared.original)
+    print(f"   statistics of {prepared.calib_data.n_samples} windows in {calib_seconds:.0f} s; FFN+attention = {share:.1%} of the params", flush=True)
+    original = prepared.original
+    if name == "minilm":
+        sess = session(original)
+        names = {i.name for i in sess.get_inputs()}
+        hidden = sess.run(None, {k: v for k, v in evaluation.items() if k in names})[0]
+        mask = evaluation["attention_mask"][..., None].astype(np.float64)
+        reference = (hidden * mask).sum(1) / mask.sum(1)
+        out.append({"model": name, "method": "unpruned", "target": 0.0, "cosine_mean": 1.0})
+    else:
+        from export_smollm2 import perplexity
+
+        base = perplexity(session(original), evaluation["input_ids"])
+        out.append({"model": name, "method": "unpruned", "target": 0.0, "ppl": base["ppl"]})
+        print(f"   unpruned perplexity {base['ppl']:.2f} on {base['windows']} windows", flush=True)
+    for method in methods:
+        for target in targets:
+            start = time.perf_counter()
+            try:
+                model, report = onnxprune.prune(path, calib, params=target * share, method=method, statistics=stats, verify_samples=4)
+            except onnxprune.TargetError as exc:
+                out.append({"model": name, "method": method, "target": target, "error": str(exc)})
+                continue
+            seconds = time.perf_counter() - start
+            row = {"model": name, "method": method, "target": target, "prune_seconds": round(seconds, 1),
+                   "params_kept": round(report.params_after / report.params_before, 3),
+                   "heads_kept": sum(s.kept for s in report.spaces if not s.pinned and s.units <= 32),
+                   "heads": sum(s.units for s in report.spaces if not s.pinned and s.units <= 32)}
+            if name == "minilm":
+                row.update(minilm_fidelity(model, reference, evaluation))
+            else:
+                row["ppl"] = perplexity(session(model), evaluation["input_ids"])["ppl"]
+            out.append(row)
+            print("  ", json.dumps(row), flush=True)
+
+
+def markdown(rows: list[dict], targets) -> str:
+    lines = []
+    for model in dict.fromkeys(r["model"] for r in rows):
+        metric = "cosine_mean" if model == "minilm" else "ppl"
+        label = "mean cosine similarity to the unpruned embeddings (higher is better)" if model == "minilm" else "perplexity (lower is better)"
+        base = next(r for r in rows if r["model"] == model and r["method"] == "unpruned")
+        lines += [f"### {model}: {label}; unpruned {base[metric]:.4g}", "",
+                  "| method | " + " | ".join(f"{t:.0%} of FFN+attention params removed" for t in targets) + " |",
+                  "|---|" + "---:|" * len(targets)]
+        for method in dict.fromkeys(r["method"] for r in rows if r["model"] == model and r["method"] != "unpruned"):
+            cells = []
+            for t in targets:
+                row = next((r for r in rows if r["model"] == model and r["method"] == method and r["target"] == t), None)
+                cells.append("n/a" if row is None or metric not in row else f"{row[metric]:.4g}")
+            lines.append(f"| {method} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=["minilm", "smollm2"])
+    parser.add_argument("--methods", nargs="+", default=list(METHODS))
+    parser.add_argument("--targets", nargs="+", type=float, default=[0.1, 0.2, 0.3])
+    parser.add_argument("--calib-windows", type=int, default=32, help="SmolLM2 calibration windows of 512 tokens")
+    parser.add_argument("--eval-windows", type=int, default=16, help="SmolLM2 evaluation windows of 512 tokens")
+    parser.add_argument("--quick", action="store_true", help="MiniLM only, snp and l2 at 20%%")
+    parser.add_argument("--out", default=str(ROOT / "results" / "transformers"))
+    args = parser.parse_args()
+    if args.quick:
+        args.models, args.methods, args.targets = ["minilm"], ["snp", "l2"], [0.2]
+    rows: list[dict] = []
+    for name in args.models:
+        folder = CACHE / name
+        if name == "minilm":
+            path = folder / "minilm.dynamo.onnx"
+            calib, evaluation = dict(np.load(folder / "minilm_calib.npz")), dict(np.load(folder / "minilm_eval.npz"))
+        else:
+            path = folder / "smollm2.dynamo.onnx"
+            calib = {k: v[: args.calib_windows] for k, v in np.load(folder / "smollm2_calib.npz").items()}
+            evaluation = {k: v[: args.eval_windows] for k, v in np.load(folder / "smollm2_eval.npz").items()}
+        if not path.exists():
+            print(f"skipping {name}: {path} is missing (run models/export_{name}.py)")
+            continue
+        start = time.perf_counter()
+        run_model(name, path, calib, evaluation, args.targets, args.methods, rows)
+        rows.append({"model": name, "method": "_total", "seconds": round(time.perf_counter() - start), "peak_rss_mb": round(peak_rss_mb())})
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(rows, indent=1))
+    text = markdown([r for r in rows if r["method"] != "_total"], args.targets)
+    (out / "results.md").write_text(text)
+    print(text)
+    for r in rows:
+        if r["method"] == "_total":
+            print(f"{r['model']}: whole benchmark {r['seconds']} s, peak RSS {r['peak_rss_mb']} MB")
+
+
+if __name__ == "__main__":
+    main()
