@@ -163,6 +163,10 @@ class Analysis:
         return [(s.id, s.tensors[tensor].count()) for s in self.prunable if tensor in s.tensors]
 
 
+# Element-wise activations with a per-unit bias input (onnxruntime contrib ops): pass-throughs.
+BIASED_ACTIVATIONS = frozenset({"PRelu", "FastGelu", "BiasGelu", "QuickGelu"})
+HIDDEN_NORMS = frozenset({"LayerNormalization", "SimplifiedLayerNormalization", "SkipLayerNormalization", "SkipSimplifiedLayerNormalization", "RMSNormalization", "GroupNormalization"})
+FUSED_ATTENTION = frozenset({"Attention", "MultiHeadAttention", "GroupQueryAttention", "PackedAttention", "DecoderMaskedMultiHeadAttention", "EmbedLayerNormalization"})
 AXIS_MOVERS = frozenset({"Transpose", "Reshape", "Flatten", "Expand", "Unsqueeze", "Squeeze", *REDUCE_OPS})
 
 
@@ -470,7 +474,7 @@ class _Grower:
             "Squeeze": self._squeeze, "Expand": self._expand, "MatMul": self._batched_matmul,
             "Softmax": self._softmax, "LogSoftmax": self._softmax, "Shape": self._shape_reader,
         }
-        if op in BROADCAST_ELEMENTWISE or op == "PRelu":
+        if op in BROADCAST_ELEMENTWISE or op in BIASED_ACTIVATIONS:
             self._broadcast(node, name, placement)
         elif op in REDUCE_OPS:
             self._reduce(node, placement)
@@ -478,6 +482,10 @@ class _Grower:
             handlers[op](node, name, placement)
         elif op == "Conv":
             self.pin(f"grouped Conv '{label}' (group={get_attr(node, 'group', 1)}) couples units in blocks")
+        elif op in HIDDEN_NORMS:
+            self.pin(f"{op} '{label}' normalises over these units (a transformer's hidden size): not prunable by node pruning")
+        elif op in FUSED_ATTENTION:
+            self.pin(f"onnxruntime fused op {op} '{label}' hides the heads; export the model without fusion (e.g. before onnxruntime's transformer optimizer)")
         else:
             self.pin(f"{op} '{label}' on the unit axis is not supported")
 
@@ -546,7 +554,7 @@ class _Grower:
         axes = [a % rank for a in axes]
         axis = placement.axis
         if axis in axes:
-            self.pin(f"{node.op_type} '{label}' reduces over the units' axis")
+            self.pin(f"{node.op_type} '{label}' reduces over the units' axis (an RMSNorm/LayerNorm over a hidden size is not prunable by node pruning)")
             return
         out_axis = axis if get_attr(node, "keepdims", 1) else axis - sum(a < axis for a in axes)
         self._through(label, node.input[0], node.output[0], placement, placement.moved(out_axis))

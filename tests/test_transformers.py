@@ -183,3 +183,34 @@ def test_pruning_a_kv_group_shrinks_the_cache_io_and_generation_still_matches():
             pruned_first[name] = value[:, :1]
     for a, b in zip(generate(model, first), generate(pruned, pruned_first), strict=True):
         assert relative(a, b) < 1e-4
+
+
+def test_onnxruntime_fastgelu_is_a_pass_through_and_fused_attention_pins_clearly():
+    from onnx import TensorProto, helper
+
+    rng = np.random.default_rng(0)
+    w1, bias, w2 = (rng.normal(size=s).astype(np.float32) for s in ((8, 16), (16,), (16, 4)))
+    w1[:, 9], bias[9] = w1[:, 2], bias[2]
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"], name="up"),
+             helper.make_node("FastGelu", ["h", "bias"], ["a"], domain="com.microsoft", name="gelu"),
+             helper.make_node("MatMul", ["a", "w2"], ["y"], name="down")]
+    inits = [numpy_helper.from_array(v, n) for n, v in (("w1", w1), ("bias", bias), ("w2", w2))]
+    graph = helper.make_graph(nodes, "ffn", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    model.ir_version = 8
+    x = rng.normal(size=(200, 8)).astype(np.float32)
+    pruned, report = onnxprune.prune(model, {"x": x}, tolerance=1e-5)
+    assert (report.spaces[0].kept, report.spaces[0].units) == (15, 16)
+    assert relative(run(model, {"x": x[:5]})[0], run(pruned, {"x": x[:5]})[0]) < 1e-4
+    nodes[1] = helper.make_node("Attention", ["h", "bias"], ["a"], domain="com.microsoft", name="fused", num_heads=2)
+    fused = helper.make_model(helper.make_graph(nodes, "attn", graph.input, graph.output, inits),
+                              opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    reasons = onnxprune.inspect_model(fused).spaces[0].pinned
+    assert any("fused op Attention" in r for r in reasons)
+
+
+def test_hidden_size_is_pinned_with_the_reason():
+    found = spaces(load("bert_tiny.ts"), CALIB)
+    hidden = [s for s in found if s.units == 64]
+    assert any("not prunable by node pruning" in r for s in hidden for r in s.pinned)
