@@ -29,7 +29,7 @@ from .ops import (
     REDUCE_OPS,
     UNARY_PASS_THROUGH,
 )
-from .placement import Placement
+from .placement import Placement, Segment
 
 
 @dataclass(frozen=True)
@@ -231,19 +231,50 @@ class _Coarsen(Exception):  # noqa: N818 - control flow, not an error
         self.n = n
 
 
+class _Alias(Exception):  # noqa: N818 - control flow, not an error
+    """Two units of the space meet at the same position of a coupled tensor: they are one unit."""
+
+    def __init__(self, pairs: list[tuple[int, int]]):
+        super().__init__(pairs)
+        self.pairs = pairs
+
+
+def _aliases(known: Placement, new: Placement) -> list[tuple[int, int]]:
+    """Pairs of different units that the two placements put at the same position."""
+    if (known.axis, known.width, known.block) != (new.axis, new.width, new.block):
+        return []
+    at_known = dict(zip(known.unit_positions()[1].tolist(), known.unit_positions()[0].tolist(), strict=True))
+    units, positions = new.unit_positions()
+    return sorted({(at_known[p], u) for u, p in zip(units.tolist(), positions.tolist(), strict=True) if p in at_known and at_known[p] != u})
+
+
+def _root_placement(axis: int, labels: list[int], block: int) -> Placement:
+    """The producer's placement when its slots carry the units `labels` (aliased slots repeat units)."""
+    segments: list[Segment] = []
+    for slot, unit in enumerate(labels):
+        last = segments[-1] if segments else None
+        if last is not None and last.offset + (last.hi - last.lo) == slot and last.hi == unit:
+            segments[-1] = Segment(last.offset, last.lo, unit + 1)
+        else:
+            segments.append(Segment(slot, unit, unit + 1))
+    return Placement(axis, len(labels), tuple(segments), block)
+
+
 class _Grower:
     """Flood fill from one producer output over every tensor that carries its units."""
 
-    def __init__(self, index: GraphIndex, space: Space, claimed: dict[str, list[tuple[int, set[int]]]], exclude: list[str]):
+    def __init__(self, index: GraphIndex, space: Space, claimed: dict[str, list[tuple[int, set[int]]]], exclude: list[str],
+                 root: tuple[str, Placement] | None = None):
         self.index = index
         self.space = space
         self.claimed = claimed
         self.exclude = exclude
         self.queue: deque[str] = deque()
+        self.root = root  # (producer label, its placement) when it is not the identity
 
     def coarsen(self, factor: int, where: str) -> None:
         """Ask for units `factor` times coarser (whole heads instead of columns)."""
-        if factor > 1 and self.space.n % factor == 0:
+        if factor > 1 and self.space.n % factor == 0 and (self.root is None or self.root[1].is_identity(self.space.n)):
             raise _Coarsen(self.space.n // factor)
         self.pin(f"{where} splits the units into groups that do not divide {self.space.n}")
 
@@ -259,6 +290,9 @@ class _Grower:
                 return
             merged = known.merged(placement)
             if merged is None:
+                pairs = _aliases(known, placement)
+                if pairs:
+                    raise _Alias(pairs)  # e.g. fused QKV: q-head h and k-head h are one unit
                 self.pin(f"tensor '{name}' carries the units at conflicting positions")
                 return
             if merged == known:
@@ -301,7 +335,13 @@ class _Grower:
         if produced is not None and produced[0] == name:
             label = self.index.label(node)
             out_features = produced[2]
-            if out_features % self.space.n or placement != Placement.identity(produced[1], self.space.n, out_features // self.space.n):
+            if self.root is not None and label == self.root[0]:
+                expected = self.root[1]
+            elif out_features % self.space.n == 0:
+                expected = Placement.identity(produced[1], self.space.n, out_features // self.space.n)
+            else:
+                expected = None
+            if placement != expected:
                 self.pin(f"producer '{label}' writes {out_features} units that only partly belong to this space")
                 return
             if label not in self.space.producers:
@@ -618,9 +658,12 @@ class _Grower:
                 if out:
                     self.add(out, placement)
             return
-        windows = self._split_windows(node, placement.width)
-        if placement.block > 1:
-            windows = None
+        windows = self._split_windows(node, placement.size)
+        if windows is not None and placement.block > 1:  # sizes are in elements: whole units only
+            if any(a % placement.block or b % placement.block for a, b in windows):
+                windows = None
+            else:
+                windows = [(a // placement.block, b // placement.block) for a, b in windows]
         if windows is None or len(windows) != len(node.output):
             self.pin(f"Split '{label}' has sizes onnxprune cannot read")
             return
@@ -713,8 +756,9 @@ class _Grower:
         k = candidates[0]
         t = int(np.prod(to_shape[k + 1:], dtype=np.int64))
         if t % span == 0 and t > span:  # an output index holds several units: use whole groups
-            if placement.is_identity(self.space.n):
-                self.coarsen(t // span, label)
+            factor = t // span
+            if all(seg.offset % factor == 0 and seg.lo % factor == 0 and (seg.hi - seg.lo) % factor == 0 for seg in placement.segments):
+                self.coarsen(factor, label)
             self.pin(f"{label} groups units that are not all of this space")
             return None
         if span % t:
@@ -943,16 +987,26 @@ def analyse(model: onnx.ModelProto, exclude: list[str] | None = None, index: Gra
         if produced is None or produced[0] in claimed:
             continue
         out, axis, features = produced
-        n = features
-        for _ in range(8):  # regrow with coarser units when a Reshape groups them (heads)
+        slots = features
+        labels = list(range(slots))  # unit of each producer slot (aliases repeat a unit)
+        for _ in range(12):  # regrow: coarser units for heads, aliased units for fused QKV
+            n = max(labels) + 1
             space = Space(id=len(spaces), name=index.label(node), n=n)
             trial = {k: list(v) for k, v in claimed.items()}
-            grower = _Grower(index, space, trial, list(exclude or []))
+            root = _root_placement(axis, labels, features // slots)
+            grower = _Grower(index, space, trial, list(exclude or []), (index.label(node), root))
             try:
-                grower.add(out, Placement.identity(axis, n, features // n))
+                grower.add(out, root)
                 grower.run()
             except _Coarsen as coarser:
-                n = coarser.n
+                if n != slots:  # coarsening after aliasing: start again from whole groups of slots
+                    space.pinned.append("units are grouped by a Reshape after being aliased")
+                    break
+                slots = coarser.n
+                labels = list(range(slots))
+                continue
+            except _Alias as alias:
+                labels = _merge_labels(labels, alias.pairs)
                 continue
             claimed.clear()
             claimed.update(trial)
@@ -964,6 +1018,23 @@ def analyse(model: onnx.ModelProto, exclude: list[str] | None = None, index: Gra
         spaces.append(space)
     _pin_shared_shape_constants(spaces)
     return Analysis(spaces)
+
+
+def _merge_labels(labels: list[int], pairs: list[tuple[int, int]]) -> list[int]:
+    """Union the aliased units and renumber them 0.. in order of first appearance."""
+    parent = list(range(max(labels) + 1))
+
+    def find(u: int) -> int:
+        while parent[u] != u:
+            parent[u] = parent[parent[u]]
+            u = parent[u]
+        return u
+
+    for a, b in pairs:
+        parent[find(a)] = find(b)
+    roots = [find(u) for u in labels]
+    numbering = {r: i for i, r in enumerate(dict.fromkeys(roots))}
+    return [numbering[r] for r in roots]
 
 
 def _pin_shared_shape_constants(spaces: list[Space]) -> None:

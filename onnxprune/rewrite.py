@@ -236,7 +236,7 @@ class Rewriter:
                     target[record.position] = value
                 self.edits.set(record.node, record.input_index, target)
             else:
-                self._shrink_windows(record, removed[record.tensor])
+                self._shrink_windows(record, removed[record.tensor], blocks[record.tensor])
         for (label, slot), tensor in self.biases.items():  # biases that were created or broadcast by a fold
             if (label, slot) not in sliced and tensor in removed:
                 value = self.edits.get(label, slot)
@@ -267,9 +267,10 @@ class Rewriter:
             if attr.name == name:
                 attr.i = value
 
-    def _shrink_windows(self, update: WindowUpdate, removed: np.ndarray) -> None:
+    def _shrink_windows(self, update: WindowUpdate, removed: np.ndarray, block: int = 1) -> None:
+        """Split sizes / Slice bounds after the removal (windows are in unit slots of `block` elements)."""
         node = self.index.node(update.node)
-        shrunk = [(a - removed_count(removed, 0, a), b - removed_count(removed, 0, b)) for a, b in update.windows]
+        shrunk = [((a - removed_count(removed, 0, a)) * block, (b - removed_count(removed, 0, b)) * block) for a, b in update.windows]
         if node.op_type == "Slice":
             (start, stop), = shrunk
             rank = self.index.rank(node.input[0]) if self.index.shape(node.input[0]) else None

@@ -214,3 +214,30 @@ def test_hidden_size_is_pinned_with_the_reason():
     found = spaces(load("bert_tiny.ts"), CALIB)
     hidden = [s for s in found if s.units == 64]
     assert any("not prunable by node pruning" in r for s in hidden for r in s.pinned)
+
+
+@pytest.mark.parametrize("name", ["bert_tiny_fusedqkv.ts", "bert_tiny_fusedqkv.dynamo"])
+def test_fused_qkv_heads_are_units_and_a_planted_duplicate_head_goes(name):
+    model = load(name)
+    heads = next(s for s in spaces(model, CALIB) if "qkv" in s.producers[0] or s.units == 4)
+    assert heads.units == 4 and not heads.pinned, "q, k and v columns of a head are one unit"
+    d_head, hidden = 16, 64
+    for part in range(3):  # q, k, v blocks of the fused output: head 3 := head 0
+        index = GraphIndex(model, shapes={})
+        node = index.node(heads.producers[0])
+        names = [node.input[1]] + [i for u in index.uses.get(node.output[0], []) if u.node.op_type == "Add" for i in u.node.input if i in index.initializer_names]
+        tensors = {t.name: t for t in model.graph.initializer}
+        for tensor_name in names:
+            value = numpy_helper.to_array(tensors[tensor_name]).copy()
+            start = part * hidden
+            value[..., start + 3 * d_head:start + 4 * d_head] = value[..., start:start + d_head]
+            tensors[tensor_name].CopyFrom(numpy_helper.from_array(value, tensor_name))
+    pruned, report = onnxprune.prune(model, feeds_for(model, CALIB, slice(None)), tolerance=1e-5)
+    row = next(r for r in report.spaces if r.name == heads.name)
+    assert (row.kept, row.units) == (3, 4)
+    onnx.checker.check_model(pruned, full_check=True)
+    feeds = feeds_for(model, CALIB, slice(0, 4), seq=20)
+    assert relative(run(model, feeds)[0], run(pruned, feeds)[0]) < 1e-4
+    fused = GraphIndex(pruned, shapes={}).node(heads.producers[0])
+    weight = next(t for t in pruned.graph.initializer if t.name == fused.input[1])
+    assert list(weight.dims) == [hidden, 3 * 3 * d_head], "three heads of q, k and v stay"
