@@ -34,12 +34,20 @@ from onnxprune.recovery import fit_recovery  # noqa: E402
 from onnxprune.score import block_pivoted_order, cholesky_energy, pivoted_order  # noqa: E402
 from onnxprune.stats import SiteStats  # noqa: E402
 
+IMAGENET = Path.home() / ".cache" / "onnxprune" / "imagenet"  # python models/build_imagenet.py
 MODELS = {
     "vgg_bn": (ROOT / "models/vgg_bn.ts.onnx", (1, 28, 28)),
     "resnet18s": (ROOT / "models/zoo/resnet18s.ts.onnx", (3, 32, 32)),
     "mobilenetv2s": (ROOT / "models/zoo/mobilenetv2s.ts.onnx", (3, 32, 32)),
     "resnet_fmnist": (ROOT / "models/resnet_fmnist.ts.onnx", (1, 28, 28)),
+    "mobilenet_v2": (IMAGENET / "mobilenet_v2.ts.onnx", (3, 224, 224)),
+    "efficientnet_lite0": (IMAGENET / "efficientnet_lite0.ts.onnx", (3, 224, 224)),
 }
+
+
+def sample_count(shape: tuple[int, ...], wanted: int) -> int:
+    """Fewer samples for ImageNet-sized inputs (memory), the same statistics per pixel row."""
+    return wanted if int(np.prod(shape)) < 10_000 else max(64, wanted // 8)
 THREADS = 2
 
 
@@ -128,7 +136,7 @@ def latency(sess: ort.InferenceSession, key: str, x: np.ndarray, repeats: int) -
 
 def pruned_speed(name: str, path: Path, shape, targets: list[float], rounds: list[int], repeats: int) -> list[dict]:
     key = input_name(path)
-    calib = {key: samples(shape, 512)}
+    calib = {key: samples(shape, sample_count(shape, 512))}
     original = session(path)
     rows = []
     for target in targets:
@@ -204,7 +212,7 @@ def markdown(results: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a small smoke run")
-    parser.add_argument("--models", nargs="+", default=["vgg_bn", "resnet18s", "mobilenetv2s", "resnet_fmnist"])
+    parser.add_argument("--models", nargs="+", default=["vgg_bn", "resnet_fmnist", "mobilenetv2s", "mobilenet_v2", "efficientnet_lite0"])
     parser.add_argument("--wide", nargs="+", type=int, default=[4096, 8192, 16384], help="layer widths for item 4")
     parser.add_argument("--out", default=str(ROOT / "results" / "speed"))
     args = parser.parse_args()
@@ -212,9 +220,9 @@ def main() -> None:
     targets, rounds, repeats = ([0.5], [1, 8], 10) if args.quick else ([0.3, 0.5, 0.7], [1, 8, 16], 30)
     counts = [256, 1024] if args.quick else [256, 1024, 4096]
     results = {"threads": THREADS, "onnxruntime": ort.__version__}
-    results["tool_time"] = [tool_time(m, *MODELS[m], n=512 if args.quick else 2048, batch=32) for m in models]
+    results["tool_time"] = [tool_time(m, *MODELS[m], n=sample_count(MODELS[m][1], 512 if args.quick else 2048), batch=32) for m in models]
     print(json.dumps(results["tool_time"], indent=1), flush=True)
-    results["memory"] = [memory(m, *MODELS[m], counts) for m in models[:2]]
+    results["memory"] = [memory(m, *MODELS[m], counts) for m in models if int(np.prod(MODELS[m][1])) < 10_000][:2]
     print(json.dumps(results["memory"], indent=1), flush=True)
     results["speed"] = [row for m in models for row in pruned_speed(m, *MODELS[m], targets, rounds, repeats)]
     results["scale"] = wide_layers([4096] if args.quick else args.wide)
