@@ -117,9 +117,6 @@ def prune(
         prepared = prepare(model, calib, exclude, batch_size, verify_samples, image_options, calib_samples)
     warnings.extend(prepared.warnings)
     original, analysis, index = prepared.original, prepared.analysis, prepared.index
-    with _stage(seconds, "analyse"):
-        cost = build_cost_model(index, analysis, recovery=method in RECOVERY)
-
     stats: dict[str, SiteStats] = {}
     if method in STATS_METHODS:
         with _stage(seconds, "calibrate"):
@@ -131,7 +128,15 @@ def prune(
                 stats = collect_sharded(model, calib, max(workers, 1), scheduler, prepare_options(exclude, batch_size, verify_samples, image_options, calib_samples)).for_model(prepared)
             else:
                 stats = calibration_statistics(prepared, progress=progress)
-        warnings.extend(rank_warnings(analysis, stats))
+        warnings.extend(pin_undersampled(analysis, stats))
+        if not analysis.prunable:
+            needed = max(space.tensors[t].size + 1 for space in analysis.spaces for t in space.sites if t in stats)
+            raise CalibrationError(
+                f"nothing can be pruned with {prepared.calib_data.n_samples} calibration samples: every space saw fewer rows "
+                f"than it has units (up to {needed} rows needed); give more samples"
+            )
+    with _stage(seconds, "analyse"):
+        cost = build_cost_model(index, analysis, recovery=method in RECOVERY)
 
     with _stage(seconds, "score"):
         scores = {s.id: score_space(s, stats, index, method, order, seed) for s in analysis.prunable}
@@ -223,13 +228,26 @@ def calibration_statistics(prepared: Prepared, shard: tuple[int, int] | None = N
     return collect_stats(prepared.original, sites, ranks, data.batches(prepared.batch_size), advance)
 
 
-def rank_warnings(analysis: Analysis, stats: dict[str, SiteStats]) -> list[str]:
-    return [
-        f"site '{site.tensor}' saw {stats[site.tensor].count} rows for {site.width} units: "
-        "its statistics are rank-deficient (regularised); give more calibration samples"
-        for site in analysis.sites()
-        if stats[site.tensor].count <= site.width
-    ]
+WELL_SAMPLED = 4  # rows per unit below which a site's statistics are flagged as noisy
+
+
+def pin_undersampled(analysis: Analysis, stats: dict[str, SiteStats]) -> list[str]:
+    """Pin spaces whose statistics cannot tell redundancy from missing data, warn on thin ones.
+
+    With fewer rows than units, any unit beyond the rank looks exactly redundant (zero energy)
+    only because it was not observed (e.g. a 1280-channel head after global pooling with 256
+    images): such spaces are pinned, with the number of samples needed."""
+    warnings = []
+    for space in analysis.prunable:
+        for tensor in space.sites:
+            rows, width = stats[tensor].count, space.tensors[tensor].size
+            if rows <= width:
+                space.pinned.append(f"site '{tensor}' saw only {rows} rows for {width} units: give at least {width + 1} calibration rows (samples x positions) to prune it")
+                warnings.append(f"space '{space.name}' is not pruned: its site '{tensor}' saw {rows} rows for {width} units; give more calibration samples")
+                break
+            if rows < WELL_SAMPLED * width:
+                warnings.append(f"site '{tensor}' saw {rows} rows for {width} units: its statistics are noisy; more calibration samples help")
+    return warnings
 
 
 def fit_recoveries(analysis: Analysis, plan: Plan, stats: dict[str, SiteStats], kind: str = "lsq") -> dict[tuple[int, str], Recovery]:

@@ -90,7 +90,8 @@ def verify(
     plain = run_model(pruned, pruned_data, batch_size, optimize=False)
     for name, value in optimised.items():  # onnxruntime's graph optimisations must not change the result
         scale = max(float(np.abs(value).max(initial=0.0)), 1e-12)
-        if not np.allclose(value, plain[name], rtol=1e-3, atol=1e-4 * scale):
+        rtol = 1e-3 if value.dtype.itemsize >= 4 else 3e-2  # half precision kernels round differently
+        if not np.allclose(value, plain[name], rtol=rtol, atol=rtol * 0.1 * scale):
             raise ModelError(f"the pruned model's output '{name}' differs with onnxruntime optimisations on and off; not writing it")
     return compare_outputs(reference, optimised)
 

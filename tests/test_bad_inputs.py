@@ -310,15 +310,21 @@ def test_safe_casts_warn_and_succeed(env: Env, capsys, dtype) -> None:
     assert "cast" in lines[0] and np.dtype(dtype).name in lines[0] and "float32" in lines[0] and "'x'" in lines[0], lines[0]
 
 
-def test_fewer_samples_than_units_warns_and_gives_a_valid_model(env: Env, capsys) -> None:
-    """12 samples (11 for calibration, 1 held out) for layers of 24 and 12 units: the statistics
-    are rank-deficient; onnxprune regularises, says so per site, and still writes a valid model."""
+def test_fewer_samples_than_units_everywhere_is_refused_with_the_number_needed(env: Env, capsys) -> None:
+    """12 samples (11 for calibration, 1 held out) for layers of 24 and 12 units: with fewer rows
+    than units a unit looks redundant only because it was not observed, so nothing is pruned."""
     calib = env.npz("few.npz", x=env.data[:12])
-    err, pruned = succeeded(env, capsys, [env.model, "--calib", calib, "--ratio", "0.2"])
+    refused(env, capsys, [env.model, "--calib", calib, "--ratio", "0.2"], "11 calibration samples", "25 rows needed")
+
+
+def test_an_undersampled_space_is_pinned_and_the_rest_pruned(env: Env, capsys) -> None:
+    """20 samples (18 for calibration, 2 held out): the 24-unit layer cannot be judged and is pinned with the
+    number needed; the 12-unit layer is pruned with a warning that its statistics are thin."""
+    calib = env.npz("few.npz", x=env.data[:20])
+    err, pruned = succeeded(env, capsys, [env.model, "--calib", calib, "--ratio", "0.1"])
     lines = warnings_in(err)
-    assert len(lines) == 2, lines
-    assert all("rank-deficient" in line and "11 rows" in line for line in lines), lines
-    assert any("24 units" in line for line in lines) and any("12 units" in line for line in lines), lines
+    assert any("18 rows for 24 units" in line and "not pruned" in line for line in lines), lines
+    assert any("18 rows for 12 units" in line and "noisy" in line for line in lines), lines
     assert np.isfinite(run(pruned, env.data[:5])).all()
 
 

@@ -90,18 +90,18 @@ def test_cli_prunes_from_a_folder_of_photos(photo_folder, tmp_path):
 
 
 def test_data_loader_script(tmp_path):
-    calib = np.load(MODELS / "data" / "fmnist_calib_flat.npz")["input"][:96]
+    calib = np.load(MODELS / "data" / "fmnist_calib_flat.npz")["input"][:400]  # > 256 rows for the 256-unit layer
     np.save(tmp_path / "samples.npy", calib)
     script = tmp_path / "loader.py"
     script.write_text(
         "import numpy as np, pathlib\n"
         "def load_data():\n"
         "    x = np.load(pathlib.Path(__file__).with_name('samples.npy'))\n"
-        "    for i in range(0, len(x), 10):\n"
-        "        yield {'input': x[i:i + 10]}\n"
+        "    for i in range(0, len(x), 50):\n"
+        "        yield {'input': x[i:i + 50]}\n"
     )
-    from_script = calibration_statistics(prepare(MODELS / "mlp.ts.onnx", f"{script}:load_data", verify_samples=16))
-    from_arrays = calibration_statistics(prepare(MODELS / "mlp.ts.onnx", {"input": calib}, verify_samples=16))
+    from_script = calibration_statistics(prepare(MODELS / "mlp.ts.onnx", f"{script}:load_data", verify_samples=40))
+    from_arrays = calibration_statistics(prepare(MODELS / "mlp.ts.onnx", {"input": calib}, verify_samples=40))
     for site in from_arrays:
         np.testing.assert_allclose(from_script[site].gram, from_arrays[site].gram, rtol=1e-9)
     out = tmp_path / "mlp.pruned.onnx"
