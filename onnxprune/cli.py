@@ -82,7 +82,10 @@ def build_parser() -> argparse.ArgumentParser:
     target.add_argument("--tolerance", type=_fraction, help=f"remove every unit whose normalised energy loss is <= T (default {DEFAULT_TOLERANCE} when no target is given)")
     parser.add_argument("--method", choices=METHODS, default="snp", help="pruning criterion: snp (default); lsq = weight-magnitude order + LS recovery; fluct = FLAP (fluctuation x weight norm, mean compensation); wanda = Wanda-sp (|W| x ||X||); l1/l2/variance/random = baselines without recovery")
     parser.add_argument("--order", choices=ORDERS, default="pivoted", help="SNP unit order: greedy pivoted Cholesky (default), weighted by consumer weights, by variance, or by residual score")
-    parser.add_argument("--round-to", type=int, default=1, metavar="N", help="keep a multiple of N units per layer (8 suits TensorRT/GEMM kernels)")
+    parser.add_argument("--round-to", type=int, default=8, metavar="N",
+                        help="keep a multiple of N units per layer (default 8: GPU engines such as TensorRT and cuDNN pick "
+                        "tensor-core GEMM/conv kernels for channel counts that are multiples of 8, so other counts can be "
+                        "slower than the original; layers narrower than N are kept whole; use 1 for exact targets)")
     parser.add_argument("--min-keep", type=float, default=1, metavar="K", help="per-layer floor: K units, or a fraction of the layer's units when K < 1 (default 1)")
     parser.add_argument("--exclude", action="append", default=[], metavar="PATTERN", help="never prune the units of producer nodes matching this name pattern (fnmatch; repeatable)")
     parser.add_argument("--batch-size", type=int, default=32, metavar="B", help="samples per onnxruntime run (default 32)")

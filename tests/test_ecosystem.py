@@ -84,7 +84,7 @@ def test_cli_prunes_from_a_folder_of_photos(photo_folder, tmp_path):
     onnx.save(rgb_cnn(), model_path)
     out = tmp_path / "cnn.pruned.onnx"
     args = [str(model_path), "--calib", str(photo_folder), "--input-size", "32,32", "--mean", ",".join(map(str, MEAN)),
-            "--std", ",".join(map(str, STD)), "--ratio", "0.3", "--verify-samples", "2", "-o", str(out), "-q"]
+            "--std", ",".join(map(str, STD)), "--ratio", "0.3", "--round-to", "1", "--verify-samples", "2", "-o", str(out), "-q"]
     assert main(args) == 0
     onnx.checker.check_model(onnx.load(out), full_check=True)
 
@@ -159,6 +159,13 @@ def test_output_keeps_opset_ir_and_dynamic_batch():
     assert all(t.name in used for t in model.graph.initializer), "no leftover initializers"
     produced = {o for n in model.graph.node for o in n.output}
     assert all(v.name in produced for v in model.graph.value_info), "no stale value_info"
+
+
+def test_cli_rounds_kept_units_to_multiples_of_8_by_default(tmp_path):
+    out = tmp_path / "vgg.onnx"
+    assert main([str(MODELS / "vgg_bn.ts.onnx"), "--calib", str(MODELS / "data" / "fmnist_calib.npz"), "-o", str(out), "--ratio", "0.4", "--report", str(tmp_path / "r.json"), "-q"]) == 0
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert all(row["kept"] % 8 == 0 or row["kept"] == row["units"] for row in report["spaces"])
 
 
 def test_python_m_and_version():

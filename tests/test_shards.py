@@ -62,7 +62,7 @@ def test_prune_with_saved_shards_matches_prune_with_calibration(tmp_path):
                 "--verify-samples", "32", "--calib-samples", "160"]
         assert main(args) == 0
     out = tmp_path / "pruned.onnx"
-    args = [str(VGG), "--calib", str(CALIB), "--stats", *map(str, paths), "-o", str(out), "--ratio", "0.4",
+    args = [str(VGG), "--calib", str(CALIB), "--stats", *map(str, paths), "-o", str(out), "--ratio", "0.4", "--round-to", "1",
             "--verify-samples", "32", "--calib-samples", "160", "-q"]
     assert main(args) == 0
     direct, _ = onnxprune.prune(VGG, CALIB, ratio=0.4, **OPTIONS)
