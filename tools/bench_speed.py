@@ -123,11 +123,11 @@ def memory(name: str, path: Path, shape, counts: list[int]) -> dict:
 
 
 # -- 3. pruned-model latency ---------------------------------------------------------------------
-def latency(sess: ort.InferenceSession, key: str, x: np.ndarray, repeats: int) -> float:
-    for _ in range(3):
-        sess.run(None, {key: x})
-    times = []
-    for _ in range(repeats):
+def latency(sess: ort.InferenceSession, key: str, x: np.ndarray, repeats: int, budget_s: float = 1.5) -> float:
+    """Median latency over up to `repeats` runs (at least 3, at most ~budget_s seconds)."""
+    sess.run(None, {key: x})
+    times: list[float] = []
+    while len(times) < repeats and (len(times) < 3 or sum(times) < budget_s):
         start = time.perf_counter()
         sess.run(None, {key: x})
         times.append(time.perf_counter() - start)
