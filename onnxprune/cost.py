@@ -45,8 +45,8 @@ def count_macs(index: GraphIndex) -> int:
 
 def count_params(model: onnx.ModelProto) -> int:
     """Elements of all float initializers and Constant-node tensors (weights, biases, BN)."""
-    index = GraphIndex(model, shapes={})
-    return int(sum(v.size for v in index.constants.values() if v.dtype.kind == "f"))
+    constants = GraphIndex(model, shapes={}).constants
+    return int(sum(constants.size(name) for name in constants if constants.dtype(name).kind == "f"))
 
 
 @dataclass
@@ -132,9 +132,10 @@ def build_cost_model(index: GraphIndex, analysis: Analysis, recovery: bool = Tru
             term = CostTerm(macs, tuple(sorted(node_tensors.get(label, ()))))
             model.macs_terms.append(term)
             model.node_macs[label] = term
-    for name, value in index.constants.items():
-        if value.dtype.kind == "f":
-            model.params_terms.append(CostTerm(int(value.size), tuple(sorted(const_tensors.get(name, ())))))
+    constants = index.constants
+    for name in constants:
+        if constants.dtype(name).kind == "f":
+            model.params_terms.append(CostTerm(constants.size(name), tuple(sorted(const_tensors.get(name, ())))))
     if recovery:
         model.params_terms.extend(_missing_bias_terms(index, analysis, node_tensors))
     return model

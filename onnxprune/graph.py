@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -33,6 +34,48 @@ def get_attr(node: onnx.NodeProto, name: str, default=None):
     return default
 
 
+def tensor_size(tensor: onnx.TensorProto) -> int:
+    return int(np.prod(tensor.dims, dtype=np.int64)) if tensor.dims else 1
+
+
+class Constants(Mapping):
+    """name -> NumPy value of initializers, Constant nodes and folded subgraphs, converted on
+    first access: a large model's weights are not all copied up front."""
+
+    def __init__(self, tensors: dict[str, onnx.TensorProto]):
+        self.tensors = tensors
+        self.values: dict[str, np.ndarray] = {}
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        value = self.values.get(name)
+        if value is None:
+            value = self.values[name] = numpy_helper.to_array(self.tensors[name])
+        return value
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.values or name in self.tensors
+
+    def __iter__(self):
+        return iter(dict.fromkeys([*self.tensors, *self.values]))
+
+    def __len__(self) -> int:
+        return len(set(self.tensors) | set(self.values))
+
+    def add(self, name: str, value: np.ndarray) -> None:
+        self.values[name] = value
+
+    def size(self, name: str) -> int:
+        return int(self.values[name].size) if name in self.values else tensor_size(self.tensors[name])
+
+    def dtype(self, name: str) -> np.dtype:
+        if name in self.values:
+            return self.values[name].dtype
+        return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(self.tensors[name].data_type))
+
+    def dims(self, name: str) -> tuple[int, ...]:
+        return tuple(self.values[name].shape) if name in self.values else tuple(int(d) for d in self.tensors[name].dims)
+
+
 class GraphIndex:
     """Maps every tensor of the main graph to its producer, consumers, value and shape."""
 
@@ -51,10 +94,8 @@ class GraphIndex:
         self.by_label: dict[str, onnx.NodeProto] = {self.labels[id(n)]: n for n in self.nodes}
         self.producer: dict[str, onnx.NodeProto] = {}
         self.uses: dict[str, list[Use]] = defaultdict(list)
-        self.constants: dict[str, np.ndarray] = {}
+        self.constants = Constants({t.name: t for t in graph.initializer})
         self.initializer_names = {t.name for t in graph.initializer}
-        for init in graph.initializer:
-            self.constants[init.name] = numpy_helper.to_array(init)
         for node in self.nodes:
             for out in node.output:
                 if out:
@@ -65,13 +106,14 @@ class GraphIndex:
             if node.op_type == "Constant" and node.output:
                 value = _constant_node_value(node)
                 if value is not None:
-                    self.constants[node.output[0]] = value
-        self.constants.update(fold_constants(self.nodes, self.constants))
+                    self.constants.add(node.output[0], value)
+        for name, value in fold_constants(self.nodes, self.constants).items():
+            self.constants.add(name, value)
         self.graph_inputs = [i.name for i in graph.input if i.name not in self.initializer_names]
         self.graph_outputs = [o.name for o in graph.output]
         self.shapes: dict[str, Shape] = shapes if shapes is not None else infer_shapes(model)
-        for name, value in self.constants.items():
-            self.shapes.setdefault(name, tuple(int(d) for d in value.shape))
+        for name in self.constants:
+            self.shapes.setdefault(name, self.constants.dims(name))
 
     def label(self, node: onnx.NodeProto) -> str:
         return self.labels[id(node)]
@@ -117,18 +159,22 @@ FOLDABLE = frozenset({
 FOLD_LIMIT = 4096
 
 
-def fold_constants(nodes: list[onnx.NodeProto], constants: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+def fold_constants(nodes: list[onnx.NodeProto], constants: Constants) -> dict[str, np.ndarray]:
     """Values of the outputs of small nodes whose inputs are all constant."""
     from onnx.reference import ReferenceEvaluator
 
-    known = dict(constants)
     folded: dict[str, np.ndarray] = {}
+
+    def size(name: str) -> int:
+        return int(folded[name].size) if name in folded else constants.size(name)
+
     for node in nodes:
         inputs = [i for i in node.input if i]
         if node.op_type not in FOLDABLE or node.domain not in ("", "ai.onnx") or not inputs or len(node.output) != 1:
             continue
-        if not all(i in known for i in inputs) or sum(known[i].size for i in inputs) > FOLD_LIMIT:
+        if not all(i in folded or i in constants for i in inputs) or sum(size(i) for i in inputs) > FOLD_LIMIT:
             continue
+        known = {i: folded[i] if i in folded else constants[i] for i in dict.fromkeys(inputs)}
         try:
             graph = onnx.helper.make_graph(
                 [node], "fold",
@@ -140,25 +186,51 @@ def fold_constants(nodes: list[onnx.NodeProto], constants: dict[str, np.ndarray]
             continue
         value = np.asarray(value)
         if value.size <= FOLD_LIMIT:
-            known[node.output[0]] = folded[node.output[0]] = value
+            folded[node.output[0]] = value
     return folded
+
+
+def weightless_skeleton(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]]) -> onnx.ModelProto:
+    """The graph without its large weights (declared as inputs of the same type and shape) and
+    with the given input shapes: shape inference needs no weights, and copying them is costly."""
+    skeleton = onnx.ModelProto()
+    skeleton.ir_version = model.ir_version
+    skeleton.opset_import.extend(model.opset_import)
+    graph = skeleton.graph
+    graph.node.extend(model.graph.node)
+    graph.input.extend(model.graph.input)
+    graph.output.extend(model.graph.output)
+    graph.value_info.extend(model.graph.value_info)
+    declared = {i.name for i in model.graph.input}
+    for tensor in model.graph.initializer:
+        if tensor_size(tensor) <= FOLD_LIMIT and not tensor.external_data:
+            graph.initializer.append(tensor)
+        elif tensor.name not in declared:
+            graph.input.append(onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, list(tensor.dims)))
+    return fix_input_shapes(skeleton, input_shapes)
 
 
 def static_shapes(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]]) -> dict[str, Shape]:
     """Shapes of every tensor with the inputs fixed and small constant subgraphs folded."""
-    fixed = fix_input_shapes(model, input_shapes)
-    constants = {t.name: numpy_helper.to_array(t) for t in fixed.graph.initializer}
-    constants.update({n.output[0]: v for n in fixed.graph.node if n.op_type == "Constant" and (v := _constant_node_value(n)) is not None})
-    folded = fold_constants(list(fixed.graph.node), constants)
+    skeleton = weightless_skeleton(model, input_shapes)
+    constants = Constants({t.name: t for t in skeleton.graph.initializer})
+    for node in skeleton.graph.node:
+        if node.op_type == "Constant" and (value := _constant_node_value(node)) is not None:
+            constants.add(node.output[0], value)
+    folded = fold_constants(list(skeleton.graph.node), constants)
     if folded:
-        kept = [n for n in fixed.graph.node if not (n.output and all(o in folded for o in n.output))]
-        del fixed.graph.node[:]
-        fixed.graph.node.extend(kept)
-        fixed.graph.initializer.extend(numpy_helper.from_array(v, k) for k, v in folded.items())
-    shapes = infer_shapes(fixed)
-    missing = [o for n in fixed.graph.node for o in n.output if o and (o not in shapes or None in shapes[o])]
+        kept = [n for n in skeleton.graph.node if not (n.output and all(o in folded for o in n.output))]
+        del skeleton.graph.node[:]
+        skeleton.graph.node.extend(kept)
+        skeleton.graph.initializer.extend(numpy_helper.from_array(v, k) for k, v in folded.items())
+    shapes, types = infer_shapes(skeleton, with_types=True)
+    floats = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16}
+    missing = [  # tensors that can carry units: float activations whose shape inference left open
+        o for n in skeleton.graph.node for o in n.output
+        if o and (o not in shapes or None in shapes[o]) and types.get(o, onnx.TensorProto.FLOAT) in floats
+    ]
     if missing:
-        shapes.update(probe_shapes(fixed, input_shapes, missing))
+        shapes.update(probe_shapes(model, input_shapes, missing))
     return shapes
 
 
@@ -194,19 +266,23 @@ def _dims(type_proto: onnx.TypeProto) -> Shape | None:
     )
 
 
-def infer_shapes(model: onnx.ModelProto) -> dict[str, Shape]:
-    """Static shapes of every tensor onnx can infer (unknown dims are None)."""
+def infer_shapes(model: onnx.ModelProto, with_types: bool = False):
+    """Static shapes of every tensor onnx can infer (unknown dims are None); with `with_types`
+    also their element types."""
     try:
         inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
     except Exception:  # noqa: BLE001 - shape inference is best effort; analysis pins what it cannot see
         inferred = model
     shapes: dict[str, Shape] = {}
+    types: dict[str, int] = {}
     graph = inferred.graph
     for value in list(graph.input) + list(graph.value_info) + list(graph.output):
         dims = _dims(value.type)
         if dims is not None:
             shapes[value.name] = dims
-    return shapes
+        if value.type.HasField("tensor_type") and value.type.tensor_type.elem_type:
+            types[value.name] = value.type.tensor_type.elem_type
+    return (shapes, types) if with_types else shapes
 
 
 def fix_input_shapes(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]]) -> onnx.ModelProto:
