@@ -22,7 +22,7 @@ from .plan import Plan, Target, make_plan
 from .recovery import Recovery, fit_recovery, mean_recovery
 from .report import PruneReport, SpaceRow
 from .rewrite import cache_io_changes, rewrite
-from .score import METHODS, ORDERS, RECOVERY, STATS_METHODS, score_space
+from .score import DEFAULT_ORDER, METHODS, ORDERS, RECOVERY, STATS_METHODS, score_space
 from .shards import Statistics
 from .sources import ImageOptions
 from .stats import SiteStats
@@ -79,7 +79,7 @@ def prune(
     params: float | None = None,
     tolerance: float | None = None,
     method: str = "snp",
-    order: str = "pivoted",
+    order: str = DEFAULT_ORDER,
     round_to: int = 1,
     min_keep: float = 1,
     exclude: list[str] | tuple[str, ...] = (),

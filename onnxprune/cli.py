@@ -17,7 +17,7 @@ from .api import DEFAULT_TOLERANCE, prune
 from .errors import OnnxPruneError
 from .inspect import inspect_model
 from .load import default_output_path, save_model_atomic
-from .score import METHODS, ORDERS
+from .score import DEFAULT_ORDER, METHODS, ORDERS
 from .shards import Statistics, partial_statistics
 from .sources import ImageOptions
 
@@ -81,7 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
     target.add_argument("--params", type=_fraction, help="fraction of the model's parameters to REMOVE (0..1)")
     target.add_argument("--tolerance", type=_fraction, help=f"remove every unit whose normalised energy loss is <= T (default {DEFAULT_TOLERANCE} when no target is given)")
     parser.add_argument("--method", choices=METHODS, default="snp", help="pruning criterion: snp (default); lsq = weight-magnitude order + LS recovery; fluct = FLAP (fluctuation x weight norm, mean compensation); wanda = Wanda-sp (|W| x ||X||); l1/l2/variance/random = baselines without recovery")
-    parser.add_argument("--order", choices=ORDERS, default="pivoted", help="SNP unit order: greedy pivoted Cholesky (default), weighted by consumer weights, by variance, or by residual score")
+    parser.add_argument("--order", choices=ORDERS, default=DEFAULT_ORDER,
+                        help="SNP unit order: weighted = greedy pivoted Cholesky on the activations scaled by the consumer weights "
+                        "(default: best at <= 30%% MACs removed, docs/benchmark.md); pivoted = on the activations alone (better "
+                        "when pruning harder); variance; residual")
     parser.add_argument("--round-to", type=int, default=8, metavar="N",
                         help="keep a multiple of N units per layer (default 8: GPU engines such as TensorRT and cuDNN pick "
                         "tensor-core GEMM/conv kernels for channel counts that are multiples of 8, so other counts can be "

@@ -14,6 +14,7 @@ from .placement import expand_blocks
 from .stats import SiteStats
 
 ORDERS = ("pivoted", "weighted", "variance", "residual")
+DEFAULT_ORDER = "weighted"  # measured: docs/benchmark.md (order ablation)
 METHODS = ("snp", "lsq", "fluct", "wanda", "l1", "l2", "variance", "random")
 # How each method compensates the pruned units: least squares, their mean (FLAP), or not at all.
 RECOVERY = {"snp": "lsq", "lsq": "lsq", "fluct": "mean"}
@@ -169,7 +170,7 @@ def score_space(
     stats: dict[str, SiteStats],
     index: GraphIndex,
     method: str = "snp",
-    order: str = "pivoted",
+    order: str = DEFAULT_ORDER,
     seed: int = 0,
 ) -> SpaceScore:
     """Order a space's units and give each its energy, for the chosen method."""
