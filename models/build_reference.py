@@ -29,10 +29,8 @@ from __future__ import annotations
 
 import collections
 import json
-import random
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -58,6 +56,14 @@ SEED = 0
 EPOCHS = {"vgg_bn": 5, "mlp": 10}
 BATCH = 128
 LR = 1e-3
+from functools import partial  # noqa: E402
+
+import torch_export  # noqa: E402
+from torch_export import embed_external_data, seed_everything, value_shape  # noqa: E402
+
+export_torchscript = partial(torch_export.export_torchscript, output_name="logits")
+export_dynamo = partial(torch_export.export_dynamo, output_name="logits")
+
 TS_OPSET = 17
 DYNAMO_OPSET = 18
 N_CALIB = 512
@@ -102,12 +108,6 @@ class MLP(nn.Module):
 
 
 # --------------------------------------------------------------------------- helpers
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
 def train(model: nn.Module, x: np.ndarray, y: np.ndarray, epochs: int, seed: int) -> None:
     xt = torch.from_numpy(x)
     yt = torch.from_numpy(y)
@@ -153,23 +153,6 @@ def ort_predict(path: Path, x: np.ndarray) -> np.ndarray:
     return np.concatenate(outs)
 
 
-def _shape(vi: onnx.ValueInfoProto) -> list:
-    return [d.dim_param if d.dim_param else d.dim_value for d in vi.type.tensor_type.shape.dim]
-
-
-def embed_external_data(path: Path) -> None:
-    """Make sure every initializer lives inside the .onnx file."""
-    model = onnx.load(str(path), load_external_data=True)
-    ext = [t.name for t in model.graph.initializer
-           if t.data_location == onnx.TensorProto.EXTERNAL]
-    stray = sorted(p for p in path.parent.glob(path.name + "*") if p != path)
-    if ext or stray:
-        onnx.save_model(model, str(path), save_as_external_data=False)
-        for p in stray:
-            p.unlink()
-        print(f"  re-saved {path.name} with embedded weights ({len(ext)} external tensors)")
-
-
 def describe(path: Path) -> dict:
     model = onnx.load(str(path))
     g = model.graph
@@ -182,8 +165,8 @@ def describe(path: Path) -> dict:
         "opset": {(o.domain or "ai.onnx"): o.version for o in model.opset_import},
         "ir_version": model.ir_version,
         "producer": f"{model.producer_name} {model.producer_version}".strip(),
-        "inputs": [{"name": i.name, "shape": _shape(i)} for i in g.input if i.name not in init_names],
-        "outputs": [{"name": o.name, "shape": _shape(o)} for o in g.output],
+        "inputs": [{"name": i.name, "shape": value_shape(i)} for i in g.input if i.name not in init_names],
+        "outputs": [{"name": o.name, "shape": value_shape(o)} for o in g.output],
         "op_types": sorted(ops),
         "op_counts": dict(sorted(ops.items())),
         "node_count": len(g.node),
@@ -193,38 +176,6 @@ def describe(path: Path) -> dict:
     }
 
 
-def export_torchscript(model: nn.Module, example: torch.Tensor, path: Path) -> None:
-    model.eval()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            model, (example,), str(path),
-            dynamo=False,
-            opset_version=TS_OPSET,
-            input_names=["input"], output_names=["logits"],
-            dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
-            # keep BatchNormalization as its own node (no Conv+BN fusion)
-            training=torch.onnx.TrainingMode.PRESERVE,
-            do_constant_folding=False,
-        )
-
-
-def export_dynamo(model: nn.Module, example: torch.Tensor, path: Path) -> None:
-    model.eval()
-    batch = torch.export.Dim("batch", min=1, max=65536)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        prog = torch.onnx.export(
-            model, (example,),
-            dynamo=True,
-            opset_version=DYNAMO_OPSET,
-            input_names=["input"], output_names=["logits"],
-            dynamic_shapes=({0: batch},),
-            external_data=False,
-        )
-    prog.save(str(path), external_data=False)
-
-
 def check_file(path: Path, kind: str) -> None:
     embed_external_data(path)
     model = onnx.load(str(path))
@@ -232,8 +183,8 @@ def check_file(path: Path, kind: str) -> None:
     g = model.graph
     assert [i.name for i in g.input] == ["input"], [i.name for i in g.input]
     assert [o.name for o in g.output] == ["logits"], [o.name for o in g.output]
-    in_shape = _shape(g.input[0])
-    out_shape = _shape(g.output[0])
+    in_shape = value_shape(g.input[0])
+    out_shape = value_shape(g.output[0])
     assert isinstance(in_shape[0], str) and in_shape[0], f"{path.name}: batch dim not dynamic: {in_shape}"
     assert isinstance(out_shape[0], str) and out_shape[0], f"{path.name}: batch dim not dynamic: {out_shape}"
     if path.stat().st_size > MAX_FILE_BYTES:

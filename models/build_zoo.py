@@ -53,11 +53,9 @@ from __future__ import annotations
 import collections
 import json
 import logging
-import random
 import sys
 import time
 import traceback
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -72,6 +70,15 @@ ZOO = HERE / "zoo"
 
 SEED = 0
 CALIB_SEED = 1234
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from functools import partial  # noqa: E402
+
+import torch_export  # noqa: E402
+from torch_export import embed_external_data, seed_everything, value_shape  # noqa: E402
+
+export_torchscript = partial(torch_export.export_torchscript, output_name="output")
+export_dynamo = partial(torch_export.export_dynamo, output_name="output")
+
 TS_OPSET = 17
 DYNAMO_OPSET = 18
 MAX_FILE_BYTES = 1024 * 1024
@@ -498,12 +505,6 @@ MODELS = {
 
 
 # =========================================================================== helpers
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
 @torch.no_grad()
 def randomize_bn(model: nn.Module, gen: torch.Generator) -> int:
     """Give every BatchNorm non-trivial affine params and running statistics."""
@@ -517,52 +518,6 @@ def randomize_bn(model: nn.Module, gen: torch.Generator) -> int:
             m.running_var.copy_(torch.rand(c, generator=gen) * 1.5 + 0.5)   # [0.5, 2.0)
             n += 1
     return n
-
-
-def _shape(vi: onnx.ValueInfoProto) -> list:
-    return [d.dim_param if d.dim_param else d.dim_value for d in vi.type.tensor_type.shape.dim]
-
-
-def export_torchscript(model: nn.Module, example: torch.Tensor, path: Path) -> None:
-    model.eval()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            model, (example,), str(path),
-            dynamo=False,
-            opset_version=TS_OPSET,
-            input_names=["input"], output_names=["output"],
-            dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}},
-            training=torch.onnx.TrainingMode.PRESERVE,  # keep BN as its own node
-            do_constant_folding=False,
-        )
-
-
-def export_dynamo(model: nn.Module, example: torch.Tensor, path: Path) -> None:
-    model.eval()
-    batch = torch.export.Dim("batch", min=1, max=65536)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        prog = torch.onnx.export(
-            model, (example,),
-            dynamo=True,
-            opset_version=DYNAMO_OPSET,
-            input_names=["input"], output_names=["output"],
-            dynamic_shapes=({0: batch},),
-            external_data=False,
-            verbose=False,
-        )
-    prog.save(str(path), external_data=False)
-
-
-def embed_external_data(path: Path) -> None:
-    model = onnx.load(str(path), load_external_data=True)
-    ext = [t.name for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
-    stray = sorted(p for p in path.parent.glob(path.name + "*") if p != path)
-    if ext or stray:
-        onnx.save_model(model, str(path), save_as_external_data=False)
-        for p in stray:
-            p.unlink()
 
 
 def ort_run(path: Path, x: np.ndarray) -> np.ndarray:
@@ -583,7 +538,7 @@ def check_file(path: Path) -> onnx.ModelProto:
     assert ins == ["input"], ins
     assert [o.name for o in g.output] == ["output"], [o.name for o in g.output]
     for vi in (g.input[0], g.output[0]):
-        s = _shape(vi)
+        s = value_shape(vi)
         assert isinstance(s[0], str) and s[0], f"{path.name}: batch dim not dynamic: {s}"
     size = path.stat().st_size
     assert size < MAX_FILE_BYTES, f"{path.name}: {size} bytes >= 1 MB"
@@ -796,8 +751,8 @@ def describe(path: Path, model: onnx.ModelProto) -> dict:
         "bytes": path.stat().st_size,
         "opset": {(o.domain or "ai.onnx"): o.version for o in model.opset_import},
         "producer": f"{model.producer_name} {model.producer_version}".strip(),
-        "inputs": [{"name": i.name, "shape": _shape(i)} for i in g.input if i.name not in inits],
-        "outputs": [{"name": o.name, "shape": _shape(o)} for o in g.output],
+        "inputs": [{"name": i.name, "shape": value_shape(i)} for i in g.input if i.name not in inits],
+        "outputs": [{"name": o.name, "shape": value_shape(o)} for o in g.output],
         "op_counts": dict(sorted(ops.items())),
         "node_count": len(g.node),
         "initializer_count": len(g.initializer),
