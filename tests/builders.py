@@ -326,3 +326,15 @@ def random_cnn(channels=(3, 16, 24, 8), hw: int = 8, seed: int = 0) -> onnx.Mode
     x = g.op("Flatten", [x], name="flatten")
     x = g.gemm(x, _normal(rng, (channels[-1], 5), channels[-1]), np.zeros(5, np.float32), name="fc")
     return g.build(x, ["N", 5])
+
+
+def cli(argv: list, capsys) -> tuple[int, str, str]:
+    """Run the CLI in-process: exit code (argparse usage errors raise SystemExit), stdout, stderr."""
+    from onnxprune.cli import main
+
+    try:
+        code = main([str(a) for a in argv])
+    except SystemExit as exc:
+        code = exc.code
+    out, err = capsys.readouterr()
+    return code, out, err

@@ -26,8 +26,7 @@ from onnx import TensorProto, helper
 
 import onnxprune
 import onnxprune.api
-from builders import GraphBuilder, random_cnn, random_mlp, run
-from onnxprune.cli import main
+from builders import GraphBuilder, cli, random_cnn, random_mlp, run
 
 MLP_WIDTHS = (16, 24, 12, 4)  # x[16] -> 24 -> 12 -> 4
 
@@ -68,16 +67,6 @@ class Env:
 @pytest.fixture()
 def env(tmp_path: Path) -> Env:
     return Env(tmp_path)
-
-
-def cli(argv: list, capsys) -> tuple[int, str, str]:
-    """Exit code (argparse errors raise SystemExit), stdout, stderr."""
-    try:
-        code = main([str(a) for a in argv])
-    except SystemExit as exc:
-        code = exc.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def digest(path: Path) -> str:

@@ -12,8 +12,7 @@ import numpy as np
 import onnx
 import pytest
 
-from builders import random_mlp, run
-from onnxprune.cli import main
+from builders import cli, random_mlp, run
 
 
 @pytest.fixture()
@@ -25,16 +24,6 @@ def files(tmp_path: Path) -> dict[str, Path]:
     calib = tmp_path / "calib.npz"
     np.savez(calib, x=np.random.default_rng(0).standard_normal((120, 16)).astype(np.float32))
     return {"model": path, "calib": calib, "dir": tmp_path}
-
-
-def cli(argv: list[str], capsys) -> tuple[int, str, str]:
-    """Exit code (argparse usage errors raise SystemExit), stdout, stderr."""
-    try:
-        code = main([str(a) for a in argv])
-    except SystemExit as exc:
-        code = exc.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def assert_one_error_line(code: int, err: str, *fragments: str) -> None:
