@@ -12,7 +12,7 @@ import numpy as np
 import onnx
 
 from .analyse import Analysis, analyse
-from .calibrate import collect_stats
+from .calibrate import choose_strides, collect_stats
 from .cost import CostModel, build_cost_model, count_macs, count_params
 from .data import CalibrationData, load_calibration
 from .errors import CalibrationError, ModelError, TargetError
@@ -29,6 +29,7 @@ from .stats import SiteStats
 from .verify import verify
 
 DEFAULT_TOLERANCE = 0.01
+REFERENCE_SAMPLES = 8  # calibration samples whose mean centres the float32 Gram of every batch
 ProgressFactory = Callable[[str, int], Callable[[int], None]]
 
 
@@ -92,6 +93,7 @@ def prune(
     statistics: Statistics | None = None,
     workers: int = 1,
     scheduler: str | None = None,
+    spatial_stride: int | str = "auto",
 ) -> PruneResult:
     """Prune `model` with calibration data `calib`; returns the pruned ModelProto and a report.
 
@@ -101,6 +103,8 @@ def prune(
     hook yielding {input name: array} batches, or a dict of arrays (samples on axis 0).
     `statistics`: precomputed (merged) calibration statistics from `onnxprune.shards`; `workers`
     > 1 computes them in local processes, `scheduler` on a Dask cluster ("local" or an address).
+    `spatial_stride`: sample every s-th row and column of conv feature maps for the statistics;
+    "auto" only where the Gram work would exceed a quarter of the model's MACs.
     """
     if method not in METHODS:
         raise TargetError(f"unknown method '{method}' (choose from {', '.join(METHODS)})")
@@ -114,18 +118,20 @@ def prune(
     warnings: list[str] = []
 
     with _stage(seconds, "load"):
-        prepared = prepare(model, calib, exclude, batch_size, verify_samples, image_options, calib_samples)
+        prepared = prepare(model, calib, exclude, batch_size, verify_samples, image_options, calib_samples, spatial_stride)
     warnings.extend(prepared.warnings)
     original, analysis, index = prepared.original, prepared.analysis, prepared.index
     stats: dict[str, SiteStats] = {}
+    strides = {tensor: stride for tensor, stride in prepared.strides.items() if stride > 1}
     if method in STATS_METHODS:
         with _stage(seconds, "calibrate"):
-            if statistics is not None:
-                stats = statistics.for_model(prepared)
-            elif workers > 1 or scheduler:
+            if workers > 1 or scheduler:
                 from .shards import collect_sharded
 
-                stats = collect_sharded(model, calib, max(workers, 1), scheduler, prepare_options(exclude, batch_size, verify_samples, image_options, calib_samples)).for_model(prepared)
+                options = prepare_options(exclude, batch_size, verify_samples, image_options, calib_samples, spatial_stride)
+                statistics = collect_sharded(model, calib, max(workers, 1), scheduler, options)
+            if statistics is not None:
+                stats, strides = statistics.for_model(prepared), statistics.strides
             else:
                 stats = calibration_statistics(prepared, progress=progress)
         warnings.extend(pin_undersampled(analysis, stats))
@@ -155,6 +161,7 @@ def prune(
     report = _build_report(prepared.name, method, order, target, plan, analysis, cost, original, pruned, prepared.data, prepared.calib_data, verify_data, fidelity)
     report.warnings, report.seconds = warnings, seconds
     report.io_changes = _io_shapes(pruned, io_changes)
+    report.spatial_strides = strides if stats else {}
     return PruneResult(pruned, report)
 
 
@@ -172,11 +179,13 @@ class Prepared:
     analysis: Analysis
     batch_size: int
     warnings: list[str]
+    strides: dict[str, int]
 
 
-def prepare_options(exclude, batch_size, verify_samples, image_options, calib_samples) -> dict:
+def prepare_options(exclude, batch_size, verify_samples, image_options, calib_samples, spatial_stride="auto") -> dict:
     """The options of `prepare`, as keywords (shards rebuild the same preparation)."""
-    return dict(exclude=tuple(exclude), batch_size=batch_size, verify_samples=verify_samples, image_options=image_options, calib_samples=calib_samples)
+    return dict(exclude=tuple(exclude), batch_size=batch_size, verify_samples=verify_samples, image_options=image_options,
+                calib_samples=calib_samples, spatial_stride=spatial_stride)
 
 
 def prepare(
@@ -187,6 +196,7 @@ def prepare(
     verify_samples: int | None = None,
     image_options: ImageOptions | None = None,
     calib_samples: int | None = None,
+    spatial_stride: int | str = "auto",
 ) -> Prepared:
     """Load and check the model and data, hold out verification samples, analyse the graph."""
     original, name = load_model(model)
@@ -211,7 +221,10 @@ def prepare(
     if not analysis.prunable:
         reasons = "; ".join(f"{s.name}: {s.pinned[0]}" for s in analysis.spaces[:3]) or "no Conv/Gemm/MatMul with constant weights"
         raise ModelError(f"nothing to prune in '{name}': {len(analysis.spaces)} spaces found, none prunable ({reasons})")
-    return Prepared(original, name, data, calib_data, verify_data, shapes, index, analysis, batch_size, notes)
+    if spatial_stride != "auto" and (not isinstance(spatial_stride, int) or spatial_stride < 1):
+        raise TargetError(f"--spatial-stride must be 'auto' or a positive integer, got {spatial_stride!r}")
+    strides = choose_strides(analysis.sites(), shapes, count_macs(index), spatial_stride)
+    return Prepared(original, name, data, calib_data, verify_data, shapes, index, analysis, batch_size, notes, strides)
 
 
 def calibration_statistics(prepared: Prepared, shard: tuple[int, int] | None = None, progress: ProgressFactory | None = None) -> dict[str, SiteStats]:
@@ -225,7 +238,10 @@ def calibration_statistics(prepared: Prepared, shard: tuple[int, int] | None = N
     sites = prepared.analysis.sites()
     ranks = {site.tensor: len(prepared.shapes[site.tensor]) for site in sites}
     advance = (progress or _no_progress)("calibrating", data.n_samples)
-    return collect_stats(prepared.original, sites, ranks, data.batches(prepared.batch_size), advance)
+    # every shard centres its rows by the mean of the same few samples (merges stay exact)
+    reference_size = prepared.batch_size if _batch_size_for(prepared.original, 1)[1] else min(REFERENCE_SAMPLES, prepared.batch_size)
+    reference = next(iter(prepared.calib_data.batches(reference_size)))
+    return collect_stats(prepared.original, sites, ranks, data.batches(prepared.batch_size), advance, prepared.strides, reference)
 
 
 WELL_SAMPLED = 4  # rows per unit below which a site's statistics are flagged as noisy

@@ -1,9 +1,16 @@
 """Calibration: run onnxruntime on an instrumented copy of the model that computes each
-site's Gram matrix in the graph (float64), so only n x n matrices leave the session."""
+site's Gram matrix in the graph, so only n x n matrices leave the session.
+
+Each batch's Gram is computed in float32 by onnxruntime's GEMM on rows centred by a fixed
+estimate of the mean (from a reference batch), and added to float64 accumulators (DESIGN §4):
+the float32 error is relative to the spread of the activations, not to their mean. On convolutional feature maps
+whose Gram would cost more than a share of the forward pass, every s-th row and column of the
+map is sampled (a 1x1 MaxPool with stride s, which onnxruntime runs in its blocked layout)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import heapq
+from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 import onnx
@@ -16,6 +23,8 @@ from .load import model_on_disk, needs_external_data
 from .stats import SiteStats
 
 PREFIX = "__onnxprune_"
+GRAM_BUDGET = 0.25  # with spatial_stride="auto", the Gram work may be this fraction of the model's MACs
+MAX_STRIDE = 4
 
 
 def default_opset(model: onnx.ModelProto) -> int:
@@ -25,9 +34,52 @@ def default_opset(model: onnx.ModelProto) -> int:
     return 1
 
 
-def instrument(model: onnx.ModelProto, sites: list[Site], ranks: dict[str, int]) -> tuple[onnx.ModelProto, list[tuple[str, str, str]]]:
-    """A copy whose outputs are, per site, X^T X, the column sums and the shape of X (rows x n)."""
+def positions(shape: Sequence[int | None], axis: int) -> int | None:
+    """Rows one sample contributes to a site: the product of the dims other than batch and unit axis."""
+    dims = [d for a, d in enumerate(shape) if a not in (0, axis)]
+    return None if any(d is None for d in dims) else int(np.prod(dims, dtype=np.int64))
+
+
+def _max_stride(site: Site, shape: Sequence[int | None] | None) -> int:
+    """Largest stride that keeps at least two samples along every spatial dim (channels-first maps only)."""
+    if shape is None or site.axis != 1 or len(shape) < 3 or any(d is None for d in shape[2:]):
+        return 1
+    return max(1, min(MAX_STRIDE, min(int(d) for d in shape[2:]) // 2))
+
+
+def choose_strides(sites: list[Site], shapes: dict, model_macs: int, spatial_stride: int | str = "auto",
+                   budget: float = GRAM_BUDGET) -> dict[str, int]:
+    """Spatial stride per site. "auto": widen the stride of the currently most expensive site
+    until the Gram work (rows x n^2 per sample) is within `budget` x the model's MACs."""
+    limits = {s.tensor: _max_stride(s, shapes.get(s.tensor)) for s in sites}
+    if spatial_stride != "auto":
+        return {s.tensor: min(int(spatial_stride), limits[s.tensor]) for s in sites}
+    strides = {s.tensor: 1 for s in sites}
+
+    def work(site: Site, stride: int) -> float:
+        shape = shapes.get(site.tensor) or ()
+        return (positions(shape, site.axis) or 0) / stride ** max(len(shape) - 2, 0) * site.width ** 2
+
+    total = sum(work(s, 1) for s in sites)
+    heap = [(-work(s, 1), i) for i, s in enumerate(sites) if limits[s.tensor] > 1]
+    heapq.heapify(heap)
+    while heap and total > budget * model_macs:
+        cost, i = heapq.heappop(heap)
+        site = sites[i]
+        stride = strides[site.tensor] + 1
+        strides[site.tensor] = stride
+        total += work(site, stride) + cost
+        if stride < limits[site.tensor]:
+            heapq.heappush(heap, (-work(site, stride), i))
+    return strides
+
+
+def instrument(model: onnx.ModelProto, sites: list[Site], ranks: dict[str, int], strides: dict[str, int] | None = None
+               ) -> tuple[onnx.ModelProto, list[tuple[str, str, str]]]:
+    """A copy that takes a shift vector m per site and outputs (X - m)^T (X - m), per-sample column
+    sums of X and the shape of X (rows x n), in float32; X is sampled with the site's stride."""
     opset = default_opset(model)
+    strides = strides or {}
     out = onnx.ModelProto()
     out.CopyFrom(model)
     graph = out.graph
@@ -37,27 +89,37 @@ def instrument(model: onnx.ModelProto, sites: list[Site], ranks: dict[str, int])
     for i, site in enumerate(sites):
         p = f"{PREFIX}{i}_"
         rank = ranks[site.tensor]
-        source = site.tensor
-        nodes = []
+        nodes = [helper.make_node("Cast", [site.tensor], [p + "x"], to=TensorProto.FLOAT)]  # a no-op on float32, removed by onnxruntime
+        source = p + "x"
+        stride = strides.get(site.tensor, 1)
+        if stride > 1:
+            spatial = rank - 2
+            nodes.append(helper.make_node("MaxPool", [source], [p + "sampled"], kernel_shape=[1] * spatial, strides=[stride] * spatial))
+            source = p + "sampled"
+        # per-sample column sums of the raw rows (short float32 reductions, added up in float64)
+        others = [a for a in range(1, rank) if a != site.axis] if site.axis != 0 else list(range(1, rank))
+        if not others:
+            nodes.append(helper.make_node("Identity", [source], [p + "sum"]))
+        elif opset >= 13:
+            graph.initializer.append(numpy_helper.from_array(np.array(others, dtype=np.int64), p + "axes"))
+            nodes.append(helper.make_node("ReduceSum", [source, p + "axes"], [p + "sum"], keepdims=0))
+        else:
+            nodes.append(helper.make_node("ReduceSum", [source], [p + "sum"], axes=others, keepdims=0))
         if site.axis != rank - 1:
             perm = [a for a in range(rank) if a != site.axis] + [site.axis]
             nodes.append(helper.make_node("Transpose", [source], [p + "t"], perm=perm))
             source = p + "t"
         graph.initializer.append(numpy_helper.from_array(np.array([-1, site.width], dtype=np.int64), p + "shape"))
-        nodes.append(helper.make_node("Reshape", [source, p + "shape"], [p + "rows32"]))
-        nodes.append(helper.make_node("Cast", [p + "rows32"], [p + "rows"], to=TensorProto.DOUBLE))
+        graph.input.append(helper.make_tensor_value_info(p + "shift", TensorProto.FLOAT, [site.width]))
+        nodes.append(helper.make_node("Reshape", [source, p + "shape"], [p + "raw"]))
+        nodes.append(helper.make_node("Sub", [p + "raw", p + "shift"], [p + "rows"]))
         nodes.append(helper.make_node("Transpose", [p + "rows"], [p + "rowsT"], perm=[1, 0]))
         nodes.append(helper.make_node("MatMul", [p + "rowsT", p + "rows"], [p + "gram"]))
-        if opset >= 13:
-            graph.initializer.append(numpy_helper.from_array(np.array([0], dtype=np.int64), p + "axes"))
-            nodes.append(helper.make_node("ReduceSum", [p + "rows", p + "axes"], [p + "sum"], keepdims=0))
-        else:
-            nodes.append(helper.make_node("ReduceSum", [p + "rows"], [p + "sum"], axes=[0], keepdims=0))
         nodes.append(helper.make_node("Shape", [p + "rows"], [p + "rshape"]))
         graph.node.extend(nodes)
         graph.output.extend([
-            helper.make_tensor_value_info(p + "gram", TensorProto.DOUBLE, [site.width, site.width]),
-            helper.make_tensor_value_info(p + "sum", TensorProto.DOUBLE, [site.width]),
+            helper.make_tensor_value_info(p + "gram", TensorProto.FLOAT, [site.width, site.width]),
+            helper.make_tensor_value_info(p + "sum", TensorProto.FLOAT, None),
             helper.make_tensor_value_info(p + "rshape", TensorProto.INT64, [2]),
         ])
         names.append((p + "gram", p + "sum", p + "rshape"))
@@ -78,28 +140,58 @@ def make_session(model: onnx.ModelProto, optimize: bool = True) -> ort.Inference
         raise ModelError(f"onnxruntime cannot load the model: {str(exc).splitlines()[0]}") from None
 
 
+def uncentred(rows: int, shift: np.ndarray, total: np.ndarray, shifted_gram: np.ndarray) -> SiteStats:
+    """float64 statistics [1 X]^T [1 X] from the Gram about a fixed `shift` and the column sums:
+    X^T X = (X-m)^T (X-m) + m s^T + s m^T - rows m m^T with s = sum(X) (exact algebra)."""
+    shift = shift.astype(np.float64)
+    gram = shifted_gram + np.outer(shift, total) + np.outer(total, shift) - rows * np.outer(shift, shift)
+    return SiteStats(rows, total, (gram + gram.T) / 2)
+
+
 def collect_stats(
     model: onnx.ModelProto,
     sites: list[Site],
     ranks: dict[str, int],
     batches: Iterable[dict[str, np.ndarray]],
     on_batch: Callable[[int], None] | None = None,
+    strides: dict[str, int] | None = None,
+    reference: dict[str, np.ndarray] | None = None,
 ) -> dict[str, SiteStats]:
-    """Stream the batches through the instrumented model and accumulate float64 statistics."""
+    """Stream the batches through the instrumented model and accumulate float64 statistics.
+
+    Every batch is centred by the mean of `reference` (default: the first batch); shards of one
+    calibration set pass the same reference, so their statistics merge to the single pass's."""
     if not sites:
         return {}
-    instrumented, names = instrument(model, sites, ranks)
+    instrumented, names = instrument(model, sites, ranks, strides)
     session = make_session(instrumented)
-    stats = {site.tensor: SiteStats.empty(site.width) for site in sites}
     fetch = [name for triple in names for name in triple]
-    for batch in batches:
+    zero = {site.tensor: np.zeros(site.width, np.float32) for site in sites}
+
+    def run(batch: dict[str, np.ndarray], shifts: dict[str, np.ndarray]) -> list[tuple[int, np.ndarray, np.ndarray]]:
+        """Per site: rows, column sums (float64) and the float32 Gram about the shift."""
+        feeds = dict(batch)
+        feeds.update({f"{PREFIX}{i}_shift": shifts[site.tensor] for i, site in enumerate(sites)})
         try:
-            values = session.run(fetch, batch)
+            values = session.run(fetch, feeds)
         except Exception as exc:  # noqa: BLE001
             raise ModelError(f"onnxruntime failed on a calibration batch: {str(exc).splitlines()[0]}") from None
-        for i, site in enumerate(sites):
-            gram, total, shape = values[3 * i: 3 * i + 3]
-            stats[site.tensor].add(SiteStats(int(shape[0]), total, gram))
+        return [(int(values[3 * i + 2][0]), values[3 * i + 1].reshape(-1, site.width).sum(axis=0, dtype=np.float64), values[3 * i])
+                for i, site in enumerate(sites)]
+
+    shifts: dict[str, np.ndarray] | None = None
+    rows = dict.fromkeys(zero, 0)
+    totals = {site.tensor: np.zeros(site.width) for site in sites}
+    grams = {site.tensor: np.zeros((site.width, site.width)) for site in sites}
+    for batch in batches:
+        if shifts is None:  # one fixed centre per site, the mean of the reference batch (DESIGN §4)
+            first = run(reference if reference is not None else batch, zero)
+            shifts = {site.tensor: (total / max(count, 1)).astype(np.float32) for site, (count, total, _) in zip(sites, first, strict=True)}
+        for site, (count, total, gram) in zip(sites, run(batch, shifts), strict=True):
+            rows[site.tensor] += count
+            totals[site.tensor] += total
+            grams[site.tensor] += gram
         if on_batch is not None:
             on_batch(len(next(iter(batch.values()))))
-    return stats
+    shifts = shifts or zero
+    return {site.tensor: uncentred(rows[site.tensor], shifts[site.tensor], totals[site.tensor], grams[site.tensor]) for site in sites}

@@ -40,6 +40,18 @@ def _fraction(text: str) -> float:
         raise argparse.ArgumentTypeError(f"expected a number, got '{text}'") from None
 
 
+def _stride(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected 'auto' or a positive integer, got '{text}'")
+    return value
+
+
 def _floats(text: str) -> tuple[float, ...]:
     try:
         return tuple(float(v) for v in text.split(","))
@@ -94,6 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=32, metavar="B", help="samples per onnxruntime run (default 32)")
     parser.add_argument("--verify-samples", type=int, metavar="N", help="calibration samples held out to verify the pruned model (default 10%%, at most 256)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random baseline")
+    parser.add_argument("--spatial-stride", type=_stride, default="auto", metavar="auto|S",
+                        help="sample every S-th row and column of conv feature maps for the statistics (default auto: only "
+                        "where their Gram matrices would cost more than a quarter of the model's MACs; 1 = every position)")
     shards = parser.add_argument_group("sharded calibration (statistics are additive)")
     shards.add_argument("--stats", nargs="+", metavar="NPZ", help="use statistics saved by `onnxprune stats` (merged) instead of calibrating; --calib still gives the verification samples")
     shards.add_argument("--workers", type=int, default=1, metavar="N", help="calibrate N shards in parallel local processes")
@@ -130,7 +145,7 @@ def run(args: argparse.Namespace) -> int:
         ratio=args.ratio, flops=args.flops, params=args.params, tolerance=args.tolerance,
         method=args.method, order=args.order, round_to=args.round_to, min_keep=args.min_keep,
         exclude=args.exclude, batch_size=args.batch_size, verify_samples=args.verify_samples, seed=args.seed,
-        calib_samples=args.calib_samples, workers=args.workers, scheduler=args.scheduler,
+        calib_samples=args.calib_samples, workers=args.workers, scheduler=args.scheduler, spatial_stride=args.spatial_stride,
         statistics=Statistics.merge_all([Statistics.load(p) for p in args.stats]) if args.stats else None,
         image_options=ImageOptions(size=args.input_size, mean=args.mean, std=args.std, layout=args.layout, scale=args.scale),
     )
@@ -173,6 +188,7 @@ def build_stats_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=32, metavar="B")
     parser.add_argument("--verify-samples", type=int, metavar="N", help="as for pruning (must match the pruning run)")
     parser.add_argument("--calib-samples", type=int, metavar="N")
+    parser.add_argument("--spatial-stride", type=_stride, default="auto", metavar="auto|S", help="as for pruning (must match the pruning run)")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     return parser
 
@@ -185,7 +201,8 @@ def run_stats(args: argparse.Namespace) -> int:
         raise OnnxPruneError(f"--shard must be I/K (e.g. 0/4), got '{args.shard}'") from None
     if not 0 <= shard[0] < shard[1]:
         raise OnnxPruneError(f"--shard {args.shard}: I must be in 0..K-1")
-    options = dict(exclude=tuple(args.exclude), batch_size=args.batch_size, verify_samples=args.verify_samples, calib_samples=args.calib_samples)
+    options = dict(exclude=tuple(args.exclude), batch_size=args.batch_size, verify_samples=args.verify_samples,
+                   calib_samples=args.calib_samples, spatial_stride=args.spatial_stride)
     partial_statistics(args.model, args.calib, shard, options).save(args.output)
     return 0
 

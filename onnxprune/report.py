@@ -48,6 +48,7 @@ class PruneReport:
     seconds: dict[str, float] = field(default_factory=dict)
     output: str | None = None
     io_changes: dict[str, list] = field(default_factory=dict)
+    spatial_strides: dict[str, int] = field(default_factory=dict)  # sites whose feature maps were subsampled
 
     @property
     def pinned(self) -> list[SpaceRow]:
@@ -55,6 +56,15 @@ class PruneReport:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def sampling_note(self) -> str | None:
+        """One line on the spatial subsampling of the statistics, when there was any."""
+        if not self.spatial_strides:
+            return None
+        strides = sorted(set(self.spatial_strides.values()))
+        span = str(strides[0]) if len(strides) == 1 else f"{strides[0]}..{strides[-1]}"
+        return (f"statistics sampled every {span} rows and columns on {len(self.spatial_strides)} conv feature maps "
+                "(keeps calibration near inference speed; --spatial-stride 1 uses every position)")
 
     def write_json(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
@@ -88,6 +98,7 @@ class PruneReport:
                 top1 = "-" if f.top1_agreement is None else f"{f.top1_agreement:.1%}"
                 lines.append(f"| `{f.name}` | {f.relative_l2:.3g} | {f.cosine:.6f} | {f.max_abs:.3g} | {top1} |")
         lines += ["", *(f"> warning: {w}" for w in self.warnings)] if self.warnings else []
+        lines += ["", f"> note: {self.sampling_note()}"] if self.spatial_strides else []
         return "\n".join(lines) + "\n"
 
     def plot(self, path: str | Path) -> None:
@@ -130,6 +141,8 @@ class PruneReport:
             console.print(_fidelity_table(self))
         for name, shape in self.io_changes.items():
             console.print(f"[bold]model I/O changed:[/bold] '{name}' is now {shape} (its head axis was pruned)")
+        if self.spatial_strides:
+            console.print(f"note: {self.sampling_note()}")
         for warning in self.warnings:
             console.print(f"[yellow]warning:[/yellow] {warning}")
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import hashlib
 import multiprocessing
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +35,7 @@ class Statistics:
 
     digest: str
     sites: dict[str, SiteStats]
+    strides: dict[str, int] = field(default_factory=dict)  # sites whose feature maps were subsampled
 
     def merge(self, other: Statistics) -> Statistics:
         """Exact merge of two shards' statistics (counts, sums and Grams add up)."""
@@ -42,12 +43,14 @@ class Statistics:
             raise CalibrationError(f"statistics of different models cannot be merged ({self.digest} vs {other.digest})")
         if set(other.sites) != set(self.sites):
             raise CalibrationError("statistics cover different activation sites (different --exclude?)")
+        if other.strides != self.strides:
+            raise CalibrationError("statistics were sampled with different spatial strides (different --spatial-stride?)")
         merged = {}
         for name, stats in self.sites.items():
             total = SiteStats(stats.count, stats.total.copy(), stats.gram.copy())
             total.add(other.sites[name])
             merged[name] = total
-        return Statistics(self.digest, merged)
+        return Statistics(self.digest, merged, dict(self.strides))
 
     def for_model(self, prepared) -> dict[str, SiteStats]:
         """The per-site statistics, after checking that they belong to this model and analysis."""
@@ -67,6 +70,7 @@ class Statistics:
             arrays[f"count_{i}"] = np.array(stats.count, dtype=np.int64)
             arrays[f"total_{i}"] = stats.total
             arrays[f"gram_{i}"] = stats.gram
+            arrays[f"stride_{i}"] = np.array(self.strides.get(name, 1), dtype=np.int64)
         np.savez(path, **arrays)
 
     @classmethod
@@ -75,7 +79,8 @@ class Statistics:
             with np.load(path, allow_pickle=False) as data:
                 names = [str(n) for n in data["sites"]]
                 sites = {n: SiteStats(int(data[f"count_{i}"]), data[f"total_{i}"], data[f"gram_{i}"]) for i, n in enumerate(names)}
-                return cls(str(data["digest"]), sites)
+                strides = {n: int(data[f"stride_{i}"]) for i, n in enumerate(names) if f"stride_{i}" in data and int(data[f"stride_{i}"]) > 1}
+                return cls(str(data["digest"]), sites, strides)
         except (OSError, KeyError, ValueError) as exc:
             raise CalibrationError(f"'{path}' is not an onnxprune statistics file ({exc})") from None
 
@@ -94,7 +99,8 @@ def partial_statistics(model, calib, shard: tuple[int, int] = (0, 1), options: d
     from .api import calibration_statistics, prepare
 
     prepared = prepare(model, calib, **(options or {}))
-    return Statistics(model_digest(prepared.original), calibration_statistics(prepared, shard))
+    strides = {tensor: stride for tensor, stride in prepared.strides.items() if stride > 1}
+    return Statistics(model_digest(prepared.original), calibration_statistics(prepared, shard), strides)
 
 
 def collect_sharded(model, calib, shards: int, scheduler: str | None = None, options: dict | None = None) -> Statistics:

@@ -112,13 +112,13 @@ class StatsCache:
             self._orig = api.collect_stats
             api.collect_stats = self._wrapped
 
-    def _wrapped(self, model, sites, ranks, batches, on_batch=None):
-        key = (self.context, tuple((s.tensor, s.axis, s.width) for s in sites))
+    def _wrapped(self, model, sites, ranks, batches, on_batch=None, strides=None, reference=None):
+        key = (self.context, tuple((s.tensor, s.axis, s.width) for s in sites), tuple(sorted((strides or {}).items())))
         if self.context is not None and key in self.store:
             self.hits += 1
             return self.store[key]
         t0 = time.perf_counter()
-        stats = self._orig(model, sites, ranks, batches, on_batch)
+        stats = self._orig(model, sites, ranks, batches, on_batch, strides, reference)
         self.seconds[str(key[0])] = round(time.perf_counter() - t0, 2)
         if self.context is not None:
             self.store[key] = stats
@@ -329,18 +329,18 @@ def pca_bound_model(model: onnx.ModelProto, calib: dict, report, verify_samples:
 def run_one(bench: Bench, cache: StatsCache, *, method: str, target: float, order: str = "pivoted",
             round_to: int = 1, calib: np.ndarray | None = None, verify_samples: int | None = None,
             exclude: tuple = (), context: str = "main", pca: bool = False, tag: str = "main",
-            extra: dict | None = None) -> list[dict]:
+            extra: dict | None = None, spatial_stride: int | str = "auto") -> list[dict]:
     calib = bench.calib if calib is None else calib
     cache.context = f"{bench.name}|{context}|{len(calib)}|{verify_samples}|{','.join(exclude)}"
     rec = {"model": bench.name, "ablation": tag, "method": method, "order": order if method == "snp" else None,
            "target": target, "round_to": round_to, "calib_samples": int(len(calib)), "verify_samples": verify_samples,
-           "exclude": list(exclude), **(extra or {})}
+           "exclude": list(exclude), "spatial_stride": spatial_stride, **(extra or {})}
     t0 = time.perf_counter()
     records = []
     try:
         model, report = onnxprune.prune(bench.model, {bench.input_name: calib}, flops=target, method=method,
                                         order=order, round_to=round_to, exclude=exclude,
-                                        verify_samples=verify_samples, seed=0)
+                                        verify_samples=verify_samples, seed=0, spatial_stride=spatial_stride)
         prune_s = time.perf_counter() - t0
         logits = run_logits(model, bench.input_name, bench.eval_x, bench.batch)
         same = same_photo(bench, model, len(calib)) if tag in ("main", "head") and method in SAME_PHOTO_METHODS else {}
@@ -534,6 +534,10 @@ def markdown(benches: dict[str, Bench], base: dict, records: list[dict], methods
              "Each run sees exactly n calibration samples (n + 16 are passed with `verify_samples=16`).")
     ablation("round", "Ablation: round_to (SNP, pivoted; ImageNet models: head conv excluded)",
              lambda v: v, lambda r: f"round_to {r['round_to']}" + (xh if r.get("exclude") else ""))
+    ablation("stride", "Ablation: statistics on every feature-map position vs the default spatial subsampling (SNP, pivoted)",
+             lambda v: v, lambda r: f"spatial_stride {r.get('spatial_stride', 'auto')}",
+             "`spatial_stride='auto'` (the default) samples every s-th row and column of the conv feature maps whose "
+             "Gram matrices would cost more than a quarter of the model's MACs; 1 uses every position.")
     ablation("head", "Ablation: ImageNet models with the GAP-fed head conv excluded from pruning",
              lambda v: v, lambda r: r["method"] + (" (bound)" if r["method"] == "pca" else "") + xh,
              "The head conv's 1280 units are read after global average pooling: one calibration row per image, so 231 "
@@ -618,7 +622,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--targets", nargs="+", default=None, help="MACs removed, percent or fraction (default 10 30 50 70)")
     ap.add_argument("--quick", action="store_true", help="FMNIST models, snp/lsq/fluct/l1 at 30/50/70%%, 1000-image test subset, small ablations (< 3 min)")
     ap.add_argument("--out", type=Path, default=None, help="output folder (default results/accuracy/<UTC timestamp>)")
-    ap.add_argument("--ablations", nargs="*", default=None, choices=("order", "calib", "round", "seeds", "head"),
+    ap.add_argument("--ablations", nargs="*", default=None, choices=("order", "calib", "round", "stride", "seeds", "head"),
                     help="which ablations to run (default all; give none to skip)")
     ap.add_argument("--no-pca", action="store_true", help="skip the PCA reference bound")
     ap.add_argument("--test-subset", action="store_true", help="FMNIST: evaluate on the 1000-image subset, not the full 10k")
@@ -633,7 +637,7 @@ def main(argv: list[str] | None = None) -> int:
     models = args.models or (list(FMNIST_MODELS) if quick else list(ALL_MODELS))
     methods = args.methods or (["snp", "lsq", "fluct", "l1"] if quick else list(ALL_METHODS))
     targets = parse_targets(args.targets) if args.targets else ([0.3, 0.5, 0.7] if quick else list(ALL_TARGETS))
-    ablations = ["order", "calib", "round", "seeds", "head"] if args.ablations is None else args.ablations
+    ablations = ["order", "calib", "round", "stride", "seeds", "head"] if args.ablations is None else args.ablations
     stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
     out = args.out or ROOT / "results" / "accuracy" / stamp
     out.mkdir(parents=True, exist_ok=True)
@@ -731,6 +735,12 @@ def main(argv: list[str] | None = None) -> int:
                             records.extend(found)
                             continue
                     go(b, f"snp round_to={rt} @{100 * t:.0f}%", method="snp", round_to=rt, target=t, exclude=xhead, tag="round")
+        if "stride" in ablations:
+            print(f"== {name}: spatial-stride ablation (statistics on every position vs the auto subsampling)", flush=True)
+            for t in abl_targets(b):
+                if not reuse(name, t, "stride"):
+                    go(b, f"snp spatial_stride=auto @{100 * t:.0f}%", method="snp", target=t, tag="stride")
+                go(b, f"snp spatial_stride=1 @{100 * t:.0f}%", method="snp", target=t, tag="stride", spatial_stride=1)
         if "seeds" in ablations and getattr(b, "seed_sets", None):
             print(f"== {name}: calibration-set ablation (seeds {CALIB_SEEDS})", flush=True)
             for method in SEED_METHODS:

@@ -1,0 +1,174 @@
+"""Issue 6: in-graph statistics — float32 Gram per batch about a fixed centre, float64 accumulation,
+spatial subsampling of expensive conv sites, and the options that control it."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from builders import GraphBuilder, cli, run, run_tensors
+
+import onnxprune
+from onnxprune.analyse import Site, analyse
+from onnxprune.api import calibration_statistics, prepare
+from onnxprune.calibrate import choose_strides, collect_stats
+from onnxprune.graph import GraphIndex
+from onnxprune.shards import Statistics, partial_statistics
+from onnxprune.stats import SiteStats
+
+
+def offset_cnn(hw: int, c_in: int = 4, hidden: int = 24, offset: float = 8.0, seed: int = 0) -> onnx.ModelProto:
+    """Conv -> +offset (a site whose mean is many standard deviations) -> 1x1 Conv -> GAP -> Gemm."""
+    rng = np.random.default_rng(seed)
+    g = GraphBuilder([None, c_in, hw, hw])
+    x = g.conv(g.input_name, rng.standard_normal((hidden, c_in, 3, 3)).astype(np.float32) / 6,
+               np.full(hidden, offset, np.float32) + rng.standard_normal(hidden).astype(np.float32), name="conv1", pads=[1, 1, 1, 1])
+    x = g.conv(x, rng.standard_normal((8, hidden, 1, 1)).astype(np.float32) / 5, None, name="conv2")
+    x = g.op("Relu", [x])
+    x = g.op("GlobalAveragePool", [x])
+    x = g.op("Flatten", [x])
+    x = g.gemm(x, rng.standard_normal((8, 3)).astype(np.float32), None, name="fc")
+    return g.build(x, ["N", 3])
+
+
+def reference_stats(model: onnx.ModelProto, x: np.ndarray, site: Site, stride: int = 1) -> SiteStats:
+    (act,) = run_tensors(model, x, [site.tensor])
+    if stride > 1:
+        act = act[:, :, ::stride, ::stride]
+    return SiteStats.from_rows(np.moveaxis(act, site.axis, -1).reshape(-1, site.width))
+
+
+def relative(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def measured(model: onnx.ModelProto, x: np.ndarray, batch: int, strides: dict | None = None) -> tuple[list[Site], dict]:
+    sites = analyse(model).sites()
+    index = GraphIndex(model)
+    ranks = {s.tensor: index.rank(s.tensor) for s in sites}
+    batches = [{"x": x[i:i + batch]} for i in range(0, len(x), batch)]
+    return sites, collect_stats(model, sites, ranks, batches, strides=strides)
+
+
+def test_float32_gram_of_large_conv_batches_matches_a_float64_reference() -> None:
+    """36,864 rows per batch whose mean is ~8 standard deviations: the augmented Gram [1 X]^T [1 X]
+    is within 1e-6 and the covariance (what SNP ranks) within 1e-6 of float64 NumPy."""
+    model = offset_cnn(hw=48)
+    x = np.random.default_rng(1).standard_normal((32, 4, 48, 48)).astype(np.float32)
+    sites, stats = measured(model, x, batch=16)
+    site = next(s for s in sites if s.tensor == "conv1_out")
+    reference, got = reference_stats(model, x, site), stats[site.tensor]
+    assert got.count == reference.count == 32 * 48 * 48
+    assert relative(got.augmented(), reference.augmented()) <= 1e-6
+    assert relative(got.covariance(), reference.covariance()) <= 1e-6
+    mean_over_std = np.abs(reference.mean()) / np.sqrt(np.diag(reference.covariance()))
+    assert mean_over_std.min() > 3  # the case an uncentred float32 Gram gets wrong
+
+
+def test_float32_gram_of_a_large_matmul_site_matches_a_float64_reference() -> None:
+    rng = np.random.default_rng(2)
+    g = GraphBuilder([None, 512, 16])
+    y = g.matmul("x", rng.standard_normal((16, 48)).astype(np.float32), (5 + rng.standard_normal(48)).astype(np.float32), name="fc1")
+    y = g.matmul(y, rng.standard_normal((48, 4)).astype(np.float32), None, name="fc2")
+    model = g.build(y, ["N", 512, 4])
+    x = rng.standard_normal((96, 512, 16)).astype(np.float32)
+    sites, stats = measured(model, x, batch=48)  # 24,576 token rows per batch
+    (site,) = sites
+    (act,) = run_tensors(model, x, [site.tensor])
+    reference = SiteStats.from_rows(act.reshape(-1, site.width))
+    assert relative(stats[site.tensor].augmented(), reference.augmented()) <= 1e-6
+    assert relative(stats[site.tensor].covariance(), reference.covariance()) <= 1e-6
+
+
+@pytest.mark.parametrize("hw", [12, 13])
+def test_spatial_stride_samples_every_sth_row_and_column(hw: int) -> None:
+    model = offset_cnn(hw=hw)
+    x = np.random.default_rng(3).standard_normal((10, 4, hw, hw)).astype(np.float32)
+    sites, stats = measured(model, x, batch=4, strides={"conv1_out": 3})
+    site = next(s for s in sites if s.tensor == "conv1_out")
+    reference = reference_stats(model, x, site, stride=3)
+    assert stats[site.tensor].count == 10 * len(range(0, hw, 3)) ** 2
+    assert relative(stats[site.tensor].augmented(), reference.augmented()) <= 1e-6
+
+
+def expansion_cnn(hidden: int, hw: int = 32) -> onnx.ModelProto:
+    """1x1 expansion (8 -> hidden) -> Relu -> 1x1 projection (hidden -> 8): the Gram of the hidden
+    site costs hidden / 16 times the block's MACs per position."""
+    rng = np.random.default_rng(4)
+    g = GraphBuilder([None, 8, hw, hw])
+    x = g.conv(g.input_name, rng.standard_normal((hidden, 8, 1, 1)).astype(np.float32) / 3, None, name="expand")
+    x = g.op("Relu", [x])
+    x = g.conv(x, rng.standard_normal((8, hidden, 1, 1)).astype(np.float32) / 8, None, name="project")
+    x = g.op("GlobalAveragePool", [x])
+    x = g.op("Flatten", [x])
+    x = g.gemm(x, rng.standard_normal((8, 3)).astype(np.float32), None, name="fc")
+    return g.build(x, ["N", 3])
+
+
+def test_auto_strides_only_where_the_gram_would_be_expensive() -> None:
+    x = np.zeros((8, 8, 32, 32), np.float32)
+    cheap = prepare(expansion_cnn(hidden=2), {"x": x}, verify_samples=0)
+    assert set(cheap.strides.values()) == {1}
+    wide = prepare(expansion_cnn(hidden=40), {"x": x}, verify_samples=0)
+    hidden = next(s for s in wide.analysis.sites() if s.width == 40)
+    assert wide.strides[hidden.tensor] > 1
+    # the chosen strides bring the Gram work within a quarter of the model's MACs
+    work = sum(np.prod(wide.shapes[s.tensor][2:]) / wide.strides[s.tensor] ** 2 * s.width ** 2 for s in wide.analysis.sites())
+    assert work <= 0.25 * (32 * 32 * 8 * 40 * 2 + 8 * 3)
+    assert set(prepare(expansion_cnn(hidden=40), {"x": x}, verify_samples=0, spatial_stride=1).strides.values()) == {1}
+
+
+def test_strides_never_leave_fewer_than_two_positions_per_dim() -> None:
+    site = Site("t", 1, 512)
+    assert choose_strides([site], {"t": (1, 512, 5, 5)}, model_macs=1) == {"t": 2}
+    assert choose_strides([site], {"t": (1, 512, 3, 3)}, model_macs=1) == {"t": 1}
+    assert choose_strides([site], {"t": (1, 512, 64, 64)}, model_macs=1) == {"t": 4}
+    assert choose_strides([site], {"t": (1, 512, 64, 64)}, model_macs=1, spatial_stride=9) == {"t": 4}
+    token = Site("m", 2, 512)  # [N, T, D] MatMul input: tokens are never subsampled
+    assert choose_strides([token], {"m": (1, 4096, 512)}, model_macs=1) == {"m": 1}
+
+
+def test_prune_with_subsampled_statistics_reports_it_and_stays_faithful() -> None:
+    model = expansion_cnn(hidden=96)
+    x = np.random.default_rng(5).standard_normal((96, 8, 32, 32)).astype(np.float32)
+    pruned, report = onnxprune.prune(model, {"x": x}, ratio=0.25)
+    assert report.spatial_strides and max(report.spatial_strides.values()) > 1
+    assert "--spatial-stride 1" in report.markdown()
+    _, full = onnxprune.prune(model, {"x": x}, ratio=0.25, spatial_stride=1)
+    assert full.spatial_strides == {}
+    fresh = np.random.default_rng(6).standard_normal((16, 8, 32, 32)).astype(np.float32)
+    reference = run(model, fresh)
+    error = np.linalg.norm(run(pruned, fresh) - reference) / np.linalg.norm(reference)
+    assert error < 0.05 and report.fidelity[0].relative_l2 < 0.05
+
+
+def test_cli_spatial_stride_option(tmp_path, capsys) -> None:
+    path = tmp_path / "m.onnx"
+    onnx.save(expansion_cnn(hidden=96), path)
+    np.savez(tmp_path / "calib.npz", x=np.random.default_rng(7).standard_normal((64, 8, 32, 32)).astype(np.float32))
+    code, _, err = cli([path, "--calib", tmp_path / "calib.npz", "--ratio", "0.25", "--spatial-stride", "0"], capsys)
+    assert code == 2 and "--spatial-stride" in err and len(err.strip().splitlines()) == 1
+    report = tmp_path / "r.json"
+    code, _, err = cli([path, "--calib", tmp_path / "calib.npz", "--ratio", "0.25", "--spatial-stride", "2", "-q", "--report", report], capsys)
+    assert code == 0, err
+    import json
+
+    assert set(json.loads(report.read_text())["spatial_strides"].values()) == {2}
+
+
+def test_shards_record_their_strides_and_refuse_to_mix_them(tmp_path) -> None:
+    model = expansion_cnn(hidden=96)
+    x = {"x": np.random.default_rng(8).standard_normal((64, 8, 32, 32)).astype(np.float32)}
+    options = dict(verify_samples=0, batch_size=16)
+    single = calibration_statistics(prepare(model, x, **options))
+    parts = [partial_statistics(model, x, (i, 2), options) for i in range(2)]
+    merged = Statistics.merge_all(parts)
+    assert merged.strides and max(merged.strides.values()) > 1
+    for name, stats in single.items():
+        np.testing.assert_allclose(merged.sites[name].gram, stats.gram, rtol=1e-12, atol=1e-9)
+    path = tmp_path / "part.npz"
+    parts[0].save(path)
+    assert Statistics.load(path).strides == parts[0].strides
+    other = partial_statistics(model, x, (1, 2), {**options, "spatial_stride": 1})
+    with pytest.raises(onnxprune.OnnxPruneError, match="spatial strides"):
+        parts[0].merge(other)
