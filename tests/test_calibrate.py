@@ -6,9 +6,9 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-from builders import GraphBuilder, cli, run, run_tensors
 
 import onnxprune
+from builders import GraphBuilder, cli, run, run_tensors
 from onnxprune.analyse import Site, analyse
 from onnxprune.api import calibration_statistics, prepare
 from onnxprune.calibrate import choose_strides, collect_stats
