@@ -223,7 +223,7 @@ def prepare(
         raise ModelError(f"nothing to prune in '{name}': {len(analysis.spaces)} spaces found, none prunable ({reasons})")
     if spatial_stride != "auto" and (not isinstance(spatial_stride, int) or spatial_stride < 1):
         raise TargetError(f"--spatial-stride must be 'auto' or a positive integer, got {spatial_stride!r}")
-    strides = choose_strides(analysis.sites(), shapes, count_macs(index), spatial_stride)
+    strides = choose_strides(analysis.sites(), shapes, count_macs(index), spatial_stride, calib_data.n_samples)
     return Prepared(original, name, data, calib_data, verify_data, shapes, index, analysis, batch_size, notes, strides)
 
 

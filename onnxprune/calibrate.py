@@ -25,6 +25,7 @@ from .stats import SiteStats
 PREFIX = "__onnxprune_"
 GRAM_BUDGET = 0.25  # with spatial_stride="auto", the Gram work may be this fraction of the model's MACs
 MAX_STRIDE = 4
+ROWS_PER_UNIT = 64  # "auto" never subsamples a site below this many calibration rows per unit
 
 
 def default_opset(model: onnx.ModelProto) -> int:
@@ -48,17 +49,26 @@ def _max_stride(site: Site, shape: Sequence[int | None] | None) -> int:
 
 
 def choose_strides(sites: list[Site], shapes: dict, model_macs: int, spatial_stride: int | str = "auto",
-                   budget: float = GRAM_BUDGET) -> dict[str, int]:
+                   samples: int | None = None, budget: float = GRAM_BUDGET) -> dict[str, int]:
     """Spatial stride per site. "auto": widen the stride of the currently most expensive site
-    until the Gram work (rows x n^2 per sample) is within `budget` x the model's MACs."""
+    until the Gram work (rows x n^2 per sample) is within `budget` x the model's MACs, keeping at
+    least ROWS_PER_UNIT rows per unit over the `samples` calibration samples (when given)."""
     limits = {s.tensor: _max_stride(s, shapes.get(s.tensor)) for s in sites}
     if spatial_stride != "auto":
         return {s.tensor: min(int(spatial_stride), limits[s.tensor]) for s in sites}
     strides = {s.tensor: 1 for s in sites}
 
-    def work(site: Site, stride: int) -> float:
+    def rows(site: Site, stride: int) -> float:
         shape = shapes.get(site.tensor) or ()
-        return (positions(shape, site.axis) or 0) / stride ** max(len(shape) - 2, 0) * site.width ** 2
+        return (positions(shape, site.axis) or 0) / stride ** max(len(shape) - 2, 0)
+
+    def work(site: Site, stride: int) -> float:
+        return rows(site, stride) * site.width ** 2
+
+    if samples is not None:  # subsampling must leave the statistics well determined
+        for site in sites:
+            while limits[site.tensor] > 1 and samples * rows(site, limits[site.tensor]) < ROWS_PER_UNIT * site.width:
+                limits[site.tensor] -= 1
 
     total = sum(work(s, 1) for s in sites)
     heap = [(-work(s, 1), i) for i, s in enumerate(sites) if limits[s.tensor] > 1]
@@ -76,15 +86,15 @@ def choose_strides(sites: list[Site], shapes: dict, model_macs: int, spatial_str
 
 def instrument(model: onnx.ModelProto, sites: list[Site], ranks: dict[str, int], strides: dict[str, int] | None = None
                ) -> tuple[onnx.ModelProto, list[tuple[str, str, str]]]:
-    """A copy that takes a shift vector m per site and outputs (X - m)^T (X - m), per-sample column
-    sums of X and the shape of X (rows x n), in float32; X is sampled with the site's stride."""
+    """A patch that makes the model take a shift vector m per site and output (X - m)^T (X - m),
+    per-sample column sums of X and the shape of X (rows x n), in float32, X sampled with the
+    site's stride. The patch holds only the added nodes, constants, inputs and outputs: the
+    model's bytes followed by the patch's parse as the instrumented model (protobuf appends
+    repeated fields), so the weights are never copied (see `make_session`)."""
     opset = default_opset(model)
     strides = strides or {}
     out = onnx.ModelProto()
-    out.CopyFrom(model)
     graph = out.graph
-    del graph.output[:]
-    del graph.value_info[:]
     names = []
     for i, site in enumerate(sites):
         p = f"{PREFIX}{i}_"
@@ -126,14 +136,21 @@ def instrument(model: onnx.ModelProto, sites: list[Site], ranks: dict[str, int],
     return out, names
 
 
-def make_session(model: onnx.ModelProto, optimize: bool = True) -> ort.InferenceSession:
+def make_session(model: onnx.ModelProto, optimize: bool = True, patch: onnx.ModelProto | None = None) -> ort.InferenceSession:
+    """A CPU session of the model, with `patch` (from `instrument`) merged in when given."""
     options = ort.SessionOptions()
     options.log_severity_level = 3
     if not optimize:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     try:
         if not needs_external_data(model):
-            return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+            payload = model.SerializeToString() + (patch.SerializeToString() if patch is not None else b"")
+            return ort.InferenceSession(payload, options, providers=["CPUExecutionProvider"])
+        if patch is not None:
+            merged = onnx.ModelProto()
+            merged.CopyFrom(model)
+            merged.MergeFrom(patch)
+            model = merged
         with model_on_disk(model) as path:  # over the protobuf limit: onnxruntime reads it from disk
             return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # noqa: BLE001 - onnxruntime raises several unrelated types
@@ -163,8 +180,8 @@ def collect_stats(
     calibration set pass the same reference, so their statistics merge to the single pass's."""
     if not sites:
         return {}
-    instrumented, names = instrument(model, sites, ranks, strides)
-    session = make_session(instrumented)
+    patch, names = instrument(model, sites, ranks, strides)
+    session = make_session(model, patch=patch)
     fetch = [name for triple in names for name in triple]
     zero = {site.tensor: np.zeros(site.width, np.float32) for site in sites}
 

@@ -196,7 +196,9 @@ def weightless_skeleton(model: onnx.ModelProto, input_shapes: dict[str, tuple[in
     skeleton = onnx.ModelProto()
     skeleton.ir_version = model.ir_version
     skeleton.opset_import.extend(model.opset_import)
+    skeleton.functions.extend(model.functions)
     graph = skeleton.graph
+    graph.name = model.graph.name
     graph.node.extend(model.graph.node)
     graph.input.extend(model.graph.input)
     graph.output.extend(model.graph.output)
@@ -236,18 +238,19 @@ def static_shapes(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...
 
 def probe_shapes(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]], names: list[str]) -> dict[str, Shape]:
     """Shapes that static inference missed (computed Slice bounds, Shape subgraphs), read off one
-    onnxruntime run on zeros of the fixed input shapes."""
+    onnxruntime run of the weightless skeleton on zeros (inputs and weights; np.zeros pages are
+    never touched, so the probe costs no copy of the weights)."""
     import onnxruntime as ort
 
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
+    probe = weightless_skeleton(model, input_shapes)
     del probe.graph.output[:]
     probe.graph.output.extend(onnx.helper.make_empty_tensor_value_info(n) for n in names)
     feeds = {}
     for value in probe.graph.input:
-        if value.name in input_shapes:
-            dtype = onnx.helper.tensor_dtype_to_np_dtype(value.type.tensor_type.elem_type)
-            feeds[value.name] = np.zeros(input_shapes[value.name], dtype=dtype)
+        dims = [d.dim_value for d in value.type.tensor_type.shape.dim]
+        shape = input_shapes.get(value.name, dims)
+        if value.name in input_shapes or (dims and all(d > 0 for d in dims)) or not dims:
+            feeds[value.name] = np.zeros(shape, dtype=onnx.helper.tensor_dtype_to_np_dtype(value.type.tensor_type.elem_type))
     try:
         options = ort.SessionOptions()
         options.log_severity_level = 3

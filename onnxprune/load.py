@@ -13,6 +13,7 @@ from google.protobuf.message import DecodeError
 from onnx.external_data_helper import load_external_data_for_model, uses_external_data
 
 from .errors import ModelError
+from .graph import tensor_size, weightless_skeleton
 
 
 def load_model(source: str | Path | onnx.ModelProto) -> tuple[onnx.ModelProto, str]:
@@ -39,15 +40,22 @@ def load_model(source: str | Path | onnx.ModelProto) -> tuple[onnx.ModelProto, s
             raise ModelError(f"cannot read model file '{path}': {exc.strerror or exc}") from None
     if not model.graph.node:
         raise ModelError(f"'{name}' is not an ONNX model with a graph (no nodes found)")
-    try:
-        if needs_external_data(model):
-            with model_on_disk(model) as on_disk:
-                onnx.checker.check_model(str(on_disk))
-        else:
-            onnx.checker.check_model(model)
+    try:  # the graph is checked without its large weights (a serialised copy would double the memory)
+        onnx.checker.check_model(weightless_skeleton(model, {}))
     except Exception as exc:  # noqa: BLE001 - onnx raises ValidationError and others
         raise ModelError(f"'{name}' fails onnx.checker: {str(exc).splitlines()[0]}") from None
+    for tensor in model.graph.initializer:
+        if tensor.HasField("raw_data") and len(tensor.raw_data) != tensor_size(tensor) * _itemsize(tensor.data_type):
+            raise ModelError(f"'{name}' fails onnx.checker: initializer '{tensor.name}' holds {len(tensor.raw_data)} bytes, its shape needs "
+                             f"{tensor_size(tensor) * _itemsize(tensor.data_type)}")
     return model, name
+
+
+def _itemsize(data_type: int) -> int:
+    try:
+        return onnx.helper.tensor_dtype_to_np_dtype(data_type).itemsize
+    except (KeyError, TypeError):
+        return 0
 
 
 def external_tensors(model: onnx.ModelProto) -> list[onnx.TensorProto]:

@@ -37,34 +37,57 @@ def check_model(model: onnx.ModelProto) -> None:
         raise ModelError(f"the pruned model fails onnx.checker: {str(exc).splitlines()[0]}") from None
 
 
-def run_model(model: onnx.ModelProto, data: CalibrationData, batch_size: int, optimize: bool = True) -> dict[str, np.ndarray]:
-    """All outputs of the model on the data, concatenated over batches."""
-    session = make_session(model, optimize)
-    names = [o.name for o in session.get_outputs()]
-    parts: dict[str, list[np.ndarray]] = {name: [] for name in names}
-    for batch in data.batches(batch_size):
-        for name, value in zip(names, session.run(names, batch), strict=False):
-            parts[name].append(value)
-    return {name: np.concatenate(values) for name, values in parts.items()}
+class _Agreement:
+    """Running sums for one output, batch by batch (a language model's logits over the
+    verification samples would not fit in memory at once)."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self.ref2 = self.got2 = self.dot = self.diff2 = self.max_abs = 0.0
+        self.matches = self.rows = 0
+        self.classes = True
+
+    def add(self, ref: np.ndarray, got: np.ndarray) -> None:
+        if got.shape != ref.shape:
+            raise ModelError(f"pruned output '{self.name}' has shape {got.shape}, the original {ref.shape}")
+        ref64, got64 = ref.astype(np.float64).ravel(), got.astype(np.float64).ravel()
+        self.ref2 += float(ref64 @ ref64)
+        self.got2 += float(got64 @ got64)
+        self.dot += float(ref64 @ got64)
+        diff = got64 - ref64
+        self.diff2 += float(diff @ diff)
+        self.max_abs = max(self.max_abs, float(np.max(np.abs(diff), initial=0.0)))
+        self.classes = self.classes and ref.ndim == 2 and ref.shape[1] > 1
+        if self.classes:
+            self.matches += int(np.sum(ref.argmax(axis=1) == got.argmax(axis=1)))
+            self.rows += len(ref)
+
+    def result(self) -> OutputFidelity:
+        norm, diff = np.sqrt(self.ref2), np.sqrt(self.diff2)
+        rel = diff / norm if norm > 0 else float(diff)
+        denom = norm * np.sqrt(self.got2)
+        cosine = self.dot / denom if denom > 0 else float(diff == 0)
+        top1 = self.matches / self.rows if self.classes and self.rows else None
+        return OutputFidelity(self.name, float(rel), float(cosine), self.max_abs, top1)
 
 
 def compare_outputs(reference: dict[str, np.ndarray], pruned: dict[str, np.ndarray]) -> list[OutputFidelity]:
     result = []
     for name, ref in reference.items():
-        got = pruned[name]
-        if got.shape != ref.shape:
-            raise ModelError(f"pruned output '{name}' has shape {got.shape}, the original {ref.shape}")
-        ref64, got64 = ref.astype(np.float64).ravel(), got.astype(np.float64).ravel()
-        norm = np.linalg.norm(ref64)
-        diff = np.linalg.norm(got64 - ref64)
-        rel = diff / norm if norm > 0 else float(diff)
-        denom = norm * np.linalg.norm(got64)
-        cosine = float(ref64 @ got64 / denom) if denom > 0 else float(diff == 0)
-        top1 = None
-        if ref.ndim == 2 and ref.shape[1] > 1:
-            top1 = float(np.mean(ref.argmax(axis=1) == got.argmax(axis=1)))
-        result.append(OutputFidelity(name, float(rel), cosine, float(np.max(np.abs(got64 - ref64), initial=0.0)), top1))
+        agreement = _Agreement(name)
+        agreement.add(ref, pruned[name])
+        result.append(agreement.result())
     return result
+
+
+def _check_optimisations(pruned: onnx.ModelProto, batch: dict[str, np.ndarray], optimised: dict[str, np.ndarray]) -> None:
+    """onnxruntime's graph optimisations must not change the result (one batch shows a broken rewrite)."""
+    session = make_session(pruned, optimize=False)
+    for name, value in zip([o.name for o in session.get_outputs()], session.run(None, batch), strict=True):
+        scale = max(float(np.abs(value).max(initial=0.0)), 1e-12)
+        rtol = 1e-3 if value.dtype.itemsize >= 4 else 3e-2  # half precision kernels round differently
+        if not np.allclose(optimised[name], value, rtol=rtol, atol=rtol * 0.1 * scale):
+            raise ModelError(f"the pruned model's output '{name}' differs with onnxruntime optimisations on and off; not writing it")
 
 
 def verify(
@@ -74,7 +97,7 @@ def verify(
     batch_size: int,
     io_changes: dict[str, tuple[int, np.ndarray]] | None = None,
 ) -> list[OutputFidelity]:
-    """Checker + onnxruntime run + comparison with the original on `data`.
+    """Checker + onnxruntime run + comparison with the original on `data`, batch by batch.
 
     Inputs and outputs whose unit axis shrank (KV caches, `io_changes`) are fed and compared on
     the kept units only."""
@@ -82,18 +105,20 @@ def verify(
     if data.n_samples == 0:
         return []
     io_changes = io_changes or {}
-    shrink = {name: change for name, change in io_changes.items() if name in data.arrays}
-    pruned_data = CalibrationData({k: _drop(v, shrink.get(k)) for k, v in data.arrays.items()}, data.source)
-    reference = run_model(original, data, batch_size)
-    reference = {k: _drop(v, io_changes.get(k)) for k, v in reference.items()}
-    optimised = run_model(pruned, pruned_data, batch_size)
-    plain = run_model(pruned, pruned_data, batch_size, optimize=False)
-    for name, value in optimised.items():  # onnxruntime's graph optimisations must not change the result
-        scale = max(float(np.abs(value).max(initial=0.0)), 1e-12)
-        rtol = 1e-3 if value.dtype.itemsize >= 4 else 3e-2  # half precision kernels round differently
-        if not np.allclose(value, plain[name], rtol=rtol, atol=rtol * 0.1 * scale):
-            raise ModelError(f"the pruned model's output '{name}' differs with onnxruntime optimisations on and off; not writing it")
-    return compare_outputs(reference, optimised)
+    reference_session, pruned_session = make_session(original), make_session(pruned)
+    names = [o.name for o in reference_session.get_outputs()]
+    agreements = {name: _Agreement(name) for name in names}
+    first = True
+    for batch in data.batches(batch_size):
+        pruned_batch = {k: _drop(v, io_changes.get(k)) for k, v in batch.items()}
+        reference = dict(zip(names, reference_session.run(names, batch), strict=True))
+        got = dict(zip(names, pruned_session.run(names, pruned_batch), strict=True))
+        if first:
+            _check_optimisations(pruned, pruned_batch, got)
+            first = False
+        for name in names:
+            agreements[name].add(_drop(reference[name], io_changes.get(name)), got[name])
+    return [agreements[name].result() for name in names]
 
 
 def _drop(array: np.ndarray, change: tuple[int, np.ndarray] | None) -> np.ndarray:

@@ -106,7 +106,7 @@ def expansion_cnn(hidden: int, hw: int = 32) -> onnx.ModelProto:
 
 
 def test_auto_strides_only_where_the_gram_would_be_expensive() -> None:
-    x = np.zeros((8, 8, 32, 32), np.float32)
+    x = np.zeros((64, 8, 32, 32), np.float32)
     cheap = prepare(expansion_cnn(hidden=2), {"x": x}, verify_samples=0)
     assert set(cheap.strides.values()) == {1}
     wide = prepare(expansion_cnn(hidden=40), {"x": x}, verify_samples=0)
@@ -116,6 +116,10 @@ def test_auto_strides_only_where_the_gram_would_be_expensive() -> None:
     work = sum(np.prod(wide.shapes[s.tensor][2:]) / wide.strides[s.tensor] ** 2 * s.width ** 2 for s in wide.analysis.sites())
     assert work <= 0.25 * (32 * 32 * 8 * 40 * 2 + 8 * 3)
     assert set(prepare(expansion_cnn(hidden=40), {"x": x}, verify_samples=0, spatial_stride=1).strides.values()) == {1}
+    # with few calibration samples the statistics need every position (>= 64 rows per unit)
+    few = prepare(expansion_cnn(hidden=40), {"x": x[:16]}, verify_samples=0)
+    assert few.strides[hidden.tensor] == 2  # stride 2: 16 x 16 x 16 rows >= 64 x 40; stride 3 would leave 16 x 11 x 11 < 64 x 40
+    assert prepare(expansion_cnn(hidden=40), {"x": x[:8]}, verify_samples=0).strides[hidden.tensor] == 1
 
 
 def test_strides_never_leave_fewer_than_two_positions_per_dim() -> None:
