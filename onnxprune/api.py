@@ -17,7 +17,7 @@ from .cost import CostModel, build_cost_model, count_macs, count_params
 from .data import CalibrationData, load_calibration
 from .errors import CalibrationError, ModelError, TargetError
 from .graph import GraphIndex, static_shapes
-from .load import load_model
+from .load import load_model, release_memory
 from .plan import Plan, Target, make_plan
 from .recovery import Recovery, fit_recovery, mean_recovery
 from .report import PruneReport, SpaceRow
@@ -134,6 +134,7 @@ def prune(
                 stats, strides = statistics.for_model(prepared), statistics.strides
             else:
                 stats = calibration_statistics(prepared, progress=progress)
+        release_memory(original)  # the calibration session is gone
         warnings.extend(pin_undersampled(analysis, stats))
         if not analysis.prunable:
             needed = max(space.tensors[t].size + 1 for space in analysis.spaces for t in space.sites if t in stats)
@@ -156,6 +157,7 @@ def prune(
         verify_data = prepared.verify_data
         io_changes = cache_io_changes(analysis, plan)
         fidelity = verify(original, pruned, verify_data, prepared.batch_size, io_changes)
+        release_memory(original)
         advance(1)
 
     report = _build_report(prepared.name, method, order, target, plan, analysis, cost, original, pruned, prepared.data, prepared.calib_data, verify_data, fidelity)

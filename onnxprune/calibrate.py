@@ -19,7 +19,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from .analyse import Site
 from .errors import ModelError
-from .load import model_on_disk, needs_external_data
+from .load import SESSION_FROM_FILE, weights_in_file
 from .stats import SiteStats
 
 PREFIX = "__onnxprune_"
@@ -137,24 +137,34 @@ def instrument(model: onnx.ModelProto, sites: list[Site], ranks: dict[str, int],
 
 
 def make_session(model: onnx.ModelProto, optimize: bool = True, patch: onnx.ModelProto | None = None) -> ort.InferenceSession:
-    """A CPU session of the model, with `patch` (from `instrument`) merged in when given."""
+    """A CPU session of the model; with `patch` (from `instrument`) merged in, the patch's outputs
+    replace the model's (whatever only they needed is not computed). Large models are given to
+    onnxruntime as a file with external data (`weights_in_file`)."""
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    large = model.ByteSize() >= SESSION_FROM_FILE
+    if patch is not None:  # run each site's statistics as soon as the site exists, not after the whole graph
+        options.execution_order = ort.ExecutionOrder.PRIORITY_BASED
+    if large:  # the arena keeps every size it ever served; a large model's working set would pile up
+        options.enable_cpu_mem_arena = False
     if not optimize:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    extra = patch.SerializeToString() if patch is not None else b""
+    outputs = []
+    if patch is not None:
+        outputs = [onnx.ValueInfoProto.FromString(o.SerializeToString()) for o in model.graph.output]
+        del model.graph.output[:]
     try:
-        if not needs_external_data(model):
-            payload = model.SerializeToString() + (patch.SerializeToString() if patch is not None else b"")
-            return ort.InferenceSession(payload, options, providers=["CPUExecutionProvider"])
-        if patch is not None:
-            merged = onnx.ModelProto()
-            merged.CopyFrom(model)
-            merged.MergeFrom(patch)
-            model = merged
-        with model_on_disk(model) as path:  # over the protobuf limit: onnxruntime reads it from disk
+        if not large:
+            return ort.InferenceSession(model.SerializeToString() + extra, options, providers=["CPUExecutionProvider"])
+        with weights_in_file(model) as folder:
+            path = folder / "session.onnx"
+            path.write_bytes(model.SerializeToString() + extra)
             return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # noqa: BLE001 - onnxruntime raises several unrelated types
         raise ModelError(f"onnxruntime cannot load the model: {str(exc).splitlines()[0]}") from None
+    finally:
+        model.graph.output.extend(outputs)
 
 
 def uncentred(rows: int, shift: np.ndarray, total: np.ndarray, shifted_gram: np.ndarray) -> SiteStats:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import os
 import shutil
 import tempfile
@@ -86,6 +88,7 @@ def default_output_path(model_path: str | Path) -> Path:
 
 
 PROTOBUF_LIMIT = 2**31 - 1  # a serialised ModelProto must stay below 2 GiB
+SESSION_FROM_FILE = 64 * 2**20  # bigger models reach onnxruntime as a file with external data
 
 
 def needs_external_data(model: onnx.ModelProto, limit: int | None = None) -> bool:
@@ -136,6 +139,39 @@ def model_on_disk(model: onnx.ModelProto):
         path = Path(folder) / "model.onnx"
         save_model_atomic(model, path, external_limit=0 if needs_external_data(model) else None)
         yield path
+
+
+@contextmanager
+def weights_in_file(model: onnx.ModelProto):
+    """Lend the model's large tensors to `weights.bin` in a private temporary folder: meanwhile
+    the proto holds external-data references (it serialises small), afterwards the data is read
+    back and the proto is as before. Yields the folder.
+
+    onnxruntime builds a session from a file with external data holding about one copy of the
+    weights; from serialised bytes it holds about three."""
+    had_location = [t.HasField("data_location") for t in model.graph.initializer]
+    with tempfile.TemporaryDirectory(prefix="onnxprune-") as folder:
+        try:
+            onnx.save_model(model, str(Path(folder) / "model.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
+                            location="weights.bin", size_threshold=1024)
+            yield Path(folder)
+        finally:
+            load_external_data_for_model(model, folder)
+            for tensor, had in zip(model.graph.initializer, had_location, strict=True):
+                if not had:
+                    tensor.ClearField("data_location")
+
+
+def release_memory(model: onnx.ModelProto) -> None:
+    """For a large model, hand freed heap pages back to the OS: glibc keeps them otherwise, and a
+    finished onnxruntime session's memory would stay counted until the process ends."""
+    if model.ByteSize() < SESSION_FROM_FILE:
+        return
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
 
 
 def _fsync(path: Path) -> None:

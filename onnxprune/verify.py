@@ -11,7 +11,7 @@ import onnx
 from .calibrate import make_session
 from .data import CalibrationData
 from .errors import ModelError
-from .load import model_on_disk, needs_external_data
+from .load import model_on_disk, needs_external_data, release_memory
 
 
 @dataclass
@@ -37,6 +37,9 @@ def check_model(model: onnx.ModelProto) -> None:
         raise ModelError(f"the pruned model fails onnx.checker: {str(exc).splitlines()[0]}") from None
 
 
+CHUNK = 1 << 20  # output elements compared per step
+
+
 class _Agreement:
     """Running sums for one output, batch by batch (a language model's logits over the
     verification samples would not fit in memory at once)."""
@@ -50,13 +53,16 @@ class _Agreement:
     def add(self, ref: np.ndarray, got: np.ndarray) -> None:
         if got.shape != ref.shape:
             raise ModelError(f"pruned output '{self.name}' has shape {got.shape}, the original {ref.shape}")
-        ref64, got64 = ref.astype(np.float64).ravel(), got.astype(np.float64).ravel()
-        self.ref2 += float(ref64 @ ref64)
-        self.got2 += float(got64 @ got64)
-        self.dot += float(ref64 @ got64)
-        diff = got64 - ref64
-        self.diff2 += float(diff @ diff)
-        self.max_abs = max(self.max_abs, float(np.max(np.abs(diff), initial=0.0)))
+        flat_ref, flat_got = ref.reshape(-1), got.reshape(-1)
+        for start in range(0, flat_ref.size, CHUNK):  # float64 copies of one chunk at a time
+            ref64 = flat_ref[start:start + CHUNK].astype(np.float64)
+            got64 = flat_got[start:start + CHUNK].astype(np.float64)
+            self.ref2 += float(ref64 @ ref64)
+            self.got2 += float(got64 @ got64)
+            self.dot += float(ref64 @ got64)
+            got64 -= ref64
+            self.diff2 += float(got64 @ got64)
+            self.max_abs = max(self.max_abs, float(np.max(np.abs(got64), initial=0.0)))
         self.classes = self.classes and ref.ndim == 2 and ref.shape[1] > 1
         if self.classes:
             self.matches += int(np.sum(ref.argmax(axis=1) == got.argmax(axis=1)))
@@ -108,16 +114,17 @@ def verify(
     reference_session, pruned_session = make_session(original), make_session(pruned)
     names = [o.name for o in reference_session.get_outputs()]
     agreements = {name: _Agreement(name) for name in names}
-    first = True
+    first: tuple[dict, dict] | None = None
     for batch in data.batches(batch_size):
         pruned_batch = {k: _drop(v, io_changes.get(k)) for k, v in batch.items()}
         reference = dict(zip(names, reference_session.run(names, batch), strict=True))
         got = dict(zip(names, pruned_session.run(names, pruned_batch), strict=True))
-        if first:
-            _check_optimisations(pruned, pruned_batch, got)
-            first = False
+        first = first or (pruned_batch, got)
         for name in names:
             agreements[name].add(_drop(reference[name], io_changes.get(name)), got[name])
+    del reference_session, pruned_session, reference, got
+    release_memory(original)
+    _check_optimisations(pruned, *first)  # one unoptimised session at a time
     return [agreements[name].result() for name in names]
 
 

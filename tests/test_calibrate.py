@@ -176,3 +176,24 @@ def test_shards_record_their_strides_and_refuse_to_mix_them(tmp_path) -> None:
     other = partial_statistics(model, x, (1, 2), {**options, "spatial_stride": 1})
     with pytest.raises(onnxprune.OnnxPruneError, match="spatial strides"):
         parts[0].merge(other)
+
+
+def test_large_models_reach_onnxruntime_as_a_file_with_the_same_results(monkeypatch) -> None:
+    """Sessions of large models are built from a temporary file with external data (one copy of
+    the weights instead of three); the statistics, the pruned model and the fidelity are the same,
+    and the model proto comes back byte-identical."""
+    import onnxprune.calibrate
+    import onnxprune.load
+
+    model = expansion_cnn(hidden=40)
+    x = {"x": np.random.default_rng(9).standard_normal((48, 8, 32, 32)).astype(np.float32)}
+    in_memory, report = onnxprune.prune(model, x, ratio=0.25)
+    monkeypatch.setattr(onnxprune.calibrate, "SESSION_FROM_FILE", 0)
+    monkeypatch.setattr(onnxprune.load, "SESSION_FROM_FILE", 0)
+    before = model.SerializeToString()
+    from_file, file_report = onnxprune.prune(model, x, ratio=0.25)
+    assert from_file.SerializeToString() == in_memory.SerializeToString()
+    assert file_report.fidelity == report.fidelity
+    patch, _ = onnxprune.calibrate.instrument(model, analyse(model).sites(), {s.tensor: 4 for s in analyse(model).sites()})
+    onnxprune.calibrate.make_session(model, patch=patch)
+    assert model.SerializeToString() == before
