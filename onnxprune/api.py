@@ -16,9 +16,10 @@ from .calibrate import choose_strides, collect_stats
 from .cost import CostModel, build_cost_model, count_macs, count_params
 from .data import CalibrationData, load_calibration
 from .errors import CalibrationError, ModelError, TargetError
-from .graph import GraphIndex, static_shapes
+from .graph import GraphIndex, fixed_batch_size, static_shapes
+from .latency import search_latency
 from .load import load_model, release_memory
-from .plan import Plan, Target, make_plan
+from .plan import Plan, Target, make_plan, make_planner
 from .recovery import Recovery, fit_recovery, mean_recovery
 from .report import PruneReport, SpaceRow
 from .rewrite import cache_io_changes, rewrite
@@ -44,9 +45,11 @@ class PruneResult:
         return iter((self.model, self.report))
 
 
-def resolve_target(ratio: float | None, flops: float | None, params: float | None, tolerance: float | None) -> Target:
+def resolve_target(ratio: float | None, flops: float | None, params: float | None, tolerance: float | None,
+                   latency: float | None = None) -> Target:
     """Exactly one target; none given means --tolerance DEFAULT_TOLERANCE."""
-    given = {k: v for k, v in (("ratio", ratio), ("flops", flops), ("params", params), ("tolerance", tolerance)) if v is not None}
+    given = {k: v for k, v in (("ratio", ratio), ("flops", flops), ("params", params), ("tolerance", tolerance), ("latency", latency))
+             if v is not None}
     if len(given) > 1:
         raise TargetError(f"give one target, not {' and '.join('--' + k for k in given)}")
     if not given:
@@ -94,6 +97,9 @@ def prune(
     workers: int = 1,
     scheduler: str | None = None,
     spatial_stride: int | str = "auto",
+    latency: float | None = None,
+    latency_batch: int = 1,
+    latency_threads: int = 0,
 ) -> PruneResult:
     """Prune `model` with calibration data `calib`; returns the pruned ModelProto and a report.
 
@@ -105,6 +111,9 @@ def prune(
     > 1 computes them in local processes, `scheduler` on a Dask cluster ("local" or an address).
     `spatial_stride`: sample every s-th row and column of conv feature maps for the statistics;
     "auto" only where the Gram work would exceed a quarter of the model's MACs.
+    `latency`: fraction of the onnxruntime CPU latency to REMOVE, measured on this machine with
+    `latency_batch` samples and `latency_threads` threads (0: onnxruntime's default) by timing
+    the rewritten model at every step of a search over the threshold.
     """
     if method not in METHODS:
         raise TargetError(f"unknown method '{method}' (choose from {', '.join(METHODS)})")
@@ -112,7 +121,9 @@ def prune(
         raise TargetError(f"unknown order '{order}' (choose from {', '.join(ORDERS)})")
     if batch_size < 1:
         raise TargetError(f"--batch-size must be >= 1, got {batch_size}")
-    target = resolve_target(ratio, flops, params, tolerance)
+    target = resolve_target(ratio, flops, params, tolerance, latency)
+    if latency_batch < 1:
+        raise TargetError(f"--latency-batch must be >= 1, got {latency_batch}")
     progress = progress or _no_progress
     seconds: dict[str, float] = {}
     warnings: list[str] = []
@@ -147,11 +158,28 @@ def prune(
 
     with _stage(seconds, "score"):
         scores = {s.id: score_space(s, stats, index, method, order, seed) for s in analysis.prunable}
-    with _stage(seconds, "plan"):
-        plan = make_plan(analysis, scores, cost, target, min_keep, round_to)
-    with _stage(seconds, "rewrite"):
+    def build(plan: Plan) -> onnx.ModelProto:
         recoveries = fit_recoveries(analysis, plan, stats, RECOVERY[method]) if method in RECOVERY else None
-        pruned = rewrite(original, analysis, plan, recoveries)
+        return rewrite(original, analysis, plan, recoveries)
+
+    latency_result = None
+    if target.kind == "latency":
+        with _stage(seconds, "plan"):
+            planner = make_planner(analysis, scores, cost, min_keep, round_to)
+            feeds = next(iter(prepared.calib_data.batches(prepared.batch_size if prepared.static_batch else latency_batch)))
+
+            def build_with_feeds(plan: Plan) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+                changes = cache_io_changes(analysis, plan)
+                return build(plan), {k: np.delete(v, changes[k][1], axis=changes[k][0]) if k in changes else v for k, v in feeds.items()}
+
+            advance = progress("timing candidates", 1)
+            plan, pruned, latency_result = search_latency(planner, target, original, feeds, build_with_feeds, latency_threads)
+            advance(1)
+    else:
+        with _stage(seconds, "plan"):
+            plan = make_plan(analysis, scores, cost, target, min_keep, round_to)
+        with _stage(seconds, "rewrite"):
+            pruned = build(plan)
     with _stage(seconds, "verify"):
         advance = progress("verifying", 1)
         verify_data = prepared.verify_data
@@ -164,6 +192,9 @@ def prune(
     report.warnings, report.seconds = warnings, seconds
     report.io_changes = _io_shapes(pruned, io_changes)
     report.spatial_strides = strides if stats else {}
+    if latency_result is not None:
+        report.latency = {"batch": latency_result.batch, "threads": latency_result.threads, "ratio": round(latency_result.ratio, 4),
+                          "steps": latency_result.steps}
     return PruneResult(pruned, report)
 
 
@@ -182,6 +213,7 @@ class Prepared:
     batch_size: int
     warnings: list[str]
     strides: dict[str, int]
+    static_batch: bool = False
 
 
 def prepare_options(exclude, batch_size, verify_samples, image_options, calib_samples, spatial_stride="auto") -> dict:
@@ -226,7 +258,7 @@ def prepare(
     if spatial_stride != "auto" and (not isinstance(spatial_stride, int) or spatial_stride < 1):
         raise TargetError(f"--spatial-stride must be 'auto' or a positive integer, got {spatial_stride!r}")
     strides = choose_strides(analysis.sites(), shapes, count_macs(index), spatial_stride, calib_data.n_samples)
-    return Prepared(original, name, data, calib_data, verify_data, shapes, index, analysis, batch_size, notes, strides)
+    return Prepared(original, name, data, calib_data, verify_data, shapes, index, analysis, batch_size, notes, strides, static)
 
 
 def calibration_statistics(prepared: Prepared, shard: tuple[int, int] | None = None, progress: ProgressFactory | None = None) -> dict[str, SiteStats]:
@@ -241,7 +273,7 @@ def calibration_statistics(prepared: Prepared, shard: tuple[int, int] | None = N
     ranks = {site.tensor: len(prepared.shapes[site.tensor]) for site in sites}
     advance = (progress or _no_progress)("calibrating", data.n_samples)
     # every shard centres its rows by the mean of the same few samples (merges stay exact)
-    reference_size = prepared.batch_size if _batch_size_for(prepared.original, 1)[1] else min(REFERENCE_SAMPLES, prepared.batch_size)
+    reference_size = prepared.batch_size if prepared.static_batch else min(REFERENCE_SAMPLES, prepared.batch_size)
     reference = next(iter(prepared.calib_data.batches(reference_size)))
     return collect_stats(prepared.original, sites, ranks, data.batches(prepared.batch_size), advance, prepared.strides, reference)
 
@@ -296,12 +328,8 @@ def _io_shapes(model: onnx.ModelProto, changes: dict) -> dict[str, list]:
 
 def _batch_size_for(model: onnx.ModelProto, wanted: int) -> tuple[int, bool]:
     """(batch size, fixed): a static batch dimension in the model's inputs overrides --batch-size."""
-    initializers = {t.name for t in model.graph.initializer}
-    for value in model.graph.input:
-        dims = value.type.tensor_type.shape.dim
-        if value.name not in initializers and dims and dims[0].HasField("dim_value") and dims[0].dim_value > 0:
-            return dims[0].dim_value, True
-    return wanted, False
+    fixed = fixed_batch_size(model)
+    return (fixed, True) if fixed else (wanted, False)
 
 
 def _build_report(

@@ -136,12 +136,14 @@ def instrument(model: onnx.ModelProto, sites: list[Site], ranks: dict[str, int],
     return out, names
 
 
-def make_session(model: onnx.ModelProto, optimize: bool = True, patch: onnx.ModelProto | None = None) -> ort.InferenceSession:
+def make_session(model: onnx.ModelProto, optimize: bool = True, patch: onnx.ModelProto | None = None,
+                 threads: int = 0) -> ort.InferenceSession:
     """A CPU session of the model; with `patch` (from `instrument`) merged in, the patch's outputs
     replace the model's (whatever only they needed is not computed). Large models are given to
     onnxruntime as a file with external data (`weights_in_file`)."""
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    options.intra_op_num_threads = threads  # 0: onnxruntime's default
     large = model.ByteSize() >= SESSION_FROM_FILE
     if patch is not None:  # run each site's statistics as soon as the site exists, not after the whole graph
         options.execution_order = ort.ExecutionOrder.PRIORITY_BASED

@@ -91,6 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     target.add_argument("--ratio", type=_fraction, help="fraction of prunable units to REMOVE, spread over layers automatically (0..1)")
     target.add_argument("--flops", type=_fraction, help="fraction of the model's MACs to REMOVE (0..1)")
     target.add_argument("--params", type=_fraction, help="fraction of the model's parameters to REMOVE (0..1)")
+    target.add_argument("--latency", type=_fraction, help="fraction of the measured onnxruntime CPU latency to REMOVE: the threshold "
+                        "is searched by timing the rewritten model on this machine (a few seconds per step; see --latency-batch)")
     target.add_argument("--tolerance", type=_fraction, help=f"remove every unit whose normalised energy loss is <= T (default {DEFAULT_TOLERANCE} when no target is given)")
     parser.add_argument("--method", choices=METHODS, default="snp", help="pruning criterion: snp (default); lsq = weight-magnitude order + LS recovery; fluct = FLAP (fluctuation x weight norm, mean compensation); wanda = Wanda-sp (|W| x ||X||); l1/l2/variance/random = baselines without recovery")
     parser.add_argument("--order", choices=ORDERS, default=DEFAULT_ORDER,
@@ -106,6 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=32, metavar="B", help="samples per onnxruntime run (default 32)")
     parser.add_argument("--verify-samples", type=int, metavar="N", help="calibration samples held out to verify the pruned model (default 10%%, at most 256)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random baseline")
+    parser.add_argument("--latency-batch", type=int, default=1, metavar="B", help="with --latency: samples per timed run (default 1)")
+    parser.add_argument("--latency-threads", type=int, default=0, metavar="T", help="with --latency: onnxruntime threads (default 0: its default)")
     parser.add_argument("--spatial-stride", type=_stride, default="auto", metavar="auto|S",
                         help="sample every S-th row and column of conv feature maps for the statistics (default auto: only "
                         "where their Gram matrices would cost more than a quarter of the model's MACs; 1 = every position)")
@@ -142,7 +146,8 @@ def run(args: argparse.Namespace) -> int:
     if Path(args.model).exists() and output.exists() and output.resolve() == Path(args.model).resolve() and not args.overwrite:
         raise OnnxPruneError(f"output '{output}' is the input model; choose another -o or pass --overwrite")
     options = dict(
-        ratio=args.ratio, flops=args.flops, params=args.params, tolerance=args.tolerance,
+        ratio=args.ratio, flops=args.flops, params=args.params, tolerance=args.tolerance, latency=args.latency,
+        latency_batch=args.latency_batch, latency_threads=args.latency_threads,
         method=args.method, order=args.order, round_to=args.round_to, min_keep=args.min_keep,
         exclude=args.exclude, batch_size=args.batch_size, verify_samples=args.verify_samples, seed=args.seed,
         calib_samples=args.calib_samples, workers=args.workers, scheduler=args.scheduler, spatial_stride=args.spatial_stride,
@@ -188,6 +193,8 @@ def build_stats_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=32, metavar="B")
     parser.add_argument("--verify-samples", type=int, metavar="N", help="as for pruning (must match the pruning run)")
     parser.add_argument("--calib-samples", type=int, metavar="N")
+    parser.add_argument("--latency-batch", type=int, default=1, metavar="B", help="with --latency: samples per timed run (default 1)")
+    parser.add_argument("--latency-threads", type=int, default=0, metavar="T", help="with --latency: onnxruntime threads (default 0: its default)")
     parser.add_argument("--spatial-stride", type=_stride, default="auto", metavar="auto|S", help="as for pruning (must match the pruning run)")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     return parser

@@ -288,6 +288,17 @@ def infer_shapes(model: onnx.ModelProto, with_types: bool = False):
     return (shapes, types) if with_types else shapes
 
 
+def fixed_batch_size(model: onnx.ModelProto) -> int | None:
+    """The first dimension of a graph input, when the model fixes it (onnxruntime then runs only
+    whole batches of that size)."""
+    initializers = {t.name for t in model.graph.initializer}
+    for value in model.graph.input:
+        dims = value.type.tensor_type.shape.dim
+        if value.name not in initializers and dims and dims[0].HasField("dim_value") and dims[0].dim_value > 0:
+            return dims[0].dim_value
+    return None
+
+
 def fix_input_shapes(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]]) -> onnx.ModelProto:
     """A copy of the model whose graph inputs have the given static shapes (for cost counting)."""
     fixed = onnx.ModelProto()

@@ -12,12 +12,13 @@ from .cost import CostModel
 from .errors import TargetError
 from .score import SpaceScore
 
-TARGET_KINDS = ("ratio", "flops", "params", "tolerance")
+TARGET_KINDS = ("ratio", "flops", "params", "tolerance", "latency")
 
 
 @dataclass(frozen=True)
 class Target:
-    """What to meet: fraction of prunable units / MACs / params REMOVED, or an energy tolerance."""
+    """What to meet: fraction of prunable units / MACs / params / measured latency REMOVED, or an
+    energy tolerance."""
 
     kind: str
     value: float
@@ -112,7 +113,9 @@ class Planner:
     def threshold_for(self, target: Target) -> float:
         if target.kind == "tolerance":
             return target.value
-        candidates = np.unique(np.concatenate([[-np.inf], *self.tails.values()]))
+        if target.kind == "latency":
+            raise TargetError("a latency target is met by measuring (onnxprune.latency.search_latency), not by the cost model")
+        candidates = self.thresholds()
         if target.value == 0:
             return -np.inf
         best = self.removed(target.kind, float(candidates[-1]))
@@ -131,8 +134,14 @@ class Planner:
                 lo = mid + 1
         return float(candidates[lo])
 
+    def thresholds(self) -> np.ndarray:
+        """Every threshold that changes a kept count, ascending (so: fewer units kept)."""
+        return np.unique(np.concatenate([[-np.inf], *self.tails.values()]))
+
     def plan(self, target: Target) -> Plan:
-        threshold = self.threshold_for(target)
+        return self.plan_at(self.threshold_for(target), target)
+
+    def plan_at(self, threshold: float, target: Target) -> Plan:
         counts = self.kept_counts(threshold)
         spaces = {}
         for sid, score in self.scores.items():
@@ -150,6 +159,10 @@ def make_plan(
     round_to: int = 1,
 ) -> Plan:
     """Plan every prunable space of `analysis` to meet `target` with one global threshold."""
+    return make_planner(analysis, scores, cost, min_keep, round_to).plan(target)
+
+
+def make_planner(analysis: Analysis, scores: dict[int, SpaceScore], cost: CostModel, min_keep: float = 1, round_to: int = 1) -> Planner:
+    """A planner over the prunable spaces of `analysis`."""
     prunable = {s.id for s in analysis.prunable}
-    planner = Planner({sid: sc for sid, sc in scores.items() if sid in prunable}, cost, min_keep, round_to)
-    return planner.plan(target)
+    return Planner({sid: sc for sid, sc in scores.items() if sid in prunable}, cost, min_keep, round_to)

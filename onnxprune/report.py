@@ -49,6 +49,7 @@ class PruneReport:
     output: str | None = None
     io_changes: dict[str, list] = field(default_factory=dict)
     spatial_strides: dict[str, int] = field(default_factory=dict)  # sites whose feature maps were subsampled
+    latency: dict = field(default_factory=dict)  # with a latency target: batch, threads, measured ratio, search steps
 
     @property
     def pinned(self) -> list[SpaceRow]:
@@ -56,6 +57,11 @@ class PruneReport:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def latency_note(self) -> str:
+        threads = self.latency["threads"] or "default"
+        return (f"measured onnxruntime CPU latency: {self.latency['ratio']:.1%} of the original (batch {self.latency['batch']}, "
+                f"{threads} threads, {len(self.latency['steps'])} candidates timed on this machine)")
 
     def sampling_note(self) -> str | None:
         """One line on the spatial subsampling of the statistics, when there was any."""
@@ -99,6 +105,7 @@ class PruneReport:
                 lines.append(f"| `{f.name}` | {f.relative_l2:.3g} | {f.cosine:.6f} | {f.max_abs:.3g} | {top1} |")
         lines += ["", *(f"> warning: {w}" for w in self.warnings)] if self.warnings else []
         lines += ["", f"> note: {self.sampling_note()}"] if self.spatial_strides else []
+        lines += ["", f"> {self.latency_note()}"] if self.latency else []
         return "\n".join(lines) + "\n"
 
     def plot(self, path: str | Path) -> None:
@@ -143,6 +150,8 @@ class PruneReport:
             console.print(f"[bold]model I/O changed:[/bold] '{name}' is now {shape} (its head axis was pruned)")
         if self.spatial_strides:
             console.print(f"note: {self.sampling_note()}")
+        if self.latency:
+            console.print(self.latency_note())
         for warning in self.warnings:
             console.print(f"[yellow]warning:[/yellow] {warning}")
 

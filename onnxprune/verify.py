@@ -11,6 +11,7 @@ import onnx
 from .calibrate import make_session
 from .data import CalibrationData
 from .errors import ModelError
+from .graph import fixed_batch_size
 from .load import model_on_disk, needs_external_data, release_memory
 
 
@@ -38,6 +39,7 @@ def check_model(model: onnx.ModelProto) -> None:
 
 
 CHUNK = 1 << 20  # output elements compared per step
+CHECK_SAMPLES = 8  # samples run without onnxruntime's graph optimisations
 
 
 class _Agreement:
@@ -87,7 +89,7 @@ def compare_outputs(reference: dict[str, np.ndarray], pruned: dict[str, np.ndarr
 
 
 def _check_optimisations(pruned: onnx.ModelProto, batch: dict[str, np.ndarray], optimised: dict[str, np.ndarray]) -> None:
-    """onnxruntime's graph optimisations must not change the result (one batch shows a broken rewrite)."""
+    """onnxruntime's graph optimisations must not change the result (a few samples show a broken rewrite)."""
     session = make_session(pruned, optimize=False)
     for name, value in zip([o.name for o in session.get_outputs()], session.run(None, batch), strict=True):
         scale = max(float(np.abs(value).max(initial=0.0)), 1e-12)
@@ -115,11 +117,12 @@ def verify(
     names = [o.name for o in reference_session.get_outputs()]
     agreements = {name: _Agreement(name) for name in names}
     first: tuple[dict, dict] | None = None
+    take = None if fixed_batch_size(pruned) else CHECK_SAMPLES
     for batch in data.batches(batch_size):
         pruned_batch = {k: _drop(v, io_changes.get(k)) for k, v in batch.items()}
         reference = dict(zip(names, reference_session.run(names, batch), strict=True))
         got = dict(zip(names, pruned_session.run(names, pruned_batch), strict=True))
-        first = first or (pruned_batch, got)
+        first = first or ({k: v[:take] for k, v in pruned_batch.items()}, {k: v[:take] for k, v in got.items()})
         for name in names:
             agreements[name].add(_drop(reference[name], io_changes.get(name)), got[name])
     del reference_session, pruned_session, reference, got
