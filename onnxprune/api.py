@@ -160,7 +160,7 @@ def prune(
         scores = {s.id: score_space(s, stats, index, method, order, seed) for s in analysis.prunable}
     def build(plan: Plan) -> onnx.ModelProto:
         recoveries = fit_recoveries(analysis, plan, stats, RECOVERY[method]) if method in RECOVERY else None
-        return rewrite(original, analysis, plan, recoveries)
+        return rewrite(original, analysis, plan, recoveries, index.constants)
 
     latency_result = None
     if target.kind == "latency":

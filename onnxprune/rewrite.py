@@ -10,7 +10,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from .analyse import Analysis, AttrUpdate, Consumer, ParamSlice, ShapeUpdate, Space, WindowUpdate
-from .graph import GraphIndex, get_attr
+from .graph import Constants, GraphIndex, get_attr
 from .placement import expand_blocks, removed_count
 from .plan import Plan, SpacePlan
 from .recovery import Recovery
@@ -152,24 +152,26 @@ def _drop_dead_nodes(model: onnx.ModelProto) -> None:
     graph = model.graph
     while True:
         used = {name for node in graph.node for name in node.input} | {o.name for o in graph.output}
-        dead = [n for n in graph.node if n.output and not any(o in used for o in n.output if o)]
+        dead = [i for i, n in enumerate(graph.node) if n.output and not any(o in used for o in n.output if o)]
         if not dead:
             return
-        keep = [n for n in graph.node if not any(n is d for d in dead)]
-        del graph.node[:]
-        graph.node.extend(keep)
-        unused = {t.name for t in graph.initializer} - {name for node in graph.node for name in node.input} - {o.name for o in graph.output}
-        kept_inits = [t for t in graph.initializer if t.name not in unused]
-        del graph.initializer[:]
-        graph.initializer.extend(kept_inits)
+        for i in reversed(dead):
+            del graph.node[i]
+        used = {name for node in graph.node for name in node.input} | {o.name for o in graph.output}
+        _remove_initializers(graph, {t.name for t in graph.initializer} - used)
+
+
+def _remove_initializers(graph: onnx.GraphProto, names: set[str]) -> None:
+    """Delete in place: rebuilding the list would copy every remaining weight."""
+    for i in reversed(range(len(graph.initializer))):
+        if graph.initializer[i].name in names:
+            del graph.initializer[i]
 
 
 def _drop_unused_initializers(model: onnx.ModelProto, candidates: set[str]) -> None:
     used = {name for node in model.graph.node for name in node.input}
     used.update(o.name for o in model.graph.output)
-    keep = [t for t in model.graph.initializer if t.name in used or t.name not in candidates]
-    del model.graph.initializer[:]
-    model.graph.initializer.extend(keep)
+    _remove_initializers(model.graph, candidates - used)
 
 
 class Rewriter:
@@ -179,13 +181,16 @@ class Rewriter:
     folds first on full-size weights, then all deletions, shape and attribute updates.
     """
 
-    def __init__(self, model: onnx.ModelProto, analysis: Analysis, plan: Plan, recoveries: dict[tuple[int, str], Recovery] | None):
+    def __init__(self, model: onnx.ModelProto, analysis: Analysis, plan: Plan, recoveries: dict[tuple[int, str], Recovery] | None,
+                 constants: Constants | None = None):
         self.model = onnx.ModelProto()
         self.model.CopyFrom(model)
         self.analysis = analysis
         self.plan = plan
         self.recoveries = recoveries or {}
         self.index = GraphIndex(self.model, shapes={})
+        if constants is not None:  # the values the analysis already converted (read only: edits copy)
+            self.index.constants = constants
         self.edits = ConstantEdits(self.model, self.index)
         self.biases: dict[tuple[str, int], str] = {}  # bias inputs the folds touched -> output tensor
 
@@ -414,6 +419,8 @@ def rewrite(
     analysis: Analysis,
     plan: Plan,
     recoveries: dict[tuple[int, str], Recovery] | None,
+    constants: Constants | None = None,
 ) -> onnx.ModelProto:
-    """A pruned copy of `model`; the input is not modified. No recovery when `recoveries` is None."""
-    return Rewriter(model, analysis, plan, recoveries).run()
+    """A pruned copy of `model`; the input is not modified. No recovery when `recoveries` is None.
+    `constants`: the model's already converted constants (a GraphIndex's), to avoid a second copy."""
+    return Rewriter(model, analysis, plan, recoveries, constants).run()

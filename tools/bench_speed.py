@@ -1,13 +1,16 @@
 """Speed and memory benchmark (issue 6). Prints ratios measured in one run, never bare times:
 
-1. tool time: a whole onnxprune run / one plain onnxruntime pass over the same calibration set;
-2. memory: peak RSS of a pruning run at 256 / 1024 / 4096 samples (flat in the sample count);
+1. tool time: a whole onnxprune run / one plain onnxruntime pass over the same calibration set,
+   at n and 4n samples, and the marginal ratio (the per-sample cost without fixed costs);
+2. memory: peak RSS of a pruning run at 256 / 1024 / 4096 samples (flat in the sample count),
+   and of pruning SmolLM2-135M when it is installed (models/export_smollm2.py);
 3. pruned-model speed: onnxruntime CPU latency of pruned / original at 30/50/70% MACs removed,
-   batch 1 and 32, for --round-to 1 / 8 / 16, next to the MACs ratio;
+   batch 1 and 32, for --round-to 1 / 8 / 16, next to the MACs ratio; 3b: `--latency` targets;
 4. scale: seconds per layer of the float64 linear algebra for wide layers (n = 4096..16384).
 
-    python tools/bench_speed.py            # the default set (~10 minutes on 2 cores)
-    python tools/bench_speed.py --quick    # a smoke run
+    python tools/bench_speed.py                              # everything (~25 minutes on 2 cores)
+    python tools/bench_speed.py --quick                      # a smoke run
+    python tools/bench_speed.py --sections latency_target    # one section, the rest kept from results.json
 Results also go to results/speed/results.json.
 """
 
@@ -49,6 +52,7 @@ def sample_count(shape: tuple[int, ...], wanted: int) -> int:
     """Fewer samples for ImageNet-sized inputs (memory), the same statistics per pixel row."""
     return wanted if int(np.prod(shape)) < 10_000 else max(64, wanted // 8)
 THREADS = 2
+SECTIONS = ("tool_time", "memory", "speed", "latency_target", "scale")
 
 
 def session(model: onnx.ModelProto | Path) -> ort.InferenceSession:
@@ -202,6 +206,28 @@ def pruned_speed(name: str, path: Path, shape, targets: list[float], rounds: lis
     return rows
 
 
+def latency_targets(name: str, path: Path, shape, targets: list[float], repeats: int) -> list[dict]:
+    """`--latency F` (the threshold searched by timing) against `--flops F` at the same fraction:
+    the latency ratio the tool measured, and the one this benchmark measures afterwards."""
+    key = input_name(path)
+    calib = {key: samples(shape, sample_count(shape, 512))}
+    original = session(path)
+    x = samples(shape, 1, seed=1)
+    rows = []
+    for target in targets:
+        try:
+            model, report = onnxprune.prune(path, calib, latency=target, round_to=8, latency_batch=1, latency_threads=THREADS)
+        except onnxprune.TargetError as exc:
+            rows.append({"model": name, "latency_removed": target, "unreachable": str(exc)})
+            continue
+        pruned = session(model)
+        ratios = [latency(pruned, key, x, repeats) / latency(original, key, x, repeats) for _ in range(3)]
+        rows.append({"model": name, "latency_removed": target, "macs_ratio": round(report.macs_after / report.macs_before, 3),
+                     "tool_measured_ratio": report.latency["ratio"], "bench_measured_ratio": round(float(np.median(ratios)), 3),
+                     "candidates_timed": len(report.latency["steps"])})
+    return rows
+
+
 # -- 4. linear algebra at scale ------------------------------------------------------------------
 def wide_layers(sizes: list[int]) -> list[dict]:
     rows = []
@@ -251,6 +277,11 @@ def markdown(results: dict) -> str:
     lines += [f"| {r['model']} | {r['macs_removed']:.0%} | {r['round_to']} | {r['macs_ratio']} | {r['latency_ratio_b1']} | {r['latency_ratio_b32']} | "
               f"{r['meets_1.15x_b1']}, {r['meets_1.15x_b32']} |" if "unreachable" not in r else
               f"| {r['model']} | {r['macs_removed']:.0%} | {r['round_to']} | n/a (unreachable) | | | |" for r in results["speed"]]
+    lines += ["", "## 3b. Latency targets (`--latency F --round-to 8`, batch 1, 2 threads): the threshold searched by timing", "",
+              "| model | latency removed (target) | MACs ratio | latency ratio measured by the tool | re-measured by the benchmark | candidates timed |",
+              "|---|---:|---:|---:|---:|---:|"]
+    lines += [f"| {r['model']} | {r['latency_removed']:.0%} | {r['macs_ratio']} | {r['tool_measured_ratio']} | {r['bench_measured_ratio']} | {r['candidates_timed']} |"
+              if "unreachable" not in r else f"| {r['model']} | {r['latency_removed']:.0%} | n/a (unreachable) | | | |" for r in results.get("latency_target", [])]
     lines += ["", "## 4. Linear algebra per wide layer (float64, LAPACK)", "", "| units | pivoted Cholesky s | ordered Cholesky s | LS recovery s |", "|---|---:|---:|---:|"]
     lines += [f"| {r['units']} | {r.get('pivoted_cholesky_s', r.get('block_pivoted_s'))} | {r.get('ordered_cholesky_s', '-')} | {r.get('recovery_solve_s', '-')} |" for r in results["scale"]]
     return "\n".join(lines) + "\n"
@@ -262,18 +293,30 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["vgg_bn", "resnet_fmnist", "mobilenetv2s", "mobilenet_v2", "efficientnet_lite0"])
     parser.add_argument("--wide", nargs="+", type=int, default=[4096, 8192, 16384], help="layer widths for item 4")
     parser.add_argument("--out", default=str(ROOT / "results" / "speed"))
+    parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS),
+                        help="run only these sections; the others are kept from an earlier <out>/results.json")
     args = parser.parse_args()
     models = [m for m in args.models if MODELS[m][0].exists()]
     targets, rounds, repeats = ([0.5], [1, 8], 10) if args.quick else ([0.3, 0.5, 0.7], [1, 8, 16], 30)
     counts = [256, 1024] if args.quick else [256, 1024, 4096]
-    results = {"threads": THREADS, "onnxruntime": ort.__version__}
-    results["tool_time"] = [tool_time(m, *MODELS[m], n=sample_count(MODELS[m][1], 512 if args.quick else 2048), batch=32) for m in models]
-    print(json.dumps(results["tool_time"], indent=1), flush=True)
-    results["memory"] = [memory(m, *MODELS[m], counts) for m in models if int(np.prod(MODELS[m][1])) < 10_000][:2]
-    results["llm_memory"] = None if args.quick else llm_memory()
-    print(json.dumps([results["memory"], results["llm_memory"]], indent=1), flush=True)
-    results["speed"] = [row for m in models for row in pruned_speed(m, *MODELS[m], targets, rounds, repeats)]
-    results["scale"] = wide_layers([4096] if args.quick else args.wide)
+    earlier = Path(args.out) / "results.json"
+    results = json.loads(earlier.read_text()) if set(args.sections) != set(SECTIONS) and earlier.exists() else {}
+    results.update({"threads": THREADS, "onnxruntime": ort.__version__})
+    run = set(args.sections)
+    if "tool_time" in run:
+        results["tool_time"] = [tool_time(m, *MODELS[m], n=sample_count(MODELS[m][1], 512 if args.quick else 2048), batch=32) for m in models]
+        print(json.dumps(results["tool_time"], indent=1), flush=True)
+    if "memory" in run:
+        results["memory"] = [memory(m, *MODELS[m], counts) for m in models if int(np.prod(MODELS[m][1])) < 10_000][:2]
+        results["llm_memory"] = None if args.quick else llm_memory()
+        print(json.dumps([results["memory"], results["llm_memory"]], indent=1), flush=True)
+    if "speed" in run:
+        results["speed"] = [row for m in models for row in pruned_speed(m, *MODELS[m], targets, rounds, repeats)]
+    if "latency_target" in run:
+        results["latency_target"] = [row for m in models for row in latency_targets(m, *MODELS[m], [0.3] if args.quick else [0.3, 0.5], repeats)]
+        print(json.dumps(results["latency_target"], indent=1), flush=True)
+    if "scale" in run:
+        results["scale"] = wide_layers([4096] if args.quick else args.wide)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=2))
