@@ -42,15 +42,24 @@ def load_model(source: str | Path | onnx.ModelProto) -> tuple[onnx.ModelProto, s
             raise ModelError(f"cannot read model file '{path}': {exc.strerror or exc}") from None
     if not model.graph.node:
         raise ModelError(f"'{name}' is not an ONNX model with a graph (no nodes found)")
-    try:  # the graph is checked without its large weights (a serialised copy would double the memory)
-        onnx.checker.check_model(weightless_skeleton(model, {}))
-    except Exception as exc:  # noqa: BLE001 - onnx raises ValidationError and others
-        raise ModelError(f"'{name}' fails onnx.checker: {str(exc).splitlines()[0]}") from None
-    for tensor in model.graph.initializer:
-        if tensor.HasField("raw_data") and len(tensor.raw_data) != tensor_size(tensor) * _itemsize(tensor.data_type):
-            raise ModelError(f"'{name}' fails onnx.checker: initializer '{tensor.name}' holds {len(tensor.raw_data)} bytes, its shape needs "
-                             f"{tensor_size(tensor) * _itemsize(tensor.data_type)}")
+    problem = checker_problem(model)
+    if problem:
+        raise ModelError(f"'{name}' fails onnx.checker: {problem}")
     return model, name
+
+
+def checker_problem(model: onnx.ModelProto, full_check: bool = False) -> str | None:
+    """What onnx.checker finds wrong, or None. The graph is checked on its weightless skeleton (a
+    serialised copy of a large model would double the memory), the weights' byte counts here."""
+    try:
+        onnx.checker.check_model(weightless_skeleton(model, {}), full_check=full_check)
+    except Exception as exc:  # noqa: BLE001 - onnx raises ValidationError, InferenceError and others
+        return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    for tensor in model.graph.initializer:
+        expected = tensor_size(tensor) * _itemsize(tensor.data_type)
+        if tensor.HasField("raw_data") and len(tensor.raw_data) != expected:
+            return f"initializer '{tensor.name}' holds {len(tensor.raw_data)} bytes, its shape needs {expected}"
+    return None
 
 
 def _itemsize(data_type: int) -> int:
@@ -130,15 +139,6 @@ def save_model_atomic(model: onnx.ModelProto, path: str | Path, external_limit: 
         raise ModelError(f"cannot write '{path}': {exc.strerror or exc}") from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-
-
-@contextmanager
-def model_on_disk(model: onnx.ModelProto):
-    """A temporary .onnx path (external data beside it) for APIs that cannot take a >2 GiB proto."""
-    with tempfile.TemporaryDirectory(prefix="onnxprune-") as folder:
-        path = Path(folder) / "model.onnx"
-        save_model_atomic(model, path, external_limit=0 if needs_external_data(model) else None)
-        yield path
 
 
 @contextmanager

@@ -12,7 +12,7 @@ from .calibrate import make_session
 from .data import CalibrationData
 from .errors import ModelError
 from .graph import fixed_batch_size
-from .load import model_on_disk, needs_external_data, release_memory
+from .load import checker_problem, release_memory
 
 
 @dataclass
@@ -28,14 +28,9 @@ class OutputFidelity:
 
 def check_model(model: onnx.ModelProto) -> None:
     """Full ONNX check (with shape inference); raises ModelError naming the problem."""
-    try:
-        if needs_external_data(model):
-            with model_on_disk(model) as path:
-                onnx.checker.check_model(str(path), full_check=True)
-        else:
-            onnx.checker.check_model(model, full_check=True)
-    except Exception as exc:  # noqa: BLE001 - onnx raises ValidationError and InferenceError
-        raise ModelError(f"the pruned model fails onnx.checker: {str(exc).splitlines()[0]}") from None
+    problem = checker_problem(model, full_check=True)
+    if problem:
+        raise ModelError(f"the pruned model fails onnx.checker: {problem}")
 
 
 CHUNK = 1 << 20  # output elements compared per step
