@@ -275,7 +275,7 @@ def calibration_statistics(prepared: Prepared, shard: tuple[int, int] | None = N
     # every shard centres its rows by the mean of the same few samples (merges stay exact)
     reference_size = prepared.batch_size if prepared.static_batch else min(REFERENCE_SAMPLES, prepared.batch_size)
     reference = next(iter(prepared.calib_data.batches(reference_size)))
-    return collect_stats(prepared.original, sites, ranks, data.batches(prepared.batch_size), advance, prepared.strides, reference)
+    return collect_stats(prepared.original, sites, ranks, data.batches(prepared.batch_size), advance, prepared.strides, reference, prepared.shapes)
 
 
 WELL_SAMPLED = 4  # rows per unit below which a site's statistics are flagged as noisy

@@ -25,6 +25,7 @@ from .stats import SiteStats
 PREFIX = "__onnxprune_"
 GRAM_BUDGET = 0.25  # with spatial_stride="auto", the Gram work may be this fraction of the model's MACs
 MAX_STRIDE = 4
+CHANNELS_FIRST = 2  # positions per sample per unit from which a site's Gram is computed per sample
 ROWS_PER_UNIT = 64  # "auto" never subsamples a site below this many calibration rows per unit
 
 
@@ -39,6 +40,16 @@ def positions(shape: Sequence[int | None], axis: int) -> int | None:
     """Rows one sample contributes to a site: the product of the dims other than batch and unit axis."""
     dims = [d for a, d in enumerate(shape) if a not in (0, axis)]
     return None if any(d is None for d in dims) else int(np.prod(dims, dtype=np.int64))
+
+
+def sampled_positions(shape: Sequence[int | None] | None, site: Site, stride: int = 1) -> int | None:
+    """Rows one sample contributes after the site's spatial stride (ceil per dim, like the MaxPool)."""
+    if shape is None:
+        return None
+    if stride == 1:
+        return positions(shape, site.axis)
+    dims = shape[2:]
+    return None if any(d is None for d in dims) else int(np.prod([-(-int(d) // stride) for d in dims], dtype=np.int64))
 
 
 def _max_stride(site: Site, shape: Sequence[int | None] | None) -> int:
@@ -84,15 +95,21 @@ def choose_strides(sites: list[Site], shapes: dict, model_macs: int, spatial_str
     return strides
 
 
-def instrument(model: onnx.ModelProto, sites: list[Site], ranks: dict[str, int], strides: dict[str, int] | None = None
-               ) -> tuple[onnx.ModelProto, list[tuple[str, str, str]]]:
+def channels_first(site: Site, positions_per_sample: int | None) -> bool:
+    """Per-sample Grams on the [N, C, positions] map (no transpose of the activations) pay off
+    when a sample has many positions per unit; the [N, C, C] output stays small then."""
+    return site.axis == 1 and positions_per_sample is not None and positions_per_sample >= CHANNELS_FIRST * site.width
+
+
+def instrument(model: onnx.ModelProto, sites: list[Site], ranks: dict[str, int], strides: dict[str, int] | None = None,
+               positions_after: dict[str, int] | None = None) -> tuple[onnx.ModelProto, list[tuple[str, str, str]]]:
     """A patch that makes the model take a shift vector m per site and output (X - m)^T (X - m),
     per-sample column sums of X and the shape of X (rows x n), in float32, X sampled with the
     site's stride. The patch holds only the added nodes, constants, inputs and outputs: the
     model's bytes followed by the patch's parse as the instrumented model (protobuf appends
     repeated fields), so the weights are never copied (see `make_session`)."""
     opset = default_opset(model)
-    strides = strides or {}
+    strides, positions_after = strides or {}, positions_after or {}
     out = onnx.ModelProto()
     graph = out.graph
     names = []
@@ -115,22 +132,32 @@ def instrument(model: onnx.ModelProto, sites: list[Site], ranks: dict[str, int],
             nodes.append(helper.make_node("ReduceSum", [source, p + "axes"], [p + "sum"], keepdims=0))
         else:
             nodes.append(helper.make_node("ReduceSum", [source], [p + "sum"], axes=others, keepdims=0))
-        if site.axis != rank - 1:
-            perm = [a for a in range(rank) if a != site.axis] + [site.axis]
-            nodes.append(helper.make_node("Transpose", [source], [p + "t"], perm=perm))
-            source = p + "t"
-        graph.initializer.append(numpy_helper.from_array(np.array([-1, site.width], dtype=np.int64), p + "shape"))
         graph.input.append(helper.make_tensor_value_info(p + "shift", TensorProto.FLOAT, [site.width]))
-        nodes.append(helper.make_node("Reshape", [source, p + "shape"], [p + "raw"]))
-        nodes.append(helper.make_node("Sub", [p + "raw", p + "shift"], [p + "rows"]))
-        nodes.append(helper.make_node("Transpose", [p + "rows"], [p + "rowsT"], perm=[1, 0]))
-        nodes.append(helper.make_node("MatMul", [p + "rowsT", p + "rows"], [p + "gram"]))
+        if channels_first(site, positions_after.get(site.tensor)):
+            # [N, C, P]: one Gram per sample, X_n X_n^T, without moving the feature map (summed over N outside)
+            graph.initializer.append(numpy_helper.from_array(np.array([0, site.width, -1], dtype=np.int64), p + "shape"))
+            graph.initializer.append(numpy_helper.from_array(np.array([site.width, 1], dtype=np.int64), p + "column"))
+            nodes.append(helper.make_node("Reshape", [source, p + "shape"], [p + "raw"]))
+            nodes.append(helper.make_node("Reshape", [p + "shift", p + "column"], [p + "centre"]))
+            nodes.append(helper.make_node("Sub", [p + "raw", p + "centre"], [p + "rows"]))
+            nodes.append(helper.make_node("Transpose", [p + "rows"], [p + "rowsT"], perm=[0, 2, 1]))
+            nodes.append(helper.make_node("MatMul", [p + "rows", p + "rowsT"], [p + "gram"]))
+        else:
+            if site.axis != rank - 1:
+                perm = [a for a in range(rank) if a != site.axis] + [site.axis]
+                nodes.append(helper.make_node("Transpose", [source], [p + "t"], perm=perm))
+                source = p + "t"
+            graph.initializer.append(numpy_helper.from_array(np.array([-1, site.width], dtype=np.int64), p + "shape"))
+            nodes.append(helper.make_node("Reshape", [source, p + "shape"], [p + "raw"]))
+            nodes.append(helper.make_node("Sub", [p + "raw", p + "shift"], [p + "rows"]))
+            nodes.append(helper.make_node("Transpose", [p + "rows"], [p + "rowsT"], perm=[1, 0]))
+            nodes.append(helper.make_node("MatMul", [p + "rowsT", p + "rows"], [p + "gram"]))
         nodes.append(helper.make_node("Shape", [p + "rows"], [p + "rshape"]))
         graph.node.extend(nodes)
         graph.output.extend([
-            helper.make_tensor_value_info(p + "gram", TensorProto.FLOAT, [site.width, site.width]),
+            helper.make_tensor_value_info(p + "gram", TensorProto.FLOAT, None),
             helper.make_tensor_value_info(p + "sum", TensorProto.FLOAT, None),
-            helper.make_tensor_value_info(p + "rshape", TensorProto.INT64, [2]),
+            helper.make_tensor_value_info(p + "rshape", TensorProto.INT64, None),
         ])
         names.append((p + "gram", p + "sum", p + "rshape"))
     return out, names
@@ -185,14 +212,18 @@ def collect_stats(
     on_batch: Callable[[int], None] | None = None,
     strides: dict[str, int] | None = None,
     reference: dict[str, np.ndarray] | None = None,
+    shapes: dict | None = None,
 ) -> dict[str, SiteStats]:
     """Stream the batches through the instrumented model and accumulate float64 statistics.
 
     Every batch is centred by the mean of `reference` (default: the first batch); shards of one
-    calibration set pass the same reference, so their statistics merge to the single pass's."""
+    calibration set pass the same reference, so their statistics merge to the single pass's.
+    `shapes` (per-sample static shapes) let wide feature maps use per-sample Grams."""
     if not sites:
         return {}
-    patch, names = instrument(model, sites, ranks, strides)
+    strides = strides or {}
+    after = {s.tensor: sampled_positions((shapes or {}).get(s.tensor), s, strides.get(s.tensor, 1)) for s in sites}
+    patch, names = instrument(model, sites, ranks, strides, {t: p for t, p in after.items() if p is not None})
     session = make_session(model, patch=patch)
     fetch = [name for triple in names for name in triple]
     zero = {site.tensor: np.zeros(site.width, np.float32) for site in sites}
@@ -205,7 +236,8 @@ def collect_stats(
             values = session.run(fetch, feeds)
         except Exception as exc:  # noqa: BLE001
             raise ModelError(f"onnxruntime failed on a calibration batch: {str(exc).splitlines()[0]}") from None
-        return [(int(values[3 * i + 2][0]), values[3 * i + 1].reshape(-1, site.width).sum(axis=0, dtype=np.float64), values[3 * i])
+        return [(int(np.prod(values[3 * i + 2])) // site.width, values[3 * i + 1].reshape(-1, site.width).sum(axis=0, dtype=np.float64),
+                 values[3 * i] if values[3 * i].ndim == 2 else values[3 * i].sum(axis=0, dtype=np.float64))
                 for i, site in enumerate(sites)]
 
     shifts: dict[str, np.ndarray] | None = None

@@ -42,20 +42,23 @@ def relative(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
-def measured(model: onnx.ModelProto, x: np.ndarray, batch: int, strides: dict | None = None) -> tuple[list[Site], dict]:
+def measured(model: onnx.ModelProto, x: np.ndarray, batch: int, strides: dict | None = None, per_sample: bool = True) -> tuple[list[Site], dict]:
+    """collect_stats; with `per_sample` it knows the shapes, so wide feature maps get per-sample Grams."""
     sites = analyse(model).sites()
     index = GraphIndex(model)
     ranks = {s.tensor: index.rank(s.tensor) for s in sites}
     batches = [{"x": x[i:i + batch]} for i in range(0, len(x), batch)]
-    return sites, collect_stats(model, sites, ranks, batches, strides=strides)
+    return sites, collect_stats(model, sites, ranks, batches, strides=strides, shapes=index.shapes if per_sample else None)
 
 
-def test_float32_gram_of_large_conv_batches_matches_a_float64_reference() -> None:
+@pytest.mark.parametrize("per_sample", [True, False], ids=["per-sample-grams", "rows"])
+def test_float32_gram_of_large_conv_batches_matches_a_float64_reference(per_sample: bool) -> None:
     """36,864 rows per batch whose mean is ~8 standard deviations: the augmented Gram [1 X]^T [1 X]
-    is within 1e-6 and the covariance (what SNP ranks) within 1e-6 of float64 NumPy."""
+    is within 1e-6 and the covariance (what SNP ranks) within 1e-6 of float64 NumPy, with the
+    per-sample [N, C, C] Grams of a wide map and with the [rows, C] layout."""
     model = offset_cnn(hw=48)
     x = np.random.default_rng(1).standard_normal((32, 4, 48, 48)).astype(np.float32)
-    sites, stats = measured(model, x, batch=16)
+    sites, stats = measured(model, x, batch=16, per_sample=per_sample)
     site = next(s for s in sites if s.tensor == "conv1_out")
     reference, got = reference_stats(model, x, site), stats[site.tensor]
     assert got.count == reference.count == 32 * 48 * 48
@@ -81,10 +84,11 @@ def test_float32_gram_of_a_large_matmul_site_matches_a_float64_reference() -> No
 
 
 @pytest.mark.parametrize("hw", [12, 13])
-def test_spatial_stride_samples_every_sth_row_and_column(hw: int) -> None:
-    model = offset_cnn(hw=hw)
+@pytest.mark.parametrize("per_sample", [True, False], ids=["per-sample-grams", "rows"])
+def test_spatial_stride_samples_every_sth_row_and_column(hw: int, per_sample: bool) -> None:
+    model = offset_cnn(hw=hw, hidden=8)
     x = np.random.default_rng(3).standard_normal((10, 4, hw, hw)).astype(np.float32)
-    sites, stats = measured(model, x, batch=4, strides={"conv1_out": 3})
+    sites, stats = measured(model, x, batch=4, strides={"conv1_out": 3}, per_sample=per_sample)
     site = next(s for s in sites if s.tensor == "conv1_out")
     reference = reference_stats(model, x, site, stride=3)
     assert stats[site.tensor].count == 10 * len(range(0, hw, 3)) ** 2

@@ -112,13 +112,13 @@ class StatsCache:
             self._orig = api.collect_stats
             api.collect_stats = self._wrapped
 
-    def _wrapped(self, model, sites, ranks, batches, on_batch=None, strides=None, reference=None):
+    def _wrapped(self, model, sites, ranks, batches, on_batch=None, strides=None, reference=None, shapes=None):
         key = (self.context, tuple((s.tensor, s.axis, s.width) for s in sites), tuple(sorted((strides or {}).items())))
         if self.context is not None and key in self.store:
             self.hits += 1
             return self.store[key]
         t0 = time.perf_counter()
-        stats = self._orig(model, sites, ranks, batches, on_batch, strides, reference)
+        stats = self._orig(model, sites, ranks, batches, on_batch, strides, reference, shapes)
         self.seconds[str(key[0])] = round(time.perf_counter() - t0, 2)
         if self.context is not None:
             self.store[key] = stats
