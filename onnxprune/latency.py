@@ -44,7 +44,7 @@ def _median_seconds(session: ort.InferenceSession, feeds: dict[str, np.ndarray],
 
 
 def latency_ratio(original: ort.InferenceSession, candidate: ort.InferenceSession, feeds: dict[str, np.ndarray],
-                  candidate_feeds: dict[str, np.ndarray] | None = None, rounds: int = 3) -> float:
+                  candidate_feeds: dict[str, np.ndarray] | None = None, rounds: int = 5) -> float:
     """Median over interleaved rounds of (candidate latency / original latency)."""
     candidate_feeds = feeds if candidate_feeds is None else candidate_feeds
     ratios = []

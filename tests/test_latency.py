@@ -27,7 +27,7 @@ def macs_ratio_timer(overhead: float):
         models[id(session)] = count_macs(GraphIndex(model, onnxprune.graph.static_shapes(model, {"x": (1, 20)})))
         return session
 
-    def ratio(original, candidate, feeds, candidate_feeds=None, rounds=3):
+    def ratio(original, candidate, feeds, candidate_feeds=None, rounds=5):
         return overhead + (1 - overhead) * models[id(candidate)] / models[id(original)]
 
     return make_session, ratio
