@@ -180,6 +180,10 @@ def prune(
             plan = make_plan(analysis, scores, cost, target, min_keep, round_to)
         with _stage(seconds, "rewrite"):
             pruned = build(plan)
+    sampled = strides if stats else {}
+    stats, scores = {}, {}  # what verification does not need goes before its sessions start
+    index.constants.forget()
+    release_memory(original)
     with _stage(seconds, "verify"):
         advance = progress("verifying", 1)
         verify_data = prepared.verify_data
@@ -191,7 +195,7 @@ def prune(
     report = _build_report(prepared.name, method, order, target, plan, analysis, cost, original, pruned, prepared.data, prepared.calib_data, verify_data, fidelity)
     report.warnings, report.seconds = warnings, seconds
     report.io_changes = _io_shapes(pruned, io_changes)
-    report.spatial_strides = strides if stats else {}
+    report.spatial_strides = sampled
     if latency_result is not None:
         report.latency = {"batch": latency_result.batch, "threads": latency_result.threads, "ratio": round(latency_result.ratio, 4),
                           "steps": latency_result.steps}

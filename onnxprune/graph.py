@@ -64,6 +64,11 @@ class Constants(Mapping):
     def add(self, name: str, value: np.ndarray) -> None:
         self.values[name] = value
 
+    def forget(self) -> None:
+        """Drop the converted copies of initializers (they are converted again when read)."""
+        for name in [n for n in self.values if n in self.tensors]:
+            del self.values[name]
+
     def size(self, name: str) -> int:
         return int(self.values[name].size) if name in self.values else tensor_size(self.tensors[name])
 

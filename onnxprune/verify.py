@@ -108,19 +108,31 @@ def verify(
     if data.n_samples == 0:
         return []
     io_changes = io_changes or {}
-    reference_session, pruned_session = make_session(original), make_session(pruned)
+    reference_session = make_session(original)
     names = [o.name for o in reference_session.get_outputs()]
+    batches = list(data.batches(batch_size))
+    reference = [dict(zip(names, reference_session.run(names, batches[0]), strict=True))]
+    pruned_session = None
+    if sum(v.nbytes for v in reference[0].values()) * len(batches) > original.ByteSize():
+        pruned_session = make_session(pruned)  # outputs too big to keep: both sessions, batch by batch
+    else:  # keep the original's outputs and run one session at a time
+        reference += [dict(zip(names, reference_session.run(names, batch), strict=True)) for batch in batches[1:]]
+        reference_session = None
+        release_memory(original)
+        pruned_session = make_session(pruned)
     agreements = {name: _Agreement(name) for name in names}
     first: tuple[dict, dict] | None = None
     take = None if fixed_batch_size(pruned) else CHECK_SAMPLES
-    for batch in data.batches(batch_size):
+    for i, batch in enumerate(batches):
         pruned_batch = {k: _drop(v, io_changes.get(k)) for k, v in batch.items()}
-        reference = dict(zip(names, reference_session.run(names, batch), strict=True))
+        expected = reference[i] if i < len(reference) else dict(zip(names, reference_session.run(names, batch), strict=True))
         got = dict(zip(names, pruned_session.run(names, pruned_batch), strict=True))
         first = first or ({k: v[:take] for k, v in pruned_batch.items()}, {k: v[:take] for k, v in got.items()})
         for name in names:
-            agreements[name].add(_drop(reference[name], io_changes.get(name)), got[name])
-    del reference_session, pruned_session, reference, got
+            agreements[name].add(_drop(expected[name], io_changes.get(name)), got[name])
+        if i < len(reference):
+            reference[i] = {}
+    reference_session = pruned_session = got = expected = None
     release_memory(original)
     _check_optimisations(pruned, *first)  # one unoptimised session at a time
     return [agreements[name].result() for name in names]
