@@ -164,10 +164,12 @@ def instrument(model: onnx.ModelProto, sites: list[Site], ranks: dict[str, int],
 
 
 def make_session(model: onnx.ModelProto, optimize: bool = True, patch: onnx.ModelProto | None = None,
-                 threads: int = 0) -> ort.InferenceSession:
+                 threads: int = 0, few_runs: bool = False) -> ort.InferenceSession:
     """A CPU session of the model; with `patch` (from `instrument`) merged in, the patch's outputs
     replace the model's (whatever only they needed is not computed). Large models are given to
-    onnxruntime as a file with external data (`weights_in_file`)."""
+    onnxruntime as a file with external data (`weights_in_file`); with `few_runs` (verification)
+    their weights are not pre-packed for the GEMM kernels, a second copy that only pays off over
+    many runs."""
     options = ort.SessionOptions()
     options.log_severity_level = 3
     options.intra_op_num_threads = threads  # 0: onnxruntime's default
@@ -176,6 +178,8 @@ def make_session(model: onnx.ModelProto, optimize: bool = True, patch: onnx.Mode
         options.execution_order = ort.ExecutionOrder.PRIORITY_BASED
     if large:  # the arena keeps every size it ever served; a large model's working set would pile up
         options.enable_cpu_mem_arena = False
+        if few_runs:
+            options.add_session_config_entry("session.disable_prepacking", "1")
     if not optimize:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     extra = patch.SerializeToString() if patch is not None else b""

@@ -85,7 +85,7 @@ def compare_outputs(reference: dict[str, np.ndarray], pruned: dict[str, np.ndarr
 
 def _check_optimisations(pruned: onnx.ModelProto, batch: dict[str, np.ndarray], optimised: dict[str, np.ndarray]) -> None:
     """onnxruntime's graph optimisations must not change the result (a few samples show a broken rewrite)."""
-    session = make_session(pruned, optimize=False)
+    session = make_session(pruned, optimize=False, few_runs=True)
     for name, value in zip([o.name for o in session.get_outputs()], session.run(None, batch), strict=True):
         scale = max(float(np.abs(value).max(initial=0.0)), 1e-12)
         rtol = 1e-3 if value.dtype.itemsize >= 4 else 3e-2  # half precision kernels round differently
@@ -108,18 +108,18 @@ def verify(
     if data.n_samples == 0:
         return []
     io_changes = io_changes or {}
-    reference_session = make_session(original)
+    reference_session = make_session(original, few_runs=True)
     names = [o.name for o in reference_session.get_outputs()]
     batches = list(data.batches(batch_size))
     reference = [dict(zip(names, reference_session.run(names, batches[0]), strict=True))]
     pruned_session = None
     if sum(v.nbytes for v in reference[0].values()) * len(batches) > original.ByteSize():
-        pruned_session = make_session(pruned)  # outputs too big to keep: both sessions, batch by batch
+        pruned_session = make_session(pruned, few_runs=True)  # outputs too big to keep: both sessions, batch by batch
     else:  # keep the original's outputs and run one session at a time
         reference += [dict(zip(names, reference_session.run(names, batch), strict=True)) for batch in batches[1:]]
         reference_session = None
         release_memory(original)
-        pruned_session = make_session(pruned)
+        pruned_session = make_session(pruned, few_runs=True)
     agreements = {name: _Agreement(name) for name in names}
     first: tuple[dict, dict] | None = None
     take = None if fixed_batch_size(pruned) else CHECK_SAMPLES
