@@ -17,7 +17,7 @@ from .cost import CostModel, build_cost_model, count_macs, count_params
 from .data import CalibrationData, load_calibration
 from .errors import CalibrationError, ModelError, TargetError
 from .graph import GraphIndex, fixed_batch_size, static_shapes
-from .latency import search_latency
+from .latency import max_steps, search_latency
 from .load import load_model, release_memory
 from .plan import Plan, Target, make_plan, make_planner
 from .recovery import Recovery, fit_recovery, mean_recovery
@@ -172,9 +172,8 @@ def prune(
                 changes = cache_io_changes(analysis, plan)
                 return build(plan), {k: np.delete(v, changes[k][1], axis=changes[k][0]) if k in changes else v for k, v in feeds.items()}
 
-            advance = progress("timing candidates", 1)
-            plan, pruned, latency_result = search_latency(planner, target, original, feeds, build_with_feeds, latency_threads)
-            advance(1)
+            advance = progress("timing candidates", max_steps(planner))
+            plan, pruned, latency_result = search_latency(planner, target, original, feeds, build_with_feeds, latency_threads, advance)
     else:
         with _stage(seconds, "plan"):
             plan = make_plan(analysis, scores, cost, target, min_keep, round_to)

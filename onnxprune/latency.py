@@ -54,6 +54,11 @@ def latency_ratio(original: ort.InferenceSession, candidate: ort.InferenceSessio
     return float(np.median(ratios))
 
 
+def max_steps(planner: Planner) -> int:
+    """Candidates a search times at most (for progress bars)."""
+    return int(np.ceil(np.log2(max(len(planner.thresholds()), 2)))) + 1
+
+
 def search_latency(
     planner: Planner,
     target: Target,
@@ -61,6 +66,7 @@ def search_latency(
     feeds: dict[str, np.ndarray],
     build: Callable[[Plan], tuple[onnx.ModelProto, dict[str, np.ndarray]]],
     threads: int,
+    on_step: Callable[[int], None] | None = None,
 ) -> tuple[Plan, onnx.ModelProto, LatencyResult]:
     """The plan with the fewest units removed whose rewritten model meets latency ratio
     <= 1 - target.value, by bisection over the planner's thresholds (latency is monotone in
@@ -78,6 +84,8 @@ def search_latency(
             ratio = latency_ratio(reference, make_session(model, threads=threads), feeds, pruned_feeds)
             steps.append((round(planner.removed("flops", float(candidates[index])), 4), round(ratio, 4)))
             cache[index] = (plan, model, ratio)
+            if on_step is not None:
+                on_step(1)
         return cache[index]
 
     lo, hi = 0, len(candidates) - 1
