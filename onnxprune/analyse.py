@@ -179,18 +179,18 @@ def producer_output(index: GraphIndex, node: onnx.NodeProto) -> tuple[str, int, 
     """(output tensor, unit axis, n) when `node` creates units we can remove, else None."""
     op = node.op_type
     if op in ("Conv", "ConvTranspose") and len(node.input) > 1 and index.is_constant(node.input[1]):
-        weight = index.const(node.input[1])
-        if get_attr(node, "group", 1) == 1 and weight.ndim >= 3:
-            return node.output[0], 1, int(weight.shape[0] if op == "Conv" else weight.shape[1])
+        dims = index.const_dims(node.input[1])
+        if get_attr(node, "group", 1) == 1 and len(dims) >= 3:
+            return node.output[0], 1, int(dims[0] if op == "Conv" else dims[1])
     if op == "Gemm" and index.is_constant(node.input[1]) and not get_attr(node, "transA", 0):
-        weight = index.const(node.input[1])
-        if weight.ndim == 2 and (len(node.input) < 3 or not node.input[2] or index.is_constant(node.input[2])):
-            return node.output[0], 1, int(weight.shape[0] if get_attr(node, "transB", 0) else weight.shape[1])
+        dims = index.const_dims(node.input[1])
+        if len(dims) == 2 and (len(node.input) < 3 or not node.input[2] or index.is_constant(node.input[2])):
+            return node.output[0], 1, int(dims[0] if get_attr(node, "transB", 0) else dims[1])
     if op == "MatMul" and index.is_constant(node.input[1]) and not index.is_constant(node.input[0]):
-        weight = index.const(node.input[1])
+        dims = index.const_dims(node.input[1])
         rank = index.rank(node.output[0])
-        if weight.ndim == 2 and rank is not None:
-            return node.output[0], rank - 1, int(weight.shape[1])
+        if len(dims) == 2 and rank is not None:
+            return node.output[0], rank - 1, int(dims[1])
     return None
 
 
@@ -213,8 +213,7 @@ def linear_weight_axes(index: GraphIndex, node: onnx.NodeProto, slot: int) -> tu
     """(in_axis, out_axis) of the constant 2-D weight when `node` is a Gemm/MatMul reading `slot` 0."""
     if slot != 0 or len(node.input) < 2 or not index.is_constant(node.input[1]):
         return None
-    weight = index.const(node.input[1])
-    if weight.ndim != 2:
+    if len(index.const_dims(node.input[1])) != 2:
         return None
     if node.op_type == "Gemm" and not get_attr(node, "transA", 0):
         return (1, 0) if get_attr(node, "transB", 0) else (0, 1)
@@ -377,12 +376,12 @@ class _Grower:
         if op in ("Conv", "ConvTranspose") and slot == 0 and len(node.input) > 1 and index.is_constant(node.input[1]):
             if get_attr(node, "group", 1) != 1:
                 return False  # depthwise is a pass-through; other groups pin in _visit
-            weight = index.const(node.input[1])
+            dims = index.const_dims(node.input[1])
             in_axis, out_axis = (1, 0) if op == "Conv" else (0, 1)
             if placement.axis != 1:
                 self.pin(f"{op} '{label}' reads the units on axis {placement.axis}, not the channel axis")
-            elif weight.shape[in_axis] != placement.size:
-                self.pin(f"{op} '{label}' weight has {weight.shape[in_axis]} input channels, expected {placement.size}")
+            elif dims[in_axis] != placement.size:
+                self.pin(f"{op} '{label}' weight has {dims[in_axis]} input channels, expected {placement.size}")
             else:
                 self._add_consumer(Consumer(label, op, 1, in_axis, out_axis, name), name)
             return True
@@ -390,7 +389,7 @@ class _Grower:
         if axes is not None:
             if rank is None or placement.axis != rank - 1:
                 self.pin(f"{op} '{label}' does not reduce over the units' axis")
-            elif index.const(node.input[1]).shape[axes[0]] != placement.size:
+            elif index.const_dims(node.input[1])[axes[0]] != placement.size:
                 self.pin(f"{op} '{label}' weight does not match {placement.size} inputs")
             else:
                 self._add_consumer(Consumer(label, op, 1, axes[0], axes[1], name), name)
@@ -441,7 +440,7 @@ class _Grower:
             if axes is None:
                 self.pin(f"{node.op_type} '{label}' feeds {use.node.op_type} '{index.label(use.node)}', not a Gemm/MatMul")
                 return
-            features = index.const(use.node.input[1]).shape[axes[0]]
+            features = index.const_dims(use.node.input[1])[axes[0]]
             if features % placement.width:
                 self.pin(f"{use.node.op_type} '{index.label(use.node)}' has {features} inputs, not a multiple of {placement.width}")
                 return
@@ -535,9 +534,10 @@ class _Grower:
         self.add(out, out_placement or placement)
 
     def _is_depthwise(self, node: onnx.NodeProto) -> bool:
-        weight = self.index.const(node.input[1]) if len(node.input) > 1 else None
-        group = get_attr(node, "group", 1)
-        return weight is not None and group > 1 and weight.shape[0] == group and weight.shape[1] == 1
+        if len(node.input) < 2 or not self.index.is_constant(node.input[1]):
+            return False
+        dims, group = self.index.const_dims(node.input[1]), get_attr(node, "group", 1)
+        return group > 1 and dims[0] == group and dims[1] == 1
 
     def _slice_param(self, node: onnx.NodeProto, slot: int, param_axis: int, tensor: str, placement: Placement) -> None:
         label = self.index.label(node)

@@ -132,6 +132,10 @@ class GraphIndex:
     def const(self, name: str) -> np.ndarray | None:
         return self.constants.get(name)
 
+    def const_dims(self, name: str) -> tuple[int, ...]:
+        """Shape of a constant without converting it (weights stay in the proto until needed)."""
+        return self.constants.dims(name)
+
     def shape(self, name: str) -> Shape | None:
         return self.shapes.get(name)
 

@@ -69,7 +69,7 @@ class PruneReport:
             return None
         strides = sorted(set(self.spatial_strides.values()))
         span = str(strides[0]) if len(strides) == 1 else f"{strides[0]}..{strides[-1]}"
-        return (f"statistics sampled every {span} rows and columns on {len(self.spatial_strides)} conv feature maps "
+        return (f"statistics use every s-th row and column (s = {span}) of {len(self.spatial_strides)} conv feature maps "
                 "(keeps calibration near inference speed; --spatial-stride 1 uses every position)")
 
     def write_json(self, path: str | Path) -> None:
