@@ -183,21 +183,21 @@ def make_session(model: onnx.ModelProto, optimize: bool = True, patch: onnx.Mode
     if not optimize:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     extra = patch.SerializeToString() if patch is not None else b""
-    outputs = []
-    if patch is not None:
-        outputs = [onnx.ValueInfoProto.FromString(o.SerializeToString()) for o in model.graph.output]
-        del model.graph.output[:]
     try:
-        if not large:
+        if large:
+            with weights_in_file(model, drop_outputs=patch is not None) as (folder, small):
+                path = folder / "session.onnx"
+                path.write_bytes(small.SerializeToString() + extra)
+                return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        outputs = [onnx.ValueInfoProto.FromString(o.SerializeToString()) for o in model.graph.output] if patch is not None else []
+        if patch is not None:
+            del model.graph.output[:]
+        try:
             return ort.InferenceSession(model.SerializeToString() + extra, options, providers=["CPUExecutionProvider"])
-        with weights_in_file(model) as folder:
-            path = folder / "session.onnx"
-            path.write_bytes(model.SerializeToString() + extra)
-            return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        finally:
+            model.graph.output.extend(outputs)
     except Exception as exc:  # noqa: BLE001 - onnxruntime raises several unrelated types
         raise ModelError(f"onnxruntime cannot load the model: {str(exc).splitlines()[0]}") from None
-    finally:
-        model.graph.output.extend(outputs)
 
 
 def uncentred(rows: int, shift: np.ndarray, total: np.ndarray, shifted_gram: np.ndarray) -> SiteStats:

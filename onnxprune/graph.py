@@ -34,6 +34,20 @@ def get_attr(node: onnx.NodeProto, name: str, default=None):
     return default
 
 
+def copy_fields(source, target, skip: tuple[str, ...] = ()) -> None:
+    """Copy every set field of a protobuf message except `skip` (e.g. a graph without its
+    initializers, without copying the weights)."""
+    for descriptor, value in source.ListFields():
+        if descriptor.name in skip:
+            continue
+        if isinstance(value, str | bytes | int | float):
+            setattr(target, descriptor.name, value)
+        elif hasattr(value, "extend"):
+            getattr(target, descriptor.name).extend(value)
+        else:
+            getattr(target, descriptor.name).CopyFrom(value)
+
+
 def tensor_size(tensor: onnx.TensorProto) -> int:
     return int(np.prod(tensor.dims, dtype=np.int64)) if tensor.dims else 1
 

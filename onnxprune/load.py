@@ -15,7 +15,7 @@ from google.protobuf.message import DecodeError
 from onnx.external_data_helper import load_external_data_for_model, uses_external_data
 
 from .errors import ModelError
-from .graph import tensor_size, weightless_skeleton
+from .graph import copy_fields, tensor_size, weightless_skeleton
 
 
 def load_model(source: str | Path | onnx.ModelProto) -> tuple[onnx.ModelProto, str]:
@@ -141,25 +141,41 @@ def save_model_atomic(model: onnx.ModelProto, path: str | Path, external_limit: 
         shutil.rmtree(staging, ignore_errors=True)
 
 
+EXTERNAL_MIN_BYTES = 1024  # tensors from this size on go to the external file
+PAGE = 4096  # offsets in the external file are page-aligned, so onnxruntime can map them
+
+
 @contextmanager
-def weights_in_file(model: onnx.ModelProto):
-    """Lend the model's large tensors to `weights.bin` in a private temporary folder: meanwhile
-    the proto holds external-data references (it serialises small), afterwards the data is read
-    back and the proto is as before. Yields the folder.
+def weights_in_file(model: onnx.ModelProto, drop_outputs: bool = False):
+    """A private temporary folder with the model's large tensors in `weights.bin`, and a small
+    copy of the model whose tensors refer to that file; yields (folder, copy). The model itself
+    is not touched: its protobuf arena would keep the memory of any field cleared and set again.
 
     onnxruntime builds a session from a file with external data holding about one copy of the
-    weights; from serialised bytes it holds about three."""
-    had_location = [t.HasField("data_location") for t in model.graph.initializer]
-    with tempfile.TemporaryDirectory(prefix="onnxprune-") as folder:
-        try:
-            onnx.save_model(model, str(Path(folder) / "model.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
-                            location="weights.bin", size_threshold=1024)
-            yield Path(folder)
-        finally:
-            load_external_data_for_model(model, folder)
-            for tensor, had in zip(model.graph.initializer, had_location, strict=True):
-                if not had:
-                    tensor.ClearField("data_location")
+    weights; from serialised bytes it holds about three. `drop_outputs` leaves the graph outputs
+    out of the copy (an instrumentation patch brings its own)."""
+    small = onnx.ModelProto()
+    copy_fields(model, small, skip=("graph",))
+    copy_fields(model.graph, small.graph, skip=("initializer", "output") if drop_outputs else ("initializer",))
+    with tempfile.TemporaryDirectory(prefix="onnxprune-") as folder, open(Path(folder) / "weights.bin", "wb") as data:
+        for tensor in model.graph.initializer:
+            if tensor.HasField("raw_data") and tensor_size(tensor) * _itemsize(tensor.data_type) >= EXTERNAL_MIN_BYTES:
+                raw = tensor.raw_data
+                offset = -(-data.tell() // PAGE) * PAGE
+                data.seek(offset)
+                data.write(raw)
+                ref = small.graph.initializer.add()
+                ref.name, ref.data_type = tensor.name, tensor.data_type
+                ref.dims.extend(tensor.dims)
+                ref.data_location = onnx.TensorProto.EXTERNAL
+                for key, value in (("location", "weights.bin"), ("offset", str(offset)), ("length", str(len(raw)))):
+                    entry = ref.external_data.add()
+                    entry.key, entry.value = key, value
+                del raw
+            else:
+                small.graph.initializer.append(tensor)
+        data.close()
+        yield Path(folder), small
 
 
 def release_memory(model: onnx.ModelProto) -> None:

@@ -13,6 +13,7 @@ import numpy as np
 import onnx
 
 from .errors import CalibrationError
+from .graph import copy_fields
 from .stats import SiteStats
 
 
@@ -20,13 +21,7 @@ def model_digest(model: onnx.ModelProto) -> str:
     """Fingerprint of the graph and weights: statistics only merge or apply to the same model."""
     digest = hashlib.sha256()
     graph = onnx.GraphProto()  # the graph without its initializers, built without copying the weights
-    for descriptor, value in model.graph.ListFields():
-        if descriptor.name == "initializer":
-            continue
-        if isinstance(value, str | bytes | int | float):
-            setattr(graph, descriptor.name, value)
-        else:
-            getattr(graph, descriptor.name).extend(value)
+    copy_fields(model.graph, graph, skip=("initializer",))
     digest.update(graph.SerializeToString(deterministic=True))
     for tensor in model.graph.initializer:
         digest.update(tensor.name.encode())
