@@ -98,9 +98,11 @@ class Constants(Mapping):
 class GraphIndex:
     """Maps every tensor of the main graph to its producer, consumers, value and shape."""
 
-    def __init__(self, model: onnx.ModelProto, shapes: dict[str, Shape] | None = None):
+    def __init__(self, model: onnx.ModelProto, shapes: dict[str, Shape] | None = None, initializers: list[onnx.TensorProto] | None = None):
+        """`initializers` replaces the graph's own (a copy being rewritten keeps them in its source)."""
         self.model = model
         graph = model.graph
+        initializers = list(graph.initializer) if initializers is None else initializers
         self.nodes: list[onnx.NodeProto] = list(graph.node)
         self.labels: dict[int, str] = {}
         seen: set[str] = set()
@@ -113,8 +115,8 @@ class GraphIndex:
         self.by_label: dict[str, onnx.NodeProto] = {self.labels[id(n)]: n for n in self.nodes}
         self.producer: dict[str, onnx.NodeProto] = {}
         self.uses: dict[str, list[Use]] = defaultdict(list)
-        self.constants = Constants({t.name: t for t in graph.initializer})
-        self.initializer_names = {t.name for t in graph.initializer}
+        self.constants = Constants({t.name: t for t in initializers})
+        self.initializer_names = {t.name for t in initializers}
         for node in self.nodes:
             for out in node.output:
                 if out:

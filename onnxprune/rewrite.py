@@ -10,7 +10,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from .analyse import Analysis, AttrUpdate, Consumer, ParamSlice, ShapeUpdate, Space, WindowUpdate
-from .graph import Constants, GraphIndex, get_attr
+from .graph import Constants, GraphIndex, copy_fields, get_attr
 from .placement import expand_blocks, removed_count
 from .plan import Plan, SpacePlan
 from .recovery import Recovery
@@ -47,9 +47,11 @@ class _Edit:
 class ConstantEdits:
     """New values for constant inputs, keyed by (node, input slot); shared constants are copied."""
 
-    def __init__(self, model: onnx.ModelProto, index: GraphIndex):
+    def __init__(self, model: onnx.ModelProto, index: GraphIndex, source: list[onnx.TensorProto]):
         self.model = model
         self.index = index
+        self.source = source  # the initializers of the model being rewritten, in order
+        self.reserved: set[str] = set()  # names given to tensors not yet in the graph
         self.edits: dict[tuple[int, int], _Edit] = {}
         self.bias_nodes: list[tuple[onnx.NodeProto, np.ndarray]] = []
         self.own_shapes: dict[int, tuple[onnx.NodeProto, onnx.NodeProto, dict[int, np.ndarray]]] = {}
@@ -78,7 +80,9 @@ class ConstantEdits:
         for node in graph.node:
             for name in node.input:
                 use_count[name] = use_count.get(name, 0) + 1
-        initializers = {t.name: t for t in graph.initializer}
+        initializers = {t.name: t for t in self.source}
+        replaced: dict[str, onnx.TensorProto] = {}
+        fresh: list[onnx.TensorProto] = []
         constant_nodes = {n.output[0]: n for n in graph.node if n.op_type == "Constant"}
         orphans: set[str] = set()
         changed: set[str] = set()
@@ -87,7 +91,7 @@ class ConstantEdits:
             changed.add(name)
             tensor = numpy_helper.from_array(np.ascontiguousarray(edit.value), name)
             if name and use_count.get(name, 0) == 1 and name in initializers:
-                initializers[name].CopyFrom(tensor)
+                replaced[name] = tensor
             elif name and use_count.get(name, 0) == 1 and name in constant_nodes:
                 node = constant_nodes[name]
                 del node.attribute[:]
@@ -95,7 +99,8 @@ class ConstantEdits:
             else:
                 new_name = self._fresh_name(f"{name or edit.node.output[0]}{SUFFIX}")
                 tensor.name = new_name
-                graph.initializer.append(tensor)
+                self.reserved.add(new_name)
+                fresh.append(tensor)
                 if name:
                     orphans.add(name)
                     edit.node.input[edit.slot] = new_name
@@ -103,6 +108,9 @@ class ConstantEdits:
                     while len(edit.node.input) < edit.slot:
                         edit.node.input.append("")
                     edit.node.input.append(new_name)
+        for tensor in self.source:  # the source order, edited values in place of the old ones
+            graph.initializer.append(replaced.get(tensor.name, tensor))
+        graph.initializer.extend(fresh)
         self._insert_bias_nodes()
         self._insert_own_shapes()
         _drop_unused_initializers(self.model, orphans)
@@ -138,7 +146,7 @@ class ConstantEdits:
             graph.node.insert(position, clone)
 
     def _fresh_name(self, base: str) -> str:
-        taken = {t.name for t in self.model.graph.initializer}
+        taken = {t.name for t in self.model.graph.initializer} | {t.name for t in self.source} | self.reserved
         taken.update(o for n in self.model.graph.node for o in n.output)
         taken.update(n.name for n in self.model.graph.node)
         name, k = base, 1
@@ -183,15 +191,19 @@ class Rewriter:
 
     def __init__(self, model: onnx.ModelProto, analysis: Analysis, plan: Plan, recoveries: dict[tuple[int, str], Recovery] | None,
                  constants: Constants | None = None):
+        # the copy gets its initializers at commit: a weight replaced in place would leave its old
+        # bytes in the protobuf arena
         self.model = onnx.ModelProto()
-        self.model.CopyFrom(model)
+        copy_fields(model, self.model, skip=("graph",))
+        copy_fields(model.graph, self.model.graph, skip=("initializer",))
+        self.source = list(model.graph.initializer)
         self.analysis = analysis
         self.plan = plan
         self.recoveries = recoveries or {}
-        self.index = GraphIndex(self.model, shapes={})
+        self.index = GraphIndex(self.model, shapes={}, initializers=self.source)
         if constants is not None:  # the values the analysis already converted (read only: edits copy)
             self.index.constants = constants
-        self.edits = ConstantEdits(self.model, self.index)
+        self.edits = ConstantEdits(self.model, self.index, self.source)
         self.biases: dict[tuple[str, int], str] = {}  # bias inputs the folds touched -> output tensor
 
     def pruned_spaces(self) -> list[tuple[Space, SpacePlan]]:
@@ -211,6 +223,7 @@ class Rewriter:
     def run(self) -> onnx.ModelProto:
         spaces = self.pruned_spaces()
         if not spaces:
+            self.model.graph.initializer.extend(self.source)
             return self.model
         removed, widths, blocks = self.removed_positions(spaces)
         elements = {t: expand_blocks(r, blocks[t]) for t, r in removed.items()}
