@@ -41,7 +41,14 @@ def fold_consumer_weight(weight: np.ndarray, consumer: Consumer, width: int, rec
 class _Edit:
     node: onnx.NodeProto
     slot: int
-    value: np.ndarray
+    value: np.ndarray | None
+
+
+def _release(edit: _Edit, name: str) -> onnx.TensorProto:
+    """The edit as a tensor; its array is let go once written (a large model's edits add up)."""
+    tensor = numpy_helper.from_array(np.ascontiguousarray(edit.value), name)
+    edit.value = None
+    return tensor
 
 
 class ConstantEdits:
@@ -81,26 +88,24 @@ class ConstantEdits:
             for name in node.input:
                 use_count[name] = use_count.get(name, 0) + 1
         initializers = {t.name: t for t in self.source}
-        replaced: dict[str, onnx.TensorProto] = {}
-        fresh: list[onnx.TensorProto] = []
+        replaced: dict[str, _Edit] = {}
+        fresh: list[tuple[str, _Edit]] = []
         constant_nodes = {n.output[0]: n for n in graph.node if n.op_type == "Constant"}
         orphans: set[str] = set()
         changed: set[str] = set()
         for edit in self.edits.values():
             name = edit.node.input[edit.slot] if edit.slot < len(edit.node.input) else ""
             changed.add(name)
-            tensor = numpy_helper.from_array(np.ascontiguousarray(edit.value), name)
             if name and use_count.get(name, 0) == 1 and name in initializers:
-                replaced[name] = tensor
+                replaced[name] = edit
             elif name and use_count.get(name, 0) == 1 and name in constant_nodes:
                 node = constant_nodes[name]
                 del node.attribute[:]
-                node.attribute.append(helper.make_attribute("value", tensor))
+                node.attribute.append(helper.make_attribute("value", numpy_helper.from_array(np.ascontiguousarray(edit.value), name)))
             else:
                 new_name = self._fresh_name(f"{name or edit.node.output[0]}{SUFFIX}")
-                tensor.name = new_name
                 self.reserved.add(new_name)
-                fresh.append(tensor)
+                fresh.append((new_name, edit))
                 if name:
                     orphans.add(name)
                     edit.node.input[edit.slot] = new_name
@@ -109,8 +114,9 @@ class ConstantEdits:
                         edit.node.input.append("")
                     edit.node.input.append(new_name)
         for tensor in self.source:  # the source order, edited values in place of the old ones
-            graph.initializer.append(replaced.get(tensor.name, tensor))
-        graph.initializer.extend(fresh)
+            graph.initializer.append(_release(replaced[tensor.name], tensor.name) if tensor.name in replaced else tensor)
+        for name, edit in fresh:
+            graph.initializer.append(_release(edit, name))
         self._insert_bias_nodes()
         self._insert_own_shapes()
         _drop_unused_initializers(self.model, orphans)
