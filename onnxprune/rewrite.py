@@ -10,7 +10,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from .analyse import Analysis, AttrUpdate, Consumer, ParamSlice, ShapeUpdate, Space, WindowUpdate
-from .graph import Constants, GraphIndex, copy_fields, get_attr
+from .graph import Constants, GraphIndex, copy_fields, get_attr, weightless_skeleton
 from .placement import expand_blocks, removed_count
 from .plan import Plan, SpacePlan
 from .recovery import Recovery
@@ -425,8 +425,8 @@ def _refresh_value_info(model: onnx.ModelProto, changed: set[str]) -> None:
     keep = [v for v in model.graph.value_info if v.name not in changed]
     del model.graph.value_info[:]
     model.graph.value_info.extend(keep)
-    try:
-        inferred = onnx.shape_inference.infer_shapes(model)
+    try:  # on the weightless skeleton: inference needs the weights' shapes only
+        inferred = onnx.shape_inference.infer_shapes(weightless_skeleton(model, {}))
     except Exception:  # noqa: BLE001 - the checker reports real problems later
         return
     fresh = {v.name: v for v in inferred.graph.value_info}

@@ -140,30 +140,31 @@ def memory(name: str, path: Path, shape, counts: list[int]) -> dict:
 
 
 LLM_CHILD = """
-import contextlib, sys, threading, time, numpy as np, onnxprune, onnxprune.api as api
+import contextlib, sys, numpy as np, onnxprune, onnxprune.api as api
 path, calib, windows = sys.argv[1], sys.argv[2], int(sys.argv[3])
 data = {k: v[:windows] for k, v in np.load(calib).items()}
 def status_kb(field):
     return next(int(line.split()[1]) for line in open('/proc/self/status') if line.startswith(field))
-stage, peaks, done = ['start'], {}, []
-def sample():  # peak RSS per pipeline stage
-    while not done:
-        peaks[stage[0]] = max(peaks.get(stage[0], 0), status_kb('VmRSS'))
-        time.sleep(0.01)
+def reset_peak():
+    open('/proc/self/clear_refs', 'w').write('5')  # VmHWM := VmRSS
+peaks = {}
 timed = api._stage
 @contextlib.contextmanager
-def traced(seconds, name):
-    stage[0] = name
+def traced(seconds, name):  # the exact peak RSS of every pipeline stage
+    peaks['between stages'] = max(peaks.get('between stages', 0), status_kb('VmHWM'))
+    reset_peak()
     with timed(seconds, name):
         yield
+    peaks[name] = status_kb('VmHWM')
+    reset_peak()
 api._stage = traced
-open('/proc/self/clear_refs', 'w').write('5')
+reset_peak()
 base = status_kb('VmRSS')
-threading.Thread(target=sample, daemon=True).start()
 _, report = onnxprune.prune(path, data, ratio=0.2, batch_size=4, verify_samples=4)
-done.append(1)
-print(' '.join(f'{k}={(v - base) // 1024}' for k, v in peaks.items()))
-print(base, status_kb('VmHWM'), sum(s.width ** 2 * 8 for s in onnxprune.api.prepare(path, data, verify_samples=4).analysis.sites()))
+peaks['between stages'] = max(peaks.get('between stages', 0), status_kb('VmHWM'))
+del _
+print(' '.join(f'{k.replace(" ", "_")}={(v - base) // 1024}' for k, v in peaks.items()))
+print(base, max(peaks.values()), sum(s.width ** 2 * 8 for s in onnxprune.api.prepare(path, data, verify_samples=4).analysis.sites()))
 """
 SMOLLM2 = Path.home() / ".cache" / "onnxprune" / "models" / "smollm2"  # python models/export_smollm2.py
 
