@@ -193,8 +193,6 @@ def build_stats_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=32, metavar="B")
     parser.add_argument("--verify-samples", type=int, metavar="N", help="as for pruning (must match the pruning run)")
     parser.add_argument("--calib-samples", type=int, metavar="N")
-    parser.add_argument("--latency-batch", type=int, default=1, metavar="B", help="with --latency: samples per timed run (default 1)")
-    parser.add_argument("--latency-threads", type=int, default=0, metavar="T", help="with --latency: onnxruntime threads (default 0: its default)")
     parser.add_argument("--spatial-stride", type=_stride, default="auto", metavar="auto|S", help="as for pruning (must match the pruning run)")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     return parser
