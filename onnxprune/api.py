@@ -27,7 +27,7 @@ from .score import DEFAULT_ORDER, METHODS, ORDERS, RECOVERY, STATS_METHODS, scor
 from .shards import Statistics
 from .sources import ImageOptions
 from .stats import SiteStats
-from .verify import verify
+from .verify import drop_units, verify
 
 DEFAULT_TOLERANCE = 0.01
 REFERENCE_SAMPLES = 8  # calibration samples whose mean centres the float32 Gram of every batch
@@ -133,7 +133,7 @@ def prune(
     warnings.extend(prepared.warnings)
     original, analysis, index = prepared.original, prepared.analysis, prepared.index
     stats: dict[str, SiteStats] = {}
-    strides = {tensor: stride for tensor, stride in prepared.strides.items() if stride > 1}
+    strides = prepared.subsampled
     if method in STATS_METHODS:
         with _stage(seconds, "calibrate"):
             if workers > 1 or scheduler:
@@ -170,7 +170,7 @@ def prune(
 
             def build_with_feeds(plan: Plan) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
                 changes = cache_io_changes(analysis, plan)
-                return build(plan), {k: np.delete(v, changes[k][1], axis=changes[k][0]) if k in changes else v for k, v in feeds.items()}
+                return build(plan), {k: drop_units(v, changes.get(k)) for k, v in feeds.items()}
 
             advance = progress("timing candidates", max_steps(planner))
             plan, pruned, latency_result = search_latency(planner, target, original, feeds, build_with_feeds, latency_threads, advance)
@@ -217,6 +217,11 @@ class Prepared:
     warnings: list[str]
     strides: dict[str, int]
     static_batch: bool = False
+
+    @property
+    def subsampled(self) -> dict[str, int]:
+        """The sites whose feature maps the statistics sample with a stride > 1."""
+        return {tensor: stride for tensor, stride in self.strides.items() if stride > 1}
 
 
 def prepare_options(exclude, batch_size, verify_samples, image_options, calib_samples, spatial_stride="auto") -> dict:

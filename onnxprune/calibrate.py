@@ -19,6 +19,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from .analyse import Site
 from .errors import ModelError
+from .graph import copy_model
 from .load import SESSION_FROM_FILE, weights_in_file
 from .stats import SiteStats
 
@@ -189,13 +190,8 @@ def make_session(model: onnx.ModelProto, optimize: bool = True, patch: onnx.Mode
                 path = folder / "session.onnx"
                 path.write_bytes(small.SerializeToString() + extra)
                 return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        outputs = [onnx.ValueInfoProto.FromString(o.SerializeToString()) for o in model.graph.output] if patch is not None else []
-        if patch is not None:
-            del model.graph.output[:]
-        try:
-            return ort.InferenceSession(model.SerializeToString() + extra, options, providers=["CPUExecutionProvider"])
-        finally:
-            model.graph.output.extend(outputs)
+        payload = (copy_model(model, skip_graph=("output",)) if patch is not None else model).SerializeToString()
+        return ort.InferenceSession(payload + extra, options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # noqa: BLE001 - onnxruntime raises several unrelated types
         raise ModelError(f"onnxruntime cannot load the model: {str(exc).splitlines()[0]}") from None
 

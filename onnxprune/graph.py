@@ -48,6 +48,15 @@ def copy_fields(source, target, skip: tuple[str, ...] = ()) -> None:
             getattr(target, descriptor.name).CopyFrom(value)
 
 
+def copy_model(model: onnx.ModelProto, skip_graph: tuple[str, ...] = ()) -> onnx.ModelProto:
+    """A copy of the model without the graph fields `skip_graph` (e.g. "initializer": the
+    weights are not copied)."""
+    copy = onnx.ModelProto()
+    copy_fields(model, copy, skip=("graph",))
+    copy_fields(model.graph, copy.graph, skip=skip_graph)
+    return copy
+
+
 def tensor_size(tensor: onnx.TensorProto) -> int:
     return int(np.prod(tensor.dims, dtype=np.int64)) if tensor.dims else 1
 

@@ -15,7 +15,7 @@ from google.protobuf.message import DecodeError
 from onnx.external_data_helper import load_external_data_for_model, uses_external_data
 
 from .errors import ModelError
-from .graph import copy_fields, tensor_size, weightless_skeleton
+from .graph import copy_model, tensor_size, weightless_skeleton
 
 
 def load_model(source: str | Path | onnx.ModelProto) -> tuple[onnx.ModelProto, str]:
@@ -56,15 +56,16 @@ def checker_problem(model: onnx.ModelProto, full_check: bool = False) -> str | N
     except Exception as exc:  # noqa: BLE001 - onnx raises ValidationError, InferenceError and others
         return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
     for tensor in model.graph.initializer:
-        expected = tensor_size(tensor) * _itemsize(tensor.data_type)
+        expected = _tensor_bytes(tensor)
         if tensor.HasField("raw_data") and len(tensor.raw_data) != expected:
             return f"initializer '{tensor.name}' holds {len(tensor.raw_data)} bytes, its shape needs {expected}"
     return None
 
 
-def _itemsize(data_type: int) -> int:
+def _tensor_bytes(tensor: onnx.TensorProto) -> int:
+    """The bytes the tensor's shape and type need (0 for types without a NumPy counterpart)."""
     try:
-        return onnx.helper.tensor_dtype_to_np_dtype(data_type).itemsize
+        return tensor_size(tensor) * onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
     except (KeyError, TypeError):
         return 0
 
@@ -154,12 +155,10 @@ def weights_in_file(model: onnx.ModelProto, drop_outputs: bool = False):
     onnxruntime builds a session from a file with external data holding about one copy of the
     weights; from serialised bytes it holds about three. `drop_outputs` leaves the graph outputs
     out of the copy (an instrumentation patch brings its own)."""
-    small = onnx.ModelProto()
-    copy_fields(model, small, skip=("graph",))
-    copy_fields(model.graph, small.graph, skip=("initializer", "output") if drop_outputs else ("initializer",))
+    small = copy_model(model, skip_graph=("initializer", "output") if drop_outputs else ("initializer",))
     with tempfile.TemporaryDirectory(prefix="onnxprune-") as folder, open(Path(folder) / "weights.bin", "wb") as data:
         for tensor in model.graph.initializer:
-            if tensor.HasField("raw_data") and tensor_size(tensor) * _itemsize(tensor.data_type) >= EXTERNAL_MIN_BYTES:
+            if tensor.HasField("raw_data") and _tensor_bytes(tensor) >= EXTERNAL_MIN_BYTES:
                 raw = tensor.raw_data
                 offset = -(-data.tell() // PAGE) * PAGE
                 data.seek(offset)

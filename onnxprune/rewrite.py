@@ -10,7 +10,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from .analyse import Analysis, AttrUpdate, Consumer, ParamSlice, ShapeUpdate, Space, WindowUpdate
-from .graph import Constants, GraphIndex, copy_fields, get_attr, weightless_skeleton
+from .graph import Constants, GraphIndex, copy_model, get_attr, weightless_skeleton
 from .placement import expand_blocks, removed_count
 from .plan import Plan, SpacePlan
 from .recovery import Recovery
@@ -199,9 +199,7 @@ class Rewriter:
                  constants: Constants | None = None):
         # the copy gets its initializers at commit: a weight replaced in place would leave its old
         # bytes in the protobuf arena
-        self.model = onnx.ModelProto()
-        copy_fields(model, self.model, skip=("graph",))
-        copy_fields(model.graph, self.model.graph, skip=("initializer",))
+        self.model = copy_model(model, skip_graph=("initializer",))
         self.source = list(model.graph.initializer)
         self.analysis = analysis
         self.plan = plan

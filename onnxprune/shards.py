@@ -99,8 +99,7 @@ def partial_statistics(model, calib, shard: tuple[int, int] = (0, 1), options: d
     from .api import calibration_statistics, prepare
 
     prepared = prepare(model, calib, **(options or {}))
-    strides = {tensor: stride for tensor, stride in prepared.strides.items() if stride > 1}
-    return Statistics(model_digest(prepared.original), calibration_statistics(prepared, shard), strides)
+    return Statistics(model_digest(prepared.original), calibration_statistics(prepared, shard), prepared.subsampled)
 
 
 def collect_sharded(model, calib, shards: int, scheduler: str | None = None, options: dict | None = None) -> Statistics:

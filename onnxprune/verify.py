@@ -121,24 +121,23 @@ def verify(
     names = [o.name for o in reference_session.get_outputs()]
     batches = list(data.batches(batch_size))
     reference = [dict(zip(names, reference_session.run(names, batches[0]), strict=True))]
-    pruned_session = None
-    if sum(v.nbytes for v in reference[0].values()) * len(batches) > original.ByteSize():
-        pruned_session = make_session(pruned, few_runs=True)  # outputs too big to keep: both sessions, batch by batch
-    else:  # keep the original's outputs and run one session at a time
+    # keep the original's outputs and run one session at a time, unless they are bigger than the
+    # model: then both sessions run batch by batch
+    if sum(v.nbytes for v in reference[0].values()) * len(batches) <= original.ByteSize():
         reference += [dict(zip(names, reference_session.run(names, batch), strict=True)) for batch in batches[1:]]
         reference_session = None
         release_memory(original)
-        pruned_session = make_session(pruned, few_runs=True)
+    pruned_session = make_session(pruned, few_runs=True)
     agreements = {name: _Agreement(name) for name in names}
     first: tuple[dict, dict] | None = None
     take = None if fixed_batch_size(pruned) else 1 if original.ByteSize() >= SESSION_FROM_FILE else CHECK_SAMPLES
     for i, batch in enumerate(batches):
-        pruned_batch = {k: _drop(v, io_changes.get(k)) for k, v in batch.items()}
+        pruned_batch = {k: drop_units(v, io_changes.get(k)) for k, v in batch.items()}
         expected = reference[i] if i < len(reference) else dict(zip(names, reference_session.run(names, batch), strict=True))
         got = dict(zip(names, pruned_session.run(names, pruned_batch), strict=True))
         first = first or ({k: v[:take].copy() for k, v in pruned_batch.items()}, {k: v[:take].copy() for k, v in got.items()})
         for name in names:
-            agreements[name].add(_drop(expected[name], io_changes.get(name)), got[name])
+            agreements[name].add(drop_units(expected[name], io_changes.get(name)), got[name])
         if i < len(reference):
             reference[i] = {}
     reference_session = pruned_session = got = expected = None
@@ -147,5 +146,6 @@ def verify(
     return [agreements[name].result() for name in names]
 
 
-def _drop(array: np.ndarray, change: tuple[int, np.ndarray] | None) -> np.ndarray:
+def drop_units(array: np.ndarray, change: tuple[int, np.ndarray] | None) -> np.ndarray:
+    """The array without the pruned units of a shrunk graph input/output, (axis, positions)."""
     return array if change is None else np.delete(array, change[1], axis=change[0])
