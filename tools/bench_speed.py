@@ -224,8 +224,8 @@ def pruned_speed(name: str, path: Path, shape, targets: list[float], rounds: lis
 
 
 def latency_targets(name: str, path: Path, shape, targets: list[float], repeats: int) -> list[dict]:
-    """`--latency F` (the threshold searched by timing) against `--flops F` at the same fraction:
-    the latency ratio the tool measured, and the one this benchmark measures afterwards."""
+    """`--latency F` (the threshold searched by timing): the MACs ratio it ended at, the latency
+    ratio the tool measured, and the one this benchmark measures afterwards with its own timer."""
     key = input_name(path)
     calib = {key: samples(shape, sample_count(shape, 512))}
     original = session(path)
