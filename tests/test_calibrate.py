@@ -3,6 +3,8 @@ spatial subsampling of expensive conv sites, and the options that control it."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import onnx
 import pytest
@@ -159,8 +161,6 @@ def test_cli_spatial_stride_option(tmp_path, capsys) -> None:
     report = tmp_path / "r.json"
     code, _, err = cli([path, "--calib", tmp_path / "calib.npz", "--ratio", "0.25", "--spatial-stride", "2", "-q", "--report", report], capsys)
     assert code == 0, err
-    import json
-
     assert set(json.loads(report.read_text())["spatial_strides"].values()) == {2}
 
 
