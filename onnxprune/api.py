@@ -28,6 +28,7 @@ from .shards import Statistics
 from .sources import ImageOptions
 from .stats import SiteStats
 from .verify import drop_units, verify
+from .weights import WeightsFile, offload, with_weights_in_memory
 
 DEFAULT_TOLERANCE = 0.01
 REFERENCE_SAMPLES = 8  # calibration samples whose mean centres the float32 Gram of every batch
@@ -182,6 +183,7 @@ def prune(
     sampled = strides if stats else {}
     stats, scores = {}, {}  # what verification does not need goes before its sessions start
     index.constants.forget()
+    pruned, pruned_weights = offload(pruned)  # a large result waits on disk while it is verified
     release_memory(original)
     with _stage(seconds, "verify"):
         advance = progress("verifying", 1)
@@ -198,6 +200,10 @@ def prune(
     if latency_result is not None:
         report.latency = {"batch": latency_result.batch, "threads": latency_result.threads, "ratio": round(latency_result.ratio, 4),
                           "steps": latency_result.steps}
+    pruned = with_weights_in_memory(pruned)
+    for weights in (prepared.weights, pruned_weights):
+        if weights is not None:
+            weights.close()
     return PruneResult(pruned, report)
 
 
@@ -217,6 +223,7 @@ class Prepared:
     warnings: list[str]
     strides: dict[str, int]
     static_batch: bool = False
+    weights: WeightsFile | None = None  # the temporary file of a large model's weights (kept while `original` is used)
 
     @property
     def subsampled(self) -> dict[str, int]:
@@ -241,7 +248,7 @@ def prepare(
     spatial_stride: int | str = "auto",
 ) -> Prepared:
     """Load and check the model and data, hold out verification samples, analyse the graph."""
-    original, name = load_model(model)
+    original, name, weights = load_model(model, offload_weights=True)
     data = load_calibration(calib, original, image_options, calib_samples)
     n_verify = default_verify_samples(data.n_samples) if verify_samples is None else verify_samples
     if not 0 <= n_verify < data.n_samples:
@@ -266,7 +273,7 @@ def prepare(
     if spatial_stride != "auto" and (not isinstance(spatial_stride, int) or spatial_stride < 1):
         raise TargetError(f"--spatial-stride must be 'auto' or a positive integer, got {spatial_stride!r}")
     strides = choose_strides(analysis.sites(), shapes, count_macs(index), spatial_stride, calib_data.n_samples)
-    return Prepared(original, name, data, calib_data, verify_data, shapes, index, analysis, batch_size, notes, strides, static)
+    return Prepared(original, name, data, calib_data, verify_data, shapes, index, analysis, batch_size, notes, strides, static, weights)
 
 
 def calibration_statistics(prepared: Prepared, shard: tuple[int, int] | None = None, progress: ProgressFactory | None = None) -> dict[str, SiteStats]:

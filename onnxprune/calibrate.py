@@ -20,8 +20,8 @@ from onnx import TensorProto, helper, numpy_helper
 from .analyse import Site
 from .errors import ModelError
 from .graph import copy_model
-from .load import SESSION_FROM_FILE, weights_in_file
 from .stats import SiteStats
+from .weights import LARGE_MODEL, has_weights_on_disk, model_bytes, session_files
 
 PREFIX = "__onnxprune_"
 GRAM_BUDGET = 0.25  # with spatial_stride="auto", the Gram work may be this fraction of the model's MACs
@@ -165,31 +165,30 @@ def instrument(model: onnx.ModelProto, sites: list[Site], ranks: dict[str, int],
 
 
 def make_session(model: onnx.ModelProto, optimize: bool = True, patch: onnx.ModelProto | None = None,
-                 threads: int = 0, few_runs: bool = False) -> ort.InferenceSession:
+                 threads: int = 0, timing: bool = False) -> ort.InferenceSession:
     """A CPU session of the model; with `patch` (from `instrument`) merged in, the patch's outputs
-    replace the model's (whatever only they needed is not computed). Large models are given to
-    onnxruntime as a file with external data (`weights_in_file`); with `few_runs` (verification)
-    their weights are not pre-packed for the GEMM kernels, a second copy that only pays off over
-    many runs."""
+    replace the model's (whatever only they needed is not computed). Large models reach
+    onnxruntime with their weights in files (`session_files`), which it maps; unless the session
+    is `timing` latency (onnxruntime's defaults), they run without the memory arena and without
+    pre-packed weights for the GEMM kernels: a second copy in memory that made no measurable
+    difference to the calibration time of SmolLM2-135M."""
     options = ort.SessionOptions()
     options.log_severity_level = 3
     options.intra_op_num_threads = threads  # 0: onnxruntime's default
-    large = model.ByteSize() >= SESSION_FROM_FILE
+    large = model_bytes(model) >= LARGE_MODEL
     if patch is not None:  # run each site's statistics as soon as the site exists, not after the whole graph
         options.execution_order = ort.ExecutionOrder.PRIORITY_BASED
-    if large:  # the arena keeps every size it ever served; a large model's working set would pile up
+    if large and not timing:  # the arena keeps every size it ever served; a large model's working set would pile up
         options.enable_cpu_mem_arena = False
-        if few_runs:
-            options.add_session_config_entry("session.disable_prepacking", "1")
+        options.add_session_config_entry("session.disable_prepacking", "1")
     if not optimize:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     extra = patch.SerializeToString() if patch is not None else b""
     try:
-        if large:
-            with weights_in_file(model, drop_outputs=patch is not None) as (folder, small):
-                path = folder / "session.onnx"
-                path.write_bytes(small.SerializeToString() + extra)
-                return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        if large or has_weights_on_disk(model):
+            with session_files(model, drop_outputs=patch is not None) as (folder, small):
+                options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(folder))
+                return ort.InferenceSession(small.SerializeToString() + extra, options, providers=["CPUExecutionProvider"])
         payload = (copy_model(model, skip_graph=("output",)) if patch is not None else model).SerializeToString()
         return ort.InferenceSession(payload + extra, options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # noqa: BLE001 - onnxruntime raises several unrelated types
@@ -198,10 +197,16 @@ def make_session(model: onnx.ModelProto, optimize: bool = True, patch: onnx.Mode
 
 def uncentred(rows: int, shift: np.ndarray, total: np.ndarray, shifted_gram: np.ndarray) -> SiteStats:
     """float64 statistics [1 X]^T [1 X] from the Gram about a fixed `shift` and the column sums:
-    X^T X = (X-m)^T (X-m) + m s^T + s m^T - rows m m^T with s = sum(X) (exact algebra)."""
+    X^T X = (X-m)^T (X-m) + m s^T + s m^T - rows m m^T with s = sum(X) (exact algebra).
+    `shifted_gram` (float64) is turned into the result in place."""
     shift = shift.astype(np.float64)
-    gram = shifted_gram + np.outer(shift, total) + np.outer(total, shift) - rows * np.outer(shift, shift)
-    return SiteStats(rows, total, (gram + gram.T) / 2)
+    gram = shifted_gram
+    gram += np.outer(shift, total)
+    gram += np.outer(total, shift)
+    gram -= rows * np.outer(shift, shift)
+    gram += gram.T  # NumPy buffers the overlapping transpose
+    gram *= 0.5
+    return SiteStats(rows, total, gram)
 
 
 def collect_stats(
@@ -246,8 +251,8 @@ def collect_stats(
     grams = {site.tensor: np.zeros((site.width, site.width)) for site in sites}
     for batch in batches:
         if shifts is None:  # one fixed centre per site, the mean of the reference batch (DESIGN §4)
-            first = run(reference if reference is not None else batch, zero)
-            shifts = {site.tensor: (total / max(count, 1)).astype(np.float32) for site, (count, total, _) in zip(sites, first, strict=True)}
+            shifts = {site.tensor: (total / max(count, 1)).astype(np.float32)
+                      for site, (count, total, _) in zip(sites, run(reference if reference is not None else batch, zero), strict=True)}
         for site, (count, total, gram) in zip(sites, run(batch, shifts), strict=True):
             rows[site.tensor] += count
             totals[site.tensor] += total
@@ -255,4 +260,5 @@ def collect_stats(
         if on_batch is not None:
             on_batch(len(next(iter(batch.values()))))
     shifts = shifts or zero
-    return {site.tensor: uncentred(rows[site.tensor], shifts[site.tensor], totals[site.tensor], grams[site.tensor]) for site in sites}
+    # each accumulator becomes its result in place (a second set of Grams would double the memory)
+    return {site.tensor: uncentred(rows[site.tensor], shifts[site.tensor], totals[site.tensor], grams.pop(site.tensor)) for site in sites}

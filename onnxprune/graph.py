@@ -10,6 +10,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from .tensors import read_array
+
 Shape = tuple[int | None, ...]
 
 
@@ -72,7 +74,7 @@ class Constants(Mapping):
     def __getitem__(self, name: str) -> np.ndarray:
         value = self.values.get(name)
         if value is None:
-            value = self.values[name] = numpy_helper.to_array(self.tensors[name])
+            value = self.values[name] = read_array(self.tensors[name])
         return value
 
     def __contains__(self, name: object) -> bool:

@@ -66,7 +66,7 @@ class InspectReport:
 
 def inspect_model(model: str | Path | onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]] | None = None, exclude: list[str] | None = None) -> InspectReport:
     """Analyse a model without calibration data."""
-    proto, name = load_model(model)
+    proto, name, _ = load_model(model)
     shapes = dict(input_shapes or {})
     for spec in input_specs(proto):
         shapes.setdefault(spec.name, tuple(1 if d is None else d for d in spec.dims))

@@ -72,7 +72,7 @@ def search_latency(
     <= 1 - target.value, by bisection over the planner's thresholds (latency is monotone in
     them up to timing noise). `build(plan)` returns the pruned model and its feeds."""
     wanted = 1 - target.value
-    reference = make_session(original, threads=threads)
+    reference = make_session(original, threads=threads, timing=True)
     candidates = planner.thresholds()
     steps: list[tuple[float, float]] = []
     cache: dict[int, tuple[Plan, onnx.ModelProto, float]] = {}
@@ -81,7 +81,7 @@ def search_latency(
         if index not in cache:
             plan = planner.plan_at(float(candidates[index]), target)
             model, pruned_feeds = build(plan)
-            ratio = latency_ratio(reference, make_session(model, threads=threads), feeds, pruned_feeds)
+            ratio = latency_ratio(reference, make_session(model, threads=threads, timing=True), feeds, pruned_feeds)
             steps.append((round(planner.removed("flops", float(candidates[index])), 4), round(ratio, 4)))
             cache[index] = (plan, model, ratio)
             if on_step is not None:

@@ -7,23 +7,29 @@ import gc
 import os
 import shutil
 import tempfile
-from contextlib import contextmanager
 from pathlib import Path
 
 import onnx
 from google.protobuf.message import DecodeError
-from onnx.external_data_helper import load_external_data_for_model, uses_external_data
+from onnx.external_data_helper import load_external_data_for_tensor, uses_external_data
 
 from .errors import ModelError
-from .graph import copy_model, tensor_size, weightless_skeleton
+from .graph import weightless_skeleton
+from .tensors import anchor, data_bytes, is_on_disk, location
+from .weights import LARGE_MODEL, WeightsFile, model_bytes, offload
 
 
-def load_model(source: str | Path | onnx.ModelProto) -> tuple[onnx.ModelProto, str]:
-    """(model, a name for messages). A ModelProto is copied so the caller's object is never changed."""
+def load_model(source: str | Path | onnx.ModelProto, offload_weights: bool = False) -> tuple[onnx.ModelProto, str, WeightsFile | None]:
+    """(model, a name for messages, the temporary file of its weights). A ModelProto is copied so
+    the caller's object is never changed. Initializers in external-data files stay there; with
+    `offload_weights`, so do a large model's embedded ones, moved to a temporary file."""
+    weights = None
     if isinstance(source, onnx.ModelProto):
-        model = onnx.ModelProto()
-        model.CopyFrom(source)
         name = "<ModelProto>"
+        model, weights = offload(source) if offload_weights else (source, None)
+        if model is source:
+            model = onnx.ModelProto()
+            model.CopyFrom(source)
     else:
         path = Path(source)
         name = str(path)
@@ -34,8 +40,15 @@ def load_model(source: str | Path | onnx.ModelProto) -> tuple[onnx.ModelProto, s
         try:
             model = onnx.load_model(str(path), load_external_data=False)
             check_external_data(model, path)
-            if any(external_tensors(model)):
-                load_external_data_for_model(model, str(path.parent))
+            # initializers stay in their external files (read when needed); Constant nodes' tensors are loaded
+            anchor([t for t in model.graph.initializer if uses_external_data(t)], path.parent)
+            for tensor in constant_node_tensors(model):
+                if uses_external_data(tensor):
+                    load_external_data_for_tensor(tensor, str(path.parent))
+                    tensor.data_location = onnx.TensorProto.DEFAULT
+                    del tensor.external_data[:]
+            if offload_weights:
+                model, weights = offload(model)
         except (DecodeError, RuntimeError, ValueError) as exc:
             raise ModelError(f"'{path}' is not a readable ONNX model ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
         except OSError as exc:
@@ -45,7 +58,7 @@ def load_model(source: str | Path | onnx.ModelProto) -> tuple[onnx.ModelProto, s
     problem = checker_problem(model)
     if problem:
         raise ModelError(f"'{name}' fails onnx.checker: {problem}")
-    return model, name
+    return model, name, weights
 
 
 def checker_problem(model: onnx.ModelProto, full_check: bool = False) -> str | None:
@@ -56,26 +69,27 @@ def checker_problem(model: onnx.ModelProto, full_check: bool = False) -> str | N
     except Exception as exc:  # noqa: BLE001 - onnx raises ValidationError, InferenceError and others
         return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
     for tensor in model.graph.initializer:
-        expected = _tensor_bytes(tensor)
+        expected = data_bytes(tensor)
         if tensor.HasField("raw_data") and len(tensor.raw_data) != expected:
             return f"initializer '{tensor.name}' holds {len(tensor.raw_data)} bytes, its shape needs {expected}"
+        if is_on_disk(tensor):
+            path, offset, length = location(tensor)
+            if not path.is_absolute() or not path.is_file():
+                return f"initializer '{tensor.name}' refers to external data '{path}' that cannot be found (pass the model's path, or load it with its external data)"
+            if expected and length != expected:
+                return f"initializer '{tensor.name}' has {length} bytes of external data, its shape needs {expected}"
+            if offset + length > path.stat().st_size:
+                return f"initializer '{tensor.name}' reads past the end of its external data file '{path.name}'"
     return None
 
 
-def _tensor_bytes(tensor: onnx.TensorProto) -> int:
-    """The bytes the tensor's shape and type need (0 for types without a NumPy counterpart)."""
-    try:
-        return tensor_size(tensor) * onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
-    except (KeyError, TypeError):
-        return 0
+def constant_node_tensors(model: onnx.ModelProto) -> list[onnx.TensorProto]:
+    return [a.t for node in model.graph.node for a in node.attribute if a.HasField("t")]
 
 
 def external_tensors(model: onnx.ModelProto) -> list[onnx.TensorProto]:
     """Initializers and Constant-node tensors whose data lives in external files."""
-    tensors = [t for t in model.graph.initializer if uses_external_data(t)]
-    for node in model.graph.node:
-        tensors += [a.t for a in node.attribute if a.HasField("t") and uses_external_data(a.t)]
-    return tensors
+    return [t for t in [*model.graph.initializer, *constant_node_tensors(model)] if uses_external_data(t)]
 
 
 def check_external_data(model: onnx.ModelProto, path: Path) -> None:
@@ -98,12 +112,11 @@ def default_output_path(model_path: str | Path) -> Path:
 
 
 PROTOBUF_LIMIT = 2**31 - 1  # a serialised ModelProto must stay below 2 GiB
-SESSION_FROM_FILE = 64 * 2**20  # bigger models reach onnxruntime as a file with external data
 
 
 def needs_external_data(model: onnx.ModelProto, limit: int | None = None) -> bool:
     """True when the model cannot be serialised as one protobuf (tests lower PROTOBUF_LIMIT)."""
-    return model.ByteSize() >= (PROTOBUF_LIMIT if limit is None else limit)
+    return model_bytes(model) >= (PROTOBUF_LIMIT if limit is None else limit)
 
 
 def save_model_atomic(model: onnx.ModelProto, path: str | Path, external_limit: int | None = None) -> None:
@@ -142,45 +155,10 @@ def save_model_atomic(model: onnx.ModelProto, path: str | Path, external_limit: 
         shutil.rmtree(staging, ignore_errors=True)
 
 
-EXTERNAL_MIN_BYTES = 1024  # tensors from this size on go to the external file
-PAGE = 4096  # offsets in the external file are page-aligned, so onnxruntime can map them
-
-
-@contextmanager
-def weights_in_file(model: onnx.ModelProto, drop_outputs: bool = False):
-    """A private temporary folder with the model's large tensors in `weights.bin`, and a small
-    copy of the model whose tensors refer to that file; yields (folder, copy). The model itself
-    is not touched: its protobuf arena would keep the memory of any field cleared and set again.
-
-    onnxruntime builds a session from a file with external data holding about one copy of the
-    weights; from serialised bytes it holds about three. `drop_outputs` leaves the graph outputs
-    out of the copy (an instrumentation patch brings its own)."""
-    small = copy_model(model, skip_graph=("initializer", "output") if drop_outputs else ("initializer",))
-    with tempfile.TemporaryDirectory(prefix="onnxprune-") as folder, open(Path(folder) / "weights.bin", "wb") as data:
-        for tensor in model.graph.initializer:
-            if tensor.HasField("raw_data") and _tensor_bytes(tensor) >= EXTERNAL_MIN_BYTES:
-                raw = tensor.raw_data
-                offset = -(-data.tell() // PAGE) * PAGE
-                data.seek(offset)
-                data.write(raw)
-                ref = small.graph.initializer.add()
-                ref.name, ref.data_type = tensor.name, tensor.data_type
-                ref.dims.extend(tensor.dims)
-                ref.data_location = onnx.TensorProto.EXTERNAL
-                for key, value in (("location", "weights.bin"), ("offset", str(offset)), ("length", str(len(raw)))):
-                    entry = ref.external_data.add()
-                    entry.key, entry.value = key, value
-                del raw
-            else:
-                small.graph.initializer.append(tensor)
-        data.close()
-        yield Path(folder), small
-
-
 def release_memory(model: onnx.ModelProto) -> None:
     """For a large model, hand freed heap pages back to the OS: glibc keeps them otherwise, and a
     finished onnxruntime session's memory would stay counted until the process ends."""
-    if model.ByteSize() < SESSION_FROM_FILE:
+    if model_bytes(model) < LARGE_MODEL:
         return
     gc.collect()
     try:

@@ -14,6 +14,7 @@ from .graph import Constants, GraphIndex, copy_model, get_attr, weightless_skele
 from .placement import expand_blocks, removed_count
 from .plan import Plan, SpacePlan
 from .recovery import Recovery
+from .tensors import in_memory
 
 SUFFIX = "_onnxprune"
 
@@ -114,7 +115,7 @@ class ConstantEdits:
                         edit.node.input.append("")
                     edit.node.input.append(new_name)
         for tensor in self.source:  # the source order, edited values in place of the old ones
-            graph.initializer.append(_release(replaced[tensor.name], tensor.name) if tensor.name in replaced else tensor)
+            graph.initializer.append(_release(replaced[tensor.name], tensor.name) if tensor.name in replaced else in_memory(tensor))
         for name, edit in fresh:
             graph.initializer.append(_release(edit, name))
         self._insert_bias_nodes()
@@ -227,7 +228,7 @@ class Rewriter:
     def run(self) -> onnx.ModelProto:
         spaces = self.pruned_spaces()
         if not spaces:
-            self.model.graph.initializer.extend(self.source)
+            self.model.graph.initializer.extend(in_memory(t) for t in self.source)
             return self.model
         removed, widths, blocks = self.removed_positions(spaces)
         elements = {t: expand_blocks(r, blocks[t]) for t, r in removed.items()}

@@ -15,6 +15,7 @@ import onnx
 from .errors import CalibrationError
 from .graph import copy_fields
 from .stats import SiteStats
+from .tensors import in_memory
 
 
 def model_digest(model: onnx.ModelProto) -> str:
@@ -23,7 +24,8 @@ def model_digest(model: onnx.ModelProto) -> str:
     graph = onnx.GraphProto()  # the graph without its initializers, built without copying the weights
     copy_fields(model.graph, graph, skip=("initializer",))
     digest.update(graph.SerializeToString(deterministic=True))
-    for tensor in model.graph.initializer:
+    for tensor in model.graph.initializer:  # the same digest for weights in memory and on disk
+        tensor = in_memory(tensor)
         digest.update(tensor.name.encode())
         digest.update(tensor.SerializeToString(deterministic=True))
     return digest.hexdigest()[:16]

@@ -12,7 +12,8 @@ from .calibrate import make_session
 from .data import CalibrationData
 from .errors import ModelError
 from .graph import fixed_batch_size
-from .load import SESSION_FROM_FILE, checker_problem, release_memory
+from .load import checker_problem, release_memory
+from .weights import LARGE_MODEL, model_bytes
 
 
 @dataclass
@@ -85,7 +86,7 @@ def compare_outputs(reference: dict[str, np.ndarray], pruned: dict[str, np.ndarr
 
 def _check_optimisations(pruned: onnx.ModelProto, batch: dict[str, np.ndarray], optimised: dict[str, np.ndarray]) -> None:
     """onnxruntime's graph optimisations must not change the result (a few samples show a broken rewrite)."""
-    session = make_session(pruned, optimize=False, few_runs=True)
+    session = make_session(pruned, optimize=False)
     for name, value in zip([o.name for o in session.get_outputs()], session.run(None, batch), strict=True):
         if not _close(optimised[name].reshape(-1), value.reshape(-1), rtol=1e-3 if value.dtype.itemsize >= 4 else 3e-2):
             raise ModelError(f"the pruned model's output '{name}' differs with onnxruntime optimisations on and off; not writing it")
@@ -117,20 +118,20 @@ def verify(
     if data.n_samples == 0:
         return []
     io_changes = io_changes or {}
-    reference_session = make_session(original, few_runs=True)
+    reference_session = make_session(original)
     names = [o.name for o in reference_session.get_outputs()]
     batches = list(data.batches(batch_size))
     reference = [dict(zip(names, reference_session.run(names, batches[0]), strict=True))]
     # keep the original's outputs and run one session at a time, unless they are bigger than the
     # model: then both sessions run batch by batch
-    if sum(v.nbytes for v in reference[0].values()) * len(batches) <= original.ByteSize():
+    if sum(v.nbytes for v in reference[0].values()) * len(batches) <= model_bytes(original):
         reference += [dict(zip(names, reference_session.run(names, batch), strict=True)) for batch in batches[1:]]
         reference_session = None
         release_memory(original)
-    pruned_session = make_session(pruned, few_runs=True)
+    pruned_session = make_session(pruned)
     agreements = {name: _Agreement(name) for name in names}
     first: tuple[dict, dict] | None = None
-    take = None if fixed_batch_size(pruned) else 1 if original.ByteSize() >= SESSION_FROM_FILE else CHECK_SAMPLES
+    take = None if fixed_batch_size(pruned) else 1 if model_bytes(original) >= LARGE_MODEL else CHECK_SAMPLES
     for i, batch in enumerate(batches):
         pruned_batch = {k: drop_units(v, io_changes.get(k)) for k, v in batch.items()}
         expected = reference[i] if i < len(reference) else dict(zip(names, reference_session.run(names, batch), strict=True))

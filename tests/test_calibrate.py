@@ -4,6 +4,7 @@ spatial subsampling of expensive conv sites, and the options that control it."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -182,22 +183,50 @@ def test_shards_record_their_strides_and_refuse_to_mix_them(tmp_path) -> None:
         parts[0].merge(other)
 
 
-def test_large_models_reach_onnxruntime_as_a_file_with_the_same_results(monkeypatch) -> None:
-    """Sessions of large models are built from a temporary file with external data (one copy of
-    the weights instead of three); the statistics, the pruned model and the fidelity are the same,
-    and the model proto comes back byte-identical."""
+def treat_as_large(monkeypatch) -> None:
+    """Every model counts as large: weights on disk, sessions through files."""
     import onnxprune.calibrate
     import onnxprune.load
+    import onnxprune.verify
+    import onnxprune.weights
+
+    for module in (onnxprune.calibrate, onnxprune.load, onnxprune.verify, onnxprune.weights):
+        monkeypatch.setattr(module, "LARGE_MODEL", 0)
+
+
+def test_large_models_keep_their_weights_on_disk_with_the_same_results(monkeypatch, tmp_path) -> None:
+    """A large model's weights stay in a file (a temporary one for an in-memory model) that
+    onnxruntime maps; the statistics, the pruned model and the fidelity are the same, the model
+    proto comes back byte-identical and the temporary file is gone afterwards."""
+    import tempfile
 
     model = expansion_cnn(hidden=40)
     x = {"x": np.random.default_rng(9).standard_normal((48, 8, 32, 32)).astype(np.float32)}
     in_memory, report = onnxprune.prune(model, x, ratio=0.25)
-    monkeypatch.setattr(onnxprune.calibrate, "SESSION_FROM_FILE", 0)
-    monkeypatch.setattr(onnxprune.load, "SESSION_FROM_FILE", 0)
+    treat_as_large(monkeypatch)
     before = model.SerializeToString()
+    temporary = set(Path(tempfile.gettempdir()).glob("onnxprune-weights-*"))
     from_file, file_report = onnxprune.prune(model, x, ratio=0.25)
     assert from_file.SerializeToString() == in_memory.SerializeToString()
     assert file_report.fidelity == report.fidelity
+    assert set(Path(tempfile.gettempdir()).glob("onnxprune-weights-*")) == temporary
+    assert model.SerializeToString() == before
     patch, _ = onnxprune.calibrate.instrument(model, analyse(model).sites(), {s.tensor: 4 for s in analyse(model).sites()})
     onnxprune.calibrate.make_session(model, patch=patch)
     assert model.SerializeToString() == before
+    # a model with external data is read where it is: the same result, its files unchanged
+    onnx.save_model(model, str(tmp_path / "m.onnx"), save_as_external_data=True, location="m.data", size_threshold=0)
+    data_before = (tmp_path / "m.data").read_bytes()
+    from_external, _ = onnxprune.prune(tmp_path / "m.onnx", x, ratio=0.25)
+    assert from_external.SerializeToString() == in_memory.SerializeToString()
+    assert (tmp_path / "m.data").read_bytes() == data_before
+    assert not any(t.data_location == onnx.TensorProto.EXTERNAL for t in from_external.graph.initializer)
+
+
+def test_a_model_proto_with_unreadable_external_data_is_refused(tmp_path) -> None:
+    model = expansion_cnn(hidden=8)
+    onnx.save_model(model, str(tmp_path / "m.onnx"), save_as_external_data=True, location="m.data", size_threshold=0)
+    proto = onnx.load_model(str(tmp_path / "m.onnx"), load_external_data=False)
+    x = {"x": np.zeros((8, 8, 32, 32), np.float32)}
+    with pytest.raises(onnxprune.OnnxPruneError, match="external data 'm.data' that cannot be found"):
+        onnxprune.prune(proto, x, ratio=0.25)
