@@ -18,7 +18,7 @@ from .data import CalibrationData, load_calibration
 from .errors import CalibrationError, ModelError, TargetError
 from .graph import GraphIndex, fixed_batch_size, static_shapes
 from .latency import max_steps, search_latency
-from .load import load_model, release_memory
+from .load import load_model, map_large_allocations, release_memory
 from .plan import Plan, Target, make_plan, make_planner
 from .recovery import Recovery, fit_recovery, mean_recovery
 from .report import PruneReport, SpaceRow
@@ -28,7 +28,7 @@ from .shards import Statistics
 from .sources import ImageOptions
 from .stats import SiteStats
 from .verify import drop_units, verify
-from .weights import WeightsFile, offload, with_weights_in_memory
+from .weights import LARGE_MODEL, WeightsFile, model_bytes, offload, with_weights_in_memory
 
 DEFAULT_TOLERANCE = 0.01
 REFERENCE_SAMPLES = 8  # calibration samples whose mean centres the float32 Gram of every batch
@@ -115,6 +115,8 @@ def prune(
     `latency`: fraction of the onnxruntime CPU latency to REMOVE, measured on this machine with
     `latency_batch` samples and `latency_threads` threads (0: onnxruntime's default) by timing
     the rewritten model at every step of a search over the threshold.
+    Models of 64 MiB and more keep their weights on disk (their external-data files, or one
+    temporary file) and fix glibc's mmap threshold for the process (`load.map_large_allocations`).
     """
     if method not in METHODS:
         raise TargetError(f"unknown method '{method}' (choose from {', '.join(METHODS)})")
@@ -249,6 +251,8 @@ def prepare(
 ) -> Prepared:
     """Load and check the model and data, hold out verification samples, analyse the graph."""
     original, name, weights = load_model(model, offload_weights=True)
+    if model_bytes(original) >= LARGE_MODEL:
+        map_large_allocations()
     data = load_calibration(calib, original, image_options, calib_samples)
     n_verify = default_verify_samples(data.n_samples) if verify_samples is None else verify_samples
     if not 0 <= n_verify < data.n_samples:

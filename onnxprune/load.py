@@ -155,16 +155,36 @@ def save_model_atomic(model: onnx.ModelProto, path: str | Path, external_limit: 
         shutil.rmtree(staging, ignore_errors=True)
 
 
+def _glibc():
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc
+        return None
+
+
 def release_memory(model: onnx.ModelProto) -> None:
     """For a large model, hand freed heap pages back to the OS: glibc keeps them otherwise, and a
     finished onnxruntime session's memory would stay counted until the process ends."""
     if model_bytes(model) < LARGE_MODEL:
         return
     gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc
-        pass
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+MMAP_FROM = 2**20
+
+
+def map_large_allocations() -> None:
+    """Process-wide: allocations from 1 MiB on get their own pages from glibc and go back to the
+    OS when freed. glibc's default threshold rises with the sizes it has freed (up to 32 MiB), and
+    per-batch buffers of a large model then fragment the heap: SmolLM2-135M's calibration peaked
+    about 60 MB higher, its verification about 280 MB. `prune` calls this for large models."""
+    libc = _glibc()
+    if libc is not None:
+        libc.mallopt(M_MMAP_THRESHOLD, MMAP_FROM)
 
 
 def _fsync(path: Path) -> None:
