@@ -100,9 +100,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: best at <= 30%% MACs removed, docs/benchmark.md); pivoted = on the activations alone (better "
                         "when pruning harder); variance; residual")
     parser.add_argument("--round-to", type=int, default=8, metavar="N",
-                        help="keep a multiple of N units per layer (default 8: GPU engines such as TensorRT and cuDNN pick "
-                        "tensor-core GEMM/conv kernels for channel counts that are multiples of 8, so other counts can be "
-                        "slower than the original; layers narrower than N are kept whole; use 1 for exact targets)")
+                        help="keep a multiple of N channels per layer (default 8: GPU engines such as TensorRT and cuDNN pick "
+                        "tensor-core GEMM/conv kernels for channel counts that are multiples of 8, and onnxruntime's CPU "
+                        "convolutions slow down on odd counts, so other counts can be slower than the original; an attention "
+                        "head counts as its d_head channels; layers narrower than N are kept whole; use 1 for exact targets)")
     parser.add_argument("--min-keep", type=float, default=1, metavar="K", help="per-layer floor: K units, or a fraction of the layer's units when K < 1 (default 1)")
     parser.add_argument("--exclude", action="append", default=[], metavar="PATTERN", help="never prune the units of producer nodes matching this name pattern (fnmatch; repeatable)")
     parser.add_argument("--batch-size", type=int, default=32, metavar="B", help="samples per onnxruntime run (default 32)")

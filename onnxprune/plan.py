@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .analyse import Analysis
+from .analyse import Analysis, Space
 from .cost import CostModel
 from .errors import TargetError
 from .score import SpaceScore
@@ -75,10 +75,19 @@ def floor_units(n: int, min_keep: float) -> int:
     return min(n, max(1, wanted))
 
 
-class Planner:
-    """Maps a threshold to kept counts (floors and --round-to applied) and searches the target."""
+def unit_width(space: Space) -> int:
+    """Channels of one unit on its producers' outputs: an attention head's d_head, else 1."""
+    return min((space.tensors[c.tensor].block for c in space.slices if c.node in space.producers and c.tensor in space.tensors), default=1)
 
-    def __init__(self, scores: dict[int, SpaceScore], cost: CostModel, min_keep: float = 1, round_to: int = 1):
+
+class Planner:
+    """Maps a threshold to kept counts (floors and --round-to applied) and searches the target.
+
+    --round-to counts channels: a space whose units are `widths[id]` channels wide (attention
+    heads) keeps a multiple of round_to / gcd(round_to, width) units."""
+
+    def __init__(self, scores: dict[int, SpaceScore], cost: CostModel, min_keep: float = 1, round_to: int = 1,
+                 widths: dict[int, int] | None = None):
         if round_to < 1:
             raise TargetError(f"--round-to must be >= 1, got {round_to}")
         if min_keep <= 0:
@@ -86,6 +95,8 @@ class Planner:
         self.scores = scores
         self.cost = cost
         self.round_to = round_to
+        widths = widths or {}
+        self.steps = {sid: round_to // math.gcd(round_to, widths.get(sid, 1)) for sid in scores}
         self.tails = {sid: s.prune_scores() for sid, s in scores.items()}
         self.floors = {sid: floor_units(len(s.order), min_keep) for sid, s in scores.items()}
 
@@ -94,7 +105,8 @@ class Planner:
         for sid, tail in self.tails.items():
             n = len(tail)
             kept = max(int(np.count_nonzero(tail > threshold)), self.floors[sid])
-            counts[sid] = min(n, math.ceil(kept / self.round_to) * self.round_to)
+            step = self.steps[sid]
+            counts[sid] = min(n, math.ceil(kept / step) * step)
         return counts
 
     def removed(self, kind: str, threshold: float) -> float:
@@ -164,5 +176,6 @@ def make_plan(
 
 def make_planner(analysis: Analysis, scores: dict[int, SpaceScore], cost: CostModel, min_keep: float = 1, round_to: int = 1) -> Planner:
     """A planner over the prunable spaces of `analysis`."""
-    prunable = {s.id for s in analysis.prunable}
-    return Planner({sid: sc for sid, sc in scores.items() if sid in prunable}, cost, min_keep, round_to)
+    prunable = {s.id: s for s in analysis.prunable}
+    return Planner({sid: sc for sid, sc in scores.items() if sid in prunable}, cost, min_keep, round_to,
+                   {sid: unit_width(space) for sid, space in prunable.items()})

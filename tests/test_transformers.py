@@ -241,3 +241,22 @@ def test_fused_qkv_heads_are_units_and_a_planted_duplicate_head_goes(name):
     fused = GraphIndex(pruned, shapes={}).node(heads.producers[0])
     weight = next(t for t in pruned.graph.initializer if t.name == fused.input[1])
     assert list(weight.dims) == [hidden, 3 * 3 * d_head], "three heads of q, k and v stay"
+
+
+@pytest.mark.parametrize("name", ["bert_tiny.dynamo", "llama_tiny.dynamo"])
+def test_round_to_counts_channels_so_whole_heads_are_not_rounded_away(name):
+    """--round-to N keeps a multiple of N channels: a head of d_head channels (a multiple of N)
+    is free to go, while N = 2 x d_head keeps heads in pairs."""
+    from onnxprune.api import prepare
+    from onnxprune.plan import unit_width
+
+    model = load(name)
+    heads = next(s for s in spaces(model, CALIB) if len(s.producers) == 3)
+    plant_duplicate_unit(model, heads)
+    space = next(s for s in prepare(model, feeds_for(model, CALIB, slice(None))).analysis.spaces if set(s.producers) == set(heads.producers))
+    width = unit_width(space)
+    assert width > 1 and heads.units % 2 == 0
+    for round_to, kept in ((width, heads.units - 1), (2 * width, heads.units)):
+        _, report = onnxprune.prune(model, feeds_for(model, CALIB, slice(None)), tolerance=1e-5, round_to=round_to)
+        row = next(r for r in report.spaces if set(r.producers) == set(heads.producers))
+        assert row.kept == kept, (round_to, row.kept)
