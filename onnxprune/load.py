@@ -14,9 +14,9 @@ from google.protobuf.message import DecodeError
 from onnx.external_data_helper import load_external_data_for_tensor, uses_external_data
 
 from .errors import ModelError
-from .graph import weightless_skeleton
+from .graph import copy_model, weightless_skeleton
 from .tensors import anchor, data_bytes, is_on_disk, location
-from .weights import LARGE_MODEL, WeightsFile, model_bytes, offload
+from .weights import LARGE_MODEL, WeightsFile, model_bytes, offload, with_weights_in_memory, write_weights
 
 
 def load_model(source: str | Path | onnx.ModelProto, offload_weights: bool = False) -> tuple[onnx.ModelProto, str, WeightsFile | None]:
@@ -136,13 +136,14 @@ def save_model_atomic(model: onnx.ModelProto, path: str | Path, external_limit: 
         staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=folder))
     except OSError as exc:
         raise ModelError(f"cannot write to output folder '{folder}': {exc.strerror or exc}") from None
+    model = with_weights_in_memory(model)  # a model of ours whose weights wait in a temporary file
     try:
         staged = staging / path.name
         if needs_external_data(model, external_limit):
             data_name = f"{path.name}.data"
-            copy = onnx.ModelProto()
-            copy.CopyFrom(model)
-            onnx.save_model(copy, str(staged), save_as_external_data=True, all_tensors_to_one_file=True, location=data_name, size_threshold=1024)
+            small = copy_model(model, skip_graph=("initializer",))
+            write_weights(model, small, staging / data_name, data_name)
+            staged.write_bytes(small.SerializeToString())
             _fsync(staging / data_name)
             os.replace(staging / data_name, folder / data_name)
         else:

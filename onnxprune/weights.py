@@ -17,6 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import onnx
+from onnx import numpy_helper
 
 from .graph import copy_model
 from .tensors import data_bytes, in_memory, is_on_disk, location
@@ -68,11 +69,21 @@ def _reference(tensor: onnx.TensorProto, path: str, offset: int, length: int) ->
     return ref
 
 
-def _write_aligned(handle, raw: bytes) -> int:
-    offset = -(-handle.tell() // PAGE) * PAGE
-    handle.seek(offset)
-    handle.write(raw)
-    return offset
+def write_weights(model: onnx.ModelProto, small: onnx.ModelProto, path: Path, location: str) -> None:
+    """Write the model's large in-memory initializers to the file `path` (page-aligned, so
+    onnxruntime can map them) and append all initializers to `small`: those written as
+    references to `location`, the others as they are."""
+    with open(path, "wb") as handle:
+        for tensor in model.graph.initializer:
+            if is_on_disk(tensor) or data_bytes(tensor) < EXTERNAL_MIN_BYTES:
+                small.graph.initializer.append(tensor)
+                continue
+            raw = tensor.raw_data if tensor.HasField("raw_data") else numpy_helper.to_array(tensor).tobytes()
+            offset = -(-handle.tell() // PAGE) * PAGE
+            handle.seek(offset)
+            handle.write(raw)
+            small.graph.initializer.append(_reference(tensor, location, offset, len(raw)))
+            del raw
 
 
 def offload(model: onnx.ModelProto) -> tuple[onnx.ModelProto, WeightsFile | None]:
@@ -83,14 +94,7 @@ def offload(model: onnx.ModelProto) -> tuple[onnx.ModelProto, WeightsFile | None
         return model, None
     weights = WeightsFile()
     copy = copy_model(model, skip_graph=("initializer",))
-    with open(weights.path, "wb") as handle:
-        for tensor in model.graph.initializer:
-            if tensor.HasField("raw_data") and data_bytes(tensor) >= EXTERNAL_MIN_BYTES:
-                raw = tensor.raw_data
-                copy.graph.initializer.append(_reference(tensor, str(weights.path), _write_aligned(handle, raw), len(raw)))
-                del raw
-            else:
-                copy.graph.initializer.append(tensor)
+    write_weights(model, copy, weights.path, str(weights.path))
     return copy, weights
 
 
@@ -116,15 +120,8 @@ def session_files(model: onnx.ModelProto, drop_outputs: bool = False) -> Iterato
                 small.graph.initializer.append(tensor)
         yield folder, small
         return
-    with tempfile.TemporaryDirectory(prefix="onnxprune-") as temporary, open(Path(temporary) / "weights.bin", "wb") as handle:
-        for tensor in model.graph.initializer:
-            if tensor.HasField("raw_data") and data_bytes(tensor) >= EXTERNAL_MIN_BYTES:
-                raw = tensor.raw_data
-                small.graph.initializer.append(_reference(tensor, "weights.bin", _write_aligned(handle, raw), len(raw)))
-                del raw
-            else:
-                small.graph.initializer.append(tensor)
-        handle.close()
+    with tempfile.TemporaryDirectory(prefix="onnxprune-") as temporary:
+        write_weights(model, small, Path(temporary) / "weights.bin", "weights.bin")
         yield Path(temporary), small
 
 
