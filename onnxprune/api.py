@@ -19,7 +19,7 @@ from .errors import CalibrationError, ModelError, TargetError
 from .graph import GraphIndex, fixed_batch_size, static_shapes
 from .latency import max_steps, search_latency
 from .load import load_model, map_large_allocations, release_memory
-from .plan import Plan, Target, make_plan, make_planner
+from .plan import Plan, Target, make_plan, make_planner, misaligned_warning
 from .recovery import Recovery, fit_recovery, mean_recovery
 from .report import PruneReport, SpaceRow
 from .rewrite import cache_io_changes, rewrite
@@ -182,6 +182,7 @@ def prune(
             plan = make_plan(analysis, scores, cost, target, min_keep, round_to)
         with _stage(seconds, "rewrite"):
             pruned = build(plan)
+    warnings.extend(misaligned_warning(analysis, plan))
     sampled = strides if stats else {}
     stats, scores = {}, {}  # what verification does not need goes before its sessions start
     index.constants.forget()

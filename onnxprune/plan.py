@@ -80,6 +80,23 @@ def unit_width(space: Space) -> int:
     return min((space.tensors[c.tensor].block for c in space.slices if c.node in space.producers and c.tensor in space.tensors), default=1)
 
 
+ALIGNMENT = 8  # channel counts that onnxruntime's CPU kernels and GPU engines run at full speed
+
+
+def misaligned_warning(analysis: Analysis, plan: Plan) -> list[str]:
+    """A warning when pruning left channel counts that are not multiples of 8 where the original
+    had them: such models can run slower than the original (docs/speed.md, --round-to 1)."""
+    rows = [(space.name, len(p.keep), space.n) for space in analysis.prunable
+            if (p := plan.spaces.get(space.id)) is not None and len(p.prune) and unit_width(space) == 1
+            and space.n % ALIGNMENT == 0 and len(p.keep) % ALIGNMENT]
+    if not rows:
+        return []
+    name, kept, n = rows[0]
+    return [f"{len(rows)} layers keep channel counts that are not multiples of {ALIGNMENT} (e.g. '{name}': {kept} of {n}); "
+            f"onnxruntime's CPU kernels and GPU engines run such counts slowly and the pruned model can be slower than the "
+            f"original: --round-to {ALIGNMENT} (the CLI's default; round_to={ALIGNMENT} in Python) keeps multiples of {ALIGNMENT}"]
+
+
 class Planner:
     """Maps a threshold to kept counts (floors and --round-to applied) and searches the target.
 

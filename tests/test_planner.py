@@ -91,6 +91,19 @@ def test_round_to_keeps_multiples_of_8(mlp, cnn, ratio: float) -> None:
             assert row.kept == (dims[0] if node.op_type in ("Conv",) or _trans_b(node) else dims[1])
 
 
+def test_channel_counts_off_multiples_of_8_are_warned_about(cnn) -> None:
+    """round_to=1 can leave 16 -> 13 channels, which onnxruntime runs slowly: the report says so
+    and names a layer; round_to=8 leaves no such warning."""
+    model, calib = cnn
+    report = onnxprune.prune(model, calib, ratio=0.2, round_to=1).report
+    odd = [r for r in _prunable(report) if r.units % 8 == 0 and r.kept % 8]
+    assert odd, "the fixture should leave a count that is not a multiple of 8"
+    (warning,) = [w for w in report.warnings if "not multiples of 8" in w]
+    assert f"{len(odd)} layers" in warning and any(f"'{r.name}': {r.kept} of {r.units}" in warning for r in odd)
+    rounded = onnxprune.prune(model, calib, ratio=0.2, round_to=8).report
+    assert not [w for w in rounded.warnings if "not multiples of 8" in w]
+
+
 def _trans_b(node: onnx.NodeProto) -> bool:
     return any(a.name == "transB" and a.i for a in node.attribute)
 
