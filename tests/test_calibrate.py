@@ -215,12 +215,26 @@ def test_large_models_keep_their_weights_on_disk_with_the_same_results(monkeypat
     onnxprune.calibrate.make_session(model, patch=patch)
     assert model.SerializeToString() == before
     # a model with external data is read where it is: the same result, its files unchanged
-    onnx.save_model(model, str(tmp_path / "m.onnx"), save_as_external_data=True, location="m.data", size_threshold=0)
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)  # onnx.save_model moves the copy's weights out
+    onnx.save_model(copy, str(tmp_path / "m.onnx"), save_as_external_data=True, location="m.data", size_threshold=0)
     data_before = (tmp_path / "m.data").read_bytes()
     from_external, _ = onnxprune.prune(tmp_path / "m.onnx", x, ratio=0.25)
     assert from_external.SerializeToString() == in_memory.SerializeToString()
     assert (tmp_path / "m.data").read_bytes() == data_before
     assert not any(t.data_location == onnx.TensorProto.EXTERNAL for t in from_external.graph.initializer)
+    # a file with embedded weights: they go to a temporary file, removed afterwards
+    onnx.save_model(model, str(tmp_path / "embedded.onnx"))
+    from_embedded, _ = onnxprune.prune(tmp_path / "embedded.onnx", x, ratio=0.25)
+    assert from_embedded.SerializeToString() == in_memory.SerializeToString()
+    assert set(Path(tempfile.gettempdir()).glob("onnxprune-weights-*")) == temporary
+    # shards of a model whose weights are on disk merge to statistics that apply to it
+    options = dict(verify_samples=0, batch_size=16)
+    merged = Statistics.merge_all([partial_statistics(tmp_path / "m.onnx", x, (i, 2), options) for i in range(2)])
+    from_shards, _ = onnxprune.prune(tmp_path / "embedded.onnx", x, ratio=0.25, statistics=merged, **options)
+    direct, _ = onnxprune.prune(model, x, ratio=0.25, **options)
+    for a, b in zip(from_shards.graph.initializer, direct.graph.initializer, strict=True):
+        np.testing.assert_allclose(onnx.numpy_helper.to_array(a), onnx.numpy_helper.to_array(b), rtol=1e-5, atol=1e-6)
 
 
 def test_a_model_proto_with_unreadable_external_data_is_refused(tmp_path) -> None:
