@@ -19,6 +19,7 @@ from pathlib import Path
 import onnx
 from onnx import numpy_helper
 
+from .errors import ModelError
 from .graph import copy_model
 from .tensors import data_bytes, in_memory, is_on_disk, location
 
@@ -86,6 +87,14 @@ def write_weights(model: onnx.ModelProto, small: onnx.ModelProto, path: Path, lo
             del raw
 
 
+def _write_temporary(model: onnx.ModelProto, small: onnx.ModelProto, path: Path, location: str) -> None:
+    try:
+        write_weights(model, small, path, location)
+    except OSError as exc:
+        raise ModelError(f"cannot write the temporary weights file '{path}': {exc.strerror or exc} "
+                         "(set TMPDIR to a folder with room for the model)") from None
+
+
 def offload(model: onnx.ModelProto) -> tuple[onnx.ModelProto, WeightsFile | None]:
     """A copy of a large model whose big in-memory initializers live in a temporary file (the
     model is not changed; drop it to free its memory). Small models and models whose weights are
@@ -94,7 +103,7 @@ def offload(model: onnx.ModelProto) -> tuple[onnx.ModelProto, WeightsFile | None
         return model, None
     weights = WeightsFile()
     copy = copy_model(model, skip_graph=("initializer",))
-    write_weights(model, copy, weights.path, str(weights.path))
+    _write_temporary(model, copy, weights.path, str(weights.path))
     return copy, weights
 
 
@@ -121,7 +130,7 @@ def session_files(model: onnx.ModelProto, drop_outputs: bool = False) -> Iterato
         yield folder, small
         return
     with tempfile.TemporaryDirectory(prefix="onnxprune-") as temporary:
-        write_weights(model, small, Path(temporary) / "weights.bin", "weights.bin")
+        _write_temporary(model, small, Path(temporary) / "weights.bin", "weights.bin")
         yield Path(temporary), small
 
 

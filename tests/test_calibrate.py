@@ -244,3 +244,18 @@ def test_a_model_proto_with_unreadable_external_data_is_refused(tmp_path) -> Non
     x = {"x": np.zeros((8, 8, 32, 32), np.float32)}
     with pytest.raises(onnxprune.OnnxPruneError, match="external data 'm.data' that cannot be found"):
         onnxprune.prune(proto, x, ratio=0.25)
+
+
+def test_a_full_temporary_folder_is_a_clear_error(monkeypatch) -> None:
+    import errno
+
+    import onnxprune.weights
+
+    def no_room(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    treat_as_large(monkeypatch)
+    monkeypatch.setattr(onnxprune.weights, "write_weights", no_room)
+    x = {"x": np.zeros((16, 8, 32, 32), np.float32)}
+    with pytest.raises(onnxprune.OnnxPruneError, match="No space left on device.*TMPDIR"):
+        onnxprune.prune(expansion_cnn(hidden=8), x, ratio=0.25)
