@@ -324,3 +324,32 @@ def test_in_graph_statistics_of_a_matmul_site() -> None:
     model = g.build(y, ["N", 4, 3])
     x = rng.standard_normal((19, 4, 10)).astype(np.float32)
     assert _assert_stats_match(model, x, batch=5) == 1
+
+
+@pytest.mark.parametrize("flops", [0.3, 0.5, 0.7])
+def test_round_to_gives_back_what_rounding_overshot(flops: float) -> None:
+    """With --round-to 8 on a CNN of few, narrow layers one threshold overshoots (--flops 0.3
+    removed 37% of the MACs before): whole steps go back while the target holds, so no single
+    step more can be kept and the target is still met."""
+    from pathlib import Path
+
+    from onnxprune.api import calibration_statistics, prepare
+    from onnxprune.cost import build_cost_model
+    from onnxprune.plan import make_planner
+    from onnxprune.score import score_space
+
+    models = Path(__file__).resolve().parents[1] / "models"
+    prepared = prepare(models / "vgg_bn.ts.onnx", models / "data" / "fmnist_calib.npz")
+    stats = calibration_statistics(prepared)
+    scores = {s.id: score_space(s, stats, prepared.index, "snp", "weighted", 0) for s in prepared.analysis.prunable}
+    planner = make_planner(prepared.analysis, scores, build_cost_model(prepared.index, prepared.analysis), round_to=8)
+    target = Target("flops", flops)
+    plan = planner.plan(target)
+    counts = {sid: len(p.keep) for sid, p in plan.spaces.items()}
+    assert all(c % 8 == 0 or c == plan.spaces[sid].n for sid, c in counts.items())
+    assert planner.removed_with("flops", counts) >= flops
+    at_threshold = planner.removed("flops", plan.threshold)
+    assert planner.removed_with("flops", counts) <= at_threshold
+    for sid, count in counts.items():
+        if count < plan.spaces[sid].n:
+            assert planner.removed_with("flops", {**counts, sid: min(plan.spaces[sid].n, count + 8)}) < flops, f"space {sid} could keep 8 more units"
