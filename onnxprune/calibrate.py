@@ -242,16 +242,16 @@ def collect_stats(
         """Per site: rows, column sums (float64) and the float32 Gram about the shift."""
         feeds = dict(batch)
         feeds.update({f"{PREFIX}{i}_shift": shifts[site.tensor] for i, site in enumerate(sites)})
-        binding.clear_binding_inputs()
-        binding.clear_binding_outputs()
-        for name, value in feeds.items():
-            binding.bind_cpu_input(name, np.ascontiguousarray(value))
-        for name in fetch:
-            if name in reused:
-                binding.bind_output(name, "cpu", 0, np.float32, list(reused[name].shape), reused[name].ctypes.data)
-            else:
-                binding.bind_output(name, "cpu")
         try:
+            binding.clear_binding_inputs()
+            binding.clear_binding_outputs()
+            for name, value in feeds.items():
+                binding.bind_cpu_input(name, np.ascontiguousarray(value))
+            for name in fetch:
+                if name in reused:
+                    binding.bind_output(name, "cpu", 0, np.float32, list(reused[name].shape), reused[name].ctypes.data)
+                else:
+                    binding.bind_output(name, "cpu")
             session.run_with_iobinding(binding)
         except Exception as exc:  # noqa: BLE001
             raise ModelError(f"onnxruntime failed on a calibration batch: {str(exc).splitlines()[0]}") from None
