@@ -10,7 +10,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from .tensors import read_array
+from .tensors import read_array, tensor_size
 
 Shape = tuple[int | None, ...]
 
@@ -57,10 +57,6 @@ def copy_model(model: onnx.ModelProto, skip_graph: tuple[str, ...] = ()) -> onnx
     copy_fields(model, copy, skip=("graph",))
     copy_fields(model.graph, copy.graph, skip=skip_graph)
     return copy
-
-
-def tensor_size(tensor: onnx.TensorProto) -> int:
-    return int(np.prod(tensor.dims, dtype=np.int64)) if tensor.dims else 1
 
 
 class Constants(Mapping):

@@ -111,7 +111,6 @@ class Planner:
             raise TargetError(f"--min-keep must be > 0, got {min_keep}")
         self.scores = scores
         self.cost = cost
-        self.round_to = round_to
         widths = widths or {}
         self.steps = {sid: round_to // math.gcd(round_to, widths.get(sid, 1)) for sid in scores}
         self.tails = {sid: s.prune_scores() for sid, s in scores.items()}

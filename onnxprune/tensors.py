@@ -18,13 +18,17 @@ def _external_fields(tensor: onnx.TensorProto) -> dict[str, str]:
     return {entry.key: entry.value for entry in tensor.external_data}
 
 
+def tensor_size(tensor: onnx.TensorProto) -> int:
+    return int(np.prod(tensor.dims, dtype=np.int64)) if tensor.dims else 1
+
+
 def data_bytes(tensor: onnx.TensorProto) -> int:
     """The bytes the tensor's shape and type need (0 for types without a NumPy counterpart)."""
     try:
         itemsize = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
     except (KeyError, TypeError):
         return 0
-    return int(np.prod(tensor.dims, dtype=np.int64)) * itemsize if tensor.dims else itemsize
+    return tensor_size(tensor) * itemsize
 
 
 def location(tensor: onnx.TensorProto) -> tuple[Path, int, int]:

@@ -118,20 +118,21 @@ def verify(
     if data.n_samples == 0:
         return []
     io_changes = io_changes or {}
+    original_bytes = model_bytes(original)
     reference_session = make_session(original)
     names = [o.name for o in reference_session.get_outputs()]
     batches = list(data.batches(batch_size))
     reference = [dict(zip(names, reference_session.run(names, batches[0]), strict=True))]
     # keep the original's outputs and run one session at a time, unless they are bigger than the
     # model: then both sessions run batch by batch
-    if sum(v.nbytes for v in reference[0].values()) * len(batches) <= model_bytes(original):
+    if sum(v.nbytes for v in reference[0].values()) * len(batches) <= original_bytes:
         reference += [dict(zip(names, reference_session.run(names, batch), strict=True)) for batch in batches[1:]]
         reference_session = None
         release_memory(original)
     pruned_session = make_session(pruned)
     agreements = {name: _Agreement(name) for name in names}
     first: tuple[dict, dict] | None = None
-    take = None if fixed_batch_size(pruned) else 1 if model_bytes(original) >= LARGE_MODEL else CHECK_SAMPLES
+    take = None if fixed_batch_size(pruned) else 1 if original_bytes >= LARGE_MODEL else CHECK_SAMPLES
     for i, batch in enumerate(batches):
         pruned_batch = {k: drop_units(v, io_changes.get(k)) for k, v in batch.items()}
         expected = reference[i] if i < len(reference) else dict(zip(names, reference_session.run(names, batch), strict=True))
