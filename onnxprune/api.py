@@ -24,6 +24,7 @@ from .recovery import Recovery, fit_recovery, mean_recovery
 from .report import PruneReport, SpaceRow
 from .rewrite import cache_io_changes, rewrite
 from .score import DEFAULT_ORDER, METHODS, ORDERS, RECOVERY, STATS_METHODS, score_space
+from .sequential import SequentialResult, sequential_recoveries
 from .shards import Statistics
 from .sources import ImageOptions
 from .stats import SiteStats
@@ -101,6 +102,7 @@ def prune(
     latency: float | None = None,
     latency_batch: int = 1,
     latency_threads: int = 0,
+    sequential: bool = False,
 ) -> PruneResult:
     """Prune `model` with calibration data `calib`; returns the pruned ModelProto and a report.
 
@@ -115,6 +117,9 @@ def prune(
     `latency`: fraction of the onnxruntime CPU latency to REMOVE, measured on this machine with
     `latency_batch` samples and `latency_threads` threads (0: onnxruntime's default) by timing
     the rewritten model at every step of a search over the threshold.
+    `sequential`: refit every site's recovery on the model as already pruned upstream, against
+    the original's activations, with the shrinkage toward the one-shot fit chosen per site on
+    the held-out samples (DESIGN §2); the keep sets are the one-shot plan's.
     Models of 64 MiB and more keep their weights on disk (their external-data files, or one
     temporary file) and fix glibc's mmap threshold for the process (`load.map_large_allocations`).
     """
@@ -165,6 +170,18 @@ def prune(
         recoveries = fit_recoveries(analysis, plan, stats, RECOVERY[method]) if method in RECOVERY else None
         return rewrite(original, analysis, plan, recoveries, index.constants)
 
+    sequential_result: SequentialResult | None = None
+
+    def build_final(plan: Plan, pruned: onnx.ModelProto | None = None) -> onnx.ModelProto:
+        """The pruned model: refitted sequentially when asked (and the method recovers), else `build`."""
+        nonlocal sequential_result
+        if not (sequential and method in RECOVERY):
+            return pruned if pruned is not None else build(plan)
+        pruned = None
+        one_shot = fit_recoveries(analysis, plan, stats, RECOVERY[method])
+        sequential_result = fit_sequentially(prepared, plan, stats, RECOVERY[method], one_shot, progress)
+        return rewrite(original, analysis, plan, sequential_result.recoveries, index.constants)
+
     latency_result = None
     if target.kind == "latency":
         with _stage(seconds, "plan"):
@@ -177,11 +194,13 @@ def prune(
 
             advance = progress("timing candidates", max_steps(planner))
             plan, pruned, latency_result = search_latency(planner, target, original, feeds, build_with_feeds, latency_threads, advance)
+        with _stage(seconds, "rewrite"):
+            pruned = build_final(plan, pruned)
     else:
         with _stage(seconds, "plan"):
             plan = make_plan(analysis, scores, cost, target, min_keep, round_to)
         with _stage(seconds, "rewrite"):
-            pruned = build(plan)
+            pruned = build_final(plan)
     warnings.extend(misaligned_warning(analysis, plan))
     sampled = strides if stats else {}
     stats, scores = {}, {}  # what verification does not need goes before its sessions start
@@ -200,6 +219,10 @@ def prune(
     report.warnings, report.seconds = warnings, seconds
     report.io_changes = _io_shapes(pruned, io_changes)
     report.spatial_strides = sampled
+    if sequential_result is not None:
+        report.sequential = sequential_result.summary()
+    elif sequential and method not in RECOVERY:
+        report.warnings.append(f"--sequential refits recoveries; method '{method}' has none, so it was pruned one-shot")
     if latency_result is not None:
         report.latency = {"batch": latency_result.batch, "threads": latency_result.threads, "ratio": round(latency_result.ratio, 4),
                           "steps": latency_result.steps}
@@ -335,6 +358,22 @@ def fit_recoveries(analysis: Analysis, plan: Plan, stats: dict[str, SiteStats], 
             if len(prune):
                 recoveries[(space.id, tensor)] = fit(stats[tensor], keep, prune)
     return recoveries
+
+
+def fit_sequentially(prepared: Prepared, plan: Plan, stats: dict[str, SiteStats], kind: str, one_shot: dict[tuple[int, str], Recovery],
+                     progress: ProgressFactory | None = None) -> SequentialResult:
+    """The sequential refit of every site of `plan` over the calibration batches, the shrinkage
+    chosen on the verification batches."""
+    size = prepared.batch_size
+
+    def batches() -> Iterator[tuple[dict[str, np.ndarray], bool]]:
+        yield from ((batch, False) for batch in prepared.calib_data.batches(size))
+        if prepared.verify_data.n_samples:
+            yield from ((batch, True) for batch in prepared.verify_data.batches(size))
+
+    count = -(-prepared.calib_data.n_samples // size) + -(-prepared.verify_data.n_samples // size)
+    return sequential_recoveries(prepared.original, prepared.analysis, plan, stats, prepared.index, prepared.shapes, prepared.strides,
+                                 batches, count, kind, one_shot, progress)
 
 
 def _io_shapes(model: onnx.ModelProto, changes: dict) -> dict[str, list]:

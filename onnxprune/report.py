@@ -50,6 +50,7 @@ class PruneReport:
     io_changes: dict[str, list] = field(default_factory=dict)
     spatial_strides: dict[str, int] = field(default_factory=dict)  # sites whose feature maps were subsampled
     latency: dict = field(default_factory=dict)  # with a latency target: batch, threads, measured ratio, search steps
+    sequential: dict = field(default_factory=dict)  # with --sequential: segments, shrinkage and held-out error per site
 
     @property
     def pinned(self) -> list[SpaceRow]:
@@ -62,6 +63,14 @@ class PruneReport:
         threads = self.latency["threads"] or "default"
         return (f"measured onnxruntime CPU latency: {self.latency['ratio']:.1%} of the original (batch {self.latency['batch']}, "
                 f"{threads} threads, {len(self.latency['steps'])} candidates timed on this machine)")
+
+    def sequential_note(self) -> str | None:
+        """One line on the sequential fit, when it ran."""
+        if not self.sequential:
+            return None
+        ratio = self.sequential.get("median_heldout_error_vs_one_shot")
+        error = "" if ratio is None else f"; median held-out site error {ratio:.3g}x the one-shot fit's"
+        return f"sequential recovery: {len(self.sequential['sites'])} sites refitted on the pruned model in {self.sequential['segments']} segments{error}"
 
     def sampling_note(self) -> str | None:
         """One line on the spatial subsampling of the statistics, when there was any."""
@@ -106,6 +115,7 @@ class PruneReport:
         lines += ["", *(f"> warning: {w}" for w in self.warnings)] if self.warnings else []
         lines += ["", f"> note: {self.sampling_note()}"] if self.spatial_strides else []
         lines += ["", f"> {self.latency_note()}"] if self.latency else []
+        lines += ["", f"> {self.sequential_note()}"] if self.sequential else []
         return "\n".join(lines) + "\n"
 
     def plot(self, path: str | Path) -> None:
@@ -152,6 +162,8 @@ class PruneReport:
             console.print(f"note: {self.sampling_note()}")
         if self.latency:
             console.print(self.latency_note())
+        if self.sequential:
+            console.print(self.sequential_note())
         for warning in self.warnings:
             console.print(f"[yellow]warning:[/yellow] {warning}")
 

@@ -29,9 +29,14 @@ def fold_consumer_weight(weight: np.ndarray, consumer: Consumer, width: int, rec
     w = np.moveaxis(weight.astype(np.float64), consumer.in_axis, 0)
     rest = w.shape[1:]
     w = w.reshape(width, consumer.block, -1).copy()
-    pruned = w[recovery.prune]
-    w[recovery.keep] += np.tensordot(recovery.weights, pruned, axes=(0, 0))
-    full = np.tensordot(recovery.offset, pruned, axes=(0, 0)).sum(axis=0).reshape(rest)
+    pruned, kept = w[recovery.prune], w[recovery.keep]
+    full = np.tensordot(recovery.offset, pruned, axes=(0, 0))
+    if recovery.changes_kept:  # W_K <- W_K M + W_P B, bias += W_K m0 + W_P b0
+        w[recovery.keep] = np.tensordot(recovery.kept_weights, kept, axes=(0, 0)) + np.tensordot(recovery.weights, pruned, axes=(0, 0))
+        full = full + np.tensordot(recovery.kept_offset, kept, axes=(0, 0))
+    else:
+        w[recovery.keep] += np.tensordot(recovery.weights, pruned, axes=(0, 0))
+    full = full.sum(axis=0).reshape(rest)
     out_pos = consumer.out_axis - (consumer.out_axis > consumer.in_axis)
     delta = full.sum(axis=tuple(i for i in range(len(rest)) if i != out_pos))
     new = np.moveaxis(w.reshape((width * consumer.block, *rest)), 0, consumer.in_axis)
@@ -227,16 +232,16 @@ class Rewriter:
 
     def run(self) -> onnx.ModelProto:
         spaces = self.pruned_spaces()
-        if not spaces:
+        if not spaces and not self.recoveries:
             self.model.graph.initializer.extend(in_memory(t) for t in self.source)
             return self.model
         removed, widths, blocks = self.removed_positions(spaces)
         elements = {t: expand_blocks(r, blocks[t]) for t, r in removed.items()}
-        for space, _ in spaces:  # 1. least-squares folds on full-size weights
-            for consumer in space.consumers:
+        for space in self.analysis.prunable:  # 1. least-squares folds on full-size weights (sequential
+            for consumer in space.consumers:  # corrections also reach spaces that lost no unit)
                 recovery = self.recoveries.get((space.id, consumer.site))
-                if recovery is not None and len(recovery.prune):
-                    self._fold(consumer, widths[consumer.site] * blocks[consumer.site], recovery)
+                if recovery is not None and (len(recovery.prune) or recovery.changes_kept):
+                    self._fold(consumer, space.tensors[consumer.site].size, recovery)
         records = [r for space, _ in spaces for r in [*space.slices, *space.consumers, *space.attrs, *space.reshapes, *space.windows]]
         sliced = set()
         for record in dict.fromkeys(records):  # 2. deletions and updates, once per record

@@ -55,3 +55,79 @@ class SiteStats:
         c[0, 1:] = c[1:, 0] = self.total
         c[1:, 1:] = self.gram
         return c
+
+
+@dataclass
+class CrossStats:
+    """Additive moments between the pruned model's activations x~ (k columns) and the
+    original's x_o (n columns) at one site: sums, x~^T x~, x~^T x_o and (optionally) x_o^T x_o.
+
+    Products are accumulated about fixed shifts (float32 per batch, float64 sums) and made
+    exact by `moments`, as `calibrate.uncentred` does; shards with the same shifts merge exactly."""
+
+    shift_p: np.ndarray
+    shift_o: np.ndarray
+    count: int = 0
+    total_p: np.ndarray | None = None
+    total_o: np.ndarray | None = None
+    pp: np.ndarray | None = None
+    po: np.ndarray | None = None
+    oo: np.ndarray | None = None
+    with_oo: bool = False
+
+    def add_rows(self, rows_p: np.ndarray, rows_o: np.ndarray) -> None:
+        """Accumulate one batch of rows (samples x k, samples x n)."""
+        a = (rows_p - self.shift_p).astype(np.float32, copy=False)
+        b = (rows_o - self.shift_o).astype(np.float32, copy=False)
+        parts = {"pp": a.T @ a, "po": a.T @ b}
+        if self.with_oo:
+            parts["oo"] = b.T @ b
+        sums = {"total_p": rows_p.sum(axis=0, dtype=np.float64), "total_o": rows_o.sum(axis=0, dtype=np.float64)}
+        for name, value in {**parts, **sums}.items():
+            current = getattr(self, name)
+            setattr(self, name, value.astype(np.float64) if current is None else current + value)
+        self.count += len(rows_p)
+
+    def add(self, other: CrossStats) -> None:
+        """Merge another shard's moments (same shifts) in place."""
+        if other.count == 0:
+            return
+        if self.count == 0:
+            for name in ("total_p", "total_o", "pp", "po", "oo"):
+                setattr(self, name, None if getattr(other, name) is None else getattr(other, name).copy())
+            self.count = other.count
+            return
+        for name in ("total_p", "total_o", "pp", "po", "oo"):
+            if getattr(self, name) is not None:
+                setattr(self, name, getattr(self, name) + getattr(other, name))
+        self.count += other.count
+
+    def moments(self) -> CrossMoments:
+        """Means and centred (co)variances, exact in float64."""
+        n = max(self.count, 1)
+        mean_p, mean_o = self.total_p / n, self.total_o / n
+        dp, do = mean_p - self.shift_p, mean_o - self.shift_o  # centre moved from the shift to the mean
+
+        def centred(product: np.ndarray, da: np.ndarray, db: np.ndarray) -> np.ndarray:
+            return product / n - np.outer(da, db)
+
+        oo = None if self.oo is None else centred(self.oo, do, do)
+        return CrossMoments(self.count, mean_p, mean_o, centred(self.pp, dp, dp), centred(self.po, dp, do), oo)
+
+
+@dataclass
+class CrossMoments:
+    """Means and centred second moments of (x~, x_o) at one site (population normalisation)."""
+
+    count: int
+    mean_p: np.ndarray
+    mean_o: np.ndarray
+    cov_pp: np.ndarray
+    cov_po: np.ndarray
+    cov_oo: np.ndarray | None = None
+
+    def restrict(self, pruned_columns: np.ndarray, original_columns: np.ndarray) -> CrossMoments:
+        """The moments of one space's columns at a shared site."""
+        oo = None if self.cov_oo is None else self.cov_oo[np.ix_(original_columns, original_columns)]
+        return CrossMoments(self.count, self.mean_p[pruned_columns], self.mean_o[original_columns],
+                            self.cov_pp[np.ix_(pruned_columns, pruned_columns)], self.cov_po[np.ix_(pruned_columns, original_columns)], oo)

@@ -1,0 +1,141 @@
+"""Graph segments for the sequential fit: cut the node order where few activations are live,
+so that each segment runs once on the cached activations at its first cut (DESIGN §2,
+sequential recovery) instead of the whole model running once per layer."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from .graph import Shape, copy_model
+
+UNKNOWN_SIZE = 1 << 40  # a tensor of unknown shape is never a cheap place to cut
+
+
+@dataclass
+class GraphSegment:
+    """Nodes (start, stop] of the original's node order, the sites produced there and the
+    activations live at the cut after `stop` (what the next segment reads)."""
+
+    start: int
+    stop: int
+    sites: list[str]
+    boundary: list[str]
+
+
+def subgraph_reads(node: onnx.NodeProto) -> set[str]:
+    """Names a node's subgraphs (If/Loop/Scan bodies) read from the enclosing graph."""
+    names: set[str] = set()
+    for attr in node.attribute:
+        graphs = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
+        for graph in graphs:
+            inner = {o for n in graph.node for o in n.output} | {i.name for i in graph.input} | {t.name for t in graph.initializer}
+            for sub in graph.node:
+                names.update(name for name in [*sub.input, *subgraph_reads(sub)] if name and name not in inner)
+    return names
+
+
+def node_reads(node: onnx.NodeProto) -> list[str]:
+    return [name for name in node.input if name] + sorted(subgraph_reads(node))
+
+
+def static_tensors(model: onnx.ModelProto) -> set[str]:
+    """Initializers and what is computed from them alone: every segment recomputes these."""
+    static = {t.name for t in model.graph.initializer}
+    for node in model.graph.node:
+        reads = node_reads(node)
+        if all(name in static for name in reads) and node.op_type not in ("RandomNormal", "RandomUniform", "Multinomial"):
+            static.update(o for o in node.output if o)
+    return static
+
+
+def _size(shape: Shape | None) -> int:
+    if shape is None or any(d is None for d in shape):
+        return UNKNOWN_SIZE
+    return int(np.prod(shape, dtype=np.int64))
+
+
+def cut_segments(model: onnx.ModelProto, sites: Iterable[str], shapes: dict[str, Shape]) -> list[GraphSegment]:
+    """One segment per group of sites produced by the same node, in node order; each cut lies
+    between two groups where the activations live across it are smallest (the earliest such)."""
+    nodes = list(model.graph.node)
+    static = static_tensors(model)
+    inputs = {i.name for i in model.graph.input}
+    produced: dict[str, int] = {}
+    last_use: dict[str, int] = {}
+    for position, node in enumerate(nodes):
+        for name in node_reads(node):
+            last_use[name] = position
+        for name in node.output:
+            if name and name not in static:
+                produced[name] = position
+    wanted = set(sites)
+    missing = wanted - produced.keys()
+    if missing:
+        raise ValueError(f"sites not produced by any node: {sorted(missing)}")
+    live_change = np.zeros(len(nodes) + 1, dtype=np.int64)  # live at cut i: produced <= i < last use
+    for name, position in produced.items():
+        end = last_use.get(name, position)
+        if end > position and name not in inputs:
+            size = _size(shapes.get(name))
+            live_change[position] += size
+            live_change[end] -= size
+    live = np.cumsum(live_change)[:-1]
+    groups: dict[int, list[str]] = {}
+    for name in sorted(wanted, key=lambda t: produced[t]):
+        groups.setdefault(produced[name], []).append(name)
+    positions = sorted(groups)
+    segments, start = [], -1
+    for j, position in enumerate(positions):
+        if j + 1 == len(positions):
+            segments.append(GraphSegment(start, position, groups[position], []))
+            break
+        window = live[position:positions[j + 1]]
+        cut = position + int(np.argmin(window))
+        boundary = sorted(name for name, p in produced.items() if p <= cut < last_use.get(name, p) and name not in inputs)
+        segments.append(GraphSegment(start, cut, groups[position], boundary))
+        start = cut
+    return segments
+
+
+def extract(model: onnx.ModelProto, available: dict[str, np.dtype], outputs: list[str]) -> onnx.ModelProto:
+    """The part of `model` that computes `outputs` from the `available` activations (fed as
+    inputs with these dtypes), the graph inputs and the initializers; a tensor that is neither
+    is recomputed from earlier nodes."""
+    graph = model.graph
+    producer = {o: i for i, n in enumerate(graph.node) for o in n.output if o}
+    initializers = {t.name: t for t in graph.initializer}
+    graph_inputs = {i.name: i for i in graph.input}
+    needed_nodes: set[int] = set()
+    fed: set[str] = set()
+    seen: set[str] = set()
+    stack = list(outputs)
+    while stack:
+        name = stack.pop()
+        if name in seen or not name:
+            continue
+        seen.add(name)
+        if name in available:
+            fed.add(name)
+        elif name in initializers or name in graph_inputs:
+            continue
+        elif name in producer:
+            position = producer[name]
+            if position not in needed_nodes:
+                needed_nodes.add(position)
+                stack.extend(node_reads(graph.node[position]))
+        else:
+            raise ValueError(f"tensor '{name}' is not produced by the model")
+    part = copy_model(model, skip_graph=("node", "initializer", "input", "output", "value_info"))
+    part.graph.node.extend(graph.node[i] for i in sorted(needed_nodes))
+    used = {name for i in needed_nodes for name in node_reads(graph.node[i])} | set(outputs)
+    part.graph.initializer.extend(t for name, t in initializers.items() if name in used and name not in available)
+    part.graph.input.extend(helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(np.dtype(available[name])), None)
+                            for name in sorted(fed))
+    part.graph.input.extend(value for name, value in graph_inputs.items() if name in used and name not in available and name not in initializers)
+    part.graph.output.extend(helper.make_empty_tensor_value_info(name) for name in outputs)
+    return part

@@ -1,0 +1,274 @@
+"""Sequential (error-correcting) recovery: every site is refitted on the model as already
+pruned upstream, against the original model's activations (DESIGN §2, sequential recovery).
+
+The node order is cut into segments (`segments.cut_segments`); both models' activations at
+each cut are cached per batch, so each segment of the original runs once and each segment of
+the pruned model once or twice, instead of a full forward pass per layer."""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+import scipy.linalg as sla
+
+from .analyse import Analysis, Space
+from .calibrate import make_session
+from .graph import GraphIndex
+from .plan import Plan
+from .recovery import Recovery, SequentialFit, fit_sequential
+from .rewrite import cache_io_changes, rewrite
+from .segments import GraphSegment, cut_segments, extract
+from .stats import CrossMoments, CrossStats, SiteStats
+from .verify import drop_units
+
+SPILL_BYTES = 256 << 20  # cached activations beyond this go to memory-mapped temporary files
+
+
+@dataclass
+class SiteColumns:
+    """One space's columns at a site: kept and pruned positions on the original's tensor, and
+    where the kept ones sit on the pruned model's (narrower) tensor."""
+
+    keep: np.ndarray
+    prune: np.ndarray
+    pruned_keep: np.ndarray
+
+
+@dataclass
+class SequentialResult:
+    """The recoveries and, per (space name, site), what the fit chose."""
+
+    recoveries: dict[tuple[int, str], Recovery]
+    fits: dict[tuple[str, str], SequentialFit] = field(default_factory=dict)
+    segments: int = 0
+
+    def summary(self) -> dict:
+        """For the report: shrinkage chosen per site and the held-out error ratio to one-shot."""
+        rows = []
+        for (space, site), fit in self.fits.items():
+            ratio = fit.error / fit.error_one_shot if fit.error is not None and fit.error_one_shot else None
+            rows.append({"space": space, "site": site, "shrinkage": fit.shrinkage,
+                         "heldout_error_vs_one_shot": None if ratio is None else round(ratio, 4)})
+        ratios = [r["heldout_error_vs_one_shot"] for r in rows if r["heldout_error_vs_one_shot"] is not None]
+        return {"segments": self.segments, "sites": rows,
+                "median_heldout_error_vs_one_shot": float(np.median(ratios)) if ratios else None}
+
+
+class BoundaryCache:
+    """Activations at the current cut, per batch; large ones are kept in memory-mapped files."""
+
+    def __init__(self, batches: int):
+        self.values: list[dict[str, np.ndarray]] = [{} for _ in range(batches)]
+        self.bytes = 0
+        self.folder: tempfile.TemporaryDirectory | None = None
+        self.count = 0
+
+    def keep_only(self, names: set[str]) -> None:
+        for values in self.values:
+            for name in [n for n in values if n not in names]:
+                self.bytes -= values.pop(name).nbytes
+
+    def put(self, batch: int, name: str, value: np.ndarray) -> None:
+        if self.bytes + value.nbytes > SPILL_BYTES:
+            if self.folder is None:
+                self.folder = tempfile.TemporaryDirectory(prefix="onnxprune-boundary-")
+            path = Path(self.folder.name) / f"{self.count}.npy"
+            self.count += 1
+            np.save(path, value)
+            value = np.load(path, mmap_mode="r")
+        else:
+            self.bytes += value.nbytes
+        self.values[batch][name] = value
+
+    def dtypes(self) -> dict[str, np.dtype]:
+        return {name: value.dtype for name, value in self.values[0].items()} if self.values else {}
+
+    def close(self) -> None:
+        self.values = []
+        if self.folder is not None:
+            self.folder.cleanup()
+
+
+def site_rows(array: np.ndarray, axis: int, stride: int = 1) -> np.ndarray:
+    """Rows x units of an activation (unit axis last), sampled like the calibration (stride on
+    the spatial dims of channels-first maps)."""
+    if stride > 1 and axis == 1 and array.ndim >= 3:
+        array = array[(slice(None), slice(None), *[slice(None, None, stride)] * (array.ndim - 2))]
+    return np.moveaxis(array, axis, -1).reshape(-1, array.shape[axis])
+
+
+def removed_elements(analysis: Analysis, plan: Plan) -> dict[str, np.ndarray]:
+    """Per tensor, the element positions on its unit axis that the plan removes (every space)."""
+    removed: dict[str, set[int]] = {}
+    for space in analysis.prunable:
+        space_plan = plan.spaces.get(space.id)
+        if space_plan is None or not len(space_plan.prune):
+            continue
+        for tensor, placement in space.tensors.items():
+            removed.setdefault(tensor, set()).update(placement.element_positions_of(space_plan.prune).tolist())
+    return {t: np.array(sorted(p), dtype=np.int64) for t, p in removed.items()}
+
+
+def site_columns(space: Space, tensor: str, plan: Plan, removed: dict[str, np.ndarray]) -> SiteColumns:
+    placement, space_plan = space.tensors[tensor], plan.spaces[space.id]
+    keep, prune = placement.element_positions_of(space_plan.keep), placement.element_positions_of(space_plan.prune)
+    gone = removed.get(tensor, np.zeros(0, dtype=np.int64))
+    return SiteColumns(keep, prune, keep - np.searchsorted(gone, keep))
+
+
+def consumer_metric(space: Space, tensor: str, index: GraphIndex, columns: np.ndarray) -> np.ndarray | None:
+    """V with V V^T = sum over the consumers at this site of W^T W on the given columns: the
+    residual at the site is weighed by what the consumers' outputs would lose (DESIGN §2)."""
+    parts = []
+    size = space.tensors[tensor].size
+    for consumer in space.consumers:
+        if consumer.site != tensor:
+            continue
+        weight = index.const(index.node(consumer.node).input[consumer.weight_index])
+        if weight is None:
+            continue
+        parts.append(np.moveaxis(weight.astype(np.float64), consumer.in_axis, 0).reshape(size, -1)[columns])
+    if not parts:
+        return None
+    metric = np.hstack(parts)
+    if metric.shape[1] > metric.shape[0]:  # compress to a square factor of the same V V^T
+        gram = metric @ metric.T
+        gram += 1e-12 * max(np.trace(gram) / len(gram), 1e-300) * np.eye(len(gram))
+        metric = sla.cholesky(gram, lower=True, check_finite=False)
+    return metric
+
+
+class SequentialFitter:
+    """Walks the segments once, refitting every (space, site) of the plan in node order."""
+
+    def __init__(self, original: onnx.ModelProto, analysis: Analysis, plan: Plan, stats: dict[str, SiteStats],
+                 index: GraphIndex, shapes: dict, strides: dict[str, int], kind: str = "lsq",
+                 one_shot: dict[tuple[int, str], Recovery] | None = None):
+        self.original, self.analysis, self.plan, self.stats = original, analysis, plan, stats
+        self.index, self.strides, self.kind = index, strides, kind
+        self.one_shot = one_shot or {}
+        self.spaces = [s for s in analysis.prunable if s.id in plan.spaces]
+        self.removed = removed_elements(analysis, plan)
+        self.io_changes = cache_io_changes(analysis, plan)
+        sites = sorted({t for s in self.spaces for t in s.sites})
+        self.segments: list[GraphSegment] = cut_segments(original, sites, shapes)
+        position = {id(node): i for i, node in enumerate(original.graph.node)}
+        self.consumer_positions = {t: [position[id(index.node(c.node))] for s in self.spaces for c in s.consumers if c.site == t]
+                                   for t in sites}
+        self.result = SequentialResult({}, segments=len(self.segments))
+
+    def run(self, batches: Callable[[], Iterable[tuple[dict[str, np.ndarray], bool]]], count: int,
+            advance: Callable[[int], None]) -> SequentialResult:
+        """`batches()` yields (inputs, held out) in the same order each time it is called."""
+        cache_o, cache_p = BoundaryCache(count), BoundaryCache(count)
+        try:
+            for segment in self.segments:
+                self._segment(segment, batches, cache_o, cache_p)
+                advance(1)
+        finally:
+            cache_o.close()
+            cache_p.close()
+        return self.result
+
+    def _pruned_model(self) -> onnx.ModelProto:
+        return rewrite(self.original, self.analysis, self.plan, self.result.recoveries, self.index.constants)
+
+    def _segment(self, segment: GraphSegment, batches, cache_o: BoundaryCache, cache_p: BoundaryCache) -> None:
+        new_boundary = [t for t in segment.boundary if t not in cache_o.values[0]]
+        refit_boundary = any(p <= segment.stop for t in segment.sites for p in self.consumer_positions[t])
+        outputs_o = list(dict.fromkeys([*segment.sites, *new_boundary]))
+        original_part = extract(self.original, cache_o.dtypes(), outputs_o)
+        pruned = self._pruned_model()
+        present = {o for n in pruned.graph.node for o in n.output}
+        pruned_boundary = [t for t in new_boundary if t in present]
+        pruned_outputs = list(dict.fromkeys([*segment.sites, *([] if refit_boundary else pruned_boundary)]))
+        pruned_part = extract(pruned, cache_p.dtypes(), pruned_outputs)
+        del pruned
+        session_o, session_p = make_session(original_part), make_session(pruned_part)
+        inputs_o = [i.name for i in original_part.graph.input]
+        inputs_p = [i.name for i in pruned_part.graph.input]
+        accumulators = {t: (self._new_stats(t, False), self._new_stats(t, True)) for t in segment.sites}
+        changed = dict.fromkeys(segment.sites, False)
+        for i, (batch, heldout) in enumerate(batches()):
+            out_o = dict(zip(outputs_o, session_o.run(None, self._feeds(inputs_o, batch, cache_o.values[i], False)), strict=True))
+            out_p = dict(zip(pruned_outputs, session_p.run(None, self._feeds(inputs_p, batch, cache_p.values[i], True)), strict=True))
+            for tensor in segment.sites:
+                axis, stride = self._axis(tensor), self.strides.get(tensor, 1)
+                rows_p, rows_o = site_rows(out_p[tensor], axis, stride), site_rows(out_o[tensor], axis, stride)
+                accumulators[tensor][int(heldout)].add_rows(rows_p, rows_o)
+                changed[tensor] = changed[tensor] or rows_p.shape != rows_o.shape or not np.array_equal(rows_p, rows_o)
+            for name in new_boundary:
+                cache_o.put(i, name, out_o[name])
+            if not refit_boundary:
+                for name in pruned_boundary:
+                    cache_p.put(i, name, out_p[name])
+        session_o = session_p = None
+        for tensor, (cal, held) in accumulators.items():
+            self._fit_site(tensor, cal.moments(), held.moments() if held.count else None, changed[tensor])
+        if refit_boundary and pruned_boundary:
+            self._rerun_boundary(pruned_boundary, batches, cache_p)
+        keep = set(segment.boundary)
+        cache_o.keep_only(keep)
+        cache_p.keep_only(keep)
+
+    def _rerun_boundary(self, names: list[str], batches, cache_p: BoundaryCache) -> None:
+        """The pruned model's activations at the cut, with this segment's new folds applied."""
+        part = extract(self._pruned_model(), cache_p.dtypes(), names)
+        session = make_session(part)
+        inputs = [i.name for i in part.graph.input]
+        for i, (batch, _) in enumerate(batches()):
+            for name, value in zip(names, session.run(None, self._feeds(inputs, batch, cache_p.values[i], True)), strict=True):
+                cache_p.put(i, name, value)
+
+    def _feeds(self, names: list[str], batch: dict[str, np.ndarray], cached: dict[str, np.ndarray], pruned: bool) -> dict[str, np.ndarray]:
+        feeds = {}
+        for name in names:
+            if name in cached:
+                feeds[name] = np.asarray(cached[name])
+            else:
+                feeds[name] = drop_units(batch[name], self.io_changes.get(name)) if pruned else batch[name]
+        return feeds
+
+    def _axis(self, tensor: str) -> int:
+        return next(s.tensors[tensor].axis for s in self.spaces if tensor in s.tensors)
+
+    def _new_stats(self, tensor: str, held: bool) -> CrossStats:
+        shift = self.stats[tensor].mean() if tensor in self.stats else None
+        width = next(s.tensors[tensor].size for s in self.spaces if tensor in s.tensors)
+        if shift is None:
+            shift = np.zeros(width)
+        kept = np.setdiff1d(np.arange(width), self.removed.get(tensor, np.zeros(0, dtype=np.int64)))
+        return CrossStats(shift[kept].astype(np.float32), shift.astype(np.float32), with_oo=held)
+
+    def _fit_site(self, tensor: str, cal: CrossMoments, held: CrossMoments | None, changed: bool) -> None:
+        for space in self.spaces:
+            if tensor not in space.sites:
+                continue
+            columns = site_columns(space, tensor, self.plan, self.removed)
+            if not len(columns.prune) and not changed:
+                continue  # nothing upstream changed this site: no correction (ratio 0 stays bit-identical)
+            original_columns = np.concatenate([columns.keep, columns.prune])
+            space_cal = cal.restrict(columns.pruned_keep, original_columns)
+            space_held = None if held is None else held.restrict(columns.pruned_keep, original_columns)
+            metric = consumer_metric(space, tensor, self.index, original_columns)
+            recovery, fit = fit_sequential(space_cal, columns.keep, columns.prune, self.one_shot.get((space.id, tensor)),
+                                           space_held, metric, self.kind)
+            self.result.recoveries[(space.id, tensor)] = recovery
+            self.result.fits[(space.name, tensor)] = fit
+
+
+def sequential_recoveries(original: onnx.ModelProto, analysis: Analysis, plan: Plan, stats: dict[str, SiteStats], index: GraphIndex,
+                          shapes: dict, strides: dict[str, int], batches: Callable[[], Iterable[tuple[dict[str, np.ndarray], bool]]],
+                          count: int, kind: str = "lsq", one_shot: dict[tuple[int, str], Recovery] | None = None,
+                          progress: Callable[[str, int], Callable[[int], None]] | None = None) -> SequentialResult:
+    """Refit every site of the plan on the model pruned upstream: `batches()` yields the `count`
+    batches as (inputs, held out); the shrinkage toward the one-shot fit is chosen on the
+    held-out ones."""
+    fitter = SequentialFitter(original, analysis, plan, stats, index, shapes, strides, kind, one_shot)
+    advance = progress("sequential fit", len(fitter.segments)) if progress is not None else (lambda _: None)
+    return fitter.run(batches, count, advance)
