@@ -1,0 +1,103 @@
+"""Convolutions and per-channel spatial ops: Conv creates and reads units on axis 1, depthwise
+Conv and pooling act on each channel alone, Resize keeps the channel axis."""
+
+from __future__ import annotations
+
+import onnx
+
+from ..graph import GraphIndex, get_attr
+from ..ops import CHANNEL_WISE
+from ..placement import Placement
+from ..spaces import AttrUpdate, Consumer, ParamSlice, ShapeUpdate
+from .registry import Effect, Pin, Produced, carries, consumes, produces, read_by, slice_param, through
+
+
+def _conv_output(index: GraphIndex, node: onnx.NodeProto) -> Produced | None:
+    if len(node.input) > 1 and index.is_constant(node.input[1]):
+        dims = index.const_dims(node.input[1])
+        if get_attr(node, "group", 1) == 1 and len(dims) >= 3:
+            return Produced(node.output[0], 1, int(dims[0] if node.op_type == "Conv" else dims[1]))
+    return None
+
+
+def _conv_slices(index: GraphIndex, node: onnx.NodeProto, n: int) -> list[ParamSlice]:
+    label, out = index.label(node), node.output[0]
+    slices = [ParamSlice(label, 1, 0 if node.op_type == "Conv" else 1, out)]
+    return slices + ([ParamSlice(label, 2, 0, out)] if len(node.input) > 2 and node.input[2] else [])
+
+
+produces(("Conv", "ConvTranspose"), _conv_output, _conv_slices)
+
+
+@consumes("Conv", "ConvTranspose")
+def conv_reads(index: GraphIndex, node: onnx.NodeProto, slot: int, tensor: str, placement: Placement) -> list[Effect] | None:
+    """An ungrouped Conv with a constant weight reads the units as its input channels."""
+    if slot != 0 or len(node.input) < 2 or not index.is_constant(node.input[1]):
+        return None
+    if get_attr(node, "group", 1) != 1:
+        return None  # depthwise is a pass-through; other groups pin in its carry rule
+    op, label = node.op_type, index.label(node)
+    dims = index.const_dims(node.input[1])
+    in_axis, out_axis = (1, 0) if op == "Conv" else (0, 1)
+    if placement.axis != 1:
+        return [Pin(f"{op} '{label}' reads the units on axis {placement.axis}, not the channel axis")]
+    if dims[in_axis] != placement.size:
+        return [Pin(f"{op} '{label}' weight has {dims[in_axis]} input channels, expected {placement.size}")]
+    return read_by(index, Consumer(label, op, 1, in_axis, out_axis, tensor))
+
+
+def is_depthwise(index: GraphIndex, node: onnx.NodeProto) -> bool:
+    """A Conv with one input and one output channel per group (group == channels)."""
+    if len(node.input) < 2 or not index.is_constant(node.input[1]):
+        return False
+    dims, group = index.const_dims(node.input[1]), get_attr(node, "group", 1)
+    return group > 1 and dims[0] == group and dims[1] == 1
+
+
+@carries("Conv")
+def grouped_conv(index: GraphIndex, node: onnx.NodeProto, tensor: str, placement: Placement) -> list[Effect]:
+    """Depthwise Conv acts on each channel alone (slice its weight, update `group`)."""
+    label = index.label(node)
+    if not is_depthwise(index, node):
+        return [Pin(f"grouped Conv '{label}' (group={get_attr(node, 'group', 1)}) couples units in blocks")]
+    if placement.axis != 1:
+        return [Pin(f"depthwise Conv '{label}' acts on axis 1, the units are on axis {placement.axis}")]
+    effects = slice_param(index, node, 1, 0, node.input[0], placement)
+    if len(node.input) > 2 and node.input[2]:
+        effects += slice_param(index, node, 2, 0, node.input[0], placement)
+    effects.append(AttrUpdate(label, "group", node.input[0]))
+    return effects + through(label, node.input[0], node.output[0], placement)
+
+
+def per_channel(index: GraphIndex, node: onnx.NodeProto, placement: Placement, param_slots: tuple[int, ...] = ()) -> list[Effect]:
+    """An op acting on each channel of an NCHW tensor separately; `param_slots` are indexed by channel."""
+    op, label = node.op_type, index.label(node)
+    if placement.block > 1:
+        return [Pin(f"{op} '{label}' acts per channel on units of {placement.block} elements")]
+    if placement.axis != 1:
+        return [Pin(f"{op} '{label}' acts on axis 1, the units are on axis {placement.axis}")]
+    effects: list[Effect] = []
+    for slot in param_slots:
+        if slot < len(node.input) and node.input[slot]:
+            effects += slice_param(index, node, slot, 0, node.input[0], placement)
+    return effects + through(label, node.input[0], node.output[0], placement)
+
+
+@carries(*sorted(CHANNEL_WISE))
+def pool(index: GraphIndex, node: onnx.NodeProto, tensor: str, placement: Placement) -> list[Effect]:
+    """Pooling acts on each channel alone."""
+    return per_channel(index, node, placement)
+
+
+@carries("Resize")
+def resize(index: GraphIndex, node: onnx.NodeProto, tensor: str, placement: Placement) -> list[Effect]:
+    """Resize keeps the units' axis when its scale there is 1 or its size there is the width."""
+    label = index.label(node)
+    scales = index.const(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+    sizes = index.const(node.input[3]) if len(node.input) > 3 and node.input[3] else None
+    axis = placement.axis
+    if scales is not None and scales.size > axis and scales[axis] == 1:
+        return through(label, tensor, node.output[0], placement)
+    if sizes is not None and sizes.size > axis and sizes[axis] == placement.width:
+        return [ShapeUpdate(label, 3, axis, 1, tensor), *through(label, tensor, node.output[0], placement)]
+    return [Pin(f"Resize '{label}' does not keep the units' axis (needs constant scales or sizes)")]

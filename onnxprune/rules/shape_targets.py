@@ -1,0 +1,100 @@
+"""Shape values that hold a unit count: where a Reshape/Expand target's entry comes from (to
+rewrite it), and Shape nodes that read the size of a unit axis (which pins)."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+
+from ..graph import GraphIndex, get_attr
+from ..placement import Placement
+from ..spaces import ShapeUpdate
+from .registry import Effect, Pin, carries
+
+
+def shape_update(index: GraphIndex, node: onnx.NodeProto, position: int, block: int, tensor: str) -> list[Effect]:
+    """Where the Reshape/Expand target's entry for the unit axis comes from, to rewrite it;
+    entries that follow the input by themselves (Reshape 0/-1, Expand 1) need nothing."""
+    label = index.label(node)
+    automatic = {-1, 1} if node.op_type == "Expand" else ({-1} if get_attr(node, "allowzero", 0) else {0, -1})
+    target = index.const(node.input[1])
+    if target is not None:
+        if int(target[position]) in automatic:
+            return []
+        if node.input[1] in index.initializer_names or _is_constant_node(index, node.input[1]):
+            return [ShapeUpdate(label, 1, position, block, tensor)]
+    source = _shape_source(index, node.input[1], position)
+    if source is None:
+        return [Pin(f"{node.op_type} '{label}' target entry {position} is computed at run time; onnxprune cannot rewrite it")]
+    holder = index.node(source[0])
+    value = index.const(holder.input[source[1]])
+    if int(value[()] if source[2] < 0 else value[source[2]]) in automatic:
+        return []
+    via = label if holder.op_type == "Concat" else ""
+    return [ShapeUpdate(source[0], source[1], source[2], block, tensor, via)]
+
+
+def _is_constant_node(index: GraphIndex, name: str) -> bool:
+    producer = index.producer.get(name)
+    return producer is not None and producer.op_type == "Constant"
+
+
+def _shape_source(index: GraphIndex, name: str, position: int) -> tuple[str, int, int] | None:
+    """(node, input slot, index) of the stored constant that holds entry `position` of a
+    shape built by Concat / Unsqueeze / Cast of constants (TorchScript's view(B, S, heads, d))."""
+    node = index.producer.get(name)
+    while node is not None and node.op_type in ("Cast", "Identity"):
+        name, node = node.input[0], index.producer.get(node.input[0])
+    if node is None or node.op_type != "Concat":
+        return None
+    offset = 0
+    for slot, inp in enumerate(node.input):
+        length = _length(index, inp)
+        if length is None:
+            return None
+        if offset <= position < offset + length:
+            inner = index.producer.get(inp)
+            if inner is not None and inner.op_type == "Unsqueeze" and index.is_constant(inner.input[0]):
+                if index.const(inner.input[0]).ndim == 0:
+                    return index.label(inner), 0, -1
+            if index.is_constant(inp) and (inp in index.initializer_names or _is_constant_node(index, inp)):
+                return index.label(node), slot, position - offset
+            return None
+        offset += length
+    return None
+
+
+def _length(index: GraphIndex, name: str) -> int | None:
+    value = index.const(name)
+    if value is not None:
+        return int(value.size)
+    shape = index.shape(name)
+    return None if shape is None or len(shape) != 1 or shape[0] is None else int(shape[0])
+
+
+@carries("Shape")
+def shape_reader(index: GraphIndex, node: onnx.NodeProto, tensor: str, placement: Placement) -> list[Effect]:
+    """Shape only reads sizes: fine as long as nothing downstream reads the units' axis size
+    (TorchScript's view(x.size(0), x.size(1), heads, d) reads the batch and sequence sizes)."""
+    label = index.label(node)
+    rank = index.rank(tensor)
+    if rank is None:
+        return [Pin(f"Shape '{label}' of a tensor of unknown rank")]
+    start, end = get_attr(node, "start", 0) % rank if get_attr(node, "start", 0) else 0, get_attr(node, "end", rank)
+    end = end % rank if end < 0 else min(end, rank)
+    if not start <= placement.axis < end:
+        return []
+    entry = placement.axis - start
+    for use in index.uses.get(node.output[0], []):
+        user = use.node
+        if user.op_type == "Gather" and use.index == 0 and get_attr(user, "axis", 0) == 0 and index.is_constant(user.input[1]):
+            if entry not in [i % (end - start) for i in np.atleast_1d(index.const(user.input[1])).tolist()]:
+                continue
+        elif user.op_type == "Slice" and use.index == 0 and all(index.is_constant(i) for i in user.input[1:3]):
+            lo, hi = int(index.const(user.input[1])[0]), int(index.const(user.input[2])[0])
+            size = end - start
+            lo, hi = (max(0, min(size, v + size if v < 0 else v)) for v in (lo, hi))
+            if not lo <= entry < hi:
+                continue
+        return [Pin(f"Shape '{label}' reads the size of the units' axis ({user.op_type} '{index.label(user)}')")]
+    return []

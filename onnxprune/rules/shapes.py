@@ -1,0 +1,165 @@
+"""Ops that move the unit axis: Transpose, Reshape/Flatten (split or merge it: heads),
+Unsqueeze, Squeeze, Expand. Reached from their output, they map the placement back first."""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import onnx
+
+from ..graph import GraphIndex, get_attr
+from ..ops import REDUCE_OPS
+from ..placement import Placement
+from .registry import CarryRule, Coarsen, Effect, Pin, axes_input, carries, through
+from .shape_targets import shape_update
+
+
+def static(index: GraphIndex, name: str) -> tuple[int, ...] | None:
+    """The tensor's shape when every dimension is known."""
+    shape = index.shape(name)
+    return None if shape is None or None in shape else tuple(int(d) for d in shape)
+
+
+def map_reshape(index: GraphIndex, node: onnx.NodeProto, placement: Placement, from_shape, to_shape) -> tuple[Placement | None, list[Effect]]:
+    """Where the units land when a tensor of `from_shape` is reshaped to `to_shape`: the unit
+    axis may be split (heads [.., H] -> [.., heads, d]) or merged with the axes after it."""
+    label = f"{node.op_type} '{index.label(node)}'"
+    if from_shape is None or to_shape is None:
+        return None, [Pin(f"{label} has a shape onnxprune cannot read")]
+    a = placement.axis
+    outer, inner = int(np.prod(from_shape[:a], dtype=np.int64)), int(np.prod(from_shape[a + 1:], dtype=np.int64))
+    span = placement.block * inner  # elements of one unit slot within one outer block
+    candidates = [k for k in range(len(to_shape)) if int(np.prod(to_shape[:k], dtype=np.int64)) == outer and to_shape[k] != 1]
+    if not candidates:
+        return None, [Pin(f"{label} mixes the units' axis with the axes before it")]
+    k = candidates[0]
+    t = int(np.prod(to_shape[k + 1:], dtype=np.int64))
+    if t % span == 0 and t > span:  # an output index holds several units: use whole groups
+        factor = t // span
+        effects: list[Effect] = []
+        if all(seg.offset % factor == 0 and seg.lo % factor == 0 and (seg.hi - seg.lo) % factor == 0 for seg in placement.segments):
+            effects.append(Coarsen(factor, label))
+        return None, [*effects, Pin(f"{label} groups units that are not all of this space")]
+    if span % t:
+        return None, [Pin(f"{label} mixes units with the axes after them")]
+    return placement.moved(k, block=span // t, width=placement.width), []
+
+
+def input_placement(index: GraphIndex, node: onnx.NodeProto, out_placement: Placement) -> tuple[Placement | None, list[Effect]]:
+    """Inverse of the axis-moving ops, for a tensor reached from its consumer's side."""
+    op = node.op_type
+    inp, out = node.input[0], node.output[0]
+    in_rank, out_rank = index.rank(inp), index.rank(out)
+    if in_rank is None or out_rank is None:
+        return None, [Pin(f"{op} '{index.label(node)}' has an unknown rank")]
+    axis = out_placement.axis
+    if op == "Transpose":
+        perm = get_attr(node, "perm") or list(range(in_rank))[::-1]
+        return out_placement.moved(int(perm[axis])), []
+    if op in ("Reshape", "Flatten"):
+        return map_reshape(index, node, out_placement, static(index, out), static(index, inp))
+    if op == "Expand":
+        return (out_placement.moved(axis - (out_rank - in_rank)) if axis >= out_rank - in_rank else None), []
+    if op == "Unsqueeze":
+        axes = axes_input(index, node)
+        removed = [] if axes is None else sorted(a % out_rank for a in axes)
+        kept = [i for i in range(out_rank) if i not in removed]
+        return (out_placement.moved(kept.index(axis)) if axes is not None and axis in kept else None), []
+    if op == "Squeeze" or op in REDUCE_OPS:
+        axes = axes_input(index, node)
+        shape = index.shape(inp)
+        if axes is None and op == "Squeeze" and shape is not None:
+            axes = [i for i, d in enumerate(shape) if d == 1]
+        if axes is None:
+            return None, []
+        if op != "Squeeze" and get_attr(node, "keepdims", 1):
+            return out_placement, []
+        dropped = sorted(a % in_rank for a in axes)
+        kept = [i for i in range(in_rank) if i not in dropped]
+        return out_placement.moved(kept[axis]), []
+    return out_placement, []
+
+
+def axis_mover(rule: CarryRule) -> CarryRule:
+    """Wrap the rule of an op that moves the unit axis: reached from its output, map the
+    placement back to the input and apply the rule from there."""
+
+    @functools.wraps(rule)
+    def wrapped(index: GraphIndex, node: onnx.NodeProto, tensor: str, placement: Placement) -> list[Effect]:
+        if tensor in node.input:
+            return rule(index, node, tensor, placement)
+        source, effects = input_placement(index, node, placement)
+        if source is None:
+            return [*effects, Pin(f"{node.op_type} '{index.label(node)}' cannot be followed backwards from '{tensor}'")]
+        return effects + rule(index, node, node.input[0], source)
+
+    return wrapped
+
+
+@carries("Reshape", "Flatten")
+@axis_mover
+def reshape(index: GraphIndex, node: onnx.NodeProto, tensor: str, placement: Placement) -> list[Effect]:
+    """Split or merge the unit axis (DESIGN §3); Reshape targets are rewritten."""
+    out_placement, effects = map_reshape(index, node, placement, static(index, tensor), static(index, node.output[0]))
+    if out_placement is None:
+        return effects
+    if node.op_type == "Reshape":
+        effects += shape_update(index, node, out_placement.axis, out_placement.block, node.output[0])
+    return effects + through(index.label(node), tensor, node.output[0], placement, out_placement)
+
+
+@carries("Transpose")
+@axis_mover
+def transpose(index: GraphIndex, node: onnx.NodeProto, tensor: str, placement: Placement) -> list[Effect]:
+    """The units move to the axis the permutation sends theirs to."""
+    rank = index.rank(tensor)
+    perm = get_attr(node, "perm") or list(range(rank or 0))[::-1]
+    if rank is None or len(perm) != rank:
+        return [Pin(f"Transpose '{index.label(node)}' has an unknown rank")]
+    return through(index.label(node), tensor, node.output[0], placement, placement.moved(list(perm).index(placement.axis)))
+
+
+@carries("Unsqueeze")
+@axis_mover
+def unsqueeze(index: GraphIndex, node: onnx.NodeProto, tensor: str, placement: Placement) -> list[Effect]:
+    """Inserted axes before the units' axis shift it."""
+    axes, out_rank = axes_input(index, node), index.rank(node.output[0])
+    if axes is None or out_rank is None:
+        return [Pin(f"Unsqueeze '{index.label(node)}' has computed axes")]
+    axis = placement.axis
+    for a in sorted(a % out_rank for a in axes):
+        if a <= axis:
+            axis += 1
+    return through(index.label(node), tensor, node.output[0], placement, placement.moved(axis))
+
+
+@carries("Squeeze")
+@axis_mover
+def squeeze(index: GraphIndex, node: onnx.NodeProto, tensor: str, placement: Placement) -> list[Effect]:
+    """Removed axes before the units' axis shift it; removing the units' axis pins."""
+    axes, rank = axes_input(index, node), index.rank(tensor)
+    shape = index.shape(tensor)
+    if rank is None or (axes is None and shape is None):
+        return [Pin(f"Squeeze '{index.label(node)}' has computed axes")]
+    removed = [a % rank for a in axes] if axes is not None else [i for i, d in enumerate(shape) if d == 1]
+    if placement.axis in removed:
+        return [Pin(f"Squeeze '{index.label(node)}' removes the units' axis")]
+    moved = placement.moved(placement.axis - sum(a < placement.axis for a in removed))
+    return through(index.label(node), tensor, node.output[0], placement, moved)
+
+
+@carries("Expand")
+@axis_mover
+def expand(index: GraphIndex, node: onnx.NodeProto, tensor: str, placement: Placement) -> list[Effect]:
+    """Expand may add leading axes; it must not broadcast the units' axis."""
+    rank, out_rank = index.rank(tensor), index.rank(node.output[0])
+    out_shape = index.shape(node.output[0])
+    label = index.label(node)
+    if rank is None or out_rank is None or out_shape is None:
+        return [Pin(f"Expand '{label}' has an unknown shape")]
+    axis = placement.axis + out_rank - rank
+    if out_shape[axis] not in (None, placement.size):
+        return [Pin(f"Expand '{label}' broadcasts the units' axis")]
+    effects = shape_update(index, node, axis, placement.block, node.output[0])
+    return effects + through(label, tensor, node.output[0], placement, placement.moved(axis))

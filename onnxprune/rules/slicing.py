@@ -1,0 +1,131 @@
+"""Concat, Split, Slice and Pad: a Concat on the unit axis shifts the units (DenseNet, UNet
+skips), Split and Slice cut windows of them (their sizes are rewritten), and Pad must leave
+the unit axis alone."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+
+from ..graph import GraphIndex, get_attr
+from ..placement import Placement
+from ..spaces import WindowUpdate
+from .registry import Carry, Effect, Pin, Through, carries, through
+
+
+@carries("Concat")
+def concat(index: GraphIndex, node: onnx.NodeProto, tensor: str, placement: Placement) -> list[Effect]:
+    """On the unit axis the units move by the widths of the inputs before theirs; along another
+    axis (RoPE halves, a KV cache) every input carries the same units."""
+    label = index.label(node)
+    rank = index.rank(node.output[0])
+    widths = []
+    for inp in node.input:
+        shape = index.shape(inp)
+        widths.append(None if shape is None or rank is None else shape[placement.axis])
+    if rank is None:
+        return [Pin(f"Concat '{label}' has an output of unknown rank")]
+    if get_attr(node, "axis", 0) % rank != placement.axis:
+        effects: list[Effect] = []
+        for inp in node.input:
+            if index.is_constant(inp):
+                return [*effects, Pin(f"Concat '{label}' joins the units with a constant '{inp}'")]
+            effects.append(Carry(inp, placement))
+        return effects + through(label, tensor, node.output[0], placement)
+    if placement.block > 1:
+        return [Pin(f"Concat '{label}' joins along units of {placement.block} elements")]
+    if None in widths:
+        return [Pin(f"Concat '{label}' has inputs of unknown width")]
+    total, offsets = sum(widths), np.cumsum([0, *widths])
+    effects = [Through(label)]
+    for slot, inp in enumerate(node.input):
+        if inp == tensor:
+            effects.append(Carry(node.output[0], placement.shifted(int(offsets[slot]), int(total))))
+    return effects
+
+
+def _split_windows(index: GraphIndex, node: onnx.NodeProto, width: int) -> list[tuple[int, int]] | None:
+    sizes = get_attr(node, "split")
+    if sizes is None and len(node.input) > 1 and node.input[1]:
+        value = index.const(node.input[1])
+        if value is None:
+            return None
+        sizes = value.tolist()
+    if sizes is None:
+        parts = get_attr(node, "num_outputs", len(node.output))
+        chunk = -(-width // parts)
+        sizes = [min(chunk, width - i * chunk) for i in range(parts)]
+    ends = np.cumsum([0, *sizes])
+    if ends[-1] != width:
+        return None
+    return [(int(a), int(b)) for a, b in zip(ends[:-1], ends[1:], strict=True)]
+
+
+@carries("Split")
+def split(index: GraphIndex, node: onnx.NodeProto, tensor: str, placement: Placement) -> list[Effect]:
+    """Each output gets the units inside its window; the windows are rewritten."""
+    label = index.label(node)
+    rank = index.rank(tensor)
+    if rank is None:
+        return [Pin(f"Split '{label}' input has an unknown rank")]
+    if get_attr(node, "axis", 0) % rank != placement.axis:
+        return [Through(label), Carry(node.input[0], placement), *(Carry(out, placement) for out in node.output if out)]
+    windows = _split_windows(index, node, placement.size)
+    if windows is not None and placement.block > 1:  # sizes are in elements: whole units only
+        if any(a % placement.block or b % placement.block for a, b in windows):
+            windows = None
+        else:
+            windows = [(a // placement.block, b // placement.block) for a, b in windows]
+    if windows is None or len(windows) != len(node.output):
+        return [Pin(f"Split '{label}' has sizes onnxprune cannot read")]
+    effects: list[Effect] = [WindowUpdate(label, tensor, tuple(windows)), Through(label)]
+    for out, (start, stop) in zip(node.output, windows, strict=True):
+        part = placement.window(start, stop)
+        if out and part is not None:
+            effects.append(Carry(out, part))
+    return effects
+
+
+@carries("Slice")
+def slice_(index: GraphIndex, node: onnx.NodeProto, tensor: str, placement: Placement) -> list[Effect]:
+    """A constant window on the unit axis keeps the units inside it; other axes pass through."""
+    label = index.label(node)
+    rank = index.rank(tensor)
+    consts = [index.const(i) if i else None for i in node.input[1:]]
+    if rank is not None and len(consts) > 2 and consts[2] is not None and placement.axis not in [a % rank for a in consts[2].tolist()]:
+        return through(label, tensor, node.output[0], placement)  # cuts other axes only (RoPE halves)
+    if rank is None or len(consts) < 2 or any(c is None for c in consts):
+        return [Pin(f"Slice '{label}' has computed or missing starts/ends")]
+    starts, ends = consts[0].tolist(), consts[1].tolist()
+    axes = consts[2].tolist() if len(consts) > 2 else list(range(len(starts)))
+    steps = consts[3].tolist() if len(consts) > 3 else [1] * len(starts)
+    axes = [a % rank for a in axes]
+    if placement.axis not in axes:
+        return through(label, tensor, node.output[0], placement)
+    k = axes.index(placement.axis)
+    width = placement.width
+    if placement.block > 1:
+        return [Pin(f"Slice '{label}' cuts units of {placement.block} elements")]
+    start, stop = (max(0, min(width, v + width if v < 0 else v)) for v in (starts[k], ends[k]))
+    if steps[k] != 1 or stop <= start:
+        return [Pin(f"Slice '{label}' on the unit axis has a step other than 1 or is empty")]
+    effects: list[Effect] = [WindowUpdate(label, tensor, ((start, stop),)), Through(label)]
+    part = placement.window(start, stop)
+    return effects + ([Carry(node.output[0], part)] if part is not None else [])
+
+
+@carries("Pad")
+def pad(index: GraphIndex, node: onnx.NodeProto, tensor: str, placement: Placement) -> list[Effect]:
+    """Padding other axes keeps the units; padding the unit axis would add units."""
+    label = index.label(node)
+    pads = get_attr(node, "pads")
+    if pads is None and len(node.input) > 1:
+        value = index.const(node.input[1])
+        pads = None if value is None else value.tolist()
+    rank = index.rank(tensor)
+    axes_given = len(node.input) > 3 and node.input[3]
+    if pads is None or rank is None or axes_given or len(pads) != 2 * rank:
+        return [Pin(f"Pad '{label}' has pads onnxprune cannot read")]
+    if pads[placement.axis] or pads[placement.axis + rank]:
+        return [Pin(f"Pad '{label}' pads the units' axis")]
+    return through(label, tensor, node.output[0], placement)

@@ -1,0 +1,143 @@
+"""The analysis's records: spaces of units and every edit a rewrite must make for them.
+
+Every edit is recorded against a tensor: the rewrite removes, from each recorded constant or
+shape, the positions of that tensor whose units were pruned (by any space).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from .placement import Placement
+
+
+@dataclass(frozen=True)
+class ParamSlice:
+    """A constant input whose `axis` is indexed like the unit axis of `tensor`."""
+
+    node: str
+    input_index: int
+    axis: int
+    tensor: str
+
+
+@dataclass(frozen=True)
+class AttrUpdate:
+    """An integer attribute that must equal the kept width of `tensor` (depthwise Conv's group)."""
+
+    node: str
+    attribute: str
+    tensor: str
+
+
+@dataclass(frozen=True)
+class ShapeUpdate:
+    """Entry `position` of a constant shape input is (kept width of `tensor`) x `block`."""
+
+    node: str
+    input_index: int
+    position: int
+    block: int
+    tensor: str
+    via: str = ""  # the Reshape whose target a shared Concat builds: the rewrite gives it its own copy
+
+
+@dataclass(frozen=True)
+class WindowUpdate:
+    """A Split or Slice on the unit axis of `tensor`: its windows [start, stop) shrink by the
+    removed positions inside them."""
+
+    node: str
+    tensor: str
+    windows: tuple[tuple[int, int], ...]
+
+
+@dataclass(frozen=True)
+class CacheIO:
+    """A graph input or output that carries the units (a KV cache): its shape shrinks too."""
+
+    tensor: str
+    is_input: bool
+
+
+CACHE_NAME = re.compile(r"past|present|cache", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class Consumer:
+    """A linear op that reads units at `site` and absorbs the recovery into its weight.
+
+    The weight's `in_axis` holds `block` features per position of the site's unit axis
+    (Flatten of C x H x W into a Gemm: block = H*W).
+    """
+
+    node: str
+    op_type: str
+    weight_index: int
+    in_axis: int
+    out_axis: int
+    site: str
+    block: int = 1
+
+
+@dataclass(frozen=True)
+class Site:
+    """An activation tensor read by consumers; statistics cover its whole unit axis."""
+
+    tensor: str
+    axis: int
+    width: int
+
+
+@dataclass
+class Space:
+    """Units that are pruned together, with everything a rewrite must touch."""
+
+    id: int
+    name: str
+    n: int
+    producers: list[str] = field(default_factory=list)
+    slices: list[ParamSlice] = field(default_factory=list)
+    attrs: list[AttrUpdate] = field(default_factory=list)
+    reshapes: list[ShapeUpdate] = field(default_factory=list)
+    windows: list[WindowUpdate] = field(default_factory=list)
+    cache_io: list[CacheIO] = field(default_factory=list)
+    consumers: list[Consumer] = field(default_factory=list)
+    sites: list[str] = field(default_factory=list)
+    tensors: dict[str, Placement] = field(default_factory=dict)
+    flattened: list[str] = field(default_factory=list)
+    pass_through: list[str] = field(default_factory=list)
+    pinned: list[str] = field(default_factory=list)
+
+    @property
+    def prunable(self) -> bool:
+        return not self.pinned
+
+
+@dataclass
+class Analysis:
+    """All spaces of a model; spaces with a non-empty `pinned` list are never pruned."""
+
+    spaces: list[Space]
+
+    @property
+    def prunable(self) -> list[Space]:
+        return [s for s in self.spaces if s.prunable]
+
+    @property
+    def pinned(self) -> list[Space]:
+        return [s for s in self.spaces if not s.prunable]
+
+    def sites(self) -> list[Site]:
+        """Distinct activation sites of the prunable spaces."""
+        found: dict[str, Site] = {}
+        for space in self.prunable:
+            for tensor in space.sites:
+                placement = space.tensors[tensor]
+                found.setdefault(tensor, Site(tensor, placement.axis, placement.size))
+        return list(found.values())
+
+    def occupancy(self, tensor: str) -> list[tuple[int, int]]:
+        """(space id, units of that space on the tensor) for every prunable space on it."""
+        return [(s.id, s.tensors[tensor].count()) for s in self.prunable if tensor in s.tensors]
