@@ -12,11 +12,12 @@ from pathlib import Path
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from . import __version__
+from . import __version__, tempfiles
 from .api import DEFAULT_TOLERANCE, prune
 from .errors import OnnxPruneError
 from .inspect import inspect_model
-from .load import default_output_path, save_model_atomic
+from .interrupts import interrupted_signal, signals_raise
+from .load import default_output_path, removed_on_failure, save_model_atomic
 from .score import DEFAULT_ORDER, METHODS, ORDERS
 from .shards import Statistics, partial_statistics
 from .sources import ImageOptions
@@ -166,15 +167,20 @@ def run(args: argparse.Namespace) -> int:
         columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
         with Progress(*columns, console=stderr, transient=True) as progress:
             result = prune(args.model, calib, progress=_progress_factory(progress), **options)
-    save_model_atomic(result.model, output)
-    result.report.output = str(output)
-    for path in args.report:
-        if path.lower().endswith(".md"):
-            Path(path).write_text(result.report.markdown())
-        else:
-            result.report.write_json(path)
-    if args.plot:
-        result.report.plot(args.plot)
+    written = save_model_atomic(result.model, output)
+    if Path(args.model).exists() and output.resolve() == Path(args.model).resolve():
+        written = []  # --overwrite: the input is already replaced, removing it would lose both
+    with removed_on_failure(written):  # an interrupted run leaves neither the model nor half its reports
+        result.report.output = str(output)
+        for path in args.report:
+            written.append(Path(path))
+            if path.lower().endswith(".md"):
+                Path(path).write_text(result.report.markdown())
+            else:
+                result.report.write_json(path)
+        if args.plot:
+            written.append(Path(args.plot))
+            result.report.plot(args.plot)
     if not args.quiet:
         result.report.render(Console())
         Console().print(f"wrote {output}")
@@ -252,15 +258,26 @@ def main(argv: list[str] | None = None) -> int:
     build, action = commands.get(command, (build_parser, run))
     args = build().parse_args(argv[1:] if command else argv)
     try:
-        return action(args)
+        with signals_raise():  # SIGINT, SIGTERM and SIGHUP unwind the run and remove its files
+            try:
+                return action(args)
+            finally:
+                tempfiles.remove_all()
     except OnnxPruneError as exc:
         if args.debug:
             traceback.print_exc()
         sys.stderr.write(f"onnxprune: error: {exc}\n")
         return EXIT_USAGE
-    except KeyboardInterrupt:
-        sys.stderr.write("onnxprune: interrupted\n")
-        return 130
+    except KeyboardInterrupt as exc:
+        stopped = interrupted_signal(exc)
+        sys.stderr.write(f"onnxprune: interrupted ({stopped.name})\n")
+        return stopped.exit_code
+    except OSError as exc:  # the environment, not a bug: a file that cannot be read or written
+        if args.debug:
+            traceback.print_exc()
+        named = f"'{exc.filename}': " if exc.filename else ""
+        sys.stderr.write(f"onnxprune: error: {named}{exc.strerror or exc}\n")
+        return EXIT_USAGE
     except Exception as exc:  # noqa: BLE001 - last resort: one line unless --debug
         if args.debug:
             traceback.print_exc()

@@ -5,16 +5,18 @@ from __future__ import annotations
 import ctypes
 import gc
 import os
-import shutil
-import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import onnx
 from google.protobuf.message import DecodeError
 from onnx.external_data_helper import load_external_data_for_tensor, uses_external_data
 
-from .errors import ModelError
+from . import tempfiles
+from .errors import ModelError, ResourceError
 from .graph import copy_model, weightless_skeleton
+from .interrupts import deferred
 from .tensors import anchor, data_bytes, is_on_disk, location
 from .weights import LARGE_MODEL, WeightsFile, model_bytes, offload, with_weights_in_memory, write_weights
 
@@ -119,8 +121,9 @@ def needs_external_data(model: onnx.ModelProto, limit: int | None = None) -> boo
     return model_bytes(model) >= (PROTOBUF_LIMIT if limit is None else limit)
 
 
-def save_model_atomic(model: onnx.ModelProto, path: str | Path, external_limit: int | None = None) -> None:
-    """Write into a private temporary folder next to the target, then rename into place.
+def save_model_atomic(model: onnx.ModelProto, path: str | Path, external_limit: int | None = None) -> list[Path]:
+    """Write into a private temporary folder next to the target, then rename into place; returns
+    the files written.
 
     Models at or over `external_limit` bytes are written with their weights in `<name>.data`
     beside the model (the ONNX external-data format)."""
@@ -132,10 +135,7 @@ def save_model_atomic(model: onnx.ModelProto, path: str | Path, external_limit: 
         raise ModelError(f"output folder '{folder}' is not writable")
     if path.is_dir():
         raise ModelError(f"output '{path}' is a folder, not a file name")
-    try:
-        staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=folder))
-    except OSError as exc:
-        raise ModelError(f"cannot write to output folder '{folder}': {exc.strerror or exc}") from None
+    staging = tempfiles.make_folder(f".{path.name}.onnxprune", parent=folder)  # also sweeps those of killed runs
     model = with_weights_in_memory(model)  # a model of ours whose weights wait in a temporary file
     try:
         staged = staging / path.name
@@ -143,17 +143,41 @@ def save_model_atomic(model: onnx.ModelProto, path: str | Path, external_limit: 
             data_name = f"{path.name}.data"
             small = copy_model(model, skip_graph=("initializer",))
             write_weights(model, small, staging / data_name, data_name)
-            staged.write_bytes(small.SerializeToString())
+            _write_bytes(staged, small.SerializeToString())
             _fsync(staging / data_name)
-            os.replace(staging / data_name, folder / data_name)
-        else:
-            staged.write_bytes(model.SerializeToString())
+            _fsync(staged)
+            with deferred():  # a signal does not leave the weights in place without their model
+                os.replace(staging / data_name, folder / data_name)
+                os.replace(staged, path)
+            return [path, folder / data_name]
+        _write_bytes(staged, model.SerializeToString())
         _fsync(staged)
         os.replace(staged, path)
+        return [path]
     except OSError as exc:
-        raise ModelError(f"cannot write '{path}': {exc.strerror or exc}") from None
+        raise ResourceError(f"cannot write '{path}': {exc.strerror or exc}") from None
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        tempfiles.remove(staging)
+
+
+@contextmanager
+def removed_on_failure(paths: list[Path]) -> Iterator[list[Path]]:
+    """The outputs in `paths` (a list the block may extend) are removed if the block raises or is
+    interrupted: a run that does not finish leaves no partial output."""
+    try:
+        yield paths
+    except BaseException:
+        for path in paths:
+            try:
+                path.unlink(missing_ok=True)
+            except OSError:
+                pass
+        raise
+
+
+def _write_bytes(path: Path, data: bytes) -> None:
+    with open(path, "wb") as handle:
+        handle.write(data)
 
 
 def _glibc():

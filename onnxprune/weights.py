@@ -9,8 +9,6 @@ actually edits are read, and onnxruntime maps the files instead of copying a ser
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -19,7 +17,8 @@ from pathlib import Path
 import onnx
 from onnx import numpy_helper
 
-from .errors import ModelError
+from . import tempfiles
+from .errors import ResourceError
 from .graph import copy_model
 from .tensors import data_bytes, in_memory, is_on_disk, location
 
@@ -47,13 +46,14 @@ def has_weights_on_disk(model: onnx.ModelProto) -> bool:
 
 
 class WeightsFile:
-    """A private temporary folder with a model's large tensors; removed by `close` or when the
-    object is garbage-collected."""
+    """A private temporary folder with a model's large tensors; removed by `close`, when the
+    object is garbage-collected, on any exit of the CLI, or after a SIGKILL by the next run
+    (`tempfiles`: the folder names its owner)."""
 
     def __init__(self) -> None:
-        self.folder = Path(tempfile.mkdtemp(prefix="onnxprune-weights-"))
+        self.folder = tempfiles.make_folder("onnxprune-weights")
         self.path = self.folder / "weights.bin"
-        self._cleanup = weakref.finalize(self, shutil.rmtree, self.folder, True)
+        self._cleanup = weakref.finalize(self, tempfiles.remove, self.folder)
 
     def close(self) -> None:
         self._cleanup()
@@ -91,7 +91,7 @@ def _write_temporary(model: onnx.ModelProto, small: onnx.ModelProto, path: Path,
     try:
         write_weights(model, small, path, location)
     except OSError as exc:
-        raise ModelError(f"cannot write the temporary weights file '{path}': {exc.strerror or exc} "
+        raise ResourceError(f"cannot write the temporary weights file '{path}': {exc.strerror or exc} "
                          "(set TMPDIR to a folder with room for the model)") from None
 
 
@@ -129,9 +129,12 @@ def session_files(model: onnx.ModelProto, drop_outputs: bool = False) -> Iterato
                 small.graph.initializer.append(tensor)
         yield folder, small
         return
-    with tempfile.TemporaryDirectory(prefix="onnxprune-") as temporary:
-        _write_temporary(model, small, Path(temporary) / "weights.bin", "weights.bin")
-        yield Path(temporary), small
+    temporary = tempfiles.make_folder("onnxprune-session")
+    try:
+        _write_temporary(model, small, temporary / "weights.bin", "weights.bin")
+        yield temporary, small
+    finally:
+        tempfiles.remove(temporary)
 
 
 def with_weights_in_memory(model: onnx.ModelProto) -> onnx.ModelProto:
