@@ -11,8 +11,8 @@ from rich.table import Table
 
 from .analyse import analyse
 from .cost import build_cost_model, count_params
-from .data import input_specs
 from .graph import GraphIndex, static_shapes
+from .inputs import input_specs
 from .load import load_model
 
 
