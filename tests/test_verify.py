@@ -1,0 +1,81 @@
+"""Verification's optimisation check (issue 14): the pruned model's output with onnxruntime's
+graph optimisations on and off is compared with the original's own on/off difference on the same
+samples, so a model that is itself optimisation-sensitive or has tiny outputs is accepted, while a
+rewrite whose result depends on the optimisations is still refused."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import helper
+
+import onnxprune
+from builders import GraphBuilder, run
+from onnxprune.data import CalibrationData
+from onnxprune.verify import verify
+
+RNG = np.random.default_rng(11)
+
+
+def normal(*shape, scale=0.5):
+    return (RNG.normal(size=shape) * scale).astype(np.float32)
+
+
+def cancelling_model() -> onnx.ModelProto:
+    """conv_a (unit 5 a planted copy of unit 1, BN included) -> conv_b -> GAP, read by two Gemms
+    whose weights differ by 1e-6: the output is their difference, ~1e-5, so the float32 rounding of
+    the ~1 intermediate values (which onnxruntime's fused kernels change) is a tenth of it."""
+    g = GraphBuilder([1, 3, 8, 8])
+    wa, ba = normal(8, 3, 3, 3), normal(8)
+    gamma, beta, mean, var = 1 + normal(8, scale=0.1), normal(8), normal(8), 1 + np.abs(normal(8))
+    for p in (wa, ba, gamma, beta, mean, var):
+        p[5] = p[1]
+    h = g.op("Relu", [g.bn(g.conv("x", wa, ba, name="conv_a", pads=[1, 1, 1, 1]), gamma, beta, mean, var)])
+    c = g.op("Relu", [g.conv(h, normal(16, 8, 3, 3), normal(16), name="conv_b", pads=[1, 1, 1, 1])])
+    f = g.op("Flatten", [g.op("GlobalAveragePool", [c])])
+    w = normal(16, 4)
+    y = g.op("Sub", [g.gemm(f, w, name="fc1"), g.gemm(f, w + normal(16, 4, scale=1e-6), name="fc2")])
+    return g.build(y, ["N", 4])
+
+
+def test_a_model_sensitive_to_optimisations_with_tiny_outputs_is_accepted():
+    model = cancelling_model()
+    x = RNG.normal(size=(96, 3, 8, 8)).astype(np.float32)
+    on, off = run(model, x[:8]), run(model, x[:8], optimize=False)
+    scale, difference = np.abs(on).max(), np.abs(on - off).max()
+    assert scale < 1e-4 and difference > 1e-2 * scale, "the original itself changes with the optimisations, relative to its outputs"
+    pruned, report = onnxprune.prune(model, {"x": x}, tolerance=1e-6)
+    row = next(r for r in report.spaces if r.name == "conv_a")
+    assert (row.kept, row.units) == (7, 8)
+    onnx.checker.check_model(pruned, full_check=True)
+
+
+def with_training_dropout(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A deliberately broken rewrite: Dropout in training mode before the output, so the result
+    changes from one run to the next (and between optimised and unoptimised sessions)."""
+    broken = onnx.ModelProto()
+    broken.CopyFrom(model)
+    graph = broken.graph
+    out = graph.output[0].name
+    graph.node[-1].output[0] = "before_dropout"
+    graph.initializer.extend([onnx.numpy_helper.from_array(np.array(0.5, np.float32), "drop_ratio"),
+                              onnx.numpy_helper.from_array(np.array(True), "drop_training")])
+    graph.node.append(helper.make_node("Dropout", ["before_dropout", "drop_ratio", "drop_training"], [out], name="broken_dropout"))
+    onnx.checker.check_model(broken, full_check=True)
+    return broken
+
+
+def small_cnn() -> onnx.ModelProto:
+    g = GraphBuilder([1, 3, 6, 6])
+    a = g.op("Relu", [g.conv("x", normal(6, 3, 3, 3), normal(6), name="conv_a", pads=[1, 1, 1, 1])])
+    f = g.op("Flatten", [g.op("GlobalAveragePool", [a])])
+    return g.build(g.gemm(f, normal(6, 3), normal(3), name="fc"), ["N", 3])
+
+
+def test_a_rewrite_whose_output_depends_on_the_optimisations_is_refused():
+    model = small_cnn()
+    data = CalibrationData({"x": RNG.normal(size=(16, 3, 6, 6)).astype(np.float32)})
+    verify(model, model, data, batch_size=8)  # the unchanged model passes
+    with pytest.raises(onnxprune.ModelError, match="differs with onnxruntime optimisations on and off"):
+        verify(model, with_training_dropout(model), data, batch_size=8)
