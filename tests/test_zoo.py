@@ -70,8 +70,14 @@ def test_both_exporters_find_the_same_prunable_units(stem):
         assert units["ts"] == units["dynamo"]
 
 
-def test_grouped_convolutions_are_pinned_not_pruned_wrongly():
-    report = onnxprune.inspect_model(ZOO / "resnexts.ts.onnx")
-    reasons = [r for s in report.spaces for r in s.pinned]
-    assert any("grouped Conv" in r for r in reasons)
+@pytest.mark.parametrize("exporter", ["ts", "dynamo"])
+def test_grouped_convolutions_prune_in_whole_groups(exporter):
+    """Issue 14: no grouped Conv of the ResNeXt is pinned; each is a pass-through of a prunable space."""
+    path = ZOO / f"resnexts.{exporter}.onnx"
+    report = onnxprune.inspect_model(path)
+    assert not any("grouped Conv" in r for s in report.spaces for r in s.pinned)
+    grouped = [n.name for n in onnx.load(path).graph.node if n.op_type == "Conv" and any(a.name == "group" and a.i > 1 for a in n.attribute)]
+    assert len(grouped) == 4
+    for name in grouped:
+        assert any(name in s.pass_through and not s.pinned for s in report.spaces), name
     assert MANIFEST  # the manifest documents the zoo

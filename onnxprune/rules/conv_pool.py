@@ -9,7 +9,7 @@ from ..graph import GraphIndex, get_attr
 from ..ops import CHANNEL_WISE
 from ..placement import Placement
 from ..spaces import AttrUpdate, Consumer, ParamSlice, ShapeUpdate
-from .registry import Effect, Pin, Produced, carries, consumes, produces, read_by, slice_param, through
+from .registry import Coarsen, Effect, Pin, Produced, carries, consumes, produces, read_by, slice_param, through
 
 
 def _conv_output(index: GraphIndex, node: onnx.NodeProto) -> Produced | None:
@@ -56,10 +56,11 @@ def is_depthwise(index: GraphIndex, node: onnx.NodeProto) -> bool:
 
 @carries("Conv")
 def grouped_conv(index: GraphIndex, node: onnx.NodeProto, tensor: str, placement: Placement) -> list[Effect]:
-    """Depthwise Conv acts on each channel alone (slice its weight, update `group`)."""
+    """Depthwise Conv acts on each channel alone (slice its weight, update `group`); another
+    grouped Conv carries whole groups (see `_whole_groups`)."""
     label = index.label(node)
     if not is_depthwise(index, node):
-        return [Pin(f"grouped Conv '{label}' (group={get_attr(node, 'group', 1)}) couples units in blocks")]
+        return _whole_groups(index, node, tensor, placement)
     if placement.axis != 1:
         return [Pin(f"depthwise Conv '{label}' acts on axis 1, the units are on axis {placement.axis}")]
     effects = slice_param(index, node, 1, 0, node.input[0], placement)
@@ -69,17 +70,49 @@ def grouped_conv(index: GraphIndex, node: onnx.NodeProto, tensor: str, placement
     return effects + through(label, node.input[0], node.output[0], placement)
 
 
+def _whole_groups(index: GraphIndex, node: onnx.NodeProto, tensor: str, placement: Placement) -> list[Effect]:
+    """A grouped (non-depthwise) Conv mixes the channels inside each group, so a unit is a whole
+    group: its input channels (block Cin/G) and output channels (block Cout/G) go together, the
+    weight loses the group's rows and `group` counts the kept groups. Finer units are regrown."""
+    label, group = index.label(node), get_attr(node, "group", 1)
+    where = f"grouped Conv '{label}' (group={group})"
+    if group == 1 or len(node.input) < 2 or not index.is_constant(node.input[1]):
+        return [Pin(f"{where} couples units in blocks")]
+    dims = index.const_dims(node.input[1])
+    if placement.axis != 1 or dims[0] % group:
+        return [Pin(f"{where} reads the units on axis {placement.axis}, not the channel axis")]
+    per_in, per_out = int(dims[1]), int(dims[0]) // group
+    from_input = tensor == node.input[0]
+    per_group = per_in if from_input else per_out
+    if placement.block < per_group:
+        factor = per_group // placement.block
+        aligned = per_group % placement.block == 0 and all(
+            s.offset % factor == 0 and s.lo % factor == 0 and (s.hi - s.lo) % factor == 0 for s in placement.segments)
+        return [Coarsen(factor, where) if aligned else Pin(f"{where} splits these units across its groups")]
+    if placement.block > per_group:
+        return [Pin(f"{where}: a unit spans several of its groups")]
+    in_placement = placement if from_input else placement.moved(1, block=per_in, width=placement.width)
+    out_placement = placement.moved(1, block=per_out, width=placement.width) if from_input else placement
+    effects: list[Effect] = [ParamSlice(label, 1, 0, node.output[0])]
+    if len(node.input) > 2 and node.input[2]:
+        bias = index.const(node.input[2])
+        if bias is None or bias.shape != (dims[0],):
+            return [Pin(f"{where} has a bias that is not a constant per output channel")]
+        effects.append(ParamSlice(label, 2, 0, node.output[0]))
+    effects.append(AttrUpdate(label, "group", node.input[0]))
+    return effects + through(label, node.input[0], node.output[0], in_placement, out_placement)
+
+
 def per_channel(index: GraphIndex, node: onnx.NodeProto, placement: Placement, param_slots: tuple[int, ...] = ()) -> list[Effect]:
-    """An op acting on each channel of an NCHW tensor separately; `param_slots` are indexed by channel."""
+    """An op acting on each channel of an NCHW tensor separately; `param_slots` are indexed by
+    channel (a unit may hold several channels: a group of a grouped Conv)."""
     op, label = node.op_type, index.label(node)
-    if placement.block > 1:
-        return [Pin(f"{op} '{label}' acts per channel on units of {placement.block} elements")]
     if placement.axis != 1:
         return [Pin(f"{op} '{label}' acts on axis 1, the units are on axis {placement.axis}")]
     effects: list[Effect] = []
     for slot in param_slots:
         if slot < len(node.input) and node.input[slot]:
-            effects += slice_param(index, node, slot, 0, node.input[0], placement)
+            effects += slice_param(index, node, slot, 0, node.input[0], placement, per_element=True)
     return effects + through(label, node.input[0], node.output[0], placement)
 
 

@@ -124,13 +124,16 @@ def through(label: str, inp: str, out: str, placement: Placement, out_placement:
     return [Through(label), Carry(inp, placement), Carry(out, out_placement or placement)]
 
 
-def slice_param(index: GraphIndex, node: onnx.NodeProto, slot: int, param_axis: int, tensor: str, placement: Placement) -> list[Effect]:
-    """A constant input indexed by unit on `param_axis` (a BatchNorm scale, a depthwise weight)."""
+def slice_param(index: GraphIndex, node: onnx.NodeProto, slot: int, param_axis: int, tensor: str, placement: Placement,
+                per_element: bool = False) -> list[Effect]:
+    """A constant input indexed by unit slot on `param_axis` (a depthwise weight), or by element
+    of the unit axis with `per_element` (a BatchNorm scale, also for units of several channels)."""
     label = index.label(node)
     value = index.const(node.input[slot])
+    expected = placement.size if per_element else placement.width
     if value is None:
         return [Pin(f"{node.op_type} '{label}' input '{node.input[slot]}' is not a constant")]
-    if value.ndim <= param_axis or value.shape[param_axis] != placement.width:
+    if value.ndim <= param_axis or value.shape[param_axis] != expected:
         return [Pin(f"{node.op_type} '{label}' parameter '{node.input[slot]}' is not per-unit")]
     return [ParamSlice(label, slot, param_axis, tensor)]
 

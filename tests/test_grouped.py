@@ -1,0 +1,92 @@
+"""Grouped (non-depthwise) convolutions (issue 14): a unit is a whole group, carried from the
+group's input channels to its output channels; the weight loses the group's rows and `group`
+counts the kept groups. A planted duplicate group is removed without changing the output."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+
+import onnxprune
+from builders import GraphBuilder, initializer, relative_l2, run
+from onnxprune.analyse import analyse
+
+RNG = np.random.default_rng(5)
+GROUPS, PER_IN, PER_OUT = 4, 3, 2
+
+
+def normal(*shape, scale=0.5):
+    return (RNG.normal(size=shape) * scale).astype(np.float32)
+
+
+def bn_params(n: int):
+    return [1 + normal(n, scale=0.1), 0.5 + normal(n, scale=0.1), normal(n, scale=0.1), 1 + np.abs(normal(n, scale=0.1))]
+
+
+def copy_group(arrays, per: int, source: int, target: int) -> None:
+    for a in arrays:
+        a[target * per:(target + 1) * per] = a[source * per:(source + 1) * per]
+
+
+def resnext_block(duplicate: bool = True) -> onnx.ModelProto:
+    """conv1 -> BN -> ReLU -> grouped 3x3 conv (4 groups, 3 -> 2 channels each) -> BN -> ReLU ->
+    conv3 -> GAP -> Gemm. With `duplicate`, group 3 is an exact copy of group 1 on both sides."""
+    g = GraphBuilder([1, 3, 8, 8])
+    w1, b1, bn1 = normal(GROUPS * PER_IN, 3, 1, 1), normal(GROUPS * PER_IN), bn_params(GROUPS * PER_IN)
+    wg, bg, bn2 = normal(GROUPS * PER_OUT, PER_IN, 3, 3), normal(GROUPS * PER_OUT), bn_params(GROUPS * PER_OUT)
+    if duplicate:
+        copy_group([w1, b1, *bn1], PER_IN, 1, 3)
+        copy_group([wg, bg, *bn2], PER_OUT, 1, 3)
+    h = g.op("Relu", [g.bn(g.conv("x", w1, b1, name="conv1"), *bn1)])
+    h = g.op("Relu", [g.bn(g.conv(h, wg, bg, name="grouped", group=GROUPS, pads=[1, 1, 1, 1]), *bn2)])
+    c = g.op("Relu", [g.conv(h, normal(5, GROUPS * PER_OUT, 1, 1), 1 + normal(5), name="conv3")])
+    f = g.op("Flatten", [g.op("GlobalAveragePool", [c])])
+    return g.build(g.gemm(f, normal(5, 3), normal(3), name="fc"), ["N", 3])
+
+
+def test_a_grouped_conv_joins_its_input_and_output_channels_in_whole_groups():
+    space = next(s for s in analyse(resnext_block()).spaces if s.name == "conv1")
+    assert not space.pinned and space.n == GROUPS
+    grouped = next(n for n in resnext_block().graph.node if n.name == "grouped")
+    assert (space.tensors[grouped.input[0]].block, space.tensors[grouped.output[0]].block) == (PER_IN, PER_OUT)
+    assert [c.node for c in space.consumers] == ["conv3"]
+
+
+def test_a_planted_duplicate_group_is_removed_exactly():
+    model = resnext_block()
+    x = RNG.normal(size=(128, 3, 8, 8)).astype(np.float32)
+    pruned, report = onnxprune.prune(model, {"x": x}, tolerance=1e-6)
+    onnx.checker.check_model(pruned, full_check=True)
+    row = next(r for r in report.spaces if r.name == "conv1")
+    assert (row.kept, row.units) == (GROUPS - 1, GROUPS)
+    grouped = next(n for n in pruned.graph.node if n.name == "grouped")
+    assert onnx.helper.get_attribute_value(next(a for a in grouped.attribute if a.name == "group")) == GROUPS - 1
+    assert initializer(pruned, "grouped", 1).shape == ((GROUPS - 1) * PER_OUT, PER_IN, 3, 3)
+    assert initializer(pruned, "conv1", 1).shape[0] == (GROUPS - 1) * PER_IN
+    fresh = RNG.normal(size=(8, 3, 8, 8)).astype(np.float32)
+    assert relative_l2(run(model, fresh), run(pruned, fresh)) < 1e-4
+
+
+def residual_into_grouped() -> onnx.ModelProto:
+    """skip = conv_b(x), listed first, is added to the grouped conv's output: its space reaches
+    the grouped conv from the output side and must regrow in whole groups."""
+    g = GraphBuilder([1, 3, 6, 6])
+    skip = g.conv("x", normal(GROUPS * PER_OUT, 3, 1, 1), normal(GROUPS * PER_OUT), name="conv_b")
+    h = g.op("Relu", [g.conv("x", normal(GROUPS * PER_IN, 3, 3, 3), normal(GROUPS * PER_IN), name="conv_a", pads=[1, 1, 1, 1])])
+    y = g.op("Relu", [g.op("Add", [g.conv(h, normal(GROUPS * PER_OUT, PER_IN, 3, 3), normal(GROUPS * PER_OUT), name="grouped",
+                                          group=GROUPS, pads=[1, 1, 1, 1]), skip])])
+    f = g.op("Flatten", [g.op("GlobalAveragePool", [g.op("Relu", [g.conv(y, normal(4, GROUPS * PER_OUT, 1, 1), normal(4), name="conv3")])])])
+    return g.build(g.gemm(f, normal(4, 2), normal(2), name="fc"), ["N", 2])
+
+
+def test_a_grouped_conv_reached_from_its_output_couples_the_residual_in_groups():
+    model = residual_into_grouped()
+    space = next(s for s in analyse(model).spaces if s.name == "conv_b")
+    assert not space.pinned and space.n == GROUPS and set(space.producers) == {"conv_b", "conv_a"}
+    x = RNG.normal(size=(64, 3, 6, 6)).astype(np.float32)
+    pruned, report = onnxprune.prune(model, {"x": x}, ratio=0.5)
+    grouped = next(n for n in pruned.graph.node if n.name == "grouped")
+    kept = onnx.helper.get_attribute_value(next(a for a in grouped.attribute if a.name == "group"))
+    assert kept < GROUPS and initializer(pruned, "grouped", 1).shape == (kept * PER_OUT, PER_IN, 3, 3)
+    assert initializer(pruned, "conv_b", 1).shape[0] == kept * PER_OUT
+    assert run(pruned, x[:4]).shape == (4, 2)
