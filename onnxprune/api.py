@@ -103,6 +103,7 @@ def prune(
     latency_batch: int = 1,
     latency_threads: int = 0,
     sequential: bool = False,
+    shrinkage: float | str = "auto",
 ) -> PruneResult:
     """Prune `model` with calibration data `calib`; returns the pruned ModelProto and a report.
 
@@ -119,7 +120,8 @@ def prune(
     the rewritten model at every step of a search over the threshold.
     `sequential`: refit every site's recovery on the model as already pruned upstream, against
     the original's activations, with the shrinkage toward the one-shot fit chosen per site on
-    the held-out samples (DESIGN §2); the keep sets are the one-shot plan's.
+    the held-out samples (DESIGN §2; `shrinkage` a number fixes it: 0 is the plain cross-moment
+    least squares, inf the one-shot fit re-centred); the keep sets are the one-shot plan's.
     Models of 64 MiB and more keep their weights on disk (their external-data files, or one
     temporary file) and fix glibc's mmap threshold for the process (`load.map_large_allocations`).
     """
@@ -130,6 +132,7 @@ def prune(
     if batch_size < 1:
         raise TargetError(f"--batch-size must be >= 1, got {batch_size}")
     target = resolve_target(ratio, flops, params, tolerance, latency)
+    fixed_shrinkage = resolve_shrinkage(shrinkage)
     if latency_batch < 1:
         raise TargetError(f"--latency-batch must be >= 1, got {latency_batch}")
     progress = progress or _no_progress
@@ -179,7 +182,7 @@ def prune(
             return pruned if pruned is not None else build(plan)
         pruned = None
         one_shot = fit_recoveries(analysis, plan, stats, RECOVERY[method])
-        sequential_result = fit_sequentially(prepared, plan, stats, RECOVERY[method], one_shot, progress)
+        sequential_result = fit_sequentially(prepared, plan, stats, RECOVERY[method], one_shot, progress, fixed_shrinkage)
         return rewrite(original, analysis, plan, sequential_result.recoveries, index.constants)
 
     latency_result = None
@@ -360,8 +363,21 @@ def fit_recoveries(analysis: Analysis, plan: Plan, stats: dict[str, SiteStats], 
     return recoveries
 
 
+def resolve_shrinkage(shrinkage: float | str) -> float | None:
+    """None for "auto" (chosen per site on held-out samples), else a fixed non-negative number."""
+    if shrinkage == "auto":
+        return None
+    try:
+        value = float(shrinkage)
+    except (TypeError, ValueError):
+        value = -1.0
+    if not value >= 0:
+        raise TargetError(f"--shrinkage must be 'auto' or a number >= 0, got {shrinkage!r}")
+    return value
+
+
 def fit_sequentially(prepared: Prepared, plan: Plan, stats: dict[str, SiteStats], kind: str, one_shot: dict[tuple[int, str], Recovery],
-                     progress: ProgressFactory | None = None) -> SequentialResult:
+                     progress: ProgressFactory | None = None, shrinkage: float | None = None) -> SequentialResult:
     """The sequential refit of every site of `plan` over the calibration batches, the shrinkage
     chosen on the verification batches."""
     size = prepared.batch_size
@@ -373,7 +389,7 @@ def fit_sequentially(prepared: Prepared, plan: Plan, stats: dict[str, SiteStats]
 
     count = -(-prepared.calib_data.n_samples // size) + -(-prepared.verify_data.n_samples // size)
     return sequential_recoveries(prepared.original, prepared.analysis, plan, stats, prepared.index, prepared.shapes, prepared.strides,
-                                 batches, count, kind, one_shot, progress)
+                                 batches, count, kind, one_shot, progress, shrinkage)
 
 
 def _io_shapes(model: onnx.ModelProto, changes: dict) -> dict[str, list]:

@@ -22,6 +22,7 @@ from .score import DEFAULT_ORDER, METHODS, ORDERS
 from .shards import Statistics, partial_statistics
 from .sources import ImageOptions
 
+SEQUENTIAL_DEFAULT = False
 EXIT_USAGE = 2
 EXIT_INTERNAL = 1
 
@@ -50,6 +51,18 @@ def _stride(text: str) -> int | str:
         value = 0
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected 'auto' or a positive integer, got '{text}'")
+    return value
+
+
+def _shrinkage(text: str) -> float | str:
+    if text == "auto":
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"expected 'auto' or a number >= 0, got '{text}'")
     return value
 
 
@@ -115,6 +128,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--spatial-stride", type=_stride, default="auto", metavar="auto|S",
                         help="sample every S-th row and column of conv feature maps for the statistics (default auto: only "
                         "where their Gram matrices would cost more than a quarter of the model's MACs; 1 = every position)")
+    recovery = parser.add_argument_group("recovery fit")
+    modes = recovery.add_mutually_exclusive_group()
+    modes.add_argument("--sequential", dest="sequential", action="store_true", default=SEQUENTIAL_DEFAULT,
+                       help="refit each layer's least squares on the model as already pruned upstream, against the original "
+                       "model's activations, segment by segment (default: errors of earlier layers are corrected instead of "
+                       "compounding with depth; docs/benchmark.md measures it on every benchmark model)")
+    modes.add_argument("--one-shot", dest="sequential", action="store_false",
+                       help="fit every layer on the unpruned model's activations only (faster: one calibration pass)")
+    recovery.add_argument("--shrinkage", type=_shrinkage, default="auto", metavar="auto|L",
+                          help="with --sequential: shrinkage of each layer's fit toward the one-shot fit (default auto: chosen per "
+                          "layer on the held-out verification samples; 0 = plain least squares)")
     shards = parser.add_argument_group("sharded calibration (statistics are additive)")
     shards.add_argument("--stats", nargs="+", metavar="NPZ", help="use statistics saved by `onnxprune stats` (merged) instead of calibrating; --calib still gives the verification samples")
     shards.add_argument("--workers", type=int, default=1, metavar="N", help="calibrate N shards in parallel local processes")
@@ -153,6 +177,7 @@ def run(args: argparse.Namespace) -> int:
         method=args.method, order=args.order, round_to=args.round_to, min_keep=args.min_keep,
         exclude=args.exclude, batch_size=args.batch_size, verify_samples=args.verify_samples, seed=args.seed,
         calib_samples=args.calib_samples, workers=args.workers, scheduler=args.scheduler, spatial_stride=args.spatial_stride,
+        sequential=args.sequential, shrinkage=args.shrinkage,
         statistics=Statistics.merge_all([Statistics.load(p) for p in args.stats]) if args.stats else None,
         image_options=ImageOptions(size=args.input_size, mean=args.mean, std=args.std, layout=args.layout, scale=args.scale),
     )

@@ -86,11 +86,12 @@ def heldout_error(u: np.ndarray, c: np.ndarray, held: CrossMoments, metric: np.n
 
 
 def fit_sequential(cal: CrossMoments, keep: np.ndarray, prune: np.ndarray, one_shot: Recovery | None,
-                   held: CrossMoments | None = None, metric: np.ndarray | None = None, kind: str = "lsq") -> tuple[Recovery, SequentialFit]:
+                   held: CrossMoments | None = None, metric: np.ndarray | None = None, kind: str = "lsq",
+                   shrinkage: float | None = None) -> tuple[Recovery, SequentialFit]:
     """x_o ~= U^T x~_K + c from the pruned model's kept units to the original's units at one site
     (moments restricted to this space's columns: k kept on the pruned side, K then P on the
     original's), U = (S~ + l s I)^-1 (S~o + l s U1), shrunk toward the one-shot U1 by l, chosen
-    on held-out moments when given (DESIGN §2, sequential recovery). `kind` "mean" only
+    on held-out moments when given, unless `shrinkage` fixes it (DESIGN §2, sequential recovery). `kind` "mean" only
     re-centres (FLAP's compensation with the pruned model's means)."""
     k = len(keep)
     u1 = one_shot_map(one_shot if kind == "lsq" else None, k, len(prune))
@@ -102,7 +103,10 @@ def fit_sequential(cal: CrossMoments, keep: np.ndarray, prune: np.ndarray, one_s
         values, vectors = np.linalg.eigh((s_pp + s_pp.T) / 2)
         values = np.maximum(values, 0) + RIDGE * scale
         rotated_target, rotated_prior = vectors.T @ cal.cov_po, vectors.T @ u1
-        lambdas = SHRINKAGE if held is not None and metric is not None else (DEFAULT_SHRINKAGE,)
+        if shrinkage is not None:
+            lambdas: tuple[float, ...] = (shrinkage,)
+        else:
+            lambdas = SHRINKAGE if held is not None and metric is not None else (DEFAULT_SHRINKAGE,)
         candidates = {}
         for lam in lambdas:
             if np.isinf(lam):
@@ -110,16 +114,16 @@ def fit_sequential(cal: CrossMoments, keep: np.ndarray, prune: np.ndarray, one_s
             else:  # one eigendecomposition serves every shrinkage
                 candidates[lam] = vectors @ ((rotated_target + lam * scale * rotated_prior) / (values + lam * scale)[:, None])
     offsets = {lam: cal.mean_o - u.T @ cal.mean_p for lam, u in candidates.items()}
+    c1 = np.concatenate([np.zeros(k), one_shot.offset if one_shot is not None else cal.mean_o[k:]])
+    if kind == "lsq" and np.inf in candidates:  # infinite shrinkage is the one-shot fold as it is
+        offsets[np.inf] = c1
     errors = {}
     if held is not None and metric is not None and held.count:
         errors = {lam: heldout_error(u, offsets[lam], held, metric) for lam, u in candidates.items()}
-        chosen = min(errors, key=lambda lam: (errors[lam], -lam))  # ties: the stronger shrinkage
-    else:
-        chosen = next(iter(candidates))
+    chosen = min(candidates, key=lambda lam: (errors.get(lam, 0.0), -lam))  # ties: the stronger shrinkage
     u, c = candidates[chosen], offsets[chosen]
     recovery = Recovery(u[:, k:].T, c[k:], keep, prune, kept_weights=u[:, :k].T, kept_offset=c[:k])
     one_shot_error = None
     if errors:  # the one-shot fold as it is: U1 with its own offsets (0 on K, b0 on P)
-        c1 = np.concatenate([np.zeros(k), one_shot.offset if one_shot is not None and kind == "lsq" else cal.mean_o[k:]])
-        one_shot_error = heldout_error(u1, c1, held, metric)
+        one_shot_error = errors[np.inf] if kind == "lsq" and np.inf in errors else heldout_error(u1, c1, held, metric)
     return recovery, SequentialFit(float(chosen), one_shot_error, errors.get(chosen))

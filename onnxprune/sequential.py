@@ -52,7 +52,7 @@ class SequentialResult:
         rows = []
         for (space, site), fit in self.fits.items():
             ratio = fit.error / fit.error_one_shot if fit.error is not None and fit.error_one_shot else None
-            rows.append({"space": space, "site": site, "shrinkage": fit.shrinkage,
+            rows.append({"space": space, "site": site, "shrinkage": "inf" if np.isinf(fit.shrinkage) else fit.shrinkage,
                          "heldout_error_vs_one_shot": None if ratio is None else round(ratio, 4)})
         ratios = [r["heldout_error_vs_one_shot"] for r in rows if r["heldout_error_vs_one_shot"] is not None]
         return {"segments": self.segments, "sites": rows,
@@ -94,12 +94,13 @@ class BoundaryCache:
             self.folder.cleanup()
 
 
-def site_rows(array: np.ndarray, axis: int, stride: int = 1) -> np.ndarray:
-    """Rows x units of an activation (unit axis last), sampled like the calibration (stride on
-    the spatial dims of channels-first maps)."""
+def site_matrix(array: np.ndarray, axis: int, stride: int = 1) -> np.ndarray:
+    """Units x rows (a contiguous float32 copy) of an activation, sampled like the calibration
+    (stride on the spatial dims of channels-first maps)."""
     if stride > 1 and axis == 1 and array.ndim >= 3:
         array = array[(slice(None), slice(None), *[slice(None, None, stride)] * (array.ndim - 2))]
-    return np.moveaxis(array, axis, -1).reshape(-1, array.shape[axis])
+    matrix = np.moveaxis(array, axis, 0).reshape(array.shape[axis], -1)
+    return np.array(matrix, dtype=np.float32, order="C", copy=True)
 
 
 def removed_elements(analysis: Analysis, plan: Plan) -> dict[str, np.ndarray]:
@@ -148,7 +149,8 @@ class SequentialFitter:
 
     def __init__(self, original: onnx.ModelProto, analysis: Analysis, plan: Plan, stats: dict[str, SiteStats],
                  index: GraphIndex, shapes: dict, strides: dict[str, int], kind: str = "lsq",
-                 one_shot: dict[tuple[int, str], Recovery] | None = None):
+                 one_shot: dict[tuple[int, str], Recovery] | None = None, shrinkage: float | None = None):
+        self.shrinkage = shrinkage
         self.original, self.analysis, self.plan, self.stats = original, analysis, plan, stats
         self.index, self.strides, self.kind = index, strides, kind
         self.one_shot = one_shot or {}
@@ -199,9 +201,9 @@ class SequentialFitter:
             out_p = dict(zip(pruned_outputs, session_p.run(None, self._feeds(inputs_p, batch, cache_p.values[i], True)), strict=True))
             for tensor in segment.sites:
                 axis, stride = self._axis(tensor), self.strides.get(tensor, 1)
-                rows_p, rows_o = site_rows(out_p[tensor], axis, stride), site_rows(out_o[tensor], axis, stride)
-                accumulators[tensor][int(heldout)].add_rows(rows_p, rows_o)
-                changed[tensor] = changed[tensor] or rows_p.shape != rows_o.shape or not np.array_equal(rows_p, rows_o)
+                cols_p, cols_o = site_matrix(out_p[tensor], axis, stride), site_matrix(out_o[tensor], axis, stride)
+                changed[tensor] = changed[tensor] or cols_p.shape != cols_o.shape or not np.array_equal(cols_p, cols_o)
+                accumulators[tensor][int(heldout)].add_columns(cols_p, cols_o)
             for name in new_boundary:
                 cache_o.put(i, name, out_o[name])
             if not refit_boundary:
@@ -257,7 +259,7 @@ class SequentialFitter:
             space_held = None if held is None else held.restrict(columns.pruned_keep, original_columns)
             metric = consumer_metric(space, tensor, self.index, original_columns)
             recovery, fit = fit_sequential(space_cal, columns.keep, columns.prune, self.one_shot.get((space.id, tensor)),
-                                           space_held, metric, self.kind)
+                                           space_held, metric, self.kind, self.shrinkage)
             self.result.recoveries[(space.id, tensor)] = recovery
             self.result.fits[(space.name, tensor)] = fit
 
@@ -265,10 +267,11 @@ class SequentialFitter:
 def sequential_recoveries(original: onnx.ModelProto, analysis: Analysis, plan: Plan, stats: dict[str, SiteStats], index: GraphIndex,
                           shapes: dict, strides: dict[str, int], batches: Callable[[], Iterable[tuple[dict[str, np.ndarray], bool]]],
                           count: int, kind: str = "lsq", one_shot: dict[tuple[int, str], Recovery] | None = None,
-                          progress: Callable[[str, int], Callable[[int], None]] | None = None) -> SequentialResult:
+                          progress: Callable[[str, int], Callable[[int], None]] | None = None,
+                          shrinkage: float | None = None) -> SequentialResult:
     """Refit every site of the plan on the model pruned upstream: `batches()` yields the `count`
     batches as (inputs, held out); the shrinkage toward the one-shot fit is chosen on the
-    held-out ones."""
-    fitter = SequentialFitter(original, analysis, plan, stats, index, shapes, strides, kind, one_shot)
+    held-out ones unless `shrinkage` fixes it."""
+    fitter = SequentialFitter(original, analysis, plan, stats, index, shapes, strides, kind, one_shot, shrinkage)
     advance = progress("sequential fit", len(fitter.segments)) if progress is not None else (lambda _: None)
     return fitter.run(batches, count, advance)
