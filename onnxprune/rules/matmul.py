@@ -1,6 +1,6 @@
 """Gemm/MatMul and attention: a constant 2-D weight creates units on the last axis and reads
 them on its reduction axis; MatMul of two activations (q @ kᵀ, probs @ v) carries units on a
-batch axis (heads); Softmax must not normalise over them; fused attention ops pin."""
+batch axis (heads); Softmax must not normalise over them; fused attention and recurrent ops pin."""
 
 from __future__ import annotations
 
@@ -105,3 +105,10 @@ def softmax(index: GraphIndex, node: onnx.NodeProto, tensor: str, placement: Pla
 def fused_attention(index: GraphIndex, node: onnx.NodeProto, tensor: str, placement: Placement) -> list[Effect]:
     """onnxruntime's fused attention ops hide the heads."""
     return [Pin(f"onnxruntime fused op {node.op_type} '{index.label(node)}' hides the heads; export the model without fusion (e.g. before onnxruntime's transformer optimizer)")]
+
+
+@carries("LSTM", "GRU", "RNN")
+def recurrent(index: GraphIndex, node: onnx.NodeProto, tensor: str, placement: Placement) -> list[Effect]:
+    """A recurrent op pins the space that feeds it (or that its outputs reach) and nothing else:
+    the conv front end of a CRNN stays prunable."""
+    return [Pin(f"recurrent {node.op_type} '{index.label(node)}' reads these units: its input weights are not pruned")]
