@@ -70,6 +70,12 @@ def root_placement(axis: int, labels: list[int], block: int) -> Placement:
     return Placement(axis, len(labels), tuple(segments), block)
 
 
+def _fills(placement: Placement, produced: Produced) -> bool:
+    """Every slot of the producer's output carries a unit of the space (a C2f bottleneck's conv
+    writes the half of the space that its residual Add joins): the producer is sliced there."""
+    return placement.axis == produced.axis and placement.size == produced.features and placement.count() == placement.width
+
+
 class Grower:
     """Flood fill from one producer output over every tensor that carries its units."""
 
@@ -179,7 +185,7 @@ class Grower:
             expected = Placement.identity(produced.axis, self.space.n, produced.features // self.space.n)
         else:
             expected = None
-        if placement != expected:
+        if placement != expected and not _fills(placement, produced):
             self.pin(f"producer '{label}' writes {produced.features} units that only partly belong to this space")
             return
         if label not in self.space.producers:
