@@ -6,7 +6,11 @@
    and of pruning SmolLM2-135M when it is installed (models/export_smollm2.py);
 3. pruned-model speed: onnxruntime CPU latency of pruned / original at 30/50/70% MACs removed,
    batch 1 and 32, for --round-to 1 / 8 / 16, next to the MACs ratio; 3b: `--latency` targets;
-4. scale: seconds per layer of the float64 linear algebra for wide layers (n = 4096..16384).
+4. scale: seconds per layer of the float64 linear algebra for wide layers (n = 4096..16384);
+5. out of core (issue 15): peak RSS of a CLI run calibrating a small 224x224 CNN from a synthetic
+   .npy of growing size (up to 20,000 x 3 x 224 x 224 float32, 12 GB, written to --scratch), a
+   stored .npz, the same data in memory for contrast, and SmolLM2-135M from a .npz at 32 and 128
+   windows: flat in the calibration set's size.
 
     python tools/bench_speed.py                              # everything (~25 minutes on 2 cores)
     python tools/bench_speed.py --quick                      # a smoke run
@@ -52,7 +56,7 @@ def sample_count(shape: tuple[int, ...], wanted: int) -> int:
     """Fewer samples for ImageNet-sized inputs (memory), the same statistics per pixel row."""
     return wanted if int(np.prod(shape)) < 10_000 else max(64, wanted // 8)
 THREADS = 2
-SECTIONS = ("tool_time", "memory", "speed", "latency_target", "scale")
+SECTIONS = ("tool_time", "memory", "speed", "latency_target", "scale", "out_of_core")
 
 
 def session(model: onnx.ModelProto | Path) -> ort.InferenceSession:
@@ -276,7 +280,107 @@ def wide_layers(sizes: list[int]) -> list[dict]:
     return rows
 
 
+# -- 5. out-of-core calibration -----------------------------------------------------------------
+OOC_CHILD = """
+import sys, numpy as np, onnxprune, onnxprune.cli
+def status_kb(field):
+    return next(int(line.split()[1]) for line in open('/proc/self/status') if line.startswith(field))
+model, calib, mode, extra = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4:]
+base = status_kb('VmRSS')  # after the imports
+if mode == 'memory':  # the whole set read into memory first, as the loader did before issue 15
+    data = np.load(calib)
+    base = status_kb('VmRSS') - data.nbytes // 1024
+    onnxprune.prune(model, {'x': data}, ratio=0.3, batch_size=32)
+else:
+    assert onnxprune.cli.main([model, '--calib', calib, '-o', calib + '.pruned.onnx', '-q', *extra]) == 0
+print(base, status_kb('VmHWM'))
+"""
+
+
+def small_cnn_224(path: Path) -> None:
+    """3x224x224 -> 4x4/4 conv 16 -> ReLU -> 3x3/2 conv 32 -> ReLU -> GAP -> Gemm 10 (about 4.5 MMAC per image)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    w = {"w1": rng.standard_normal((16, 3, 4, 4)) * 0.2, "w2": rng.standard_normal((32, 16, 3, 3)) * 0.1, "w3": rng.standard_normal((32, 10)) * 0.3}
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["c1"], name="conv1", kernel_shape=[4, 4], strides=[4, 4]),
+             helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+             helper.make_node("Conv", ["r1", "w2"], ["c2"], name="conv2", kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c2"], ["r2"], name="relu2"), helper.make_node("GlobalAveragePool", ["r2"], ["g"], name="gap"),
+             helper.make_node("Flatten", ["g"], ["f"], name="flatten"), helper.make_node("Gemm", ["f", "w3"], ["y"], name="fc")]
+    graph = helper.make_graph(nodes, "cnn224", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 224, 224])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 10])],
+                              [numpy_helper.from_array(v.astype(np.float32), k) for k, v in w.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+
+
+def synthetic_npy(path: Path, n: int, chunk: int = 500) -> None:
+    """n x 3 x 224 x 224 float32 of smooth random images, written a chunk at a time."""
+    array = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(n, 3, 224, 224))
+    rng = np.random.default_rng(1)
+    for start in range(0, n, chunk):
+        count = min(chunk, n - start)
+        coarse = rng.random((count, 3, 28, 28), dtype=np.float32)
+        array[start:start + count] = np.repeat(np.repeat(coarse, 8, axis=2), 8, axis=3) + 0.1 * rng.random((count, 3, 224, 224), dtype=np.float32)
+    array.flush()
+    del array
+
+
+def ooc_peak(model: Path, calib: Path, mode: str = "file", extra: tuple[str, ...] = ()) -> dict:
+    start = time.perf_counter()
+    out = subprocess.run([sys.executable, "-c", OOC_CHILD, str(model), str(calib), mode, *extra], capture_output=True, text=True,
+                         check=True, cwd=ROOT).stdout.split()
+    base, peak = map(int, out[-2:])
+    for leftover in calib.parent.glob(calib.name + ".pruned.onnx*"):
+        leftover.unlink()
+    return {"peak_rss_mb": round(peak / 1024), "growth_mb": round((peak - base) / 1024), "seconds": round(time.perf_counter() - start)}
+
+
+def out_of_core(scratch: Path, counts: list[int], npz_count: int | None, memory_count: int | None, llm_windows: list[int]) -> list[dict]:
+    """Peak RSS of a CLI run against the calibration set's size (the files are removed afterwards)."""
+    scratch.mkdir(parents=True, exist_ok=True)
+    model = scratch / "cnn224.onnx"
+    small_cnn_224(model)
+    rows = []
+    for n in counts:
+        path = scratch / f"calib_{n}.npy"
+        synthetic_npy(path, n)
+        args = ("--ratio", "0.3", "--batch-size", "32")
+        rows.append({"source": ".npy", "samples": n, "file_gb": round(path.stat().st_size / 1e9, 2), **ooc_peak(model, path, extra=args)})
+        if n == npz_count:
+            npz = scratch / f"calib_{n}.npz"
+            np.savez(npz, x=np.load(path, mmap_mode="r"))
+            rows.append({"source": ".npz (stored)", "samples": n, "file_gb": round(npz.stat().st_size / 1e9, 2), **ooc_peak(model, npz, extra=args)})
+            npz.unlink()
+        if n == memory_count:
+            rows.append({"source": "in memory (np.load first)", "samples": n, "file_gb": round(path.stat().st_size / 1e9, 2), **ooc_peak(model, path, "memory")})
+        path.unlink()
+        print(json.dumps([r for r in rows if r["samples"] == n]), flush=True)
+    calib = SMOLLM2 / "smollm2_calib.npz"
+    for windows in llm_windows if calib.exists() else []:
+        part = scratch / f"smollm2_{windows}.npz"
+        np.savez(part, **{k: v[:windows] for k, v in np.load(calib).items()})
+        args = ("--ratio", "0.2", "--batch-size", "4", "--verify-samples", "4")
+        rows.append({"source": "SmolLM2 .npz (512-token windows)", "samples": windows, "file_gb": round(part.stat().st_size / 1e9, 4),
+                     **ooc_peak(SMOLLM2 / "smollm2.dynamo.onnx", part, extra=args)})
+        part.unlink()
+        print(json.dumps(rows[-1]), flush=True)
+    model.unlink()
+    return rows
+
+
 def markdown(results: dict) -> str:
+    lines = [] if "tool_time" not in results else sections_1_to_4(results)
+    if results.get("out_of_core"):
+        lines += ["", "## 5. Out-of-core calibration (peak RSS of a whole CLI run: calibration, verification, writing)", "",
+                  "| calibration source | samples | file (GB) | peak RSS (MB) | growth over the imports (MB) | seconds |", "|---|---:|---:|---:|---:|---:|"]
+        lines += [f"| {r['source']} | {r['samples']} | {r['file_gb']} | {r['peak_rss_mb']} | {r['growth_mb']} | {r['seconds']} |" for r in results["out_of_core"]]
+    return "\n".join(lines) + "\n"
+
+
+def sections_1_to_4(results: dict) -> list[str]:
     lines = ["## 1. Tool time (whole default run, verification included / one onnxruntime pass over the same calibration set)", "",
              "| model | samples | tool / forward | calibration / forward | samples x4 | tool / forward | calibration / forward | marginal (per extra sample) |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
@@ -306,7 +410,7 @@ def markdown(results: dict) -> str:
               if "unreachable" not in r else f"| {r['model']} | {r['latency_removed']:.0%} | n/a (unreachable) | | | |" for r in results.get("latency_target", [])]
     lines += ["", "## 4. Linear algebra per wide layer (float64, LAPACK)", "", "| units | pivoted Cholesky s | ordered Cholesky s | LS recovery s |", "|---|---:|---:|---:|"]
     lines += [f"| {r['units']} | {r.get('pivoted_cholesky_s', r.get('block_pivoted_s'))} | {r.get('ordered_cholesky_s', '-')} | {r.get('recovery_solve_s', '-')} |" for r in results["scale"]]
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def main() -> None:
@@ -315,6 +419,8 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["vgg_bn", "resnet_fmnist", "mobilenetv2s", "mobilenet_v2", "efficientnet_lite0"])
     parser.add_argument("--wide", nargs="+", type=int, default=[4096, 8192, 16384], help="layer widths for item 4")
     parser.add_argument("--out", default=str(ROOT / "results" / "speed"))
+    parser.add_argument("--scratch", default=str(ROOT / "results" / "speed" / "scratch"), help="where section 5 writes its synthetic calibration files")
+    parser.add_argument("--ooc-samples", nargs="+", type=int, default=[1000, 5000, 20000], help="section 5: .npy sizes (20000 = 12 GB)")
     parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS),
                         help="run only these sections; the others are kept from an earlier <out>/results.json")
     args = parser.parse_args()
@@ -339,6 +445,9 @@ def main() -> None:
         print(json.dumps(results["latency_target"], indent=1), flush=True)
     if "scale" in run:
         results["scale"] = wide_layers([4096] if args.quick else args.wide)
+    if "out_of_core" in run:
+        counts = [500, 2000] if args.quick else args.ooc_samples
+        results["out_of_core"] = out_of_core(Path(args.scratch), counts, counts[len(counts) // 2], counts[0], [] if args.quick else [32, 128])
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=2))
