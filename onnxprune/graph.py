@@ -193,8 +193,6 @@ FOLD_LIMIT = 4096
 
 def fold_constants(nodes: list[onnx.NodeProto], constants: Constants) -> dict[str, np.ndarray]:
     """Values of the outputs of small nodes whose inputs are all constant."""
-    from onnx.reference import ReferenceEvaluator
-
     folded: dict[str, np.ndarray] = {}
 
     def size(name: str) -> int:
@@ -206,20 +204,28 @@ def fold_constants(nodes: list[onnx.NodeProto], constants: Constants) -> dict[st
             continue
         if not all(i in folded or i in constants for i in inputs) or sum(size(i) for i in inputs) > FOLD_LIMIT:
             continue
-        known = {i: folded[i] if i in folded else constants[i] for i in dict.fromkeys(inputs)}
-        try:
-            graph = onnx.helper.make_graph(
-                [node], "fold",
-                [onnx.helper.make_tensor_value_info(i, onnx.helper.np_dtype_to_tensor_dtype(known[i].dtype), known[i].shape) for i in dict.fromkeys(inputs)],
-                [onnx.helper.make_empty_tensor_value_info(node.output[0])],
-            )
-            (value,) = ReferenceEvaluator(onnx.helper.make_model(graph)).run(None, {i: known[i] for i in dict.fromkeys(inputs)})
-        except Exception:  # noqa: BLE001 - folding is an optimisation; unknown values are pinned later
-            continue
-        value = np.asarray(value)
-        if value.size <= FOLD_LIMIT:
+        value = evaluate_node(node, {i: folded[i] if i in folded else constants[i] for i in dict.fromkeys(inputs)})
+        if value is not None and value.size <= FOLD_LIMIT:
             folded[node.output[0]] = value
     return folded
+
+
+def evaluate_node(node: onnx.NodeProto, known: dict[str, np.ndarray]) -> np.ndarray | None:
+    """The output of a one-output node on known input values (onnx's reference evaluator), or
+    None when it cannot be computed."""
+    from onnx.reference import ReferenceEvaluator
+
+    inputs = list(dict.fromkeys(i for i in node.input if i))
+    try:
+        graph = onnx.helper.make_graph(
+            [node], "fold",
+            [onnx.helper.make_tensor_value_info(i, onnx.helper.np_dtype_to_tensor_dtype(known[i].dtype), known[i].shape) for i in inputs],
+            [onnx.helper.make_empty_tensor_value_info(node.output[0])],
+        )
+        (value,) = ReferenceEvaluator(onnx.helper.make_model(graph)).run(None, {i: known[i] for i in inputs})
+    except Exception:  # noqa: BLE001 - folding is an optimisation; unknown values are pinned later
+        return None
+    return np.asarray(value)
 
 
 def weightless_skeleton(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]]) -> onnx.ModelProto:

@@ -305,7 +305,10 @@ class Rewriter:
             axes = self.edits.get(update.node, 3).tolist() if len(node.input) > 3 and node.input[3] else None
             k = self._slice_axis_slot(node, axes, rank)
             for slot, value in ((1, start), (2, stop)):
-                array = self.edits.get(update.node, slot).copy()
+                array = self.edits.get(update.node, slot)
+                if array is None:  # computed from the axis size (TorchScript's chunk): becomes a constant
+                    array = np.array(update.bounds[slot - 1], dtype=update.bounds_dtype)
+                array = array.copy()
                 array[k] = value
                 self.edits.set(update.node, slot, array)
             return

@@ -46,11 +46,14 @@ class ShapeUpdate:
 @dataclass(frozen=True)
 class WindowUpdate:
     """A Split or Slice on the unit axis of `tensor`: its windows [start, stop) shrink by the
-    removed positions inside them."""
+    removed positions inside them. A Slice whose starts/ends are computed from the axis size
+    (TorchScript's chunk) carries their values: the rewrite replaces them with constants."""
 
     node: str
     tensor: str
     windows: tuple[tuple[int, int], ...]
+    bounds: tuple[tuple[int, ...], tuple[int, ...]] | None = None  # a Slice's starts/ends computed from the axis size
+    bounds_dtype: str = "int64"
 
 
 @dataclass(frozen=True)

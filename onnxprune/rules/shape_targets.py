@@ -10,6 +10,7 @@ from ..graph import GraphIndex, get_attr
 from ..placement import Placement
 from ..spaces import ShapeUpdate
 from .registry import Effect, Pin, carries
+from .shape_values import feeds_only_slice_bounds
 
 
 def shape_update(index: GraphIndex, node: onnx.NodeProto, position: int, block: int, tensor: str) -> list[Effect]:
@@ -90,6 +91,8 @@ def shape_reader(index: GraphIndex, node: onnx.NodeProto, tensor: str, placement
         if user.op_type == "Gather" and use.index == 0 and get_attr(user, "axis", 0) == 0 and index.is_constant(user.input[1]):
             if entry not in [i % (end - start) for i in np.atleast_1d(index.const(user.input[1])).tolist()]:
                 continue
+            if feeds_only_slice_bounds(index, user.output[0], node.input[0]):
+                continue  # TorchScript's chunk point: the Slices read it as a constant (shape_values.py)
         elif user.op_type == "Slice" and use.index == 0 and all(index.is_constant(i) for i in user.input[1:3]):
             lo, hi = int(index.const(user.input[1])[0]), int(index.const(user.input[2])[0])
             size = end - start

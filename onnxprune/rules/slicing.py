@@ -11,6 +11,7 @@ from ..graph import GraphIndex, get_attr
 from ..placement import Placement
 from ..spaces import WindowUpdate
 from .registry import Carry, Effect, Pin, Through, carries, through
+from .shape_values import axis_size_value
 
 
 @carries("Concat")
@@ -94,6 +95,9 @@ def slice_(index: GraphIndex, node: onnx.NodeProto, tensor: str, placement: Plac
     consts = [index.const(i) if i else None for i in node.input[1:]]
     if rank is not None and len(consts) > 2 and consts[2] is not None and placement.axis not in [a % rank for a in consts[2].tolist()]:
         return through(label, tensor, node.output[0], placement)  # cuts other axes only (RoPE halves)
+    computed = rank is not None and len(consts) >= 2 and any(c is None for c in consts[:2])
+    if computed:  # TorchScript's chunk: bounds computed from this axis's size
+        consts[:2] = [c if c is not None else axis_size_value(index, i, tensor, placement.axis) for c, i in zip(consts[:2], node.input[1:3], strict=True)]
     if rank is None or len(consts) < 2 or any(c is None for c in consts):
         return [Pin(f"Slice '{label}' has computed or missing starts/ends")]
     starts, ends = consts[0].tolist(), consts[1].tolist()
@@ -109,7 +113,9 @@ def slice_(index: GraphIndex, node: onnx.NodeProto, tensor: str, placement: Plac
     start, stop = (max(0, min(width, v + width if v < 0 else v)) for v in (starts[k], ends[k]))
     if steps[k] != 1 or stop <= start:
         return [Pin(f"Slice '{label}' on the unit axis has a step other than 1 or is empty")]
-    effects: list[Effect] = [WindowUpdate(label, tensor, ((start, stop),)), Through(label)]
+    bounds = (tuple(starts), tuple(ends)) if computed else None
+    dtype = str(consts[0].dtype) if computed else "int64"
+    effects: list[Effect] = [WindowUpdate(label, tensor, ((start, stop),), bounds, dtype), Through(label)]
     part = placement.window(start, stop)
     return effects + ([Carry(node.output[0], part)] if part is not None else [])
 
