@@ -165,14 +165,18 @@ def instrument(model: onnx.ModelProto, sites: list[Site], ranks: dict[str, int],
 
 
 def make_session(model: onnx.ModelProto, optimize: bool = True, patch: onnx.ModelProto | None = None,
-                 threads: int = 0, timing: bool = False) -> ort.InferenceSession:
+                 threads: int = 0, timing: bool = False, spinning: bool = True) -> ort.InferenceSession:
     """A CPU session of the model; with `patch` (from `instrument`) merged in, the patch's outputs
     replace the model's (whatever only they needed is not computed). Large models reach
     onnxruntime with their weights in files (`session_files`), which it maps; unless the session
     is `timing` latency (onnxruntime's defaults), they run without the memory arena and without
     pre-packed weights for the GEMM kernels: a second copy in memory that made no measurable
-    difference to the calibration time of SmolLM2-135M."""
+    difference to the calibration time of SmolLM2-135M. `spinning` False stops onnxruntime's
+    threads from busy-waiting after a run, for callers that compute in NumPy between runs (the
+    spinning threads made those BLAS calls several times slower on 2 cores)."""
     options = ort.SessionOptions()
+    if not spinning:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.log_severity_level = 3
     options.intra_op_num_threads = threads  # 0: onnxruntime's default
     large = model_bytes(model) >= LARGE_MODEL

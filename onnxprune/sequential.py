@@ -191,7 +191,7 @@ class SequentialFitter:
         pruned_outputs = list(dict.fromkeys([*segment.sites, *([] if refit_boundary else pruned_boundary)]))
         pruned_part = extract(pruned, cache_p.dtypes(), pruned_outputs)
         del pruned
-        session_o, session_p = make_session(original_part), make_session(pruned_part)
+        session_o, session_p = make_session(original_part, spinning=False), make_session(pruned_part, spinning=False)
         inputs_o = [i.name for i in original_part.graph.input]
         inputs_p = [i.name for i in pruned_part.graph.input]
         accumulators = {t: (self._new_stats(t, False), self._new_stats(t, True)) for t in segment.sites}
@@ -221,7 +221,7 @@ class SequentialFitter:
     def _rerun_boundary(self, names: list[str], batches, cache_p: BoundaryCache) -> None:
         """The pruned model's activations at the cut, with this segment's new folds applied."""
         part = extract(self._pruned_model(), cache_p.dtypes(), names)
-        session = make_session(part)
+        session = make_session(part, spinning=False)
         inputs = [i.name for i in part.graph.input]
         for i, (batch, _) in enumerate(batches()):
             for name, value in zip(names, session.run(None, self._feeds(inputs, batch, cache_p.values[i], True)), strict=True):

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 
 @dataclass
@@ -77,16 +78,26 @@ class CrossStats:
 
     def add_rows(self, rows_p: np.ndarray, rows_o: np.ndarray) -> None:
         """Accumulate one batch of rows (samples x k, samples x n)."""
-        a = (rows_p - self.shift_p).astype(np.float32, copy=False)
-        b = (rows_o - self.shift_o).astype(np.float32, copy=False)
-        parts = {"pp": a.T @ a, "po": a.T @ b}
-        if self.with_oo:
-            parts["oo"] = b.T @ b
-        sums = {"total_p": rows_p.sum(axis=0, dtype=np.float64), "total_o": rows_o.sum(axis=0, dtype=np.float64)}
-        for name, value in {**parts, **sums}.items():
+        self.add_columns(np.ascontiguousarray(rows_p.T, dtype=np.float32), np.ascontiguousarray(rows_o.T, dtype=np.float32))
+
+    def add_columns(self, cols_p: np.ndarray, cols_o: np.ndarray) -> None:
+        """Accumulate one batch given unit-major float32 matrices (k x samples, n x samples);
+        they are shifted in place (callers pass their own copies)."""
+        rows = cols_p.shape[1]
+        cols_p -= self.shift_p.astype(np.float32)[:, None]
+        cols_o -= self.shift_o.astype(np.float32)[:, None]
+        # one BLAS thread: OpenBLAS's threads on these thin products were up to 100x slower
+        # whenever onnxruntime or another process kept the other core busy
+        with threadpool_limits(1, user_api="blas"):
+            parts = {"pp": cols_p @ cols_p.T, "po": cols_p @ cols_o.T}
+            if self.with_oo:
+                parts["oo"] = cols_o @ cols_o.T
+        parts["total_p"] = cols_p.sum(axis=1, dtype=np.float64) + rows * self.shift_p.astype(np.float64)
+        parts["total_o"] = cols_o.sum(axis=1, dtype=np.float64) + rows * self.shift_o.astype(np.float64)
+        for name, value in parts.items():
             current = getattr(self, name)
             setattr(self, name, value.astype(np.float64) if current is None else current + value)
-        self.count += len(rows_p)
+        self.count += rows
 
     def add(self, other: CrossStats) -> None:
         """Merge another shard's moments (same shifts) in place."""

@@ -76,6 +76,17 @@ ALL_TARGETS = (0.10, 0.30, 0.50, 0.70)
 SAME_PHOTO_METHODS = ("snp", "lsq", "fluct")  # the secondary ImageNet metric, measured for these only
 HEAD_METHODS = ("snp", "lsq", "fluct", "l2")
 HEAD_TARGETS = (0.05, 0.10, 0.30)
+ABLATIONS = ("order", "calib", "round", "stride", "seeds", "head", "sequential")
+# Sequential ablation: (label, method, order, prune keywords); one-shot vs the sequential refit
+SEQUENTIAL_VARIANTS = (
+    ("one-shot", "snp", "weighted", {"sequential": False}),
+    ("sequential", "snp", "weighted", {"sequential": True}),
+    ("sequential shrinkage 0", "snp", "weighted", {"sequential": True, "shrinkage": 0.0}),
+    ("one-shot pivoted", "snp", "pivoted", {"sequential": False}),
+    ("sequential pivoted", "snp", "pivoted", {"sequential": True}),
+    ("lsq one-shot", "lsq", "weighted", {"sequential": False}),
+    ("lsq sequential", "lsq", "weighted", {"sequential": True}),
+)
 CALIB_SEEDS = (1, 2, 3)  # FMNIST "seeds" ablation: three more 512-image calibration sets
 SEED_METHODS = ("snp", "lsq", "fluct")
 # The ImageNet models lose most agreement beyond 10-30% without fine-tuning: add a 5% column there.
@@ -329,18 +340,18 @@ def pca_bound_model(model: onnx.ModelProto, calib: dict, report, verify_samples:
 def run_one(bench: Bench, cache: StatsCache, *, method: str, target: float, order: str = "pivoted",
             round_to: int = 1, calib: np.ndarray | None = None, verify_samples: int | None = None,
             exclude: tuple = (), context: str = "main", pca: bool = False, tag: str = "main",
-            extra: dict | None = None, spatial_stride: int | str = "auto") -> list[dict]:
+            extra: dict | None = None, spatial_stride: int | str = "auto", prune_kw: dict | None = None) -> list[dict]:
     calib = bench.calib if calib is None else calib
     cache.context = f"{bench.name}|{context}|{len(calib)}|{verify_samples}|{','.join(exclude)}"
     rec = {"model": bench.name, "ablation": tag, "method": method, "order": order if method == "snp" else None,
            "target": target, "round_to": round_to, "calib_samples": int(len(calib)), "verify_samples": verify_samples,
-           "exclude": list(exclude), "spatial_stride": spatial_stride, **(extra or {})}
+           "exclude": list(exclude), "spatial_stride": spatial_stride, **(prune_kw or {}), **(extra or {})}
     t0 = time.perf_counter()
     records = []
     try:
         model, report = onnxprune.prune(bench.model, {bench.input_name: calib}, flops=target, method=method,
                                         order=order, round_to=round_to, exclude=exclude,
-                                        verify_samples=verify_samples, seed=0, spatial_stride=spatial_stride)
+                                        verify_samples=verify_samples, seed=0, spatial_stride=spatial_stride, **(prune_kw or {}))
         prune_s = time.perf_counter() - t0
         logits = run_logits(model, bench.input_name, bench.eval_x, bench.batch)
         same = same_photo(bench, model, len(calib)) if tag in ("main", "head") and method in SAME_PHOTO_METHODS else {}
@@ -538,6 +549,10 @@ def markdown(benches: dict[str, Bench], base: dict, records: list[dict], methods
              lambda v: v, lambda r: f"spatial_stride {r.get('spatial_stride', 'auto')}",
              "`spatial_stride='auto'` (the default) samples every s-th row and column of the conv feature maps whose "
              "Gram matrices would cost more than a quarter of the model's MACs; 1 uses every position.")
+    ablation("sequential", "Ablation: one-shot vs sequential (error-correcting) recovery, same keep sets (ImageNet models: head conv excluded)",
+             lambda v: v, lambda r: r.get("variant", "?"),
+             note="sequential: every layer refitted on the model pruned upstream, shrinkage toward one-shot chosen per layer on the "
+                  "held-out samples; `prune_seconds` in results.json gives the tool time of each mode")
     ablation("head", "Ablation: ImageNet models with the GAP-fed head conv excluded from pruning",
              lambda v: v, lambda r: r["method"] + (" (bound)" if r["method"] == "pca" else "") + xh,
              "The head conv's 1280 units are read after global average pooling: one calibration row per image, so 231 "
@@ -622,7 +637,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--targets", nargs="+", default=None, help="MACs removed, percent or fraction (default 10 30 50 70)")
     ap.add_argument("--quick", action="store_true", help="FMNIST models, snp/lsq/fluct/l1 at 30/50/70%%, 1000-image test subset, small ablations (< 3 min)")
     ap.add_argument("--out", type=Path, default=None, help="output folder (default results/accuracy/<UTC timestamp>)")
-    ap.add_argument("--ablations", nargs="*", default=None, choices=("order", "calib", "round", "stride", "seeds", "head"),
+    ap.add_argument("--ablations", nargs="*", default=None, choices=ABLATIONS,
                     help="which ablations to run (default all; give none to skip)")
     ap.add_argument("--no-pca", action="store_true", help="skip the PCA reference bound")
     ap.add_argument("--test-subset", action="store_true", help="FMNIST: evaluate on the 1000-image subset, not the full 10k")
@@ -637,7 +652,7 @@ def main(argv: list[str] | None = None) -> int:
     models = args.models or (list(FMNIST_MODELS) if quick else list(ALL_MODELS))
     methods = args.methods or (["snp", "lsq", "fluct", "l1"] if quick else list(ALL_METHODS))
     targets = parse_targets(args.targets) if args.targets else ([0.3, 0.5, 0.7] if quick else list(ALL_TARGETS))
-    ablations = ["order", "calib", "round", "stride", "seeds", "head"] if args.ablations is None else args.ablations
+    ablations = list(ABLATIONS) if args.ablations is None else args.ablations
     stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
     out = args.out or ROOT / "results" / "accuracy" / stamp
     out.mkdir(parents=True, exist_ok=True)
@@ -752,6 +767,12 @@ def main(argv: list[str] | None = None) -> int:
                     for t in abl_targets(b):
                         go(b, f"{method} calib seed {seed} @{100 * t:.0f}%", method=method, target=t, calib=calib,
                            context=f"seed{seed}", tag="seeds", extra={"calib_seed": seed})
+        if "sequential" in ablations:
+            print(f"== {name}: one-shot vs sequential recovery" + (" (head excluded)" if xhead else ""), flush=True)
+            for label, method, order, kw in SEQUENTIAL_VARIANTS:
+                for t in abl_targets(b):
+                    go(b, f"{label} @{100 * t:.0f}%", method=method, order=order, target=t, exclude=xhead, tag="sequential",
+                       prune_kw=kw, extra={"variant": label})
         if "head" in ablations and xhead:
             print(f"== {name}: head-excluded ablation", flush=True)
             for method in HEAD_METHODS:
