@@ -15,7 +15,7 @@ import onnx
 
 from .graph import GraphIndex, get_attr
 from .placement import Placement, Segment
-from .rules import CARRY, CONSUME, PRODUCE, Carry, Coarsen, Effect, Flattened, Pin, Produced, Through
+from .rules import CARRY, CONSUME, PRODUCE, Carry, Coarsen, Effect, Flattened, Pin, Produced, SizeRead, Through
 from .spaces import CACHE_NAME, AttrUpdate, CacheIO, Consumer, ParamSlice, ShapeUpdate, Space, WindowUpdate
 
 RECORDS = {ParamSlice: "slices", AttrUpdate: "attrs", ShapeUpdate: "reshapes", WindowUpdate: "windows"}
@@ -87,6 +87,7 @@ class Grower:
         self.exclude = exclude
         self.queue: deque[str] = deque()
         self.root = root  # (producer label, its placement) when it is not the identity
+        self.size_reads: list[SizeRead] = []
 
     def pin(self, reason: str) -> None:
         append_new(self.space.pinned, reason)
@@ -133,6 +134,16 @@ class Grower:
             placement = self.space.tensors[name]
             self.backward(name, placement)
             self.forward(name, placement)
+        self.check_size_reads()
+
+    def check_size_reads(self) -> None:
+        """A size of the units' axis read by Shape must only set target entries that carry the
+        units (they are rewritten as constants); any other entry would change with the pruning."""
+        for read in self.size_reads:
+            node = self.index.node(read.node)
+            placement = self.space.tensors.get(node.output[0])
+            if placement is None or placement.axis != read.position:
+                self.pin(f"Shape '{read.shape}' reads the size of the units' axis into {node.op_type} '{read.node}' entry {read.position}")
 
     def apply(self, effects: list[Effect]) -> None:
         """Carry out a rule's effects, in order."""
@@ -147,6 +158,8 @@ class Grower:
                 append_new(self.space.flattened, effect.tensor)
             elif isinstance(effect, Coarsen):
                 self.coarsen(effect.factor, effect.where)
+            elif isinstance(effect, SizeRead):
+                append_new(self.size_reads, effect)
             elif isinstance(effect, Consumer):
                 append_new(self.space.consumers, effect)
                 append_new(self.space.sites, effect.site)

@@ -71,9 +71,11 @@ class ConstantEdits:
 
     def own_shape(self, reshape: onnx.NodeProto, concat: onnx.NodeProto, slot: int, position: int, value: int) -> None:
         """Give `reshape` its own copy of the Concat that builds its target, with entry
-        `position` of input `slot` set to `value` (exporters share one Concat between layers)."""
+        `position` of input `slot` set to `value` (exporters share one Concat between layers).
+        A slot computed at run time (an axis size read by Shape) becomes a one-entry constant."""
         _, _, inputs = self.own_shapes.setdefault(id(reshape), (reshape, concat, {}))
-        current = inputs.get(slot, self.index.const(concat.input[slot])).copy()
+        stored = self.index.const(concat.input[slot])
+        current = inputs.get(slot, np.zeros(1, dtype=np.int64) if stored is None else stored).copy()
         current[position] = value
         inputs[slot] = current
 

@@ -73,10 +73,10 @@ def plant_duplicate_unit(model: onnx.ModelProto, space, source: int = 0, target:
     return target
 
 
-BOTH = ["bert_tiny.ts", "bert_tiny.dynamo", "llama_tiny.dynamo"]
+BOTH = ["bert_tiny.ts", "bert_tiny.dynamo", "llama_tiny.dynamo", "llama_tiny.ts"]
 
 
-@pytest.mark.parametrize("name", BOTH + ["llama_tiny.ts"])
+@pytest.mark.parametrize("name", BOTH)
 def test_ffn_spaces_are_found_and_the_hidden_stream_is_pinned(name):
     found = spaces(load(name), CALIB)
     ffn = [s for s in found if not s.pinned and s.units in (128, 256)]
@@ -166,8 +166,9 @@ def test_kv_cache_model_at_ratio_0_generates_like_the_original():
         assert np.array_equal(a, b)
 
 
-def test_pruning_a_kv_group_shrinks_the_cache_io_and_generation_still_matches():
-    model = load("llama_tiny_kv.dynamo")
+@pytest.mark.parametrize("name", ["llama_tiny_kv.dynamo", "llama_tiny_kv.ts"])
+def test_pruning_a_kv_group_shrinks_the_cache_io_and_generation_still_matches(name):
+    model = load(name)
     data = kv_data_with_duplicate_group(KV_CALIB)
     heads = next(s for s in spaces(model, data) if len(s.producers) == 3)
     plant_duplicate_unit(model, heads, source=0, target=1)

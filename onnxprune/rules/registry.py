@@ -59,7 +59,18 @@ class Coarsen:
     where: str
 
 
-Effect = Carry | Pin | Through | Flattened | Coarsen | ParamSlice | AttrUpdate | ShapeUpdate | WindowUpdate | Consumer
+@dataclass(frozen=True)
+class SizeRead:
+    """`shape` reads the size of the units' axis into entry `position` of the target of the
+    Reshape/Expand `node`: that output must carry the units on that axis, so the entry is
+    rewritten as a constant (the engine checks once the space is grown)."""
+
+    shape: str
+    node: str
+    position: int
+
+
+Effect = Carry | Pin | Through | Flattened | Coarsen | SizeRead | ParamSlice | AttrUpdate | ShapeUpdate | WindowUpdate | Consumer
 CarryRule = Callable[[GraphIndex, onnx.NodeProto, str, Placement], list[Effect]]
 ConsumerRule = Callable[[GraphIndex, onnx.NodeProto, int, str, Placement], "list[Effect] | None"]
 

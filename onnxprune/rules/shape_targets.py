@@ -3,14 +3,29 @@ rewrite it), and Shape nodes that read the size of a unit axis (which pins)."""
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 import onnx
 
 from ..graph import GraphIndex, get_attr
 from ..placement import Placement
 from ..spaces import ShapeUpdate
-from .registry import Effect, Pin, carries
-from .shape_values import feeds_only_slice_bounds
+from .registry import Effect, Pin, SizeRead, carries
+from .shape_values import size_sinks
+
+
+class EntrySource(NamedTuple):
+    """Where a target entry is stored: input `slot` of node `holder`, index `position` there
+    (-1: a scalar). `computed`: that input is computed at run time (TorchScript's Shape ->
+    Gather -> Unsqueeze), so the rewrite replaces it with a constant; `guarded`: the target is
+    read through TorchScript's expand guard Where(Equal(s, -1), 1, s)."""
+
+    holder: str
+    slot: int
+    position: int
+    computed: bool = False
+    guarded: bool = False
 
 
 def shape_update(index: GraphIndex, node: onnx.NodeProto, position: int, block: int, tensor: str) -> list[Effect]:
@@ -27,12 +42,15 @@ def shape_update(index: GraphIndex, node: onnx.NodeProto, position: int, block: 
     source = _shape_source(index, node.input[1], position)
     if source is None:
         return [Pin(f"{node.op_type} '{label}' target entry {position} is computed at run time; onnxprune cannot rewrite it")]
-    holder = index.node(source[0])
-    value = index.const(holder.input[source[1]])
-    if int(value[()] if source[2] < 0 else value[source[2]]) in automatic:
-        return []
+    holder = index.node(source.holder)
+    if source.guarded and any(-1 in np.atleast_1d(index.const(i)).tolist() for i in holder.input if index.is_constant(i)):
+        return [Pin(f"{node.op_type} '{label}' target keeps axes with -1 behind a computed guard")]
+    if not source.computed:
+        value = index.const(holder.input[source.slot])
+        if int(value[()] if source.position < 0 else value[source.position]) in automatic:
+            return []
     via = label if holder.op_type == "Concat" else ""
-    return [ShapeUpdate(source[0], source[1], source[2], block, tensor, via)]
+    return [ShapeUpdate(source.holder, source.slot, source.position, block, tensor, via)]
 
 
 def _is_constant_node(index: GraphIndex, name: str) -> bool:
@@ -40,9 +58,31 @@ def _is_constant_node(index: GraphIndex, name: str) -> bool:
     return producer is not None and producer.op_type == "Constant"
 
 
-def _shape_source(index: GraphIndex, name: str, position: int) -> tuple[str, int, int] | None:
-    """(node, input slot, index) of the stored constant that holds entry `position` of a
-    shape built by Concat / Unsqueeze / Cast of constants (TorchScript's view(B, S, heads, d))."""
+def _is_stored(index: GraphIndex, name: str) -> bool:
+    return index.is_constant(name) and (name in index.initializer_names or _is_constant_node(index, name))
+
+
+def _unguarded(index: GraphIndex, name: str) -> tuple[str, bool]:
+    """The shape behind TorchScript's expand guard Where(Equal(s, -1), ConstantOfShape, s) and
+    its Reshape(s, [-1]); (name, whether a guard was passed)."""
+    node = index.producer.get(name)
+    if node is None or node.op_type != "Where" or len(node.input) != 3:
+        return name, False
+    ones = index.producer.get(node.input[1])
+    if ones is None or ones.op_type != "ConstantOfShape":
+        return name, False
+    name = node.input[2]
+    flat = index.producer.get(name)
+    if flat is not None and flat.op_type == "Reshape" and np.array_equal(index.const(flat.input[1]), [-1]):
+        name = flat.input[0]
+    return name, True
+
+
+def _shape_source(index: GraphIndex, name: str, position: int) -> EntrySource | None:
+    """Where entry `position` of a shape built by Concat / Unsqueeze / Cast is stored: a constant
+    (TorchScript's view(B, S, heads, d)) or a computed one-entry input (view(B, T, C), C read
+    from a shape; the sizes of repeat_kv's expand)."""
+    name, guarded = _unguarded(index, name)
     node = index.producer.get(name)
     while node is not None and node.op_type in ("Cast", "Identity"):
         name, node = node.input[0], index.producer.get(node.input[0])
@@ -57,9 +97,11 @@ def _shape_source(index: GraphIndex, name: str, position: int) -> tuple[str, int
             inner = index.producer.get(inp)
             if inner is not None and inner.op_type == "Unsqueeze" and index.is_constant(inner.input[0]):
                 if index.const(inner.input[0]).ndim == 0:
-                    return index.label(inner), 0, -1
-            if index.is_constant(inp) and (inp in index.initializer_names or _is_constant_node(index, inp)):
-                return index.label(node), slot, position - offset
+                    return EntrySource(index.label(inner), 0, -1, guarded=guarded)
+            if _is_stored(index, inp):
+                return EntrySource(index.label(node), slot, position - offset, guarded=guarded)
+            if length == 1:
+                return EntrySource(index.label(node), slot, 0, computed=True, guarded=guarded)
             return None
         offset += length
     return None
@@ -75,8 +117,9 @@ def _length(index: GraphIndex, name: str) -> int | None:
 
 @carries("Shape")
 def shape_reader(index: GraphIndex, node: onnx.NodeProto, tensor: str, placement: Placement) -> list[Effect]:
-    """Shape only reads sizes: fine as long as nothing downstream reads the units' axis size
-    (TorchScript's view(x.size(0), x.size(1), heads, d) reads the batch and sequence sizes)."""
+    """Shape only reads sizes: fine as long as the units' axis size, when read, only sets Slice
+    bounds of the tensor or Reshape/Expand target entries that carry the units (both rewritten
+    as constants); TorchScript's view(x.size(0), x.size(1), heads, d) reads other sizes."""
     label = index.label(node)
     rank = index.rank(tensor)
     if rank is None:
@@ -86,13 +129,16 @@ def shape_reader(index: GraphIndex, node: onnx.NodeProto, tensor: str, placement
     if not start <= placement.axis < end:
         return []
     entry = placement.axis - start
+    effects: list[Effect] = []
     for use in index.uses.get(node.output[0], []):
         user = use.node
         if user.op_type == "Gather" and use.index == 0 and get_attr(user, "axis", 0) == 0 and index.is_constant(user.input[1]):
             if entry not in [i % (end - start) for i in np.atleast_1d(index.const(user.input[1])).tolist()]:
                 continue
-            if feeds_only_slice_bounds(index, user.output[0], node.input[0]):
-                continue  # TorchScript's chunk point: the Slices read it as a constant (shape_values.py)
+            sinks = size_sinks(index, user.output[0], node.input[0]) if index.const(user.input[1]).size == 1 else None
+            if sinks is not None:  # TorchScript's chunk point, repeat_kv's sizes (shape_values.py)
+                effects += [SizeRead(label, target, position) for target, position in sinks]
+                continue
         elif user.op_type == "Slice" and use.index == 0 and all(index.is_constant(i) for i in user.input[1:3]):
             lo, hi = int(index.const(user.input[1])[0]), int(index.const(user.input[2])[0])
             size = end - start
@@ -100,4 +146,4 @@ def shape_reader(index: GraphIndex, node: onnx.NodeProto, tensor: str, placement
             if not lo <= entry < hi:
                 continue
         return [Pin(f"Shape '{label}' reads the size of the units' axis ({user.op_type} '{index.label(user)}')")]
-    return []
+    return effects

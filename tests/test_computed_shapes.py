@@ -1,0 +1,121 @@
+"""Computed shape entries (issue 14): TorchScript builds Reshape/Expand targets from Shape ->
+Gather -> Unsqueeze -> Concat (nanoGPT's y.transpose(1, 2).contiguous().view(B, T, C), Llama's
+repeat_kv). An entry that carries a pruned unit count is rewritten as a constant instead of
+pinning the heads; a unit-axis size that reaches any other entry still pins."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+
+import onnxprune
+from builders import GraphBuilder, initializer, relative_l2, run
+from onnxprune.analyse import analyse
+from onnxprune.graph import GraphIndex, static_shapes
+
+RNG = np.random.default_rng(23)
+T, C, H = 6, 16, 4
+D = C // H
+
+
+def normal(*shape, scale=0.5):
+    return (RNG.normal(size=shape) * scale).astype(np.float32)
+
+
+def ints(g: GraphBuilder, *values) -> str:
+    return g.const(np.array(values), dtype=np.int64)
+
+
+def scalar(g: GraphBuilder, value) -> str:
+    return g.const(np.array(value), dtype=np.int64)
+
+
+def entry(g: GraphBuilder, value: str) -> str:
+    """TorchScript's Unsqueeze(size, [0]) of one shape entry."""
+    return g.op("Unsqueeze", [value, ints(g, 0)])
+
+
+def nanogpt_attention(plant: bool = True) -> onnx.ModelProto:
+    """nanoGPT's CausalSelfAttention as TorchScript exports it: B, T, C = x.size(); fused c_attn
+    split in q, k, v; view(B, T, n_head, C // n_head) with the sizes read from Shape(x); the
+    scale 1/sqrt(k.size(-1)); the causal bias sliced to T; view(B, T, C) of the heads; c_proj.
+    With `plant`, head 3 of q, k and v is a copy of head 1."""
+    g = GraphBuilder([1, T, C])
+    size = {axis: g.op("Gather", [g.op("Shape", ["x"]), scalar(g, axis)], axis=0) for axis in range(3)}
+    w, b = normal(C, 3 * C), normal(3 * C)
+    if plant:
+        for part in range(3):
+            w[:, part * C + 3 * D:part * C + 4 * D], b[part * C + 3 * D:part * C + 4 * D] = (
+                w[:, part * C + D:part * C + 2 * D], b[part * C + D:part * C + 2 * D])
+    qkv = g.matmul("x", w, b, name="c_attn")
+    g.nodes.append(onnx.helper.make_node("Split", [qkv, ints(g, C, C, C)], ["q", "k", "v"], name="split", axis=2))
+    heads = {}
+    for t in ("q", "k", "v"):
+        d = g.op("Div", [size[2], scalar(g, H)])
+        target = g.op("Concat", [entry(g, size[0]), entry(g, size[1]), ints(g, H), entry(g, d)], axis=0)
+        heads[t] = g.op("Transpose", [g.op("Reshape", [t, target], name=f"view_{t}")], perm=[0, 2, 1, 3])
+    att = g.op("MatMul", [heads["q"], g.op("Transpose", [heads["k"]], perm=[0, 1, 3, 2])])
+    dk = g.op("Cast", [g.op("Gather", [g.op("Shape", [heads["k"]]), scalar(g, 3)], axis=0)], to=onnx.TensorProto.FLOAT)
+    att = g.op("Mul", [att, g.op("Div", [g.const(np.float32(1.0)), g.op("Sqrt", [dk])])])
+    ends = g.op("Concat", [entry(g, size[1]), entry(g, size[1])], axis=0)
+    bias = g.op("Slice", [g.const(np.tril(np.ones((1, 1, 8, 8), np.float32))), ints(g, 0, 0), ends, ints(g, 2, 3)])
+    att = g.op("Where", [g.op("Equal", [bias, g.const(np.float32(0.0))]), g.const(np.float32(-np.inf)), att])
+    y = g.op("Transpose", [g.op("MatMul", [g.op("Softmax", [att], axis=-1), heads["v"]])], perm=[0, 2, 1, 3])
+    target = g.op("Concat", [entry(g, size[0]), entry(g, size[1]), entry(g, size[2])], axis=0)
+    y = g.op("Reshape", [y, target], name="view_y")
+    return g.build(g.matmul(y, normal(C, C), normal(C), name="c_proj"), ["N", T, C])
+
+
+def spaces_of(model: onnx.ModelProto):
+    index = GraphIndex(model, static_shapes(model, {"x": (1, *[d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim][1:])}))
+    return analyse(model, index=index).spaces
+
+
+def test_torchscript_heads_are_one_space_and_the_computed_view_entry_is_rewritten():
+    space = next(s for s in spaces_of(nanogpt_attention()) if s.name == "c_attn")
+    assert not space.pinned, space.pinned
+    assert space.n == H
+    computed = [u for u in space.reshapes if u.via == "view_y"]
+    assert [(u.position, u.block) for u in computed] == [(0, D)], "entry C of view(B, T, C) is rewritten"
+
+
+def test_a_planted_duplicate_head_of_torchscript_attention_is_removed_exactly():
+    model = nanogpt_attention()
+    x = RNG.normal(size=(96, T, C)).astype(np.float32)
+    pruned, report = onnxprune.prune(model, {"x": x}, tolerance=1e-6)
+    onnx.checker.check_model(pruned, full_check=True)
+    row = next(r for r in report.spaces if r.name == "c_attn")
+    assert (row.kept, row.units) == (H - 1, H)
+    assert initializer(pruned, "c_attn", 1).shape == (C, 3 * (C - D))
+    assert initializer(pruned, "c_proj", 1).shape == (C - D, C)
+    fresh = RNG.normal(size=(5, T, C)).astype(np.float32)  # another batch size: B and T stay computed
+    assert relative_l2(run(model, fresh), run(pruned, fresh)) < 1e-4
+
+
+def size_into_another_tensor() -> onnx.ModelProto:
+    """fc1's output width read by Shape sets a Reshape entry of x, which carries no unit: pruning
+    fc1 would change that Reshape, so the space pins."""
+    g = GraphBuilder([1, 4, 8])
+    h = g.op("Relu", [g.matmul("x", normal(8, 8), normal(8), name="fc1")])
+    width = g.op("Gather", [g.op("Shape", [h]), scalar(g, 2)], axis=0)
+    batch = g.op("Gather", [g.op("Shape", ["x"]), scalar(g, 0)], axis=0)
+    folded = g.op("Reshape", ["x", g.op("Concat", [entry(g, batch), entry(g, width), ints(g, -1)], axis=0)])
+    out = g.matmul(h, normal(8, 3), name="fc2")
+    side = g.op("ReduceSum", [folded, ints(g, 1, 2)], keepdims=0)
+    return g.build(g.op("Add", [out, g.op("Unsqueeze", [g.op("Unsqueeze", [side, ints(g, 1)]), ints(g, 2)])]), ["N", 4, 3])
+
+
+def test_an_axis_size_read_into_an_entry_that_carries_no_unit_pins():
+    space = next(s for s in spaces_of(size_into_another_tensor()) if s.name == "fc1")
+    assert any("reads the size of the units' axis" in r for r in space.pinned), space.pinned
+
+
+@pytest.mark.parametrize("name", ["llama_tiny", "llama_tiny_kv"])
+def test_torchscript_llama_prunes_kv_groups_like_its_torch_export_twin(name):
+    found = {}
+    for exporter in ("ts", "dynamo"):
+        report = onnxprune.inspect_model(f"models/transformers/{name}.{exporter}.onnx")
+        found[exporter] = sorted((s.units, len(s.producers)) for s in report.spaces if not s.pinned)
+    assert found["ts"] == found["dynamo"]
+    assert found["ts"].count((2, 3)) == 2, "two KV groups (q, k and v projections) per layer"
