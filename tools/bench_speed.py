@@ -318,14 +318,15 @@ def small_cnn_224(path: Path) -> None:
 
 def synthetic_npy(path: Path, n: int, chunk: int = 500) -> None:
     """n x 3 x 224 x 224 float32 of smooth random images, written a chunk at a time."""
-    array = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(n, 3, 224, 224))
     rng = np.random.default_rng(1)
-    for start in range(0, n, chunk):
-        count = min(chunk, n - start)
-        coarse = rng.random((count, 3, 28, 28), dtype=np.float32)
-        array[start:start + count] = np.repeat(np.repeat(coarse, 8, axis=2), 8, axis=3) + 0.1 * rng.random((count, 3, 224, 224), dtype=np.float32)
-    array.flush()
-    del array
+    with open(path, "wb") as handle:  # plain writes: a memory map would put the whole file in this process's RSS
+        np.lib.format.write_array_header_2_0(handle, {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float32)), "fortran_order": False,
+                                                      "shape": (n, 3, 224, 224)})
+        for start in range(0, n, chunk):
+            count = min(chunk, n - start)
+            coarse = rng.random((count, 3, 28, 28), dtype=np.float32)
+            images = np.repeat(np.repeat(coarse, 8, axis=2), 8, axis=3) + 0.1 * rng.random((count, 3, 224, 224), dtype=np.float32)
+            images.astype(np.float32).tofile(handle)
 
 
 def ooc_peak(model: Path, calib: Path, mode: str = "file", extra: tuple[str, ...] = ()) -> dict:
