@@ -285,6 +285,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with signals_raise():  # SIGINT, SIGTERM and SIGHUP unwind the run and remove its files
             try:
+                tempfiles.sweep_temporary_root()  # what killed runs left
                 return action(args)
             finally:
                 tempfiles.remove_all()

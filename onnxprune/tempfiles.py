@@ -78,6 +78,23 @@ def sweep(parent: Path, prefix: str) -> list[Path]:
     return removed
 
 
+PREFIXES = ("onnxprune-weights", "onnxprune-session", "onnxprune-calib")  # what the pipeline makes in TMPDIR
+
+
+def sweep_temporary_root() -> list[Path]:
+    """Sweep every kind of onnxprune folder in TMPDIR (the CLI does it at each start, so a killed
+    run's files go at the next run, whether or not that one needs temporary files)."""
+    try:
+        root = temporary_root()
+    except ResourceError:  # reported if and when a folder is needed
+        return []
+    removed = []
+    for prefix in PREFIXES:
+        removed += sweep(root, prefix)
+        _SWEPT.add((root, prefix))
+    return removed
+
+
 def temporary_root() -> Path:
     """The folder for temporary files: $TMPDIR when set (an unusable one is an error, not a silent
     fallback to another disk), else Python's default."""

@@ -110,3 +110,14 @@ def test_a_folder_left_by_sigkill_goes_at_the_next_start(private_tmpdir) -> None
     child.stdout.close()
     assert folder.exists()  # nothing ran at the kill
     assert tempfiles.sweep(private_tmpdir, "onnxprune-weights") == [folder] and not folder.exists()
+
+
+def test_every_cli_start_sweeps_what_killed_runs_left(private_tmpdir, capsys) -> None:
+    from builders import cli
+
+    namespace, _, start = tempfiles.owner_tag().split("-")
+    left = [private_tmpdir / f"{prefix}-{namespace}-{dead_pid()}-{start}-xyz" for prefix in tempfiles.PREFIXES]
+    for folder in left:
+        folder.mkdir()
+    cli(["inspect", ROOT / "models" / "mlp.ts.onnx", "--json"], capsys)  # needs no temporary file itself
+    assert not any(folder.exists() for folder in left)
