@@ -19,7 +19,7 @@ from .errors import CalibrationError, ModelError, TargetError
 from .graph import GraphIndex, fixed_batch_size, static_shapes
 from .latency import max_steps, search_latency
 from .load import load_model, map_large_allocations, release_memory
-from .plan import Plan, Target, make_plan, make_planner, misaligned_warning
+from .plan import ALLOCATIONS, Plan, Target, make_plan, make_planner, misaligned_warning
 from .recovery import Recovery, fit_recovery, mean_recovery
 from .report import PruneReport, SpaceRow
 from .rewrite import cache_io_changes, rewrite
@@ -104,6 +104,7 @@ def prune(
     latency_threads: int = 0,
     sequential: bool = False,
     shrinkage: float | str = "auto",
+    allocation: str = "global",
 ) -> PruneResult:
     """Prune `model` with calibration data `calib`; returns the pruned ModelProto and a report.
 
@@ -122,11 +123,15 @@ def prune(
     the original's activations, with the shrinkage toward the one-shot fit chosen per site on
     the held-out samples (DESIGN §2; `shrinkage` a number fixes it: 0 is the plain cross-moment
     least squares, inf the one-shot fit re-centred); the keep sets are the one-shot plan's.
+    `allocation`: "global" (one threshold on the normalised energies of every space, DESIGN §2) or
+    "uniform" (the same fraction of every space's units).
     Models of 64 MiB and more keep their weights on disk (their external-data files, or one
     temporary file) and fix glibc's mmap threshold for the process (`load.map_large_allocations`).
     """
     if method not in METHODS:
         raise TargetError(f"unknown method '{method}' (choose from {', '.join(METHODS)})")
+    if allocation not in ALLOCATIONS:
+        raise TargetError(f"unknown allocation '{allocation}' (choose from {', '.join(ALLOCATIONS)})")
     if order not in ORDERS:
         raise TargetError(f"unknown order '{order}' (choose from {', '.join(ORDERS)})")
     if batch_size < 1:
@@ -188,7 +193,7 @@ def prune(
     latency_result = None
     if target.kind == "latency":
         with _stage(seconds, "plan"):
-            planner = make_planner(analysis, scores, cost, min_keep, round_to)
+            planner = make_planner(analysis, scores, cost, min_keep, round_to, allocation)
             feeds = next(iter(prepared.calib_data.batches(prepared.batch_size if prepared.static_batch else latency_batch)))
 
             def build_with_feeds(plan: Plan) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
@@ -201,7 +206,7 @@ def prune(
             pruned = build_final(plan, pruned)
     else:
         with _stage(seconds, "plan"):
-            plan = make_plan(analysis, scores, cost, target, min_keep, round_to)
+            plan = make_plan(analysis, scores, cost, target, min_keep, round_to, allocation)
         with _stage(seconds, "rewrite"):
             pruned = build_final(plan)
     warnings.extend(misaligned_warning(analysis, plan))

@@ -18,6 +18,7 @@ from .errors import OnnxPruneError
 from .inspect import inspect_model
 from .interrupts import interrupted_signal, signals_raise
 from .load import default_output_path, removed_on_failure, save_model_atomic
+from .plan import ALLOCATIONS
 from .score import DEFAULT_ORDER, METHODS, ORDERS
 from .shards import Statistics, partial_statistics
 from .sources import ImageOptions
@@ -112,7 +113,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--order", choices=ORDERS, default=DEFAULT_ORDER,
                         help="SNP unit order: weighted = greedy pivoted Cholesky on the activations scaled by the consumer weights "
                         "(default: best at <= 30%% MACs removed, docs/benchmark.md); pivoted = on the activations alone (better "
-                        "when pruning harder); variance; residual")
+                        "when pruning harder); variance; residual; zca = ranked by the energy each unit keeps after a symmetric (ZCA) "
+                        "decorrelation, the seed paper's unnormalised-ZCA order")
+    parser.add_argument("--allocation", choices=ALLOCATIONS, default="global",
+                        help="how the target is spread over layers: global = one threshold on every layer's normalised "
+                        "energy loss, so each layer's ratio follows its redundancy (default); uniform = the same fraction of "
+                        "every layer's units")
     parser.add_argument("--round-to", type=int, default=8, metavar="N",
                         help="keep a multiple of N channels per layer (default 8: GPU engines such as TensorRT and cuDNN pick "
                         "tensor-core GEMM/conv kernels for channel counts that are multiples of 8, and onnxruntime's CPU "
@@ -177,7 +183,7 @@ def run(args: argparse.Namespace) -> int:
         method=args.method, order=args.order, round_to=args.round_to, min_keep=args.min_keep,
         exclude=args.exclude, batch_size=args.batch_size, verify_samples=args.verify_samples, seed=args.seed,
         calib_samples=args.calib_samples, workers=args.workers, scheduler=args.scheduler, spatial_stride=args.spatial_stride,
-        sequential=args.sequential, shrinkage=args.shrinkage,
+        sequential=args.sequential, shrinkage=args.shrinkage, allocation=args.allocation,
         statistics=Statistics.merge_all([Statistics.load(p) for p in args.stats]) if args.stats else None,
         image_options=ImageOptions(size=args.input_size, mean=args.mean, std=args.std, layout=args.layout, scale=args.scale),
     )

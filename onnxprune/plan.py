@@ -203,6 +203,33 @@ class Planner:
         return Plan(spaces, threshold, target)
 
 
+class UniformPlanner(Planner):
+    """The same fraction of every space's units removed (the baseline the global threshold must
+    beat): the threshold is that fraction, the units go in each space's own order."""
+
+    def kept_counts(self, threshold: float) -> dict[int, int]:
+        counts = {}
+        for sid, tail in self.tails.items():
+            n = len(tail)
+            kept = max(n - int(np.floor(max(threshold, 0.0) * n + 1e-9)), self.floors[sid])
+            counts[sid] = min(n, math.ceil(kept / self.steps[sid]) * self.steps[sid])
+        return counts
+
+    def threshold_for(self, target: Target) -> float:
+        if target.kind == "tolerance":
+            raise TargetError("--allocation uniform needs a ratio, flops or params target (a tolerance is a threshold on energies)")
+        return super().threshold_for(target)
+
+    def thresholds(self) -> np.ndarray:
+        """Every fraction that changes a kept count, ascending (so: fewer units kept)."""
+        fractions = [np.arange(len(t) + 1) / len(t) for t in self.tails.values() if len(t)]
+        return np.unique(np.concatenate([[-np.inf], *fractions]))
+
+
+ALLOCATIONS = ("global", "uniform")
+PLANNERS = {"global": Planner, "uniform": UniformPlanner}
+
+
 def make_plan(
     analysis: Analysis,
     scores: dict[int, SpaceScore],
@@ -210,13 +237,18 @@ def make_plan(
     target: Target,
     min_keep: float = 1,
     round_to: int = 1,
+    allocation: str = "global",
 ) -> Plan:
-    """Plan every prunable space of `analysis` to meet `target` with one global threshold."""
-    return make_planner(analysis, scores, cost, min_keep, round_to).plan(target)
+    """Plan every prunable space of `analysis` to meet `target`: one global threshold on the
+    normalised energies, or the same fraction everywhere (`allocation="uniform"`)."""
+    return make_planner(analysis, scores, cost, min_keep, round_to, allocation).plan(target)
 
 
-def make_planner(analysis: Analysis, scores: dict[int, SpaceScore], cost: CostModel, min_keep: float = 1, round_to: int = 1) -> Planner:
+def make_planner(analysis: Analysis, scores: dict[int, SpaceScore], cost: CostModel, min_keep: float = 1, round_to: int = 1,
+                 allocation: str = "global") -> Planner:
     """A planner over the prunable spaces of `analysis`."""
+    if allocation not in PLANNERS:
+        raise TargetError(f"unknown allocation '{allocation}' (choose from {', '.join(ALLOCATIONS)})")
     prunable = {s.id: s for s in analysis.prunable}
-    return Planner({sid: sc for sid, sc in scores.items() if sid in prunable}, cost, min_keep, round_to,
-                   {sid: unit_width(space) for sid, space in prunable.items()})
+    return PLANNERS[allocation]({sid: sc for sid, sc in scores.items() if sid in prunable}, cost, min_keep, round_to,
+                                {sid: unit_width(space) for sid, space in prunable.items()})

@@ -50,9 +50,15 @@ class _Edit:
     value: np.ndarray | None
 
 
+def _contiguous(value: np.ndarray) -> np.ndarray:
+    """C order, keeping a scalar 0-d (np.ascontiguousarray makes it 1-d: a shape entry of
+    Unsqueeze would gain an axis)."""
+    return np.ascontiguousarray(value).reshape(np.shape(value))
+
+
 def _release(edit: _Edit, name: str) -> onnx.TensorProto:
     """The edit as a tensor; its array is let go once written (a large model's edits add up)."""
-    tensor = numpy_helper.from_array(np.ascontiguousarray(edit.value), name)
+    tensor = numpy_helper.from_array(_contiguous(edit.value), name)
     edit.value = None
     return tensor
 
@@ -60,7 +66,8 @@ def _release(edit: _Edit, name: str) -> onnx.TensorProto:
 class ConstantEdits:
     """New values for constant inputs, keyed by (node, input slot); shared constants are copied."""
 
-    def __init__(self, model: onnx.ModelProto, index: GraphIndex, source: list[onnx.TensorProto]):
+    def __init__(self, model: onnx.ModelProto, index: GraphIndex, source: list[onnx.TensorProto], keep_on_disk: bool = False):
+        self.keep = (lambda tensor: tensor) if keep_on_disk else in_memory  # how an untouched weight is carried over
         self.model = model
         self.index = index
         self.source = source  # the initializers of the model being rewritten, in order
@@ -69,13 +76,14 @@ class ConstantEdits:
         self.bias_nodes: list[tuple[onnx.NodeProto, np.ndarray]] = []
         self.own_shapes: dict[int, tuple[onnx.NodeProto, onnx.NodeProto, dict[int, np.ndarray]]] = {}
 
-    def own_shape(self, reshape: onnx.NodeProto, concat: onnx.NodeProto, slot: int, position: int, value: int) -> None:
+    def own_shape(self, reshape: onnx.NodeProto, concat: onnx.NodeProto, slot: int, position: int, value: int,
+                  dtype: str = "int64") -> None:
         """Give `reshape` its own copy of the Concat that builds its target, with entry
         `position` of input `slot` set to `value` (exporters share one Concat between layers).
         A slot computed at run time (an axis size read by Shape) becomes a one-entry constant."""
         _, _, inputs = self.own_shapes.setdefault(id(reshape), (reshape, concat, {}))
         stored = self.index.const(concat.input[slot])
-        current = inputs.get(slot, np.zeros(1, dtype=np.int64) if stored is None else stored).copy()
+        current = inputs.get(slot, np.zeros(1, dtype=dtype) if stored is None else stored).copy()
         current[position] = value
         inputs[slot] = current
 
@@ -109,7 +117,7 @@ class ConstantEdits:
             elif name and use_count.get(name, 0) == 1 and name in constant_nodes:
                 node = constant_nodes[name]
                 del node.attribute[:]
-                node.attribute.append(helper.make_attribute("value", numpy_helper.from_array(np.ascontiguousarray(edit.value), name)))
+                node.attribute.append(helper.make_attribute("value", numpy_helper.from_array(_contiguous(edit.value), name)))
             else:
                 new_name = self._fresh_name(f"{name or edit.node.output[0]}{SUFFIX}")
                 self.reserved.add(new_name)
@@ -122,7 +130,7 @@ class ConstantEdits:
                         edit.node.input.append("")
                     edit.node.input.append(new_name)
         for tensor in self.source:  # the source order, edited values in place of the old ones
-            graph.initializer.append(_release(replaced[tensor.name], tensor.name) if tensor.name in replaced else in_memory(tensor))
+            graph.initializer.append(_release(replaced[tensor.name], tensor.name) if tensor.name in replaced else self.keep(tensor))
         for name, edit in fresh:
             graph.initializer.append(_release(edit, name))
         self._insert_bias_nodes()
@@ -155,9 +163,15 @@ class ConstantEdits:
                 clone.input[slot] = const
             del clone.output[:]
             clone.output.append(self._fresh_name(f"{concat.output[0]}{SUFFIX}"))
-            reshape.input[1] = clone.output[0]  # the target / shape input of Reshape and Expand
+            added = [clone]
+            if any(value.dtype != np.int64 for value in inputs.values()):  # tf2onnx: int32 shape arithmetic, cast at the end
+                cast = helper.make_node("Cast", [clone.output[0]], [self._fresh_name(f"{clone.output[0]}_int64")],
+                                        name=self._fresh_name(f"{clone.name}_cast"), to=onnx.TensorProto.INT64)
+                added.append(cast)
+            reshape.input[1] = added[-1].output[0]  # the target / shape input of Reshape and Expand
             position = next(i for i, n in enumerate(graph.node) if n is reshape)
-            graph.node.insert(position, clone)
+            for node in reversed(added):
+                graph.node.insert(position, node)
 
     def _fresh_name(self, base: str) -> str:
         taken = {t.name for t in self.model.graph.initializer} | {t.name for t in self.source} | self.reserved
@@ -204,7 +218,7 @@ class Rewriter:
     """
 
     def __init__(self, model: onnx.ModelProto, analysis: Analysis, plan: Plan, recoveries: dict[tuple[int, str], Recovery] | None,
-                 constants: Constants | None = None):
+                 constants: Constants | None = None, keep_on_disk: bool = False, fold_cache: dict | None = None):
         # the copy gets its initializers at commit: a weight replaced in place would leave its old
         # bytes in the protobuf arena
         self.model = copy_model(model, skip_graph=("initializer",))
@@ -215,7 +229,11 @@ class Rewriter:
         self.index = GraphIndex(self.model, shapes={}, initializers=self.source)
         if constants is not None:  # the values the analysis already converted (read only: edits copy)
             self.index.constants = constants
-        self.edits = ConstantEdits(self.model, self.index, self.source)
+        self.edits = ConstantEdits(self.model, self.index, self.source, keep_on_disk)
+        self.refresh_shapes = not keep_on_disk  # a working copy (the sequential pass) needs no value_info
+        # folds already computed by an earlier rewrite with the same recoveries (the sequential
+        # pass rewrites once per segment; each recovery is fixed once fitted)
+        self.fold_cache = fold_cache
         self.biases: dict[tuple[str, int], str] = {}  # bias inputs the folds touched -> output tensor
 
     def pruned_spaces(self) -> list[tuple[Space, SpacePlan]]:
@@ -235,7 +253,7 @@ class Rewriter:
     def run(self) -> onnx.ModelProto:
         spaces = self.pruned_spaces()
         if not spaces and not self.recoveries:
-            self.model.graph.initializer.extend(in_memory(t) for t in self.source)
+            self.model.graph.initializer.extend(self.edits.keep(t) for t in self.source)
             return self.model
         removed, widths, blocks = self.removed_positions(spaces)
         elements = {t: expand_blocks(r, blocks[t]) for t, r in removed.items()}
@@ -257,7 +275,8 @@ class Rewriter:
             elif isinstance(record, ShapeUpdate):
                 value = (widths[record.tensor] - len(removed[record.tensor])) * record.block
                 if record.via:
-                    self.edits.own_shape(self.index.node(record.via), self.index.node(record.node), record.input_index, record.position, value)
+                    self.edits.own_shape(self.index.node(record.via), self.index.node(record.node), record.input_index, record.position, value,
+                                         record.dtype)
                     continue
                 target = self.edits.get(record.node, record.input_index).copy()
                 if record.position < 0:
@@ -284,7 +303,8 @@ class Rewriter:
                     dim.dim_value = size - len(removed_elements)
         changed = self.edits.commit()
         touched = {t for s, _ in spaces for t in [*s.tensors, *s.flattened]}
-        _refresh_value_info(self.model, changed | touched)
+        if self.refresh_shapes:
+            _refresh_value_info(self.model, changed | touched)
         return self.model
 
     def _delete(self, label: str, slot: int, axis: int, positions: np.ndarray | None) -> None:
@@ -334,8 +354,13 @@ class Rewriter:
         return [a % rank for a in axes].index(space_axis)
 
     def _fold(self, consumer: Consumer, width: int, recovery: Recovery) -> None:
-        weight = self.edits.get(consumer.node, consumer.weight_index)
-        new_weight, delta = fold_consumer_weight(weight, consumer, width, recovery)
+        key = (consumer.node, consumer.weight_index, id(recovery))
+        if self.fold_cache is not None and key in self.fold_cache:
+            new_weight, delta = self.fold_cache[key]
+        else:
+            new_weight, delta = fold_consumer_weight(self.edits.get(consumer.node, consumer.weight_index), consumer, width, recovery)
+            if self.fold_cache is not None:
+                self.fold_cache[key] = (new_weight, delta)
         self.edits.set(consumer.node, consumer.weight_index, new_weight)
         node = self.index.node(consumer.node)
         if node.op_type == "ConvTranspose":  # a constant reaches each output through kernel/stride taps on average
@@ -448,7 +473,12 @@ def rewrite(
     plan: Plan,
     recoveries: dict[tuple[int, str], Recovery] | None,
     constants: Constants | None = None,
+    keep_on_disk: bool = False,
+    fold_cache: dict | None = None,
 ) -> onnx.ModelProto:
     """A pruned copy of `model`; the input is not modified. No recovery when `recoveries` is None.
-    `constants`: the model's already converted constants (a GraphIndex's), to avoid a second copy."""
-    return Rewriter(model, analysis, plan, recoveries, constants).run()
+    `constants`: the model's already converted constants (a GraphIndex's), to avoid a second copy.
+    `keep_on_disk`: a working copy: untouched on-disk weights stay references to their files (not
+    read) and value_info is not refreshed. `fold_cache`: folds kept between rewrites whose
+    recoveries do not change (keyed by consumer and recovery object)."""
+    return Rewriter(model, analysis, plan, recoveries, constants, keep_on_disk, fold_cache).run()

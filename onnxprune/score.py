@@ -13,7 +13,7 @@ from .graph import GraphIndex
 from .placement import expand_blocks
 from .stats import SiteStats
 
-ORDERS = ("pivoted", "weighted", "variance", "residual")
+ORDERS = ("pivoted", "weighted", "variance", "residual", "zca")
 DEFAULT_ORDER = "weighted"  # measured: docs/benchmark.md (order ablation)
 METHODS = ("snp", "lsq", "fluct", "wanda", "l1", "l2", "variance", "random")
 # How each method compensates the pruned units: least squares, their mean (FLAP), or not at all.
@@ -161,6 +161,16 @@ def producer_weight_norms(space: Space, index: GraphIndex, p: int) -> np.ndarray
     return norms
 
 
+def zca_scores(cov: np.ndarray) -> np.ndarray:
+    """Per element, ([S^1/2]_ii)^2: the variance of unit i shared with its own ZCA-whitened
+    counterpart (the cross-covariance of ZCA-whitened and original variables is S^1/2), i.e.
+    what is left of the unit after a symmetric decorrelation that is not rescaled to unit
+    variance. Redundant units share their energy and score low (docs/design.md)."""
+    values, vectors = np.linalg.eigh((cov + cov.T) / 2)
+    root = (vectors * np.sqrt(np.maximum(values, 0.0))) @ vectors.T
+    return np.diag(root) ** 2
+
+
 def _by_score(score: np.ndarray) -> np.ndarray:
     return np.argsort(-score, kind="stable")
 
@@ -211,6 +221,8 @@ def score_space(
         return SpaceScore(space.id, units, energy)
     if order == "variance":
         units = _by_score(variance)
+    elif order == "zca":
+        units = _by_score(per_unit(zca_scores(cov)))
     elif order == "residual":
         # ||W_i||^2 / [C^-1]_ii: output error of removing unit i alone with LS recovery
         inv_diag = np.diag(sla.cho_solve(sla.cho_factor(regularised(cov)), np.eye(len(cov))))

@@ -163,6 +163,7 @@ class SequentialFitter:
         self.consumer_positions = {t: [position[id(index.node(c.node))] for s in self.spaces for c in s.consumers if c.site == t]
                                    for t in sites}
         self.result = SequentialResult({}, segments=len(self.segments))
+        self.fold_cache: dict = {}
 
     def run(self, batches: Callable[[], Iterable[tuple[dict[str, np.ndarray], bool]]], count: int,
             advance: Callable[[int], None]) -> SequentialResult:
@@ -178,7 +179,8 @@ class SequentialFitter:
         return self.result
 
     def _pruned_model(self) -> onnx.ModelProto:
-        return rewrite(self.original, self.analysis, self.plan, self.result.recoveries, self.index.constants)
+        return rewrite(self.original, self.analysis, self.plan, self.result.recoveries, self.index.constants, keep_on_disk=True,
+                       fold_cache=self.fold_cache)
 
     def _segment(self, segment: GraphSegment, batches, cache_o: BoundaryCache, cache_p: BoundaryCache) -> None:
         new_boundary = [t for t in segment.boundary if t not in cache_o.values[0]]

@@ -86,6 +86,8 @@ SEQUENTIAL_VARIANTS = (
     ("sequential pivoted", "snp", "pivoted", {"sequential": True}),
     ("lsq one-shot", "lsq", "weighted", {"sequential": False}),
     ("lsq sequential", "lsq", "weighted", {"sequential": True}),
+    ("uniform one-shot", "snp", "weighted", {"sequential": False, "allocation": "uniform"}),
+    ("uniform sequential", "snp", "weighted", {"sequential": True, "allocation": "uniform"}),
 )
 CALIB_SEEDS = (1, 2, 3)  # FMNIST "seeds" ablation: three more 512-image calibration sets
 SEED_METHODS = ("snp", "lsq", "fluct")
