@@ -46,6 +46,11 @@ Models (all narrow, a few 10k parameters each):
 * ``unets``        small UNet on 3x64x64: 2 down levels (conv-BN-ReLU x2 + maxpool), bottleneck,
   up path with ConvTranspose2d(stride 2) on the deep level and bilinear nn.Upsample on the
   shallow one, skip Concat, final 1x1 conv -> [N,2,64,64]
+* ``yolov8s``      YOLOv8n topology on 3x64x64 (backbone Conv/C2f x4 + SPPF, PAN neck, Detect head
+  with the 4 x 16 DFL box layout, anchors for strides 8/16/32) -> [N,14,84]; calib64.npz
+
+``python models/build_zoo.py --only yolov8s`` builds one model and merges it into the manifest.
+Keras (NHWC) models: ``models/build_zoo_keras.py``.
 """
 
 from __future__ import annotations
@@ -460,6 +465,78 @@ class C2fNet(nn.Module):
         return self.h1(self.h0(n))
 
 
+class DFL(nn.Module):
+    """ultralytics' Distribution Focal Loss integral: softmax over reg_max bins, fixed arange conv."""
+
+    def __init__(self, c1: int = 16) -> None:
+        super().__init__()
+        self.c1 = c1
+        self.conv = nn.Conv2d(c1, 1, 1, bias=False).requires_grad_(False)
+        self.conv.weight.data[:] = torch.arange(c1, dtype=torch.float).view(1, c1, 1, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, _, a = x.shape
+        return self.conv(x.view(b, 4, self.c1, a).transpose(2, 1).softmax(1)).view(b, 4, a)
+
+
+class Detect(nn.Module):
+    """ultralytics' YOLOv8 Detect head (inference): per level a box branch (2 Conv + 1x1 to 4 x 16
+    DFL bins) and a class branch, flattened and joined over levels, DFL -> ltrb -> xywh x stride."""
+
+    def __init__(self, nc: int, ch: tuple[int, ...], strides: tuple[int, ...], sizes: tuple[int, ...], reg_max: int = 16) -> None:
+        super().__init__()
+        self.nc, self.reg_max, self.no = nc, reg_max, nc + 4 * reg_max
+        # ultralytics: c2 = max(16, ch[0] // 4, 4 * reg_max) = 64; 32 keeps the file under 1 MB
+        c2, c3 = max(16, ch[0] // 4, reg_max * 2), max(ch[0], min(nc, 100))
+        self.cv2 = nn.ModuleList(nn.Sequential(YConv(x, c2, 3), YConv(c2, c2, 3), nn.Conv2d(c2, 4 * reg_max, 1)) for x in ch)
+        self.cv3 = nn.ModuleList(nn.Sequential(YConv(x, c3, 3), YConv(c3, c3, 3), nn.Conv2d(c3, nc, 1)) for x in ch)
+        self.dfl = DFL(reg_max)
+        points, stride = [], []
+        for s, n in zip(strides, sizes, strict=True):  # make_anchors: cell centres, fixed by the input size
+            yy, xx = torch.meshgrid(torch.arange(n) + 0.5, torch.arange(n) + 0.5, indexing="ij")
+            points.append(torch.stack((xx, yy), -1).view(-1, 2))
+            stride.append(torch.full((n * n, 1), float(s)))
+        self.register_buffer("anchors", torch.cat(points).transpose(0, 1).unsqueeze(0))
+        self.register_buffer("strides", torch.cat(stride).transpose(0, 1))
+
+    def forward(self, xs: list[torch.Tensor]) -> torch.Tensor:
+        shape = xs[0].shape
+        x = torch.cat([torch.cat((b(x), c(x)), 1).view(shape[0], self.no, -1) for x, b, c in zip(xs, self.cv2, self.cv3, strict=True)], 2)
+        box, cls = x.split((self.reg_max * 4, self.nc), 1)
+        lt, rb = self.dfl(box).chunk(2, 1)
+        x1y1, x2y2 = self.anchors - lt, self.anchors + rb
+        dbox = torch.cat(((x1y1 + x2y2) / 2, x2y2 - x1y1), 1) * self.strides
+        return torch.cat((dbox, cls.sigmoid()), 1)
+
+
+class YOLOv8S(nn.Module):
+    """YOLOv8n topology (ultralytics yolov8.yaml) at 1/4 to 1/8 of its widths on 64x64 inputs:
+    backbone Conv/C2f x4 + SPPF, PAN neck (Upsample + Concat + C2f, strided Conv + Concat + C2f)
+    and the Detect head on strides 8/16/32 -> [N, 4 + nc, 84]."""
+
+    def __init__(self, nc: int = 10, w: tuple[int, ...] = (4, 8, 16, 32, 32)) -> None:
+        super().__init__()
+        self.b0, self.b1, self.b2 = YConv(3, w[0], 3, 2), YConv(w[0], w[1], 3, 2), C2f(w[1], w[1], 1, True)
+        self.b3, self.b4 = YConv(w[1], w[2], 3, 2), C2f(w[2], w[2], 2, True)
+        self.b5, self.b6 = YConv(w[2], w[3], 3, 2), C2f(w[3], w[3], 2, True)
+        self.b7, self.b8, self.b9 = YConv(w[3], w[4], 3, 2), C2f(w[4], w[4], 1, True), SPPF(w[4], w[4])
+        self.up = nn.Upsample(scale_factor=2.0, mode="nearest")
+        self.h12, self.h15 = C2f(w[4] + w[3], w[3]), C2f(w[3] + w[2], w[2])
+        self.h16, self.h18 = YConv(w[2], w[2], 3, 2), C2f(w[2] + w[3], w[3])
+        self.h19, self.h21 = YConv(w[3], w[3], 3, 2), C2f(w[3] + w[4], w[4])
+        self.detect = Detect(nc, (w[2], w[3], w[4]), (8, 16, 32), (8, 4, 2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        p3 = self.b4(self.b3(self.b2(self.b1(self.b0(x)))))
+        p4 = self.b6(self.b5(p3))
+        p5 = self.b9(self.b8(self.b7(p4)))
+        n4 = self.h12(torch.cat([self.up(p5), p4], 1))
+        n3 = self.h15(torch.cat([self.up(n4), p3], 1))
+        n4 = self.h18(torch.cat([self.h16(n3), n4], 1))
+        n5 = self.h21(torch.cat([self.h19(n4), p5], 1))
+        return self.detect([n3, n4, n5])
+
+
 # ---------------------------------------------------------------- UNet
 class DoubleConv(nn.Sequential):
     def __init__(self, cin: int, cout: int, mid: int | None = None) -> None:
@@ -501,6 +578,7 @@ MODELS = {
     "effnets": (EffNetS, (3, 32, 32), "calib.npz"),
     "c2f": (C2fNet, (3, 32, 32), "calib.npz"),
     "unets": (UNetS, (3, 64, 64), "calib64.npz"),
+    "yolov8s": (YOLOv8S, (3, 64, 64), "calib64.npz"),
 }
 
 
@@ -763,6 +841,9 @@ def describe(path: Path, model: onnx.ModelProto) -> dict:
 
 # =========================================================================== main
 def main() -> int:
+    """Build every model, or with ``--only NAME ...`` just those (merged into the manifest; the
+    other files and the calibration sets are left as they are)."""
+    only = sys.argv[sys.argv.index("--only") + 1:] if "--only" in sys.argv else None
     t_start = time.time()
     torch.set_num_threads(2)
     torch.use_deterministic_algorithms(True)
@@ -782,7 +863,8 @@ def main() -> int:
         "calib64.npz": rng.standard_normal((32, 3, 64, 64), dtype=np.float32),
     }
     for fname, arr in calib.items():
-        np.savez_compressed(ZOO / fname, input=arr)
+        if only is None:
+            np.savez_compressed(ZOO / fname, input=arr)
 
     manifest: dict = {
         "generator": "models/build_zoo.py",
@@ -803,7 +885,13 @@ def main() -> int:
         "errors": {},
     }
 
+    if only is not None:
+        kept = json.loads((ZOO / "manifest.json").read_text())
+        manifest.update({k: kept[k] for k in ("models", "files", "errors", "calibration")})
+        manifest["versions"] = {**kept["versions"], **manifest["versions"]}
     for idx, (name, (factory, chw, calib_file)) in enumerate(MODELS.items()):
+        if only is not None and name not in only:
+            continue
         print(f"== {name}", flush=True)
         seed_everything(SEED + idx)
         model = factory()

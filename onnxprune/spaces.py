@@ -41,6 +41,7 @@ class ShapeUpdate:
     block: int
     tensor: str
     via: str = ""  # the Reshape whose target a shared Concat builds: the rewrite gives it its own copy
+    dtype: str = "int64"  # of a computed Concat input replaced by a constant (tf2onnx computes in int32)
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,5 @@
-"""Issue 3: every reference-zoo architecture, from both torch exporters, prunes to a valid model."""
+"""Issue 3: every reference-zoo architecture, from both torch exporters (and the Keras models from
+tf2onnx with and without its optimiser, issue 14), prunes to a valid model."""
 
 from __future__ import annotations
 
@@ -17,8 +18,11 @@ MANIFEST = json.loads((ZOO / "manifest.json").read_text())
 FILES = sorted(p.name for p in ZOO.glob("*.onnx"))
 
 
+KERAS = {"keras_cnn", "keras_mixer"}  # NHWC, models/build_zoo_keras.py
+
+
 def calib_for(name: str) -> Path:
-    return ZOO / ("calib64.npz" if name.startswith("unets") else "calib.npz")
+    return ZOO / MANIFEST["files"][name]["calib"]
 
 
 def fresh_inputs(name: str, n: int = 4) -> np.ndarray:
@@ -28,9 +32,11 @@ def fresh_inputs(name: str, n: int = 4) -> np.ndarray:
 
 def test_zoo_has_every_architecture_from_both_exporters():
     stems = {f.split(".")[0] for f in FILES}
-    assert {"resnet18s", "resnet50s", "mobilenetv2s", "densenets", "resnexts", "effnets", "c2f", "unets"} <= stems
+    assert {"resnet18s", "resnet50s", "mobilenetv2s", "densenets", "resnexts", "effnets", "c2f", "unets"} | KERAS <= stems
     for stem in stems:
-        assert f"{stem}.ts.onnx" in FILES and f"{stem}.dynamo.onnx" in FILES
+        kinds = ("tf2onnx", "tf2onnx_noopt") if stem in KERAS else ("ts", "dynamo")
+        assert all(f"{stem}.{kind}.onnx" in FILES for kind in kinds), stem
+        assert all(f"{stem}.{kind}.onnx" in MANIFEST["files"] for kind in kinds), stem
 
 
 @pytest.mark.parametrize("name", FILES)
@@ -56,7 +62,7 @@ def test_ratio_0_is_bit_identical(name):
     assert report.macs_after == report.macs_before
 
 
-@pytest.mark.parametrize("stem", ["resnet18s", "mobilenetv2s", "densenets", "effnets", "unets", "c2f"])
+@pytest.mark.parametrize("stem", ["resnet18s", "mobilenetv2s", "densenets", "effnets", "unets", "c2f", "yolov8s"])
 def test_both_exporters_find_the_same_prunable_units(stem):
     """TorchScript and torch.export graphs differ (BN folded, Flatten vs Reshape, Split vs Slice),
     yet the architecture's prunable unit count is the same, except where a pattern is pinned."""
@@ -65,6 +71,29 @@ def test_both_exporters_find_the_same_prunable_units(stem):
         report = onnxprune.inspect_model(ZOO / f"{stem}.{exporter}.onnx")
         units[exporter] = sum(s.units for s in report.spaces if not s.pinned)
     assert units["ts"] == units["dynamo"]  # C2f too: TorchScript's computed chunk point is read (issue 14)
+
+
+@pytest.mark.parametrize("exporter", ["ts", "dynamo"])
+def test_yolov8_pins_only_the_detect_outputs_and_the_dfl_layout(exporter):
+    """Issue 14: every C2f, SPPF, neck and head conv is prunable; what stays is the last 1x1 conv
+    of each box branch (4 x 16 DFL bins), of each class branch (the graph output) and the DFL's
+    fixed conv."""
+    spaces = onnxprune.inspect_model(ZOO / f"yolov8s.{exporter}.onnx").spaces
+    pinned = sorted(s.units for s in spaces if s.pinned)
+    assert pinned == [1, 4, 4, 4, 10, 10, 10], pinned
+    assert len([s for s in spaces if not s.pinned]) == 51
+
+
+@pytest.mark.parametrize("stem", sorted(KERAS))
+def test_nhwc_keras_models_prune_every_unit_but_the_logits_with_and_without_tf2onnx_optimiser(stem):
+    """Without its optimiser tf2onnx wraps every Conv in Transposes, keeps BatchNorm as Mul/Add on
+    the last axis and Dense as Tensordot (int32 shapes from Shape); both graphs prune the same."""
+    found = {}
+    for kind in ("tf2onnx", "tf2onnx_noopt"):
+        spaces = onnxprune.inspect_model(ZOO / f"{stem}.{kind}.onnx").spaces
+        assert [s.pinned for s in spaces if s.pinned] == [["tensor 'output' is a graph output"]], kind
+        found[kind] = sorted(s.units for s in spaces if not s.pinned)
+    assert found["tf2onnx"] == found["tf2onnx_noopt"]
 
 
 @pytest.mark.parametrize("exporter", ["ts", "dynamo"])

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections import Counter
 from pathlib import Path
@@ -23,11 +24,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ratio", type=float, default=0.3)
     args = parser.parse_args()
+    files = json.loads((ZOO / "manifest.json").read_text())["files"]
     print("| model | exporter | prunable spaces | pinned spaces (reasons) | MACs removed | rel. L2 error | cosine |")
     print("|---|---|---:|---|---:|---:|---:|")
     for path in sorted(ZOO.glob("*.onnx")):
         stem, exporter = path.name.split(".")[:2]
-        calib = ZOO / ("calib64.npz" if stem == "unets" else "calib.npz")
+        calib = ZOO / files[path.name]["calib"]  # NHWC Keras models: calib_nhwc.npz
         _, report = onnxprune.prune(path, calib, ratio=args.ratio)
         pinned = [s for s in report.spaces if s.pinned]
         reasons = Counter(s.pinned[0].split(" '")[0] if "graph output" not in s.pinned[0] else "graph output" for s in pinned)

@@ -94,11 +94,12 @@ def batched_matmul(index: GraphIndex, node: onnx.NodeProto, tensor: str, placeme
 
 @carries("Softmax", "LogSoftmax")
 def softmax(index: GraphIndex, node: onnx.NodeProto, tensor: str, placement: Placement) -> list[Effect]:
-    """Softmax over another axis (attention's keys) keeps each head apart."""
+    """Softmax over another axis (attention's keys) keeps each head apart; reached from its
+    output (v's heads first), the input carries them too."""
     rank = index.rank(tensor)
     if rank is None or get_attr(node, "axis", -1) % rank == placement.axis:
         return [Pin(f"{node.op_type} '{index.label(node)}' normalises over the units' axis")]
-    return through(index.label(node), tensor, node.output[0], placement)
+    return through(index.label(node), node.input[0], node.output[0], placement)
 
 
 @carries(*sorted(FUSED_ATTENTION))

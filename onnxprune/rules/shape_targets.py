@@ -34,11 +34,8 @@ def shape_update(index: GraphIndex, node: onnx.NodeProto, position: int, block: 
     label = index.label(node)
     automatic = {-1, 1} if node.op_type == "Expand" else ({-1} if get_attr(node, "allowzero", 0) else {0, -1})
     target = index.const(node.input[1])
-    if target is not None:
-        if int(target[position]) in automatic:
-            return []
-        if node.input[1] in index.initializer_names or _is_constant_node(index, node.input[1]):
-            return [ShapeUpdate(label, 1, position, block, tensor)]
+    if target is not None:  # stored or folded (tf2onnx's Cast of a constant): the target gets a new constant
+        return [] if int(target[position]) in automatic else [ShapeUpdate(label, 1, position, block, tensor)]
     source = _shape_source(index, node.input[1], position)
     if source is None:
         return [Pin(f"{node.op_type} '{label}' target entry {position} is computed at run time; onnxprune cannot rewrite it")]
@@ -50,7 +47,26 @@ def shape_update(index: GraphIndex, node: onnx.NodeProto, position: int, block: 
         if int(value[()] if source.position < 0 else value[source.position]) in automatic:
             return []
     via = label if holder.op_type == "Concat" else ""
-    return [ShapeUpdate(source.holder, source.slot, source.position, block, tensor, via)]
+    stored = index.const(holder.input[source.slot])
+    dtype = _value_dtype(index, holder.input[source.slot]) if source.computed else stored.dtype.name
+    return [ShapeUpdate(source.holder, source.slot, source.position, block, tensor, via, dtype)]
+
+
+def _value_dtype(index: GraphIndex, name: str) -> str:
+    """The integer type of a computed shape value: the last Cast before it, a constant it is
+    combined with, or Shape's int64."""
+    node = index.producer.get(name)
+    while node is not None:
+        if node.op_type == "Cast":
+            return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(get_attr(node, "to"))).name
+        if node.op_type in ("Add", "Sub", "Mul", "Div"):
+            known = [index.const(i) for i in node.input if index.is_constant(i)]
+            if known:
+                return known[0].dtype.name
+        if node.op_type == "Shape" or not node.input:
+            break
+        node = index.producer.get(node.input[0])
+    return "int64"
 
 
 def _is_constant_node(index: GraphIndex, name: str) -> bool:
@@ -128,22 +144,8 @@ def shape_reader(index: GraphIndex, node: onnx.NodeProto, tensor: str, placement
     end = end % rank if end < 0 else min(end, rank)
     if not start <= placement.axis < end:
         return []
-    entry = placement.axis - start
-    effects: list[Effect] = []
-    for use in index.uses.get(node.output[0], []):
-        user = use.node
-        if user.op_type == "Gather" and use.index == 0 and get_attr(user, "axis", 0) == 0 and index.is_constant(user.input[1]):
-            if entry not in [i % (end - start) for i in np.atleast_1d(index.const(user.input[1])).tolist()]:
-                continue
-            sinks = size_sinks(index, user.output[0], node.input[0]) if index.const(user.input[1]).size == 1 else None
-            if sinks is not None:  # TorchScript's chunk point, repeat_kv's sizes (shape_values.py)
-                effects += [SizeRead(label, target, position) for target, position in sinks]
-                continue
-        elif user.op_type == "Slice" and use.index == 0 and all(index.is_constant(i) for i in user.input[1:3]):
-            lo, hi = int(index.const(user.input[1])[0]), int(index.const(user.input[2])[0])
-            size = end - start
-            lo, hi = (max(0, min(size, v + size if v < 0 else v)) for v in (lo, hi))
-            if not lo <= entry < hi:
-                continue
-        return [Pin(f"Shape '{label}' reads the size of the units' axis ({user.op_type} '{index.label(user)}')")]
-    return effects
+    sinks, reader, blocker = size_sinks(index, node.output[0], tensor, placement.axis - start)
+    if blocker:  # TorchScript's chunk point, repeat_kv's sizes, Tensordot's shapes pass (shape_values.py)
+        into = "" if blocker == reader else f" into {blocker}"
+        return [Pin(f"Shape '{label}' reads the size of the units' axis ({reader}){into}")]
+    return [SizeRead(label, target, position) for target, position in sinks]

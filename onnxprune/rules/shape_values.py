@@ -51,60 +51,79 @@ def axis_size_value(index: GraphIndex, name: str, tensor: str, axis: int, depth:
 
 
 # Ops that keep an entry of a 1-D shape vector at its position (TorchScript's expand guard
-# Where(Equal(s, -1), 1, s) and its Reshape(s, [-1])); Shape reads no value and ends a path.
+# Where(Equal(s, -1), 1, s)); Shape reads no value and ends a path.
 KEEP_POSITION = frozenset({"Add", "Sub", "Mul", "Div", "Cast", "Identity", "Floor", "Ceil", "Neg", "Equal", "Where"})
 SHAPE_TARGETS = frozenset({"Reshape", "Expand"})
+SCALAR = -1  # the entry is a scalar, not a position of a vector
 
 
-def _next_position(index: GraphIndex, user: onnx.NodeProto, slot: int, position: int | None) -> tuple[bool, int | None]:
-    """(followed, the entry's position in `user`'s output) for a value at `position` of an input
-    (None: a scalar); not followed when the op mixes entries."""
-    op = user.op_type
+def _picked(indices: list[int], position: int, scalar: bool) -> list[int] | None:
+    """Where a Gather/Slice of a shape vector puts entry `position` ([] when it drops it)."""
+    hits = [i for i, k in enumerate(indices) if k == position]
+    if len(hits) > 1:
+        return None
+    return [SCALAR if scalar else hits[0]] if hits else []
+
+
+def _moved_entry(index: GraphIndex, user: onnx.NodeProto, slot: int, position: int) -> list[int] | None:
+    """Positions in `user`'s output of the value at `position` of input `slot` ([]: the value is
+    not read; None: the op mixes it with other entries)."""
+    op, shape = user.op_type, index.shape(user.input[slot])
+    length = None if shape is None or len(shape) != 1 else shape[0]
     if op in KEEP_POSITION:  # element-wise: the entry must not be broadcast over a longer vector
-        before, after = index.shape(user.input[slot]), index.shape(user.output[0])
-        return before is not None and before == after, position
-    if op == "Unsqueeze" and position is None:
-        return True, 0
-    if op == "Squeeze" and position == 0:
-        return True, None
-    if op == "Reshape" and slot == 0 and position is not None:
-        target = index.const(user.input[1])
-        return (target is not None and target.tolist() == [-1]), position
-    if op == "Concat" and position is not None:
+        return [position] if shape is not None and shape == index.shape(user.output[0]) else None
+    if op == "Unsqueeze" and position == SCALAR:
+        return [0]
+    if op == "Squeeze" and position == 0 and length == 1:
+        return [SCALAR]
+    if op in ("ReduceProd", "ReduceSum", "ReduceMax", "ReduceMin") and position == 0 and length == 1:
+        return [0 if get_attr(user, "keepdims", 1) else SCALAR]
+    if op == "Reshape" and slot == 0 and position != SCALAR:
+        return [position] if np.array_equal(index.const(user.input[1]), [-1]) else None
+    if op == "Gather" and slot == 0 and position != SCALAR and get_attr(user, "axis", 0) == 0 and index.is_constant(user.input[1]):
+        picks = np.asarray(index.const(user.input[1]))
+        return None if length is None else _picked([int(k) % length for k in picks.reshape(-1)], position, picks.ndim == 0)
+    if op == "Slice" and slot == 0 and position != SCALAR and length is not None and all(index.is_constant(i) for i in user.input[1:3]):
+        steps = index.const(user.input[4]) if len(user.input) > 4 and user.input[4] else np.ones(1)
+        if steps.tolist() != [1]:
+            return None
+        lo, hi = (int(index.const(user.input[k]).reshape(-1)[0]) for k in (1, 2))
+        lo, hi = (max(0, min(length, v + length if v < 0 else v)) for v in (lo, hi))
+        return [position - lo] if lo <= position < hi else []
+    if op == "Concat" and position != SCALAR:
         offset = 0
         for inp in user.input[:slot]:
-            shape = index.shape(inp)
-            if shape is None or len(shape) != 1 or shape[0] is None:
-                return False, None
-            offset += int(shape[0])
-        return True, offset + position
-    return False, None
+            before = index.shape(inp)
+            if before is None or len(before) != 1 or before[0] is None:
+                return None
+            offset += int(before[0])
+        return [offset + position]
+    return None
 
 
-def size_sinks(index: GraphIndex, name: str, tensor: str) -> list[tuple[str, int]] | None:
-    """Where the size held in `name` (a Gather of `tensor`'s shape) ends up, when it is only
-    shape arithmetic: the (Reshape/Expand label, target entry) pairs it reaches ([] when it
-    feeds only the starts/ends of Slices of `tensor`); None when anything else reads it."""
-    start = 0 if index.rank(name) == 1 else None
-    todo, seen, sinks = [(name, start)], set(), []
+def size_sinks(index: GraphIndex, name: str, tensor: str, position: int) -> tuple[list[tuple[str, int]], str, str]:
+    """Where entry `position` of the shape vector `name` (Shape of `tensor`: the size of its
+    units' axis) ends up, when only shape arithmetic reads it: the (Reshape/Expand label, target
+    entry) pairs it reaches (none when it feeds only the starts/ends of Slices of `tensor`), and,
+    when something else takes it, the reader of `name` on that path and the op it reaches."""
+    todo, seen, sinks = [(name, position, "")], set(), []
     while todo:
-        current, position = todo.pop()
+        current, position, reader = todo.pop()
         if (current, position) in seen:
             continue
         seen.add((current, position))
         if current in index.graph_outputs:
-            return None
+            return sinks, reader, f"graph output '{current}'"
         for use in index.uses.get(current, []):
             user = use.node
-            if user.op_type == "Slice" and use.index in (1, 2) and user.input[0] == tensor:
+            where = reader or f"{user.op_type} '{index.label(user)}'"
+            if user.op_type == "Slice" and use.index in (1, 2) and user.input[0] == tensor or user.op_type == "Shape":
                 continue
-            if user.op_type == "Shape":
-                continue
-            if user.op_type in SHAPE_TARGETS and use.index == 1 and position is not None:
+            if user.op_type in SHAPE_TARGETS and use.index == 1 and position != SCALAR:
                 sinks.append((index.label(user), position))
                 continue
-            followed, after = _next_position(index, user, use.index, position)
-            if not followed or len(user.output) != 1:
-                return None
-            todo.append((user.output[0], after))
-    return list(dict.fromkeys(sinks))
+            moved = _moved_entry(index, user, use.index, position)
+            if moved is None or len(user.output) != 1:
+                return sinks, where, f"{user.op_type} '{index.label(user)}'"
+            todo.extend((user.output[0], p, where) for p in moved)
+    return list(dict.fromkeys(sinks)), "", ""
