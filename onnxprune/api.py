@@ -11,15 +11,15 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from .analyse import Analysis, analyse
-from .calibrate import choose_strides, collect_stats
+from .analyse import Analysis
 from .cost import CostModel, build_cost_model, count_macs, count_params
-from .data import CalibrationData, load_calibration
-from .errors import CalibrationError, ModelError, TargetError
-from .graph import GraphIndex, fixed_batch_size, static_shapes
+from .data import CalibrationData
+from .errors import CalibrationError, TargetError
+from .graph import GraphIndex, static_shapes
 from .latency import max_steps, search_latency
-from .load import load_model, map_large_allocations, release_memory
+from .load import release_memory
 from .plan import ALLOCATIONS, Plan, Target, make_plan, make_planner, misaligned_warning
+from .preparation import Prepared, calibration_statistics, prepare, prepare_options
 from .recovery import Recovery, fit_recovery, mean_recovery
 from .report import PruneReport, SpaceRow
 from .rewrite import cache_io_changes, rewrite
@@ -29,10 +29,9 @@ from .shards import Statistics
 from .sources import ImageOptions
 from .stats import SiteStats
 from .verify import drop_units, verify
-from .weights import LARGE_MODEL, WeightsFile, model_bytes, offload, with_weights_in_memory
+from .weights import offload, with_weights_in_memory
 
 DEFAULT_TOLERANCE = 0.01
-REFERENCE_SAMPLES = 8  # calibration samples whose mean centres the float32 Gram of every batch
 ProgressFactory = Callable[[str, int], Callable[[int], None]]
 
 
@@ -58,11 +57,6 @@ def resolve_target(ratio: float | None, flops: float | None, params: float | Non
         return Target("tolerance", DEFAULT_TOLERANCE)
     kind, value = given.popitem()
     return Target(kind, float(value))
-
-
-def default_verify_samples(n_samples: int) -> int:
-    """10% of the calibration samples, at most 256, held out for verification."""
-    return min(256, n_samples // 10)
 
 
 def _no_progress(description: str, total: int) -> Callable[[int], None]:
@@ -241,94 +235,6 @@ def prune(
     return PruneResult(pruned, report)
 
 
-@dataclass
-class Prepared:
-    """Everything before calibration: the model, its checked data split, shapes and analysis."""
-
-    original: onnx.ModelProto
-    name: str
-    data: CalibrationData
-    calib_data: CalibrationData
-    verify_data: CalibrationData
-    shapes: dict
-    index: GraphIndex
-    analysis: Analysis
-    batch_size: int
-    warnings: list[str]
-    strides: dict[str, int]
-    static_batch: bool = False
-    weights: WeightsFile | None = None  # the temporary file of a large model's weights (kept while `original` is used)
-
-    @property
-    def subsampled(self) -> dict[str, int]:
-        """The sites whose feature maps the statistics sample with a stride > 1."""
-        return {tensor: stride for tensor, stride in self.strides.items() if stride > 1}
-
-
-def prepare_options(exclude, batch_size, verify_samples, image_options, calib_samples, spatial_stride="auto") -> dict:
-    """The options of `prepare`, as keywords (shards rebuild the same preparation)."""
-    return dict(exclude=tuple(exclude), batch_size=batch_size, verify_samples=verify_samples, image_options=image_options,
-                calib_samples=calib_samples, spatial_stride=spatial_stride)
-
-
-def prepare(
-    model: str | Path | onnx.ModelProto,
-    calib,
-    exclude: list[str] | tuple[str, ...] = (),
-    batch_size: int = 32,
-    verify_samples: int | None = None,
-    image_options: ImageOptions | None = None,
-    calib_samples: int | None = None,
-    spatial_stride: int | str = "auto",
-) -> Prepared:
-    """Load and check the model and data, hold out verification samples, analyse the graph."""
-    original, name, weights = load_model(model, offload_weights=True)
-    if model_bytes(original) >= LARGE_MODEL:
-        map_large_allocations()
-    data = load_calibration(calib, original, image_options, calib_samples)
-    n_verify = default_verify_samples(data.n_samples) if verify_samples is None else verify_samples
-    if not 0 <= n_verify < data.n_samples:
-        raise CalibrationError(f"--verify-samples {n_verify} must leave calibration samples (the data has {data.n_samples})")
-    calib_data, verify_data = data.split(n_verify)
-    notes = list(data.notes)
-    batch_size, static = _batch_size_for(original, batch_size)
-    if static:  # onnxruntime only runs whole batches of the model's fixed batch size
-        if calib_data.n_samples < batch_size:
-            raise CalibrationError(f"model '{name}' has a fixed batch size of {batch_size}; give at least {batch_size + n_verify} samples")
-        dropped = calib_data.n_samples % batch_size + verify_data.n_samples % batch_size
-        calib_data = calib_data.take(0, calib_data.n_samples - calib_data.n_samples % batch_size)
-        verify_data = verify_data.take(0, verify_data.n_samples - verify_data.n_samples % batch_size)
-        if dropped:
-            notes.append(f"model '{name}' has a fixed batch size of {batch_size}: {dropped} samples that do not fill a batch were left out")
-    shapes = static_shapes(original, data.sample_shapes())
-    index = GraphIndex(original, shapes)
-    analysis = analyse(original, list(exclude), index=index)
-    if not analysis.prunable:
-        reasons = "; ".join(f"{s.name}: {s.pinned[0]}" for s in analysis.spaces[:3]) or "no Conv/Gemm/MatMul with constant weights"
-        raise ModelError(f"nothing to prune in '{name}': {len(analysis.spaces)} spaces found, none prunable ({reasons})")
-    if spatial_stride != "auto" and (not isinstance(spatial_stride, int) or spatial_stride < 1):
-        raise TargetError(f"--spatial-stride must be 'auto' or a positive integer, got {spatial_stride!r}")
-    strides = choose_strides(analysis.sites(), shapes, count_macs(index), spatial_stride, calib_data.n_samples)
-    return Prepared(original, name, data, calib_data, verify_data, shapes, index, analysis, batch_size, notes, strides, static, weights)
-
-
-def calibration_statistics(prepared: Prepared, shard: tuple[int, int] | None = None, progress: ProgressFactory | None = None) -> dict[str, SiteStats]:
-    """Statistics of every site over the calibration samples (or one contiguous shard of them)."""
-    data = prepared.calib_data
-    if shard is not None:
-        index, count = shard
-        step = prepared.batch_size if prepared.calib_data.n_samples % prepared.batch_size == 0 else 1
-        bounds = (np.linspace(0, data.n_samples // step, count + 1).astype(int)) * step  # whole batches per shard
-        data = data.take(bounds[index], bounds[index + 1])
-    sites = prepared.analysis.sites()
-    ranks = {site.tensor: len(prepared.shapes[site.tensor]) for site in sites}
-    advance = (progress or _no_progress)("calibrating", data.n_samples)
-    # every shard centres its rows by the mean of the same few samples (merges stay exact)
-    reference_size = prepared.batch_size if prepared.static_batch else min(REFERENCE_SAMPLES, prepared.batch_size)
-    reference = next(iter(prepared.calib_data.batches(reference_size)))
-    return collect_stats(prepared.original, sites, ranks, data.batches(prepared.batch_size), advance, prepared.strides, reference, prepared.shapes)
-
-
 WELL_SAMPLED = 4  # rows per unit below which a site's statistics are flagged as noisy
 
 
@@ -404,12 +310,6 @@ def _io_shapes(model: onnx.ModelProto, changes: dict) -> dict[str, list]:
         if value.name in changes:
             shapes[value.name] = [d.dim_value if d.HasField("dim_value") else d.dim_param for d in value.type.tensor_type.shape.dim]
     return shapes
-
-
-def _batch_size_for(model: onnx.ModelProto, wanted: int) -> tuple[int, bool]:
-    """(batch size, fixed): a static batch dimension in the model's inputs overrides --batch-size."""
-    fixed = fixed_batch_size(model)
-    return (fixed, True) if fixed else (wanted, False)
 
 
 def _build_report(

@@ -14,6 +14,7 @@ import onnx
 
 from .errors import CalibrationError
 from .graph import copy_fields
+from .preparation import calibration_statistics, prepare
 from .stats import SiteStats
 from .tensors import in_memory
 
@@ -98,8 +99,6 @@ class Statistics:
 
 def partial_statistics(model, calib, shard: tuple[int, int] = (0, 1), options: dict | None = None) -> Statistics:
     """Statistics of one contiguous shard (index, count) of the calibration samples."""
-    from .api import calibration_statistics, prepare
-
     prepared = prepare(model, calib, **(options or {}))
     return Statistics(model_digest(prepared.original), calibration_statistics(prepared, shard), prepared.subsampled)
 

@@ -58,6 +58,9 @@ class SiteStats:
         return c
 
 
+SMALL_PRODUCT = 1 << 27  # multiply-adds below which one BLAS thread is faster than several
+
+
 @dataclass
 class CrossStats:
     """Additive moments between the pruned model's activations x~ (k columns) and the
@@ -86,9 +89,10 @@ class CrossStats:
         rows = cols_p.shape[1]
         cols_p -= self.shift_p.astype(np.float32)[:, None]
         cols_o -= self.shift_o.astype(np.float32)[:, None]
-        # one BLAS thread: OpenBLAS's threads on these thin products were up to 100x slower
-        # whenever onnxruntime or another process kept the other core busy
-        with threadpool_limits(1, user_api="blas"):
+        # one BLAS thread for small products: OpenBLAS's threads on thin products were up to 100x
+        # slower whenever onnxruntime or another process kept the other core busy
+        small = rows * len(cols_p) * (len(cols_p) + len(cols_o)) < SMALL_PRODUCT
+        with threadpool_limits(1 if small else None, user_api="blas"):
             parts = {"pp": cols_p @ cols_p.T, "po": cols_p @ cols_o.T}
             if self.with_oo:
                 parts["oo"] = cols_o @ cols_o.T

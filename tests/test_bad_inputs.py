@@ -26,6 +26,7 @@ from onnx import TensorProto, helper
 
 import onnxprune
 import onnxprune.api
+import onnxprune.preparation
 from builders import GraphBuilder, cli, random_cnn, random_mlp, run
 
 MLP_WIDTHS = (16, 24, 12, 4)  # x[16] -> 24 -> 12 -> 4
@@ -491,7 +492,7 @@ def test_interrupt_during_calibration_leaves_no_files(env: Env, capsys, monkeypa
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(onnxprune.api, "collect_stats", interrupted)
+    monkeypatch.setattr(onnxprune.preparation, "collect_stats", interrupted)
     refused(env, capsys, [env.model, "--calib", env.calib, "--ratio", "0.2"], "interrupted", exit_code=130)
 
 

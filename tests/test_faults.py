@@ -27,6 +27,7 @@ import onnxprune.api
 import onnxprune.calibrate
 import onnxprune.cli
 import onnxprune.load
+import onnxprune.preparation
 import onnxprune.report
 import onnxprune.verify
 import onnxprune.weights
@@ -36,7 +37,7 @@ from onnxprune import tempfiles
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = {  # stage -> (module, function): the fault fires when the stage's function returns
     "load": (onnxprune.api, "prepare"),
-    "calibrate": (onnxprune.api, "collect_stats"),
+    "calibrate": (onnxprune.preparation, "collect_stats"),
     "score": (onnxprune.api, "score_space"),
     "plan": (onnxprune.api, "make_plan"),
     "rewrite": (onnxprune.api, "rewrite"),
@@ -225,7 +226,7 @@ def test_a_calibration_file_truncated_mid_read(run: Run, capsys, monkeypatch, ki
         run.calib.unlink()
         run.calib, run.inputs = run.calib.with_name("calib.npz"), ["calib.npz", "net.onnx"]
         (np.savez if kind == "stored npz" else np.savez_compressed)(run.calib, x=x)
-    real = onnxprune.api.collect_stats
+    real = onnxprune.preparation.collect_stats
 
     def cut_after_the_first_batch(model, sites, ranks, batches, *args, **kwargs):
         def cutting():
@@ -235,7 +236,7 @@ def test_a_calibration_file_truncated_mid_read(run: Run, capsys, monkeypatch, ki
                     os.truncate(run.calib, run.calib.stat().st_size // 2)
         return real(model, sites, ranks, cutting(), *args, **kwargs)
 
-    monkeypatch.setattr(onnxprune.api, "collect_stats", cut_after_the_first_batch)
+    monkeypatch.setattr(onnxprune.preparation, "collect_stats", cut_after_the_first_batch)
     code, _, err = cli(run.argv(), capsys)
     run.failed(code, err, 2, "onnxprune: error:", run.calib.name)
 

@@ -39,7 +39,7 @@ Unreachable targets (`onnxprune.TargetError`) are recorded as "n/a".
 
 Speed: every method that needs activation statistics (snp, lsq, fluct, variance) computes the
 same Gram matrices for a given model and calibration set; the benchmark memoises
-`onnxprune.api.collect_stats` per (model, calibration set, sites) so each is computed once
+`onnxprune.preparation.collect_stats` per (model, calibration set, sites) so each is computed once
 (`--no-stats-cache` turns this off; the numbers are the same, only the run time changes).
 
 Writes `<out>/results.json`, `<out>/results.md` and `<out>/<model>.png` (default out:
@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import importlib
 import json
 import platform
 import subprocess
@@ -111,7 +112,7 @@ THREADS = 2
 
 # --------------------------------------------------------------------------- stats cache
 class StatsCache:
-    """Memoise onnxprune.api.collect_stats per (context, sites): identical inputs, identical Gram."""
+    """Memoise onnxprune.preparation.collect_stats per (context, sites): identical inputs, identical Gram."""
 
     def __init__(self, enabled: bool) -> None:
         self.enabled = enabled
@@ -120,8 +121,8 @@ class StatsCache:
         self.seconds: dict[str, float] = {}
         self.hits = 0
         self._orig = None
-        api = getattr(onnxprune, "api", None)
-        if enabled and api is not None and hasattr(api, "collect_stats"):
+        api = importlib.import_module("onnxprune.preparation")
+        if enabled and hasattr(api, "collect_stats"):
             self._orig = api.collect_stats
             api.collect_stats = self._wrapped
 
@@ -139,7 +140,7 @@ class StatsCache:
 
     def restore(self) -> None:
         if self._orig is not None:
-            onnxprune.api.collect_stats = self._orig
+            importlib.import_module("onnxprune.preparation").collect_stats = self._orig
 
 
 # --------------------------------------------------------------------------- models and data
@@ -263,9 +264,9 @@ def pca_bound_model(model: onnx.ModelProto, calib: dict, report, verify_samples:
     approximation of the site (k = SNP's kept count for that space). Uses onnxprune's analysis and
     calibration statistics (read-only)."""
     from onnxprune.analyse import analyse
-    from onnxprune.api import collect_stats, default_verify_samples
     from onnxprune.data import load_calibration
     from onnxprune.graph import GraphIndex, static_shapes
+    from onnxprune.preparation import collect_stats, default_verify_samples
 
     data = load_calibration(calib, model)
     n_verify = default_verify_samples(data.n_samples) if verify_samples is None else verify_samples

@@ -36,6 +36,17 @@ from onnxprune.shards import Statistics, model_digest  # noqa: E402
 
 CACHE = Path.home() / ".cache" / "onnxprune" / "models"
 METHODS = ("snp", "l2", "fluct", "wanda")
+# method variants: "snp+seq" = sequential recovery, "snp+uniform" = the same fraction in every space
+VARIANTS = {"seq": {"sequential": True}, "uniform": {"allocation": "uniform"}, "oneshot": {"sequential": False}}
+
+
+def variant_options(label: str) -> tuple[str, dict]:
+    """'snp+seq+uniform' -> ('snp', {sequential: True, allocation: 'uniform'})."""
+    method, *extras = label.split("+")
+    options: dict = {}
+    for extra in extras:
+        options.update(VARIANTS[extra])
+    return method, options
 
 
 def peak_rss_mb() -> float:
@@ -91,16 +102,19 @@ def run_model(name: str, path: Path, calib: dict, evaluation: dict, targets, met
         base = perplexity(session(original), evaluation["input_ids"])
         out.append({"model": name, "method": "unpruned", "target": 0.0, "ppl": base["ppl"]})
         print(f"   unpruned perplexity {base['ppl']:.2f} on {base['windows']} windows", flush=True)
-    for method in methods:
+    for label in methods:
+        method, options = variant_options(label)
         for target in targets:
             start = time.perf_counter()
             try:
-                model, report = onnxprune.prune(path, calib, params=target * share, method=method, statistics=stats, verify_samples=4)
+                model, report = onnxprune.prune(path, calib, params=target * share, method=method, statistics=stats, verify_samples=4,
+                                                **options)
             except onnxprune.TargetError as exc:
-                out.append({"model": name, "method": method, "target": target, "error": str(exc)})
+                out.append({"model": name, "method": label, "target": target, "error": str(exc)})
                 continue
             seconds = time.perf_counter() - start
-            row = {"model": name, "method": method, "target": target, "prune_seconds": round(seconds, 1),
+            row = {"model": name, "method": label, "target": target, "prune_seconds": round(seconds, 1), "stage_seconds": report.seconds,
+                   "sequential": report.sequential.get("median_heldout_error_vs_one_shot") if report.sequential else None,
                    "params_kept": round(report.params_after / report.params_before, 3),
                    "heads_kept": sum(s.kept for s in report.spaces if not s.pinned and s.units <= 32),
                    "heads": sum(s.units for s in report.spaces if not s.pinned and s.units <= 32)}
@@ -134,7 +148,8 @@ def markdown(rows: list[dict], targets) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["minilm", "smollm2"])
-    parser.add_argument("--methods", nargs="+", default=list(METHODS))
+    parser.add_argument("--methods", nargs="+", default=list(METHODS),
+                        help="methods, optionally with variants: snp+seq (sequential recovery), snp+uniform (uniform allocation)")
     parser.add_argument("--targets", nargs="+", type=float, default=[0.1, 0.2, 0.3])
     parser.add_argument("--calib-windows", type=int, default=32, help="SmolLM2 calibration windows of 512 tokens")
     parser.add_argument("--eval-windows", type=int, default=16, help="SmolLM2 evaluation windows of 512 tokens")
