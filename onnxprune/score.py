@@ -49,10 +49,24 @@ class SpaceScore:
         return tail / total if total > 0 else np.zeros_like(tail)
 
 
-def regularised(cov: np.ndarray) -> np.ndarray:
+def regularised(cov: np.ndarray, ridge: float = RIDGE) -> np.ndarray:
     n = len(cov)
-    ridge = RIDGE * max(np.trace(cov) / max(n, 1), np.finfo(float).tiny)
+    ridge = ridge * max(np.trace(cov) / max(n, 1), np.finfo(float).tiny)
     return cov + ridge * np.eye(n)
+
+
+def ordered_cholesky(cov: np.ndarray, order: np.ndarray) -> np.ndarray:
+    """Upper Cholesky factor of the covariance in `order`; exactly redundant units in the middle
+    of an order can leave a round-off negative pivot at the default ridge, so it is raised
+    (x1000, up to 1e-4 of the mean variance) until the factor exists."""
+    ridge = RIDGE
+    while True:
+        try:
+            return sla.cholesky(regularised(cov, ridge)[np.ix_(order, order)], lower=False, check_finite=False)
+        except np.linalg.LinAlgError:
+            if ridge >= 1e-4:
+                raise
+            ridge *= 1e3
 
 
 def unit_block(space: Space) -> int:
@@ -113,13 +127,13 @@ def block_cholesky_energy(cov: np.ndarray, order: np.ndarray, block: int) -> np.
     if block == 1:
         return cholesky_energy(cov, order)
     elements = expand_blocks(order, block)
-    r = sla.cholesky(regularised(cov)[np.ix_(elements, elements)], lower=False, check_finite=False)
+    r = ordered_cholesky(cov, elements)
     return np.array([np.sum(r[j * block:(j + 1) * block, j * block:(j + 1) * block] ** 2) for j in range(len(order))])
 
 
 def cholesky_energy(cov: np.ndarray, order: np.ndarray) -> np.ndarray:
     """D_i = R_ii^2 of the Cholesky factor of the (regularised) covariance in `order`."""
-    r = sla.cholesky(regularised(cov)[np.ix_(order, order)], lower=False, check_finite=False)
+    r = ordered_cholesky(cov, order)
     return np.diag(r) ** 2
 
 

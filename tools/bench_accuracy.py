@@ -643,6 +643,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ablations", nargs="*", default=None, choices=ABLATIONS,
                     help="which ablations to run (default all; give none to skip)")
     ap.add_argument("--no-pca", action="store_true", help="skip the PCA reference bound")
+    ap.add_argument("--variants", nargs="+", default=None, choices=[v[0] for v in SEQUENTIAL_VARIANTS], metavar="VARIANT",
+                    help="sequential ablation: which variants to run (default all)")
+    ap.add_argument("--ablation-targets", nargs="+", default=None, help="MACs removed for the ablations (default 30 50 70 / 10 30)")
     ap.add_argument("--test-subset", action="store_true", help="FMNIST: evaluate on the 1000-image subset, not the full 10k")
     ap.add_argument("--no-stats-cache", action="store_true", help="recompute the calibration statistics for every run")
     ap.add_argument("--replot", type=Path, default=None, metavar="DIR",
@@ -692,6 +695,8 @@ def main(argv: list[str] | None = None) -> int:
         return list(ALL_TARGETS) if b.kind == "fmnist" else list(IMAGENET_TARGETS)
 
     def abl_targets(b: Bench) -> list[float]:
+        if args.ablation_targets:
+            return parse_targets(args.ablation_targets)
         if quick:
             return [0.5]
         return [0.3, 0.5, 0.7] if b.kind == "fmnist" else [0.1, 0.3]
@@ -773,6 +778,8 @@ def main(argv: list[str] | None = None) -> int:
         if "sequential" in ablations:
             print(f"== {name}: one-shot vs sequential recovery" + (" (head excluded)" if xhead else ""), flush=True)
             for label, method, order, kw in SEQUENTIAL_VARIANTS:
+                if args.variants and label not in args.variants:
+                    continue
                 for t in abl_targets(b):
                     go(b, f"{label} @{100 * t:.0f}%", method=method, order=order, target=t, exclude=xhead, tag="sequential",
                        prune_kw=kw, extra={"variant": label})

@@ -31,8 +31,10 @@ sys.path.insert(0, str(ROOT / "models"))
 
 import onnxprune  # noqa: E402
 from onnxprune.api import calibration_statistics, prepare  # noqa: E402
+from onnxprune.calibrate import make_session  # noqa: E402
 from onnxprune.cost import count_params  # noqa: E402
 from onnxprune.shards import Statistics, model_digest  # noqa: E402
+from onnxprune.weights import has_weights_on_disk  # noqa: E402
 
 CACHE = Path.home() / ".cache" / "onnxprune" / "models"
 METHODS = ("snp", "l2", "fluct", "wanda")
@@ -54,6 +56,8 @@ def peak_rss_mb() -> float:
 
 
 def session(model: onnx.ModelProto | Path) -> ort.InferenceSession:
+    if isinstance(model, onnx.ModelProto) and has_weights_on_disk(model):  # the pipeline's copy refers to its files
+        return make_session(model)
     options = ort.SessionOptions()
     options.log_severity_level = 3
     source = str(model) if isinstance(model, Path) else model.SerializeToString()

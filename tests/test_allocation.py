@@ -1,0 +1,76 @@
+"""Allocation variants and the ZCA order: the uniform planner removes the same fraction of every
+space and meets the target; the ZCA score shares an exact copy's energy."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+
+import onnxprune
+from builders import cli, planted_mlp, random_mlp, relative_l2, run
+from onnxprune.errors import TargetError
+from onnxprune.score import zca_scores
+
+
+def _calib(widths=(20, 32, 24, 6), n: int = 400) -> tuple[onnx.ModelProto, dict]:
+    return random_mlp(widths=widths, seed=4), {"x": np.random.default_rng(1).standard_normal((n, widths[0])).astype(np.float32)}
+
+
+def test_uniform_allocation_removes_the_same_fraction_everywhere() -> None:
+    model, calib = _calib(widths=(20, 40, 40, 20, 6))
+    _, report = onnxprune.prune(model, calib, ratio=0.25, allocation="uniform")
+    fractions = [1 - row.kept / row.units for row in report.spaces if not row.pinned]
+    assert len(fractions) == 3 and all(abs(f - 0.25) < 1e-9 for f in fractions)
+    _, global_report = onnxprune.prune(model, calib, ratio=0.25)
+    assert global_report.units_after == report.units_after
+
+
+def test_uniform_allocation_meets_a_macs_target_and_runs() -> None:
+    model, calib = _calib()
+    pruned, report = onnxprune.prune(model, calib, flops=0.4, allocation="uniform")
+    assert 1 - report.macs_after / report.macs_before >= 0.4
+    onnx.checker.check_model(pruned, full_check=True)
+    x = calib["x"][:20]
+    assert relative_l2(run(model, x), run(pruned, x)) < 1.0
+
+
+def test_uniform_allocation_refuses_a_tolerance_and_unknown_names() -> None:
+    model, calib = _calib()
+    with pytest.raises(TargetError, match="uniform"):
+        onnxprune.prune(model, calib, tolerance=0.01, allocation="uniform")
+    with pytest.raises(TargetError, match="allocation"):
+        onnxprune.prune(model, calib, ratio=0.2, allocation="fair")
+
+
+def test_zca_scores_share_the_energy_of_an_exact_copy() -> None:
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((20000, 3))
+    x = np.hstack([x, x[:, :1]])  # unit 3 copies unit 0
+    scores = zca_scores(np.cov(x.T, bias=True))
+    np.testing.assert_allclose(scores[[0, 3]], 0.5, atol=0.03)
+    np.testing.assert_allclose(scores[[1, 2]], 1.0, atol=0.03)
+
+
+def test_zca_order_ranks_planted_copies_last() -> None:
+    """At the planted count, ZCA's shared-energy score keeps the error far below the variance order's
+    (which keeps both copies of a high-variance pair)."""
+    planted = planted_mlp()
+    calib = {"x": planted.inputs(400, seed=1)}
+    fresh = planted.inputs(40, seed=2024)
+    ratio = planted.total_removable / planted.total_units
+    errors = {}
+    for order in ("zca", "variance"):
+        pruned, report = onnxprune.prune(planted.model, calib, ratio=ratio, order=order)
+        assert report.order == order
+        errors[order] = relative_l2(run(planted.model, fresh), run(pruned, fresh))
+    assert errors["zca"] < 1e-3 and errors["zca"] < errors["variance"] / 10
+
+
+def test_cli_allocation_and_zca(tmp_path, capsys) -> None:
+    out = tmp_path / "m.onnx"
+    code, _, _ = cli(["models/mlp.ts.onnx", "--calib", "models/data/fmnist_calib_flat.npz", "-o", str(out), "--ratio", "0.3",
+                      "--allocation", "uniform", "--order", "zca", "-q"], capsys)
+    assert code == 0 and out.exists()
+    code, _, stderr = cli(["models/mlp.ts.onnx", "--calib", "models/data/fmnist_calib_flat.npz", "--allocation", "fair"], capsys)
+    assert code == 2 and "--allocation" in stderr
