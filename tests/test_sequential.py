@@ -227,3 +227,57 @@ def test_method_without_recovery_warns_with_sequential() -> None:
     x = np.random.default_rng(0).standard_normal((200, 20)).astype(np.float32)
     _, report = onnxprune.prune(model, {"x": x}, ratio=0.3, method="l2", sequential=True)
     assert not report.sequential and any("--sequential" in w for w in report.warnings)
+
+
+def _same_weights(a: onnx.ModelProto, b: onnx.ModelProto, rtol: float = 1e-5, atol: float = 1e-6) -> None:
+    assert [list(t.dims) for t in a.graph.initializer] == [list(t.dims) for t in b.graph.initializer]
+    for x, y in zip(a.graph.initializer, b.graph.initializer, strict=True):
+        np.testing.assert_allclose(onnx.numpy_helper.to_array(x), onnx.numpy_helper.to_array(y), rtol=rtol, atol=atol)
+
+
+def test_sequential_from_merged_shards_equals_a_single_pass() -> None:
+    from onnxprune.shards import Statistics, partial_statistics
+
+    options = dict(verify_samples=32, calib_samples=160)
+    parts = [partial_statistics("models/vgg_bn.ts.onnx", FMNIST, (i, 2), options) for i in range(2)]
+    merged = Statistics.merge_all(parts)
+    from_shards, _ = onnxprune.prune("models/vgg_bn.ts.onnx", FMNIST, ratio=0.4, statistics=merged, sequential=True, **options)
+    direct, _ = onnxprune.prune("models/vgg_bn.ts.onnx", FMNIST, ratio=0.4, sequential=True, **options)
+    _same_weights(from_shards, direct, rtol=1e-4, atol=1e-5)
+
+
+def test_sequential_with_weights_on_disk_equals_in_memory(tmp_path) -> None:
+    """External data: the segments read the weights where they are; the result is the in-memory one."""
+    source = tmp_path / "mlp.onnx"
+    onnx.save_model(onnx.load("models/mlp.ts.onnx"), str(source), save_as_external_data=True, location="mlp.weights", size_threshold=0)
+    on_disk, _ = onnxprune.prune(source, "models/data/fmnist_calib_flat.npz", ratio=0.4, sequential=True)
+    in_memory, _ = onnxprune.prune("models/mlp.ts.onnx", "models/data/fmnist_calib_flat.npz", ratio=0.4, sequential=True)
+    _same_weights(on_disk, in_memory, rtol=0, atol=0)
+
+
+def test_sequential_keeps_fp16_weights() -> None:
+    from test_variety import to_fp16
+
+    half = to_fp16(onnx.load("models/mlp.ts.onnx"))
+    model, report = onnxprune.prune(half, "models/data/fmnist_calib_flat.npz", ratio=0.3, sequential=True)
+    onnx.checker.check_model(model, full_check=True)
+    assert {t.data_type for t in model.graph.initializer} - {onnx.TensorProto.INT64} == {onnx.TensorProto.FLOAT16}
+    assert report.sequential["sites"] and report.fidelity[0].top1_agreement > 0.8
+
+
+@pytest.mark.parametrize("target", [{"params": 0.3}, {"flops": 0.3}, {"tolerance": 0.05}])
+def test_sequential_meets_every_target_kind(target) -> None:
+    one_shot = onnxprune.prune("models/vgg_bn.ts.onnx", FMNIST, **target).report
+    sequential = onnxprune.prune("models/vgg_bn.ts.onnx", FMNIST, sequential=True, **target).report
+    assert (sequential.macs_after, sequential.params_after) == (one_shot.macs_after, one_shot.params_after)
+    assert sequential.fidelity[0].relative_l2 <= one_shot.fidelity[0].relative_l2
+
+
+def test_sequential_with_kv_cache_heads_pruned() -> None:
+    """A KV-cache model whose cache inputs shrink: the pruned segments are fed the narrower caches."""
+    model = "models/transformers/llama_tiny_kv.dynamo.onnx"
+    calib = "models/transformers/calib_tokens_kv.npz"
+    pruned, report = onnxprune.prune(model, calib, ratio=0.8, sequential=True)
+    assert report.io_changes and report.sequential["sites"]
+    one_shot = onnxprune.prune(model, calib, ratio=0.8).report
+    assert report.fidelity[0].relative_l2 <= one_shot.fidelity[0].relative_l2 * 1.05
