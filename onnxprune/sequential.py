@@ -7,7 +7,6 @@ the pruned model once or twice, instead of a full forward pass per layer."""
 
 from __future__ import annotations
 
-import tempfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +15,7 @@ import numpy as np
 import onnx
 import scipy.linalg as sla
 
+from . import tempfiles
 from .analyse import Analysis, Space
 from .calibrate import make_session
 from .graph import GraphIndex
@@ -27,6 +27,7 @@ from .stats import CrossMoments, CrossStats, SiteStats
 from .verify import drop_units
 
 SPILL_BYTES = 256 << 20  # cached activations beyond this go to memory-mapped temporary files
+BOUNDARY_PREFIX = tempfiles.BOUNDARY_PREFIX
 
 
 @dataclass
@@ -65,7 +66,7 @@ class BoundaryCache:
     def __init__(self, batches: int):
         self.values: list[dict[str, np.ndarray]] = [{} for _ in range(batches)]
         self.bytes = 0
-        self.folder: tempfile.TemporaryDirectory | None = None
+        self.folder: Path | None = None
         self.count = 0
 
     def keep_only(self, names: set[str]) -> None:
@@ -75,9 +76,9 @@ class BoundaryCache:
 
     def put(self, batch: int, name: str, value: np.ndarray) -> None:
         if self.bytes + value.nbytes > SPILL_BYTES:
-            if self.folder is None:
-                self.folder = tempfile.TemporaryDirectory(prefix="onnxprune-boundary-")
-            path = Path(self.folder.name) / f"{self.count}.npy"
+            if self.folder is None:  # owner-named: swept by a later run if this one is killed
+                self.folder = tempfiles.make_folder(BOUNDARY_PREFIX)
+            path = self.folder / f"{self.count}.npy"
             self.count += 1
             np.save(path, value)
             value = np.load(path, mmap_mode="r")
@@ -91,7 +92,7 @@ class BoundaryCache:
     def close(self) -> None:
         self.values = []
         if self.folder is not None:
-            self.folder.cleanup()
+            tempfiles.remove(self.folder)
 
 
 def site_matrix(array: np.ndarray, axis: int, stride: int = 1) -> np.ndarray:

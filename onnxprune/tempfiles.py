@@ -78,7 +78,8 @@ def sweep(parent: Path, prefix: str) -> list[Path]:
     return removed
 
 
-PREFIXES = ("onnxprune-weights", "onnxprune-session", "onnxprune-calib")  # what the pipeline makes in TMPDIR
+BOUNDARY_PREFIX = "onnxprune-boundary"  # the sequential pass's cached activations
+PREFIXES = ("onnxprune-weights", "onnxprune-session", "onnxprune-calib", BOUNDARY_PREFIX)  # what the pipeline makes in TMPDIR
 
 
 def sweep_temporary_root() -> list[Path]:

@@ -281,3 +281,15 @@ def test_sequential_with_kv_cache_heads_pruned() -> None:
     assert report.io_changes and report.sequential["sites"]
     one_shot = onnxprune.prune(model, calib, ratio=0.8).report
     assert report.fidelity[0].relative_l2 <= one_shot.fidelity[0].relative_l2 * 1.05
+
+
+def test_cut_activations_spilled_to_disk_give_the_same_model(monkeypatch, tmp_path) -> None:
+    """Cached activations beyond the in-memory budget go to owner-named memory-mapped files, removed at the end."""
+    import onnxprune.sequential as sequential
+
+    in_memory, _ = onnxprune.prune("models/vgg_bn.ts.onnx", FMNIST, ratio=0.4, sequential=True)
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    monkeypatch.setattr(sequential, "SPILL_BYTES", 1)
+    spilled, _ = onnxprune.prune("models/vgg_bn.ts.onnx", FMNIST, ratio=0.4, sequential=True)
+    _same_weights(spilled, in_memory, rtol=0, atol=0)
+    assert not list(tmp_path.glob("onnxprune-boundary-*"))

@@ -56,7 +56,7 @@ def sample_count(shape: tuple[int, ...], wanted: int) -> int:
     """Fewer samples for ImageNet-sized inputs (memory), the same statistics per pixel row."""
     return wanted if int(np.prod(shape)) < 10_000 else max(64, wanted // 8)
 THREADS = 2
-SECTIONS = ("tool_time", "memory", "speed", "latency_target", "scale", "out_of_core")
+SECTIONS = ("tool_time", "memory", "speed", "latency_target", "scale", "out_of_core", "sequential")
 
 
 def session(model: onnx.ModelProto | Path) -> ort.InferenceSession:
@@ -372,6 +372,37 @@ def out_of_core(scratch: Path, counts: list[int], npz_count: int | None, memory_
     return rows
 
 
+# -- 6. sequential recovery: tool time and peak RSS against the one-shot run ---------------------
+SEQUENTIAL_CHILD = """
+import sys, time, numpy as np, onnxprune
+path, n, shape, key, sequential = sys.argv[1], int(sys.argv[2]), tuple(map(int, sys.argv[3].split(','))), sys.argv[4], sys.argv[5] == '1'
+x = np.random.default_rng(0).standard_normal(size=(n, *shape), dtype=np.float32)
+open('/proc/self/clear_refs', 'w').write('5')
+base = next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmRSS'))
+start = time.perf_counter()
+_, report = onnxprune.prune(path, {key: x}, flops=0.5, batch_size=32, round_to=8, sequential=sequential)
+seconds = time.perf_counter() - start
+peak = next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmHWM'))
+print(seconds, (peak - base) / 1024, report.fidelity[0].relative_l2, report.sequential.get('segments', 0))
+"""
+
+
+def sequential_cost(name: str, path: Path, shape, n: int, rounds: int = 2) -> dict:
+    """Whole prune() runs, one-shot and --sequential interleaved in fresh processes: the ratio of
+    the fastest runs' times, of their peak RSS growth, and the held-out error of each."""
+    key = input_name(path)
+    runs: dict[bool, list] = {False: [], True: []}
+    for _ in range(rounds):
+        for mode in (False, True):
+            out = subprocess.run([sys.executable, "-c", SEQUENTIAL_CHILD, str(path), str(n), ",".join(map(str, shape)), key, str(int(mode))],
+                                 capture_output=True, text=True, check=True, cwd=ROOT).stdout.split()
+            runs[mode].append(tuple(map(float, out)))
+    one, seq = min(runs[False]), min(runs[True])
+    return {"model": name, "samples": n, "segments": int(seq[3]), "time_ratio": round(seq[0] / one[0], 2),
+            "rss_growth_mb": [round(one[1]), round(seq[1])], "rss_ratio": round(seq[1] / max(one[1], 1), 2),
+            "rel_l2": [round(one[2], 4), round(seq[2], 4)]}
+
+
 def markdown(results: dict) -> str:
     lines = [] if "tool_time" not in results else sections_1_to_4(results)
     if results.get("out_of_core"):
@@ -449,6 +480,9 @@ def main() -> None:
     if "out_of_core" in run:
         counts = [500, 2000] if args.quick else args.ooc_samples
         results["out_of_core"] = out_of_core(Path(args.scratch), counts, counts[len(counts) // 2], counts[0], [] if args.quick else [32, 128])
+    if "sequential" in run:
+        results["sequential"] = [sequential_cost(m, *MODELS[m], n=sample_count(MODELS[m][1], 512 if args.quick else 2048)) for m in models]
+        print(json.dumps(results["sequential"], indent=1), flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=2))
