@@ -218,7 +218,8 @@ class Rewriter:
     """
 
     def __init__(self, model: onnx.ModelProto, analysis: Analysis, plan: Plan, recoveries: dict[tuple[int, str], Recovery] | None,
-                 constants: Constants | None = None, keep_on_disk: bool = False, fold_cache: dict | None = None):
+                 constants: Constants | None = None, keep_on_disk: bool = False, fold_cache: dict | None = None,
+                 only: set[str] | None = None):
         # the copy gets its initializers at commit: a weight replaced in place would leave its old
         # bytes in the protobuf arena
         self.model = copy_model(model, skip_graph=("initializer",))
@@ -234,6 +235,7 @@ class Rewriter:
         # folds already computed by an earlier rewrite with the same recoveries (the sequential
         # pass rewrites once per segment; each recovery is fixed once fitted)
         self.fold_cache = fold_cache
+        self.only = None if only is None else self._with_bias_targets(only)  # node labels to rewrite (a partial working copy)
         self.biases: dict[tuple[str, int], str] = {}  # bias inputs the folds touched -> output tensor
 
     def pruned_spaces(self) -> list[tuple[Space, SpacePlan]]:
@@ -260,9 +262,10 @@ class Rewriter:
         for space in self.analysis.prunable:  # 1. least-squares folds on full-size weights (sequential
             for consumer in space.consumers:  # corrections also reach spaces that lost no unit)
                 recovery = self.recoveries.get((space.id, consumer.site))
-                if recovery is not None and (len(recovery.prune) or recovery.changes_kept):
+                if recovery is not None and (len(recovery.prune) or recovery.changes_kept) and self._wanted(consumer.node):
                     self._fold(consumer, space.tensors[consumer.site].size, recovery)
-        records = [r for space, _ in spaces for r in [*space.slices, *space.consumers, *space.attrs, *space.reshapes, *space.windows]]
+        records = [r for space, _ in spaces for r in [*space.slices, *space.consumers, *space.attrs, *space.reshapes, *space.windows]
+                   if self._wanted(r.node)]
         sliced = set()
         for record in dict.fromkeys(records):  # 2. deletions and updates, once per record
             if isinstance(record, ParamSlice):
@@ -306,6 +309,21 @@ class Rewriter:
         if self.refresh_shapes:
             _refresh_value_info(self.model, changed | touched)
         return self.model
+
+    def _with_bias_targets(self, only: set[str]) -> set[str]:
+        """`only` with each MatMul consumer and the Add that takes its bias delta together (a
+        fold edits both: one of them alone would leave the other one's part out)."""
+        only = set(only)
+        for space in self.analysis.prunable:
+            for consumer in space.consumers:
+                target = self._following_bias_add(self.index.node(consumer.node)) if consumer.op_type == "MatMul" else None
+                if target is not None and (consumer.node in only or target[0] in only):
+                    only.update((consumer.node, target[0]))
+        return only
+
+    def _wanted(self, label: str) -> bool:
+        """Whether the node is rewritten (all, or the `only` nodes of a partial working copy)."""
+        return self.only is None or label in self.only
 
     def _delete(self, label: str, slot: int, axis: int, positions: np.ndarray | None) -> None:
         if positions is None or not len(positions):
@@ -475,10 +493,12 @@ def rewrite(
     constants: Constants | None = None,
     keep_on_disk: bool = False,
     fold_cache: dict | None = None,
+    only: set[str] | None = None,
 ) -> onnx.ModelProto:
     """A pruned copy of `model`; the input is not modified. No recovery when `recoveries` is None.
     `constants`: the model's already converted constants (a GraphIndex's), to avoid a second copy.
     `keep_on_disk`: a working copy: untouched on-disk weights stay references to their files (not
     read) and value_info is not refreshed. `fold_cache`: folds kept between rewrites whose
-    recoveries do not change (keyed by consumer and recovery object)."""
-    return Rewriter(model, analysis, plan, recoveries, constants, keep_on_disk, fold_cache).run()
+    recoveries do not change (keyed by consumer and recovery object). `only`: rewrite just these
+    nodes (labels), for a working copy of which only they are used (a sequential segment)."""
+    return Rewriter(model, analysis, plan, recoveries, constants, keep_on_disk, fold_cache, only).run()

@@ -102,15 +102,14 @@ def cut_segments(model: onnx.ModelProto, sites: Iterable[str], shapes: dict[str,
     return segments
 
 
-def extract(model: onnx.ModelProto, available: dict[str, np.dtype], outputs: list[str]) -> onnx.ModelProto:
-    """The part of `model` that computes `outputs` from the `available` activations (fed as
-    inputs with these dtypes), the graph inputs and the initializers; a tensor that is neither
-    is recomputed from earlier nodes."""
+def needed_nodes(model: onnx.ModelProto, available: Iterable[str], outputs: list[str]) -> tuple[set[int], set[str]]:
+    """(positions of the nodes that compute `outputs` from the `available` tensors, the graph
+    inputs and the initializers; the available tensors they read)."""
     graph = model.graph
+    available = set(available)
     producer = {o: i for i, n in enumerate(graph.node) for o in n.output if o}
-    initializers = {t.name: t for t in graph.initializer}
-    graph_inputs = {i.name: i for i in graph.input}
-    needed_nodes: set[int] = set()
+    sources = {t.name for t in graph.initializer} | {i.name for i in graph.input}
+    needed: set[int] = set()
     fed: set[str] = set()
     seen: set[str] = set()
     stack = list(outputs)
@@ -121,18 +120,29 @@ def extract(model: onnx.ModelProto, available: dict[str, np.dtype], outputs: lis
         seen.add(name)
         if name in available:
             fed.add(name)
-        elif name in initializers or name in graph_inputs:
+        elif name in sources:
             continue
         elif name in producer:
             position = producer[name]
-            if position not in needed_nodes:
-                needed_nodes.add(position)
+            if position not in needed:
+                needed.add(position)
                 stack.extend(node_reads(graph.node[position]))
         else:
             raise ValueError(f"tensor '{name}' is not produced by the model")
+    return needed, fed
+
+
+def extract(model: onnx.ModelProto, available: dict[str, np.dtype], outputs: list[str]) -> onnx.ModelProto:
+    """The part of `model` that computes `outputs` from the `available` activations (fed as
+    inputs with these dtypes), the graph inputs and the initializers; a tensor that is neither
+    is recomputed from earlier nodes."""
+    graph = model.graph
+    initializers = {t.name: t for t in graph.initializer}
+    graph_inputs = {i.name: i for i in graph.input}
+    needed, fed = needed_nodes(model, available, outputs)
     part = copy_model(model, skip_graph=("node", "initializer", "input", "output", "value_info"))
-    part.graph.node.extend(graph.node[i] for i in sorted(needed_nodes))
-    used = {name for i in needed_nodes for name in node_reads(graph.node[i])} | set(outputs)
+    part.graph.node.extend(graph.node[i] for i in sorted(needed))
+    used = {name for i in needed for name in node_reads(graph.node[i])} | set(outputs)
     part.graph.initializer.extend(t for name, t in initializers.items() if name in used and name not in available)
     part.graph.input.extend(helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(np.dtype(available[name])), None)
                             for name in sorted(fed))

@@ -22,7 +22,7 @@ from .graph import GraphIndex
 from .plan import Plan
 from .recovery import Recovery, SequentialFit, fit_sequential
 from .rewrite import cache_io_changes, rewrite
-from .segments import GraphSegment, cut_segments, extract
+from .segments import GraphSegment, cut_segments, extract, needed_nodes
 from .stats import CrossMoments, CrossStats, SiteStats
 from .verify import drop_units
 
@@ -179,19 +179,24 @@ class SequentialFitter:
             cache_p.close()
         return self.result
 
-    def _pruned_model(self) -> onnx.ModelProto:
+    def _pruned_model(self, available: Iterable[str], outputs: list[str]) -> onnx.ModelProto:
+        """A working copy of the pruned model with the recoveries fitted so far, rewritten only
+        where the segment computing `outputs` from the `available` activations reads it."""
+        positions, _ = needed_nodes(self.original, available, outputs)
+        only = {self.index.label(self.original.graph.node[i]) for i in positions}
         return rewrite(self.original, self.analysis, self.plan, self.result.recoveries, self.index.constants, keep_on_disk=True,
-                       fold_cache=self.fold_cache)
+                       fold_cache=self.fold_cache, only=only)
 
     def _segment(self, segment: GraphSegment, batches, cache_o: BoundaryCache, cache_p: BoundaryCache) -> None:
         new_boundary = [t for t in segment.boundary if t not in cache_o.values[0]]
         refit_boundary = any(p <= segment.stop for t in segment.sites for p in self.consumer_positions[t])
         outputs_o = list(dict.fromkeys([*segment.sites, *new_boundary]))
         original_part = extract(self.original, cache_o.dtypes(), outputs_o)
-        pruned = self._pruned_model()
-        present = {o for n in pruned.graph.node for o in n.output}
+        wanted = list(dict.fromkeys([*segment.sites, *([] if refit_boundary else new_boundary)]))
+        pruned = self._pruned_model(cache_p.values[0].keys(), wanted)
+        present = {o for n in pruned.graph.node for o in n.output}  # a shape Concat replaced by its copies is gone
         pruned_boundary = [t for t in new_boundary if t in present]
-        pruned_outputs = list(dict.fromkeys([*segment.sites, *([] if refit_boundary else pruned_boundary)]))
+        pruned_outputs = [t for t in wanted if t in segment.sites or t in present]
         pruned_part = extract(pruned, cache_p.dtypes(), pruned_outputs)
         del pruned
         session_o, session_p = make_session(original_part, spinning=False), make_session(pruned_part, spinning=False)
@@ -215,15 +220,20 @@ class SequentialFitter:
         session_o = session_p = None
         for tensor, (cal, held) in accumulators.items():
             self._fit_site(tensor, cal.moments(), held.moments() if held.count else None, changed[tensor])
-        if refit_boundary and pruned_boundary:
-            self._rerun_boundary(pruned_boundary, batches, cache_p)
+        if refit_boundary and new_boundary:
+            self._rerun_boundary(new_boundary, batches, cache_p)
         keep = set(segment.boundary)
         cache_o.keep_only(keep)
         cache_p.keep_only(keep)
 
     def _rerun_boundary(self, names: list[str], batches, cache_p: BoundaryCache) -> None:
         """The pruned model's activations at the cut, with this segment's new folds applied."""
-        part = extract(self._pruned_model(), cache_p.dtypes(), names)
+        pruned = self._pruned_model(cache_p.values[0].keys(), names)
+        present = {o for n in pruned.graph.node for o in n.output}
+        names = [t for t in names if t in present]
+        if not names:
+            return
+        part = extract(pruned, cache_p.dtypes(), names)
         session = make_session(part, spinning=False)
         inputs = [i.name for i in part.graph.input]
         for i, (batch, _) in enumerate(batches()):
