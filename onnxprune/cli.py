@@ -117,8 +117,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "decorrelation, the seed paper's unnormalised-ZCA order")
     parser.add_argument("--allocation", choices=ALLOCATIONS, default="global",
                         help="how the target is spread over layers: global = one threshold on every layer's normalised "
-                        "energy loss, so each layer's ratio follows its redundancy (default); uniform = the same fraction of "
-                        "every layer's units")
+                        "energy loss, so each layer's ratio follows its redundancy (default: the only rule that did not "
+                        "collapse a benchmark model); uniform = the same fraction of every layer's units (better on the "
+                        "Fashion-MNIST CNNs and SmolLM2, far worse on MobileNetV2/EfficientNet); tempered = in between "
+                        "(docs/benchmark.md)")
     parser.add_argument("--round-to", type=int, default=8, metavar="N",
                         help="keep a multiple of N channels per layer (default 8: GPU engines such as TensorRT and cuDNN pick "
                         "tensor-core GEMM/conv kernels for channel counts that are multiples of 8, and onnxruntime's CPU "

@@ -226,8 +226,20 @@ class UniformPlanner(Planner):
         return np.unique(np.concatenate([[-np.inf], *fractions]))
 
 
-ALLOCATIONS = ("global", "uniform")
-PLANNERS = {"global": Planner, "uniform": UniformPlanner}
+class TemperedPlanner(Planner):
+    """One threshold on the geometric mean of the tail energy fraction (global) and the tail
+    unit fraction (uniform) of every position: spaces whose energy is concentrated in a few
+    units are still pruned harder, but less so than by the energy alone."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        for sid, tail in self.tails.items():
+            n = len(tail)
+            self.tails[sid] = np.sqrt(np.maximum(tail, 0.0) * (n - np.arange(n)) / max(n, 1))
+
+
+ALLOCATIONS = ("global", "uniform", "tempered")
+PLANNERS = {"global": Planner, "uniform": UniformPlanner, "tempered": TemperedPlanner}
 
 
 def make_plan(

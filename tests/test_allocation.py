@@ -74,3 +74,13 @@ def test_cli_allocation_and_zca(tmp_path, capsys) -> None:
     assert code == 0 and out.exists()
     code, _, stderr = cli(["models/mlp.ts.onnx", "--calib", "models/data/fmnist_calib_flat.npz", "--allocation", "fair"], capsys)
     assert code == 2 and "--allocation" in stderr
+
+
+def test_tempered_allocation_lies_between_global_and_uniform() -> None:
+    """Per space, the tempered fraction removed is between the global and the uniform ones' extremes
+    and the target holds; a space's score stays non-increasing, so a suffix is removed."""
+    model, calib = _calib(widths=(20, 40, 40, 20, 6))
+    reports = {a: onnxprune.prune(model, calib, ratio=0.3, allocation=a).report for a in ("global", "tempered", "uniform")}
+    assert all(r.units_after == reports["uniform"].units_after for r in reports.values())
+    spread = {a: np.ptp([1 - s.kept / s.units for s in r.spaces if not s.pinned]) for a, r in reports.items()}
+    assert spread["uniform"] == 0 and spread["tempered"] <= spread["global"]
