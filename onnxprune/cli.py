@@ -140,10 +140,14 @@ def build_parser() -> argparse.ArgumentParser:
     modes = recovery.add_mutually_exclusive_group()
     modes.add_argument("--sequential", dest="sequential", action="store_true", default=SEQUENTIAL_DEFAULT,
                        help="refit each layer's least squares on the model as already pruned upstream, against the original "
-                       "model's activations, segment by segment (default: errors of earlier layers are corrected instead of "
-                       "compounding with depth; docs/benchmark.md measures it on every benchmark model)")
+                       "model's activations, segment by segment: errors of earlier layers are corrected instead of "
+                       "compounding with depth (Fashion-MNIST ResNet at 70%% MACs: 27.5 -> 75.3%% top-1). Use it when the "
+                       "calibration set is large and like the deployment data: on a narrow one (crops of 11 photos for "
+                       "MobileNetV2, 14k tokens for SmolLM2) it fits the calibration data too closely and generalised worse "
+                       "(docs/benchmark.md); several times slower than one-shot")
     modes.add_argument("--one-shot", dest="sequential", action="store_false",
-                       help="fit every layer on the unpruned model's activations only (faster: one calibration pass)")
+                       help="fit every layer on the unpruned model's activations (the default: one calibration pass, and the "
+                       "safer choice with few or narrow calibration samples)")
     recovery.add_argument("--shrinkage", type=_shrinkage, default="auto", metavar="auto|L",
                           help="with --sequential: shrinkage of each layer's fit toward the one-shot fit (default auto: chosen per "
                           "layer on the held-out verification samples; 0 = plain least squares)")
