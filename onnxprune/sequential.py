@@ -26,7 +26,7 @@ from .segments import GraphSegment, cut_segments, extract, needed_nodes
 from .stats import CrossMoments, CrossStats, SiteStats
 from .verify import drop_units
 
-SPILL_BYTES = 256 << 20  # cached activations beyond this go to memory-mapped temporary files
+SPILL_BYTES = 64 << 20  # cached activations beyond this (per model) go to temporary files
 BOUNDARY_PREFIX = tempfiles.BOUNDARY_PREFIX
 
 
@@ -60,11 +60,23 @@ class SequentialResult:
                 "median_heldout_error_vs_one_shot": float(np.median(ratios)) if ratios else None}
 
 
+@dataclass
+class OnDisk:
+    """A cached activation written to a temporary .npy file (read back whole, one batch at a time)."""
+
+    path: Path
+    dtype: np.dtype
+
+    def load(self) -> np.ndarray:
+        return np.load(self.path)
+
+
 class BoundaryCache:
-    """Activations at the current cut, per batch; large ones are kept in memory-mapped files."""
+    """Activations at the current cut, per batch; beyond SPILL_BYTES in memory they go to files
+    in an owner-named temporary folder, so memory stays at about one batch's worth."""
 
     def __init__(self, batches: int):
-        self.values: list[dict[str, np.ndarray]] = [{} for _ in range(batches)]
+        self.values: list[dict[str, np.ndarray | OnDisk]] = [{} for _ in range(batches)]
         self.bytes = 0
         self.folder: Path | None = None
         self.count = 0
@@ -72,7 +84,11 @@ class BoundaryCache:
     def keep_only(self, names: set[str]) -> None:
         for values in self.values:
             for name in [n for n in values if n not in names]:
-                self.bytes -= values.pop(name).nbytes
+                value = values.pop(name)
+                if isinstance(value, OnDisk):
+                    value.path.unlink(missing_ok=True)
+                else:
+                    self.bytes -= value.nbytes
 
     def put(self, batch: int, name: str, value: np.ndarray) -> None:
         if self.bytes + value.nbytes > SPILL_BYTES:
@@ -81,10 +97,17 @@ class BoundaryCache:
             path = self.folder / f"{self.count}.npy"
             self.count += 1
             np.save(path, value)
-            value = np.load(path, mmap_mode="r")
+            self.values[batch][name] = OnDisk(path, value.dtype)
         else:
             self.bytes += value.nbytes
-        self.values[batch][name] = value
+            self.values[batch][name] = value
+
+    def get(self, batch: int, name: str) -> np.ndarray:
+        value = self.values[batch][name]
+        return value.load() if isinstance(value, OnDisk) else value
+
+    def names(self) -> set[str]:
+        return set(self.values[0]) if self.values else set()
 
     def dtypes(self) -> dict[str, np.dtype]:
         return {name: value.dtype for name, value in self.values[0].items()} if self.values else {}
@@ -188,12 +211,12 @@ class SequentialFitter:
                        fold_cache=self.fold_cache, only=only)
 
     def _segment(self, segment: GraphSegment, batches, cache_o: BoundaryCache, cache_p: BoundaryCache) -> None:
-        new_boundary = [t for t in segment.boundary if t not in cache_o.values[0]]
+        new_boundary = [t for t in segment.boundary if t not in cache_o.names()]
         refit_boundary = any(p <= segment.stop for t in segment.sites for p in self.consumer_positions[t])
         outputs_o = list(dict.fromkeys([*segment.sites, *new_boundary]))
         original_part = extract(self.original, cache_o.dtypes(), outputs_o)
         wanted = list(dict.fromkeys([*segment.sites, *([] if refit_boundary else new_boundary)]))
-        pruned = self._pruned_model(cache_p.values[0].keys(), wanted)
+        pruned = self._pruned_model(cache_p.names(), wanted)
         present = {o for n in pruned.graph.node for o in n.output}  # a shape Concat replaced by its copies is gone
         pruned_boundary = [t for t in new_boundary if t in present]
         pruned_outputs = [t for t in wanted if t in segment.sites or t in present]
@@ -205,8 +228,8 @@ class SequentialFitter:
         accumulators = {t: (self._new_stats(t, False), self._new_stats(t, True)) for t in segment.sites}
         changed = dict.fromkeys(segment.sites, False)
         for i, (batch, heldout) in enumerate(batches()):
-            out_o = dict(zip(outputs_o, session_o.run(None, self._feeds(inputs_o, batch, cache_o.values[i], False)), strict=True))
-            out_p = dict(zip(pruned_outputs, session_p.run(None, self._feeds(inputs_p, batch, cache_p.values[i], True)), strict=True))
+            out_o = dict(zip(outputs_o, session_o.run(None, self._feeds(inputs_o, batch, cache_o, i, False)), strict=True))
+            out_p = dict(zip(pruned_outputs, session_p.run(None, self._feeds(inputs_p, batch, cache_p, i, True)), strict=True))
             for tensor in segment.sites:
                 axis, stride = self._axis(tensor), self.strides.get(tensor, 1)
                 cols_p, cols_o = site_matrix(out_p[tensor], axis, stride), site_matrix(out_o[tensor], axis, stride)
@@ -228,7 +251,7 @@ class SequentialFitter:
 
     def _rerun_boundary(self, names: list[str], batches, cache_p: BoundaryCache) -> None:
         """The pruned model's activations at the cut, with this segment's new folds applied."""
-        pruned = self._pruned_model(cache_p.values[0].keys(), names)
+        pruned = self._pruned_model(cache_p.names(), names)
         present = {o for n in pruned.graph.node for o in n.output}
         names = [t for t in names if t in present]
         if not names:
@@ -237,14 +260,14 @@ class SequentialFitter:
         session = make_session(part, spinning=False)
         inputs = [i.name for i in part.graph.input]
         for i, (batch, _) in enumerate(batches()):
-            for name, value in zip(names, session.run(None, self._feeds(inputs, batch, cache_p.values[i], True)), strict=True):
+            for name, value in zip(names, session.run(None, self._feeds(inputs, batch, cache_p, i, True)), strict=True):
                 cache_p.put(i, name, value)
 
-    def _feeds(self, names: list[str], batch: dict[str, np.ndarray], cached: dict[str, np.ndarray], pruned: bool) -> dict[str, np.ndarray]:
+    def _feeds(self, names: list[str], batch: dict[str, np.ndarray], cache: BoundaryCache, i: int, pruned: bool) -> dict[str, np.ndarray]:
         feeds = {}
         for name in names:
-            if name in cached:
-                feeds[name] = np.asarray(cached[name])
+            if name in cache.values[i]:
+                feeds[name] = cache.get(i, name)
             else:
                 feeds[name] = drop_units(batch[name], self.io_changes.get(name)) if pruned else batch[name]
         return feeds
