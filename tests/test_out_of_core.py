@@ -6,7 +6,6 @@ truncated under a run is a one-line CalibrationError."""
 from __future__ import annotations
 
 import os
-import tempfile
 import zipfile
 from pathlib import Path
 
@@ -21,16 +20,6 @@ from builders import random_cnn, random_mlp
 from onnxprune.columns import FileColumn, MemoryColumn, StreamColumn, open_npy, open_npz
 from onnxprune.data import CalibrationData, load_calibration
 from onnxprune.errors import CalibrationError
-
-
-@pytest.fixture()
-def private_tmpdir(tmp_path, monkeypatch) -> Path:
-    """TMPDIR is a fresh folder, so a test can see every temporary file a run makes."""
-    folder = tmp_path / "tmpdir"
-    folder.mkdir()
-    monkeypatch.setenv("TMPDIR", str(folder))
-    monkeypatch.setattr(tempfile, "tempdir", str(folder))
-    return folder
 
 
 def every_batch(data: CalibrationData, size: int) -> dict[str, np.ndarray]:

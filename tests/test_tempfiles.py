@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -18,16 +17,6 @@ from onnxprune.errors import ResourceError
 from onnxprune.weights import WeightsFile
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture()
-def private_tmpdir(tmp_path, monkeypatch) -> Path:
-    folder = tmp_path / "tmpdir"
-    folder.mkdir()
-    monkeypatch.setenv("TMPDIR", str(folder))
-    monkeypatch.setattr(tempfile, "tempdir", str(folder))
-    monkeypatch.setattr(tempfiles, "_SWEPT", set())
-    return folder
 
 
 def dead_pid() -> int:
