@@ -138,11 +138,13 @@ class Grower:
 
     def check_size_reads(self) -> None:
         """A size of the units' axis read by Shape must only set target entries that carry the
-        units (they are rewritten as constants); any other entry would change with the pruning."""
+        units (they are rewritten as constants; the features entry of a flatten into a Gemm,
+        also rewritten); any other entry would change with the pruning."""
         for read in self.size_reads:
             node = self.index.node(read.node)
             placement = self.space.tensors.get(node.output[0])
-            if placement is None or placement.axis != read.position:
+            flat = node.output[0] in self.space.flattened and read.position == 1  # view(x.size(0), x.size(1)) into a Gemm
+            if not flat and (placement is None or placement.axis != read.position):
                 self.pin(f"Shape '{read.shape}' reads the size of the units' axis into {node.op_type} '{read.node}' entry {read.position}")
 
     def apply(self, effects: list[Effect]) -> None:

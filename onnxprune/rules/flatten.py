@@ -11,6 +11,8 @@ from ..placement import Placement
 from ..spaces import Consumer, ShapeUpdate
 from .matmul import linear_weight_axes
 from .registry import Effect, Flattened, Pin, Through, consumes, read_by
+from .shape_targets import shape_update
+from .shape_values import static_value
 
 
 def _is_flatten_into_linear(index: GraphIndex, node: onnx.NodeProto, tensor: str, placement: Placement) -> bool:
@@ -20,7 +22,10 @@ def _is_flatten_into_linear(index: GraphIndex, node: onnx.NodeProto, tensor: str
 
 @consumes("Flatten", "Reshape")
 def flatten_into_linear(index: GraphIndex, node: onnx.NodeProto, slot: int, tensor: str, placement: Placement) -> list[Effect] | None:
-    """The Gemm/MatMul layers after a Flatten (or 2-D Reshape) of channels read H*W features each."""
+    """The Gemm/MatMul layers after a Flatten (or 2-D Reshape) of channels read H*W features each.
+    A target computed at run time (TorchScript's view(x.size(0), -1)) is read at the analysis's
+    static shapes: its batch entry stays computed (a unit-axis size read into it pins, see the
+    Shape rule), an entry that carries the unit count is rewritten like a Reshape target's."""
     if slot != 0 or not _is_flatten_into_linear(index, node, tensor, placement):
         return None
     label, op = index.label(node), node.op_type
@@ -32,6 +37,9 @@ def flatten_into_linear(index: GraphIndex, node: onnx.NodeProto, slot: int, tens
         reshape_target = None
     else:
         target = index.const(node.input[1]) if len(node.input) > 1 else None
+        computed = target is None and len(node.input) > 1  # TorchScript's view(x.size(0), -1)
+        if computed:
+            target = static_value(index, node.input[1])
         if target is None or target.ndim != 1 or len(target) != 2:
             return [Pin(f"Reshape '{label}' has a computed or non-2-D target shape")]
         batch = shape[0]
@@ -59,7 +67,7 @@ def flatten_into_linear(index: GraphIndex, node: onnx.NodeProto, slot: int, tens
     if reshape_target is not None and reshape_target != -1:
         if reshape_target != placement.width * block:
             return [Pin(f"Reshape '{label}' target {reshape_target} is not {placement.width} x {block}")]
-        effects.append(ShapeUpdate(label, 1, 1, block, tensor))
+        effects += shape_update(index, node, 1, block, tensor) if computed else [ShapeUpdate(label, 1, 1, block, tensor)]
     effects += [Through(label), Flattened(flat)]
     for consumer_node, (in_axis, out_axis), _ in consumers:
         effects += read_by(index, Consumer(index.label(consumer_node), consumer_node.op_type, 1, in_axis, out_axis, tensor, block))

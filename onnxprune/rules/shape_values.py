@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
-from ..graph import GraphIndex, evaluate_node, get_attr
+from ..graph import FOLDABLE, GraphIndex, evaluate_node, get_attr
 
 # Shape arithmetic between the axis size and a Slice bound.
 ARITHMETIC = frozenset({"Add", "Sub", "Mul", "Div", "Cast", "Unsqueeze", "Squeeze", "Concat", "Identity", "Floor", "Ceil", "Neg"})
@@ -48,6 +48,35 @@ def axis_size_value(index: GraphIndex, name: str, tensor: str, axis: int, depth:
         if known[inp] is None:
             return None
     return evaluate_node(node, known)
+
+
+# Shape arithmetic of a computed Pad (TF-"same" padding) and of TorchScript's F.pad layout
+# (Concat with zeros, Reshape [-1, 2], reversed Slice, Transpose, Reshape [-1]).
+STATIC = FOLDABLE | {"Max", "Min", "Abs", "Mod"}
+
+
+def static_value(index: GraphIndex, name: str, memo: dict[str, np.ndarray | None] | None = None, depth: int = 0) -> np.ndarray | None:
+    """The value of `name` at the analysis's static shapes, when it is computed only from
+    constants and Shape of tensors whose shape is known (TF-"same" pads from the spatial sizes);
+    None otherwise. Only Pad reads it: the value stays computed at run time, and a size of a
+    units' axis cannot reach it (the Shape rule pins the space then)."""
+    memo = {} if memo is None else memo
+    if name in memo:
+        return memo[name]
+    value = index.const(name)
+    node = index.producer.get(name)
+    if value is None and node is not None and depth <= 32 and len(node.output) == 1:
+        if node.op_type == "Shape":
+            shape, rank = index.shape(node.input[0]), index.rank(node.input[0])
+            if shape is not None and None not in shape:
+                start, end = get_attr(node, "start", 0), get_attr(node, "end", rank)
+                value = np.array(shape[slice(start, end)], dtype=np.int64)
+        elif node.op_type in STATIC and node.domain in ("", "ai.onnx"):
+            known = {i: static_value(index, i, memo, depth + 1) for i in dict.fromkeys(i for i in node.input if i)}
+            if known and all(v is not None for v in known.values()):
+                value = evaluate_node(node, known)
+    memo[name] = value
+    return value
 
 
 # Ops that keep an entry of a 1-D shape vector at its position (TorchScript's expand guard

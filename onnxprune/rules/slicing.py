@@ -11,7 +11,7 @@ from ..graph import GraphIndex, get_attr
 from ..placement import Placement
 from ..spaces import WindowUpdate
 from .registry import Carry, Effect, Pin, Through, carries, through
-from .shape_values import axis_size_value
+from .shape_values import axis_size_value, static_value
 
 
 @carries("Concat")
@@ -122,12 +122,17 @@ def slice_(index: GraphIndex, node: onnx.NodeProto, tensor: str, placement: Plac
 
 @carries("Pad")
 def pad(index: GraphIndex, node: onnx.NodeProto, tensor: str, placement: Placement) -> list[Effect]:
-    """Padding other axes keeps the units; padding the unit axis would add units."""
+    """Padding other axes keeps the units; padding the unit axis would add units. Pads computed at
+    run time (TorchScript's TF-"same" padding: Shape -> Gather -> arithmetic -> Concat, then F.pad's
+    reversed pairs) are read at the analysis's static shapes and stay computed: only their
+    entries on the units' axis matter, and those must be 0."""
     label = index.label(node)
     pads = get_attr(node, "pads")
     if pads is None and len(node.input) > 1:
         value = index.const(node.input[1])
-        pads = None if value is None else value.tolist()
+        if value is None:
+            value = static_value(index, node.input[1])
+        pads = None if value is None else np.asarray(value).reshape(-1).tolist()
     rank = index.rank(tensor)
     axes_given = len(node.input) > 3 and node.input[3]
     if pads is None or rank is None or axes_given or len(pads) != 2 * rank:
