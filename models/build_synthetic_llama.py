@@ -16,7 +16,7 @@ Writes, into ``--out`` (default ``~/.cache/onnxprune/models/llama1b``, not commi
 * ``llama1b.dynamo.onnx`` (+ ``.onnx.data``)  ``input_ids``, ``attention_mask`` int64
   [batch, sequence] -> ``logits`` [batch, sequence, 32000]
 * ``llama1b_calib.npz``  ``input_ids`` (uniform random tokens, seed 0) / ``attention_mask``
-  (ones) [n_calib, window]
+  (ones) [32, 256] (the FFN sites need more than 5632 rows after the verification windows)
 * ``llama1b_export.json`` config, parameter count, step times, file sizes, ORT vs torch diff
 
 Measuring a prune of it (docs/speed.md, "Sequential pass on a 1B-parameter synthetic Llama"),
@@ -140,13 +140,14 @@ def main(argv=None) -> None:
     ap.add_argument("--vocab", type=int, default=32000)
     ap.add_argument("--tied", action="store_true", help="tie the embedding and lm_head weights")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--n-calib", type=int, default=8)
+    ap.add_argument("--n-calib", type=int, default=32, help="windows (an FFN site needs more rows than its 5632 units)")
     ap.add_argument("--window", type=int, default=256)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     ap.add_argument("--measure", choices=("sequential", "one-shot"), help="prune the built model and measure (no build)")
     ap.add_argument("--params", type=float, default=0.2, help="with --measure: fraction of parameters to remove")
     ap.add_argument("--batch-size", type=int, default=2)
     ap.add_argument("--verify-samples", type=int, default=2)
+    ap.add_argument("--calib-only", action="store_true", help="write the calibration file only")
     a = ap.parse_args(argv)
     if a.measure:
         measure(a, a.measure)
@@ -169,13 +170,15 @@ def main(argv=None) -> None:
         print(f"   {name}: {time.time() - t0:.1f}s, peak RSS so far {rss:.0f} MB", flush=True)
         return res
 
-    model = timed("build", lambda: build_model(a))
-    summary["params"] = int(sum(p.numel() for p in model.parameters()))
-    print(f"   {summary['params'] / 1e9:.3f}B parameters", flush=True)
-
     rng = np.random.default_rng(a.seed)
     calib = rng.integers(0, a.vocab, size=(a.n_calib, a.window), dtype=np.int64)
     np.savez_compressed(a.out / f"{a.name}_calib.npz", input_ids=calib, attention_mask=np.ones_like(calib))
+    if a.calib_only:
+        return
+
+    model = timed("build", lambda: build_model(a))
+    summary["params"] = int(sum(p.numel() for p in model.parameters()))
+    print(f"   {summary['params'] / 1e9:.3f}B parameters", flush=True)
 
     nc, _ = wrappers(model)
     probe = calib[:1, :32]
