@@ -264,8 +264,10 @@ class Rewriter:
                 recovery = self.recoveries.get((space.id, consumer.site))
                 if recovery is not None and (len(recovery.prune) or recovery.changes_kept) and self._wanted(consumer.node):
                     self._fold(consumer, space.tensors[consumer.site].size, recovery)
+        # a shared shape Concat's per-Reshape copy goes with its Reshape/Expand (`via`): the
+        # Concat itself may lie in an earlier segment, its output cached with the old count
         records = [r for space, _ in spaces for r in [*space.slices, *space.consumers, *space.attrs, *space.reshapes, *space.windows]
-                   if self._wanted(r.node)]
+                   if self._wanted(getattr(r, "via", "") or r.node)]
         sliced = set()
         for record in dict.fromkeys(records):  # 2. deletions and updates, once per record
             if isinstance(record, ParamSlice):

@@ -293,3 +293,18 @@ def test_cut_activations_spilled_to_disk_give_the_same_model(monkeypatch, tmp_pa
     spilled, _ = onnxprune.prune("models/vgg_bn.ts.onnx", FMNIST, ratio=0.4, sequential=True)
     _same_weights(spilled, in_memory, rtol=0, atol=0)
     assert not list(tmp_path.glob("onnxprune-boundary-*"))
+
+
+def test_sequential_with_a_shared_shape_concat_and_uneven_kv_groups() -> None:
+    """A 3-layer GQA Llama (models/build_synthetic_llama.py --layers 3 --hidden 48 --heads 6
+    --kv-heads 3 --ffn 32 --vocab 50 --n-calib 48 --window 16) whose repeat_kv Expands share one
+    computed shape Concat from layer 0: when layer 0 keeps its 3 KV groups and later layers keep 2,
+    a later segment must use its own copy of that shape, not the cached original (it failed with
+    'invalid expand shape' before)."""
+    model, calib = "models/transformers/llama3_gqa.dynamo.onnx", "models/transformers/llama3_gqa_calib.npz"
+    options = dict(params=0.2, batch_size=4, verify_samples=4)
+    pruned, report = onnxprune.prune(model, calib, sequential=True, **options)
+    kv = [row.kept for row in report.spaces if row.units == 3]
+    assert kv[0] == 3 and min(kv[1:]) < 3, kv
+    one_shot = onnxprune.prune(model, calib, **options).report
+    assert report.fidelity[0].relative_l2 <= one_shot.fidelity[0].relative_l2 * 1.05
