@@ -32,6 +32,7 @@ stage, and the time and peak RSS of every segment of the sequential pass.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import resource
@@ -41,7 +42,6 @@ from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
-
 from export_smollm2 import export_nocache, file_bytes, wrappers
 
 DEFAULT_OUT = Path(os.path.expanduser("~/.cache/onnxprune/models/llama1b"))
@@ -184,7 +184,7 @@ def main(argv=None) -> None:
     probe = calib[:1, :32]
     with torch.no_grad():
         ref = nc(torch.from_numpy(probe), torch.ones(probe.shape, dtype=torch.int64)).numpy()
-    timed("export", lambda: export_nocache(nc, path))
+    timed("export", functools.partial(export_nocache, nc, path))
     del nc, model
 
     def ort_check():
