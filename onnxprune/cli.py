@@ -43,28 +43,25 @@ def _fraction(text: str) -> float:
         raise argparse.ArgumentTypeError(f"expected a number, got '{text}'") from None
 
 
-def _stride(text: str) -> int | str:
-    if text == "auto":
-        return text
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected 'auto' or a positive integer, got '{text}'")
-    return value
+def _auto_or(kind: type, lowest: float, what: str) -> Callable[[str], int | float | str]:
+    """An argparse type: 'auto', or a number of `kind` >= `lowest`."""
+
+    def parse(text: str) -> int | float | str:
+        if text == "auto":
+            return text
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or not value >= lowest:
+            raise argparse.ArgumentTypeError(f"expected 'auto' or {what}, got '{text}'")
+        return value
+
+    return parse
 
 
-def _shrinkage(text: str) -> float | str:
-    if text == "auto":
-        return text
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"expected 'auto' or a number >= 0, got '{text}'")
-    return value
+_stride = _auto_or(int, 1, "a positive integer")
+_shrinkage = _auto_or(float, 0.0, "a number >= 0")
 
 
 def _floats(text: str) -> tuple[float, ...]:
