@@ -308,3 +308,9 @@ def test_sequential_with_a_shared_shape_concat_and_uneven_kv_groups() -> None:
     assert kv[0] == 3 and min(kv[1:]) < 3, kv
     one_shot = onnxprune.prune(model, calib, **options).report
     assert report.fidelity[0].relative_l2 <= one_shot.fidelity[0].relative_l2 * 1.05
+
+
+def test_latency_target_is_searched_one_shot_then_refitted() -> None:
+    pruned, report = onnxprune.prune("models/vgg_bn.ts.onnx", FMNIST, latency=0.1, round_to=8, sequential=True)
+    assert report.latency["ratio"] < 1 and report.sequential["sites"]
+    onnx.checker.check_model(pruned, full_check=True)
