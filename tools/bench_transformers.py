@@ -39,7 +39,8 @@ from onnxprune.weights import has_weights_on_disk  # noqa: E402
 CACHE = Path.home() / ".cache" / "onnxprune" / "models"
 METHODS = ("snp", "l2", "fluct", "wanda")
 # method variants: "snp+seq" = sequential recovery, "snp+uniform" = the same fraction in every space
-VARIANTS = {"seq": {"sequential": True}, "uniform": {"allocation": "uniform"}, "oneshot": {"sequential": False}}
+VARIANTS = {"seq": {"sequential": True}, "uniform": {"allocation": "uniform"}, "tempered": {"allocation": "tempered"},
+            "oneshot": {"sequential": False}}
 
 
 def variant_options(label: str) -> tuple[str, dict]:
