@@ -122,18 +122,9 @@ def prune(
     Models of 64 MiB and more keep their weights on disk (their external-data files, or one
     temporary file) and fix glibc's mmap threshold for the process (`load.map_large_allocations`).
     """
-    if method not in METHODS:
-        raise TargetError(f"unknown method '{method}' (choose from {', '.join(METHODS)})")
-    if allocation not in ALLOCATIONS:
-        raise TargetError(f"unknown allocation '{allocation}' (choose from {', '.join(ALLOCATIONS)})")
-    if order not in ORDERS:
-        raise TargetError(f"unknown order '{order}' (choose from {', '.join(ORDERS)})")
-    if batch_size < 1:
-        raise TargetError(f"--batch-size must be >= 1, got {batch_size}")
+    check_options(method, allocation, order, batch_size, latency_batch)
     target = resolve_target(ratio, flops, params, tolerance, latency)
     fixed_shrinkage = resolve_shrinkage(shrinkage)
-    if latency_batch < 1:
-        raise TargetError(f"--latency-batch must be >= 1, got {latency_batch}")
     progress = progress or _no_progress
     seconds: dict[str, float] = {}
     warnings: list[str] = []
@@ -221,18 +212,35 @@ def prune(
     report.warnings, report.seconds = warnings, seconds
     report.io_changes = _io_shapes(pruned, io_changes)
     report.spatial_strides = sampled
-    if sequential_result is not None:
-        report.sequential = sequential_result.summary()
-    elif sequential and method not in RECOVERY:
-        report.warnings.append(f"--sequential refits recoveries; method '{method}' has none, so it was pruned one-shot")
-    if latency_result is not None:
-        report.latency = {"batch": latency_result.batch, "threads": latency_result.threads, "ratio": round(latency_result.ratio, 4),
-                          "steps": latency_result.steps}
+    _add_fit_notes(report, sequential, method in RECOVERY, sequential_result, latency_result)
     pruned = with_weights_in_memory(pruned)
     for weights in (prepared.weights, pruned_weights):
         if weights is not None:
             weights.close()
     return PruneResult(pruned, report)
+
+
+def check_options(method: str, allocation: str, order: str, batch_size: int, latency_batch: int) -> None:
+    """One-line errors for option values no stage can use, before anything is loaded."""
+    for name, value, choices in (("method", method, METHODS), ("allocation", allocation, ALLOCATIONS), ("order", order, ORDERS)):
+        if value not in choices:
+            raise TargetError(f"unknown {name} '{value}' (choose from {', '.join(choices)})")
+    if batch_size < 1:
+        raise TargetError(f"--batch-size must be >= 1, got {batch_size}")
+    if latency_batch < 1:
+        raise TargetError(f"--latency-batch must be >= 1, got {latency_batch}")
+
+
+def _add_fit_notes(report: PruneReport, sequential: bool, recovers: bool, sequential_result: SequentialResult | None,
+                   latency_result) -> None:
+    """The sequential fit's summary (or why it did not run) and the measured latency."""
+    if sequential_result is not None:
+        report.sequential = sequential_result.summary()
+    elif sequential and not recovers:
+        report.warnings.append(f"--sequential refits recoveries; method '{report.method}' has none, so it was pruned one-shot")
+    if latency_result is not None:
+        report.latency = {"batch": latency_result.batch, "threads": latency_result.threads, "ratio": round(latency_result.ratio, 4),
+                          "steps": latency_result.steps}
 
 
 WELL_SAMPLED = 4  # rows per unit below which a site's statistics are flagged as noisy
