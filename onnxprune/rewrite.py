@@ -10,6 +10,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from .analyse import Analysis, AttrUpdate, Consumer, ParamSlice, ShapeUpdate, Space, WindowUpdate
+from .folds import FoldMixin, fold_consumer_weight  # noqa: F401 - fold_consumer_weight is part of this module's API
 from .graph import Constants, GraphIndex, copy_model, get_attr, weightless_skeleton
 from .placement import expand_blocks, removed_count
 from .plan import Plan, SpacePlan
@@ -17,30 +18,6 @@ from .recovery import Recovery
 from .tensors import in_memory
 
 SUFFIX = "_onnxprune"
-
-
-def fold_consumer_weight(weight: np.ndarray, consumer: Consumer, width: int, recovery: Recovery) -> tuple[np.ndarray, np.ndarray]:
-    """W_K += W_P B and the bias delta W_P b0, on the consumer's full (unsliced) weight.
-
-    `width` is the site's unit-axis size; each position owns `consumer.block` features of the
-    weight's input axis. For a Conv the fold is per kernel tap and the bias delta sums the taps;
-    for Flatten into a Gemm it is per spatial position (DESIGN §2).
-    """
-    w = np.moveaxis(weight.astype(np.float64), consumer.in_axis, 0)
-    rest = w.shape[1:]
-    w = w.reshape(width, consumer.block, -1).copy()
-    pruned, kept = w[recovery.prune], w[recovery.keep]
-    full = np.tensordot(recovery.offset, pruned, axes=(0, 0))
-    if recovery.changes_kept:  # W_K <- W_K M + W_P B, bias += W_K m0 + W_P b0
-        w[recovery.keep] = np.tensordot(recovery.kept_weights, kept, axes=(0, 0)) + np.tensordot(recovery.weights, pruned, axes=(0, 0))
-        full = full + np.tensordot(recovery.kept_offset, kept, axes=(0, 0))
-    else:
-        w[recovery.keep] += np.tensordot(recovery.weights, pruned, axes=(0, 0))
-    full = full.sum(axis=0).reshape(rest)
-    out_pos = consumer.out_axis - (consumer.out_axis > consumer.in_axis)
-    delta = full.sum(axis=tuple(i for i in range(len(rest)) if i != out_pos))
-    new = np.moveaxis(w.reshape((width * consumer.block, *rest)), 0, consumer.in_axis)
-    return new.astype(weight.dtype), delta
 
 
 @dataclass
@@ -210,7 +187,7 @@ def _drop_unused_initializers(model: onnx.ModelProto, candidates: set[str]) -> N
     _remove_initializers(model.graph, candidates - used)
 
 
-class Rewriter:
+class Rewriter(FoldMixin):
     """Applies a Plan to a copy of the model.
 
     Every edit is derived from the removed positions of one tensor's unit axis (DESIGN §3):
@@ -312,17 +289,6 @@ class Rewriter:
             _refresh_value_info(self.model, changed | touched)
         return self.model
 
-    def _with_bias_targets(self, only: set[str]) -> set[str]:
-        """`only` with each MatMul consumer and the Add that takes its bias delta together (a
-        fold edits both: one of them alone would leave the other one's part out)."""
-        only = set(only)
-        for space in self.analysis.prunable:
-            for consumer in space.consumers:
-                target = self._following_bias_add(self.index.node(consumer.node)) if consumer.op_type == "MatMul" else None
-                if target is not None and (consumer.node in only or target[0] in only):
-                    only.update((consumer.node, target[0]))
-        return only
-
     def _wanted(self, label: str) -> bool:
         """Whether the node is rewritten (all, or the `only` nodes of a partial working copy)."""
         return self.only is None or label in self.only
@@ -373,73 +339,6 @@ class Rewriter:
         rank = rank if rank is not None else max(space_axis + 1, max(abs(a) for a in axes))
         return [a % rank for a in axes].index(space_axis)
 
-    def _fold(self, consumer: Consumer, width: int, recovery: Recovery) -> None:
-        key = (consumer.node, consumer.weight_index, id(recovery))
-        if self.fold_cache is not None and key in self.fold_cache:
-            new_weight, delta = self.fold_cache[key]
-        else:
-            new_weight, delta = fold_consumer_weight(self.edits.get(consumer.node, consumer.weight_index), consumer, width, recovery)
-            if self.fold_cache is not None:
-                self.fold_cache[key] = (new_weight, delta)
-        self.edits.set(consumer.node, consumer.weight_index, new_weight)
-        node = self.index.node(consumer.node)
-        if node.op_type == "ConvTranspose":  # a constant reaches each output through kernel/stride taps on average
-            delta = delta / float(np.prod(get_attr(node, "strides", [1])))
-        self._add_bias(consumer, delta)
-
-    def _add_bias(self, consumer: Consumer, delta: np.ndarray) -> None:
-        node = self.index.node(consumer.node)
-        dtype = self.edits.get(consumer.node, consumer.weight_index).dtype
-        if node.op_type in ("Conv", "ConvTranspose"):
-            self._add_to_input(consumer.node, 2, delta, dtype)
-        elif node.op_type == "Gemm":
-            alpha, beta = get_attr(node, "alpha", 1.0), get_attr(node, "beta", 1.0)
-            has_c = len(node.input) > 2 and node.input[2]
-            if has_c and not self.index.is_constant(node.input[2]):
-                self._add_bias_node(node, alpha * delta, dtype)
-            elif not has_c or beta == 0:
-                _set_float_attr(node, "beta", 1.0)
-                self._add_to_input(consumer.node, 2, alpha * delta, dtype, replace=True)
-            else:
-                self._add_to_input(consumer.node, 2, alpha * delta / beta, dtype)
-        else:  # MatMul: fold into a following Add of a constant, else add one
-            bias_add = self._following_bias_add(node)
-            if bias_add is None:
-                self._add_bias_node(node, delta, dtype)
-            else:
-                self._add_to_input(*bias_add, delta, dtype)
-
-    def _add_bias_node(self, node: onnx.NodeProto, delta: np.ndarray, dtype: np.dtype) -> None:
-        for i, (pending, bias) in enumerate(self.edits.bias_nodes):
-            if pending is node:
-                self.edits.bias_nodes[i] = (node, (bias.astype(np.float64) + delta).astype(dtype))
-                return
-        self.edits.bias_nodes.append((node, delta.astype(dtype)))
-
-    def _add_to_input(self, label: str, slot: int, delta: np.ndarray, dtype: np.dtype, replace: bool = False) -> None:
-        """bias += delta (created when absent; `replace` ignores an existing value, for Gemm beta=0)."""
-        node = self.index.node(label)
-        key = (label, slot)
-        exists = slot < len(node.input) and bool(node.input[slot])
-        if (exists and not replace) or key in self.biases:
-            current = self.edits.get(label, slot)
-            self.edits.set(label, slot, (current.astype(np.float64) + delta).astype(current.dtype))
-        else:
-            self.edits.set(label, slot, delta.astype(dtype))
-        self.biases[key] = node.output[0]
-
-    def _following_bias_add(self, node: onnx.NodeProto) -> tuple[str, int] | None:
-        out = node.output[0]
-        uses = self.index.uses.get(out, [])
-        if len(uses) != 1 or uses[0].node.op_type != "Add" or out in self.index.graph_outputs:
-            return None
-        add, slot = uses[0].node, 1 - uses[0].index
-        value = self.index.const(add.input[slot])
-        if value is None or value.ndim > 1 and any(d != 1 for d in value.shape[:-1]):
-            return None
-        return self.index.label(add), slot
-
-
 def cache_io_changes(analysis: Analysis, plan: Plan) -> dict[str, tuple[int, np.ndarray]]:
     """Graph inputs/outputs (KV caches) whose unit axis shrinks: name -> (axis, removed elements)."""
     changes = {}
@@ -451,14 +350,6 @@ def cache_io_changes(analysis: Analysis, plan: Plan) -> dict[str, tuple[int, np.
             placement = space.tensors[io.tensor]
             changes[io.tensor] = (placement.axis, placement.element_positions_of(space_plan.prune))
     return changes
-
-
-def _set_float_attr(node: onnx.NodeProto, name: str, value: float) -> None:
-    for attr in node.attribute:
-        if attr.name == name:
-            attr.f = value
-            return
-    node.attribute.append(helper.make_attribute(name, value))
 
 
 def _opset(model: onnx.ModelProto) -> int:
