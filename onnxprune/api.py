@@ -116,9 +116,9 @@ def prune(
     `sequential`: refit every site's recovery on the model as already pruned upstream, against
     the original's activations, with the shrinkage toward the one-shot fit chosen per site on
     the held-out samples (DESIGN §2; `shrinkage` a number fixes it: 0 is the plain cross-moment
-    least squares, inf the one-shot fit re-centred); the keep sets are the one-shot plan's.
-    `allocation`: "global" (one threshold on the normalised energies of every space, DESIGN §2) or
-    "uniform" (the same fraction of every space's units).
+    least squares, inf the one-shot fold itself); the keep sets are the one-shot plan's.
+    `allocation`: "global" (one threshold on the normalised energies of every space, DESIGN §2),
+    "uniform" (the same fraction of every space's units) or "tempered" (in between).
     Models of 64 MiB and more keep their weights on disk (their external-data files, or one
     temporary file) and fix glibc's mmap threshold for the process (`load.map_large_allocations`).
     """
@@ -306,9 +306,8 @@ def fit_sequentially(prepared: Prepared, plan: Plan, stats: dict[str, SiteStats]
         if prepared.verify_data.n_samples:
             yield from ((batch, True) for batch in prepared.verify_data.batches(size))
 
-    count = -(-prepared.calib_data.n_samples // size) + -(-prepared.verify_data.n_samples // size)
     return sequential_recoveries(prepared.original, prepared.analysis, plan, stats, prepared.index, prepared.shapes, prepared.strides,
-                                 batches, count, kind, one_shot, progress, shrinkage)
+                                 batches, kind, one_shot, progress, shrinkage)
 
 
 def _io_shapes(model: onnx.ModelProto, changes: dict) -> dict[str, list]:

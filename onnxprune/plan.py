@@ -119,11 +119,13 @@ class Planner:
     def kept_counts(self, threshold: float) -> dict[int, int]:
         counts = {}
         for sid, tail in self.tails.items():
-            n = len(tail)
-            kept = max(int(np.count_nonzero(tail > threshold)), self.floors[sid])
-            step = self.steps[sid]
-            counts[sid] = min(n, math.ceil(kept / step) * step)
+            counts[sid] = self.stepped(sid, int(np.count_nonzero(tail > threshold)))
         return counts
+
+    def stepped(self, sid: int, kept: int) -> int:
+        """`kept` raised to the space's floor and to whole --round-to steps, at most all its units."""
+        kept = max(kept, self.floors[sid])
+        return min(len(self.tails[sid]), math.ceil(kept / self.steps[sid]) * self.steps[sid])
 
     def removed(self, kind: str, threshold: float) -> float:
         """Fraction of units / MACs / params removed at this threshold."""
@@ -211,8 +213,7 @@ class UniformPlanner(Planner):
         counts = {}
         for sid, tail in self.tails.items():
             n = len(tail)
-            kept = max(n - int(np.floor(max(threshold, 0.0) * n + 1e-9)), self.floors[sid])
-            counts[sid] = min(n, math.ceil(kept / self.steps[sid]) * self.steps[sid])
+            counts[sid] = self.stepped(sid, n - int(np.floor(max(threshold, 0.0) * n + 1e-9)))
         return counts
 
     def threshold_for(self, target: Target) -> float:

@@ -160,6 +160,23 @@ class ConstantEdits:
         return name
 
 
+def pruned_spaces(analysis: Analysis, plan: Plan) -> list[tuple[Space, SpacePlan]]:
+    """The prunable spaces that lose units under `plan`, with their plans."""
+    return [(s, plan.spaces[s.id]) for s in analysis.prunable if s.id in plan.spaces and len(plan.spaces[s.id].prune)]
+
+
+def removed_slots(spaces: list[tuple[Space, SpacePlan]]) -> tuple[dict[str, np.ndarray], dict[str, int], dict[str, int]]:
+    """Per tensor: removed unit slots (from every space on it), width in slots, elements per slot."""
+    removed: dict[str, set[int]] = {}
+    widths: dict[str, int] = {}
+    blocks: dict[str, int] = {}
+    for space, plan in spaces:
+        for tensor, placement in space.tensors.items():
+            removed.setdefault(tensor, set()).update(placement.positions_of(plan.prune).tolist())
+            widths[tensor], blocks[tensor] = placement.width, placement.block
+    return {t: np.array(sorted(p), dtype=np.int64) for t, p in removed.items()}, widths, blocks
+
+
 def _drop_dead_nodes(model: onnx.ModelProto) -> None:
     """Remove nodes whose outputs nothing reads any more (a shape Concat replaced by its copy)."""
     graph = model.graph
@@ -215,26 +232,12 @@ class Rewriter(FoldMixin):
         self.only = None if only is None else self._with_bias_targets(only)  # node labels to rewrite (a partial working copy)
         self.biases: dict[tuple[str, int], str] = {}  # bias inputs the folds touched -> output tensor
 
-    def pruned_spaces(self) -> list[tuple[Space, SpacePlan]]:
-        return [(s, self.plan.spaces[s.id]) for s in self.analysis.prunable if s.id in self.plan.spaces and len(self.plan.spaces[s.id].prune)]
-
-    def removed_positions(self, spaces: list[tuple[Space, SpacePlan]]) -> tuple[dict[str, np.ndarray], dict[str, int], dict[str, int]]:
-        """Per tensor: removed unit slots (from every space on it), width in slots, elements per slot."""
-        removed: dict[str, set[int]] = {}
-        widths: dict[str, int] = {}
-        blocks: dict[str, int] = {}
-        for space, plan in spaces:
-            for tensor, placement in space.tensors.items():
-                removed.setdefault(tensor, set()).update(placement.positions_of(plan.prune).tolist())
-                widths[tensor], blocks[tensor] = placement.width, placement.block
-        return {t: np.array(sorted(p), dtype=np.int64) for t, p in removed.items()}, widths, blocks
-
     def run(self) -> onnx.ModelProto:
-        spaces = self.pruned_spaces()
+        spaces = pruned_spaces(self.analysis, self.plan)
         if not spaces and not self.recoveries:
             self.model.graph.initializer.extend(self.edits.keep(t) for t in self.source)
             return self.model
-        removed, widths, blocks = self.removed_positions(spaces)
+        removed, widths, blocks = removed_slots(spaces)
         elements = {t: expand_blocks(r, blocks[t]) for t, r in removed.items()}
         for space in self.analysis.prunable:  # 1. least-squares folds on full-size weights (sequential
             for consumer in space.consumers:  # corrections also reach spaces that lost no unit)

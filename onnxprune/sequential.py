@@ -19,15 +19,15 @@ from . import tempfiles
 from .analyse import Analysis, Space
 from .calibrate import make_session
 from .graph import GraphIndex
+from .placement import expand_blocks
 from .plan import Plan
 from .recovery import Recovery, SequentialFit, fit_sequential
-from .rewrite import cache_io_changes, rewrite
+from .rewrite import cache_io_changes, pruned_spaces, removed_slots, rewrite
 from .segments import GraphSegment, cut_segments, extract, needed_nodes
 from .stats import CrossMoments, CrossStats, SiteStats
 from .verify import drop_units
 
 SPILL_BYTES = 64 << 20  # cached activations beyond this (per model) go to temporary files
-BOUNDARY_PREFIX = tempfiles.BOUNDARY_PREFIX
 
 
 @dataclass
@@ -75,8 +75,8 @@ class BoundaryCache:
     """Activations at the current cut, per batch; beyond SPILL_BYTES in memory they go to files
     in an owner-named temporary folder, so memory stays at about one batch's worth."""
 
-    def __init__(self, batches: int):
-        self.values: list[dict[str, np.ndarray | OnDisk]] = [{} for _ in range(batches)]
+    def __init__(self) -> None:
+        self.values: list[dict[str, np.ndarray | OnDisk]] = []  # one dict per batch, in batch order
         self.bytes = 0
         self.folder: Path | None = None
         self.count = 0
@@ -91,9 +91,11 @@ class BoundaryCache:
                     self.bytes -= value.nbytes
 
     def put(self, batch: int, name: str, value: np.ndarray) -> None:
+        while len(self.values) <= batch:
+            self.values.append({})
         if self.bytes + value.nbytes > SPILL_BYTES:
             if self.folder is None:  # owner-named: swept by a later run if this one is killed
-                self.folder = tempfiles.make_folder(BOUNDARY_PREFIX)
+                self.folder = tempfiles.make_folder(tempfiles.BOUNDARY_PREFIX)
             path = self.folder / f"{self.count}.npy"
             self.count += 1
             np.save(path, value)
@@ -101,6 +103,9 @@ class BoundaryCache:
         else:
             self.bytes += value.nbytes
             self.values[batch][name] = value
+
+    def has(self, batch: int, name: str) -> bool:
+        return batch < len(self.values) and name in self.values[batch]
 
     def get(self, batch: int, name: str) -> np.ndarray:
         value = self.values[batch][name]
@@ -129,14 +134,8 @@ def site_matrix(array: np.ndarray, axis: int, stride: int = 1) -> np.ndarray:
 
 def removed_elements(analysis: Analysis, plan: Plan) -> dict[str, np.ndarray]:
     """Per tensor, the element positions on its unit axis that the plan removes (every space)."""
-    removed: dict[str, set[int]] = {}
-    for space in analysis.prunable:
-        space_plan = plan.spaces.get(space.id)
-        if space_plan is None or not len(space_plan.prune):
-            continue
-        for tensor, placement in space.tensors.items():
-            removed.setdefault(tensor, set()).update(placement.element_positions_of(space_plan.prune).tolist())
-    return {t: np.array(sorted(p), dtype=np.int64) for t, p in removed.items()}
+    removed, _, blocks = removed_slots(pruned_spaces(analysis, plan))
+    return {tensor: expand_blocks(slots, blocks[tensor]) for tensor, slots in removed.items()}
 
 
 def site_columns(space: Space, tensor: str, plan: Plan, removed: dict[str, np.ndarray]) -> SiteColumns:
@@ -189,10 +188,9 @@ class SequentialFitter:
         self.result = SequentialResult({}, segments=len(self.segments))
         self.fold_cache: dict = {}
 
-    def run(self, batches: Callable[[], Iterable[tuple[dict[str, np.ndarray], bool]]], count: int,
-            advance: Callable[[int], None]) -> SequentialResult:
+    def run(self, batches: Callable[[], Iterable[tuple[dict[str, np.ndarray], bool]]], advance: Callable[[int], None]) -> SequentialResult:
         """`batches()` yields (inputs, held out) in the same order each time it is called."""
-        cache_o, cache_p = BoundaryCache(count), BoundaryCache(count)
+        cache_o, cache_p = BoundaryCache(), BoundaryCache()
         try:
             for segment in self.segments:
                 self._segment(segment, batches, cache_o, cache_p)
@@ -266,7 +264,7 @@ class SequentialFitter:
     def _feeds(self, names: list[str], batch: dict[str, np.ndarray], cache: BoundaryCache, i: int, pruned: bool) -> dict[str, np.ndarray]:
         feeds = {}
         for name in names:
-            if name in cache.values[i]:
+            if cache.has(i, name):
                 feeds[name] = cache.get(i, name)
             else:
                 feeds[name] = drop_units(batch[name], self.io_changes.get(name)) if pruned else batch[name]
@@ -302,12 +300,12 @@ class SequentialFitter:
 
 def sequential_recoveries(original: onnx.ModelProto, analysis: Analysis, plan: Plan, stats: dict[str, SiteStats], index: GraphIndex,
                           shapes: dict, strides: dict[str, int], batches: Callable[[], Iterable[tuple[dict[str, np.ndarray], bool]]],
-                          count: int, kind: str = "lsq", one_shot: dict[tuple[int, str], Recovery] | None = None,
+                          kind: str = "lsq", one_shot: dict[tuple[int, str], Recovery] | None = None,
                           progress: Callable[[str, int], Callable[[int], None]] | None = None,
                           shrinkage: float | None = None) -> SequentialResult:
-    """Refit every site of the plan on the model pruned upstream: `batches()` yields the `count`
-    batches as (inputs, held out); the shrinkage toward the one-shot fit is chosen on the
+    """Refit every site of the plan on the model pruned upstream: `batches()` yields the batches
+    as (inputs, held out); the shrinkage toward the one-shot fit is chosen on the
     held-out ones unless `shrinkage` fixes it."""
     fitter = SequentialFitter(original, analysis, plan, stats, index, shapes, strides, kind, one_shot, shrinkage)
     advance = progress("sequential fit", len(fitter.segments)) if progress is not None else (lambda _: None)
-    return fitter.run(batches, count, advance)
+    return fitter.run(batches, advance)

@@ -79,10 +79,6 @@ class CrossStats:
     oo: np.ndarray | None = None
     with_oo: bool = False
 
-    def add_rows(self, rows_p: np.ndarray, rows_o: np.ndarray) -> None:
-        """Accumulate one batch of rows (samples x k, samples x n)."""
-        self.add_columns(np.ascontiguousarray(rows_p.T, dtype=np.float32), np.ascontiguousarray(rows_o.T, dtype=np.float32))
-
     def add_columns(self, cols_p: np.ndarray, cols_o: np.ndarray) -> None:
         """Accumulate one batch given unit-major float32 matrices (k x samples, n x samples);
         they are shifted in place (callers pass their own copies)."""
