@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from .allocate import allocation_planner
 from .analyse import Analysis
 from .cost import CostModel, build_cost_model, count_macs, count_params
 from .data import CalibrationData
@@ -18,12 +19,14 @@ from .errors import CalibrationError, TargetError
 from .graph import GraphIndex, static_shapes
 from .latency import max_steps, search_latency
 from .load import release_memory
-from .plan import ALLOCATIONS, Plan, Target, make_plan, make_planner, misaligned_warning
+from .plan import ALLOCATIONS, Plan, Target, misaligned_warning
 from .preparation import Prepared, calibration_statistics, prepare, prepare_options
-from .recovery import Recovery, fit_recovery, mean_recovery
+from .recovery import Recovery, fit_recoveries
 from .report import PruneReport, SpaceRow
 from .rewrite import cache_io_changes, rewrite
 from .score import DEFAULT_ORDER, METHODS, ORDERS, RECOVERY, STATS_METHODS, score_space
+from .selection import AllocationChoice
+from .sensitivity import Sensitivity
 from .sequential import SequentialResult, sequential_recoveries
 from .shards import Statistics
 from .sources import ImageOptions
@@ -67,7 +70,7 @@ def _no_progress(description: str, total: int) -> Callable[[int], None]:
 def _stage(seconds: dict[str, float], name: str):
     start = time.perf_counter()
     yield
-    seconds[name] = round(time.perf_counter() - start, 3)
+    seconds[name] = round(seconds.get(name, 0.0) + time.perf_counter() - start, 3)
 
 
 def prune(
@@ -99,6 +102,7 @@ def prune(
     sequential: bool = False,
     shrinkage: float | str = "auto",
     allocation: str = "global",
+    sensitivity_samples: int | None = None,
 ) -> PruneResult:
     """Prune `model` with calibration data `calib`; returns the pruned ModelProto and a report.
 
@@ -118,11 +122,14 @@ def prune(
     the held-out samples (DESIGN §2; `shrinkage` a number fixes it: 0 is the plain cross-moment
     least squares, inf the one-shot fold itself); the keep sets are the one-shot plan's.
     `allocation`: "global" (one threshold on the normalised energies of every space, DESIGN §2),
-    "uniform" (the same fraction of every space's units) or "tempered" (in between).
+    "uniform" (the same fraction of every space's units), "tempered" (in between) or
+    "sensitivity" (every space pruned alone first and its output error measured on
+    `sensitivity_samples` calibration samples, default automatic; the energies are rescaled by
+    it before one threshold, docs/design.md).
     Models of 64 MiB and more keep their weights on disk (their external-data files, or one
     temporary file) and fix glibc's mmap threshold for the process (`load.map_large_allocations`).
     """
-    check_options(method, allocation, order, batch_size, latency_batch)
+    check_options(method, allocation, order, batch_size, latency_batch, sensitivity_samples)
     target = resolve_target(ratio, flops, params, tolerance, latency)
     fixed_shrinkage = resolve_shrinkage(shrinkage)
     progress = progress or _no_progress
@@ -175,10 +182,12 @@ def prune(
         sequential_result = fit_sequentially(prepared, plan, stats, RECOVERY[method], one_shot, progress, fixed_shrinkage)
         return rewrite(original, analysis, plan, sequential_result.recoveries, index.constants)
 
+    with _stage(seconds, "plan"):
+        planner, allocated = allocation_planner(allocation, target, prepared, scores, cost, stats, method, min_keep, round_to,
+                                                 sensitivity_samples, progress)
     latency_result = None
     if target.kind == "latency":
         with _stage(seconds, "plan"):
-            planner = make_planner(analysis, scores, cost, min_keep, round_to, allocation)
             feeds = next(iter(prepared.calib_data.batches(prepared.batch_size if prepared.static_batch else latency_batch)))
 
             def build_with_feeds(plan: Plan) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
@@ -191,7 +200,7 @@ def prune(
             pruned = build_final(plan, pruned)
     else:
         with _stage(seconds, "plan"):
-            plan = make_plan(analysis, scores, cost, target, min_keep, round_to, allocation)
+            plan = planner.plan(target)
         with _stage(seconds, "rewrite"):
             pruned = build_final(plan)
     warnings.extend(misaligned_warning(analysis, plan))
@@ -213,6 +222,10 @@ def prune(
     report.io_changes = _io_shapes(pruned, io_changes)
     report.spatial_strides = sampled
     _add_fit_notes(report, sequential, method in RECOVERY, sequential_result, latency_result)
+    if isinstance(allocated, Sensitivity):
+        report.sensitivity = allocated.summary({s.id: s.name for s in analysis.spaces})
+    elif isinstance(allocated, AllocationChoice):
+        report.allocation = allocated.summary()
     pruned = with_weights_in_memory(pruned)
     for weights in (prepared.weights, pruned_weights):
         if weights is not None:
@@ -220,7 +233,8 @@ def prune(
     return PruneResult(pruned, report)
 
 
-def check_options(method: str, allocation: str, order: str, batch_size: int, latency_batch: int) -> None:
+def check_options(method: str, allocation: str, order: str, batch_size: int, latency_batch: int,
+                  sensitivity_samples: int | None = None) -> None:
     """One-line errors for option values no stage can use, before anything is loaded."""
     for name, value, choices in (("method", method, METHODS), ("allocation", allocation, ALLOCATIONS), ("order", order, ORDERS)):
         if value not in choices:
@@ -229,6 +243,8 @@ def check_options(method: str, allocation: str, order: str, batch_size: int, lat
         raise TargetError(f"--batch-size must be >= 1, got {batch_size}")
     if latency_batch < 1:
         raise TargetError(f"--latency-batch must be >= 1, got {latency_batch}")
+    if sensitivity_samples is not None and sensitivity_samples < 1:
+        raise TargetError(f"--sensitivity-samples must be >= 1, got {sensitivity_samples}")
 
 
 def _add_fit_notes(report: PruneReport, sequential: bool, recovers: bool, sequential_result: SequentialResult | None,
@@ -263,23 +279,6 @@ def pin_undersampled(analysis: Analysis, stats: dict[str, SiteStats]) -> list[st
             if rows < WELL_SAMPLED * width:
                 warnings.append(f"site '{tensor}' saw {rows} rows for {width} units: its statistics are noisy; more calibration samples help")
     return warnings
-
-
-def fit_recoveries(analysis: Analysis, plan: Plan, stats: dict[str, SiteStats], kind: str = "lsq") -> dict[tuple[int, str], Recovery]:
-    """One recovery per (pruned space, site), on the site's columns of that space: least squares
-    (`lsq`) or the pruned units' means (`mean`, FLAP's bias compensation)."""
-    fit = fit_recovery if kind == "lsq" else mean_recovery
-    recoveries = {}
-    for space in analysis.prunable:
-        space_plan = plan.spaces[space.id]
-        if not len(space_plan.prune):
-            continue
-        for tensor in space.sites:
-            placement = space.tensors[tensor]
-            keep, prune = placement.element_positions_of(space_plan.keep), placement.element_positions_of(space_plan.prune)
-            if len(prune):
-                recoveries[(space.id, tensor)] = fit(stats[tensor], keep, prune)
-    return recoveries
 
 
 def resolve_shrinkage(shrinkage: float | str) -> float | None:

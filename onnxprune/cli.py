@@ -116,8 +116,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="how the target is spread over layers: global = one threshold on every layer's normalised "
                         "energy loss, so each layer's ratio follows its redundancy (default: the only rule that did not "
                         "collapse a benchmark model); uniform = the same fraction of every layer's units (better on the "
-                        "Fashion-MNIST CNNs and SmolLM2, far worse on MobileNetV2/EfficientNet); tempered = in between "
-                        "(docs/benchmark.md)")
+                        "Fashion-MNIST CNNs and SmolLM2, far worse on MobileNetV2/EfficientNet); tempered = in between; "
+                        "sensitivity = every layer is first pruned alone and the model's output error measured, which "
+                        "rescales its energies before the one threshold (one extra model run per layer; docs/benchmark.md)")
+    parser.add_argument("--sensitivity-samples", type=int, default=None, metavar="N",
+                        help="calibration samples each sensitivity probe runs (default: about four calibration passes in all)")
     parser.add_argument("--round-to", type=int, default=8, metavar="N",
                         help="keep a multiple of N channels per layer (default 8: GPU engines such as TensorRT and cuDNN pick "
                         "tensor-core GEMM/conv kernels for channel counts that are multiples of 8, and onnxruntime's CPU "
@@ -186,7 +189,7 @@ def run(args: argparse.Namespace) -> int:
         method=args.method, order=args.order, round_to=args.round_to, min_keep=args.min_keep,
         exclude=args.exclude, batch_size=args.batch_size, verify_samples=args.verify_samples, seed=args.seed,
         calib_samples=args.calib_samples, workers=args.workers, scheduler=args.scheduler, spatial_stride=args.spatial_stride,
-        sequential=args.sequential, shrinkage=args.shrinkage, allocation=args.allocation,
+        sequential=args.sequential, shrinkage=args.shrinkage, allocation=args.allocation, sensitivity_samples=args.sensitivity_samples,
         statistics=Statistics.merge_all([Statistics.load(p) for p in args.stats]) if args.stats else None,
         image_options=ImageOptions(size=args.input_size, mean=args.mean, std=args.std, layout=args.layout, scale=args.scale),
     )

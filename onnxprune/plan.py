@@ -239,8 +239,20 @@ class TemperedPlanner(Planner):
             self.tails[sid] = np.sqrt(np.maximum(tail, 0.0) * (n - np.arange(n)) / max(n, 1))
 
 
-ALLOCATIONS = ("global", "uniform", "tempered")
-PLANNERS = {"global": Planner, "uniform": UniformPlanner, "tempered": TemperedPlanner}
+class SensitivityPlanner(Planner):
+    """One threshold on every space's normalised energy lost times its measured gain
+    (`sensitivity.measure_sensitivity`): the threshold compares estimated output errors."""
+
+    def __init__(self, *args, gains: dict[int, float] | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        if gains is None:
+            raise TargetError("--allocation sensitivity needs measured gains (onnxprune.sensitivity)")
+        for sid, tail in self.tails.items():
+            self.tails[sid] = tail * gains[sid]
+
+
+ALLOCATIONS = ("global", "uniform", "tempered", "sensitivity", "auto")  # auto: onnxprune.selection
+PLANNERS = {"global": Planner, "uniform": UniformPlanner, "tempered": TemperedPlanner, "sensitivity": SensitivityPlanner}
 
 
 def make_plan(
@@ -258,10 +270,13 @@ def make_plan(
 
 
 def make_planner(analysis: Analysis, scores: dict[int, SpaceScore], cost: CostModel, min_keep: float = 1, round_to: int = 1,
-                 allocation: str = "global") -> Planner:
-    """A planner over the prunable spaces of `analysis`."""
+                 allocation: str = "global", gains: dict[int, float] | None = None) -> Planner:
+    """A planner over the prunable spaces of `analysis` (`gains`: the sensitivity allocation's)."""
+    if allocation == "auto":
+        raise TargetError("the auto allocation is chosen by measuring candidates (onnxprune.selection), it has no planner")
     if allocation not in PLANNERS:
         raise TargetError(f"unknown allocation '{allocation}' (choose from {', '.join(ALLOCATIONS)})")
     prunable = {s.id: s for s in analysis.prunable}
+    extra = {"gains": gains} if allocation == "sensitivity" else {}
     return PLANNERS[allocation]({sid: sc for sid, sc in scores.items() if sid in prunable}, cost, min_keep, round_to,
-                                {sid: unit_width(space) for sid, space in prunable.items()})
+                                {sid: unit_width(space) for sid, space in prunable.items()}, **extra)

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.linalg as sla
 
+from .analyse import Analysis
+from .plan import Plan
 from .score import RIDGE
 from .stats import CrossMoments, SiteStats
 
@@ -127,3 +129,20 @@ def fit_sequential(cal: CrossMoments, keep: np.ndarray, prune: np.ndarray, one_s
     if errors:  # the one-shot fold as it is: U1 with its own offsets (0 on K, b0 on P)
         one_shot_error = errors[np.inf] if kind == "lsq" and np.inf in errors else heldout_error(u1, c1, held, metric)
     return recovery, SequentialFit(float(chosen), one_shot_error, errors.get(chosen))
+
+
+def fit_recoveries(analysis: Analysis, plan: Plan, stats: dict[str, SiteStats], kind: str = "lsq") -> dict[tuple[int, str], Recovery]:
+    """One recovery per (pruned space, site), on the site's columns of that space: least squares
+    (`lsq`) or the pruned units' means (`mean`, FLAP's bias compensation)."""
+    fit = fit_recovery if kind == "lsq" else mean_recovery
+    recoveries = {}
+    for space in analysis.prunable:
+        space_plan = plan.spaces[space.id]
+        if not len(space_plan.prune):
+            continue
+        for tensor in space.sites:
+            placement = space.tensors[tensor]
+            keep, prune = placement.element_positions_of(space_plan.keep), placement.element_positions_of(space_plan.prune)
+            if len(prune):
+                recoveries[(space.id, tensor)] = fit(stats[tensor], keep, prune)
+    return recoveries

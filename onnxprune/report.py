@@ -51,6 +51,8 @@ class PruneReport:
     spatial_strides: dict[str, int] = field(default_factory=dict)  # sites whose feature maps were subsampled
     latency: dict = field(default_factory=dict)  # with a latency target: batch, threads, measured ratio, search steps
     sequential: dict = field(default_factory=dict)  # with --sequential: segments, shrinkage and held-out error per site
+    sensitivity: dict = field(default_factory=dict)  # with --allocation sensitivity: each space's probe and gain
+    allocation: dict = field(default_factory=dict)  # with --allocation auto: the candidates' held-out errors and the choice
 
     @property
     def pinned(self) -> list[SpaceRow]:
@@ -71,6 +73,23 @@ class PruneReport:
         ratio = self.sequential.get("median_heldout_error_vs_one_shot")
         error = "" if ratio is None else f"; median held-out site error {ratio:.3g}x the one-shot fit's"
         return f"sequential recovery: {len(self.sequential['sites'])} sites refitted on the pruned model in {self.sequential['segments']} segments{error}"
+
+    def sensitivity_note(self) -> str | None:
+        """One line on the sensitivity allocation's probes, when it ran."""
+        if not self.sensitivity:
+            return None
+        gains = [row["gain"] for row in self.sensitivity["spaces"]] or [1.0]
+        probed = sum("kept" in row for row in self.sensitivity["spaces"])
+        return (f"sensitivity allocation: {probed} spaces probed alone on {self.sensitivity['samples']} calibration samples in "
+                f"{self.sensitivity['seconds']:.1f} s; gains {min(gains):.3g}..{max(gains):.3g} x the median")
+
+    def allocation_note(self) -> str | None:
+        """One line on the auto allocation's choice, when it ran."""
+        if not self.allocation:
+            return None
+        scored = ", ".join(f"{name} {'n/a' if e is None else f'{e:.3g}'}" for name, e in self.allocation["heldout_error"].items())
+        return (f"allocation: {self.allocation['chosen']}, chosen by the output error on {self.allocation['samples']} held-out "
+                f"samples ({scored})")
 
     def sampling_note(self) -> str | None:
         """One line on the spatial subsampling of the statistics, when there was any."""
@@ -116,6 +135,8 @@ class PruneReport:
         lines += ["", f"> note: {self.sampling_note()}"] if self.spatial_strides else []
         lines += ["", f"> {self.latency_note()}"] if self.latency else []
         lines += ["", f"> {self.sequential_note()}"] if self.sequential else []
+        lines += ["", f"> {self.sensitivity_note()}"] if self.sensitivity else []
+        lines += ["", f"> {self.allocation_note()}"] if self.allocation else []
         return "\n".join(lines) + "\n"
 
     def plot(self, path: str | Path) -> None:
@@ -164,6 +185,10 @@ class PruneReport:
             console.print(self.latency_note())
         if self.sequential:
             console.print(self.sequential_note())
+        if self.sensitivity:
+            console.print(self.sensitivity_note())
+        if self.allocation:
+            console.print(self.allocation_note())
         for warning in self.warnings:
             console.print(f"[yellow]warning:[/yellow] {warning}")
 

@@ -290,6 +290,8 @@ class Rewriter(FoldMixin):
         touched = {t for s, _ in spaces for t in [*s.tensors, *s.flattened]}
         if self.refresh_shapes:
             _refresh_value_info(self.model, changed | touched)
+        else:  # a working copy: stale shapes would stop onnxruntime, fresh ones are not needed
+            _drop_value_info(self.model, changed | touched)
         return self.model
 
     def _wanted(self, label: str) -> bool:
@@ -365,14 +367,18 @@ def _replace_attr(node: onnx.NodeProto, attribute: onnx.AttributeProto) -> None:
     node.attribute.extend([*kept, attribute])
 
 
+def _drop_value_info(model: onnx.ModelProto, changed: set[str]) -> None:
+    keep = [v for v in model.graph.value_info if v.name not in changed]
+    del model.graph.value_info[:]
+    model.graph.value_info.extend(keep)
+
+
 def _refresh_value_info(model: onnx.ModelProto, changed: set[str]) -> None:
     """Drop stale value_info of re-shaped tensors, then re-infer the ones the model listed."""
     stale = [v.name for v in model.graph.value_info if v.name in changed]
     if not stale:
         return
-    keep = [v for v in model.graph.value_info if v.name not in changed]
-    del model.graph.value_info[:]
-    model.graph.value_info.extend(keep)
+    _drop_value_info(model, changed)
     try:  # on the weightless skeleton: inference needs the weights' shapes only
         inferred = onnx.shape_inference.infer_shapes(weightless_skeleton(model, {}))
     except Exception:  # noqa: BLE001 - the checker reports real problems later

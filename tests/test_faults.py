@@ -39,7 +39,7 @@ STAGES = {  # stage -> (module, function): the fault fires when the stage's func
     "load": (onnxprune.api, "prepare"),
     "calibrate": (onnxprune.preparation, "collect_stats"),
     "score": (onnxprune.api, "score_space"),
-    "plan": (onnxprune.api, "make_plan"),
+    "plan": (onnxprune.api, "allocation_planner"),
     "rewrite": (onnxprune.api, "rewrite"),
     "verify": (onnxprune.api, "verify"),
     "write": (onnxprune.load, "_write_bytes"),

@@ -89,6 +89,9 @@ SEQUENTIAL_VARIANTS = (
     ("lsq sequential", "lsq", "weighted", {"sequential": True}),
     ("uniform one-shot", "snp", "weighted", {"sequential": False, "allocation": "uniform"}),
     ("uniform sequential", "snp", "weighted", {"sequential": True, "allocation": "uniform"}),
+    ("tempered one-shot", "snp", "weighted", {"sequential": False, "allocation": "tempered"}),
+    ("sensitivity one-shot", "snp", "weighted", {"sequential": False, "allocation": "sensitivity"}),
+    ("sensitivity sequential", "snp", "weighted", {"sequential": True, "allocation": "sensitivity"}),
 )
 CALIB_SEEDS = (1, 2, 3)  # FMNIST "seeds" ablation: three more 512-image calibration sets
 SEED_METHODS = ("snp", "lsq", "fluct")

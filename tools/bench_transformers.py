@@ -40,6 +40,7 @@ CACHE = Path.home() / ".cache" / "onnxprune" / "models"
 METHODS = ("snp", "l2", "fluct", "wanda")
 # method variants: "snp+seq" = sequential recovery, "snp+uniform" = the same fraction in every space
 VARIANTS = {"seq": {"sequential": True}, "uniform": {"allocation": "uniform"}, "tempered": {"allocation": "tempered"},
+            "sens": {"allocation": "sensitivity"}, "auto": {"allocation": "auto"},
             "oneshot": {"sequential": False}}
 
 

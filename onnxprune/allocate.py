@@ -1,0 +1,72 @@
+"""The plan stage's planner for each `--allocation`: a fixed rule (global / uniform / tempered),
+the sensitivity rule after its probes, or the auto choice among candidates (docs/design.md,
+"Allocation across layers")."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import partial
+
+import onnx
+
+from .cost import CostModel
+from .fidelity import ReferenceOutputs
+from .plan import Plan, Planner, Target, make_planner
+from .preparation import Prepared
+from .recovery import fit_recoveries
+from .rewrite import cache_io_changes, rewrite
+from .score import RECOVERY, SpaceScore
+from .selection import AUTO_CANDIDATES, CHOICE_SAMPLES, AllocationChoice, choose_allocation
+from .sensitivity import Sensitivity, default_probe_samples, measure_sensitivity
+from .stats import SiteStats
+
+ProgressFactory = Callable[[str, int], Callable[[int], None]]
+
+
+def candidate_builder(prepared: Prepared, stats: dict[str, SiteStats], method: str) -> Callable[[Plan], onnx.ModelProto]:
+    """Rewrites a candidate plan with its one-shot recovery into a working copy (weights on disk
+    stay there)."""
+
+    def build(plan: Plan) -> onnx.ModelProto:
+        recoveries = fit_recoveries(prepared.analysis, plan, stats, RECOVERY[method]) if method in RECOVERY else None
+        return rewrite(prepared.original, prepared.analysis, plan, recoveries, prepared.index.constants, keep_on_disk=True)
+
+    return build
+
+
+def allocation_planner(
+    allocation: str,
+    target: Target,
+    prepared: Prepared,
+    scores: dict[int, SpaceScore],
+    cost: CostModel,
+    stats: dict[str, SiteStats],
+    method: str,
+    min_keep: float,
+    round_to: int,
+    sensitivity_samples: int | None,
+    progress: ProgressFactory,
+) -> tuple[Planner, Sensitivity | AllocationChoice | None]:
+    """The planner for `allocation`, and what was measured to make it (None for a fixed rule);
+    auto with a tolerance or latency target keeps the global threshold."""
+    analysis = prepared.analysis
+
+    def planner(name: str, gains: dict[int, float] | None = None) -> Planner:
+        return make_planner(analysis, scores, cost, min_keep, round_to, name, gains)
+
+    build, io_changes = candidate_builder(prepared, stats, method), partial(cache_io_changes, analysis)
+    if allocation == "auto":
+        if target.kind not in ("ratio", "flops", "params"):
+            return planner("global"), None
+        planners = {name: planner(name) for name in AUTO_CANDIDATES}
+        held_out = prepared.verify_data if prepared.verify_data.n_samples else prepared.calib_data
+        reference = ReferenceOutputs(prepared.original, held_out, prepared.batch_size, CHOICE_SAMPLES)
+        choice = choose_allocation(planners, target, reference, build, io_changes, progress("choosing the allocation", len(planners)))
+        return planners[choice.chosen], choice
+    if allocation != "sensitivity":
+        return planner(allocation), None
+    base = planner("global")
+    samples = sensitivity_samples or default_probe_samples(prepared.calib_data.n_samples, len(base.tails))
+    reference = ReferenceOutputs(prepared.original, prepared.calib_data, prepared.batch_size, samples)
+    measured = measure_sensitivity(base, target, reference, build, io_changes, progress("measuring sensitivity", len(base.tails)))
+    return planner(allocation, measured.gains), measured

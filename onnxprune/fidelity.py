@@ -1,0 +1,96 @@
+"""One number for how far a pruned model's outputs are from the original's, used to compare
+candidate plans: the KL divergence of the softmax for logits (what a classifier or a language
+model decides with), the relative squared L2 error for every other output."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+
+from .calibrate import make_session
+from .data import CalibrationData
+from .verify import drop_units
+
+LOGIT_PRODUCERS = frozenset({"Gemm", "MatMul"})
+ROWS = 1024  # logit rows turned into float64 log-probabilities per step
+PASS_THROUGH = frozenset({"Add", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity", "Transpose", "Cast"})
+
+
+def logit_outputs(model: onnx.ModelProto) -> set[str]:
+    """Graph outputs that a Gemm/MatMul head produces (through bias adds and reshapes): logits."""
+    producer = {out: node for node in model.graph.node for out in node.output}
+    found = set()
+    for output in model.graph.output:
+        name = output.name
+        for _ in range(8):
+            node = producer.get(name)
+            if node is None:
+                break
+            if node.op_type in LOGIT_PRODUCERS:
+                found.add(output.name)
+                break
+            if node.op_type not in PASS_THROUGH:
+                break
+            name = node.input[0]
+    return found
+
+
+def _log_softmax(z: np.ndarray) -> np.ndarray:
+    z = z.astype(np.float64)
+    z = z - z.max(axis=-1, keepdims=True)
+    return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
+
+
+class OutputError:
+    """Running sums over batches: per output, KL(original || pruned) per row for logits, else
+    ||got - ref||^2 / ||ref||^2; `value()` is their mean over the outputs."""
+
+    def __init__(self, names: list[str], logits: set[str]):
+        self.logits = {name for name in names if name in logits}
+        self.sums = dict.fromkeys(names, 0.0)
+        self.norms = dict.fromkeys(names, 0.0)
+
+    def add(self, reference: dict[str, np.ndarray], got: dict[str, np.ndarray]) -> None:
+        for name in self.sums:
+            ref, out = reference[name], got[name]
+            if name in self.logits and ref.ndim >= 1 and ref.shape[-1] > 1:
+                ref_rows, out_rows = ref.reshape(-1, ref.shape[-1]), out.reshape(-1, ref.shape[-1])
+                for start in range(0, len(ref_rows), ROWS):  # float64 copies of a few rows at a time
+                    lp, lq = _log_softmax(ref_rows[start:start + ROWS]), _log_softmax(out_rows[start:start + ROWS])
+                    self.sums[name] += float(np.sum(np.exp(lp) * (lp - lq)))
+                self.norms[name] += len(ref_rows)
+            else:
+                self.sums[name] += float(np.sum((out.astype(np.float64) - ref) ** 2))
+                self.norms[name] += float(np.sum(ref.astype(np.float64) ** 2))
+
+    def value(self) -> float:
+        errors = [self.sums[n] / self.norms[n] if self.norms[n] > 0 else self.sums[n] for n in self.sums]
+        return float(np.mean(errors)) if errors else 0.0
+
+
+ELEMENTS_MAX = 1 << 26  # original outputs kept to compare candidates with (256 MB of float32)
+
+
+class ReferenceOutputs:
+    """The original's outputs on the first samples of `data` (as many as ELEMENTS_MAX allows), to
+    score candidate models by `OutputError`."""
+
+    def __init__(self, original: onnx.ModelProto, data: CalibrationData, batch_size: int, samples: int):
+        session = make_session(original, spinning=False)
+        self.names = [o.name for o in session.get_outputs()]
+        per_sample = sum(int(np.prod(v.shape)) for v in session.run(self.names, next(iter(data.batches(1)))))
+        self.samples = max(1, min(samples, data.n_samples, ELEMENTS_MAX // max(per_sample, 1)))
+        self.batches = list(data.take(0, self.samples).batches(batch_size))
+        self.outputs = [dict(zip(self.names, session.run(self.names, batch), strict=True)) for batch in self.batches]
+        self.logits = logit_outputs(original)
+
+    def error(self, model: onnx.ModelProto, changes: dict[str, tuple[int, np.ndarray]]) -> float:
+        """The candidate's OutputError; inputs whose units shrank are fed their kept units, outputs
+        that shrank (a KV cache) are not the model's answer and are left out."""
+        session = make_session(model, spinning=False)
+        compared = [name for name in self.names if name not in changes]
+        error = OutputError(compared, self.logits)
+        for batch, expected in zip(self.batches, self.outputs, strict=True):
+            got = session.run(compared, {k: drop_units(v, changes.get(k)) for k, v in batch.items()})
+            error.add(expected, dict(zip(compared, got, strict=True)))
+        return error.value()

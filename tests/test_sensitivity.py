@@ -1,0 +1,147 @@
+"""The sensitivity allocation: every space pruned alone, its measured output error rescales its
+energies; a branch whose output the model damps is pruned harder than the global threshold does."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import onnxprune
+from builders import cli, relative_l2, run
+from onnxprune.errors import TargetError
+from onnxprune.plan import Target
+from onnxprune.sensitivity import Probe, default_probe_samples, gains_from, probe_target
+
+
+def two_branches(damped: float = 0.02, width: int = 24, seed: int = 0) -> onnx.ModelProto:
+    """x -> Gemm -> Relu -> Gemm (branch a) + the same shape scaled by `damped` (branch b) -> y."""
+    rng = np.random.default_rng(seed)
+    inits, nodes = [], []
+    for branch, scale in (("a", 1.0), ("b", damped)):
+        w1 = rng.standard_normal((16, width)).astype(np.float32) / 4
+        w2 = (rng.standard_normal((width, 8)) * scale / np.sqrt(width)).astype(np.float32)
+        inits += [numpy_helper.from_array(w1, f"{branch}_w1"), numpy_helper.from_array(np.zeros(width, np.float32), f"{branch}_b1"),
+                  numpy_helper.from_array(w2, f"{branch}_w2"), numpy_helper.from_array(np.zeros(8, np.float32), f"{branch}_b2")]
+        nodes += [helper.make_node("Gemm", ["x", f"{branch}_w1", f"{branch}_b1"], [f"{branch}_h"], name=f"{branch}_fc1"),
+                  helper.make_node("Relu", [f"{branch}_h"], [f"{branch}_r"], name=f"{branch}_relu"),
+                  helper.make_node("Gemm", [f"{branch}_r", f"{branch}_w2", f"{branch}_b2"], [f"{branch}_y"], name=f"{branch}_fc2")]
+    nodes.append(helper.make_node("Add", ["a_y", "b_y"], ["y"], name="sum"))
+    graph = helper.make_graph(nodes, "two_branches", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 8])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def _kept(report) -> dict[str, int]:
+    return {row.name: row.kept for row in report.spaces if not row.pinned}
+
+
+def test_a_damped_branch_is_pruned_harder_and_the_output_error_falls() -> None:
+    model = two_branches()
+    calib = {"x": np.random.default_rng(1).standard_normal((600, 16)).astype(np.float32)}
+    fresh = np.random.default_rng(7).standard_normal((200, 16)).astype(np.float32)
+    pruned_g, report_g = onnxprune.prune(model, calib, ratio=0.4)
+    pruned_s, report_s = onnxprune.prune(model, calib, ratio=0.4, allocation="sensitivity")
+    kept_g, kept_s = _kept(report_g), _kept(report_s)
+    assert report_s.units_after == report_g.units_after  # the same budget
+    assert kept_s["a_fc1"] > kept_g["a_fc1"] and kept_s["b_fc1"] < kept_g["b_fc1"]
+    error_g, error_s = relative_l2(run(model, fresh), run(pruned_g, fresh)), relative_l2(run(model, fresh), run(pruned_s, fresh))
+    assert error_s < 0.5 * error_g
+    gains = {row["space"]: row["gain"] for row in report_s.sensitivity["spaces"]}
+    assert gains["a_fc1"] > 50 * gains["b_fc1"]  # output error scales with damped**2 (gains clipped at 100x)
+    assert "sensitivity allocation" in report_s.markdown()
+
+
+def test_sensitivity_with_ratio_zero_is_bit_identical_and_tolerance_works() -> None:
+    model = two_branches()
+    calib = {"x": np.random.default_rng(1).standard_normal((300, 16)).astype(np.float32)}
+    x = calib["x"][:50]
+    pruned, report = onnxprune.prune(model, calib, ratio=0.0, allocation="sensitivity")
+    np.testing.assert_array_equal(run(model, x), run(pruned, x))
+    assert report.units_after == report.units_before
+    _, report = onnxprune.prune(model, calib, tolerance=0.05, allocation="sensitivity")
+    assert report.units_after < report.units_before
+
+
+def test_gains_are_relative_to_the_median_with_a_floor() -> None:
+    probes = {0: Probe(4, 0.1, 0.2), 1: Probe(4, 0.2, 0.2), 2: Probe(4, 0.1, 0.0), 3: Probe(4, 1e-9, 0.0), 5: Probe(4, 0.1, 1e3),
+              6: Probe(4, 0.5, 0.5), 7: Probe(4, 0.3, 0.3)}
+    gains = gains_from(probes, dict.fromkeys(range(8), 8))
+    assert gains[0] == pytest.approx(2.0) and gains[1] == pytest.approx(1.0)
+    assert gains[2] == pytest.approx(1e-2) and gains[5] == pytest.approx(1e2)  # clipped: one probe extrapolates only so far
+    assert gains[3] == gains[4] == pytest.approx(1.0)  # no usable probe (no energy lost, none removable): the median
+
+
+def test_probe_depth_and_sample_count() -> None:
+    assert probe_target(Target("flops", 0.3)) == Target("flops", 0.3)
+    assert probe_target(Target("ratio", 0.9)) == Target("ratio", 0.6)
+    assert probe_target(Target("tolerance", 0.01)) == Target("ratio", 0.3)
+    assert default_probe_samples(1000, 10) == 64
+    assert default_probe_samples(28, 60) == 2
+    assert default_probe_samples(100, 100) == 4
+
+
+def test_cli_sensitivity_flags(tmp_path, capsys) -> None:
+    model_path, calib_path, out = tmp_path / "m.onnx", tmp_path / "c.npy", tmp_path / "p.onnx"
+    onnx.save(two_branches(), str(model_path))
+    np.save(calib_path, np.random.default_rng(1).standard_normal((300, 16)).astype(np.float32))
+    code, stdout, _ = cli([model_path, "--calib", calib_path, "-o", out, "--ratio", "0.3", "--round-to", "1",
+                           "--allocation", "sensitivity", "--sensitivity-samples", "16"], capsys)
+    assert code == 0 and out.exists() and "sensitivity allocation" in stdout and "16 calibration samples" in stdout
+    code, _, err = cli([model_path, "--calib", calib_path, "-o", out, "--ratio", "0.3", "--allocation", "sensitivity",
+                        "--sensitivity-samples", "0"], capsys)
+    assert code != 0 and "--sensitivity-samples" in err and len(err.strip().splitlines()) == 1
+
+
+def test_sensitivity_planner_needs_gains() -> None:
+    from onnxprune.plan import SensitivityPlanner
+
+    with pytest.raises(TargetError, match="gains"):
+        SensitivityPlanner({}, None)
+
+
+def _budgeted(model, calib, **kw):
+    pruned, report = onnxprune.prune(model, calib, flops=0.4, round_to=1, **kw)
+    return pruned, report
+
+
+def test_auto_allocation_chooses_the_candidate_with_the_lowest_heldout_error() -> None:
+    model = two_branches()
+    calib = {"x": np.random.default_rng(1).standard_normal((600, 16)).astype(np.float32)}
+    _, report = _budgeted(model, calib, allocation="auto")
+    errors = report.allocation["heldout_error"]
+    assert set(errors) == {"global", "tempered", "uniform"} and report.allocation["samples"] > 0
+    assert errors[report.allocation["chosen"]] == min(e for e in errors.values() if e is not None)
+    # the chosen candidate's plan is the one written
+    _, chosen = _budgeted(model, calib, allocation=report.allocation["chosen"])
+    assert _kept(chosen) == _kept(report)
+    assert "chosen by the output error" in report.markdown()
+
+
+def test_auto_allocation_with_a_tolerance_keeps_the_global_threshold() -> None:
+    model = two_branches()
+    calib = {"x": np.random.default_rng(1).standard_normal((300, 16)).astype(np.float32)}
+    pruned_a, report_a = onnxprune.prune(model, calib, tolerance=0.05, allocation="auto")
+    pruned_g, report_g = onnxprune.prune(model, calib, tolerance=0.05)
+    assert _kept(report_a) == _kept(report_g) and not report_a.allocation
+    x = calib["x"][:20]
+    np.testing.assert_array_equal(run(pruned_a, x), run(pruned_g, x))
+
+
+def test_output_error_is_kl_for_logits_and_relative_l2_otherwise() -> None:
+    from onnxprune.fidelity import OutputError, logit_outputs
+
+    assert logit_outputs(two_branches()) == {"y"}  # Add of two Gemm heads
+    rng = np.random.default_rng(0)
+    ref, got = rng.standard_normal((50, 4)), rng.standard_normal((50, 4))
+    kl = OutputError(["y"], {"y"})
+    kl.add({"y": ref}, {"y": got})
+    p, q = np.exp(ref) / np.exp(ref).sum(1, keepdims=True), np.exp(got) / np.exp(got).sum(1, keepdims=True)
+    assert kl.value() == pytest.approx(float(np.mean(np.sum(p * np.log(p / q), 1))))
+    l2 = OutputError(["y"], set())
+    l2.add({"y": ref}, {"y": got})
+    assert l2.value() == pytest.approx(float(np.sum((got - ref) ** 2) / np.sum(ref ** 2)))
+    same = OutputError(["y"], {"y"})
+    same.add({"y": ref}, {"y": ref + 5.0})  # softmax ignores a shift: no decision changes
+    assert same.value() == pytest.approx(0.0, abs=1e-12)
