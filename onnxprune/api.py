@@ -16,16 +16,17 @@ from .analyse import Analysis
 from .cost import CostModel, build_cost_model, count_macs, count_params
 from .data import CalibrationData
 from .errors import CalibrationError, TargetError
+from .fidelity import ReferenceOutputs
 from .graph import GraphIndex, static_shapes
 from .latency import max_steps, search_latency
 from .load import release_memory
-from .plan import ALLOCATIONS, Plan, Target, misaligned_warning
+from .plan import ALLOCATIONS, DEFAULT_ALLOCATION, Plan, Target, misaligned_warning
 from .preparation import Prepared, calibration_statistics, prepare, prepare_options
 from .recovery import Recovery, fit_recoveries
 from .report import PruneReport, SpaceRow
 from .rewrite import cache_io_changes, rewrite
 from .score import DEFAULT_ORDER, METHODS, ORDERS, RECOVERY, STATS_METHODS, score_space
-from .selection import AllocationChoice
+from .selection import CHOICE_SAMPLES, AllocationChoice
 from .sensitivity import Sensitivity
 from .sequential import SequentialResult, sequential_recoveries
 from .shards import Statistics
@@ -101,7 +102,7 @@ def prune(
     latency_threads: int = 0,
     sequential: bool = False,
     shrinkage: float | str = "auto",
-    allocation: str = "global",
+    allocation: str = DEFAULT_ALLOCATION,
     sensitivity_samples: int | None = None,
 ) -> PruneResult:
     """Prune `model` with calibration data `calib`; returns the pruned ModelProto and a report.
@@ -121,11 +122,15 @@ def prune(
     the original's activations, with the shrinkage toward the one-shot fit chosen per site on
     the held-out samples (DESIGN §2; `shrinkage` a number fixes it: 0 is the plain cross-moment
     least squares, inf the one-shot fold itself); the keep sets are the one-shot plan's.
-    `allocation`: "global" (one threshold on the normalised energies of every space, DESIGN §2),
-    "uniform" (the same fraction of every space's units), "tempered" (in between) or
-    "sensitivity" (every space pruned alone first and its output error measured on
-    `sensitivity_samples` calibration samples, default automatic; the energies are rescaled by
-    it before one threshold, docs/design.md).
+    `allocation`: "auto" (default: each of "global", "tempered" and "uniform" plans the target,
+    the one whose one-shot model's outputs are closest to the original's on the held-out samples
+    is kept; a tolerance or latency target uses "global"), "global" (one threshold on the
+    normalised energies of every space, DESIGN §2), "uniform" (the same fraction of every
+    space's units), "tempered" (in between) or "sensitivity" (every space pruned alone first and
+    its output error measured on `sensitivity_samples` calibration samples, default automatic;
+    the energies are rescaled by it before one threshold). docs/design.md has the measurements.
+    With `sequential`, the refitted model is kept only if its held-out output error is no higher
+    than the one-shot model's (the report says which).
     Models of 64 MiB and more keep their weights on disk (their external-data files, or one
     temporary file) and fix glibc's mmap threshold for the process (`load.map_large_allocations`).
     """
@@ -180,7 +185,8 @@ def prune(
         pruned = None
         one_shot = fit_recoveries(analysis, plan, stats, RECOVERY[method])
         sequential_result = fit_sequentially(prepared, plan, stats, RECOVERY[method], one_shot, progress, fixed_shrinkage)
-        return rewrite(original, analysis, plan, sequential_result.recoveries, index.constants)
+        refitted = rewrite(original, analysis, plan, sequential_result.recoveries, index.constants)
+        return refitted if better_than_one_shot(prepared, plan, refitted, one_shot, sequential_result) else build(plan)
 
     with _stage(seconds, "plan"):
         planner, allocated = allocation_planner(allocation, target, prepared, scores, cost, stats, method, min_keep, round_to,
@@ -292,6 +298,20 @@ def resolve_shrinkage(shrinkage: float | str) -> float | None:
     if not value >= 0:
         raise TargetError(f"--shrinkage must be 'auto' or a number >= 0, got {shrinkage!r}")
     return value
+
+
+def better_than_one_shot(prepared: Prepared, plan: Plan, refitted: onnx.ModelProto, one_shot: dict[tuple[int, str], Recovery],
+                         result: SequentialResult) -> bool:
+    """Whether the sequentially refitted model's outputs are at least as close to the original's
+    on the held-out samples as the one-shot fold's (`fidelity.OutputError`); both errors go into
+    `result`. Each site's shrinkage is chosen on the same samples, but a sum of per-site errors
+    does not always predict the model's (SmolLM2's perplexity rose while every site improved)."""
+    held_out = prepared.verify_data if prepared.verify_data.n_samples else prepared.calib_data
+    reference = ReferenceOutputs(prepared.original, held_out, prepared.batch_size, CHOICE_SAMPLES)
+    changes = cache_io_changes(prepared.analysis, plan)
+    one_shot_model = rewrite(prepared.original, prepared.analysis, plan, one_shot, prepared.index.constants, keep_on_disk=True)
+    result.heldout_errors = (reference.error(one_shot_model, changes), reference.error(refitted, changes))
+    return result.heldout_errors[1] <= result.heldout_errors[0]
 
 
 def fit_sequentially(prepared: Prepared, plan: Plan, stats: dict[str, SiteStats], kind: str, one_shot: dict[tuple[int, str], Recovery],

@@ -18,7 +18,7 @@ from .errors import OnnxPruneError
 from .inspect import inspect_model
 from .interrupts import interrupted_signal, signals_raise
 from .load import default_output_path, removed_on_failure, save_model_atomic
-from .plan import ALLOCATIONS
+from .plan import ALLOCATIONS, DEFAULT_ALLOCATION
 from .score import DEFAULT_ORDER, METHODS, ORDERS
 from .shards import Statistics, partial_statistics
 from .sources import ImageOptions
@@ -112,13 +112,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: best at <= 30%% MACs removed, docs/benchmark.md); pivoted = on the activations alone (better "
                         "when pruning harder); variance; residual; zca = ranked by the energy each unit keeps after a symmetric (ZCA) "
                         "decorrelation, the seed paper's unnormalised-ZCA order")
-    parser.add_argument("--allocation", choices=ALLOCATIONS, default="global",
-                        help="how the target is spread over layers: global = one threshold on every layer's normalised "
-                        "energy loss, so each layer's ratio follows its redundancy (default: the only rule that did not "
-                        "collapse a benchmark model); uniform = the same fraction of every layer's units (better on the "
-                        "Fashion-MNIST CNNs and SmolLM2, far worse on MobileNetV2/EfficientNet); tempered = in between; "
-                        "sensitivity = every layer is first pruned alone and the model's output error measured, which "
-                        "rescales its energies before the one threshold (one extra model run per layer; docs/benchmark.md)")
+    parser.add_argument("--allocation", choices=ALLOCATIONS, default=DEFAULT_ALLOCATION,
+                        help="how the target is spread over layers: auto (default) = plan it with each of global, tempered "
+                        "and uniform, rewrite each, keep the one whose outputs are closest to the original's on the held-out "
+                        "samples (no single rule won on every benchmark model: global is best on MobileNetV2/EfficientNet, "
+                        "uniform/tempered on the Fashion-MNIST CNNs and SmolLM2; docs/benchmark.md); global = one threshold on "
+                        "every layer's normalised energy loss; uniform = the same fraction of every layer's units; tempered = "
+                        "in between; sensitivity = every layer first pruned alone and the model's output error measured, which "
+                        "rescales its energies before the one threshold (one extra model run per layer)")
     parser.add_argument("--sensitivity-samples", type=int, default=None, metavar="N",
                         help="calibration samples each sensitivity probe runs (default: about four calibration passes in all)")
     parser.add_argument("--round-to", type=int, default=8, metavar="N",

@@ -9,6 +9,7 @@ import onnx
 
 from .calibrate import make_session
 from .data import CalibrationData
+from .graph import fixed_batch_size
 from .verify import drop_units
 
 LOGIT_PRODUCERS = frozenset({"Gemm", "MatMul"})
@@ -78,9 +79,13 @@ class ReferenceOutputs:
     def __init__(self, original: onnx.ModelProto, data: CalibrationData, batch_size: int, samples: int):
         session = make_session(original, spinning=False)
         self.names = [o.name for o in session.get_outputs()]
-        per_sample = sum(int(np.prod(v.shape)) for v in session.run(self.names, next(iter(data.batches(1)))))
-        self.samples = max(1, min(samples, data.n_samples, ELEMENTS_MAX // max(per_sample, 1)))
-        self.batches = list(data.take(0, self.samples).batches(batch_size))
+        step = fixed_batch_size(original) or 1  # a fixed batch runs whole batches only
+        first = next(iter(data.batches(step if step > 1 else batch_size)))
+        outputs = session.run(self.names, first)
+        per_sample = sum(int(np.prod(v.shape)) for v in outputs) / max(len(next(iter(first.values()))), 1)
+        wanted = max(1, min(samples, data.n_samples, int(ELEMENTS_MAX // max(per_sample, 1))))
+        self.samples = max(step, wanted // step * step) if step > 1 else wanted
+        self.batches = list(data.take(0, self.samples).batches(step if step > 1 else batch_size))
         self.outputs = [dict(zip(self.names, session.run(self.names, batch), strict=True)) for batch in self.batches]
         self.logits = logit_outputs(original)
 

@@ -251,7 +251,8 @@ class SensitivityPlanner(Planner):
             self.tails[sid] = tail * gains[sid]
 
 
-ALLOCATIONS = ("global", "uniform", "tempered", "sensitivity", "auto")  # auto: onnxprune.selection
+ALLOCATIONS = ("auto", "global", "uniform", "tempered", "sensitivity")  # auto: onnxprune.selection
+DEFAULT_ALLOCATION = "auto"  # measured: docs/benchmark.md (allocation ablation)
 PLANNERS = {"global": Planner, "uniform": UniformPlanner, "tempered": TemperedPlanner, "sensitivity": SensitivityPlanner}
 
 

@@ -47,6 +47,12 @@ class SequentialResult:
     recoveries: dict[tuple[int, str], Recovery]
     fits: dict[tuple[str, str], SequentialFit] = field(default_factory=dict)
     segments: int = 0
+    heldout_errors: tuple[float, float] | None = None  # the model's output error, one-shot and refitted
+
+    @property
+    def kept(self) -> bool:
+        """Whether the refit was kept (no worse than one-shot on the held-out samples)."""
+        return self.heldout_errors is None or self.heldout_errors[1] <= self.heldout_errors[0]
 
     def summary(self) -> dict:
         """For the report: shrinkage chosen per site and the held-out error ratio to one-shot."""
@@ -56,7 +62,8 @@ class SequentialResult:
             rows.append({"space": space, "site": site, "shrinkage": "inf" if np.isinf(fit.shrinkage) else fit.shrinkage,
                          "heldout_error_vs_one_shot": None if ratio is None else round(ratio, 4)})
         ratios = [r["heldout_error_vs_one_shot"] for r in rows if r["heldout_error_vs_one_shot"] is not None]
-        return {"segments": self.segments, "sites": rows,
+        errors = None if self.heldout_errors is None else [float(f"{e:.4g}") for e in self.heldout_errors]
+        return {"segments": self.segments, "sites": rows, "kept": self.kept, "heldout_model_error": errors,
                 "median_heldout_error_vs_one_shot": float(np.median(ratios)) if ratios else None}
 
 

@@ -314,3 +314,22 @@ def test_latency_target_is_searched_one_shot_then_refitted() -> None:
     pruned, report = onnxprune.prune("models/vgg_bn.ts.onnx", FMNIST, latency=0.1, round_to=8, sequential=True)
     assert report.latency["ratio"] < 1 and report.sequential["sites"]
     onnx.checker.check_model(pruned, full_check=True)
+
+
+def test_a_refit_worse_than_one_shot_on_the_heldout_samples_is_not_kept(monkeypatch) -> None:
+    """The model-level check: when the refitted model's held-out output error is higher, the
+    one-shot model is written and the report says so."""
+    import onnxprune.fidelity
+
+    model = random_cnn(seed=3)
+    calib = {"x": np.random.default_rng(0).standard_normal((128, 3, 8, 8)).astype(np.float32)}
+    x = calib["x"][:16]
+    _, honest = onnxprune.prune(model, calib, ratio=0.4, sequential=True, allocation="global")
+    errors = honest.sequential["heldout_model_error"]
+    assert len(errors) == 2 and honest.sequential["kept"] == (errors[1] <= errors[0])
+    one_shot, _ = onnxprune.prune(model, calib, ratio=0.4, allocation="global")
+    calls = iter([0.0, 1.0])  # one-shot scored first, then the refit: the refit looks worse
+    monkeypatch.setattr(onnxprune.fidelity.ReferenceOutputs, "error", lambda self, m, changes: next(calls))
+    pruned, report = onnxprune.prune(model, calib, ratio=0.4, sequential=True, allocation="global")
+    assert report.sequential["kept"] is False and "NOT kept" in report.sequential_note()
+    np.testing.assert_array_equal(run(pruned, x), run(one_shot, x))
