@@ -34,6 +34,13 @@ def candidate_builder(prepared: Prepared, stats: dict[str, SiteStats], method: s
     return build
 
 
+def held_out_reference(prepared: Prepared) -> ReferenceOutputs:
+    """The original's outputs on the held-out samples (the calibration samples if none are held
+    out) that candidate models are scored on: auto's candidates and the sequential refit."""
+    held_out = prepared.verify_data if prepared.verify_data.n_samples else prepared.calib_data
+    return ReferenceOutputs(prepared.original, held_out, prepared.batch_size, CHOICE_SAMPLES)
+
+
 def allocation_planner(
     allocation: str,
     target: Target,
@@ -59,9 +66,7 @@ def allocation_planner(
         if target.kind not in ("ratio", "flops", "params"):
             return planner("global"), None
         planners = {name: planner(name) for name in AUTO_CANDIDATES}
-        held_out = prepared.verify_data if prepared.verify_data.n_samples else prepared.calib_data
-        reference = ReferenceOutputs(prepared.original, held_out, prepared.batch_size, CHOICE_SAMPLES)
-        choice = choose_allocation(planners, target, reference, build, io_changes, progress("choosing the allocation", len(planners)))
+        choice = choose_allocation(planners, target, held_out_reference(prepared), build, io_changes, progress("choosing the allocation", len(planners)))
         return planners[choice.chosen], choice
     if allocation != "sensitivity":
         return planner(allocation), None

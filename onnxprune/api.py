@@ -11,12 +11,11 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from .allocate import allocation_planner
+from .allocate import allocation_planner, held_out_reference
 from .analyse import Analysis
 from .cost import CostModel, build_cost_model, count_macs, count_params
 from .data import CalibrationData
 from .errors import CalibrationError, TargetError
-from .fidelity import ReferenceOutputs
 from .graph import GraphIndex, static_shapes
 from .latency import max_steps, search_latency
 from .load import release_memory
@@ -26,7 +25,7 @@ from .recovery import Recovery, fit_recoveries
 from .report import PruneReport, SpaceRow
 from .rewrite import cache_io_changes, rewrite
 from .score import DEFAULT_ORDER, METHODS, ORDERS, RECOVERY, STATS_METHODS, score_space
-from .selection import CHOICE_SAMPLES, AllocationChoice
+from .selection import AllocationChoice
 from .sensitivity import Sensitivity
 from .sequential import SequentialResult, sequential_recoveries
 from .shards import Statistics
@@ -186,7 +185,8 @@ def prune(
         one_shot = fit_recoveries(analysis, plan, stats, RECOVERY[method])
         sequential_result = fit_sequentially(prepared, plan, stats, RECOVERY[method], one_shot, progress, fixed_shrinkage)
         refitted = rewrite(original, analysis, plan, sequential_result.recoveries, index.constants)
-        return refitted if better_than_one_shot(prepared, plan, refitted, one_shot, sequential_result) else build(plan)
+        scored = allocated.errors[allocated.chosen] if isinstance(allocated, AllocationChoice) else None
+        return refitted if better_than_one_shot(prepared, plan, refitted, one_shot, sequential_result, scored) else build(plan)
 
     with _stage(seconds, "plan"):
         planner, allocated = allocation_planner(allocation, target, prepared, scores, cost, stats, method, min_keep, round_to,
@@ -301,16 +301,18 @@ def resolve_shrinkage(shrinkage: float | str) -> float | None:
 
 
 def better_than_one_shot(prepared: Prepared, plan: Plan, refitted: onnx.ModelProto, one_shot: dict[tuple[int, str], Recovery],
-                         result: SequentialResult) -> bool:
+                         result: SequentialResult, one_shot_error: float | None = None) -> bool:
     """Whether the sequentially refitted model's outputs are at least as close to the original's
-    on the held-out samples as the one-shot fold's (`fidelity.OutputError`); both errors go into
+    on the held-out samples as the one-shot fold's (`fidelity.OutputError`; `one_shot_error` when
+    the auto allocation already scored that model on the same samples); both errors go into
     `result`. Each site's shrinkage is chosen on the same samples, but a sum of per-site errors
     does not always predict the model's (SmolLM2's perplexity rose while every site improved)."""
-    held_out = prepared.verify_data if prepared.verify_data.n_samples else prepared.calib_data
-    reference = ReferenceOutputs(prepared.original, held_out, prepared.batch_size, CHOICE_SAMPLES)
+    reference = held_out_reference(prepared)
     changes = cache_io_changes(prepared.analysis, plan)
-    one_shot_model = rewrite(prepared.original, prepared.analysis, plan, one_shot, prepared.index.constants, keep_on_disk=True)
-    result.heldout_errors = (reference.error(one_shot_model, changes), reference.error(refitted, changes))
+    if one_shot_error is None:
+        one_shot_model = rewrite(prepared.original, prepared.analysis, plan, one_shot, prepared.index.constants, keep_on_disk=True)
+        one_shot_error = reference.error(one_shot_model, changes)
+    result.heldout_errors = (one_shot_error, reference.error(refitted, changes))
     return result.heldout_errors[1] <= result.heldout_errors[0]
 
 

@@ -80,9 +80,7 @@ class ReferenceOutputs:
         session = make_session(original, spinning=False)
         self.names = [o.name for o in session.get_outputs()]
         step = fixed_batch_size(original) or 1  # a fixed batch runs whole batches only
-        first = next(iter(data.batches(step if step > 1 else batch_size)))
-        outputs = session.run(self.names, first)
-        per_sample = sum(int(np.prod(v.shape)) for v in outputs) / max(len(next(iter(first.values()))), 1)
+        per_sample = sum(int(np.prod(v.shape)) for v in session.run(self.names, next(iter(data.batches(step))))) / step
         wanted = max(1, min(samples, data.n_samples, int(ELEMENTS_MAX // max(per_sample, 1))))
         self.samples = max(step, wanted // step * step) if step > 1 else wanted
         self.batches = list(data.take(0, self.samples).batches(step if step > 1 else batch_size))
