@@ -119,6 +119,11 @@ def session_files(model: onnx.ModelProto, drop_outputs: bool = False) -> Iterato
     out of the copy (an instrumentation patch brings its own)."""
     small = copy_model(model, skip_graph=("initializer", "output") if drop_outputs else ("initializer",))
     on_disk = [t for t in model.graph.initializer if is_on_disk(t)]
+    in_memory = sum(data_bytes(t) for t in model.graph.initializer if not is_on_disk(t))
+    if on_disk and in_memory >= MIXED_IN_MEMORY_MAX:
+        with _mixed_session_files(model, small, on_disk) as found:
+            yield found
+        return
     if on_disk:
         folder = Path(os.path.commonpath([location(t)[0].parent for t in on_disk]))
         for tensor in model.graph.initializer:
@@ -135,6 +140,42 @@ def session_files(model: onnx.ModelProto, drop_outputs: bool = False) -> Iterato
         yield temporary, small
     finally:
         tempfiles.remove(temporary)
+
+
+MIXED_IN_MEMORY_MAX = 1 << 30  # new weights beside on-disk ones go to a file too from here (protobuf's 2 GB limit)
+
+
+@contextmanager
+def _mixed_session_files(model: onnx.ModelProto, small: onnx.ModelProto, on_disk: list[onnx.TensorProto]) -> Iterator[tuple[Path, onnx.ModelProto]]:
+    """A model with weights on disk and more than MIXED_IN_MEMORY_MAX new ones in memory (a
+    rewritten working copy of a big model): the new ones are written to a temporary folder and
+    the original weight files are linked into it, so one folder holds every file the session reads."""
+    temporary = tempfiles.make_folder("onnxprune-session")
+    try:
+        names: dict[Path, str] = {}
+        for tensor in on_disk:
+            path = location(tensor)[0]
+            if path not in names:
+                names[path] = f"linked{len(names)}_{path.name}"
+                _link(path, temporary / names[path])
+        _write_temporary(model, small, temporary / "weights.bin", "weights.bin")
+        for i, tensor in enumerate(small.graph.initializer):
+            if is_on_disk(tensor) and location(tensor)[0] in names:
+                path, offset, length = location(tensor)
+                small.graph.initializer[i].CopyFrom(_reference(tensor, names[path], offset, length))
+        yield temporary, small
+    finally:
+        tempfiles.remove(temporary)
+
+
+def _link(source: Path, target: Path) -> None:
+    try:
+        os.link(source, target)  # a hard link: onnxruntime sees a plain file inside the folder
+    except OSError:
+        try:
+            os.symlink(os.path.abspath(source), target)
+        except OSError as exc:
+            raise ResourceError(f"cannot link the weights file '{source}' into '{target.parent}': {exc.strerror or exc}") from None
 
 
 def with_weights_in_memory(model: onnx.ModelProto) -> onnx.ModelProto:

@@ -87,3 +87,38 @@ def test_written_external_data_holds_every_weight_exactly(tmp_path, tiny_protobu
     original = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
     assert back.keys() == original.keys()
     assert all(np.array_equal(back[k], original[k]) for k in original)
+
+
+def test_working_copies_with_big_new_weights_reach_onnxruntime_through_files(tmp_path, tiny_protobuf_limit, monkeypatch):
+    """A rewritten working copy of a model on disk whose new weights are too big for one protobuf
+    (a 1B model's candidates, simulated by lowering the limit) runs from a folder that holds both
+    files: the auto choice and the pruned model are the same as in memory."""
+    import onnxprune.weights as weights
+
+    source = external_copy(tmp_path)
+    calib = dict(np.load(CALIB))
+    reference, report = onnxprune.prune(str(source), calib, ratio=0.3)
+    mixed = []
+    original = weights._mixed_session_files
+
+    def counted(*args):
+        mixed.append(1)
+        return original(*args)
+
+    temporary = tmp_path / "tmp"
+    temporary.mkdir()
+    monkeypatch.setenv("TMPDIR", str(temporary))
+    monkeypatch.setattr(weights, "MIXED_IN_MEMORY_MAX", 0)
+    monkeypatch.setattr(weights, "_mixed_session_files", counted)
+    pruned, mixed_report = onnxprune.prune(str(source), calib, ratio=0.3)
+    assert len(mixed) >= 2  # at least the candidates' sessions took the mixed path
+    assert mixed_report.allocation == {**report.allocation, "seconds": mixed_report.allocation["seconds"]}
+    x = calib[next(iter(calib))][:16]
+    name = pruned.graph.input[0].name
+    import onnxruntime as ort
+
+    def run_model(model):
+        return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {name: x})[0]
+
+    np.testing.assert_array_equal(run_model(reference), run_model(pruned))
+    assert not list(temporary.glob("onnxprune-session*"))  # the folder and its links are gone
