@@ -116,6 +116,12 @@ class Planner:
         self.tails = {sid: s.prune_scores() for sid, s in scores.items()}
         self.floors = {sid: floor_units(len(s.order), min_keep) for sid, s in scores.items()}
 
+    def with_gains(self, gains: dict[int, float]) -> Planner:
+        """Scale spaces' prune scores (gain > 1 protects a space, < 1 exposes it); in place."""
+        for sid in self.tails:
+            self.tails[sid] = self.tails[sid] * gains.get(sid, 1.0)
+        return self
+
     def kept_counts(self, threshold: float) -> dict[int, int]:
         counts = {}
         for sid, tail in self.tails.items():
@@ -207,13 +213,21 @@ class Planner:
 
 class UniformPlanner(Planner):
     """The same fraction of every space's units removed (the baseline the global threshold must
-    beat): the threshold is that fraction, the units go in each space's own order."""
+    beat): the threshold is that fraction, the units go in each space's own order; a space's
+    gain divides the fraction it loses."""
+
+    gains: dict[int, float] | None = None
+
+    def with_gains(self, gains: dict[int, float]) -> Planner:
+        self.gains = dict(gains)
+        return self
 
     def kept_counts(self, threshold: float) -> dict[int, int]:
         counts = {}
         for sid, tail in self.tails.items():
-            n = len(tail)
-            counts[sid] = self.stepped(sid, n - int(np.floor(max(threshold, 0.0) * n + 1e-9)))
+            n, gain = len(tail), (self.gains or {}).get(sid, 1.0)
+            fraction = min(max(threshold, 0.0) / gain, 1.0)
+            counts[sid] = self.stepped(sid, n - int(np.floor(fraction * n + 1e-9)))
         return counts
 
     def threshold_for(self, target: Target) -> float:
@@ -223,7 +237,8 @@ class UniformPlanner(Planner):
 
     def thresholds(self) -> np.ndarray:
         """Every fraction that changes a kept count, ascending (so: fewer units kept)."""
-        fractions = [np.arange(len(t) + 1) / len(t) for t in self.tails.values() if len(t)]
+        gains = self.gains or {}
+        fractions = [np.arange(len(t) + 1) / len(t) * gains.get(sid, 1.0) for sid, t in self.tails.items() if len(t)]
         return np.unique(np.concatenate([[-np.inf], *fractions]))
 
 
@@ -247,8 +262,7 @@ class SensitivityPlanner(Planner):
         super().__init__(*args, **kwargs)
         if gains is None:
             raise TargetError("--allocation sensitivity needs measured gains (onnxprune.sensitivity)")
-        for sid, tail in self.tails.items():
-            self.tails[sid] = tail * gains[sid]
+        self.with_gains(gains)
 
 
 ALLOCATIONS = ("auto", "global", "uniform", "tempered", "sensitivity")  # auto: onnxprune.selection

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
 from dataclasses import dataclass
 
 import numpy as np
-from threadpoolctl import threadpool_limits
+from threadpoolctl import ThreadpoolController
 
 
 @dataclass
@@ -61,6 +63,17 @@ class SiteStats:
 SMALL_PRODUCT = 1 << 27  # multiply-adds below which one BLAS thread is faster than several
 
 
+@functools.cache
+def blas_controller() -> ThreadpoolController:
+    """The loaded BLAS libraries, found once: a fresh `threadpool_limits` scans them on every call
+    (about 3 ms, a sixth of a small model's sequential pass)."""
+    return ThreadpoolController()
+
+
+def single_blas_thread(small: bool) -> contextlib.AbstractContextManager:
+    return blas_controller().limit(limits=1, user_api="blas") if small else contextlib.nullcontext()
+
+
 @dataclass
 class CrossStats:
     """Additive moments between the pruned model's activations x~ (k columns) and the
@@ -88,7 +101,7 @@ class CrossStats:
         # one BLAS thread for small products: OpenBLAS's threads on thin products were up to 100x
         # slower whenever onnxruntime or another process kept the other core busy
         small = rows * len(cols_p) * (len(cols_p) + len(cols_o)) < SMALL_PRODUCT
-        with threadpool_limits(1 if small else None, user_api="blas"):
+        with single_blas_thread(small):
             parts = {"pp": cols_p @ cols_p.T, "po": cols_p @ cols_o.T}
             if self.with_oo:
                 parts["oo"] = cols_o @ cols_o.T

@@ -84,3 +84,36 @@ def test_tempered_allocation_lies_between_global_and_uniform() -> None:
     assert all(r.units_after == reports["uniform"].units_after for r in reports.values())
     spread = {a: np.ptp([1 - s.kept / s.units for s in r.spaces if not s.pinned]) for a, r in reports.items()}
     assert spread["uniform"] == 0 and spread["tempered"] <= spread["global"]
+
+
+def _planner(allocation: str):
+    from onnxprune.api import calibration_statistics, prepare
+    from onnxprune.cost import build_cost_model
+    from onnxprune.plan import make_planner
+    from onnxprune.score import score_space
+
+    model, calib = _calib(widths=(20, 40, 40, 20, 6))
+    prepared = prepare(model, calib)
+    stats = calibration_statistics(prepared)
+    analysis, index = prepared.analysis, prepared.index
+    scores = {s.id: score_space(s, stats, index) for s in analysis.prunable}
+    return make_planner(analysis, scores, build_cost_model(index, analysis), allocation=allocation), analysis
+
+
+@pytest.mark.parametrize("allocation", ["global", "uniform", "tempered"])
+def test_a_gain_protects_a_space_and_the_target_still_holds(allocation: str) -> None:
+    """A gain above 1 on one space keeps at least as many of its units; below 1, at most as many;
+    every plan still removes the asked fraction of units."""
+    from onnxprune.plan import Target
+
+    target = Target("ratio", 0.3)
+    base_planner, analysis = _planner(allocation)
+    base = base_planner.plan(target)
+    sid = analysis.prunable[0].id
+    for gain, sign in ((4.0, 1), (0.25, -1)):
+        planner, _ = _planner(allocation)
+        plan = planner.with_gains({sid: gain}).plan(target)
+        assert plan.units_removed >= 0.3 * plan.units_total
+        assert sign * (len(plan.spaces[sid].keep) - len(base.spaces[sid].keep)) >= 0
+        moved = [len(plan.spaces[s].keep) - len(base.spaces[s].keep) for s in plan.spaces if s != sid]
+        assert any(moved) and all(-sign * m >= 0 for m in moved)
