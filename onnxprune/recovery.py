@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -79,12 +80,57 @@ def one_shot_map(recovery: Recovery | None, k: int, n_prune: int) -> np.ndarray:
     return np.hstack([np.eye(k), pruned])
 
 
-def heldout_error(u: np.ndarray, c: np.ndarray, held: CrossMoments, metric: np.ndarray) -> float:
-    """E ||V^T (x_o - U^T x~ - c)||^2 on held-out moments (centred parts plus the mean residual)."""
-    uv = u @ metric
-    bias = (held.mean_o - u.T @ held.mean_p - c) @ metric
-    spread = np.sum(metric * (held.cov_oo @ metric)) - 2 * np.sum(uv * (held.cov_po @ metric)) + np.sum(uv * (held.cov_pp @ uv))
-    return float(spread + bias @ bias)
+class HeldoutScorer:
+    """E ||V^T (x_o - U^T x~ - c)||^2 on held-out moments (centred parts plus the mean residual);
+    the parts that do not depend on U (V^T S_oo V, S~o V) are computed once per site."""
+
+    def __init__(self, held: CrossMoments, metric: np.ndarray):
+        self.held, self.metric = held, metric
+        self.constant = float(np.sum(metric * (held.cov_oo @ metric)))
+        self.cross = held.cov_po @ metric  # k x m
+
+    def error(self, uv: np.ndarray, predicted_mean: np.ndarray) -> float:
+        """`uv` = U V, `predicted_mean` = U^T mean(x~) + c on the held-out rows."""
+        bias = (self.held.mean_o - predicted_mean) @ self.metric
+        spread = self.constant - 2 * np.sum(uv * self.cross) + np.sum(uv * (self.held.cov_pp @ uv))
+        return float(spread + bias @ bias)
+
+    def error_of(self, u: np.ndarray, c: np.ndarray) -> float:
+        return self.error(u @ self.metric, u.T @ self.held.mean_p + c)
+
+
+class ShrunkSolutions:
+    """U(l) = (S~ + l s I)^-1 (S~o + l s U1) for every shrinkage l from one eigendecomposition
+    S~ = Q diag(e) Q^T: U(l) = Q Y(l), Y(l) = (Q^T S~o + l s Q^T U1) / (e + l s), kept in the
+    eigenbasis so that scoring a shrinkage never forms the k x n product Q Y (DESIGN §2)."""
+
+    def __init__(self, cal: CrossMoments, u1: np.ndarray):
+        k = len(u1)
+        s_pp = cal.cov_pp
+        self.scale = max(np.trace(s_pp) / k, np.finfo(float).tiny)
+        values, self.vectors = np.linalg.eigh((s_pp + s_pp.T) / 2)
+        self.values = np.maximum(values, 0) + RIDGE * self.scale
+        self.target = self.vectors.T @ cal.cov_po
+        # Q^T U1 with U1 = [I, B^T]: the identity block is Q^T itself
+        self.prior = np.hstack([self.vectors.T, self.vectors.T @ u1[:, k:]])
+
+    def rotated(self, lam: float, target: np.ndarray, prior: np.ndarray) -> np.ndarray:
+        """Y(l) applied to any right factor: (target + l s prior) / (e + l s)."""
+        return (target + lam * self.scale * prior) / (self.values + lam * self.scale)[:, None]
+
+    def solution(self, lam: float) -> np.ndarray:
+        return self.vectors @ self.rotated(lam, self.target, self.prior)
+
+    def scorer_inputs(self, metric: np.ndarray, means: tuple[np.ndarray, ...]) -> Callable[[float], tuple[np.ndarray, list[np.ndarray]]]:
+        """For each l: U(l) V and U(l)^T m for each mean m, from products formed once."""
+        target_v, prior_v = self.target @ metric, self.prior @ metric
+        rotated_means = [self.vectors.T @ m for m in means]
+
+        def at(lam: float) -> tuple[np.ndarray, list[np.ndarray]]:
+            uv = self.vectors @ self.rotated(lam, target_v, prior_v)
+            weights = [m / (self.values + lam * self.scale) for m in rotated_means]  # Y(l)^T Q^T m without Y(l)
+            return uv, [self.target.T @ w + lam * self.scale * (self.prior.T @ w) for w in weights]
+        return at
 
 
 def fit_sequential(cal: CrossMoments, keep: np.ndarray, prune: np.ndarray, one_shot: Recovery | None,
@@ -97,37 +143,39 @@ def fit_sequential(cal: CrossMoments, keep: np.ndarray, prune: np.ndarray, one_s
     re-centres (FLAP's compensation with the pruned model's means)."""
     k = len(keep)
     u1 = one_shot_map(one_shot if kind == "lsq" else None, k, len(prune))
-    if kind != "lsq" or k == 0:
-        candidates = {np.inf: u1}
+    c1 = np.concatenate([np.zeros(k), one_shot.offset if one_shot is not None else cal.mean_o[k:]])
+    scorer = HeldoutScorer(held, metric) if held is not None and metric is not None and held.count else None
+    solver = ShrunkSolutions(cal, u1) if kind == "lsq" and k else None
+    if solver is None:
+        lambdas: tuple[float, ...] = (np.inf,)
+    elif shrinkage is not None:
+        lambdas = (shrinkage,)
     else:
-        s_pp = cal.cov_pp
-        scale = max(np.trace(s_pp) / k, np.finfo(float).tiny)
-        values, vectors = np.linalg.eigh((s_pp + s_pp.T) / 2)
-        values = np.maximum(values, 0) + RIDGE * scale
-        rotated_target, rotated_prior = vectors.T @ cal.cov_po, vectors.T @ u1
-        if shrinkage is not None:
-            lambdas: tuple[float, ...] = (shrinkage,)
-        else:
-            lambdas = SHRINKAGE if held is not None and metric is not None else (DEFAULT_SHRINKAGE,)
-        candidates = {}
+        lambdas = SHRINKAGE if scorer is not None else (DEFAULT_SHRINKAGE,)
+
+    def one_shot_offset(lam: float) -> np.ndarray | None:
+        """Infinite shrinkage is the one-shot fold as it is (lsq); otherwise c re-centres U."""
+        return c1 if np.isinf(lam) and kind == "lsq" else None
+
+    errors: dict[float, float] = {}
+    if scorer is not None:
+        at = solver.scorer_inputs(metric, (held.mean_p, cal.mean_p)) if solver is not None else None
         for lam in lambdas:
             if np.isinf(lam):
-                candidates[lam] = u1
-            else:  # one eigendecomposition serves every shrinkage
-                candidates[lam] = vectors @ ((rotated_target + lam * scale * rotated_prior) / (values + lam * scale)[:, None])
-    offsets = {lam: cal.mean_o - u.T @ cal.mean_p for lam, u in candidates.items()}
-    c1 = np.concatenate([np.zeros(k), one_shot.offset if one_shot is not None else cal.mean_o[k:]])
-    if kind == "lsq" and np.inf in candidates:  # infinite shrinkage is the one-shot fold as it is
-        offsets[np.inf] = c1
-    errors = {}
-    if held is not None and metric is not None and held.count:
-        errors = {lam: heldout_error(u, offsets[lam], held, metric) for lam, u in candidates.items()}
-    chosen = min(candidates, key=lambda lam: (errors.get(lam, 0.0), -lam))  # ties: the stronger shrinkage
-    u, c = candidates[chosen], offsets[chosen]
+                c = one_shot_offset(lam)
+                c = cal.mean_o - u1.T @ cal.mean_p if c is None else c
+                errors[lam] = scorer.error_of(u1, c)
+            else:
+                uv, (held_mean, cal_mean) = at(lam)
+                errors[lam] = scorer.error(uv, held_mean + cal.mean_o - cal_mean)
+    chosen = min(lambdas, key=lambda lam: (errors.get(lam, 0.0), -lam))  # ties: the stronger shrinkage
+    u = u1 if np.isinf(chosen) else solver.solution(chosen)
+    c = one_shot_offset(chosen)
+    c = cal.mean_o - u.T @ cal.mean_p if c is None else c
     recovery = Recovery(u[:, k:].T, c[k:], keep, prune, kept_weights=u[:, :k].T, kept_offset=c[:k])
     one_shot_error = None
     if errors:  # the one-shot fold as it is: U1 with its own offsets (0 on K, b0 on P)
-        one_shot_error = errors[np.inf] if kind == "lsq" and np.inf in errors else heldout_error(u1, c1, held, metric)
+        one_shot_error = errors[np.inf] if kind == "lsq" and np.inf in errors else scorer.error_of(u1, c1)
     return recovery, SequentialFit(float(chosen), one_shot_error, errors.get(chosen))
 
 
