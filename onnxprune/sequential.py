@@ -75,7 +75,7 @@ class OnDisk:
     dtype: np.dtype
 
     def load(self) -> np.ndarray:
-        return np.load(self.path)
+        return np.load(self.path, mmap_mode="r")  # page-cache backed: no copy on read
 
 
 class BoundaryCache:
