@@ -11,7 +11,7 @@ import onnx
 
 from .cost import CostModel
 from .fidelity import ReferenceOutputs
-from .plan import Plan, Planner, Target, make_planner
+from .plan import Plan, Planner, Target, make_planner, unit_width
 from .preparation import Prepared
 from .recovery import fit_recoveries
 from .rewrite import cache_io_changes, rewrite
@@ -53,13 +53,17 @@ def allocation_planner(
     round_to: int,
     sensitivity_samples: int | None,
     progress: ProgressFactory,
+    head_gain: float = 1.0,
 ) -> tuple[Planner, Sensitivity | AllocationChoice | None]:
     """The planner for `allocation`, and what was measured to make it (None for a fixed rule);
-    auto with a tolerance or latency target keeps the global threshold."""
+    auto with a tolerance or latency target keeps the global threshold. `head_gain` scales the
+    attention heads' (and KV groups') scores in every rule: the per-kind budget."""
     analysis = prepared.analysis
+    kind_gains = {} if head_gain == 1 else {s.id: head_gain for s in analysis.prunable if unit_width(s) > 1}
 
     def planner(name: str, gains: dict[int, float] | None = None) -> Planner:
-        return make_planner(analysis, scores, cost, min_keep, round_to, name, gains)
+        made = make_planner(analysis, scores, cost, min_keep, round_to, name, gains)
+        return made.with_gains(kind_gains) if kind_gains else made
 
     build, io_changes = candidate_builder(prepared, stats, method), partial(cache_io_changes, analysis)
     if allocation == "auto":

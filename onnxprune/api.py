@@ -103,6 +103,7 @@ def prune(
     shrinkage: float | str = "auto",
     allocation: str = DEFAULT_ALLOCATION,
     sensitivity_samples: int | None = None,
+    head_gain: float = 1.0,
 ) -> PruneResult:
     """Prune `model` with calibration data `calib`; returns the pruned ModelProto and a report.
 
@@ -128,12 +129,15 @@ def prune(
     space's units), "tempered" (in between) or "sensitivity" (every space pruned alone first and
     its output error measured on `sensitivity_samples` calibration samples, default automatic;
     the energies are rescaled by it before one threshold). docs/design.md has the measurements.
+    `head_gain`: multiplies the attention heads' (and KV groups') scores before any allocation:
+    above 1 keeps more heads and removes more FFN neurons or channels for the same target, below
+    1 the reverse (per-kind budgets; docs/transformers.md has the measurements).
     With `sequential`, the refitted model is kept only if its held-out output error is no higher
     than the one-shot model's (the report says which).
     Models of 64 MiB and more keep their weights on disk (their external-data files, or one
     temporary file) and fix glibc's mmap threshold for the process (`load.map_large_allocations`).
     """
-    check_options(method, allocation, order, batch_size, latency_batch, sensitivity_samples)
+    check_options(method, allocation, order, batch_size, latency_batch, sensitivity_samples, head_gain)
     target = resolve_target(ratio, flops, params, tolerance, latency)
     fixed_shrinkage = resolve_shrinkage(shrinkage)
     progress = progress or _no_progress
@@ -190,7 +194,7 @@ def prune(
 
     with _stage(seconds, "plan"):
         planner, allocated = allocation_planner(allocation, target, prepared, scores, cost, stats, method, min_keep, round_to,
-                                                 sensitivity_samples, progress)
+                                                 sensitivity_samples, progress, head_gain)
     latency_result = None
     if target.kind == "latency":
         with _stage(seconds, "plan"):
@@ -240,7 +244,7 @@ def prune(
 
 
 def check_options(method: str, allocation: str, order: str, batch_size: int, latency_batch: int,
-                  sensitivity_samples: int | None = None) -> None:
+                  sensitivity_samples: int | None = None, head_gain: float = 1.0) -> None:
     """One-line errors for option values no stage can use, before anything is loaded."""
     for name, value, choices in (("method", method, METHODS), ("allocation", allocation, ALLOCATIONS), ("order", order, ORDERS)):
         if value not in choices:
@@ -251,6 +255,8 @@ def check_options(method: str, allocation: str, order: str, batch_size: int, lat
         raise TargetError(f"--latency-batch must be >= 1, got {latency_batch}")
     if sensitivity_samples is not None and sensitivity_samples < 1:
         raise TargetError(f"--sensitivity-samples must be >= 1, got {sensitivity_samples}")
+    if not (np.isfinite(head_gain) and head_gain > 0):
+        raise TargetError(f"--head-gain must be a positive number, got {head_gain}")
 
 
 def _add_fit_notes(report: PruneReport, sequential: bool, recovers: bool, sequential_result: SequentialResult | None,

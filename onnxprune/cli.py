@@ -120,6 +120,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "every layer's normalised energy loss; uniform = the same fraction of every layer's units; tempered = "
                         "in between; sensitivity = every layer first pruned alone and the model's output error measured, which "
                         "rescales its energies before the one threshold (one extra model run per layer)")
+    parser.add_argument("--head-gain", type=float, default=1.0, metavar="G",
+                        help="multiply the attention heads' (and KV groups') scores by G before the allocation: G > 1 keeps "
+                        "more heads and removes more FFN neurons for the same target, G < 1 the reverse (default 1; measured "
+                        "in docs/transformers.md)")
     parser.add_argument("--sensitivity-samples", type=int, default=None, metavar="N",
                         help="calibration samples each sensitivity probe runs (default: about four calibration passes in all)")
     parser.add_argument("--round-to", type=int, default=8, metavar="N",
@@ -191,6 +195,7 @@ def run(args: argparse.Namespace) -> int:
         exclude=args.exclude, batch_size=args.batch_size, verify_samples=args.verify_samples, seed=args.seed,
         calib_samples=args.calib_samples, workers=args.workers, scheduler=args.scheduler, spatial_stride=args.spatial_stride,
         sequential=args.sequential, shrinkage=args.shrinkage, allocation=args.allocation, sensitivity_samples=args.sensitivity_samples,
+        head_gain=args.head_gain,
         statistics=Statistics.merge_all([Statistics.load(p) for p in args.stats]) if args.stats else None,
         image_options=ImageOptions(size=args.input_size, mean=args.mean, std=args.std, layout=args.layout, scale=args.scale),
     )

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 
 import onnxprune
@@ -117,3 +118,30 @@ def test_a_gain_protects_a_space_and_the_target_still_holds(allocation: str) -> 
         assert sign * (len(plan.spaces[sid].keep) - len(base.spaces[sid].keep)) >= 0
         moved = [len(plan.spaces[s].keep) - len(base.spaces[s].keep) for s in plan.spaces if s != sid]
         assert any(moved) and all(-sign * m >= 0 for m in moved)
+
+
+def test_head_gain_moves_the_budget_between_heads_and_neurons(capsys) -> None:
+    """--head-gain < 1 exposes the attention heads: fewer heads kept, more FFN neurons, the same
+    parameter target met, and the pruned model runs in onnxruntime close to the original."""
+    from pathlib import Path
+
+    folder = Path(__file__).resolve().parents[1] / "models" / "transformers"
+    model = onnx.load(folder / "bert_tiny.dynamo.onnx")
+    names = {i.name for i in model.graph.input}
+    data = {k: v for k, v in np.load(folder / "calib_tokens.npz").items() if k in names}
+    kept = {}
+    for gain in (1.0, 0.25):
+        pruned, report = onnxprune.prune(model, data, params=0.3, head_gain=gain, allocation="global")
+        assert report.params_after <= 0.7 * report.params_before + 1e-9 * report.params_before
+        rows = [s for s in report.spaces if not s.pinned]
+        kept[gain] = (sum(s.kept for s in rows if s.units <= 4), sum(s.kept for s in rows if s.units > 4))
+        feeds = {k: v[:4] for k, v in data.items()}
+        outputs = [ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+                   for m in (model, pruned)]
+        assert outputs[0].shape == outputs[1].shape and relative_l2(*outputs) < 0.5
+    assert kept[0.25][0] < kept[1.0][0] and kept[0.25][1] > kept[1.0][1]
+    with pytest.raises(TargetError, match="head-gain"):
+        onnxprune.prune(model, data, params=0.3, head_gain=0.0)
+    code, _, err = cli([str(folder / "bert_tiny.dynamo.onnx"), "--calib", str(folder / "calib_tokens.npz"), "--params", "0.3",
+                        "--head-gain", "-1"], capsys)
+    assert code != 0 and "head-gain" in err

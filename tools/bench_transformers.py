@@ -38,7 +38,8 @@ from onnxprune.weights import has_weights_on_disk  # noqa: E402
 
 CACHE = Path.home() / ".cache" / "onnxprune" / "models"
 METHODS = ("snp", "l2", "fluct", "wanda")
-# method variants: "snp+seq" = sequential recovery, "snp+uniform" = the same fraction in every space
+# method variants: "snp+seq" = sequential recovery, "snp+uniform" = the same fraction in every space,
+# "snp+heads4" = --head-gain 4 (any number after "heads")
 VARIANTS = {"seq": {"sequential": True}, "uniform": {"allocation": "uniform"}, "tempered": {"allocation": "tempered"},
             "sens": {"allocation": "sensitivity"}, "auto": {"allocation": "auto"},
             "oneshot": {"sequential": False}}
@@ -49,7 +50,7 @@ def variant_options(label: str) -> tuple[str, dict]:
     method, *extras = label.split("+")
     options: dict = {}
     for extra in extras:
-        options.update(VARIANTS[extra])
+        options.update({"head_gain": float(extra[5:])} if extra.startswith("heads") else VARIANTS[extra])
     return method, options
 
 
@@ -155,7 +156,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["minilm", "smollm2"])
     parser.add_argument("--methods", nargs="+", default=list(METHODS),
-                        help="methods, optionally with variants: snp+seq (sequential recovery), snp+uniform (uniform allocation)")
+                        help="methods, optionally with variants: snp+seq (sequential recovery), snp+uniform (uniform allocation), "
+                        "snp+tempered+heads4 (--head-gain 4)")
     parser.add_argument("--targets", nargs="+", type=float, default=[0.1, 0.2, 0.3])
     parser.add_argument("--calib-windows", type=int, default=32, help="SmolLM2 calibration windows of 512 tokens")
     parser.add_argument("--eval-windows", type=int, default=16, help="SmolLM2 evaluation windows of 512 tokens")
