@@ -5,7 +5,7 @@ sequential recovery) instead of the whole model running once per layer."""
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
@@ -18,13 +18,15 @@ UNKNOWN_SIZE = 1 << 40  # a tensor of unknown shape is never a cheap place to cu
 
 @dataclass
 class GraphSegment:
-    """Nodes (start, stop] of the original's node order, the sites produced there and the
-    activations live at the cut after `stop` (what the next segment reads)."""
+    """Nodes (start, stop] of the original's node order, the sites produced there, the
+    activations live at the cut after `stop` (what the next segment reads) and those live right
+    after the sites are produced (where the pruned segment resumes once its sites are refitted)."""
 
     start: int
     stop: int
     sites: list[str]
     boundary: list[str]
+    at_sites: list[str] = field(default_factory=list)
 
 
 def subgraph_reads(node: onnx.NodeProto) -> set[str]:
@@ -59,20 +61,27 @@ def _size(shape: Shape | None) -> int:
     return int(np.prod(shape, dtype=np.int64))
 
 
-def cut_segments(model: onnx.ModelProto, sites: Iterable[str], shapes: dict[str, Shape]) -> list[GraphSegment]:
-    """One segment per group of sites produced by the same node, in node order; each cut lies
-    between two groups where the activations live across it are smallest (the earliest such)."""
-    nodes = list(model.graph.node)
+def lifetimes(model: onnx.ModelProto) -> tuple[dict[str, int], dict[str, int]]:
+    """(node position producing each activation, position of its last reader); constants and
+    what is computed from them alone are left out (every segment recomputes them)."""
     static = static_tensors(model)
-    inputs = {i.name for i in model.graph.input}
     produced: dict[str, int] = {}
     last_use: dict[str, int] = {}
-    for position, node in enumerate(nodes):
+    for position, node in enumerate(model.graph.node):
         for name in node_reads(node):
             last_use[name] = position
         for name in node.output:
             if name and name not in static:
                 produced[name] = position
+    return produced, last_use
+
+
+def cut_segments(model: onnx.ModelProto, sites: Iterable[str], shapes: dict[str, Shape]) -> list[GraphSegment]:
+    """One segment per group of sites produced by the same node, in node order; each cut lies
+    between two groups where the activations live across it are smallest (the earliest such)."""
+    nodes = list(model.graph.node)
+    inputs = {i.name for i in model.graph.input}
+    produced, last_use = lifetimes(model)
     wanted = set(sites)
     missing = wanted - produced.keys()
     if missing:
@@ -89,15 +98,18 @@ def cut_segments(model: onnx.ModelProto, sites: Iterable[str], shapes: dict[str,
     for name in sorted(wanted, key=lambda t: produced[t]):
         groups.setdefault(produced[name], []).append(name)
     positions = sorted(groups)
+
+    def live_at(cut: int) -> list[str]:
+        return sorted(name for name, p in produced.items() if p <= cut < last_use.get(name, p) and name not in inputs)
+
     segments, start = [], -1
     for j, position in enumerate(positions):
         if j + 1 == len(positions):
-            segments.append(GraphSegment(start, position, groups[position], []))
+            segments.append(GraphSegment(start, position, groups[position], [], live_at(position)))
             break
         window = live[position:positions[j + 1]]
         cut = position + int(np.argmin(window))
-        boundary = sorted(name for name, p in produced.items() if p <= cut < last_use.get(name, p) and name not in inputs)
-        segments.append(GraphSegment(start, cut, groups[position], boundary))
+        segments.append(GraphSegment(start, cut, groups[position], live_at(cut), live_at(position)))
         start = cut
     return segments
 

@@ -220,10 +220,11 @@ class SequentialFitter:
         refit_boundary = any(p <= segment.stop for t in segment.sites for p in self.consumer_positions[t])
         outputs_o = list(dict.fromkeys([*segment.sites, *new_boundary]))
         original_part = extract(self.original, cache_o.dtypes(), outputs_o)
-        wanted = list(dict.fromkeys([*segment.sites, *([] if refit_boundary else new_boundary)]))
+        # when a refitted site's consumer lies in this segment, the pruned run stops where the
+        # sites are produced and resumes from there after the fit (only the tail runs twice)
+        wanted = list(dict.fromkeys([*segment.sites, *(segment.at_sites if refit_boundary else new_boundary)]))
         pruned = self._pruned_model(cache_p.names(), wanted)
         present = {o for n in pruned.graph.node for o in n.output}  # a shape Concat replaced by its copies is gone
-        pruned_boundary = [t for t in new_boundary if t in present]
         pruned_outputs = [t for t in wanted if t in segment.sites or t in present]
         pruned_part = extract(pruned, cache_p.dtypes(), pruned_outputs)
         del pruned
@@ -232,46 +233,56 @@ class SequentialFitter:
         inputs_p = [i.name for i in pruned_part.graph.input]
         accumulators = {t: (self._new_stats(t, False), self._new_stats(t, True)) for t in segment.sites}
         changed = dict.fromkeys(segment.sites, False)
-        for i, (batch, heldout) in enumerate(batches()):
-            out_o = dict(zip(outputs_o, session_o.run(None, self._feeds(inputs_o, batch, cache_o, i, False)), strict=True))
-            out_p = dict(zip(pruned_outputs, session_p.run(None, self._feeds(inputs_p, batch, cache_p, i, True)), strict=True))
-            for tensor in segment.sites:
-                axis, stride = self._axis(tensor), self.strides.get(tensor, 1)
-                cols_p, cols_o = site_matrix(out_p[tensor], axis, stride), site_matrix(out_o[tensor], axis, stride)
-                changed[tensor] = changed[tensor] or cols_p.shape != cols_o.shape or not np.array_equal(cols_p, cols_o)
-                accumulators[tensor][int(heldout)].add_columns(cols_p, cols_o)
-            for name in new_boundary:
-                cache_o.put(i, name, out_o[name])
-            if not refit_boundary:
-                for name in pruned_boundary:
-                    cache_p.put(i, name, out_p[name])
-        session_o = session_p = None
-        for tensor, (cal, held) in accumulators.items():
-            self._fit_site(tensor, cal.moments(), held.moments() if held.count else None, changed[tensor])
-        if refit_boundary and new_boundary:
-            self._rerun_boundary(new_boundary, batches, cache_p)
+        resume = BoundaryCache() if refit_boundary else cache_p  # the pruned activations kept from this run
+        kept_p = [t for t in pruned_outputs if t in (segment.at_sites if refit_boundary else new_boundary)]
+        try:
+            for i, (batch, heldout) in enumerate(batches()):
+                out_o = dict(zip(outputs_o, session_o.run(None, self._feeds(inputs_o, batch, [cache_o], i, False)), strict=True))
+                out_p = dict(zip(pruned_outputs, session_p.run(None, self._feeds(inputs_p, batch, [cache_p], i, True)), strict=True))
+                for tensor in segment.sites:
+                    axis, stride = self._axis(tensor), self.strides.get(tensor, 1)
+                    cols_p, cols_o = site_matrix(out_p[tensor], axis, stride), site_matrix(out_o[tensor], axis, stride)
+                    changed[tensor] = changed[tensor] or cols_p.shape != cols_o.shape or not np.array_equal(cols_p, cols_o)
+                    accumulators[tensor][int(heldout)].add_columns(cols_p, cols_o)
+                for name in new_boundary:
+                    cache_o.put(i, name, out_o[name])
+                for name in kept_p:
+                    resume.put(i, name, out_p[name])
+            session_o = session_p = None
+            for tensor, (cal, held) in accumulators.items():
+                self._fit_site(tensor, cal.moments(), held.moments() if held.count else None, changed[tensor])
+            if refit_boundary and new_boundary:
+                self._resume(new_boundary, batches, cache_p, resume)
+        finally:
+            if resume is not cache_p:
+                resume.close()
         keep = set(segment.boundary)
         cache_o.keep_only(keep)
         cache_p.keep_only(keep)
 
-    def _rerun_boundary(self, names: list[str], batches, cache_p: BoundaryCache) -> None:
-        """The pruned model's activations at the cut, with this segment's new folds applied."""
-        pruned = self._pruned_model(cache_p.names(), names)
+    def _resume(self, names: list[str], batches, cache_p: BoundaryCache, resume: BoundaryCache) -> None:
+        """The pruned model's activations at the cut, with this segment's new folds applied,
+        computed from the activations kept where its sites were produced."""
+        available = {**cache_p.dtypes(), **resume.dtypes()}
+        pruned = self._pruned_model(available, names)
         present = {o for n in pruned.graph.node for o in n.output}
         names = [t for t in names if t in present]
         if not names:
             return
-        part = extract(pruned, cache_p.dtypes(), names)
+        part = extract(pruned, available, names)
         session = make_session(part, spinning=False)
         inputs = [i.name for i in part.graph.input]
         for i, (batch, _) in enumerate(batches()):
-            for name, value in zip(names, session.run(None, self._feeds(inputs, batch, cache_p, i, True)), strict=True):
+            for name, value in zip(names, session.run(None, self._feeds(inputs, batch, [resume, cache_p], i, True)), strict=True):
                 cache_p.put(i, name, value)
 
-    def _feeds(self, names: list[str], batch: dict[str, np.ndarray], cache: BoundaryCache, i: int, pruned: bool) -> dict[str, np.ndarray]:
+    def _feeds(self, names: list[str], batch: dict[str, np.ndarray], caches: list[BoundaryCache], i: int, pruned: bool) -> dict[str, np.ndarray]:
+        """Each input from the first cache that has it, else from the batch (cut to the pruned
+        model's inputs)."""
         feeds = {}
         for name in names:
-            if cache.has(i, name):
+            cache = next((c for c in caches if c.has(i, name)), None)
+            if cache is not None:
                 feeds[name] = cache.get(i, name)
             else:
                 feeds[name] = drop_units(batch[name], self.io_changes.get(name)) if pruned else batch[name]

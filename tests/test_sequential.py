@@ -333,3 +333,46 @@ def test_a_refit_worse_than_one_shot_on_the_heldout_samples_is_not_kept(monkeypa
     pruned, report = onnxprune.prune(model, calib, ratio=0.4, sequential=True, allocation="global")
     assert report.sequential["kept"] is False and "NOT kept" in report.sequential_note()
     np.testing.assert_array_equal(run(pruned, x), run(one_shot, x))
+
+
+def _residual_mlp(width: int = 10, hidden: int = 16, blocks: int = 3, seed: int = 0) -> onnx.ModelProto:
+    """x -> blocks of (MatMul -> Relu -> MatMul) + x: each hidden Relu is a site whose consumer
+    lies before the cheapest cut (the residual sum), as in a transformer's FFN."""
+    from onnx import helper, numpy_helper
+
+    rng = np.random.default_rng(seed)
+    nodes, inits, stream = [], [], "x"
+    for b in range(blocks):
+        up, down = rng.standard_normal((width, hidden)) / np.sqrt(width), rng.standard_normal((hidden, width)) / np.sqrt(hidden)
+        inits += [numpy_helper.from_array(up.astype(np.float32), f"up{b}"), numpy_helper.from_array(down.astype(np.float32), f"down{b}")]
+        nodes += [helper.make_node("MatMul", [stream, f"up{b}"], [f"h{b}"], name=f"up{b}"),
+                  helper.make_node("Relu", [f"h{b}"], [f"site{b}"], name=f"relu{b}"),
+                  helper.make_node("MatMul", [f"site{b}", f"down{b}"], [f"d{b}"], name=f"down{b}"),
+                  helper.make_node("Add", [stream, f"d{b}"], [f"s{b}"], name=f"add{b}")]
+        stream = f"s{b}"
+    graph = helper.make_graph(nodes, "residual", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["n", width])],
+                              [helper.make_tensor_value_info(stream, onnx.TensorProto.FLOAT, ["n", width])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_a_refitted_segment_resumes_where_its_sites_are_produced(monkeypatch) -> None:
+    """The pruned segment's second run starts from the activations live right after its sites
+    (only the consumer and the residual add run again) and gives the model that rerunning the
+    whole segment gives."""
+    import onnxprune.sequential as sequential
+
+    model = _residual_mlp()
+    segments = cut_segments(model, ["site0", "site1", "site2"], {f"{p}{b}": (1, w) for p, w in (("h", 16), ("site", 16), ("d", 10), ("s", 10)) for b in range(3)})
+    assert [s.at_sites for s in segments[:2]] == [["site0"], ["s0", "site1"]]
+    assert [node.name for node in extract(model, {"s0": np.float32, "site1": np.float32}, segments[1].boundary).graph.node] == ["down1", "add1"]
+    x = np.random.default_rng(1).standard_normal((400, 10)).astype(np.float32)
+    resumed, _ = onnxprune.prune(model, {"x": x}, ratio=0.4, sequential=True, shrinkage=0.0)
+    original_cut = sequential.cut_segments
+
+    def without_resume_points(*args, **kwargs):
+        return [sequential.GraphSegment(s.start, s.stop, s.sites, s.boundary, []) for s in original_cut(*args, **kwargs)]
+
+    monkeypatch.setattr(sequential, "cut_segments", without_resume_points)
+    rerun, _ = onnxprune.prune(model, {"x": x}, ratio=0.4, sequential=True, shrinkage=0.0)
+    np.testing.assert_allclose(run(resumed, x[:50]), run(rerun, x[:50]), rtol=1e-5, atol=1e-6)
+    assert relative_l2(run(model, x[:50]), run(resumed, x[:50])) > 0  # something was pruned
