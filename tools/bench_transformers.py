@@ -41,7 +41,7 @@ METHODS = ("snp", "l2", "fluct", "wanda")
 # method variants: "snp+seq" = sequential recovery, "snp+uniform" = the same fraction in every space,
 # "snp+heads4" = --head-gain 4 (any number after "heads")
 VARIANTS = {"seq": {"sequential": True}, "uniform": {"allocation": "uniform"}, "tempered": {"allocation": "tempered"},
-            "sens": {"allocation": "sensitivity"}, "auto": {"allocation": "auto"},
+            "sens": {"allocation": "sensitivity"}, "auto": {"allocation": "auto"}, "global": {"allocation": "global"},
             "oneshot": {"sequential": False}}
 
 
