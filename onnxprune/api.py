@@ -187,10 +187,15 @@ def prune(
             return pruned if pruned is not None else build(plan)
         pruned = None
         one_shot = fit_recoveries(analysis, plan, stats, RECOVERY[method])
+        scored = allocated.errors[allocated.chosen] if isinstance(allocated, AllocationChoice) else None
+        # scored before the pass, so that the one-shot model and the refitted one are never in memory together
+        one_shot_error = scored if scored is not None else heldout_error(prepared, plan, one_shot)
         sequential_result = fit_sequentially(prepared, plan, stats, RECOVERY[method], one_shot, progress, fixed_shrinkage)
         refitted = rewrite(original, analysis, plan, sequential_result.recoveries, index.constants)
-        scored = allocated.errors[allocated.chosen] if isinstance(allocated, AllocationChoice) else None
-        return refitted if better_than_one_shot(prepared, plan, refitted, one_shot, sequential_result, scored) else build(plan)
+        if better_than_one_shot(prepared, plan, refitted, sequential_result, one_shot_error):
+            return refitted
+        del refitted
+        return rewrite(original, analysis, plan, one_shot, index.constants)
 
     with _stage(seconds, "plan"):
         planner, allocated = allocation_planner(allocation, target, prepared, scores, cost, stats, method, min_keep, round_to,
@@ -306,20 +311,23 @@ def resolve_shrinkage(shrinkage: float | str) -> float | None:
     return value
 
 
-def better_than_one_shot(prepared: Prepared, plan: Plan, refitted: onnx.ModelProto, one_shot: dict[tuple[int, str], Recovery],
-                         result: SequentialResult, one_shot_error: float | None = None) -> bool:
+def heldout_error(prepared: Prepared, plan: Plan, recoveries: dict[tuple[int, str], Recovery] | None) -> float:
+    """The output error (`fidelity.OutputError`) on the held-out samples of `plan` folded with
+    `recoveries` (a working copy: weights on disk stay there)."""
+    model = rewrite(prepared.original, prepared.analysis, plan, recoveries, prepared.index.constants, keep_on_disk=True)
+    return held_out_reference(prepared).error(model, cache_io_changes(prepared.analysis, plan))
+
+
+def better_than_one_shot(prepared: Prepared, plan: Plan, refitted: onnx.ModelProto, result: SequentialResult,
+                         one_shot_error: float) -> bool:
     """Whether the sequentially refitted model's outputs are at least as close to the original's
-    on the held-out samples as the one-shot fold's (`fidelity.OutputError`; `one_shot_error` when
-    the auto allocation already scored that model on the same samples); both errors go into
-    `result`. Each site's shrinkage is chosen on the same samples, but a sum of per-site errors
-    does not always predict the model's (SmolLM2's perplexity rose while every site improved)."""
-    reference = held_out_reference(prepared)
-    changes = cache_io_changes(prepared.analysis, plan)
-    if one_shot_error is None:
-        one_shot_model = rewrite(prepared.original, prepared.analysis, plan, one_shot, prepared.index.constants, keep_on_disk=True)
-        one_shot_error = reference.error(one_shot_model, changes)
-    result.heldout_errors = (one_shot_error, reference.error(refitted, changes))
-    return result.heldout_errors[1] <= result.heldout_errors[0]
+    on the held-out samples as the one-shot fold's (its error measured before the pass, or by the
+    auto allocation on the same samples); both errors go into `result`. Each site's shrinkage is
+    chosen on the same samples, but a sum of per-site errors does not always predict the model's
+    (SmolLM2's perplexity rose while every site improved)."""
+    refitted_error = held_out_reference(prepared).error(refitted, cache_io_changes(prepared.analysis, plan))
+    result.heldout_errors = (one_shot_error, refitted_error)
+    return refitted_error <= one_shot_error
 
 
 def fit_sequentially(prepared: Prepared, plan: Plan, stats: dict[str, SiteStats], kind: str, one_shot: dict[tuple[int, str], Recovery],

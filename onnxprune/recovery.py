@@ -172,7 +172,9 @@ def fit_sequential(cal: CrossMoments, keep: np.ndarray, prune: np.ndarray, one_s
     u = u1 if np.isinf(chosen) else solver.solution(chosen)
     c = one_shot_offset(chosen)
     c = cal.mean_o - u.T @ cal.mean_p if c is None else c
-    recovery = Recovery(u[:, k:].T, c[k:], keep, prune, kept_weights=u[:, :k].T, kept_offset=c[:k])
+    # float32 copies, not views of U: every fitted site's maps stay alive until the final rewrite
+    recovery = Recovery(np.array(u[:, k:].T, dtype=np.float32), c[k:], keep, prune,
+                        kept_weights=np.array(u[:, :k].T, dtype=np.float32), kept_offset=c[:k])
     one_shot_error = None
     if errors:  # the one-shot fold as it is: U1 with its own offsets (0 on K, b0 on P)
         one_shot_error = errors[np.inf] if kind == "lsq" and np.inf in errors else scorer.error_of(u1, c1)
