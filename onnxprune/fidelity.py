@@ -13,7 +13,7 @@ from .graph import fixed_batch_size
 from .verify import drop_units
 
 LOGIT_PRODUCERS = frozenset({"Gemm", "MatMul"})
-ROWS = 1024  # logit rows turned into float64 log-probabilities per step
+LOGIT_ELEMENTS = 1 << 21  # logits turned into float64 log-probabilities per step (16 MB per temporary)
 PASS_THROUGH = frozenset({"Add", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity", "Transpose", "Cast"})
 
 
@@ -56,8 +56,9 @@ class OutputError:
             ref, out = reference[name], got[name]
             if name in self.logits and ref.ndim >= 1 and ref.shape[-1] > 1:
                 ref_rows, out_rows = ref.reshape(-1, ref.shape[-1]), out.reshape(-1, ref.shape[-1])
-                for start in range(0, len(ref_rows), ROWS):  # float64 copies of a few rows at a time
-                    lp, lq = _log_softmax(ref_rows[start:start + ROWS]), _log_softmax(out_rows[start:start + ROWS])
+                rows = max(1, LOGIT_ELEMENTS // ref.shape[-1])  # a 49k vocabulary: 42 rows, not 1024 (2 GB of temporaries)
+                for start in range(0, len(ref_rows), rows):  # float64 copies of a few rows at a time
+                    lp, lq = _log_softmax(ref_rows[start:start + rows]), _log_softmax(out_rows[start:start + rows])
                     self.sums[name] += float(np.sum(np.exp(lp) * (lp - lq)))
                 self.norms[name] += len(ref_rows)
             else:
