@@ -145,3 +145,18 @@ def test_output_error_is_kl_for_logits_and_relative_l2_otherwise() -> None:
     same = OutputError(["y"], {"y"})
     same.add({"y": ref}, {"y": ref + 5.0})  # softmax ignores a shift: no decision changes
     assert same.value() == pytest.approx(0.0, abs=1e-12)
+
+
+def test_output_error_kl_is_the_same_in_chunks(monkeypatch) -> None:
+    """The logits' KL(original || pruned), computed a few rows at a time, equals the direct sum."""
+    import onnxprune.fidelity as fidelity
+
+    rng = np.random.default_rng(0)
+    ref, got = rng.standard_normal((3, 7, 11)).astype(np.float32), rng.standard_normal((3, 7, 11)).astype(np.float32)
+    lp = ref - np.log(np.exp(ref.astype(np.float64)).sum(-1, keepdims=True))
+    lq = got - np.log(np.exp(got.astype(np.float64)).sum(-1, keepdims=True))
+    expected = float(np.sum(np.exp(lp) * (lp - lq)) / 21)
+    monkeypatch.setattr(fidelity, "LOGIT_ELEMENTS", 40)  # 3 rows per step
+    error = fidelity.OutputError(["logits"], {"logits"})
+    error.add({"logits": ref}, {"logits": got})
+    assert error.value() == pytest.approx(expected, rel=1e-9)
