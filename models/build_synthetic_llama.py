@@ -24,6 +24,7 @@ one process per run, torch not imported::
 
     python models/build_synthetic_llama.py --measure sequential   # -> llama1b_sequential.json
     python models/build_synthetic_llama.py --measure one-shot     # -> llama1b_one-shot.json
+    python models/build_synthetic_llama.py --measure sequential --allocation global   # without auto's candidates
 
 records the exact peak RSS (VmHWM, reset between stages) and the seconds of every pipeline
 stage, and the time and peak RSS of every segment of the sequential pass.
@@ -109,13 +110,13 @@ def measure(a, mode: str) -> dict:
 
     api._stage = traced
     t0 = time.perf_counter()
-    result = onnxprune.prune(str(path), str(calib), params=a.params, sequential=mode == "sequential",
+    result = onnxprune.prune(str(path), str(calib), params=a.params, sequential=mode == "sequential", allocation=a.allocation,
                              batch_size=a.batch_size, verify_samples=a.verify_samples, progress=progress)
     total = time.perf_counter() - t0
     stage_peak["between stages"] = max(stage_peak.get("between stages", 0), status_mb("VmHWM"))
     rep = result.report
     seg_s = [s["seconds"] for s in segments]
-    out = {"mode": mode, "model": str(path), "params_target": a.params, "batch_size": a.batch_size,
+    out = {"mode": mode, "model": str(path), "params_target": a.params, "allocation": a.allocation, "batch_size": a.batch_size,
            "verify_samples": a.verify_samples, "base_rss_mb": round(base), "seconds_total": round(total, 1),
            "seconds": rep.seconds, "stage_peak_rss_mb": {k: round(v) for k, v in stage_peak.items()},
            "peak_rss_mb": round(max(stage_peak.values())),
@@ -145,6 +146,7 @@ def main(argv=None) -> None:
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     ap.add_argument("--measure", choices=("sequential", "one-shot"), help="prune the built model and measure (no build)")
     ap.add_argument("--params", type=float, default=0.2, help="with --measure: fraction of parameters to remove")
+    ap.add_argument("--allocation", default="auto", help="with --measure: the allocation rule (global skips auto's three candidate runs)")
     ap.add_argument("--batch-size", type=int, default=2)
     ap.add_argument("--verify-samples", type=int, default=2)
     ap.add_argument("--calib-only", action="store_true", help="write the calibration file only")
