@@ -313,7 +313,9 @@ def resolve_shrinkage(shrinkage: float | str) -> float | None:
 
 def heldout_error(prepared: Prepared, plan: Plan, recoveries: dict[tuple[int, str], Recovery] | None) -> float:
     """The output error (`fidelity.OutputError`) on the held-out samples of `plan` folded with
-    `recoveries` (a working copy: weights on disk stay there)."""
+    `recoveries` (a working copy: weights on disk stay there). The original's reference outputs
+    are made here and again for the refitted model rather than kept (up to 256 MB) through the
+    sequential pass."""
     model = rewrite(prepared.original, prepared.analysis, plan, recoveries, prepared.index.constants, keep_on_disk=True)
     return held_out_reference(prepared).error(model, cache_io_changes(prepared.analysis, plan))
 

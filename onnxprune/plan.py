@@ -219,7 +219,9 @@ class UniformPlanner(Planner):
     gains: dict[int, float] | None = None
 
     def with_gains(self, gains: dict[int, float]) -> Planner:
-        self.gains = dict(gains)
+        """Gains multiply like the other rules' (a second call scales the first's); in place."""
+        current = self.gains or {}
+        self.gains = {sid: current.get(sid, 1.0) * gains.get(sid, 1.0) for sid in self.tails}
         return self
 
     def kept_counts(self, threshold: float) -> dict[int, int]:

@@ -153,25 +153,22 @@ def fit_sequential(cal: CrossMoments, keep: np.ndarray, prune: np.ndarray, one_s
     else:
         lambdas = SHRINKAGE if scorer is not None else (DEFAULT_SHRINKAGE,)
 
-    def one_shot_offset(lam: float) -> np.ndarray | None:
+    def offset(lam: float, u: np.ndarray) -> np.ndarray:
         """Infinite shrinkage is the one-shot fold as it is (lsq); otherwise c re-centres U."""
-        return c1 if np.isinf(lam) and kind == "lsq" else None
+        return c1 if np.isinf(lam) and kind == "lsq" else cal.mean_o - u.T @ cal.mean_p
 
     errors: dict[float, float] = {}
     if scorer is not None:
         at = solver.scorer_inputs(metric, (held.mean_p, cal.mean_p)) if solver is not None else None
         for lam in lambdas:
             if np.isinf(lam):
-                c = one_shot_offset(lam)
-                c = cal.mean_o - u1.T @ cal.mean_p if c is None else c
-                errors[lam] = scorer.error_of(u1, c)
-            else:
+                errors[lam] = scorer.error_of(u1, offset(lam, u1))
+            else:  # U^T m~_held + c with c = m_o - U^T m~_cal, from the eigenbasis
                 uv, (held_mean, cal_mean) = at(lam)
                 errors[lam] = scorer.error(uv, held_mean + cal.mean_o - cal_mean)
     chosen = min(lambdas, key=lambda lam: (errors.get(lam, 0.0), -lam))  # ties: the stronger shrinkage
     u = u1 if np.isinf(chosen) else solver.solution(chosen)
-    c = one_shot_offset(chosen)
-    c = cal.mean_o - u.T @ cal.mean_p if c is None else c
+    c = offset(chosen, u)
     # float32 copies, not views of U: every fitted site's maps stay alive until the final rewrite
     recovery = Recovery(np.array(u[:, k:].T, dtype=np.float32), c[k:], keep, prune,
                         kept_weights=np.array(u[:, :k].T, dtype=np.float32), kept_offset=c[:k])
