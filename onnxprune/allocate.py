@@ -1,6 +1,6 @@
 """The plan stage's planner for each `--allocation`: a fixed rule (global / uniform / tempered),
-the sensitivity rule after its probes, or the auto choice among candidates (docs/design.md,
-"Allocation across layers")."""
+the stream rule after measuring the residual streams, the sensitivity rule after its probes, or
+the auto choice among candidates (docs/design.md, "Allocation across layers")."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from .score import RECOVERY, SpaceScore
 from .selection import AUTO_CANDIDATES, CHOICE_SAMPLES, AllocationChoice, choose_allocation
 from .sensitivity import Sensitivity, default_probe_samples, measure_sensitivity
 from .stats import SiteStats
+from .streams import StreamGains, measure_stream_gains
 
 ProgressFactory = Callable[[str, int], Callable[[int], None]]
 
@@ -54,7 +55,7 @@ def allocation_planner(
     sensitivity_samples: int | None,
     progress: ProgressFactory,
     head_gain: float = 1.0,
-) -> tuple[Planner, Sensitivity | AllocationChoice | None]:
+) -> tuple[Planner, Sensitivity | AllocationChoice | StreamGains | None]:
     """The planner for `allocation`, and what was measured to make it (None for a fixed rule);
     auto with a tolerance or latency target keeps the global threshold. `head_gain` scales the
     attention heads' (and KV groups') scores in every rule: the per-kind budget."""
@@ -69,9 +70,14 @@ def allocation_planner(
     if allocation == "auto":
         if target.kind not in ("ratio", "flops", "params"):
             return planner("global"), None
-        planners = {name: planner(name) for name in AUTO_CANDIDATES}
+        streams = stream_gains(prepared, progress)
+        planners = {name: planner(name, streams.gains if name == "stream" else None) for name in AUTO_CANDIDATES}
         choice = choose_allocation(planners, target, held_out_reference(prepared), build, io_changes, progress("choosing the allocation", len(planners)))
+        choice.streams = streams
         return planners[choice.chosen], choice
+    if allocation == "stream":
+        streams = stream_gains(prepared, progress)
+        return planner(allocation, streams.gains), streams
     if allocation != "sensitivity":
         return planner(allocation), None
     base = planner("global")
@@ -79,3 +85,11 @@ def allocation_planner(
     reference = ReferenceOutputs(prepared.original, prepared.calib_data, prepared.batch_size, samples)
     measured = measure_sensitivity(base, target, reference, build, io_changes, progress("measuring sensitivity", len(base.tails)))
     return planner(allocation, measured.gains), measured
+
+
+def stream_gains(prepared: Prepared, progress: ProgressFactory) -> StreamGains:
+    """The stream allocation's gains, measured on the first calibration samples."""
+    advance = progress("measuring the residual streams", 1)
+    gains = measure_stream_gains(prepared.original, prepared.analysis, prepared.index, prepared.calib_data, prepared.batch_size)
+    advance(1)
+    return gains

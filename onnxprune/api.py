@@ -31,6 +31,7 @@ from .sequential import SequentialResult, sequential_recoveries
 from .shards import Statistics
 from .sources import ImageOptions
 from .stats import SiteStats
+from .streams import StreamGains
 from .verify import drop_units, verify
 from .weights import offload, with_weights_in_memory
 
@@ -240,7 +241,9 @@ def prune(
     if isinstance(allocated, Sensitivity):
         report.sensitivity = allocated.summary({s.id: s.name for s in analysis.spaces})
     elif isinstance(allocated, AllocationChoice):
-        report.allocation = allocated.summary()
+        report.allocation = allocated.summary({s.id: s.name for s in analysis.spaces})
+    elif isinstance(allocated, StreamGains):
+        report.allocation = {"stream": allocated.summary({s.id: s.name for s in analysis.spaces})}
     pruned = with_weights_in_memory(pruned)
     for weights in (prepared.weights, pruned_weights):
         if weights is not None:

@@ -263,13 +263,21 @@ class SensitivityPlanner(Planner):
     def __init__(self, *args, gains: dict[int, float] | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         if gains is None:
-            raise TargetError("--allocation sensitivity needs measured gains (onnxprune.sensitivity)")
+            raise TargetError("this allocation needs measured gains (onnxprune.sensitivity, onnxprune.streams)")
         self.with_gains(gains)
 
 
-ALLOCATIONS = ("auto", "global", "uniform", "tempered", "sensitivity")  # auto: onnxprune.selection
+class StreamPlanner(SensitivityPlanner):
+    """One threshold on every space's normalised energy lost times the share of its consumers'
+    output in the residual stream it joins (`streams.measure_stream_gains`): the threshold
+    compares relative perturbations of the streams."""
+
+
+ALLOCATIONS = ("auto", "global", "uniform", "tempered", "stream", "sensitivity")  # auto: onnxprune.selection
 DEFAULT_ALLOCATION = "auto"  # measured: docs/benchmark.md (allocation ablation)
-PLANNERS = {"global": Planner, "uniform": UniformPlanner, "tempered": TemperedPlanner, "sensitivity": SensitivityPlanner}
+MEASURED = ("stream", "sensitivity")  # rules whose planner needs gains measured on the model
+PLANNERS = {"global": Planner, "uniform": UniformPlanner, "tempered": TemperedPlanner, "stream": StreamPlanner,
+            "sensitivity": SensitivityPlanner}
 
 
 def make_plan(
@@ -294,6 +302,6 @@ def make_planner(analysis: Analysis, scores: dict[int, SpaceScore], cost: CostMo
     if allocation not in PLANNERS:
         raise TargetError(f"unknown allocation '{allocation}' (choose from {', '.join(ALLOCATIONS)})")
     prunable = {s.id: s for s in analysis.prunable}
-    extra = {"gains": gains} if allocation == "sensitivity" else {}
+    extra = {"gains": gains} if allocation in MEASURED else {}
     return PLANNERS[allocation]({sid: sc for sid, sc in scores.items() if sid in prunable}, cost, min_keep, round_to,
                                 {sid: unit_width(space) for sid, space in prunable.items()}, **extra)

@@ -88,12 +88,18 @@ class PruneReport:
                 f"{self.sensitivity['seconds']:.1f} s; gains {min(gains):.3g}..{max(gains):.3g} x the median")
 
     def allocation_note(self) -> str | None:
-        """One line on the auto allocation's choice, when it ran."""
+        """One line on the auto allocation's choice (or the stream rule's measurement), when it ran."""
         if not self.allocation:
             return None
+        stream = self.allocation.get("stream")
+        joined = (f"; {len(stream['gains'])} spaces join a residual stream (gains {min(stream['gains'].values()):.3g}.."
+                  f"{max(stream['gains'].values()):.3g}, measured on {stream['samples']} calibration samples)"
+                  if stream and stream["gains"] else "")
+        if "chosen" not in self.allocation:
+            return f"allocation: stream{joined or '; no space joins a residual stream (the global rule)'}"
         scored = ", ".join(f"{name} {'n/a' if e is None else f'{e:.3g}'}" for name, e in self.allocation["heldout_error"].items())
         return (f"allocation: {self.allocation['chosen']}, chosen by the output error on {self.allocation['samples']} held-out "
-                f"samples ({scored})")
+                f"samples ({scored}){joined}")
 
     def sampling_note(self) -> str | None:
         """One line on the spatial subsampling of the statistics, when there was any."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
@@ -18,8 +18,9 @@ import onnx
 from .errors import TargetError
 from .fidelity import ReferenceOutputs
 from .plan import Plan, Planner, Target
+from .streams import StreamGains
 
-AUTO_CANDIDATES = ("global", "tempered", "uniform")
+AUTO_CANDIDATES = ("global", "stream", "tempered", "uniform")
 CHOICE_SAMPLES = 64  # held-out samples each candidate is scored on, at most
 
 
@@ -32,10 +33,14 @@ class AllocationChoice:
     errors: dict[str, float | None]
     samples: int
     seconds: float
+    streams: StreamGains | None = field(default=None)  # the stream candidate's measured gains
 
-    def summary(self) -> dict:
+    def summary(self, names: dict[int, str] | None = None) -> dict:
         errors = {name: None if e is None else float(f"{e:.4g}") for name, e in self.errors.items()}
-        return {"chosen": self.chosen, "heldout_error": errors, "samples": self.samples, "seconds": round(self.seconds, 2)}
+        summary = {"chosen": self.chosen, "heldout_error": errors, "samples": self.samples, "seconds": round(self.seconds, 2)}
+        if self.streams is not None:
+            summary["stream"] = self.streams.summary(names or {})
+        return summary
 
 
 def choose_allocation(

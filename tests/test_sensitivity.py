@@ -41,7 +41,7 @@ def test_a_damped_branch_is_pruned_harder_and_the_output_error_falls() -> None:
     model = two_branches()
     calib = {"x": np.random.default_rng(1).standard_normal((600, 16)).astype(np.float32)}
     fresh = np.random.default_rng(7).standard_normal((200, 16)).astype(np.float32)
-    pruned_g, report_g = onnxprune.prune(model, calib, ratio=0.4)
+    pruned_g, report_g = onnxprune.prune(model, calib, ratio=0.4, allocation="global")
     pruned_s, report_s = onnxprune.prune(model, calib, ratio=0.4, allocation="sensitivity")
     kept_g, kept_s = _kept(report_g), _kept(report_s)
     assert report_s.units_after == report_g.units_after  # the same budget
@@ -111,7 +111,7 @@ def test_auto_allocation_chooses_the_candidate_with_the_lowest_heldout_error() -
     calib = {"x": np.random.default_rng(1).standard_normal((600, 16)).astype(np.float32)}
     _, report = _budgeted(model, calib, allocation="auto")
     errors = report.allocation["heldout_error"]
-    assert set(errors) == {"global", "tempered", "uniform"} and report.allocation["samples"] > 0
+    assert set(errors) == {"global", "stream", "tempered", "uniform"} and report.allocation["samples"] > 0
     assert errors[report.allocation["chosen"]] == min(e for e in errors.values() if e is not None)
     # the chosen candidate's plan is the one written
     _, chosen = _budgeted(model, calib, allocation=report.allocation["chosen"])

@@ -1,0 +1,125 @@
+"""Where a space's error ends up: the residual stream that its consumers' outputs join.
+
+The global threshold normalises the energy a cut loses by the space's own energy, so a block
+whose output is a small addition to a large residual stream looks as costly to cut as the one
+that makes the stream. The `stream` allocation scales every space's normalised energies by
+E||consumer output||^2 / E||stream||^2, measured on the original model: one threshold then
+compares the relative perturbation of the tensor each error flows into (docs/design.md,
+"Allocation across layers"). A consumer whose output does not reach a residual Add through
+affine, shape-only ops counts its own output as the stream (gain 1: the global rule)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+
+from .analyse import Analysis
+from .calibrate import PREFIX, make_session
+from .data import CalibrationData
+from .errors import ModelError
+from .graph import GraphIndex, fixed_batch_size
+
+# ops that carry a consumer's output to the residual Add unchanged up to an affine map per element
+SHAPE_ONLY = frozenset({"Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity", "Transpose", "Cast", "BatchNormalization"})
+AFFINE_WITH_CONSTANT = frozenset({"Add", "Sub", "Mul", "Div"})
+JOINS = frozenset({"Add", "Sum"})
+WALK_LIMIT = 16
+STREAM_SAMPLES = 32  # calibration samples the energies are measured on, at most
+GAIN_LIMITS = (1e-4, 10.0)
+
+
+def stream_tensor(index: GraphIndex, tensor: str) -> str | None:
+    """The output of the first Add that joins `tensor` (through shape-only ops and constant
+    affine ops, each its only reader) with another non-constant tensor: the residual stream."""
+    name = tensor
+    for _ in range(WALK_LIMIT):
+        uses = index.uses.get(name, [])
+        if len(uses) != 1 or name in index.graph_outputs:
+            return None
+        node, position = uses[0].node, uses[0].index
+        others = [x for i, x in enumerate(node.input) if i != position and x]
+        constant = all(index.is_constant(x) for x in others)
+        if node.op_type in JOINS and not constant:
+            return node.output[0]
+        affine = node.op_type in AFFINE_WITH_CONSTANT and constant and (node.op_type != "Div" or position == 0)
+        if node.op_type in SHAPE_ONLY or affine:
+            name = node.output[0]
+            continue
+        return None
+    return None
+
+
+def consumer_streams(analysis: Analysis, index: GraphIndex) -> dict[int, list[tuple[str, str | None]]]:
+    """Per prunable space: (consumer output, the stream it joins or None) for each consumer."""
+    found: dict[int, list[tuple[str, str | None]]] = {}
+    for space in analysis.prunable:
+        pairs = []
+        for label in dict.fromkeys(c.node for c in space.consumers):
+            output = index.node(label).output[0]
+            pairs.append((output, stream_tensor(index, output)))
+        found[space.id] = pairs
+    return found
+
+
+def energy_patch(tensors: list[str]) -> tuple[onnx.ModelProto, list[str]]:
+    """A patch (see `calibrate.instrument`) whose outputs are the float32 sum of squares of each tensor."""
+    patch = onnx.ModelProto()
+    names = []
+    for i, tensor in enumerate(tensors):
+        p = f"{PREFIX}energy{i}_"
+        patch.graph.node.extend([
+            helper.make_node("Cast", [tensor], [p + "x"], to=TensorProto.FLOAT),
+            helper.make_node("ReduceSumSquare", [p + "x"], [p + "sum"], keepdims=0),
+        ])
+        patch.graph.output.append(helper.make_tensor_value_info(p + "sum", TensorProto.FLOAT, None))
+        names.append(p + "sum")
+    return patch, names
+
+
+@dataclass
+class StreamGains:
+    """Per space, E||consumer outputs||^2 / E||streams they join||^2 (1: no residual stream)."""
+
+    gains: dict[int, float]
+    samples: int
+    seconds: float
+
+    def summary(self, names: dict[int, str]) -> dict:
+        scaled = {names.get(sid, str(sid)): round(g, 5) for sid, g in self.gains.items() if g != 1.0}
+        return {"samples": self.samples, "seconds": round(self.seconds, 2), "gains": scaled}
+
+
+def measure_stream_gains(original: onnx.ModelProto, analysis: Analysis, index: GraphIndex, data: CalibrationData,
+                         batch_size: int, samples: int = STREAM_SAMPLES) -> StreamGains:
+    """Run the original on the first `samples` calibration samples and measure every consumer's
+    output energy and the energy of the stream it joins."""
+    start = time.perf_counter()
+    pairs = consumer_streams(analysis, index)
+    joined = {sid: rows for sid, rows in pairs.items() if any(stream for _, stream in rows)}
+    tensors = list(dict.fromkeys(t for rows in joined.values() for out, stream in rows for t in (out, stream) if t))
+    if not tensors or not data.n_samples:
+        return StreamGains(dict.fromkeys(pairs, 1.0), 0, time.perf_counter() - start)
+    patch, names = energy_patch(tensors)  # ReduceSumSquare without axes sums everything, in every opset
+    session = make_session(original, patch=patch, spinning=False)
+    step = fixed_batch_size(original)
+    taken = min(samples, data.n_samples)
+    if step:
+        taken = max(step, taken // step * step) if data.n_samples >= step else 0
+    totals = np.zeros(len(tensors))
+    try:
+        for batch in data.take(0, taken).batches(step or batch_size):
+            totals += np.array([float(v) for v in session.run(names, batch)])
+    except Exception as exc:  # noqa: BLE001 - onnxruntime raises several unrelated types
+        raise ModelError(f"onnxruntime failed measuring the residual streams: {str(exc).splitlines()[0]}") from None
+    energy = dict(zip(tensors, totals, strict=True))
+    gains = dict.fromkeys(pairs, 1.0)
+    for sid, rows in joined.items():
+        own = sum(energy[out] for out, _ in rows)
+        total = sum(energy[stream or out] for out, stream in rows)
+        if own > 0 and total > 0 and np.isfinite(own / total):
+            gains[sid] = float(np.clip(own / total, *GAIN_LIMITS))
+    return StreamGains(gains, taken, time.perf_counter() - start)
