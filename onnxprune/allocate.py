@@ -90,6 +90,7 @@ def allocation_planner(
 def stream_gains(prepared: Prepared, progress: ProgressFactory) -> StreamGains:
     """The stream allocation's gains, measured on the first calibration samples."""
     advance = progress("measuring the residual streams", 1)
-    gains = measure_stream_gains(prepared.original, prepared.analysis, prepared.index, prepared.calib_data, prepared.batch_size)
+    gains = measure_stream_gains(prepared.original, prepared.analysis, prepared.index, prepared.calib_data, prepared.batch_size,
+                                 prepared.shapes)
     advance(1)
     return gains

@@ -29,6 +29,7 @@ AFFINE_WITH_CONSTANT = frozenset({"Add", "Sub", "Mul", "Div"})
 JOINS = frozenset({"Add", "Sum"})
 WALK_LIMIT = 16
 STREAM_SAMPLES = 32  # calibration samples the energies are measured on, at most
+STREAM_ROWS = 2048  # ... or fewer, once every measured consumer output has this many rows (positions or tokens)
 GAIN_LIMITS = (1e-4, 10.0)
 
 
@@ -93,16 +94,35 @@ class StreamGains:
         return {"samples": self.samples, "seconds": round(self.seconds, 2), "gains": scaled}
 
 
+def rows_per_sample(index: GraphIndex, tensor: str, shapes: dict) -> int | None:
+    """Positions (conv outputs) or tokens (MatMul/Gemm outputs) of `tensor` in one sample."""
+    shape = shapes.get(tensor)
+    producer = index.producer.get(tensor)
+    if shape is None or producer is None or any(not isinstance(d, int) for d in shape):
+        return None
+    dims = shape[2:] if producer.op_type == "Conv" else shape[1:-1]
+    return int(np.prod(dims, dtype=np.int64))
+
+
+def samples_needed(index: GraphIndex, outputs: list[str], shapes: dict, most: int = STREAM_SAMPLES) -> int:
+    """Enough samples for STREAM_ROWS rows of every consumer output (at least 2, at most `most`)."""
+    rows = [r for t in outputs if (r := rows_per_sample(index, t, shapes))]
+    return int(np.clip(-(-STREAM_ROWS // min(rows)), 2, most)) if rows else most
+
+
 def measure_stream_gains(original: onnx.ModelProto, analysis: Analysis, index: GraphIndex, data: CalibrationData,
-                         batch_size: int, samples: int = STREAM_SAMPLES) -> StreamGains:
-    """Run the original on the first `samples` calibration samples and measure every consumer's
-    output energy and the energy of the stream it joins."""
+                         batch_size: int, shapes: dict | None = None, samples: int | None = None) -> StreamGains:
+    """Run the original on the first calibration samples (`samples`, or enough for STREAM_ROWS
+    rows per consumer given the per-sample `shapes`) and measure every consumer's output energy
+    and the energy of the stream it joins."""
     start = time.perf_counter()
     pairs = consumer_streams(analysis, index)
     joined = {sid: rows for sid, rows in pairs.items() if any(stream for _, stream in rows)}
     tensors = list(dict.fromkeys(t for rows in joined.values() for out, stream in rows for t in (out, stream) if t))
     if not tensors or not data.n_samples:
         return StreamGains(dict.fromkeys(pairs, 1.0), 0, time.perf_counter() - start)
+    if samples is None:
+        samples = samples_needed(index, [out for rows in joined.values() for out, _ in rows], shapes or {})
     patch, names = energy_patch(tensors)  # ReduceSumSquare without axes sums everything, in every opset
     session = make_session(original, patch=patch, spinning=False)
     step = fixed_batch_size(original)
