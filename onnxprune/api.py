@@ -123,10 +123,11 @@ def prune(
     the original's activations, with the shrinkage toward the one-shot fit chosen per site on
     the held-out samples (DESIGN §2; `shrinkage` a number fixes it: 0 is the plain cross-moment
     least squares, inf the one-shot fold itself); the keep sets are the one-shot plan's.
-    `allocation`: "auto" (default: each of "global", "tempered" and "uniform" plans the target,
-    the one whose one-shot model's outputs are closest to the original's on the held-out samples
-    is kept; a tolerance or latency target uses "global"), "global" (one threshold on the
-    normalised energies of every space, DESIGN §2), "uniform" (the same fraction of every
+    `allocation`: "auto" (default: each of "global", "stream", "tempered" and "uniform" plans the
+    target, the one whose one-shot model's outputs are closest to the original's on the held-out
+    samples is kept; a tolerance or latency target uses "global"), "global" (one threshold on the
+    normalised energies of every space, DESIGN §2), "stream" (the same, each space's energies
+    scaled by its consumers' share of the residual stream they join), "uniform" (the same fraction of every
     space's units), "tempered" (in between) or "sensitivity" (every space pruned alone first and
     its output error measured on `sensitivity_samples` calibration samples, default automatic;
     the energies are rescaled by it before one threshold). docs/design.md has the measurements.

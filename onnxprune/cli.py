@@ -113,13 +113,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "when pruning harder); variance; residual; zca = ranked by the energy each unit keeps after a symmetric (ZCA) "
                         "decorrelation, the seed paper's unnormalised-ZCA order")
     parser.add_argument("--allocation", choices=ALLOCATIONS, default=DEFAULT_ALLOCATION,
-                        help="how the target is spread over layers: auto (default) = plan it with each of global, tempered "
-                        "and uniform, rewrite each, keep the one whose outputs are closest to the original's on the held-out "
-                        "samples (no single rule won on every benchmark model: global is best on MobileNetV2/EfficientNet, "
-                        "uniform/tempered on the Fashion-MNIST CNNs and SmolLM2; docs/benchmark.md); global = one threshold on "
-                        "every layer's normalised energy loss; uniform = the same fraction of every layer's units; tempered = "
-                        "in between; sensitivity = every layer first pruned alone and the model's output error measured, which "
-                        "rescales its energies before the one threshold (one extra model run per layer)")
+                        help="how the target is spread over layers: auto (default) = plan it with each of global, stream, "
+                        "tempered and uniform, rewrite each, keep the one whose outputs are closest to the original's on the "
+                        "held-out samples (no single rule won on every benchmark model; docs/benchmark.md); global = one "
+                        "threshold on every layer's normalised energy loss; stream = the same, with each layer's loss measured "
+                        "relative to the residual stream its output joins (best on SmolLM2, MiniLM-like encoders and ResNets; "
+                        "the global rule on models without residual adds); uniform = the same fraction of every layer's units; "
+                        "tempered = in between; sensitivity = every layer first pruned alone and the model's output error "
+                        "measured, which rescales its energies before the one threshold (one extra model run per layer)")
     parser.add_argument("--head-gain", type=float, default=1.0, metavar="G",
                         help="multiply the attention heads' (and KV groups') scores by G before the allocation: G > 1 keeps "
                         "more heads and removes more FFN neurons for the same target, G < 1 the reverse (default 1; measured "
