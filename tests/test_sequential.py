@@ -376,3 +376,29 @@ def test_a_refitted_segment_resumes_where_its_sites_are_produced(monkeypatch) ->
     rerun, _ = onnxprune.prune(model, {"x": x}, ratio=0.4, sequential=True, shrinkage=0.0)
     np.testing.assert_allclose(run(resumed, x[:50]), run(rerun, x[:50]), rtol=1e-5, atol=1e-6)
     assert relative_l2(run(model, x[:50]), run(resumed, x[:50])) > 0  # something was pruned
+
+
+def test_spilled_batches_share_one_file_per_tensor(monkeypatch, tmp_path) -> None:
+    """Every spilled batch of a tensor is appended to that tensor's one file and read back exactly
+    (aligned, any shape); a tensor dropped at a cut takes its file with it."""
+    import onnxprune.sequential as sequential
+
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    monkeypatch.setattr(sequential, "SPILL_BYTES", 1)
+    rng = np.random.default_rng(0)
+    values = [{"a": rng.standard_normal((n, 3, 5)).astype(np.float32), "b": rng.integers(0, 9, (n, 7))} for n in (4, 4, 3)]
+    cache = sequential.BoundaryCache()
+    for i, batch in enumerate(values):
+        for name, value in batch.items():
+            cache.put(i, name, value)
+    assert len(list(cache.folder.iterdir())) == 2
+    for i, batch in enumerate(values):
+        for name, value in batch.items():
+            np.testing.assert_array_equal(cache.get(i, name), value)
+            assert cache.get(i, name).ctypes.data % 64 == 0
+    with pytest.raises(RuntimeError, match="after it was read"):
+        cache.put(3, "a", values[0]["a"])
+    cache.keep_only({"b"})
+    assert len(list(cache.folder.iterdir())) == 1 and cache.names() == {"b"}
+    cache.close()
+    assert not list(tmp_path.glob("onnxprune-boundary-*"))
