@@ -7,6 +7,7 @@ the pruned model once or twice, instead of a full forward pass per layer."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -68,39 +69,46 @@ class SequentialResult:
 
 
 class SpillFile:
-    """One tensor's spilled batches, appended to one temporary file and read back through one
-    read-only memory map (page-cache backed: no copy on read). A file per batch cost an open,
-    a header and an unlink per batch and tensor, about a fifth of a small CNN's sequential pass."""
+    """One tensor's spilled batches, appended to one temporary file and read back a batch at a
+    time (one `pread` into a fresh array: a memory map of the whole file would keep every page
+    read in the process's resident set). A file per batch cost an open, a header and an unlink
+    per batch and tensor, about a fifth of a small CNN's sequential pass."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self.handle = open(path, "wb")  # noqa: SIM115 - closed by `close` or by the first read
         self.size = 0
-        self.mapped: np.memmap | None = None
+        self.reader: int | None = None
 
     def append(self, value: np.ndarray) -> int:
         if self.handle is None:
             raise RuntimeError(f"{self.path}: appended after it was read")
         offset = self.size
         data = np.ascontiguousarray(value).reshape(-1).view(np.uint8)
-        padding = -len(data) % 64  # every batch starts aligned
         self.handle.write(data)
-        self.handle.write(b"\0" * padding)
-        self.size += len(data) + padding
+        self.size += len(data)
         return offset
 
     def read(self, offset: int, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
-        if self.mapped is None:
+        if self.reader is None:
             self.handle.close()
             self.handle = None
-            self.mapped = np.memmap(self.path, dtype=np.uint8, mode="r")
-        nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-        return self.mapped[offset:offset + nbytes].view(dtype).reshape(shape)
+            self.reader = os.open(self.path, os.O_RDONLY)
+        value = np.empty(shape, dtype=dtype)
+        buffer, done = value.reshape(-1).view(np.uint8), 0
+        while done < len(buffer):  # one call reads at most about 2 GB
+            count = os.preadv(self.reader, [buffer[done:]], offset + done)
+            if count <= 0:
+                raise OSError(f"{self.path}: short read at {offset + done}")
+            done += count
+        return value
 
     def close(self) -> None:
         if self.handle is not None:
             self.handle.close()
-        self.mapped = None  # views handed out keep their own mapping
+        if self.reader is not None:
+            os.close(self.reader)
+            self.reader = None
         self.path.unlink(missing_ok=True)
 
 

@@ -380,7 +380,7 @@ def test_a_refitted_segment_resumes_where_its_sites_are_produced(monkeypatch) ->
 
 def test_spilled_batches_share_one_file_per_tensor(monkeypatch, tmp_path) -> None:
     """Every spilled batch of a tensor is appended to that tensor's one file and read back exactly
-    (aligned, any shape); a tensor dropped at a cut takes its file with it."""
+    (any shape and dtype); a tensor dropped at a cut takes its file with it."""
     import onnxprune.sequential as sequential
 
     monkeypatch.setenv("TMPDIR", str(tmp_path))
@@ -395,7 +395,6 @@ def test_spilled_batches_share_one_file_per_tensor(monkeypatch, tmp_path) -> Non
     for i, batch in enumerate(values):
         for name, value in batch.items():
             np.testing.assert_array_equal(cache.get(i, name), value)
-            assert cache.get(i, name).ctypes.data % 64 == 0
     with pytest.raises(RuntimeError, match="after it was read"):
         cache.put(3, "a", values[0]["a"])
     cache.keep_only({"b"})
