@@ -110,3 +110,16 @@ def test_cli_stream_allocation(tmp_path, capsys) -> None:
     assert "join a residual stream" in stdout
     fresh = np.random.default_rng(3).standard_normal((50, 16)).astype(np.float32)
     assert relative_l2(run(residual_mlp(), fresh), run(onnx.load(out), fresh)) < 0.5
+
+
+def test_a_kv_cache_llama_finds_every_stream_and_prunes_with_them() -> None:
+    """Every FFN and attention block of the committed tiny Llama (with KV-cache inputs) adds its
+    output to the residual stream; the pruned model runs in onnxruntime close to the original."""
+    model, calib = "models/transformers/llama_tiny_kv.dynamo.onnx", "models/transformers/calib_tokens_kv.npz"
+    pruned, report = onnxprune.prune(model, calib, params=0.2, allocation="stream")
+    gains = report.allocation["stream"]["gains"]
+    assert len(gains) == len([r for r in report.spaces if not r.pinned]) and all(0 < g < 1 for g in gains.values())
+    onnx.checker.check_model(pruned)
+    _, global_report = onnxprune.prune(model, calib, params=0.2, allocation="global")
+    assert report.params_after <= global_report.params_after * 1.02  # the same budget
+    assert report.fidelity[0].relative_l2 < 0.5
