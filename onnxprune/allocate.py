@@ -9,8 +9,10 @@ from functools import partial
 
 import onnx
 
+from .analyse import Analysis
 from .cost import CostModel
 from .fidelity import ReferenceOutputs
+from .graph import GraphIndex
 from .plan import Plan, Planner, Target, make_planner, unit_width
 from .preparation import Prepared
 from .recovery import fit_recoveries
@@ -21,7 +23,15 @@ from .sensitivity import Sensitivity, default_probe_samples, measure_sensitivity
 from .stats import SiteStats
 from .streams import StreamGains, measure_stream_gains
 
+DEFAULT_HEAD_GAIN = 4.0  # measured: docs/transformers.md (session 8), every rule on MiniLM and SmolLM2
 ProgressFactory = Callable[[str, int], Callable[[int], None]]
+
+
+def attention_spaces(analysis: Analysis, index: GraphIndex) -> list[int]:
+    """Spaces whose units are attention heads or KV groups: several channels per unit, produced
+    by MatMul/Gemm projections (a grouped Conv's whole groups are units of several channels too,
+    but they are channels, not heads)."""
+    return [s.id for s in analysis.prunable if unit_width(s) > 1 and all(index.node(p).op_type != "Conv" for p in s.producers)]
 
 
 def candidate_builder(prepared: Prepared, stats: dict[str, SiteStats], method: str) -> Callable[[Plan], onnx.ModelProto]:
@@ -54,13 +64,13 @@ def allocation_planner(
     round_to: int,
     sensitivity_samples: int | None,
     progress: ProgressFactory,
-    head_gain: float = 1.0,
+    head_gain: float = DEFAULT_HEAD_GAIN,
 ) -> tuple[Planner, Sensitivity | AllocationChoice | StreamGains | None]:
     """The planner for `allocation`, and what was measured to make it (None for a fixed rule);
     auto with a tolerance or latency target keeps the global threshold. `head_gain` scales the
     attention heads' (and KV groups') scores in every rule: the per-kind budget."""
     analysis = prepared.analysis
-    kind_gains = {} if head_gain == 1 else {s.id: head_gain for s in analysis.prunable if unit_width(s) > 1}
+    kind_gains = {} if head_gain == 1 else dict.fromkeys(attention_spaces(analysis, prepared.index), head_gain)
 
     def planner(name: str, gains: dict[int, float] | None = None) -> Planner:
         made = make_planner(analysis, scores, cost, min_keep, round_to, name, gains)

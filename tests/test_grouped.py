@@ -90,3 +90,20 @@ def test_a_grouped_conv_reached_from_its_output_couples_the_residual_in_groups()
     assert kept < GROUPS and initializer(pruned, "grouped", 1).shape == (kept * PER_OUT, PER_IN, 3, 3)
     assert initializer(pruned, "conv_b", 1).shape[0] == kept * PER_OUT
     assert run(pruned, x[:4]).shape == (4, 2)
+
+
+def test_whole_groups_are_not_attention_heads_for_the_head_gain():
+    """--head-gain (default 4) protects attention heads and KV groups, not a grouped Conv's groups
+    (units of several channels too)."""
+    from onnxprune.allocate import attention_spaces
+    from onnxprune.graph import GraphIndex
+
+    model = resnext_block()
+    analysis = analyse(model)
+    assert any(s.name == "conv1" and not s.pinned for s in analysis.spaces)
+    assert attention_spaces(analysis, GraphIndex(model)) == []
+    from onnxprune.preparation import prepare
+
+    bert = prepare("models/transformers/bert_tiny.dynamo.onnx", "models/transformers/calib_tokens.npz")
+    heads = attention_spaces(bert.analysis, bert.index)
+    assert len(heads) == 2 and all(bert.analysis.spaces[i].n == 4 for i in heads)  # 4 heads in each of 2 layers
