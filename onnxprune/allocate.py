@@ -11,6 +11,7 @@ import onnx
 
 from .analyse import Analysis
 from .cost import CostModel
+from .errors import ModelError
 from .fidelity import ReferenceOutputs
 from .graph import GraphIndex
 from .plan import Plan, Planner, Target, make_planner, unit_width
@@ -80,8 +81,9 @@ def allocation_planner(
     if allocation == "auto":
         if target.kind not in ("ratio", "flops", "params"):
             return planner("global"), None
-        streams = stream_gains(prepared, progress)
-        planners = {name: planner(name, streams.gains if name == "stream" else None) for name in AUTO_CANDIDATES}
+        streams = stream_gains(prepared, progress, required=False)
+        names = [name for name in AUTO_CANDIDATES if name != "stream" or not streams.failed]
+        planners = {name: planner(name, streams.gains if name == "stream" else None) for name in names}
         choice = choose_allocation(planners, target, held_out_reference(prepared), build, io_changes, progress("choosing the allocation", len(planners)))
         choice.streams = streams
         return planners[choice.chosen], choice
@@ -97,10 +99,16 @@ def allocation_planner(
     return planner(allocation, measured.gains), measured
 
 
-def stream_gains(prepared: Prepared, progress: ProgressFactory) -> StreamGains:
-    """The stream allocation's gains, measured on the first calibration samples."""
+def stream_gains(prepared: Prepared, progress: ProgressFactory, required: bool = True) -> StreamGains:
+    """The stream allocation's gains, measured on the first calibration samples. Unless the rule
+    was asked for (`required`), a model onnxruntime cannot measure loses the candidate, not the run."""
     advance = progress("measuring the residual streams", 1)
-    gains = measure_stream_gains(prepared.original, prepared.analysis, prepared.index, prepared.calib_data, prepared.batch_size,
-                                 prepared.shapes)
+    try:
+        gains = measure_stream_gains(prepared.original, prepared.analysis, prepared.index, prepared.calib_data,
+                                     prepared.batch_size, prepared.shapes)
+    except ModelError as exc:
+        if required:
+            raise
+        gains = StreamGains(dict.fromkeys((s.id for s in prepared.analysis.prunable), 1.0), 0, 0.0, failed=str(exc))
     advance(1)
     return gains

@@ -95,6 +95,8 @@ class PruneReport:
         joined = (f"; {len(stream['gains'])} spaces join a residual stream (gains {min(stream['gains'].values()):.3g}.."
                   f"{max(stream['gains'].values()):.3g}, measured on {stream['samples']} calibration samples)"
                   if stream and stream["gains"] else "")
+        if stream and stream.get("failed"):
+            joined = f"; the stream candidate was left out: {stream['failed']}"
         if "chosen" not in self.allocation:
             return f"allocation: stream{joined or '; no space joins a residual stream (the global rule)'}"
         scored = ", ".join(f"{name} {'n/a' if e is None else f'{e:.3g}'}" for name, e in self.allocation["heldout_error"].items())

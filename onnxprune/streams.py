@@ -88,10 +88,12 @@ class StreamGains:
     gains: dict[int, float]
     samples: int
     seconds: float
+    failed: str | None = None  # why the energies could not be measured (auto then runs without the rule)
 
     def summary(self, names: dict[int, str]) -> dict:
         scaled = {names.get(sid, str(sid)): round(g, 5) for sid, g in self.gains.items() if g != 1.0}
-        return {"samples": self.samples, "seconds": round(self.seconds, 2), "gains": scaled}
+        summary = {"samples": self.samples, "seconds": round(self.seconds, 2), "gains": scaled}
+        return {**summary, "failed": self.failed} if self.failed else summary
 
 
 def rows_per_sample(index: GraphIndex, tensor: str, shapes: dict) -> int | None:

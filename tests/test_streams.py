@@ -123,3 +123,25 @@ def test_a_kv_cache_llama_finds_every_stream_and_prunes_with_them() -> None:
     _, global_report = onnxprune.prune(model, calib, params=0.2, allocation="global")
     assert report.params_after <= global_report.params_after * 1.02  # the same budget
     assert report.fidelity[0].relative_l2 < 0.5
+
+
+def test_auto_runs_without_the_stream_candidate_when_the_energies_cannot_be_measured(monkeypatch) -> None:
+    """A model onnxruntime cannot instrument loses auto's stream candidate, not the run; asked
+    for explicitly, the rule's failure is the run's one-line error."""
+    import pytest
+
+    import onnxprune.allocate as allocate
+    from onnxprune.errors import ModelError
+
+    def refuse(*args, **kwargs):
+        raise ModelError("onnxruntime failed measuring the residual streams: planted")
+
+    monkeypatch.setattr(allocate, "measure_stream_gains", refuse)
+    model, calib = residual_mlp(), _calib()
+    pruned, report = onnxprune.prune(model, calib, ratio=0.3, allocation="auto")
+    assert set(report.allocation["heldout_error"]) == {"global", "tempered", "uniform"}
+    assert "stream candidate was left out" in report.markdown() and "planted" in report.allocation["stream"]["failed"]
+    fresh = np.random.default_rng(3).standard_normal((50, 16)).astype(np.float32)
+    assert relative_l2(run(model, fresh), run(pruned, fresh)) < 0.5
+    with pytest.raises(ModelError, match="planted"):
+        onnxprune.prune(model, calib, ratio=0.3, allocation="stream")
