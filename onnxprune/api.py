@@ -240,12 +240,13 @@ def prune(
     report.io_changes = _io_shapes(pruned, io_changes)
     report.spatial_strides = sampled
     _add_fit_notes(report, sequential, method in RECOVERY, sequential_result, latency_result)
+    names = {s.id: s.name for s in analysis.spaces}
     if isinstance(allocated, Sensitivity):
-        report.sensitivity = allocated.summary({s.id: s.name for s in analysis.spaces})
+        report.sensitivity = allocated.summary(names)
     elif isinstance(allocated, AllocationChoice):
-        report.allocation = allocated.summary({s.id: s.name for s in analysis.spaces})
+        report.allocation = allocated.summary(names)
     elif isinstance(allocated, StreamGains):
-        report.allocation = {"stream": allocated.summary({s.id: s.name for s in analysis.spaces})}
+        report.allocation = {"stream": allocated.summary(names)}
     pruned = with_weights_in_memory(pruned)
     for weights in (prepared.weights, pruned_weights):
         if weights is not None:

@@ -9,7 +9,7 @@ import onnx
 
 from .calibrate import make_session
 from .data import CalibrationData
-from .graph import fixed_batch_size
+from .graph import fixed_batch_size, whole_batches
 from .verify import drop_units
 
 LOGIT_PRODUCERS = frozenset({"Gemm", "MatMul"})
@@ -83,7 +83,7 @@ class ReferenceOutputs:
         step = fixed_batch_size(original) or 1  # a fixed batch runs whole batches only
         per_sample = sum(int(np.prod(v.shape)) for v in session.run(self.names, next(iter(data.batches(step))))) / step
         wanted = max(1, min(samples, data.n_samples, int(ELEMENTS_MAX // max(per_sample, 1))))
-        self.samples = max(step, wanted // step * step) if step > 1 else wanted
+        self.samples = whole_batches(wanted, step)
         self.batches = list(data.take(0, self.samples).batches(step if step > 1 else batch_size))
         self.outputs = [dict(zip(self.names, session.run(self.names, batch), strict=True)) for batch in self.batches]
         self.logits = logit_outputs(original)

@@ -337,6 +337,12 @@ def fixed_batch_size(model: onnx.ModelProto) -> int | None:
     return None
 
 
+def whole_batches(samples: int, step: int) -> int:
+    """`samples` rounded down to whole batches of a model's fixed batch size `step` (at least one
+    batch); unchanged for a free batch size (`step` 1)."""
+    return max(step, samples // step * step) if step > 1 else samples
+
+
 def fix_input_shapes(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]]) -> onnx.ModelProto:
     """A copy of the model whose graph inputs have the given static shapes (for cost counting)."""
     fixed = onnx.ModelProto()

@@ -91,12 +91,13 @@ class PruneReport:
         """One line on the auto allocation's choice (or the stream rule's measurement), when it ran."""
         if not self.allocation:
             return None
-        stream = self.allocation.get("stream")
-        joined = (f"; {len(stream['gains'])} spaces join a residual stream (gains {min(stream['gains'].values()):.3g}.."
-                  f"{max(stream['gains'].values()):.3g}, measured on {stream['samples']} calibration samples)"
-                  if stream and stream["gains"] else "")
-        if stream and stream.get("failed"):
+        stream, joined = self.allocation.get("stream") or {}, ""
+        if stream.get("failed"):
             joined = f"; the stream candidate was left out: {stream['failed']}"
+        elif stream.get("gains"):
+            gains = stream["gains"].values()
+            joined = (f"; {len(gains)} spaces join a residual stream (gains {min(gains):.3g}..{max(gains):.3g}, "
+                      f"measured on {stream['samples']} calibration samples)")
         if "chosen" not in self.allocation:
             return f"allocation: stream{joined or '; no space joins a residual stream (the global rule)'}"
         scored = ", ".join(f"{name} {'n/a' if e is None else f'{e:.3g}'}" for name, e in self.allocation["heldout_error"].items())

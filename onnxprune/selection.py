@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import onnx
@@ -33,7 +33,7 @@ class AllocationChoice:
     errors: dict[str, float | None]
     samples: int
     seconds: float
-    streams: StreamGains | None = field(default=None)  # the stream candidate's measured gains
+    streams: StreamGains | None = None  # the stream candidate's measured gains
 
     def summary(self, names: dict[int, str] | None = None) -> dict:
         errors = {name: None if e is None else float(f"{e:.4g}") for name, e in self.errors.items()}

@@ -21,7 +21,7 @@ from .analyse import Analysis
 from .calibrate import PREFIX, make_session
 from .data import CalibrationData
 from .errors import ModelError
-from .graph import GraphIndex, fixed_batch_size
+from .graph import GraphIndex, fixed_batch_size, whole_batches
 
 # ops that carry a consumer's output to the residual Add unchanged up to an affine map per element
 SHAPE_ONLY = frozenset({"Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity", "Transpose", "Cast", "BatchNormalization"})
@@ -127,13 +127,11 @@ def measure_stream_gains(original: onnx.ModelProto, analysis: Analysis, index: G
         samples = samples_needed(index, [out for rows in joined.values() for out, _ in rows], shapes or {})
     patch, names = energy_patch(tensors)  # ReduceSumSquare without axes sums everything, in every opset
     session = make_session(original, patch=patch, spinning=False)
-    step = fixed_batch_size(original)
-    taken = min(samples, data.n_samples)
-    if step:
-        taken = max(step, taken // step * step) if data.n_samples >= step else 0
+    step = fixed_batch_size(original) or 1  # a fixed batch runs whole batches only
+    taken = whole_batches(min(samples, data.n_samples), step) if data.n_samples >= step else 0
     totals = np.zeros(len(tensors))
     try:
-        for batch in data.take(0, taken).batches(step or batch_size):
+        for batch in data.take(0, taken).batches(step if step > 1 else batch_size):
             totals += np.array([float(v) for v in session.run(names, batch)])
     except Exception as exc:  # noqa: BLE001 - onnxruntime raises several unrelated types
         raise ModelError(f"onnxruntime failed measuring the residual streams: {str(exc).splitlines()[0]}") from None
