@@ -9,7 +9,7 @@ import onnx
 
 from .analyse import Analysis
 from .graph import GraphIndex, get_attr
-from .ops import MAC_OPS
+from .ops import MAC_OPS, RECURRENT_GATES
 
 
 def _prod(dims) -> int | None:
@@ -18,9 +18,23 @@ def _prod(dims) -> int | None:
     return int(np.prod(dims, dtype=np.int64))
 
 
+def recurrent_macs(index: GraphIndex, node: onnx.NodeProto) -> tuple[int, int]:
+    """(input, recurrent) multiply-accumulates of an LSTM/GRU/RNN: steps x batch x directions x
+    gates x hidden times the input size (X W^T) and the hidden size (H R^T); (0, 0) if unknown."""
+    x_shape, w_shape = index.shape(node.input[0]), index.shape(node.input[1]) if len(node.input) > 1 else None
+    rows = _prod(x_shape[:2] if x_shape and len(x_shape) == 3 else None)
+    if not rows or not w_shape or len(w_shape) != 3 or None in w_shape:
+        return 0, 0
+    directions, gate_rows, inputs = (int(d) for d in w_shape)
+    hidden = gate_rows // RECURRENT_GATES[node.op_type]
+    return rows * directions * gate_rows * inputs, rows * directions * gate_rows * hidden
+
+
 def node_macs(index: GraphIndex, node: onnx.NodeProto) -> int:
-    """Multiply-accumulates of one Conv/ConvTranspose/Gemm/MatMul at the indexed shapes (0 if unknown)."""
+    """Multiply-accumulates of one Conv/ConvTranspose/Gemm/MatMul/LSTM/GRU/RNN at the indexed shapes (0 if unknown)."""
     op = node.op_type
+    if op in RECURRENT_GATES:
+        return sum(recurrent_macs(index, node))
     if op not in MAC_OPS:
         return 0
     out_shape = index.shape(node.output[0])
@@ -129,6 +143,9 @@ def build_cost_model(index: GraphIndex, analysis: Analysis, recovery: bool = Tru
         macs = node_macs(index, node)
         if macs:
             label = index.label(node)
+            if node.op_type in RECURRENT_GATES:  # only the input part scales with the input units
+                macs, fixed = recurrent_macs(index, node)
+                model.macs_terms.append(CostTerm(fixed, ()))
             term = CostTerm(macs, tuple(sorted(node_tensors.get(label, ()))))
             model.macs_terms.append(term)
             model.node_macs[label] = term
@@ -150,10 +167,13 @@ def _missing_bias_terms(index: GraphIndex, analysis: Analysis, node_tensors: dic
                 uses = index.uses.get(node.output[0], [])
                 has_bias = len(uses) == 1 and uses[0].node.op_type == "Add" and any(index.is_constant(i) for i in uses[0].node.input)
             else:
-                has_bias = len(node.input) > 2 and bool(node.input[2])
+                bias_slot = 3 if node.op_type in RECURRENT_GATES else 2
+                has_bias = len(node.input) > bias_slot and bool(node.input[bias_slot])
             if has_bias:
                 continue
             outputs = index.const(node.input[consumer.weight_index]).shape[consumer.out_axis]
+            if node.op_type in RECURRENT_GATES:  # B: [directions, 2 x gates x hidden]
+                outputs *= 2 * index.const(node.input[consumer.weight_index]).shape[0]
             out_tensor = tuple(t for t in node_tensors.get(consumer.node, ()) if t == node.output[0])
             terms[consumer.node] = CostTerm(int(outputs), out_tensor, appears_when=consumer.site)
     return list(terms.values())

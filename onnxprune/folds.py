@@ -10,6 +10,7 @@ from onnx import helper
 
 from .analyse import Consumer
 from .graph import get_attr
+from .ops import RECURRENT_GATES
 from .recovery import Recovery
 
 
@@ -32,7 +33,10 @@ def fold_consumer_weight(weight: np.ndarray, consumer: Consumer, width: int, rec
         w[recovery.keep] += np.tensordot(recovery.weights, pruned, axes=(0, 0))
     full = full.sum(axis=0).reshape(rest)
     out_pos = consumer.out_axis - (consumer.out_axis > consumer.in_axis)
-    delta = full.sum(axis=tuple(i for i in range(len(rest)) if i != out_pos))
+    if consumer.op_type in RECURRENT_GATES:  # one input bias per direction: [directions, gates x hidden]
+        delta = full
+    else:
+        delta = full.sum(axis=tuple(i for i in range(len(rest)) if i != out_pos))
     new = np.moveaxis(w.reshape((width * consumer.block, *rest)), 0, consumer.in_axis)
     return new.astype(weight.dtype), delta
 
@@ -80,6 +84,8 @@ class FoldMixin:
                 self._add_to_input(consumer.node, 2, alpha * delta, dtype, replace=True)
             else:
                 self._add_to_input(consumer.node, 2, alpha * delta / beta, dtype)
+        elif node.op_type in RECURRENT_GATES:  # B = [Wb, Rb] per direction: the delta adds to Wb
+            self._add_to_input(consumer.node, 3, np.concatenate([delta, np.zeros_like(delta)], axis=-1), dtype)
         else:  # MatMul: fold into a following Add of a constant, else add one
             bias_add = self._following_bias_add(node)
             if bias_add is None:

@@ -26,3 +26,6 @@ REDUCE_OPS = frozenset({
 
 # Ops whose MACs onnxprune counts (the rest are cheap next to them).
 MAC_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
+
+# Recurrent ops: gates per hidden unit in W [directions, gates * hidden, input] (and in R).
+RECURRENT_GATES = {"LSTM": 4, "GRU": 3, "RNN": 1}

@@ -102,6 +102,8 @@ class ConstantEdits:
                 if name:
                     orphans.add(name)
                     edit.node.input[edit.slot] = new_name
+                elif edit.slot < len(edit.node.input):  # an optional input left empty ("") before others
+                    edit.node.input[edit.slot] = new_name
                 else:
                     while len(edit.node.input) < edit.slot:
                         edit.node.input.append("")

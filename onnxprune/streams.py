@@ -22,6 +22,7 @@ from .calibrate import PREFIX, make_session
 from .data import CalibrationData
 from .errors import ModelError
 from .graph import GraphIndex, fixed_batch_size, whole_batches
+from .ops import RECURRENT_GATES
 
 # ops that carry a consumer's output to the residual Add unchanged up to an affine map per element
 SHAPE_ONLY = frozenset({"Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity", "Transpose", "Cast", "BatchNormalization"})
@@ -60,8 +61,8 @@ def consumer_streams(analysis: Analysis, index: GraphIndex) -> dict[int, list[tu
     for space in analysis.prunable:
         pairs = []
         for label in dict.fromkeys(c.node for c in space.consumers):
-            output = index.node(label).output[0]
-            pairs.append((output, stream_tensor(index, output)))
+            node = index.node(label)  # a recurrent op's output is not linear in its input units
+            pairs.append((node.output[0], None if node.op_type in RECURRENT_GATES else stream_tensor(index, node.output[0])))
         found[space.id] = pairs
     return found
 

@@ -1,5 +1,6 @@
-"""Recurrent ops (issue 14): an LSTM/GRU/RNN pins only the space that feeds it; the conv front
-end of a CRNN stays prunable."""
+"""Recurrent ops: an LSTM/GRU/RNN reads its input sequence through W like a linear layer per step,
+so the conv channels of a CRNN that feed it are prunable, with the recovery folded into W and
+the Wb half of B; its hidden units are not pruned."""
 
 from __future__ import annotations
 
@@ -10,45 +11,94 @@ from onnx import helper
 
 import onnxprune
 from builders import GraphBuilder, relative_l2, run
+from onnxprune.analyse import analyse
+from onnxprune.cost import build_cost_model, node_macs
+from onnxprune.graph import GraphIndex, static_shapes
 
 RNG = np.random.default_rng(21)
 HIDDEN = 5
+STEPS, HEIGHT = 16, 8
 
 
 def normal(*shape, scale=0.5):
     return (RNG.normal(size=shape) * scale).astype(np.float32)
 
 
-def crnn(op: str) -> onnx.ModelProto:
+def crnn(op: str, directions: int = 1, bias: bool = True, initial_state: bool = False) -> onnx.ModelProto:
     """conv_a -> conv_b -> [W, N, C*H] sequence -> LSTM/GRU/RNN -> Gemm per step. conv_a's unit 5
-    is a planted copy of unit 2 (same weights and bias), so it can be removed exactly."""
-    g = GraphBuilder([1, 1, 8, 16])
+    is a planted copy of unit 2 and conv_b's unit 3 a copy of unit 1 (same weights and bias),
+    so each can be removed exactly; conv_b's units reach the recurrent op as blocks of H features."""
+    g = GraphBuilder([1, 1, HEIGHT, STEPS])
     wa, ba = normal(6, 1, 3, 3), normal(6)
     wa[5], ba[5] = wa[2], ba[2]
     a = g.op("Relu", [g.conv("x", wa, ba, name="conv_a", pads=[1, 1, 1, 1])])
-    b = g.op("Relu", [g.conv(a, normal(4, 6, 3, 3), normal(4), name="conv_b", pads=[1, 1, 1, 1])])
-    seq = g.op("Reshape", [g.op("Transpose", [b], perm=[3, 0, 1, 2]), g.const(np.array([16, -1, 32]), dtype=np.int64)])
+    wb, bb = normal(4, 6, 3, 3), normal(4)
+    wb[3], bb[3] = wb[1], bb[1]
+    b = g.op("Relu", [g.conv(a, wb, bb, name="conv_b", pads=[1, 1, 1, 1])])
+    seq = g.op("Reshape", [g.op("Transpose", [b], perm=[3, 0, 1, 2]), g.const(np.array([STEPS, -1, 4 * HEIGHT]), dtype=np.int64)])
     gates = {"LSTM": 4, "GRU": 3, "RNN": 1}[op]
-    weights = [g.const(normal(1, gates * HIDDEN, 32)), g.const(normal(1, gates * HIDDEN, HIDDEN)), g.const(normal(1, 2 * gates * HIDDEN))]
-    g.nodes.append(helper.make_node(op, [seq, *weights], ["rnn_y"], name="rnn", hidden_size=HIDDEN))
-    y = g.op("Reshape", [g.op("Squeeze", ["rnn_y", g.const(np.array([1]), dtype=np.int64)]), g.const(np.array([-1, HIDDEN]), dtype=np.int64)])
-    return g.build(g.gemm(y, normal(HIDDEN, 3), normal(3), name="fc"), [None, 3])
+    inputs = [seq, g.const(normal(directions, gates * HIDDEN, 4 * HEIGHT)), g.const(normal(directions, gates * HIDDEN, HIDDEN))]
+    inputs.append(g.const(normal(directions, 2 * gates * HIDDEN)) if bias else "")
+    if initial_state:  # sequence_lens left empty, initial_h given: B must land in slot 3, not be appended
+        batch = g.op("Gather", [g.op("Shape", ["x"]), g.const(np.array([0]), dtype=np.int64)], axis=0)
+        size = g.op("Concat", [g.const(np.array([directions]), dtype=np.int64), batch, g.const(np.array([HIDDEN]), dtype=np.int64)], axis=0)
+        inputs += ["", g.op("Expand", [g.const(normal(directions, 1, HIDDEN)), size])]
+    direction = "bidirectional" if directions == 2 else "forward"
+    g.nodes.append(helper.make_node(op, inputs, ["rnn_y"], name="rnn", hidden_size=HIDDEN, direction=direction))
+    y = g.op("Reshape", [g.op("Transpose", ["rnn_y"], perm=[0, 2, 1, 3]), g.const(np.array([-1, directions * HIDDEN]), dtype=np.int64)])
+    return g.build(g.gemm(y, normal(directions * HIDDEN, 3), normal(3), name="fc"), [None, 3])
 
 
 @pytest.mark.parametrize("op", ["LSTM", "GRU", "RNN"])
-def test_a_recurrent_op_pins_only_the_space_feeding_it(op):
-    model = crnn(op)
-    report = onnxprune.inspect_model(model, input_shapes={"x": (2, 1, 8, 16)})
-    pinned = {s.name: s.pinned for s in report.spaces if s.pinned}
-    assert pinned["conv_b"] == [f"recurrent {op} 'rnn' reads these units: its input weights are not pruned"]
-    assert not next(s for s in report.spaces if s.name == "conv_a").pinned
+def test_the_channels_feeding_a_recurrent_op_are_prunable(op):
+    report = onnxprune.inspect_model(crnn(op), input_shapes={"x": (2, 1, HEIGHT, STEPS)})
+    spaces = {s.name: s for s in report.spaces}
+    assert not spaces["conv_b"].pinned and not spaces["conv_a"].pinned
 
 
-def test_the_conv_front_end_of_a_crnn_prunes_exactly():
-    model = crnn("LSTM")
-    x = RNG.normal(size=(64, 1, 8, 16)).astype(np.float32)
+@pytest.mark.parametrize("op,directions,bias,initial_state", [
+    ("LSTM", 1, True, False), ("LSTM", 2, True, False), ("LSTM", 2, False, True),
+    ("GRU", 2, True, False), ("GRU", 1, False, False), ("RNN", 2, True, True),
+])
+def test_a_planted_copy_feeding_a_recurrent_op_is_removed_exactly(op, directions, bias, initial_state):
+    model = crnn(op, directions, bias, initial_state)
+    x = RNG.normal(size=(64, 1, HEIGHT, STEPS)).astype(np.float32)
     pruned, report = onnxprune.prune(model, {"x": x}, tolerance=1e-6)
-    row = next(r for r in report.spaces if r.name == "conv_a")
-    assert (row.kept, row.units) == (5, 6)
-    fresh = RNG.normal(size=(4, 1, 8, 16)).astype(np.float32)
+    rows = {r.name: r for r in report.spaces}
+    assert (rows["conv_a"].kept, rows["conv_b"].kept) == (5, 3)
+    node = next(n for n in pruned.graph.node if n.op_type == op)
+    w = next(t for t in pruned.graph.initializer if t.name == node.input[1])
+    assert list(w.dims) == [directions, {"LSTM": 4, "GRU": 3, "RNN": 1}[op] * HIDDEN, 3 * HEIGHT]
+    assert node.input[3], "the recovery's constant needs the Wb half of B"
+    if initial_state:
+        original = next(n for n in model.graph.node if n.op_type == op)
+        assert node.input[4] == "" and node.input[5] == original.input[5]
+    fresh = RNG.normal(size=(4, 1, HEIGHT, STEPS)).astype(np.float32)
     assert relative_l2(run(model, fresh), run(pruned, fresh)) < 1e-4
+
+
+@pytest.mark.parametrize("sequential", [False, True])
+def test_the_recovery_folds_into_w_and_wb(sequential):
+    """At half the units, least squares folded into W and Wb (one-shot, or refitted on the model
+    pruned upstream) keeps the outputs closer than deleting the same number by weight norm."""
+    model = crnn("LSTM", 2)
+    x = RNG.normal(size=(128, 1, HEIGHT, STEPS)).astype(np.float32)
+    pruned, report = onnxprune.prune(model, {"x": x}, ratio=0.5, sequential=sequential)
+    assert {r.name: r.kept for r in report.spaces}["conv_b"] < 4
+    fresh = RNG.normal(size=(8, 1, HEIGHT, STEPS)).astype(np.float32)
+    error = relative_l2(run(model, fresh), run(pruned, fresh))
+    baseline, _ = onnxprune.prune(model, {"x": x}, ratio=0.5, method="l2")
+    assert error < relative_l2(run(model, fresh), run(baseline, fresh))
+
+
+def test_recurrent_macs_scale_with_the_input_units_only():
+    """X W^T scales with the kept input units, H R^T does not (steps x batch x directions x gates x hidden each)."""
+    model = crnn("LSTM", 2)
+    index = GraphIndex(model, static_shapes(model, {"x": (2, 1, HEIGHT, STEPS)}))
+    analysis = analyse(model, index=index)
+    cost = build_cost_model(index, analysis)
+    rows, gate_rows = STEPS * 2 * 2, 4 * HIDDEN
+    site = next(c.site for s in analysis.prunable for c in s.consumers if c.node == "rnn")
+    assert cost.node_macs["rnn"].base == rows * gate_rows * 4 * HEIGHT and cost.node_macs["rnn"].tensors == (site,)
+    assert any(t.base == rows * gate_rows * HIDDEN and not t.tensors for t in cost.macs_terms)  # the fixed recurrent part
+    assert node_macs(index, index.node("rnn")) == rows * gate_rows * (4 * HEIGHT + HIDDEN)
