@@ -27,7 +27,7 @@ from .rewrite import cache_io_changes, rewrite
 from .score import DEFAULT_ORDER, METHODS, ORDERS, RECOVERY, STATS_METHODS, score_space
 from .selection import AllocationChoice
 from .sensitivity import Sensitivity
-from .sequential import SequentialResult, sequential_recoveries
+from .sequential import SEQUENTIAL_SAMPLES, SequentialResult, sequential_recoveries
 from .shards import Statistics
 from .sources import ImageOptions
 from .stats import SiteStats
@@ -105,6 +105,7 @@ def prune(
     allocation: str = DEFAULT_ALLOCATION,
     sensitivity_samples: int | None = None,
     head_gain: float = DEFAULT_HEAD_GAIN,
+    sequential_samples: int = SEQUENTIAL_SAMPLES,
 ) -> PruneResult:
     """Prune `model` with calibration data `calib`; returns the pruned ModelProto and a report.
 
@@ -123,6 +124,9 @@ def prune(
     the original's activations, with the shrinkage toward the one-shot fit chosen per site on
     the held-out samples (DESIGN §2; `shrinkage` a number fixes it: 0 is the plain cross-moment
     least squares, inf the one-shot fold itself); the keep sets are the one-shot plan's.
+    `sequential_samples`: calibration samples the sequential pass refits on, spread over the set
+    (default 512: the refit, a correction shrunk toward the one-shot fit, saturates well before
+    the statistics do, docs/speed.md; 0 = all of them).
     `allocation`: "auto" (default: each of "global", "stream", "tempered" and "uniform" plans the
     target, the one whose one-shot model's outputs are closest to the original's on the held-out
     samples is kept; a tolerance or latency target uses "global"), "global" (one threshold on the
@@ -140,7 +144,7 @@ def prune(
     Models of 64 MiB and more keep their weights on disk (their external-data files, or one
     temporary file) and fix glibc's mmap threshold for the process (`load.map_large_allocations`).
     """
-    check_options(method, allocation, order, batch_size, latency_batch, sensitivity_samples, head_gain)
+    check_options(method, allocation, order, batch_size, latency_batch, sensitivity_samples, head_gain, sequential_samples)
     target = resolve_target(ratio, flops, params, tolerance, latency)
     fixed_shrinkage = resolve_shrinkage(shrinkage)
     progress = progress or _no_progress
@@ -193,7 +197,7 @@ def prune(
         scored = allocated.errors[allocated.chosen] if isinstance(allocated, AllocationChoice) else None
         # scored before the pass, so that the one-shot model and the refitted one are never in memory together
         one_shot_error = scored if scored is not None else heldout_error(prepared, plan, one_shot)
-        sequential_result = fit_sequentially(prepared, plan, stats, RECOVERY[method], one_shot, progress, fixed_shrinkage)
+        sequential_result = fit_sequentially(prepared, plan, stats, RECOVERY[method], one_shot, progress, fixed_shrinkage, sequential_samples)
         refitted = rewrite(original, analysis, plan, sequential_result.recoveries, index.constants)
         if better_than_one_shot(prepared, plan, refitted, sequential_result, one_shot_error):
             return refitted
@@ -255,7 +259,8 @@ def prune(
 
 
 def check_options(method: str, allocation: str, order: str, batch_size: int, latency_batch: int,
-                  sensitivity_samples: int | None = None, head_gain: float = DEFAULT_HEAD_GAIN) -> None:
+                  sensitivity_samples: int | None = None, head_gain: float = DEFAULT_HEAD_GAIN,
+                  sequential_samples: int = SEQUENTIAL_SAMPLES) -> None:
     """One-line errors for option values no stage can use, before anything is loaded."""
     for name, value, choices in (("method", method, METHODS), ("allocation", allocation, ALLOCATIONS), ("order", order, ORDERS)):
         if value not in choices:
@@ -268,6 +273,8 @@ def check_options(method: str, allocation: str, order: str, batch_size: int, lat
         raise TargetError(f"--sensitivity-samples must be >= 1, got {sensitivity_samples}")
     if not (np.isfinite(head_gain) and head_gain > 0):
         raise TargetError(f"--head-gain must be a positive number, got {head_gain}")
+    if sequential_samples < 0:
+        raise TargetError(f"--sequential-samples must be >= 0 (0: every calibration sample), got {sequential_samples}")
 
 
 def _add_fit_notes(report: PruneReport, sequential: bool, recovers: bool, sequential_result: SequentialResult | None,
@@ -339,13 +346,14 @@ def better_than_one_shot(prepared: Prepared, plan: Plan, refitted: onnx.ModelPro
 
 
 def fit_sequentially(prepared: Prepared, plan: Plan, stats: dict[str, SiteStats], kind: str, one_shot: dict[tuple[int, str], Recovery],
-                     progress: ProgressFactory | None = None, shrinkage: float | None = None) -> SequentialResult:
-    """The sequential refit of every site of `plan` over the calibration batches, the shrinkage
-    chosen on the verification batches."""
+                     progress: ProgressFactory | None = None, shrinkage: float | None = None,
+                     samples: int = SEQUENTIAL_SAMPLES) -> SequentialResult:
+    """The sequential refit of every site of `plan` over `samples` calibration samples spread
+    over the set (0: all), the shrinkage chosen on the verification batches."""
     size = prepared.batch_size
 
     def batches() -> Iterator[tuple[dict[str, np.ndarray], bool]]:
-        yield from ((batch, False) for batch in prepared.calib_data.batches(size))
+        yield from ((batch, False) for batch in prepared.calib_data.spread_batches(samples, size))
         if prepared.verify_data.n_samples:
             yield from ((batch, True) for batch in prepared.verify_data.batches(size))
 

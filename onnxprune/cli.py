@@ -21,6 +21,7 @@ from .interrupts import interrupted_signal, signals_raise
 from .load import default_output_path, removed_on_failure, save_model_atomic
 from .plan import ALLOCATIONS, DEFAULT_ALLOCATION
 from .score import DEFAULT_ORDER, METHODS, ORDERS
+from .sequential import SEQUENTIAL_SAMPLES
 from .shards import Statistics, partial_statistics
 from .sources import ImageOptions
 
@@ -156,6 +157,10 @@ def build_parser() -> argparse.ArgumentParser:
     modes.add_argument("--one-shot", dest="sequential", action="store_false",
                        help="fit every layer on the unpruned model's activations (the default: one calibration pass, and the "
                        "safer choice with few or narrow calibration samples)")
+    recovery.add_argument("--sequential-samples", type=int, default=SEQUENTIAL_SAMPLES, metavar="N",
+                          help=f"with --sequential: calibration samples the refit runs on, spread over the set (default "
+                          f"{SEQUENTIAL_SAMPLES}: on the Fashion-MNIST CNNs 512 of 1843 gave the accuracy of all of them at "
+                          "about half the pass's time, docs/speed.md; 0 = every calibration sample)")
     recovery.add_argument("--shrinkage", type=_shrinkage, default="auto", metavar="auto|L",
                           help="with --sequential: shrinkage of each layer's fit toward the one-shot fit (default auto: chosen per "
                           "layer on the held-out verification samples; 0 = plain least squares)")
@@ -197,7 +202,7 @@ def run(args: argparse.Namespace) -> int:
         method=args.method, order=args.order, round_to=args.round_to, min_keep=args.min_keep,
         exclude=args.exclude, batch_size=args.batch_size, verify_samples=args.verify_samples, seed=args.seed,
         calib_samples=args.calib_samples, workers=args.workers, scheduler=args.scheduler, spatial_stride=args.spatial_stride,
-        sequential=args.sequential, shrinkage=args.shrinkage, allocation=args.allocation, sensitivity_samples=args.sensitivity_samples,
+        sequential=args.sequential, sequential_samples=args.sequential_samples, shrinkage=args.shrinkage, allocation=args.allocation, sensitivity_samples=args.sensitivity_samples,
         head_gain=args.head_gain,
         statistics=Statistics.merge_all([Statistics.load(p) for p in args.stats]) if args.stats else None,
         image_options=ImageOptions(size=args.input_size, mean=args.mean, std=args.std, layout=args.layout, scale=args.scale),

@@ -60,6 +60,16 @@ class CalibrationData:
         for start in range(0, self.n_samples, batch_size):
             yield self.read(start, start + batch_size)
 
+    def spread_batches(self, samples: int, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
+        """Whole batches of about `samples` samples in all, spread evenly over the range (every
+        batch when `samples` covers it): a subset that is not the first classes of a sorted set."""
+        count = -(-samples // batch_size)
+        if samples <= 0 or count * batch_size >= self.n_samples:
+            yield from self.batches(batch_size)
+            return
+        for start in np.linspace(0, self.n_samples - batch_size, count).round().astype(np.int64):
+            yield self.read(int(start), int(start) + batch_size)
+
     def sample_shapes(self) -> dict[str, tuple[int, ...]]:
         """Shape of one sample of each input, with a batch of 1."""
         return {k: (1, *column.shape[1:]) for k, column in self.columns.items()}

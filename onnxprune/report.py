@@ -72,7 +72,9 @@ class PruneReport:
             return None
         ratio = self.sequential.get("median_heldout_error_vs_one_shot")
         error = "" if ratio is None else f"; median held-out site error {ratio:.3g}x the one-shot fit's"
-        line = f"sequential recovery: {len(self.sequential['sites'])} sites refitted on the pruned model in {self.sequential['segments']} segments{error}"
+        samples = f" on {self.sequential['samples']} calibration samples" if self.sequential.get("samples") else ""
+        line = (f"sequential recovery: {len(self.sequential['sites'])} sites refitted on the pruned model in {self.sequential['segments']} "
+                f"segments{samples}{error}")
         errors = self.sequential.get("heldout_model_error")
         if errors and not self.sequential.get("kept", True):
             return line + f"; NOT kept: the model's held-out output error was {errors[1]:.3g} vs {errors[0]:.3g} one-shot"

@@ -29,6 +29,7 @@ from .stats import CrossMoments, CrossStats, SiteStats
 from .verify import drop_units
 
 SPILL_BYTES = 64 << 20  # cached activations beyond this (per model) go to temporary files
+SEQUENTIAL_SAMPLES = 512  # calibration samples the pass refits on by default (docs/speed.md, section 6)
 
 
 @dataclass
@@ -49,6 +50,7 @@ class SequentialResult:
     fits: dict[tuple[str, str], SequentialFit] = field(default_factory=dict)
     segments: int = 0
     heldout_errors: tuple[float, float] | None = None  # the model's output error, one-shot and refitted
+    samples: int = 0  # calibration samples the pass refitted on
 
     @property
     def kept(self) -> bool:
@@ -64,7 +66,7 @@ class SequentialResult:
                          "heldout_error_vs_one_shot": None if ratio is None else round(ratio, 4)})
         ratios = [r["heldout_error_vs_one_shot"] for r in rows if r["heldout_error_vs_one_shot"] is not None]
         errors = None if self.heldout_errors is None else [float(f"{e:.4g}") for e in self.heldout_errors]
-        return {"segments": self.segments, "sites": rows, "kept": self.kept, "heldout_model_error": errors,
+        return {"segments": self.segments, "samples": self.samples, "sites": rows, "kept": self.kept, "heldout_model_error": errors,
                 "median_heldout_error_vs_one_shot": float(np.median(ratios)) if ratios else None}
 
 
@@ -289,6 +291,8 @@ class SequentialFitter:
         kept_p = [t for t in pruned_outputs if t in (segment.at_sites if refit_boundary else new_boundary)]
         try:
             for i, (batch, heldout) in enumerate(batches()):
+                if segment is self.segments[0] and not heldout:
+                    self.result.samples += len(next(iter(batch.values())))
                 out_o = dict(zip(outputs_o, session_o.run(None, self._feeds(inputs_o, batch, [cache_o], i, False)), strict=True))
                 out_p = dict(zip(pruned_outputs, session_p.run(None, self._feeds(inputs_p, batch, [cache_p], i, True)), strict=True))
                 for tensor in segment.sites:

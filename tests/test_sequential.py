@@ -13,6 +13,7 @@ from builders import cli, planted_cnn, planted_mlp, random_cnn, random_mlp, rela
 from onnxprune.analyse import Consumer
 from onnxprune.api import calibration_statistics, fit_recoveries, fit_sequentially, prepare
 from onnxprune.cost import build_cost_model
+from onnxprune.data import CalibrationData
 from onnxprune.plan import Target, make_plan
 from onnxprune.recovery import Recovery, fit_sequential
 from onnxprune.rewrite import fold_consumer_weight, rewrite
@@ -32,7 +33,7 @@ def _pipeline(model, calib, ratio: float, shrinkage: float | None = None):
     scores = {s.id: score_space(s, stats, prepared.index) for s in analysis.prunable}
     plan = make_plan(analysis, scores, build_cost_model(prepared.index, analysis), Target("ratio", ratio))
     one_shot = fit_recoveries(analysis, plan, stats)
-    result = fit_sequentially(prepared, plan, stats, "lsq", one_shot, shrinkage=shrinkage)
+    result = fit_sequentially(prepared, plan, stats, "lsq", one_shot, shrinkage=shrinkage, samples=0)  # every sample: the references use them all
     return prepared, plan, one_shot, result
 
 
@@ -401,3 +402,29 @@ def test_spilled_batches_share_one_file_per_tensor(monkeypatch, tmp_path) -> Non
     assert len(list(cache.folder.iterdir())) == 1 and cache.names() == {"b"}
     cache.close()
     assert not list(tmp_path.glob("onnxprune-boundary-*"))
+
+
+def test_the_pass_refits_on_a_spread_subset_of_the_calibration_samples() -> None:
+    """`sequential_samples` caps the refit's calibration samples (whole batches spread over the
+    set, reported); a cap that covers the set gives the model of no cap, bit for bit."""
+    model = random_mlp(widths=(12, 16, 14, 10, 5), seed=3)
+    x = np.random.default_rng(0).standard_normal((1200, 12)).astype(np.float32)
+    capped, report = onnxprune.prune(model, {"x": x}, ratio=0.3, sequential=True, sequential_samples=256, batch_size=64, verify_samples=100)
+    assert report.sequential["samples"] == 256
+    assert "on 256 calibration samples" in report.sequential_note()
+    every, report_all = onnxprune.prune(model, {"x": x}, ratio=0.3, sequential=True, sequential_samples=0, batch_size=64, verify_samples=100)
+    covering, _ = onnxprune.prune(model, {"x": x}, ratio=0.3, sequential=True, sequential_samples=5000, batch_size=64, verify_samples=100)
+    assert report_all.sequential["samples"] == 1100
+    fresh = np.random.default_rng(1).standard_normal((64, 12)).astype(np.float32)
+    np.testing.assert_array_equal(run(every, fresh), run(covering, fresh))
+    assert relative_l2(run(every, fresh), run(capped, fresh)) < 0.5  # another, nearby fit
+    with pytest.raises(onnxprune.TargetError, match="sequential-samples"):
+        onnxprune.prune(model, {"x": x}, ratio=0.3, sequential=True, sequential_samples=-1)
+
+
+def test_spread_batches_cover_the_set_evenly() -> None:
+    data = CalibrationData({"x": np.arange(1000, dtype=np.float32)[:, None]})
+    starts = [int(b["x"][0, 0]) for b in data.spread_batches(200, 50)]
+    assert starts == [0, 317, 633, 950] and all(len(b["x"]) == 50 for b in data.spread_batches(200, 50))
+    assert [len(b["x"]) for b in data.spread_batches(0, 300)] == [300, 300, 300, 100]  # 0: every batch
+    assert sum(len(b["x"]) for b in data.spread_batches(990, 50)) == 1000  # 20 batches of 50 cover it
