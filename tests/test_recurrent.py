@@ -102,3 +102,20 @@ def test_recurrent_macs_scale_with_the_input_units_only():
     assert cost.node_macs["rnn"].base == rows * gate_rows * 4 * HEIGHT and cost.node_macs["rnn"].tensors == (site,)
     assert any(t.base == rows * gate_rows * HIDDEN and not t.tensors for t in cost.macs_terms)  # the fixed recurrent part
     assert node_macs(index, index.node("rnn")) == rows * gate_rows * (4 * HEIGHT + HIDDEN)
+
+
+def test_a_real_crnn_export_prunes_through_both_lstms():
+    """The committed CRNN (TorchScript export: BiLSTMs with computed zero initial states, a
+    Linear between them): the conv feeding LSTM 1 and the Linear feeding LSTM 2 lose units, and
+    the pruned model still reads the test lines like the original."""
+    with np.load("models/data/crnn_calib.npz") as f:
+        calib = {"input": f["input"][:160]}
+    with np.load("models/data/crnn_test.npz") as f:
+        lines = f["input"][:64]
+    pruned, report = onnxprune.prune("models/crnn_digits.ts.onnx", calib, flops=0.3)
+    rows = {r.name: r for r in report.spaces}
+    assert rows["/features/features.15/Conv"].kept < 64 and rows["/proj/MatMul"].kept < 96
+    original = onnx.load("models/crnn_digits.ts.onnx")
+    got, expected = run(pruned, lines), run(original, lines)
+    assert np.mean(got.argmax(-1) == expected.argmax(-1)) > 0.95  # per-step class agreement
+    assert relative_l2(expected, got) < 0.3
