@@ -53,6 +53,7 @@ class PruneReport:
     sequential: dict = field(default_factory=dict)  # with --sequential: segments, shrinkage and held-out error per site
     sensitivity: dict = field(default_factory=dict)  # with --allocation sensitivity: each space's probe and gain
     allocation: dict = field(default_factory=dict)  # with --allocation auto: the candidates' held-out errors and the choice
+    fit: dict = field(default_factory=dict)  # one-shot or sequential recovery, and whether (and why) auto chose it
 
     @property
     def pinned(self) -> list[SpaceRow]:
@@ -66,6 +67,13 @@ class PruneReport:
         return (f"measured onnxruntime CPU latency: {self.latency['ratio']:.1%} of the original (batch {self.latency['batch']}, "
                 f"{threads} threads, {len(self.latency['steps'])} candidates timed on this machine)")
 
+    def fit_note(self) -> str | None:
+        """One line on the recovery fit when the automatic choice made it."""
+        if not self.fit.get("auto"):
+            return None
+        other = "--one-shot for a single calibration pass" if self.fit["mode"] == "sequential" else "--sequential to refit anyway"
+        return f"recovery fit: {self.fit['mode']} (auto: {self.fit['reason']}; {other})"
+
     def sequential_note(self) -> str | None:
         """One line on the sequential fit, when it ran."""
         if not self.sequential:
@@ -76,6 +84,8 @@ class PruneReport:
         line = (f"sequential recovery: {len(self.sequential['sites'])} sites refitted on the pruned model in {self.sequential['segments']} "
                 f"segments{samples}{error}")
         errors = self.sequential.get("heldout_model_error")
+        if self.sequential.get("rejected"):
+            return line + f"; NOT kept, the one-shot model was written: {self.sequential['rejected']}"
         if errors and not self.sequential.get("kept", True):
             return line + f"; NOT kept: the model's held-out output error was {errors[1]:.3g} vs {errors[0]:.3g} one-shot"
         return line + (f"; held-out output error {errors[1]:.3g} vs {errors[0]:.3g} one-shot" if errors else "")
@@ -149,6 +159,7 @@ class PruneReport:
         lines += ["", *(f"> warning: {w}" for w in self.warnings)] if self.warnings else []
         lines += ["", f"> note: {self.sampling_note()}"] if self.spatial_strides else []
         lines += ["", f"> {self.latency_note()}"] if self.latency else []
+        lines += ["", f"> {self.fit_note()}"] if self.fit_note() else []
         lines += ["", f"> {self.sequential_note()}"] if self.sequential else []
         lines += ["", f"> {self.sensitivity_note()}"] if self.sensitivity else []
         lines += ["", f"> {self.allocation_note()}"] if self.allocation else []
@@ -198,6 +209,8 @@ class PruneReport:
             console.print(f"note: {self.sampling_note()}")
         if self.latency:
             console.print(self.latency_note())
+        if self.fit_note():
+            console.print(self.fit_note())
         if self.sequential:
             console.print(self.sequential_note())
         if self.sensitivity:

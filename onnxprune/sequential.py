@@ -51,10 +51,13 @@ class SequentialResult:
     segments: int = 0
     heldout_errors: tuple[float, float] | None = None  # the model's output error, one-shot and refitted
     samples: int = 0  # calibration samples the pass refitted on
+    rejected: str | None = None  # why the refit was not kept although its held-out error was lower
 
     @property
     def kept(self) -> bool:
-        """Whether the refit was kept (no worse than one-shot on the held-out samples)."""
+        """Whether the refit was kept (no worse than one-shot on the held-out samples, and stable)."""
+        if self.rejected is not None:
+            return False
         return self.heldout_errors is None or self.heldout_errors[1] <= self.heldout_errors[0]
 
     def summary(self) -> dict:
@@ -66,7 +69,8 @@ class SequentialResult:
                          "heldout_error_vs_one_shot": None if ratio is None else round(ratio, 4)})
         ratios = [r["heldout_error_vs_one_shot"] for r in rows if r["heldout_error_vs_one_shot"] is not None]
         errors = None if self.heldout_errors is None else [float(f"{e:.4g}") for e in self.heldout_errors]
-        return {"segments": self.segments, "samples": self.samples, "sites": rows, "kept": self.kept, "heldout_model_error": errors,
+        return {"segments": self.segments, "samples": self.samples, "sites": rows, "kept": self.kept, "rejected": self.rejected,
+                "heldout_model_error": errors,
                 "median_heldout_error_vs_one_shot": float(np.median(ratios)) if ratios else None}
 
 

@@ -138,6 +138,25 @@ def _check_optimisations(original: onnx.ModelProto, pruned: onnx.ModelProto, pro
             )
 
 
+def optimisation_problem(original: onnx.ModelProto, pruned: onnx.ModelProto, batch: dict[str, np.ndarray],
+                         io_changes: dict[str, tuple[int, np.ndarray]] | None = None) -> str | None:
+    """Why `pruned` would fail verification's optimisations-on/off check on the first samples
+    of `batch` (None: it passes), without raising: to reject a candidate model before it is chosen."""
+    take = None if fixed_batch_size(pruned) else CHECK_SAMPLES
+    inputs = {k: v[:take] for k, v in batch.items()}
+    pruned_inputs = {k: drop_units(v, (io_changes or {}).get(k)) for k, v in inputs.items()}
+    outputs = []
+    for model, feeds in ((original, inputs), (pruned, pruned_inputs)):
+        session = make_session(model)
+        names = [o.name for o in session.get_outputs()]
+        outputs.append(dict(zip(names, session.run(names, feeds), strict=True)))
+    try:
+        _check_optimisations(original, pruned, _Probe(inputs, outputs[0], pruned_inputs, outputs[1]))
+    except ModelError as exc:
+        return str(exc).replace("; not writing it", "")
+    return None
+
+
 def verify(
     original: onnx.ModelProto,
     pruned: onnx.ModelProto,

@@ -9,6 +9,7 @@ import onnx
 import pytest
 
 import onnxprune
+import onnxprune.fidelity
 from builders import cli, planted_cnn, planted_mlp, random_cnn, random_mlp, relative_l2, run, run_tensors
 from onnxprune.analyse import Consumer
 from onnxprune.api import calibration_statistics, fit_recoveries, fit_sequentially, prepare
@@ -175,7 +176,7 @@ def test_shrinkage_choice_minimises_heldout_error() -> None:
 
 def test_sequential_corrects_a_trained_cnn() -> None:
     """Fashion-MNIST VGG at half its MACs: the error on the held-out samples drops well below one-shot's."""
-    one_shot = onnxprune.prune("models/vgg_bn.ts.onnx", FMNIST, flops=0.5).report
+    one_shot = onnxprune.prune("models/vgg_bn.ts.onnx", FMNIST, flops=0.5, sequential=False).report
     sequential = onnxprune.prune("models/vgg_bn.ts.onnx", FMNIST, flops=0.5, sequential=True).report
     assert sequential.macs_after == one_shot.macs_after
     assert sequential.fidelity[0].relative_l2 < 0.7 * one_shot.fidelity[0].relative_l2
@@ -328,7 +329,7 @@ def test_a_refit_worse_than_one_shot_on_the_heldout_samples_is_not_kept(monkeypa
     _, honest = onnxprune.prune(model, calib, ratio=0.4, sequential=True, allocation="global")
     errors = honest.sequential["heldout_model_error"]
     assert len(errors) == 2 and honest.sequential["kept"] == (errors[1] <= errors[0])
-    one_shot, _ = onnxprune.prune(model, calib, ratio=0.4, allocation="global")
+    one_shot, _ = onnxprune.prune(model, calib, ratio=0.4, allocation="global", sequential=False)
     calls = iter([0.0, 1.0])  # one-shot scored first, then the refit: the refit looks worse
     monkeypatch.setattr(onnxprune.fidelity.ReferenceOutputs, "error", lambda self, m, changes: next(calls))
     pruned, report = onnxprune.prune(model, calib, ratio=0.4, sequential=True, allocation="global")
@@ -428,3 +429,66 @@ def test_spread_batches_cover_the_set_evenly() -> None:
     assert starts == [0, 317, 633, 950] and all(len(b["x"]) == 50 for b in data.spread_batches(200, 50))
     assert [len(b["x"]) for b in data.spread_batches(0, 300)] == [300, 300, 300, 100]  # 0: every batch
     assert sum(len(b["x"]) for b in data.spread_batches(990, 50)) == 1000  # 20 batches of 50 cover it
+
+
+def test_auto_fits_sequentially_without_attention_heads_and_one_shot_with_them() -> None:
+    """The default fit: a conv net is refitted sequentially, a transformer (heads) one-shot; the
+    report says which and why; True / False force either."""
+    cnn = random_cnn(seed=3)
+    calib = {"x": np.random.default_rng(0).standard_normal((128, 3, 8, 8)).astype(np.float32)}
+    _, report = onnxprune.prune(cnn, calib, ratio=0.4)
+    assert report.fit == {"mode": "sequential", "auto": True, "reason": "no attention heads"} and report.sequential
+    assert report.fit_note().startswith("recovery fit: sequential (auto: no attention heads")
+    _, forced = onnxprune.prune(cnn, calib, ratio=0.4, sequential=False)
+    assert forced.fit == {"mode": "one-shot", "auto": False} and not forced.sequential and forced.fit_note() is None
+    from test_transformers import CALIB, feeds_for, load  # a tiny BERT: attention heads
+
+    model = load("bert_tiny.ts")
+    _, report = onnxprune.prune(model, feeds_for(model, CALIB, slice(None)), ratio=0.3)
+    assert report.fit["mode"] == "one-shot" and "attention-head spaces" in report.fit["reason"] and not report.sequential
+    with pytest.raises(onnxprune.TargetError, match="sequential must be"):
+        onnxprune.prune(cnn, calib, ratio=0.4, sequential="yes")
+
+
+def test_a_failing_sequential_pass_writes_the_one_shot_model(monkeypatch) -> None:
+    """Anything that stops the refit (an onnxruntime kernel refusing a segment, memory) leaves
+    the one-shot fold, which is correct on its own: it is written with a warning."""
+    import onnxprune.api
+
+    model = random_cnn(seed=3)
+    calib = {"x": np.random.default_rng(0).standard_normal((128, 3, 8, 8)).astype(np.float32)}
+    one_shot, _ = onnxprune.prune(model, calib, ratio=0.4, sequential=False, allocation="global")
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("[ONNXRuntimeError] : 1 : FAIL : ReorderInput (channels % 4) == 0 was false")
+
+    monkeypatch.setattr(onnxprune.api, "sequential_recoveries", broken)
+    pruned, report = onnxprune.prune(model, calib, ratio=0.4, sequential=True, allocation="global")
+    assert any(w.startswith("the sequential refit failed (RuntimeError: [ONNXRuntimeError]") for w in report.warnings)
+    x = calib["x"][:16]
+    np.testing.assert_array_equal(run(pruned, x), run(one_shot, x))
+
+
+def test_a_refit_that_onnxruntime_optimisations_would_change_is_not_kept(monkeypatch) -> None:
+    """A refit with a lower held-out error but outputs that onnxruntime's graph optimisations
+    change (huge coefficients from few samples) would fail verification: one-shot is written."""
+    import onnxprune.api
+
+    model = random_cnn(seed=3)
+    calib = {"x": np.random.default_rng(0).standard_normal((128, 3, 8, 8)).astype(np.float32)}
+    one_shot, _ = onnxprune.prune(model, calib, ratio=0.4, sequential=False, allocation="global")
+    monkeypatch.setattr(onnxprune.api, "optimisation_problem", lambda *args: "output 'y' differs with onnxruntime optimisations on and off")
+    calls = iter([1.0, 0.0])  # one-shot scored first, then the refit: the refit looks better
+    monkeypatch.setattr(onnxprune.fidelity.ReferenceOutputs, "error", lambda self, m, changes: next(calls))
+    pruned, report = onnxprune.prune(model, calib, ratio=0.4, sequential=True, allocation="global")
+    assert report.sequential["kept"] is False and "NOT kept, the one-shot model was written: output 'y'" in report.sequential_note()
+    x = calib["x"][:16]
+    np.testing.assert_array_equal(run(pruned, x), run(one_shot, x))
+
+
+def test_optimisation_problem_passes_a_faithful_model_and_names_a_sensitive_one() -> None:
+    from onnxprune.verify import optimisation_problem
+
+    model = random_cnn(seed=3)
+    batch = {"x": np.random.default_rng(0).standard_normal((8, 3, 8, 8)).astype(np.float32)}
+    assert optimisation_problem(model, model, batch) is None
