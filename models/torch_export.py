@@ -26,8 +26,10 @@ def value_shape(vi: onnx.ValueInfoProto) -> list:
     return [d.dim_param if d.dim_param else d.dim_value for d in vi.type.tensor_type.shape.dim]
 
 
-def export_torchscript(model: nn.Module, example: torch.Tensor, path: Path, output_name: str, opset: int = TS_OPSET) -> None:
-    """TorchScript exporter; BatchNormalization stays its own node (no Conv+BN fusion)."""
+def export_torchscript(model: nn.Module, example: torch.Tensor, path: Path, output_name: str, opset: int = TS_OPSET,
+                       output_batch_axis: int = 0, constant_folding: bool = False) -> None:
+    """TorchScript exporter; BatchNormalization stays its own node (no Conv+BN fusion); the
+    batch is dynamic on axis 0 of the input and `output_batch_axis` of the output."""
     model.eval()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -36,9 +38,9 @@ def export_torchscript(model: nn.Module, example: torch.Tensor, path: Path, outp
             dynamo=False,
             opset_version=opset,
             input_names=["input"], output_names=[output_name],
-            dynamic_axes={"input": {0: "batch"}, output_name: {0: "batch"}},
+            dynamic_axes={"input": {0: "batch"}, output_name: {output_batch_axis: "batch"}},
             training=torch.onnx.TrainingMode.PRESERVE,
-            do_constant_folding=False,
+            do_constant_folding=constant_folding,
         )
 
 

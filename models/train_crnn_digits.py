@@ -52,7 +52,6 @@ import os
 import random
 import sys
 import time
-import warnings
 from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # spinning OpenMP threads run several times slower on a busy machine
@@ -69,6 +68,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from ocr_eval import greedy_decode, ocr_metrics, run_logits, score_sequences  # noqa: E402
+from torch_export import export_torchscript  # noqa: E402
 
 NAME = "crnn_digits"
 ONNX_PATH = HERE / f"{NAME}.ts.onnx"
@@ -220,22 +220,6 @@ def train(model: nn.Module, images: np.ndarray, labels: np.ndarray, pool: np.nda
     model.eval()
 
 
-def export(model: nn.Module, example: torch.Tensor, path: Path) -> None:
-    """TorchScript export, opset 17, BatchNormalization kept, dynamic batch (axis 1 of the logits)."""
-    model.eval()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            model, (example,), str(path),
-            dynamo=False,
-            opset_version=OPSET,
-            input_names=["input"], output_names=["logits"],
-            dynamic_axes={"input": {0: "batch"}, "logits": {1: "batch"}},
-            do_constant_folding=True,
-            training=torch.onnx.TrainingMode.PRESERVE,
-        )
-
-
 def main() -> None:
     t_start = time.time()
     seed_everything(SEED)
@@ -263,7 +247,8 @@ def main() -> None:
     torch_scores = torch_metrics(model, x_test, y_test)
     print(f"  torch test: {torch_scores} (training {train_seconds:.0f}s)", flush=True)
 
-    export(model, torch.from_numpy(x_test[:2]), ONNX_PATH)
+    # TorchScript, BatchNormalization kept, batch dynamic on axis 1 of the [T, N, C] logits
+    export_torchscript(model, torch.from_numpy(x_test[:2]), ONNX_PATH, "logits", OPSET, output_batch_axis=1, constant_folding=True)
     proto = onnx.load(str(ONNX_PATH))
     onnx.checker.check_model(proto, full_check=True)
     ops = collections.Counter(n.op_type for n in proto.graph.node)
