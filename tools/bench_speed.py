@@ -418,10 +418,12 @@ def sections_1_to_4(results: dict) -> list[str]:
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
     lines += [f"| {r['model']} | {r['samples']} | {r['tool_over_forward']} | {r['calibrate_over_forward']} | {r['samples_4x']} | "
               f"{r['tool_over_forward_4x']} | {r['calibrate_over_forward_4x']} | {r['marginal_over_forward']} |" for r in results["tool_time"]]
-    lines += ["", "## 2. Memory (peak RSS growth of a pruning run over the process with its data loaded, less one plain onnxruntime session)", "",
-              "| model | budget 3x model + sum n^2 x 8 (MB) | session floor (MB) | " + " | ".join(f"{r['samples']} samples (MB)" for r in results["memory"][0]["runs"]) + " | within |",
-              "|---|---:|---:|" + "---:|" * len(results["memory"][0]["runs"]) + "---|"]
-    lines += [f"| {m['model']} | {m['budget_mb']} | {m['session_floor_mb']} | " + " | ".join(str(r["rss_growth_mb"]) for r in m["runs"]) + f" | {m['within_budget']} |" for m in results["memory"]]
+    results = {"memory": [], "speed": [], "scale": [], **results}  # a run of some sections only
+    if results["memory"]:
+        lines += ["", "## 2. Memory (peak RSS growth of a pruning run over the process with its data loaded, less one plain onnxruntime session)", "",
+                  "| model | budget 3x model + sum n^2 x 8 (MB) | session floor (MB) | " + " | ".join(f"{r['samples']} samples (MB)" for r in results["memory"][0]["runs"]) + " | within |",
+                  "|---|---:|---:|" + "---:|" * len(results["memory"][0]["runs"]) + "---|"]
+        lines += [f"| {m['model']} | {m['budget_mb']} | {m['session_floor_mb']} | " + " | ".join(str(r["rss_growth_mb"]) for r in m["runs"]) + f" | {m['within_budget']} |" for m in results["memory"]]
     if results.get("llm_memory"):
         runs = results["llm_memory"] if isinstance(results["llm_memory"], list) else [results["llm_memory"]]
         lines += ["", "| large model | samples | model (MB) | budget 3x model + sum n^2 x 8 (MB) | peak RSS growth (MB) | within |", "|---|---:|---:|---:|---:|---|"]
