@@ -126,8 +126,8 @@ def prune(
     `sequential`: refit every site's recovery on the model as already pruned upstream, against
     the original's activations ("auto", the default: for models without attention heads, i.e.
     conv nets, CRNNs and MLPs, where it was measured better with calibration data like the test
-    data; transformers are fitted one-shot, where it measured no better at about 3x the time), with the shrinkage toward the one-shot fit chosen per site on
-    the held-out samples (DESIGN §2; `shrinkage` a number fixes it: 0 is the plain cross-moment
+    data; transformers are fitted one-shot, where it measured no better at about 3x the time),
+    with the shrinkage toward the one-shot fit chosen per site on the held-out samples (DESIGN §2; `shrinkage` a number fixes it: 0 is the plain cross-moment
     least squares, inf the one-shot fold itself); the keep sets are the one-shot plan's.
     `sequential_samples`: calibration samples the sequential pass refits on, spread over the set
     (default 512: the refit, a correction shrunk toward the one-shot fit, saturates well before
@@ -160,7 +160,7 @@ def prune(
         prepared = prepare(model, calib, exclude, batch_size, verify_samples, image_options, calib_samples, spatial_stride)
     warnings.extend(prepared.warnings)
     original, analysis, index = prepared.original, prepared.analysis, prepared.index
-    fit = resolve_fit(sequential, analysis, index)
+    fit = resolve_fit(sequential, method, analysis, index)
     sequential = fit["mode"] == "sequential"
     stats: dict[str, SiteStats] = {}
     strides = prepared.subsampled
@@ -292,12 +292,14 @@ def check_options(method: str, allocation: str, order: str, batch_size: int, lat
         raise TargetError(f"--sequential-samples must be >= 0 (0: every calibration sample), got {sequential_samples}")
 
 
-def resolve_fit(sequential: bool | str, analysis: Analysis, index: GraphIndex) -> dict:
+def resolve_fit(sequential: bool | str, method: str, analysis: Analysis, index: GraphIndex) -> dict:
     """One-shot or sequential recovery, and why: "auto" refits models without attention heads
     sequentially (docs/benchmark.md: better on the conv nets, the CRNN and ResNet with
     representative calibration data; on MiniLM and SmolLM2 no better at about 3x the time)."""
     if sequential != "auto":
         return {"mode": "sequential" if sequential else "one-shot", "auto": False}
+    if method not in RECOVERY:  # nothing to refit: not a choice
+        return {"mode": "one-shot", "auto": False}
     heads = attention_spaces(analysis, index)
     if heads:
         return {"mode": "one-shot", "auto": True, "reason": f"{len(heads)} attention-head spaces: transformers measured no better sequentially"}

@@ -152,7 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "model's activations, segment by segment: errors of earlier layers are corrected instead of "
                        "compounding with depth. Default for models without attention heads (conv nets, CRNNs, MLPs), where "
                        "it was measured better with calibration data like the test data (Fashion-MNIST ResNet at 50%% / 70%% "
-                       "MACs: 73.8 -> 88.1%% / 40.7 -> 79.7%% top-1; CRNN at 60%%: 52 -> 79%% of lines read; about 1.8x the "
+                       "MACs: 73.8 -> 88.1%% / 34.6 -> 81.4%% top-1; CRNN at 60%%: 52 -> 79%% of lines read; about 1.8x the "
                        "one-shot time). It fits the calibration data closely: with a narrow set (crops of 11 photos for "
                        "MobileNetV2) it generalised worse to other photos (docs/benchmark.md)")
     modes.add_argument("--one-shot", dest="sequential", action="store_const", const=False,
