@@ -1,7 +1,8 @@
 """Gemm/MatMul and attention: a constant 2-D weight creates units on the last axis and reads
 them on its reduction axis; MatMul of two activations (q @ kᵀ, probs @ v) carries units on a
-batch axis (heads); Softmax must not normalise over them; fused attention pins; an LSTM/GRU/RNN reads units on its
-input sequence like a linear layer (its hidden units are not pruned)."""
+batch axis (heads); Softmax must not normalise over them; fused attention pins; an
+LSTM/GRU/RNN reads units on its input sequence like a linear layer (its hidden units are not
+pruned)."""
 
 from __future__ import annotations
 
