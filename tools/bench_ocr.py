@@ -12,6 +12,7 @@ target (steps x batch x directions x gates x hidden x (input + hidden)).
 
     python models/train_crnn_digits.py      # once (the model and data are committed)
     python tools/bench_ocr.py [--targets 30 50 60] [--out DIR]
+    python tools/bench_ocr.py --latency --targets 30 50   # pruned / original onnxruntime latency
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "models"))
 
-from ocr_eval import greedy_decode, run_logits, score_sequences  # noqa: E402
+from ocr_eval import greedy_decode, make_session, run_logits, score_sequences  # noqa: E402
 
 import onnxprune  # noqa: E402
 from onnxprune.api import prepare  # noqa: E402
@@ -62,16 +63,52 @@ def evaluate(model, x: np.ndarray, labels: np.ndarray, reference: list[tuple[int
     return scores
 
 
+def median_latency(session, x: np.ndarray, batch: int, runs: int) -> float:
+    feed = {"input": np.ascontiguousarray(x[:batch])}
+    for _ in range(3):
+        session.run(None, feed)
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        session.run(None, feed)
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+def latency_rows(calib: dict[str, np.ndarray], x: np.ndarray, targets: list[float]) -> list[dict]:
+    """Pruned / original onnxruntime CPU latency (2 threads, batch 1 and 32; the better of two
+    rounds of timed runs each, interleaved) for the default prune at each target and round-to."""
+    original = make_session(MODEL)
+    rows = []
+    for target in targets:
+        for round_to in (8, 1):
+            model, report = onnxprune.prune(MODEL, calib, flops=target / 100, round_to=round_to)
+            pruned = make_session(model)
+            row = {"target": target, "round_to": round_to, "macs_ratio": round(report.macs_after / report.macs_before, 3)}
+            for batch, runs in ((1, 200), (32, 40)):
+                times = [(median_latency(original, x, batch, runs), median_latency(pruned, x, batch, runs)) for _ in range(2)]
+                row[f"latency_ratio_b{batch}"] = round(min(p for _, p in times) / min(o for o, _ in times), 3)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="CRNN OCR pruning benchmark (see the module docstring)")
     parser.add_argument("--targets", nargs="+", type=float, default=[30, 50, 60], help="MACs removed, percent (at most 65%% can go: the head and the recurrent parts stay)")
     parser.add_argument("--variants", nargs="+", default=None, choices=[v[0] for v in VARIANTS], metavar="VARIANT")
     parser.add_argument("--out", type=Path, default=ROOT / "results" / "ocr")
+    parser.add_argument("--latency", action="store_true", help="only time the default prune at each target (round-to 8 and 1) against the original")
     args = parser.parse_args(argv)
     with np.load(DATA / "crnn_calib.npz") as f:
         calib = {"input": f["input"]}
     with np.load(DATA / "crnn_test.npz") as f:
         x, labels = f["input"], f["labels"]
+    if args.latency:
+        rows = latency_rows(calib, x, args.targets)
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "latency.json").write_text(json.dumps(rows, indent=1))
+        return 0
     reference = greedy_decode(run_logits(MODEL, x))
     rows = [{"variant": "unpruned", "target": 0.0, **evaluate(MODEL, x, labels, reference)}]
     print(json.dumps(rows[0]), flush=True)
