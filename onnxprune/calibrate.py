@@ -165,7 +165,7 @@ def instrument(model: onnx.ModelProto, sites: list[Site], ranks: dict[str, int],
 
 
 def make_session(model: onnx.ModelProto, optimize: bool = True, patch: onnx.ModelProto | None = None,
-                 threads: int = 0, timing: bool = False, spinning: bool = True) -> ort.InferenceSession:
+                 threads: int = 0, timing: bool = False, spinning: bool = True, log_level: int = 3) -> ort.InferenceSession:
     """A CPU session of the model; with `patch` (from `instrument`) merged in, the patch's outputs
     replace the model's (whatever only they needed is not computed). Large models reach
     onnxruntime with their weights in files (`session_files`), which it maps; unless the session
@@ -173,11 +173,12 @@ def make_session(model: onnx.ModelProto, optimize: bool = True, patch: onnx.Mode
     pre-packed weights for the GEMM kernels: a second copy in memory that made no measurable
     difference to the calibration time of SmolLM2-135M. `spinning` False stops onnxruntime's
     threads from busy-waiting after a run, for callers that compute in NumPy between runs (the
-    spinning threads made those BLAS calls several times slower on 2 cores)."""
+    spinning threads made those BLAS calls several times slower on 2 cores). `log_level` 4 keeps
+    onnxruntime from printing the errors of a caller that handles them."""
     options = ort.SessionOptions()
     if not spinning:
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    options.log_severity_level = 3
+    options.log_severity_level = log_level
     options.intra_op_num_threads = threads  # 0: onnxruntime's default
     large = model_bytes(model) >= LARGE_MODEL
     if patch is not None:  # run each site's statistics as soon as the site exists, not after the whole graph

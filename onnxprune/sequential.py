@@ -286,7 +286,8 @@ class SequentialFitter:
         pruned_outputs = [t for t in wanted if t in segment.sites or t in present]
         pruned_part = extract(pruned, cache_p.dtypes(), pruned_outputs)
         del pruned
-        session_o, session_p = make_session(original_part, spinning=False), make_session(pruned_part, spinning=False)
+        # errors are handled by the caller (the one-shot model is written): onnxruntime need not print them
+        session_o, session_p = make_session(original_part, spinning=False, log_level=4), make_session(pruned_part, spinning=False, log_level=4)
         inputs_o = [i.name for i in original_part.graph.input]
         inputs_p = [i.name for i in pruned_part.graph.input]
         accumulators = {t: (self._new_stats(t, False), self._new_stats(t, True)) for t in segment.sites}
@@ -330,7 +331,7 @@ class SequentialFitter:
         if not names:
             return
         part = extract(pruned, available, names)
-        session = make_session(part, spinning=False)
+        session = make_session(part, spinning=False, log_level=4)
         inputs = [i.name for i in part.graph.input]
         for i, (batch, _) in enumerate(batches()):
             for name, value in zip(names, session.run(None, self._feeds(inputs, batch, [resume, cache_p], i, True)), strict=True):
