@@ -160,11 +160,11 @@ def build_parser() -> argparse.ArgumentParser:
                        "transformers (MiniLM, SmolLM2: the sequential refit measured no better at about 3x the time), and "
                        "the safer choice with few or narrow calibration samples")
     recovery.add_argument("--sequential-samples", type=int, default=SEQUENTIAL_SAMPLES, metavar="N",
-                          help=f"with --sequential: calibration samples the refit runs on, spread over the set (default "
+                          help=f"when the sequential refit runs: calibration samples it runs on, spread over the set (default "
                           f"{SEQUENTIAL_SAMPLES}: on the Fashion-MNIST CNNs 512 of 1843 gave the accuracy of all of them at "
                           "about half the pass's time, docs/speed.md; 0 = every calibration sample)")
     recovery.add_argument("--shrinkage", type=_shrinkage, default="auto", metavar="auto|L",
-                          help="with --sequential: shrinkage of each layer's fit toward the one-shot fit (default auto: chosen per "
+                          help="when the sequential refit runs: shrinkage of each layer's fit toward the one-shot fit (default auto: chosen per "
                           "layer on the held-out verification samples; 0 = plain least squares)")
     shards = parser.add_argument_group("sharded calibration (statistics are additive)")
     shards.add_argument("--stats", nargs="+", metavar="NPZ", help="use statistics saved by `onnxprune stats` (merged) instead of calibrating; --calib still gives the verification samples")

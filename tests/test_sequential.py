@@ -222,6 +222,15 @@ def test_cli_sequential_flags(tmp_path, capsys) -> None:
     assert code == 2 and stderr.count("\n") == 1 and "--shrinkage" in stderr
     code, _, stderr = cli(["models/mlp.ts.onnx", "--calib", "models/data/fmnist_calib_flat.npz", "--sequential", "--one-shot"], capsys)
     assert code == 2 and "not allowed with" in stderr
+    code, stdout, _ = cli(["models/mlp.ts.onnx", "--calib", "models/data/fmnist_calib_flat.npz", "-o", str(out), "--ratio", "0.3",
+                           "--sequential-samples", "128"], capsys)  # the default fit of a model without heads
+    flat = " ".join(stdout.split())
+    assert code == 0 and "recovery fit: sequential (auto: no attention heads" in flat and "on 128 calibration samples" in flat
+    code, stdout, _ = cli(["models/mlp.ts.onnx", "--calib", "models/data/fmnist_calib_flat.npz", "-o", str(out), "--ratio", "0.3",
+                           "--one-shot"], capsys)
+    assert code == 0 and "sequential recovery" not in stdout and "recovery fit" not in stdout
+    code, _, stderr = cli(["models/mlp.ts.onnx", "--calib", "models/data/fmnist_calib_flat.npz", "--sequential-samples", "-5"], capsys)
+    assert code == 2 and stderr.count("\n") == 1 and "--sequential-samples" in stderr
 
 
 def test_method_without_recovery_warns_with_sequential() -> None:
