@@ -24,7 +24,7 @@ def normal(*shape, scale=0.5):
     return (RNG.normal(size=shape) * scale).astype(np.float32)
 
 
-def crnn(op: str, directions: int = 1, bias: bool = True, initial_state: bool = False) -> onnx.ModelProto:
+def crnn(op: str, directions: int = 1, bias: bool = True, initial_state: bool = False, layout: int = 0) -> onnx.ModelProto:
     """conv_a -> conv_b -> [W, N, C*H] sequence -> LSTM/GRU/RNN -> Gemm per step. conv_a's unit 5
     is a planted copy of unit 2 and conv_b's unit 3 a copy of unit 1 (same weights and bias),
     so each can be removed exactly; conv_b's units reach the recurrent op as blocks of H features."""
@@ -36,6 +36,8 @@ def crnn(op: str, directions: int = 1, bias: bool = True, initial_state: bool = 
     wb[3], bb[3] = wb[1], bb[1]
     b = g.op("Relu", [g.conv(a, wb, bb, name="conv_b", pads=[1, 1, 1, 1])])
     seq = g.op("Reshape", [g.op("Transpose", [b], perm=[3, 0, 1, 2]), g.const(np.array([STEPS, -1, 4 * HEIGHT]), dtype=np.int64)])
+    if layout:  # batch first: X [N, T, C] and Y [N, T, directions, hidden] (onnxruntime's CPU kernels refuse it)
+        seq = g.op("Transpose", [seq], perm=[1, 0, 2])
     gates = {"LSTM": 4, "GRU": 3, "RNN": 1}[op]
     inputs = [seq, g.const(normal(directions, gates * HIDDEN, 4 * HEIGHT)), g.const(normal(directions, gates * HIDDEN, HIDDEN))]
     inputs.append(g.const(normal(directions, 2 * gates * HIDDEN)) if bias else "")
@@ -44,8 +46,9 @@ def crnn(op: str, directions: int = 1, bias: bool = True, initial_state: bool = 
         size = g.op("Concat", [g.const(np.array([directions]), dtype=np.int64), batch, g.const(np.array([HIDDEN]), dtype=np.int64)], axis=0)
         inputs += ["", g.op("Expand", [g.const(normal(directions, 1, HIDDEN)), size])]
     direction = "bidirectional" if directions == 2 else "forward"
-    g.nodes.append(helper.make_node(op, inputs, ["rnn_y"], name="rnn", hidden_size=HIDDEN, direction=direction))
-    y = g.op("Reshape", [g.op("Transpose", ["rnn_y"], perm=[0, 2, 1, 3]), g.const(np.array([-1, directions * HIDDEN]), dtype=np.int64)])
+    g.nodes.append(helper.make_node(op, inputs, ["rnn_y"], name="rnn", hidden_size=HIDDEN, direction=direction, layout=layout))
+    steps = "rnn_y" if layout else g.op("Transpose", ["rnn_y"], perm=[0, 2, 1, 3])
+    y = g.op("Reshape", [steps, g.const(np.array([-1, directions * HIDDEN]), dtype=np.int64)])
     return g.build(g.gemm(y, normal(directions * HIDDEN, 3), normal(3), name="fc"), [None, 3])
 
 
@@ -56,12 +59,12 @@ def test_the_channels_feeding_a_recurrent_op_are_prunable(op):
     assert not spaces["conv_b"].pinned and not spaces["conv_a"].pinned
 
 
-@pytest.mark.parametrize("op,directions,bias,initial_state", [
-    ("LSTM", 1, True, False), ("LSTM", 2, True, False), ("LSTM", 2, False, True),
-    ("GRU", 2, True, False), ("GRU", 1, False, False), ("RNN", 2, True, True),
+@pytest.mark.parametrize("op,directions,bias,initial_state,layout", [
+    ("LSTM", 1, True, False, 0), ("LSTM", 2, True, False, 0), ("LSTM", 2, False, True, 0),
+    ("GRU", 2, True, False, 0), ("GRU", 1, False, False, 0), ("RNN", 2, True, True, 0),
 ])
-def test_a_planted_copy_feeding_a_recurrent_op_is_removed_exactly(op, directions, bias, initial_state):
-    model = crnn(op, directions, bias, initial_state)
+def test_a_planted_copy_feeding_a_recurrent_op_is_removed_exactly(op, directions, bias, initial_state, layout):
+    model = crnn(op, directions, bias, initial_state, layout)
     x = RNG.normal(size=(64, 1, HEIGHT, STEPS)).astype(np.float32)
     pruned, report = onnxprune.prune(model, {"x": x}, tolerance=1e-6)
     rows = {r.name: r for r in report.spaces}
@@ -119,3 +122,10 @@ def test_a_real_crnn_export_prunes_through_both_lstms():
     got, expected = run(pruned, lines), run(original, lines)
     assert np.mean(got.argmax(-1) == expected.argmax(-1)) > 0.95  # per-step class agreement
     assert relative_l2(expected, got) < 0.3
+
+
+def test_a_batch_first_lstm_reads_the_units_on_its_last_axis_too():
+    """layout = 1 (X [N, T, C]): the same consumer (onnxruntime's CPU kernels do not run it, so
+    this checks the analysis only)."""
+    report = onnxprune.inspect_model(crnn("LSTM", 2, layout=1), input_shapes={"x": (2, 1, HEIGHT, STEPS)})
+    assert not {s.name: s for s in report.spaces}["conv_b"].pinned

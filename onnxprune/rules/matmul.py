@@ -135,4 +135,4 @@ def recurrent_input(index: GraphIndex, node: onnx.NodeProto, slot: int, tensor: 
 def recurrent(index: GraphIndex, node: onnx.NodeProto, tensor: str, placement: Placement) -> list[Effect]:
     """Units reaching a recurrent op other than as its input sequence (initial states, or its
     outputs from downstream) pin: its hidden units are not pruned."""
-    return [Pin(f"recurrent {node.op_type} '{index.label(node)}' hidden units carry these units: they are not pruned")]
+    return [Pin(f"units reach recurrent {node.op_type} '{index.label(node)}' other than as its input sequence (its hidden units are not pruned)")]
