@@ -758,6 +758,14 @@ def main(argv: list[str] | None = None) -> int:
                         continue
                     go(b, f"snp calib n={n}{' xhead' if exclude else ''} @{100 * t:.0f}%", method="snp", target=t,
                        calib=b.calib_pool[: n + 16], verify_samples=16, exclude=exclude, context=f"calib{n}", tag="calib")
+                    if b.kind == "fmnist":  # the sequential refit with the same few samples (it is the default for these CNNs)
+                        for seq_t in (t, 0.7):
+                            go(b, f"snp sequential calib n={n} @{100 * seq_t:.0f}%", method="snp", target=seq_t,
+                               calib=b.calib_pool[: n + 16], verify_samples=16, context=f"calib{n}", tag="calib",
+                               prune_kw={"sequential": True}, extra={"variant": "sequential"})
+                            if seq_t != t:
+                                go(b, f"snp calib n={n} @{100 * seq_t:.0f}%", method="snp", target=seq_t,
+                                   calib=b.calib_pool[: n + 16], verify_samples=16, context=f"calib{n}", tag="calib")
         if "round" in ablations:
             print(f"== {name}: round_to ablation" + (" (head excluded)" if xhead else ""), flush=True)
             for rt in (1, 8):
