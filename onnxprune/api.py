@@ -380,12 +380,26 @@ def better_than_one_shot(prepared: Prepared, plan: Plan, refitted: onnx.ModelPro
     return result.rejected is None
 
 
+SEQUENTIAL_BATCH_BYTES = 256 << 20  # the largest site's activations of one batch, at most (unless a sample is bigger)
+
+
+def sequential_batch_size(prepared: Prepared) -> int:
+    """The batch of the sequential pass: the calibration batch, smaller where one batch of the
+    largest site's activations would pass SEQUENTIAL_BATCH_BYTES (a 512x512 segmentation map):
+    the pass holds both models' activations of a batch and their unit-major copies at once."""
+    if prepared.static_batch:
+        return prepared.batch_size
+    per_sample = max((int(np.prod([d for d in prepared.shapes[s.tensor][1:] if isinstance(d, int)], dtype=np.int64)) * 4
+                      for s in prepared.analysis.sites() if prepared.shapes.get(s.tensor)), default=0)
+    return max(1, min(prepared.batch_size, SEQUENTIAL_BATCH_BYTES // max(per_sample, 1)))
+
+
 def fit_sequentially(prepared: Prepared, plan: Plan, stats: dict[str, SiteStats], kind: str, one_shot: dict[tuple[int, str], Recovery],
                      progress: ProgressFactory | None = None, shrinkage: float | None = None,
                      samples: int = SEQUENTIAL_SAMPLES) -> SequentialResult:
     """The sequential refit of every site of `plan` over `samples` calibration samples spread
     over the set (0: all), the shrinkage chosen on the verification batches."""
-    size = prepared.batch_size
+    size = sequential_batch_size(prepared)
 
     def batches() -> Iterator[tuple[dict[str, np.ndarray], bool]]:
         yield from ((batch, False) for batch in prepared.calib_data.spread_batches(samples, size))

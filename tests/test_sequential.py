@@ -503,3 +503,22 @@ def test_optimisation_problem_passes_a_faithful_model() -> None:
     model = random_cnn(seed=3)
     batch = {"x": np.random.default_rng(0).standard_normal((8, 3, 8, 8)).astype(np.float32)}
     assert optimisation_problem(model, model, batch) is None
+
+
+def test_large_activations_shrink_the_sequential_batch(monkeypatch) -> None:
+    """Where one batch of the largest site's activations would pass the budget, the pass runs
+    smaller batches (every sample still seen) and fits about the same model."""
+    import onnxprune.api
+    from onnxprune.api import sequential_batch_size
+
+    model = random_cnn(seed=3)
+    calib = {"x": np.random.default_rng(0).standard_normal((128, 3, 8, 8)).astype(np.float32)}
+    normal, report = onnxprune.prune(model, calib, ratio=0.4, sequential=True, allocation="global")
+    prepared = prepare(model, calib)
+    per_sample = max(int(np.prod(prepared.shapes[s.tensor][1:])) * 4 for s in prepared.analysis.sites())
+    monkeypatch.setattr(onnxprune.api, "SEQUENTIAL_BATCH_BYTES", 5 * per_sample)
+    assert sequential_batch_size(prepared) == 5
+    small, small_report = onnxprune.prune(model, calib, ratio=0.4, sequential=True, allocation="global")
+    assert small_report.sequential["samples"] == report.sequential["samples"] == prepared.calib_data.n_samples
+    x = calib["x"][:16]
+    assert relative_l2(run(normal, x), run(small, x)) < 1e-3  # the same fit up to float32 sums per batch
