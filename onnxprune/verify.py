@@ -99,6 +99,17 @@ class _Probe:
     pruned_outputs: dict[str, np.ndarray]
 
 
+def _probe(inputs: dict[str, np.ndarray], expected: dict[str, np.ndarray], pruned_inputs: dict[str, np.ndarray],
+           got: dict[str, np.ndarray], take: int | None) -> _Probe:
+    """The first `take` samples of a batch and their outputs (copies); the whole batch when an
+    output does not carry the samples on axis 0 (a CRNN's time-first [T, N, C] logits), whose
+    rows could not be cut to match the inputs."""
+    count = len(next(iter(inputs.values())))
+    if any(v.ndim == 0 or v.shape[0] != count for v in [*expected.values(), *got.values()]):
+        take = None
+    return _Probe(*({k: v[:take].copy() for k, v in d.items()} for d in (inputs, expected, pruned_inputs, got)))
+
+
 def _on_off_difference(model: onnx.ModelProto, inputs: dict[str, np.ndarray], optimised: dict[str, np.ndarray]) -> dict[str, float]:
     """Per output, the largest |difference| between the optimised outputs and an unoptimised run."""
     session = make_session(model, optimize=False)
@@ -139,19 +150,18 @@ def _check_optimisations(original: onnx.ModelProto, pruned: onnx.ModelProto, pro
 
 
 def optimisation_problem(original: onnx.ModelProto, pruned: onnx.ModelProto, batch: dict[str, np.ndarray],
-                         io_changes: dict[str, tuple[int, np.ndarray]] | None = None) -> str | None:
+                         expected: dict[str, np.ndarray], io_changes: dict[str, tuple[int, np.ndarray]] | None = None) -> str | None:
     """Why `pruned` would fail verification's optimisations-on/off check on the first samples
-    of `batch` (None: it passes), without raising: to reject a candidate model before it is chosen."""
-    take = None if fixed_batch_size(pruned) else CHECK_SAMPLES
-    inputs = {k: v[:take] for k, v in batch.items()}
-    pruned_inputs = {k: drop_units(v, (io_changes or {}).get(k)) for k, v in inputs.items()}
-    outputs = []
-    for model, feeds in ((original, inputs), (pruned, pruned_inputs)):
-        session = make_session(model)
-        names = [o.name for o in session.get_outputs()]
-        outputs.append(dict(zip(names, session.run(names, feeds), strict=True)))
+    of `batch` (None: it passes), without raising: to reject a candidate model before it is chosen.
+    `expected` holds the original's optimised outputs on `batch` (the held-out reference has them)."""
+    pruned_batch = {k: drop_units(v, (io_changes or {}).get(k)) for k, v in batch.items()}
+    session = make_session(pruned)
+    names = [o.name for o in session.get_outputs()]
+    got = dict(zip(names, session.run(names, pruned_batch), strict=True))
+    session = None
+    probe = _probe(batch, expected, pruned_batch, got, None if fixed_batch_size(pruned) else CHECK_SAMPLES)
     try:
-        _check_optimisations(original, pruned, _Probe(inputs, outputs[0], pruned_inputs, outputs[1]))
+        _check_optimisations(original, pruned, probe)
     except ModelError as exc:
         return str(exc).replace("; not writing it", "")
     return None
@@ -191,7 +201,7 @@ def verify(
         pruned_batch = {k: drop_units(v, io_changes.get(k)) for k, v in batch.items()}
         expected = reference[i] if i < len(reference) else dict(zip(names, reference_session.run(names, batch), strict=True))
         got = dict(zip(names, pruned_session.run(names, pruned_batch), strict=True))
-        probe = probe or _Probe(*({k: v[:take].copy() for k, v in d.items()} for d in (batch, expected, pruned_batch, got)))
+        probe = probe or _probe(batch, expected, pruned_batch, got, take)
         for name in names:
             agreements[name].add(drop_units(expected[name], io_changes.get(name)), got[name])
         if i < len(reference):

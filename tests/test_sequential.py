@@ -502,7 +502,7 @@ def test_optimisation_problem_passes_a_faithful_model() -> None:
 
     model = random_cnn(seed=3)
     batch = {"x": np.random.default_rng(0).standard_normal((8, 3, 8, 8)).astype(np.float32)}
-    assert optimisation_problem(model, model, batch) is None
+    assert optimisation_problem(model, model, batch, {model.graph.output[0].name: run(model, batch["x"])}) is None
 
 
 def test_large_activations_shrink_the_sequential_batch(monkeypatch) -> None:

@@ -79,3 +79,20 @@ def test_a_rewrite_whose_output_depends_on_the_optimisations_is_refused():
     verify(model, model, data, batch_size=8)  # the unchanged model passes
     with pytest.raises(onnxprune.ModelError, match="differs with onnxruntime optimisations on and off"):
         verify(model, with_training_dropout(model), data, batch_size=8)
+
+
+def test_the_optimisation_probe_keeps_time_first_outputs_aligned_with_their_inputs():
+    """A CRNN's logits are [T, N, C]: cutting the first samples off axis 0 would cut time steps
+    and compare outputs of different inputs (an infinite difference on both models, which let
+    any pruned model through); the probe keeps the whole batch there, and cuts batch-first ones."""
+    from onnxprune.calibrate import make_session
+    from onnxprune.verify import _on_off_difference, _probe
+
+    model = onnx.load("models/crnn_digits.ts.onnx")
+    batch = {"input": np.load("models/data/crnn_calib.npz")["input"][:20]}
+    logits = {"logits": make_session(model).run(None, batch)[0]}
+    probe = _probe(batch, logits, batch, logits, 8)
+    assert len(probe.original_inputs["input"]) == 20 and probe.original_outputs["logits"].shape == (28, 20, 11)
+    assert _on_off_difference(model, probe.original_inputs, probe.original_outputs)["logits"] < 1e-3
+    flat = {"logits": np.zeros((20, 11), dtype=np.float32)}
+    assert len(_probe(batch, flat, batch, flat, 8).original_inputs["input"]) == 8
