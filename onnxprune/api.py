@@ -13,6 +13,7 @@ import onnx
 
 from .allocate import DEFAULT_HEAD_GAIN, allocation_planner, attention_spaces, held_out_reference
 from .analyse import Analysis
+from .calibrate import positions
 from .cost import CostModel, build_cost_model, count_macs, count_params
 from .data import CalibrationData
 from .errors import CalibrationError, TargetError
@@ -389,8 +390,8 @@ def sequential_batch_size(prepared: Prepared) -> int:
     the pass holds both models' activations of a batch and their unit-major copies at once."""
     if prepared.static_batch:
         return prepared.batch_size
-    per_sample = max((int(np.prod([d for d in prepared.shapes[s.tensor][1:] if isinstance(d, int)], dtype=np.int64)) * 4
-                      for s in prepared.analysis.sites() if prepared.shapes.get(s.tensor)), default=0)
+    sizes = [(positions(prepared.shapes[s.tensor], s.axis) or 0) * s.width for s in prepared.analysis.sites() if prepared.shapes.get(s.tensor)]
+    per_sample = 4 * max(sizes, default=0)  # float32 elements
     return max(1, min(prepared.batch_size, SEQUENTIAL_BATCH_BYTES // max(per_sample, 1)))
 
 
