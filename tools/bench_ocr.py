@@ -29,6 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "models"))
 
+from bench_speed import latency  # noqa: E402
 from ocr_eval import greedy_decode, make_session, run_logits, score_sequences  # noqa: E402
 
 import onnxprune  # noqa: E402
@@ -63,18 +64,6 @@ def evaluate(model, x: np.ndarray, labels: np.ndarray, reference: list[tuple[int
     return scores
 
 
-def median_latency(session, x: np.ndarray, batch: int, runs: int) -> float:
-    feed = {"input": np.ascontiguousarray(x[:batch])}
-    for _ in range(3):
-        session.run(None, feed)
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        session.run(None, feed)
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
-
-
 def latency_rows(calib: dict[str, np.ndarray], x: np.ndarray, targets: list[float]) -> list[dict]:
     """Pruned / original onnxruntime CPU latency (2 threads, batch 1 and 32; the better of two
     rounds of timed runs each, interleaved) for the default prune at each target and round-to."""
@@ -86,7 +75,8 @@ def latency_rows(calib: dict[str, np.ndarray], x: np.ndarray, targets: list[floa
             pruned = make_session(model)
             row = {"target": target, "round_to": round_to, "macs_ratio": round(report.macs_after / report.macs_before, 3)}
             for batch, runs in ((1, 200), (32, 40)):
-                times = [(median_latency(original, x, batch, runs), median_latency(pruned, x, batch, runs)) for _ in range(2)]
+                feed = np.ascontiguousarray(x[:batch])
+                times = [(latency(original, "input", feed, runs), latency(pruned, "input", feed, runs)) for _ in range(2)]
                 row[f"latency_ratio_b{batch}"] = round(min(p for _, p in times) / min(o for o, _ in times), 3)
             rows.append(row)
             print(json.dumps(row), flush=True)
