@@ -140,11 +140,11 @@ def build_cost_model(index: GraphIndex, analysis: Analysis, recovery: bool = Tru
         for cut in space.slices:
             const_tensors.setdefault(index.node(cut.node).input[cut.input_index], set()).add(cut.tensor)
     for node in index.nodes:
-        macs = node_macs(index, node)
+        # a recurrent op's input part scales with its input units, the recurrent part does not
+        macs, fixed = recurrent_macs(index, node) if node.op_type in RECURRENT_GATES else (node_macs(index, node), 0)
         if macs:
             label = index.label(node)
-            if node.op_type in RECURRENT_GATES:  # only the input part scales with the input units
-                macs, fixed = recurrent_macs(index, node)
+            if fixed:
                 model.macs_terms.append(CostTerm(fixed, ()))
             term = CostTerm(macs, tuple(sorted(node_tensors.get(label, ()))))
             model.macs_terms.append(term)
