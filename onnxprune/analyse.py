@@ -10,11 +10,14 @@ the engine asks, and pins spaces that share a shape constant.
 
 from __future__ import annotations
 
+import dataclasses
+
 import onnx
 
 from .graph import GraphIndex
 from .grow import Alias, Grower, Regrow, append_new, producer_output, root_placement
 from .rules.matmul import linear_weight_axes
+from .rules.recurrent import state_site
 from .spaces import (
     CACHE_NAME,
     Analysis,
@@ -68,13 +71,26 @@ def analyse(model: onnx.ModelProto, exclude: list[str] | None = None, index: Gra
             claimed.clear()
             claimed.update(trial)
             break
+        _attach_state_site(index, space)
         if not space.consumers and not space.pinned:
             space.pinned.append("no linear layer reads these units")
-        if len({space.tensors[t].block for t in space.sites}) > 1:
+        if len({(space.tensors[t].block, space.tensors[t].repeats) for t in space.sites}) > 1:
             space.pinned.append("consumers read the units with different layouts")
         spaces.append(space)
     _pin_shared_shape_constants(spaces)
     return Analysis(spaces)
+
+
+def _attach_state_site(index: GraphIndex, space: Space) -> None:
+    """A recurrent op's hidden units are read back through R: fit that recovery where the
+    states of every direction lie side by side (a statistics site of the space)."""
+    for i, read in enumerate(space.recurrent_reads):
+        site = state_site(index, space.tensors, index.node(read.node), space.n, space.sites)
+        if site is None:
+            append_new(space.pinned, f"the hidden states of '{read.node}' never lie side by side on one tensor (their recovery cannot be fitted)")
+            continue
+        space.recurrent_reads[i] = dataclasses.replace(read, site=site)
+        append_new(space.sites, site)
 
 
 def _merge_labels(labels: list[int], pairs: list[tuple[int, int]]) -> list[int]:

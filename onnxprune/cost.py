@@ -123,6 +123,7 @@ def build_cost_model(index: GraphIndex, analysis: Analysis, recovery: bool = Tru
     model = CostModel()
     node_tensors: dict[str, set[str]] = {}
     const_tensors: dict[str, set[str]] = {}
+    recurrent_tensors: dict[str, tuple[str, ...]] = {}  # a recurrent op's H x H part: its hidden units twice
     for space in analysis.prunable:
         for tensor, placement in space.tensors.items():
             model.occupancy.setdefault(tensor, (placement.width, []))[1].append((space.id, placement.count()))
@@ -139,13 +140,17 @@ def build_cost_model(index: GraphIndex, analysis: Analysis, recovery: bool = Tru
                 node_tensors.setdefault(label, set()).add(node.input[0])
         for cut in space.slices:
             const_tensors.setdefault(index.node(cut.node).input[cut.input_index], set()).add(cut.tensor)
+        for read in space.recurrent_reads:  # R [directions, gates x H, H]: its rows and columns both scale
+            recurrent_tensors[read.node] = (index.node(read.node).output[0], read.site)
+            const_tensors.setdefault(index.node(read.node).input[2], set()).add(read.site)
     for node in index.nodes:
-        # a recurrent op's input part scales with its input units, the recurrent part does not
+        # a recurrent op's input part scales with its input and hidden units, the recurrent part
+        # with its hidden units twice (on both sides of R)
         macs, fixed = recurrent_macs(index, node) if node.op_type in RECURRENT_GATES else (node_macs(index, node), 0)
         if macs:
             label = index.label(node)
             if fixed:
-                model.macs_terms.append(CostTerm(fixed, ()))
+                model.macs_terms.append(CostTerm(fixed, tuple(sorted(recurrent_tensors.get(label, ())))))
             term = CostTerm(macs, tuple(sorted(node_tensors.get(label, ()))))
             model.macs_terms.append(term)
             model.node_macs[label] = term

@@ -16,9 +16,9 @@ import onnx
 from .graph import GraphIndex, get_attr
 from .placement import Placement, Segment
 from .rules import CARRY, CONSUME, PRODUCE, Carry, Coarsen, Effect, Flattened, Pin, Produced, SizeRead, Through
-from .spaces import CACHE_NAME, AttrUpdate, CacheIO, Consumer, ParamSlice, ShapeUpdate, Space, WindowUpdate
+from .spaces import CACHE_NAME, AttrUpdate, CacheIO, Consumer, ParamSlice, RecurrentRead, ShapeUpdate, Space, WindowUpdate
 
-RECORDS = {ParamSlice: "slices", AttrUpdate: "attrs", ShapeUpdate: "reshapes", WindowUpdate: "windows"}
+RECORDS = {ParamSlice: "slices", AttrUpdate: "attrs", ShapeUpdate: "reshapes", WindowUpdate: "windows", RecurrentRead: "recurrent_reads"}
 
 
 def append_new(items: list, item) -> None:
@@ -205,8 +205,7 @@ class Grower:
             return
         if label not in self.space.producers:
             self.space.producers.append(label)
-            for cut in PRODUCE[node.op_type].slices(self.index, node, self.space.n):
-                append_new(self.space.slices, cut)
+            self.apply(PRODUCE[node.op_type].slices(self.index, node, self.space.n))
         if any(fnmatch.fnmatchcase(label, pattern) for pattern in self.exclude):
             self.pin(f"producer '{label}' is excluded by --exclude")
 

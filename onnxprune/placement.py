@@ -67,6 +67,30 @@ class Placement:
     def count(self) -> int:
         return sum(s.hi - s.lo for s in self.segments)
 
+    @property
+    def repeats(self) -> int:
+        """How many times the tensor carries each unit (2: a bidirectional LSTM's hidden unit,
+        once per direction side by side after [T, N, 2, H] -> [T, N, 2H]); 1 unless every unit
+        on the tensor appears the same number of times."""
+        units = self.unit_positions()[0]
+        counts = np.unique(units, return_counts=True)[1]
+        return int(counts[0]) if len(counts) and np.all(counts == counts[0]) else 1  # else some units twice (a C2f Concat): 1
+
+    def unit_major(self) -> tuple[np.ndarray, np.ndarray]:
+        """(rows, cols): element cols[i] of the unit axis is element rows[i] when the units' elements
+        are laid out unit after unit, each owning repeats x block (its copies in position order)."""
+        units, positions = self.unit_positions()
+        order = np.lexsort((positions, units))
+        units, positions = units[order], positions[order]
+        occurrence = np.arange(len(units)) - np.searchsorted(units, units)
+        return expand_blocks(units * self.repeats + occurrence, self.block), expand_blocks(positions, self.block)
+
+    def repeated(self, copies: int) -> Placement:
+        """The unit axis merged with `copies` indices of the axes before it: every unit appears
+        once per index, each copy `width` slots after the previous one."""
+        segments = tuple(Segment(s.offset + r * self.width, s.lo, s.hi) for r in range(copies) for s in self.segments)
+        return Placement(self.axis, self.width * copies, segments, self.block)
+
     def shifted(self, shift: int, width: int, axis: int | None = None) -> Placement:
         moved = tuple(Segment(s.offset + shift, s.lo, s.hi) for s in self.segments)
         return Placement(self.axis if axis is None else axis, width, moved, self.block)

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import scipy.linalg as sla
 
-from .analyse import Analysis
-from .plan import Plan
+from .analyse import Analysis, Space
+from .plan import Plan, SpacePlan
 from .score import RIDGE
 from .stats import CrossMoments, SiteStats
 
@@ -178,15 +179,35 @@ def fit_sequential(cal: CrossMoments, keep: np.ndarray, prune: np.ndarray, one_s
     return recovery, SequentialFit(float(chosen), one_shot_error, errors.get(chosen))
 
 
-def fit_recoveries(analysis: Analysis, plan: Plan, stats: dict[str, SiteStats], kind: str = "lsq") -> dict[tuple[int, str], Recovery]:
+def state_recoveries(space: Space, space_plan: SpacePlan, stats: dict[str, SiteStats], fit) -> dict[tuple[int, str, int], Recovery]:
+    """Per direction d of a recurrent op that reads its own hidden units back (through R), the
+    pruned units of d from the kept units of d only (h_(t-1) of one direction is all its R sees),
+    keyed (space, site, d), with `keep`/`prune` as hidden-unit indices (R's columns)."""
+    found = {}
+    keep, prune = np.sort(space_plan.keep), np.sort(space_plan.prune)
+    for read in space.recurrent_reads:
+        placement = space.tensors[read.site]
+        rows, cols = placement.unit_major()
+        column = np.empty(len(rows), dtype=np.int64)
+        column[rows] = cols
+        directions = placement.repeats * placement.block
+        for d in range(directions):
+            recovery = fit(stats[read.site], column[keep * directions + d], column[prune * directions + d])
+            found[(space.id, read.site, d)] = dataclasses.replace(recovery, keep=keep, prune=prune)
+    return found
+
+
+def fit_recoveries(analysis: Analysis, plan: Plan, stats: dict[str, SiteStats], kind: str = "lsq") -> dict[tuple, Recovery]:
     """One recovery per (pruned space, site), on the site's columns of that space: least squares
-    (`lsq`) or the pruned units' means (`mean`, FLAP's bias compensation)."""
+    (`lsq`) or the pruned units' means (`mean`, FLAP's bias compensation); and per (space, site,
+    direction) for a recurrent op's own hidden units (`state_recoveries`)."""
     fit = fit_recovery if kind == "lsq" else mean_recovery
-    recoveries = {}
+    recoveries: dict = {}
     for space in analysis.prunable:
         space_plan = plan.spaces[space.id]
         if not len(space_plan.prune):
             continue
+        recoveries.update(state_recoveries(space, space_plan, stats, fit))
         for tensor in space.sites:
             placement = space.tensors[tensor]
             keep, prune = placement.element_positions_of(space_plan.keep), placement.element_positions_of(space_plan.prune)

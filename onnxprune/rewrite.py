@@ -69,6 +69,11 @@ class ConstantEdits:
         edit = self.edits.get((id(node), slot))
         return edit.value if edit is not None else self.index.const(node.input[slot])
 
+    def has(self, label: str, slot: int) -> bool:
+        """Whether the input exists, given or created by an edit (a bias a fold added)."""
+        node = self.index.node(label)
+        return (id(node), slot) in self.edits or (slot < len(node.input) and bool(node.input[slot]))
+
     def set(self, label: str, slot: int, value: np.ndarray) -> None:
         node = self.index.node(label)
         self.edits[(id(node), slot)] = _Edit(node, slot, value)
@@ -246,6 +251,10 @@ class Rewriter(FoldMixin):
                 recovery = self.recoveries.get((space.id, consumer.site))
                 if recovery is not None and (len(recovery.prune) or recovery.changes_kept) and self._wanted(consumer.node):
                     self._fold(consumer, space.tensors[consumer.site].size, recovery)
+        for space, _ in spaces:  # a recurrent op's own hidden units: per direction into R and Rb
+            for read in space.recurrent_reads:
+                if self._wanted(read.node):
+                    self._fold_states(space, read)
         # a shared shape Concat's per-Reshape copy goes with its Reshape/Expand (`via`): the
         # Concat itself may lie in an earlier segment, its output cached with the old count
         records = [r for space, _ in spaces for r in [*space.slices, *space.consumers, *space.attrs, *space.reshapes, *space.windows]
@@ -254,7 +263,7 @@ class Rewriter(FoldMixin):
         for record in dict.fromkeys(records):  # 2. deletions and updates, once per record
             if isinstance(record, ParamSlice):
                 sliced.add((record.node, record.input_index))
-                self._delete(record.node, record.input_index, record.axis, elements.get(record.tensor))
+                self._delete(record.node, record.input_index, record.axis, elements.get(record.tensor), record.repeats)
             elif isinstance(record, Consumer):
                 self._delete(record.node, record.weight_index, record.in_axis, expand_blocks(elements[record.site], record.block))
             elif isinstance(record, AttrUpdate):
@@ -300,10 +309,16 @@ class Rewriter(FoldMixin):
         """Whether the node is rewritten (all, or the `only` nodes of a partial working copy)."""
         return self.only is None or label in self.only
 
-    def _delete(self, label: str, slot: int, axis: int, positions: np.ndarray | None) -> None:
-        if positions is None or not len(positions):
+    def _delete(self, label: str, slot: int, axis: int, positions: np.ndarray | None, repeats: int = 1) -> None:
+        """Delete `positions` on `axis` of the constant at `slot` (in each of its `repeats` blocks);
+        an optional input left empty has nothing to delete."""
+        if positions is None or not len(positions) or not self.edits.has(label, slot):
             return
-        self.edits.set(label, slot, np.delete(self.edits.get(label, slot), positions, axis=axis))
+        value = self.edits.get(label, slot)
+        if repeats > 1:
+            block = value.shape[axis] // repeats
+            positions = (positions[None, :] + block * np.arange(repeats)[:, None]).ravel()
+        self.edits.set(label, slot, np.delete(value, positions, axis=axis))
 
     def _set_int_attr(self, label: str, name: str, value: int) -> None:
         for attr in self.index.node(label).attribute:

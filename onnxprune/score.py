@@ -10,7 +10,7 @@ import scipy.linalg as sla
 
 from .analyse import Space
 from .graph import GraphIndex
-from .placement import expand_blocks
+from .placement import Placement, expand_blocks
 from .stats import SiteStats
 
 ORDERS = ("pivoted", "weighted", "variance", "residual", "zca")
@@ -70,8 +70,22 @@ def ordered_cholesky(cov: np.ndarray, order: np.ndarray) -> np.ndarray:
 
 
 def unit_block(space: Space) -> int:
-    """Elements per unit at the space's sites (d_head for attention heads, 1 otherwise)."""
-    return space.tensors[space.sites[0]].block if space.sites else 1
+    """Elements per unit at the space's sites (d_head for attention heads, the directions of a
+    bidirectional LSTM's hidden unit, 1 otherwise)."""
+    if not space.sites:
+        return 1
+    placement = space.tensors[space.sites[0]]
+    return placement.block * placement.repeats
+
+
+def unit_major(placement: Placement, block: int) -> tuple[np.ndarray, np.ndarray]:
+    """(rows, cols) of the space's unit-major elements and the tensor's, `block` per unit; a
+    tensor that carries some units more often than others (a C2f Concat) adds its copies of a
+    unit into the same elements."""
+    if placement.repeats > 1:
+        return placement.unit_major()
+    units, positions = placement.unit_positions()
+    return expand_blocks(units, block), expand_blocks(positions, block)
 
 
 def space_covariance(space: Space, stats: dict[str, SiteStats]) -> np.ndarray:
@@ -80,8 +94,7 @@ def space_covariance(space: Space, stats: dict[str, SiteStats]) -> np.ndarray:
     block = unit_block(space)
     cov = np.zeros((space.n * block, space.n * block))
     for tensor in space.sites:
-        units, positions = space.tensors[tensor].unit_positions()
-        rows, cols = expand_blocks(units, block), expand_blocks(positions, block)
+        rows, cols = unit_major(space.tensors[tensor], block)
         site = stats[tensor].covariance()[np.ix_(cols, cols)]
         if SITE_WEIGHTING == "normalised" and np.trace(site) > 0:
             site = site / np.trace(site)
@@ -94,9 +107,9 @@ def space_second_moment(space: Space, stats: dict[str, SiteStats]) -> np.ndarray
     block = unit_block(space)
     moment = np.zeros(space.n * block)
     for tensor in space.sites:
-        units, positions = space.tensors[tensor].unit_positions()
+        rows, cols = unit_major(space.tensors[tensor], block)
         site = stats[tensor]
-        np.add.at(moment, expand_blocks(units, block), np.diag(site.gram)[expand_blocks(positions, block)] / max(site.count, 1))
+        np.add.at(moment, rows, np.diag(site.gram)[cols] / max(site.count, 1))
     return moment
 
 
@@ -158,8 +171,8 @@ def consumer_weight_norms(space: Space, index: GraphIndex, power: int = 2) -> np
         placement = space.tensors[consumer.site]
         weight = index.const(index.node(consumer.node).input[consumer.weight_index]).astype(np.float64)
         per_element = (np.abs(np.moveaxis(weight, consumer.in_axis, 0).reshape(placement.size, -1)) ** power).sum(axis=1)
-        units, positions = placement.unit_positions()
-        np.add.at(norms, expand_blocks(units, block), per_element[expand_blocks(positions, block)])
+        rows, cols = unit_major(placement, block)
+        np.add.at(norms, rows, per_element[cols])
     return norms
 
 
@@ -170,7 +183,8 @@ def producer_weight_norms(space: Space, index: GraphIndex, p: int) -> np.ndarray
     for cut in space.slices:
         if cut.node in producers and cut.input_index == 1:
             node = index.node(cut.node)
-            weight = np.moveaxis(index.const(node.input[1]).astype(np.float64), cut.axis, 0).reshape(space.n, -1)
+            weight = np.moveaxis(index.const(node.input[1]).astype(np.float64), cut.axis, 0)
+            weight = np.moveaxis(weight.reshape(cut.repeats, space.n, -1), 0, 1).reshape(space.n, -1)  # an LSTM's gate rows
             norms += np.abs(weight).sum(axis=1) if p == 1 else (weight**2).sum(axis=1)
     return norms
 

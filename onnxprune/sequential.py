@@ -46,7 +46,7 @@ class SiteColumns:
 class SequentialResult:
     """The recoveries and, per (space name, site), what the fit chose."""
 
-    recoveries: dict[tuple[int, str], Recovery]
+    recoveries: dict[tuple, Recovery]  # (space, site), and (space, site, direction) for R (recovery.state_recoveries)
     fits: dict[tuple[str, str], SequentialFit] = field(default_factory=dict)
     segments: int = 0
     heldout_errors: tuple[float, float] | None = None  # the model's output error, one-shot and refitted
@@ -250,7 +250,9 @@ class SequentialFitter:
         position = {id(node): i for i, node in enumerate(original.graph.node)}
         self.consumer_positions = {t: [position[id(index.node(c.node))] for s in self.spaces for c in s.consumers if c.site == t]
                                    for t in sites}
-        self.result = SequentialResult({}, segments=len(self.segments))
+        # a recurrent op's fold of its own hidden units (per direction, keys (space, site, d)) is
+        # not refitted: R reads the pruned model's states whatever the fit, so it stays one-shot
+        self.result = SequentialResult({k: v for k, v in self.one_shot.items() if len(k) == 3}, segments=len(self.segments))
         self.fold_cache: dict = {}
 
     def run(self, batches: Callable[[], Iterable[tuple[dict[str, np.ndarray], bool]]], advance: Callable[[int], None]) -> SequentialResult:

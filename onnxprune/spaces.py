@@ -14,12 +14,14 @@ from .placement import Placement
 
 @dataclass(frozen=True)
 class ParamSlice:
-    """A constant input whose `axis` is indexed like the unit axis of `tensor`."""
+    """A constant input whose `axis` is indexed like the unit axis of `tensor`, `repeats` times
+    over (an LSTM's W holds the four gates' rows of every hidden unit one block after another)."""
 
     node: str
     input_index: int
     axis: int
     tensor: str
+    repeats: int = 1
 
 
 @dataclass(frozen=True)
@@ -86,6 +88,17 @@ class Consumer:
 
 
 @dataclass(frozen=True)
+class RecurrentRead:
+    """A recurrent op reads its own hidden units back (h_(t-1) through R): the recovery, fitted
+    per direction at `site` (the states of every direction side by side), folds into R and Rb.
+    Inputs at `zero_states` are zero initial states: dropped (an absent state is zero)."""
+
+    node: str
+    site: str
+    zero_states: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
 class Site:
     """An activation tensor read by consumers; statistics cover its whole unit axis."""
 
@@ -108,6 +121,7 @@ class Space:
     windows: list[WindowUpdate] = field(default_factory=list)
     cache_io: list[CacheIO] = field(default_factory=list)
     consumers: list[Consumer] = field(default_factory=list)
+    recurrent_reads: list[RecurrentRead] = field(default_factory=list)
     sites: list[str] = field(default_factory=list)
     tensors: dict[str, Placement] = field(default_factory=dict)
     flattened: list[str] = field(default_factory=list)

@@ -1,6 +1,7 @@
 """Recurrent ops: an LSTM/GRU/RNN reads its input sequence through W like a linear layer per step,
 so the conv channels of a CRNN that feed it are prunable, with the recovery folded into W and
-the Wb half of B; its hidden units are not pruned."""
+the Wb half of B; its hidden units are prunable too, their recovery folded per direction into
+R and Rb (the op reads them back as h_(t-1)) and into the layers after it."""
 
 from __future__ import annotations
 
@@ -24,10 +25,13 @@ def normal(*shape, scale=0.5):
     return (RNG.normal(size=shape) * scale).astype(np.float32)
 
 
-def crnn(op: str, directions: int = 1, bias: bool = True, initial_state: bool = False, layout: int = 0) -> onnx.ModelProto:
+def crnn(op: str, directions: int = 1, bias: bool = True, initial_state: bool = False, layout: int = 0,
+         planted_hidden: bool = False, zero_state: bool = False) -> onnx.ModelProto:
     """conv_a -> conv_b -> [W, N, C*H] sequence -> LSTM/GRU/RNN -> Gemm per step. conv_a's unit 5
     is a planted copy of unit 2 and conv_b's unit 3 a copy of unit 1 (same weights and bias),
-    so each can be removed exactly; conv_b's units reach the recurrent op as blocks of H features."""
+    so each can be removed exactly; conv_b's units reach the recurrent op as blocks of H features.
+    `planted_hidden`: hidden unit 4 gets unit 1's gate rows in W, R and B, so h_4 = h_1 at every
+    step of every direction. `zero_state`: TorchScript's ConstantOfShape zero h0 (and c0)."""
     g = GraphBuilder([1, 1, HEIGHT, STEPS])
     wa, ba = normal(6, 1, 3, 3), normal(6)
     wa[5], ba[5] = wa[2], ba[2]
@@ -39,14 +43,25 @@ def crnn(op: str, directions: int = 1, bias: bool = True, initial_state: bool = 
     if layout:  # batch first: X [N, T, C] and Y [N, T, directions, hidden] (onnxruntime's CPU kernels refuse it)
         seq = g.op("Transpose", [seq], perm=[1, 0, 2])
     gates = {"LSTM": 4, "GRU": 3, "RNN": 1}[op]
-    inputs = [seq, g.const(normal(directions, gates * HIDDEN, 4 * HEIGHT)), g.const(normal(directions, gates * HIDDEN, HIDDEN))]
-    inputs.append(g.const(normal(directions, 2 * gates * HIDDEN)) if bias else "")
+    w, r, b = normal(directions, gates * HIDDEN, 4 * HEIGHT), normal(directions, gates * HIDDEN, HIDDEN), normal(directions, 2 * gates * HIDDEN)
+    if planted_hidden:
+        for gate in range(2 * gates):
+            if gate < gates:
+                w[:, gate * HIDDEN + 4], r[:, gate * HIDDEN + 4] = w[:, gate * HIDDEN + 1], r[:, gate * HIDDEN + 1]
+            b[:, gate * HIDDEN + 4] = b[:, gate * HIDDEN + 1]
+    inputs = [seq, g.const(w), g.const(r), g.const(b) if bias else ""]
+    if zero_state:
+        batch = g.op("Gather", [g.op("Shape", ["x"]), g.const(np.array([0]), dtype=np.int64)], axis=0)
+        size = g.op("Concat", [g.const(np.array([directions]), dtype=np.int64), batch, g.const(np.array([HIDDEN]), dtype=np.int64)], axis=0)
+        zeros = g.op("ConstantOfShape", [size])
+        inputs += ["", zeros] + ([zeros] if op == "LSTM" else [])
     if initial_state:  # sequence_lens left empty, initial_h given: B must land in slot 3, not be appended
         batch = g.op("Gather", [g.op("Shape", ["x"]), g.const(np.array([0]), dtype=np.int64)], axis=0)
         size = g.op("Concat", [g.const(np.array([directions]), dtype=np.int64), batch, g.const(np.array([HIDDEN]), dtype=np.int64)], axis=0)
         inputs += ["", g.op("Expand", [g.const(normal(directions, 1, HIDDEN)), size])]
     direction = "bidirectional" if directions == 2 else "forward"
-    g.nodes.append(helper.make_node(op, inputs, ["rnn_y"], name="rnn", hidden_size=HIDDEN, direction=direction, layout=layout))
+    extra = {"linear_before_reset": 1} if op == "GRU" else {}  # as torch exports a GRU
+    g.nodes.append(helper.make_node(op, inputs, ["rnn_y"], name="rnn", hidden_size=HIDDEN, direction=direction, layout=layout, **extra))
     steps = "rnn_y" if layout else g.op("Transpose", ["rnn_y"], perm=[0, 2, 1, 3])
     y = g.op("Reshape", [steps, g.const(np.array([-1, directions * HIDDEN]), dtype=np.int64)])
     return g.build(g.gemm(y, normal(directions * HIDDEN, 3), normal(3), name="fc"), [None, 3])
@@ -94,17 +109,22 @@ def test_the_recovery_folds_into_w_and_wb(sequential):
     assert error < relative_l2(run(model, fresh), run(baseline, fresh))
 
 
-def test_recurrent_macs_scale_with_the_input_units_only():
-    """X W^T scales with the kept input units, H R^T does not (steps x batch x directions x gates x hidden each)."""
+def test_recurrent_macs_scale_with_the_input_and_hidden_units():
+    """X W^T scales with the kept input units and hidden units, H R^T with the hidden units on
+    both sides (steps x batch x directions x gates x hidden each)."""
     model = crnn("LSTM", 2)
     index = GraphIndex(model, static_shapes(model, {"x": (2, 1, HEIGHT, STEPS)}))
     analysis = analyse(model, index=index)
     cost = build_cost_model(index, analysis)
     rows, gate_rows = STEPS * 2 * 2, 4 * HIDDEN
     site = next(c.site for s in analysis.prunable for c in s.consumers if c.node == "rnn")
-    assert cost.node_macs["rnn"].base == rows * gate_rows * 4 * HEIGHT and cost.node_macs["rnn"].tensors == (site,)
-    assert any(t.base == rows * gate_rows * HIDDEN and not t.tensors for t in cost.macs_terms)  # the fixed recurrent part
+    state = next(s for s in analysis.prunable if s.name == "rnn").recurrent_reads[0].site
+    assert cost.node_macs["rnn"].base == rows * gate_rows * 4 * HEIGHT and cost.node_macs["rnn"].tensors == tuple(sorted((site, "rnn_y")))
+    assert any(t.base == rows * gate_rows * HIDDEN and t.tensors == tuple(sorted(("rnn_y", state))) for t in cost.macs_terms)
     assert node_macs(index, index.node("rnn")) == rows * gate_rows * (4 * HEIGHT + HIDDEN)
+    recurrent = next(t for t in cost.macs_terms if t.base == rows * gate_rows * HIDDEN)
+    hidden = next(s for s in analysis.prunable if s.name == "rnn").id
+    assert np.isclose(cost.evaluate([recurrent], {hidden: 0.6}), recurrent.base * 0.6**2)  # 60% kept on both sides of R
 
 
 def test_a_real_crnn_export_prunes_through_both_lstms():
@@ -129,3 +149,52 @@ def test_a_batch_first_lstm_reads_the_units_on_its_last_axis_too():
     this checks the analysis only)."""
     report = onnxprune.inspect_model(crnn("LSTM", 2, layout=1), input_shapes={"x": (2, 1, HEIGHT, STEPS)})
     assert not {s.name: s for s in report.spaces}["conv_b"].pinned
+
+
+@pytest.mark.parametrize("op,directions,bias,zero_state", [
+    ("LSTM", 1, True, False), ("LSTM", 2, True, True), ("LSTM", 2, False, False), ("GRU", 2, True, True), ("RNN", 2, False, True),
+])
+def test_a_planted_copy_of_a_hidden_unit_is_removed_exactly(op, directions, bias, zero_state):
+    """h_4 = h_1 in every direction: the hidden space loses one unit (per direction), R's column
+    and the Gemm's columns of it fold into unit 1's, and the outputs do not change."""
+    model = crnn(op, directions, bias, planted_hidden=True, zero_state=zero_state)
+    x = RNG.normal(size=(64, 1, HEIGHT, STEPS)).astype(np.float32)
+    pruned, report = onnxprune.prune(model, {"x": x}, tolerance=1e-6)
+    assert {r.name: r.kept for r in report.spaces}["rnn"] == HIDDEN - 1
+    node = next(n for n in pruned.graph.node if n.op_type == op)
+    gates = {"LSTM": 4, "GRU": 3, "RNN": 1}[op]
+    shapes = {t.name: list(t.dims) for t in pruned.graph.initializer}
+    assert shapes[node.input[2]] == [directions, gates * (HIDDEN - 1), HIDDEN - 1]
+    assert shapes[node.input[3]] == [directions, 2 * gates * (HIDDEN - 1)]
+    assert next(a.i for a in node.attribute if a.name == "hidden_size") == HIDDEN - 1
+    if zero_state:  # the zero states are dropped (an absent state is zero), not resized
+        assert not any(node.input[5:]) and not any(n.op_type == "ConstantOfShape" for n in pruned.graph.node)
+    fresh = RNG.normal(size=(4, 1, HEIGHT, STEPS)).astype(np.float32)
+    assert relative_l2(run(model, fresh), run(pruned, fresh)) < 1e-4
+
+
+def test_hidden_units_of_a_bidirectional_lstm_are_pairs_side_by_side():
+    """The Reshape [T, N, 2, H] -> [T, N, 2H] puts each hidden unit at j and H + j: one unit of
+    two elements (scored as a block), the Reshape target rewritten for the kept pairs."""
+    model = crnn("LSTM", 2)
+    index = GraphIndex(model, static_shapes(model, {"x": (2, 1, HEIGHT, STEPS)}))
+    space = next(s for s in analyse(model, index=index).prunable if s.name == "rnn")
+    (read,) = space.recurrent_reads
+    placement = space.tensors[read.site]
+    assert (placement.width, placement.repeats) == (2 * HIDDEN, 2) and read.site in [c.site for c in space.consumers]
+    rows, cols = placement.unit_major()
+    assert dict(zip(rows.tolist(), cols.tolist(), strict=True))[2 * 3 + 1] == HIDDEN + 3  # unit 3, backward copy
+
+
+def test_pruning_hidden_units_beats_deleting_them():
+    """At 40% of the hidden units, the least-squares fold into R and the Gemm keeps the outputs
+    closer than deleting the same units by weight norm."""
+    model = crnn("LSTM", 2)
+    x = RNG.normal(size=(256, 1, HEIGHT, STEPS)).astype(np.float32)
+    fresh = RNG.normal(size=(8, 1, HEIGHT, STEPS)).astype(np.float32)
+    errors = {}
+    for method in ("snp", "l2"):
+        pruned, report = onnxprune.prune(model, {"x": x}, ratio=0.4, method=method, exclude=["conv_*"])
+        assert {r.name: r.kept for r in report.spaces}["rnn"] == 3
+        errors[method] = relative_l2(run(model, fresh), run(pruned, fresh))
+    assert errors["snp"] < errors["l2"]

@@ -39,8 +39,8 @@ def test_every_op_table_has_a_rule():
     for op in ("Concat", "Split", "Slice", "Pad", "Resize", "Reshape", "Flatten", "Transpose", "Unsqueeze", "Squeeze",
                "Expand", "MatMul", "Softmax", "Shape", "Conv", "LayerNormalization", "Attention"):
         assert op in CARRY, op
-    assert set(PRODUCE) == {"Conv", "ConvTranspose", "Gemm", "MatMul"}
-    assert {"Conv", "ConvTranspose", "Gemm", "MatMul", "Flatten", "Reshape"} <= set(CONSUME)
+    assert set(PRODUCE) == {"Conv", "ConvTranspose", "Gemm", "MatMul", "LSTM", "GRU", "RNN"}
+    assert {"Conv", "ConvTranspose", "Gemm", "MatMul", "Flatten", "Reshape", "LSTM", "GRU", "RNN"} <= set(CONSUME)
 
 
 def test_a_broadcast_rule_returns_the_slice_and_the_carried_tensors():

@@ -5,10 +5,11 @@ accuracy (the whole line read right), character accuracy (1 - CER) and agreement
 unpruned model's decoded lines.
 
 Rows: onnxprune's defaults (snp, sequential recovery for a model without attention heads),
-`--one-shot`, the baselines (lsq, fluct, l2, l1), and `recurrent inputs pinned`: the units that
-feed an LSTM excluded, which is what every version before LSTM/GRU/RNN inputs became consumers
-did. The recurrent ops' MACs count in the
-target (steps x batch x directions x gates x hidden x (input + hidden)).
+`--one-shot`, the baselines (lsq, fluct, l2, l1), `LSTM hidden units pinned` (the LSTMs
+excluded: what every version before their hidden units became prunable did) and `recurrent
+inputs pinned` (also the units that feed an LSTM excluded: before LSTM/GRU/RNN inputs became
+consumers). The recurrent ops' MACs count in the target (steps x batch x directions x gates x
+hidden x (input + hidden)).
 
     python models/train_crnn_digits.py      # once (the model and data are committed)
     python tools/bench_ocr.py [--targets 30 50 60] [--out DIR]
@@ -38,12 +39,15 @@ from onnxprune.ops import RECURRENT_GATES  # noqa: E402
 
 MODEL = ROOT / "models" / "crnn_digits.ts.onnx"
 DATA = ROOT / "models" / "data"
-# (label, method, prune keywords); "pinned" excludes the producers whose units feed a recurrent op
+# (label, method, prune keywords); "pinned": "hidden" excludes the recurrent ops (their hidden
+# units), "inputs" also the producers whose units feed them
 VARIANTS = (
     ("snp (defaults: sequential)", "snp", {}),
     ("snp, --one-shot", "snp", {"sequential": False}),
-    ("snp, --one-shot, recurrent inputs pinned", "snp", {"sequential": False, "pinned": True}),
-    ("snp, recurrent inputs pinned", "snp", {"pinned": True}),
+    ("snp, LSTM hidden units pinned", "snp", {"pinned": "hidden"}),
+    ("snp, --one-shot, LSTM hidden units pinned", "snp", {"sequential": False, "pinned": "hidden"}),
+    ("snp, --one-shot, recurrent inputs pinned", "snp", {"sequential": False, "pinned": "inputs"}),
+    ("snp, recurrent inputs pinned", "snp", {"pinned": "inputs"}),
     ("lsq (one-shot)", "lsq", {"sequential": False}),
     ("fluct (FLAP)", "fluct", {"sequential": False}),
     ("l2", "l2", {}),
@@ -51,10 +55,12 @@ VARIANTS = (
 )
 
 
-def recurrent_feeders(calib: dict[str, np.ndarray]) -> list[str]:
-    """Producer nodes of the spaces an LSTM/GRU/RNN reads."""
+def recurrent_producers(calib: dict[str, np.ndarray]) -> dict[str, list[str]]:
+    """The LSTM/GRU/RNN nodes ("hidden") and, with them, the producers of the spaces they read ("inputs")."""
     analysis = prepare(MODEL, calib, verify_samples=4).analysis
-    return sorted({p for s in analysis.prunable if any(c.op_type in RECURRENT_GATES for c in s.consumers) for p in s.producers})
+    ops = sorted({p for s in analysis.prunable for p in s.producers if s.recurrent_reads})
+    feeders = sorted({p for s in analysis.prunable if any(c.op_type in RECURRENT_GATES for c in s.consumers) for p in s.producers})
+    return {"hidden": ops, "inputs": sorted(set(ops) | set(feeders))}
 
 
 def evaluate(model, x: np.ndarray, labels: np.ndarray, reference: list[tuple[int, ...]]) -> dict[str, float]:
@@ -102,13 +108,13 @@ def main(argv: list[str] | None = None) -> int:
     reference = greedy_decode(run_logits(MODEL, x))
     rows = [{"variant": "unpruned", "target": 0.0, **evaluate(MODEL, x, labels, reference)}]
     print(json.dumps(rows[0]), flush=True)
-    feeders = recurrent_feeders(calib)
-    print(f"producers feeding a recurrent op: {feeders}", flush=True)
+    pinned = recurrent_producers(calib)
+    print(f"recurrent ops and the producers feeding them: {pinned}", flush=True)
     for label, method, options in VARIANTS:
         if args.variants and label not in args.variants:
             continue
         options = dict(options)
-        exclude = feeders if options.pop("pinned", False) else []
+        exclude = pinned.get(options.pop("pinned", ""), [])
         for target in args.targets:
             start = time.perf_counter()
             model, report = onnxprune.prune(MODEL, calib, flops=target / 100, method=method, exclude=exclude, **options)

@@ -1,15 +1,12 @@
 """Gemm/MatMul and attention: a constant 2-D weight creates units on the last axis and reads
 them on its reduction axis; MatMul of two activations (q @ kᵀ, probs @ v) carries units on a
-batch axis (heads); Softmax must not normalise over them; fused attention pins; an
-LSTM/GRU/RNN reads units on its input sequence like a linear layer (its hidden units are not
-pruned)."""
+batch axis (heads); Softmax must not normalise over them; fused attention pins (recurrent ops: recurrent.py)."""
 
 from __future__ import annotations
 
 import onnx
 
 from ..graph import GraphIndex, get_attr
-from ..ops import RECURRENT_GATES
 from ..placement import Placement
 from ..spaces import Consumer, ParamSlice
 from .registry import Carry, Effect, Pin, Produced, carries, consumes, produces, read_by, through
@@ -109,30 +106,3 @@ def softmax(index: GraphIndex, node: onnx.NodeProto, tensor: str, placement: Pla
 def fused_attention(index: GraphIndex, node: onnx.NodeProto, tensor: str, placement: Placement) -> list[Effect]:
     """onnxruntime's fused attention ops hide the heads."""
     return [Pin(f"onnxruntime fused op {node.op_type} '{index.label(node)}' hides the heads; export the model without fusion (e.g. before onnxruntime's transformer optimizer)")]
-
-
-@consumes(*RECURRENT_GATES)
-def recurrent_input(index: GraphIndex, node: onnx.NodeProto, slot: int, tensor: str, placement: Placement) -> list[Effect] | None:
-    """An LSTM/GRU/RNN reads its input sequence X ([T, N, in], or [N, T, in] with layout 1)
-    through W [directions, gates x hidden, in]: a linear layer per step on the last axis, whose
-    bias is the Wb half of B; the recovery folds into W and Wb like a Gemm's."""
-    if slot != 0:
-        return None
-    op, label = node.op_type, index.label(node)
-    if len(node.input) < 2 or not index.is_constant(node.input[1]):
-        return [Pin(f"recurrent {op} '{label}' input weight W is not a constant")]
-    if len(node.input) > 3 and node.input[3] and not index.is_constant(node.input[3]):
-        return [Pin(f"recurrent {op} '{label}' bias B is not a constant")]
-    dims = index.const_dims(node.input[1])
-    if index.rank(tensor) != 3 or placement.axis != 2 or len(dims) != 3:
-        return [Pin(f"recurrent {op} '{label}' does not read the units on its input axis")]
-    if dims[2] != placement.size:
-        return [Pin(f"recurrent {op} '{label}' weight W does not match {placement.size} inputs")]
-    return read_by(index, Consumer(label, op, 1, 2, 1, tensor))
-
-
-@carries(*RECURRENT_GATES)
-def recurrent(index: GraphIndex, node: onnx.NodeProto, tensor: str, placement: Placement) -> list[Effect]:
-    """Units reaching a recurrent op other than as its input sequence (initial states, or its
-    outputs from downstream) pin: its hidden units are not pruned."""
-    return [Pin(f"units reach recurrent {node.op_type} '{index.label(node)}' other than as its input sequence (its hidden units are not pruned)")]

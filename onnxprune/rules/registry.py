@@ -19,7 +19,7 @@ import onnx
 
 from ..graph import GraphIndex, get_attr
 from ..placement import Placement
-from ..spaces import AttrUpdate, Consumer, ParamSlice, ShapeUpdate, WindowUpdate
+from ..spaces import AttrUpdate, Consumer, ParamSlice, RecurrentRead, ShapeUpdate, WindowUpdate
 
 
 @dataclass(frozen=True)
@@ -70,7 +70,7 @@ class SizeRead:
     position: int
 
 
-Effect = Carry | Pin | Through | Flattened | Coarsen | SizeRead | ParamSlice | AttrUpdate | ShapeUpdate | WindowUpdate | Consumer
+Effect = Carry | Pin | Through | Flattened | Coarsen | SizeRead | ParamSlice | AttrUpdate | ShapeUpdate | WindowUpdate | Consumer | RecurrentRead
 CarryRule = Callable[[GraphIndex, onnx.NodeProto, str, Placement], list[Effect]]
 ConsumerRule = Callable[[GraphIndex, onnx.NodeProto, int, str, Placement], "list[Effect] | None"]
 
@@ -86,10 +86,10 @@ class Produced(NamedTuple):
 @dataclass(frozen=True)
 class ProducerRule:
     """How an op creates units: `output` finds them (None: this node does not), `slices` lists
-    the parameters to cut for a space of n units."""
+    the effects of creating n units (the parameters to cut; records and pins where needed)."""
 
     output: Callable[[GraphIndex, onnx.NodeProto], Produced | None]
-    slices: Callable[[GraphIndex, onnx.NodeProto, int], list[ParamSlice]]
+    slices: Callable[[GraphIndex, onnx.NodeProto, int], list[Effect]]
 
 
 CARRY: dict[str, CarryRule] = {}

@@ -29,10 +29,14 @@ def map_reshape(index: GraphIndex, node: onnx.NodeProto, placement: Placement, f
         return None, [Pin(f"{label} has a shape onnxprune cannot read")]
     a = placement.axis
     outer, inner = int(np.prod(from_shape[:a], dtype=np.int64)), int(np.prod(from_shape[a + 1:], dtype=np.int64))
+    if placement.repeats > 1:  # copies side by side split apart again (followed backwards)
+        split = _split_copies(placement, outer, inner, to_shape)
+        return (split, []) if split is not None else (None, [Pin(f"{label} splits the copies of the units another way")])
     span = placement.block * inner  # elements of one unit slot within one outer block
     candidates = [k for k in range(len(to_shape)) if int(np.prod(to_shape[:k], dtype=np.int64)) == outer and to_shape[k] != 1]
     if not candidates:
-        return None, [Pin(f"{label} mixes the units' axis with the axes before it")]
+        merged = _merged_with_axes_before(placement, from_shape, to_shape)
+        return (merged, []) if merged is not None else (None, [Pin(f"{label} mixes the units' axis with the axes before it")])
     k = candidates[0]
     t = int(np.prod(to_shape[k + 1:], dtype=np.int64))
     if t % span == 0 and t > span:  # an output index holds several units: use whole groups
@@ -44,6 +48,32 @@ def map_reshape(index: GraphIndex, node: onnx.NodeProto, placement: Placement, f
     if span % t:
         return None, [Pin(f"{label} mixes units with the axes after them")]
     return placement.moved(k, block=span // t, width=placement.width), []
+
+
+def _merged_with_axes_before(placement: Placement, from_shape, to_shape) -> Placement | None:
+    """Axes just before the unit axis merged into it, the units' axis the minor one ([T, N, 2, H]
+    -> [T, N, 2H]: a bidirectional LSTM's directions side by side): each unit appears once per
+    index of the merged axes."""
+    a = placement.axis
+    inner = int(np.prod(from_shape[a + 1:], dtype=np.int64))
+    for j in range(a - 1, -1, -1):
+        copies, before = int(np.prod(from_shape[j:a], dtype=np.int64)), int(np.prod(from_shape[:j], dtype=np.int64))
+        for k in range(len(to_shape)):
+            if (int(np.prod(to_shape[:k], dtype=np.int64)) == before and to_shape[k] == copies * from_shape[a]
+                    and int(np.prod(to_shape[k + 1:], dtype=np.int64)) == inner):
+                return placement.repeated(copies).moved(k, width=placement.width * copies)
+    return None
+
+
+def _split_copies(placement: Placement, outer: int, inner: int, to_shape) -> Placement | None:
+    """The inverse of `_merged_with_axes_before`: [T, N, 2H] -> [T, N, 2, H] gives the first copy."""
+    copies = placement.repeats
+    base = placement.width // copies
+    for k in range(len(to_shape)):
+        if (int(np.prod(to_shape[:k], dtype=np.int64)) == outer * copies and to_shape[k] == base * placement.block
+                and int(np.prod(to_shape[k + 1:], dtype=np.int64)) == inner):
+            return Placement(k, base, tuple(s for s in placement.segments if s.offset < base), placement.block)
+    return None
 
 
 def input_placement(index: GraphIndex, node: onnx.NodeProto, out_placement: Placement) -> tuple[Placement | None, list[Effect]]:

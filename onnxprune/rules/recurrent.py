@@ -1,0 +1,123 @@
+"""Recurrent ops (LSTM / GRU / RNN). The input sequence X is read through W [directions,
+gates x hidden, input] like a linear layer per step (its recovery folds into W and the Wb half
+of B). The hidden units are a space of their own: a unit is the gate rows of W, R and B of one
+hidden index in every direction, R's column of that index (the op reads its own units back as
+h_{t-1}) and its place on Y [T, directions, N, hidden]; the recovery folds per direction into
+R and Rb (`RecurrentRead`, fitted where the states of all directions lie side by side)."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+
+from ..graph import GraphIndex, get_attr
+from ..ops import RECURRENT_GATES
+from ..placement import Placement
+from ..spaces import AttrUpdate, Consumer, ParamSlice, RecurrentRead
+from .registry import Effect, Pin, Produced, carries, consumes, produces, read_by
+
+INITIAL_STATES = {"LSTM": (5, 6), "GRU": (5,), "RNN": (5,)}
+PEEPHOLE_SLOT = 7  # LSTM's P [directions, 3 x hidden]
+LAYOUT_OPS = frozenset({"Transpose", "Reshape", "Squeeze", "Unsqueeze", "Flatten", "Identity"})
+
+
+def _used(index: GraphIndex, name: str) -> bool:
+    return bool(name) and (bool(index.uses.get(name)) or name in index.graph_outputs)
+
+
+def _hidden_output(index: GraphIndex, node: onnx.NodeProto) -> Produced | None:
+    """Y [T, directions, N, hidden] (axis 3 with either layout) holds the hidden units."""
+    if not node.output or not _used(index, node.output[0]) or index.rank(node.output[0]) != 4:
+        return None
+    hidden = get_attr(node, "hidden_size")
+    if hidden is None and len(node.input) > 2 and index.is_constant(node.input[2]):
+        hidden = index.const_dims(node.input[2])[-1]
+    return None if hidden is None else Produced(node.output[0], 3, int(hidden))
+
+
+def is_zero_state(index: GraphIndex, name: str) -> bool:
+    """A ConstantOfShape of zeros (TorchScript's default h0/c0): the same as no initial state."""
+    writer = index.producer.get(name)
+    if writer is None or writer.op_type != "ConstantOfShape":
+        return False
+    value = get_attr(writer, "value")
+    return value is None or not np.any(onnx.numpy_helper.to_array(value))
+
+
+def _hidden_slices(index: GraphIndex, node: onnx.NodeProto, n: int) -> list[Effect]:
+    """Gate rows of W, R, B (and P), R's columns, constant initial states, hidden_size; the
+    states the rewrite must drop; pins for what the fold cannot follow."""
+    op, label, y = node.op_type, index.label(node), node.output[0]
+    gates = RECURRENT_GATES[op]
+    effects: list[Effect] = []
+    for slot, name in ((1, "W"), (2, "R"), (3, "B"), (PEEPHOLE_SLOT, "P")):
+        if slot < len(node.input) and node.input[slot] and not index.is_constant(node.input[slot]):
+            effects.append(Pin(f"recurrent {op} '{label}' {name} is not a constant"))
+    if op == "GRU" and not get_attr(node, "linear_before_reset", 0):
+        effects.append(Pin(f"GRU '{label}' has linear_before_reset=0: the reset gate scales h_(t-1) before R, so its hidden units are not pruned"))
+    for extra in node.output[1:]:
+        if _used(index, extra):
+            effects.append(Pin(f"recurrent {op} '{label}' output '{extra}' (the last state) is used"))
+    zero = []
+    for slot in INITIAL_STATES[op]:
+        state = node.input[slot] if slot < len(node.input) else ""
+        if not state:
+            continue
+        if is_zero_state(index, state):
+            zero.append(slot)
+        elif index.is_constant(state):
+            effects.append(ParamSlice(label, slot, 2, y))
+        else:
+            effects.append(Pin(f"recurrent {op} '{label}' initial state '{state}' is computed"))
+    effects += [ParamSlice(label, 1, 1, y, gates), ParamSlice(label, 2, 1, y, gates), ParamSlice(label, 2, 2, y),
+                ParamSlice(label, 3, 1, y, 2 * gates), AttrUpdate(label, "hidden_size", y), RecurrentRead(label, "", tuple(zero))]
+    if op == "LSTM" and len(node.input) > PEEPHOLE_SLOT and node.input[PEEPHOLE_SLOT]:
+        effects.append(ParamSlice(label, PEEPHOLE_SLOT, 1, y, 3))
+    return effects
+
+
+produces(tuple(RECURRENT_GATES), _hidden_output, _hidden_slices)
+
+
+def state_site(index: GraphIndex, tensors: dict[str, Placement], node: onnx.NodeProto, n: int, sites: list[str]) -> str | None:
+    """A tensor that holds every direction's hidden states side by side on its unit axis, reached
+    from Y through layout ops only (for one direction, Y itself): where R's recovery is fitted.
+    A consumer's site is preferred (its statistics are gathered anyway)."""
+    directions = index.const_dims(node.input[2])[0]
+    found, queue = [], [node.output[0]]
+    while queue:
+        name = queue.pop(0)
+        placement = tensors.get(name)
+        if placement is None:
+            continue
+        if placement.repeats * placement.block == directions:
+            found.append(name)
+        queue += [use.node.output[0] for use in index.uses.get(name, []) if use.node.op_type in LAYOUT_OPS and use.index == 0]
+    return next((t for t in found if t in sites), found[0] if found else None)
+
+
+@consumes(*RECURRENT_GATES)
+def recurrent_input(index: GraphIndex, node: onnx.NodeProto, slot: int, tensor: str, placement: Placement) -> list[Effect] | None:
+    """An LSTM/GRU/RNN reads its input sequence X ([T, N, in], or [N, T, in] with layout 1)
+    through W [directions, gates x hidden, in]: a linear layer per step on the last axis, whose
+    bias is the Wb half of B; the recovery folds into W and Wb like a Gemm's."""
+    if slot != 0:
+        return None
+    op, label = node.op_type, index.label(node)
+    if len(node.input) < 2 or not index.is_constant(node.input[1]):
+        return [Pin(f"recurrent {op} '{label}' input weight W is not a constant")]
+    if len(node.input) > 3 and node.input[3] and not index.is_constant(node.input[3]):
+        return [Pin(f"recurrent {op} '{label}' bias B is not a constant")]
+    dims = index.const_dims(node.input[1])
+    if index.rank(tensor) != 3 or placement.axis != 2 or len(dims) != 3:
+        return [Pin(f"recurrent {op} '{label}' does not read the units on its input axis")]
+    if dims[2] != placement.size:
+        return [Pin(f"recurrent {op} '{label}' weight W does not match {placement.size} inputs")]
+    return read_by(index, Consumer(label, op, 1, 2, 1, tensor))
+
+
+@carries(*RECURRENT_GATES)
+def recurrent(index: GraphIndex, node: onnx.NodeProto, tensor: str, placement: Placement) -> list[Effect]:
+    """Units reaching a recurrent op other than as its input sequence (an initial state computed
+    from them) pin."""
+    return [Pin(f"units reach recurrent {node.op_type} '{index.label(node)}' other than as its input sequence")]
