@@ -442,7 +442,7 @@ def _build_report(
     rows = []
     for space in analysis.spaces:
         kept = len(plan.spaces[space.id].keep) if space.id in plan.spaces else space.n
-        terms = [cost.node_macs[p] for p in space.producers if p in cost.node_macs]
+        terms = [t for p in space.producers for t in cost.node_terms(p)]
         rows.append(SpaceRow(
             space.name, list(space.producers), space.n, kept,
             int(sum(t.base for t in terms)), int(round(cost.evaluate(terms, fractions))),

@@ -83,6 +83,11 @@ class CostModel:
     macs_terms: list[CostTerm] = field(default_factory=list)
     params_terms: list[CostTerm] = field(default_factory=list)
     node_macs: dict[str, CostTerm] = field(default_factory=dict)
+    recurrent_macs: dict[str, CostTerm] = field(default_factory=dict)  # an LSTM's H x H part, beside its input part
+
+    def node_terms(self, label: str) -> list[CostTerm]:
+        """Every MAC term of one node (a recurrent op has two)."""
+        return [t for t in (self.node_macs.get(label), self.recurrent_macs.get(label)) if t is not None]
 
     @property
     def total_macs(self) -> int:
@@ -150,7 +155,8 @@ def build_cost_model(index: GraphIndex, analysis: Analysis, recovery: bool = Tru
         if macs:
             label = index.label(node)
             if fixed:
-                model.macs_terms.append(CostTerm(fixed, tuple(sorted(recurrent_tensors.get(label, ())))))
+                model.recurrent_macs[label] = CostTerm(fixed, tuple(sorted(recurrent_tensors.get(label, ()))))
+                model.macs_terms.append(model.recurrent_macs[label])
             term = CostTerm(macs, tuple(sorted(node_tensors.get(label, ()))))
             model.macs_terms.append(term)
             model.node_macs[label] = term

@@ -76,7 +76,7 @@ def inspect_model(model: str | Path | onnx.ModelProto, input_shapes: dict[str, t
     spaces = [
         SpaceInfo(
             space.name, space.n, list(space.producers), sorted({c.node for c in space.consumers}), list(space.pass_through),
-            list(space.sites), int(sum(cost.node_macs[p].base for p in space.producers if p in cost.node_macs)), list(space.pinned),
+            list(space.sites), int(sum(t.base for p in space.producers for t in cost.node_terms(p))), list(space.pinned),
         )
         for space in analysis.spaces
     ]
