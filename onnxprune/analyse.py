@@ -85,7 +85,7 @@ def _attach_state_site(index: GraphIndex, space: Space) -> None:
     """A recurrent op's hidden units are read back through R: fit that recovery where the
     states of every direction lie side by side (a statistics site of the space)."""
     for i, read in enumerate(space.recurrent_reads):
-        site = state_site(index, space.tensors, index.node(read.node), space.n, space.sites)
+        site = state_site(index, space.tensors, index.node(read.node), space.sites)
         if site is None:
             append_new(space.pinned, f"the hidden states of '{read.node}' never lie side by side on one tensor (their recovery cannot be fitted)")
             continue

@@ -12,7 +12,7 @@ from .analyse import Consumer
 from .graph import get_attr
 from .ops import RECURRENT_GATES
 from .recovery import Recovery
-from .spaces import RecurrentRead
+from .spaces import RecurrentRead, Space
 
 
 def fold_consumer_weight(weight: np.ndarray, consumer: Consumer, width: int, recovery: Recovery) -> tuple[np.ndarray, np.ndarray]:
@@ -70,25 +70,26 @@ class FoldMixin:
             delta = delta / float(np.prod(get_attr(node, "strides", [1])))
         self._add_bias(consumer, delta)
 
-    def _fold_states(self, space, read: RecurrentRead) -> None:
+    def _fold_states(self, space: Space, read: RecurrentRead) -> None:
         """R_d[:, K] += R_d[:, P] B_d and Rb_d += R_d[:, P] b0_d for every direction d (the
         recurrent op reads its own kept units back as h_(t-1)); zero initial states are dropped."""
-        r = self.edits.get(read.node, 2).astype(np.float64)
-        gate_rows = r.shape[1]
-        rb = np.zeros((r.shape[0], 2 * gate_rows))
-        for d in range(r.shape[0]):
-            recovery = self.recoveries.get((space.id, read.site, d))
-            if recovery is None:
-                continue
-            pruned = r[d][:, recovery.prune]
-            r[d][:, recovery.keep] += pruned @ recovery.weights
-            rb[d, gate_rows:] = pruned @ recovery.offset
-        dtype = self.edits.get(read.node, 1).dtype
-        self.edits.set(read.node, 2, r.astype(dtype))
-        self._add_to_input(read.node, 3, rb, dtype)
         node = self.index.node(read.node)
         for slot in read.zero_states:
             node.input[slot] = ""
+        recoveries = [self.recoveries.get((space.id, read.site, d)) for d in range(self.index.const_dims(node.input[2])[0])]
+        if all(r is None for r in recoveries):  # a method without recovery only deletes
+            return
+        r = self.edits.get(read.node, 2).astype(np.float64)
+        gate_rows = r.shape[1]
+        rb = np.zeros((r.shape[0], 2 * gate_rows))
+        for d, recovery in enumerate(recoveries):
+            if recovery is not None:
+                pruned = r[d][:, recovery.prune]
+                r[d][:, recovery.keep] += pruned @ recovery.weights
+                rb[d, gate_rows:] = pruned @ recovery.offset
+        dtype = self.edits.get(read.node, 1).dtype
+        self.edits.set(read.node, 2, r.astype(dtype))
+        self._add_to_input(read.node, 3, rb, dtype)
 
     def _add_bias(self, consumer: Consumer, delta: np.ndarray) -> None:
         node = self.index.node(consumer.node)

@@ -188,8 +188,8 @@ def test_hidden_units_of_a_bidirectional_lstm_are_pairs_side_by_side():
 
 def test_pruning_hidden_units_beats_deleting_them():
     """At 40% of the hidden units, the least-squares fold into R and the Gemm keeps the outputs
-    closer than deleting the same units by weight norm."""
-    model = crnn("LSTM", 2)
+    closer than deleting the same units by weight norm (zero initial states: dropped either way)."""
+    model = crnn("LSTM", 2, zero_state=True)
     x = RNG.normal(size=(256, 1, HEIGHT, STEPS)).astype(np.float32)
     fresh = RNG.normal(size=(8, 1, HEIGHT, STEPS)).astype(np.float32)
     errors = {}
@@ -198,3 +198,13 @@ def test_pruning_hidden_units_beats_deleting_them():
         assert {r.name: r.kept for r in report.spaces}["rnn"] == 3
         errors[method] = relative_l2(run(model, fresh), run(pruned, fresh))
     assert errors["snp"] < errors["l2"]
+
+
+def test_hidden_units_pin_where_no_fold_into_r_is_exact():
+    """GRU with linear_before_reset=0 (r scales h_(t-1) before R) and a computed initial state
+    pin the hidden space with the reason; the units feeding the op stay prunable."""
+    gru = crnn("GRU", 2)
+    next(a for n in gru.graph.node if n.op_type == "GRU" for a in n.attribute if a.name == "linear_before_reset").i = 0
+    for model, reason in ((gru, "linear_before_reset=0"), (crnn("LSTM", 2, initial_state=True), "initial state")):
+        spaces = {s.name: s for s in onnxprune.inspect_model(model, input_shapes={"x": (2, 1, HEIGHT, STEPS)}).spaces}
+        assert any(reason in p for p in spaces["rnn"].pinned) and not spaces["conv_b"].pinned

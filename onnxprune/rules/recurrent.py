@@ -79,7 +79,7 @@ def _hidden_slices(index: GraphIndex, node: onnx.NodeProto, n: int) -> list[Effe
 produces(tuple(RECURRENT_GATES), _hidden_output, _hidden_slices)
 
 
-def state_site(index: GraphIndex, tensors: dict[str, Placement], node: onnx.NodeProto, n: int, sites: list[str]) -> str | None:
+def state_site(index: GraphIndex, tensors: dict[str, Placement], node: onnx.NodeProto, sites: list[str]) -> str | None:
     """A tensor that holds every direction's hidden states side by side on its unit axis, reached
     from Y through layout ops only (for one direction, Y itself): where R's recovery is fitted.
     A consumer's site is preferred (its statistics are gathered anyway)."""
