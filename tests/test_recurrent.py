@@ -26,12 +26,13 @@ def normal(*shape, scale=0.5):
 
 
 def crnn(op: str, directions: int = 1, bias: bool = True, initial_state: bool = False, layout: int = 0,
-         planted_hidden: bool = False, zero_state: bool = False) -> onnx.ModelProto:
+         planted_hidden: bool = False, zero_state: bool | str = False) -> onnx.ModelProto:
     """conv_a -> conv_b -> [W, N, C*H] sequence -> LSTM/GRU/RNN -> Gemm per step. conv_a's unit 5
     is a planted copy of unit 2 and conv_b's unit 3 a copy of unit 1 (same weights and bias),
     so each can be removed exactly; conv_b's units reach the recurrent op as blocks of H features.
     `planted_hidden`: hidden unit 4 gets unit 1's gate rows in W, R and B, so h_4 = h_1 at every
-    step of every direction. `zero_state`: TorchScript's ConstantOfShape zero h0 (and c0)."""
+    step of every direction. `zero_state`: TorchScript's ConstantOfShape zero h0 (and c0);
+    "slice": a Slice of a bigger zero tensor (a multi-layer torch RNN's h0)."""
     g = GraphBuilder([1, 1, HEIGHT, STEPS])
     wa, ba = normal(6, 1, 3, 3), normal(6)
     wa[5], ba[5] = wa[2], ba[2]
@@ -54,6 +55,9 @@ def crnn(op: str, directions: int = 1, bias: bool = True, initial_state: bool = 
         batch = g.op("Gather", [g.op("Shape", ["x"]), g.const(np.array([0]), dtype=np.int64)], axis=0)
         size = g.op("Concat", [g.const(np.array([directions]), dtype=np.int64), batch, g.const(np.array([HIDDEN]), dtype=np.int64)], axis=0)
         zeros = g.op("ConstantOfShape", [size])
+        if zero_state == "slice":  # a 2-layer torch RNN: one zero tensor for both layers, sliced per layer
+            doubled = g.op("ConstantOfShape", [g.op("Mul", [size, g.const(np.array([2, 1, 1]), dtype=np.int64)])])
+            zeros = g.op("Slice", [doubled, *(g.const(np.array([v]), dtype=np.int64) for v in (0, directions, 0))])
         inputs += ["", zeros] + ([zeros] if op == "LSTM" else [])
     if initial_state:  # sequence_lens left empty, initial_h given: B must land in slot 3, not be appended
         batch = g.op("Gather", [g.op("Shape", ["x"]), g.const(np.array([0]), dtype=np.int64)], axis=0)
@@ -153,6 +157,7 @@ def test_a_batch_first_lstm_reads_the_units_on_its_last_axis_too():
 
 @pytest.mark.parametrize("op,directions,bias,zero_state", [
     ("LSTM", 1, True, False), ("LSTM", 2, True, True), ("LSTM", 2, False, False), ("GRU", 2, True, True), ("RNN", 2, False, True),
+    ("LSTM", 2, True, "slice"), ("GRU", 1, True, "slice"),
 ])
 def test_a_planted_copy_of_a_hidden_unit_is_removed_exactly(op, directions, bias, zero_state):
     """h_4 = h_1 in every direction: the hidden space loses one unit (per direction), R's column
@@ -168,7 +173,7 @@ def test_a_planted_copy_of_a_hidden_unit_is_removed_exactly(op, directions, bias
     assert shapes[node.input[3]] == [directions, 2 * gates * (HIDDEN - 1)]
     assert next(a.i for a in node.attribute if a.name == "hidden_size") == HIDDEN - 1
     if zero_state:  # the zero states are dropped (an absent state is zero), not resized
-        assert not any(node.input[5:]) and not any(n.op_type == "ConstantOfShape" for n in pruned.graph.node)
+        assert not any(node.input[5:]) and not any(n.op_type in ("ConstantOfShape", "Slice") for n in pruned.graph.node)
     fresh = RNG.normal(size=(4, 1, HEIGHT, STEPS)).astype(np.float32)
     assert relative_l2(run(model, fresh), run(pruned, fresh)) < 1e-4
 

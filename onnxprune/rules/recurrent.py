@@ -19,6 +19,7 @@ from .registry import Effect, Pin, Produced, carries, consumes, produces, read_b
 INITIAL_STATES = {"LSTM": (5, 6), "GRU": (5,), "RNN": (5,)}
 PEEPHOLE_SLOT = 7  # LSTM's P [directions, 3 x hidden]
 LAYOUT_OPS = frozenset({"Transpose", "Reshape", "Squeeze", "Unsqueeze", "Flatten", "Identity"})
+ZERO_PRESERVING = LAYOUT_OPS | {"Slice", "Expand", "Cast", "Tile"}  # zeros in, zeros out (data input 0)
 
 
 def _used(index: GraphIndex, name: str) -> bool:
@@ -36,12 +37,22 @@ def _hidden_output(index: GraphIndex, node: onnx.NodeProto) -> Produced | None:
 
 
 def is_zero_state(index: GraphIndex, name: str) -> bool:
-    """A ConstantOfShape of zeros (TorchScript's default h0/c0): the same as no initial state."""
-    writer = index.producer.get(name)
-    if writer is None or writer.op_type != "ConstantOfShape":
-        return False
-    value = get_attr(writer, "value")
-    return value is None or not np.any(onnx.numpy_helper.to_array(value))
+    """Zeros whatever the batch: a constant of zeros, or a ConstantOfShape of zeros reached
+    through shape-only ops (TorchScript's h0/c0; a multi-layer RNN's Slice of one zero tensor)."""
+    for _ in range(16):
+        value = index.const(name)
+        if value is not None:
+            return not np.any(value)
+        writer = index.producer.get(name)
+        if writer is None:
+            return False
+        if writer.op_type == "ConstantOfShape":
+            fill = get_attr(writer, "value")
+            return fill is None or not np.any(onnx.numpy_helper.to_array(fill))
+        if writer.op_type not in ZERO_PRESERVING:
+            return False
+        name = writer.input[0]
+    return False
 
 
 def _hidden_slices(index: GraphIndex, node: onnx.NodeProto, n: int) -> list[Effect]:
@@ -64,7 +75,7 @@ def _hidden_slices(index: GraphIndex, node: onnx.NodeProto, n: int) -> list[Effe
         if not state:
             continue
         if is_zero_state(index, state):
-            zero.append(slot)
+            zero.append(slot)  # dropped: an absent state is zero
         elif index.is_constant(state):
             effects.append(ParamSlice(label, slot, 2, y))
         else:
