@@ -213,3 +213,28 @@ def test_hidden_units_pin_where_no_fold_into_r_is_exact():
     for model, reason in ((gru, "linear_before_reset=0"), (crnn("LSTM", 2, initial_state=True), "initial state")):
         spaces = {s.name: s for s in onnxprune.inspect_model(model, input_shapes={"x": (2, 1, HEIGHT, STEPS)}).spaces}
         assert any(reason in p for p in spaces["rnn"].pinned) and not spaces["conv_b"].pinned
+
+
+def test_an_easyocr_height_pool_after_a_permute_carries_the_channels():
+    """EasyOCR's front end: conv [N, C, H, W] -> permute to [N, W, C, H] -> AdaptiveAvgPool2d((None,
+    1)) (an AveragePool with a [1, H] kernel: the channels sit on a spatial axis it neither pools
+    nor strides) -> squeeze -> LSTM. The conv's planted copy is removed exactly through it."""
+    g = GraphBuilder([1, 1, HEIGHT, STEPS])
+    w, b = normal(6, 1, 3, 3), normal(6)
+    w[5], b[5] = w[2], b[2]
+    a = g.op("Relu", [g.conv("x", w, b, name="conv", pads=[1, 1, 1, 1])])
+    pooled = g.op("AveragePool", [g.op("Transpose", [a], perm=[0, 3, 1, 2])], kernel_shape=[1, HEIGHT], strides=[1, HEIGHT])
+    seq = g.op("Transpose", [g.op("Squeeze", [pooled, g.const(np.array([3]), dtype=np.int64)])], perm=[1, 0, 2])
+    inputs = [seq, g.const(normal(2, 4 * HIDDEN, 6)), g.const(normal(2, 4 * HIDDEN, HIDDEN)), g.const(normal(2, 8 * HIDDEN))]
+    g.nodes.append(helper.make_node("LSTM", inputs, ["rnn_y"], name="rnn", hidden_size=HIDDEN, direction="bidirectional"))
+    y = g.op("Reshape", [g.op("Transpose", ["rnn_y"], perm=[0, 2, 1, 3]), g.const(np.array([-1, 2 * HIDDEN]), dtype=np.int64)])
+    model = g.build(g.gemm(y, normal(2 * HIDDEN, 3), normal(3), name="fc"), [None, 3])
+    x = RNG.normal(size=(64, 1, HEIGHT, STEPS)).astype(np.float32)
+    pruned, report = onnxprune.prune(model, {"x": x}, tolerance=1e-6)
+    assert {r.name: r.kept for r in report.spaces}["conv"] == 5
+    fresh = RNG.normal(size=(4, 1, HEIGHT, STEPS)).astype(np.float32)
+    assert relative_l2(run(model, fresh), run(pruned, fresh)) < 1e-4
+    g2 = onnx.load_from_string(model.SerializeToString())
+    next(n for n in g2.graph.node if n.op_type == "AveragePool").attribute[0].CopyFrom(helper.make_attribute("kernel_shape", [2, HEIGHT]))
+    spaces = {s.name: s for s in onnxprune.inspect_model(g2, input_shapes={"x": (2, 1, HEIGHT, STEPS)}).spaces}
+    assert any("AveragePool" in p for p in spaces["conv"].pinned)  # a kernel over the channels mixes them

@@ -118,8 +118,23 @@ def per_channel(index: GraphIndex, node: onnx.NodeProto, placement: Placement, p
 
 @carries(*sorted(CHANNEL_WISE))
 def pool(index: GraphIndex, node: onnx.NodeProto, tensor: str, placement: Placement) -> list[Effect]:
-    """Pooling acts on each channel alone."""
+    """Pooling acts on each channel alone; a windowed pool also leaves alone a spatial axis it
+    neither pools nor strides nor pads (EasyOCR's AdaptiveAvgPool2d((None, 1)) after a permute
+    to [N, W, C, H]: a [1, H] kernel over units on axis 2)."""
+    if placement.axis >= 2 and _untouched_spatial_axis(node, placement.axis - 2):
+        return through(index.label(node), node.input[0], node.output[0], placement)
     return per_channel(index, node, placement)
+
+
+def _untouched_spatial_axis(node: onnx.NodeProto, k: int) -> bool:
+    """Kernel 1, stride 1, dilation 1 and no padding on spatial axis k of a windowed pool."""
+    kernel = get_attr(node, "kernel_shape")
+    if node.op_type not in ("MaxPool", "AveragePool", "LpPool") or kernel is None or k >= len(kernel):
+        return False
+    pads = get_attr(node, "pads") or [0] * (2 * len(kernel))
+    auto_pad = get_attr(node, "auto_pad", b"NOTSET")
+    same = [(get_attr(node, a) or [1] * len(kernel))[k] for a in ("strides", "dilations")]
+    return kernel[k] == 1 and same == [1, 1] and pads[k] == 0 and pads[k + len(kernel)] == 0 and auto_pad in (b"NOTSET", "NOTSET", b"VALID", "VALID")
 
 
 @carries("Resize")
