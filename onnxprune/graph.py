@@ -17,10 +17,33 @@ Shape = tuple[int | None, ...]
 
 @dataclass(frozen=True)
 class Use:
-    """One input slot of one node that reads a tensor."""
+    """One input slot of one node that reads a tensor; index -1: read from the enclosing scope
+    by one of the node's subgraphs (an If/Loop/Scan body), which no rule can follow."""
 
     node: onnx.NodeProto
     index: int
+
+
+IMPLICIT = -1
+
+
+def subgraph_reads(node: onnx.NodeProto) -> set[str]:
+    """Names a node's subgraphs (If/Loop/Scan bodies) read from the enclosing graph."""
+    names: set[str] = set()
+    for attr in node.attribute:
+        graphs = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
+        for graph in graphs:
+            inner = {o for n in graph.node for o in n.output} | {i.name for i in graph.input} | {t.name for t in graph.initializer}
+            for sub in graph.node:
+                names.update(name for name in [*sub.input, *subgraph_reads(sub)] if name and name not in inner)
+    return names
+
+
+def node_reads(node: onnx.NodeProto) -> list[str]:
+    """Every tensor the node reads: its inputs and what its subgraphs read from the enclosing graph."""
+    return [name for name in node.input if name] + sorted(subgraph_reads(node))
+
+
 
 
 def node_label(node: onnx.NodeProto, position: int) -> str:
@@ -131,6 +154,8 @@ class GraphIndex:
             for i, name in enumerate(node.input):
                 if name:
                     self.uses[name].append(Use(node, i))
+            for name in subgraph_reads(node):
+                self.uses[name].append(Use(node, IMPLICIT))
             if node.op_type == "Constant" and node.output:
                 value = _constant_node_value(node)
                 if value is not None:

@@ -11,7 +11,7 @@ from onnx import helper, numpy_helper
 
 from .analyse import Analysis, AttrUpdate, Consumer, ParamSlice, ShapeUpdate, Space, WindowUpdate
 from .folds import FoldMixin, fold_consumer_weight  # noqa: F401 - fold_consumer_weight is part of this module's API
-from .graph import Constants, GraphIndex, copy_model, get_attr, weightless_skeleton
+from .graph import Constants, GraphIndex, copy_model, get_attr, node_reads, weightless_skeleton
 from .placement import expand_blocks, removed_count
 from .plan import Plan, SpacePlan
 from .recovery import Recovery
@@ -83,7 +83,7 @@ class ConstantEdits:
         graph = self.model.graph
         use_count: dict[str, int] = {}
         for node in graph.node:
-            for name in node.input:
+            for name in node_reads(node):  # a weight a subgraph also reads is never replaced in place
                 use_count[name] = use_count.get(name, 0) + 1
         initializers = {t.name: t for t in self.source}
         replaced: dict[str, _Edit] = {}
@@ -188,13 +188,13 @@ def _drop_dead_nodes(model: onnx.ModelProto) -> None:
     """Remove nodes whose outputs nothing reads any more (a shape Concat replaced by its copy)."""
     graph = model.graph
     while True:
-        used = {name for node in graph.node for name in node.input} | {o.name for o in graph.output}
+        used = {name for node in graph.node for name in node_reads(node)} | {o.name for o in graph.output}
         dead = [i for i, n in enumerate(graph.node) if n.output and not any(o in used for o in n.output if o)]
         if not dead:
             return
         for i in reversed(dead):
             del graph.node[i]
-        used = {name for node in graph.node for name in node.input} | {o.name for o in graph.output}
+        used = {name for node in graph.node for name in node_reads(node)} | {o.name for o in graph.output}
         _remove_initializers(graph, {t.name for t in graph.initializer} - used)
 
 
@@ -206,7 +206,7 @@ def _remove_initializers(graph: onnx.GraphProto, names: set[str]) -> None:
 
 
 def _drop_unused_initializers(model: onnx.ModelProto, candidates: set[str]) -> None:
-    used = {name for node in model.graph.node for name in node.input}
+    used = {name for node in model.graph.node for name in node_reads(node)}
     used.update(o.name for o in model.graph.output)
     _remove_initializers(model.graph, candidates - used)
 

@@ -11,7 +11,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from .graph import Shape, copy_model
+from .graph import Shape, copy_model, node_reads
 
 UNKNOWN_SIZE = 1 << 40  # a tensor of unknown shape is never a cheap place to cut
 
@@ -27,22 +27,6 @@ class GraphSegment:
     sites: list[str]
     boundary: list[str]
     at_sites: list[str] = field(default_factory=list)
-
-
-def subgraph_reads(node: onnx.NodeProto) -> set[str]:
-    """Names a node's subgraphs (If/Loop/Scan bodies) read from the enclosing graph."""
-    names: set[str] = set()
-    for attr in node.attribute:
-        graphs = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
-        for graph in graphs:
-            inner = {o for n in graph.node for o in n.output} | {i.name for i in graph.input} | {t.name for t in graph.initializer}
-            for sub in graph.node:
-                names.update(name for name in [*sub.input, *subgraph_reads(sub)] if name and name not in inner)
-    return names
-
-
-def node_reads(node: onnx.NodeProto) -> list[str]:
-    return [name for name in node.input if name] + sorted(subgraph_reads(node))
 
 
 def static_tensors(model: onnx.ModelProto) -> set[str]:

@@ -26,13 +26,15 @@ def normal(*shape, scale=0.5):
 
 
 def crnn(op: str, directions: int = 1, bias: bool = True, initial_state: bool = False, layout: int = 0,
-         planted_hidden: bool = False, zero_state: bool | str = False) -> onnx.ModelProto:
+         planted_hidden: bool = False, zero_state: bool | str = False, tf2onnx: bool = False) -> onnx.ModelProto:
     """conv_a -> conv_b -> [W, N, C*H] sequence -> LSTM/GRU/RNN -> Gemm per step. conv_a's unit 5
     is a planted copy of unit 2 and conv_b's unit 3 a copy of unit 1 (same weights and bias),
     so each can be removed exactly; conv_b's units reach the recurrent op as blocks of H features.
     `planted_hidden`: hidden unit 4 gets unit 1's gate rows in W, R and B, so h_4 = h_1 at every
     step of every direction. `zero_state`: TorchScript's ConstantOfShape zero h0 (and c0);
-    "slice": a Slice of a bigger zero tensor (a multi-layer torch RNN's h0)."""
+    "slice": a Slice of a bigger zero tensor (a multi-layer torch RNN's h0). `tf2onnx`: Keras's
+    Bidirectional as tf2onnx writes it: zero states as a Concat of an Expand of 0 per direction,
+    each direction Sliced off Y and Squeezed, a Concat on the last axis, a ReverseSequence."""
     g = GraphBuilder([1, 1, HEIGHT, STEPS])
     wa, ba = normal(6, 1, 3, 3), normal(6)
     wa[5], ba[5] = wa[2], ba[2]
@@ -59,6 +61,12 @@ def crnn(op: str, directions: int = 1, bias: bool = True, initial_state: bool = 
             doubled = g.op("ConstantOfShape", [g.op("Mul", [size, g.const(np.array([2, 1, 1]), dtype=np.int64)])])
             zeros = g.op("Slice", [doubled, *(g.const(np.array([v]), dtype=np.int64) for v in (0, directions, 0))])
         inputs += ["", zeros] + ([zeros] if op == "LSTM" else [])
+    if tf2onnx:
+        batch = g.op("Gather", [g.op("Shape", ["x"]), g.const(np.array([0]), dtype=np.int64)], axis=0)
+        one = g.op("Unsqueeze", [g.op("Expand", [g.const(np.array(0.0)), g.op("Concat", [batch, g.const(np.array([HIDDEN]), dtype=np.int64)], axis=0)]),
+                                 g.const(np.array([0]), dtype=np.int64)])
+        zeros = g.op("Concat", [one] * directions, axis=0)
+        inputs += ["", zeros] + ([zeros] if op == "LSTM" else [])
     if initial_state:  # sequence_lens left empty, initial_h given: B must land in slot 3, not be appended
         batch = g.op("Gather", [g.op("Shape", ["x"]), g.const(np.array([0]), dtype=np.int64)], axis=0)
         size = g.op("Concat", [g.const(np.array([directions]), dtype=np.int64), batch, g.const(np.array([HIDDEN]), dtype=np.int64)], axis=0)
@@ -66,6 +74,14 @@ def crnn(op: str, directions: int = 1, bias: bool = True, initial_state: bool = 
     direction = "bidirectional" if directions == 2 else "forward"
     extra = {"linear_before_reset": 1} if op == "GRU" else {}  # as torch exports a GRU
     g.nodes.append(helper.make_node(op, inputs, ["rnn_y"], name="rnn", hidden_size=HIDDEN, direction=direction, layout=layout, **extra))
+    if tf2onnx:
+        cut = [g.op("Squeeze", [g.op("Slice", ["rnn_y", *(g.const(np.array([v]), dtype=np.int64) for v in (d, d + 1, 1))]),
+                                g.const(np.array([1]), dtype=np.int64)]) for d in range(directions)]
+        joined = g.op("Concat", cut, axis=2)
+        lengths = g.op("Expand", [g.const(np.array([STEPS]), dtype=np.int64), batch])
+        backward = g.op("ReverseSequence", [joined, lengths], batch_axis=1, time_axis=0)
+        y = g.op("Reshape", [g.op("Add", [joined, backward]), g.const(np.array([-1, directions * HIDDEN]), dtype=np.int64)])
+        return g.build(g.gemm(y, normal(directions * HIDDEN, 3), normal(3), name="fc"), [None, 3])
     steps = "rnn_y" if layout else g.op("Transpose", ["rnn_y"], perm=[0, 2, 1, 3])
     y = g.op("Reshape", [steps, g.const(np.array([-1, directions * HIDDEN]), dtype=np.int64)])
     return g.build(g.gemm(y, normal(directions * HIDDEN, 3), normal(3), name="fc"), [None, 3])
@@ -157,12 +173,13 @@ def test_a_batch_first_lstm_reads_the_units_on_its_last_axis_too():
 
 @pytest.mark.parametrize("op,directions,bias,zero_state", [
     ("LSTM", 1, True, False), ("LSTM", 2, True, True), ("LSTM", 2, False, False), ("GRU", 2, True, True), ("RNN", 2, False, True),
-    ("LSTM", 2, True, "slice"), ("GRU", 1, True, "slice"),
+    ("LSTM", 2, True, "slice"), ("GRU", 1, True, "slice"), ("LSTM", 2, True, "tf2onnx"), ("GRU", 2, False, "tf2onnx"),
 ])
 def test_a_planted_copy_of_a_hidden_unit_is_removed_exactly(op, directions, bias, zero_state):
     """h_4 = h_1 in every direction: the hidden space loses one unit (per direction), R's column
     and the Gemm's columns of it fold into unit 1's, and the outputs do not change."""
-    model = crnn(op, directions, bias, planted_hidden=True, zero_state=zero_state)
+    tf2onnx = zero_state == "tf2onnx"
+    model = crnn(op, directions, bias, planted_hidden=True, zero_state=zero_state and not tf2onnx, tf2onnx=tf2onnx)
     x = RNG.normal(size=(64, 1, HEIGHT, STEPS)).astype(np.float32)
     pruned, report = onnxprune.prune(model, {"x": x}, tolerance=1e-6)
     assert {r.name: r.kept for r in report.spaces}["rnn"] == HIDDEN - 1
@@ -173,7 +190,7 @@ def test_a_planted_copy_of_a_hidden_unit_is_removed_exactly(op, directions, bias
     assert shapes[node.input[3]] == [directions, 2 * gates * (HIDDEN - 1)]
     assert next(a.i for a in node.attribute if a.name == "hidden_size") == HIDDEN - 1
     if zero_state:  # the zero states are dropped (an absent state is zero), not resized
-        assert not any(node.input[5:]) and not any(n.op_type in ("ConstantOfShape", "Slice") for n in pruned.graph.node)
+        assert not any(node.input[5:]) and not any(n.op_type in ("ConstantOfShape", "Slice") and "rnn_y" not in n.input for n in pruned.graph.node)
     fresh = RNG.normal(size=(4, 1, HEIGHT, STEPS)).astype(np.float32)
     assert relative_l2(run(model, fresh), run(pruned, fresh)) < 1e-4
 

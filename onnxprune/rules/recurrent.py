@@ -14,7 +14,7 @@ from ..graph import GraphIndex, get_attr
 from ..ops import RECURRENT_GATES
 from ..placement import Placement
 from ..spaces import AttrUpdate, Consumer, ParamSlice, RecurrentRead
-from .registry import Effect, Pin, Produced, carries, consumes, produces, read_by
+from .registry import Effect, Pin, Produced, carries, consumes, produces, read_by, through
 
 INITIAL_STATES = {"LSTM": (5, 6), "GRU": (5,), "RNN": (5,)}
 PEEPHOLE_SLOT = 7  # LSTM's P [directions, 3 x hidden]
@@ -36,23 +36,22 @@ def _hidden_output(index: GraphIndex, node: onnx.NodeProto) -> Produced | None:
     return None if hidden is None else Produced(node.output[0], 3, int(hidden))
 
 
-def is_zero_state(index: GraphIndex, name: str) -> bool:
+def is_zero_state(index: GraphIndex, name: str, depth: int = 16) -> bool:
     """Zeros whatever the batch: a constant of zeros, or a ConstantOfShape of zeros reached
-    through shape-only ops (TorchScript's h0/c0; a multi-layer RNN's Slice of one zero tensor)."""
-    for _ in range(16):
-        value = index.const(name)
-        if value is not None:
-            return not np.any(value)
-        writer = index.producer.get(name)
-        if writer is None:
-            return False
-        if writer.op_type == "ConstantOfShape":
-            fill = get_attr(writer, "value")
-            return fill is None or not np.any(onnx.numpy_helper.to_array(fill))
-        if writer.op_type not in ZERO_PRESERVING:
-            return False
-        name = writer.input[0]
-    return False
+    through shape-only ops and Concats of zeros (TorchScript's h0/c0; a multi-layer RNN's Slice
+    of one zero tensor; tf2onnx's Concat of an Expand of 0 per direction)."""
+    value = index.const(name)
+    if value is not None:
+        return not np.any(value)
+    writer = index.producer.get(name)
+    if writer is None or depth == 0:
+        return False
+    if writer.op_type == "ConstantOfShape":
+        fill = get_attr(writer, "value")
+        return fill is None or not np.any(onnx.numpy_helper.to_array(fill))
+    if writer.op_type == "Concat":
+        return all(is_zero_state(index, i, depth - 1) for i in writer.input)
+    return writer.op_type in ZERO_PRESERVING and is_zero_state(index, writer.input[0], depth - 1)
 
 
 def _hidden_slices(index: GraphIndex, node: onnx.NodeProto, n: int) -> list[Effect]:
@@ -91,20 +90,56 @@ produces(tuple(RECURRENT_GATES), _hidden_output, _hidden_slices)
 
 
 def state_site(index: GraphIndex, tensors: dict[str, Placement], node: onnx.NodeProto, sites: list[str]) -> str | None:
-    """A tensor that holds every direction's hidden states side by side on its unit axis, reached
-    from Y through layout ops only (for one direction, Y itself): where R's recovery is fitted.
-    A consumer's site is preferred (its statistics are gathered anyway)."""
-    directions = index.const_dims(node.input[2])[0]
-    found, queue = [], [node.output[0]]
+    """A tensor that holds every direction's hidden states side by side on its unit axis, in
+    direction order, reached from Y through layout ops, Slices of one direction and a Concat of
+    them in order (tf2onnx); for one direction, Y itself: where R's recovery is fitted. A
+    consumer's site is preferred (its statistics are gathered anyway)."""
+    y, directions = node.output[0], index.const_dims(node.input[2])[0]
+    found, queue, seen = [], [y], set()
     while queue:
         name = queue.pop(0)
         placement = tensors.get(name)
-        if placement is None:
+        if placement is None or name in seen:
             continue
+        seen.add(name)
         if placement.repeats * placement.block == directions:
             found.append(name)
-        queue += [use.node.output[0] for use in index.uses.get(name, []) if use.node.op_type in LAYOUT_OPS and use.index == 0]
+        for use in index.uses.get(name, []):
+            op = use.node.op_type
+            if (op in LAYOUT_OPS or op == "Slice") and use.index == 0:
+                queue.append(use.node.output[0])
+            elif op == "Concat" and [_direction_of(index, i, y) for i in use.node.input] == list(range(directions)):
+                queue.append(use.node.output[0])
     return next((t for t in found if t in sites), found[0] if found else None)
+
+
+def _direction_of(index: GraphIndex, name: str, y: str) -> int | None:
+    """d when the tensor is direction d of Y ([T, directions, N, H]) cut by a Slice on axis 1,
+    through layout ops; else None."""
+    for _ in range(8):
+        writer = index.producer.get(name)
+        if writer is None:
+            return None
+        if writer.op_type == "Slice" and writer.input[0] == y:
+            starts = index.const(writer.input[1]) if len(writer.input) > 1 else None
+            ends = index.const(writer.input[2]) if len(writer.input) > 2 else None
+            axes = index.const(writer.input[3]) if len(writer.input) > 3 and writer.input[3] else np.array([0])
+            if starts is None or ends is None or starts.size != 1 or int(axes.reshape(-1)[0]) % 4 != 1:
+                return None
+            return int(starts.reshape(-1)[0]) if int(ends.reshape(-1)[0]) == int(starts.reshape(-1)[0]) + 1 else None
+        if writer.op_type not in LAYOUT_OPS:
+            return None
+        name = writer.input[0]
+    return None
+
+
+@carries("ReverseSequence")
+def reverse_sequence(index: GraphIndex, node: onnx.NodeProto, tensor: str, placement: Placement) -> list[Effect]:
+    """Reverses each sequence along the time axis (a backward RNN built from a Loop): units on
+    another axis than time and batch pass through."""
+    if tensor not in (node.input[0], node.output[0]) or placement.axis in (get_attr(node, "batch_axis", 1), get_attr(node, "time_axis", 0)):
+        return [Pin(f"ReverseSequence '{index.label(node)}' reverses along the units' axis")]
+    return through(index.label(node), node.input[0], node.output[0], placement)
 
 
 @consumes(*RECURRENT_GATES)

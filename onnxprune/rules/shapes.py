@@ -29,9 +29,17 @@ def map_reshape(index: GraphIndex, node: onnx.NodeProto, placement: Placement, f
         return None, [Pin(f"{label} has a shape onnxprune cannot read")]
     a = placement.axis
     outer, inner = int(np.prod(from_shape[:a], dtype=np.int64)), int(np.prod(from_shape[a + 1:], dtype=np.int64))
-    if placement.repeats > 1:  # copies side by side split apart again (followed backwards)
+    if placement.repeats > 1:  # copies side by side: split apart again (followed backwards), or kept whole
         split = _split_copies(placement, outer, inner, to_shape)
-        return (split, []) if split is not None else (None, [Pin(f"{label} splits the copies of the units another way")])
+        if split is not None:
+            return split, []
+        moved, effects = _moved(label, placement, outer, inner, from_shape, to_shape)
+        return (moved, []) if moved is not None else (None, [Pin(f"{label} splits the copies of the units another way")])
+    return _moved(label, placement, outer, inner, from_shape, to_shape)
+
+
+def _moved(label: str, placement: Placement, outer: int, inner: int, from_shape, to_shape) -> tuple[Placement | None, list[Effect]]:
+    """The unit axis kept, split into heads, or merged with the axes next to it."""
     span = placement.block * inner  # elements of one unit slot within one outer block
     candidates = [k for k in range(len(to_shape)) if int(np.prod(to_shape[:k], dtype=np.int64)) == outer and to_shape[k] != 1]
     if not candidates:
@@ -50,6 +58,11 @@ def map_reshape(index: GraphIndex, node: onnx.NodeProto, placement: Placement, f
     return placement.moved(k, block=span // t, width=placement.width), []
 
 
+# A unit carried more often is scored as a block of that many elements at a site as wide as
+# all its copies (an NHWC 7x7 flatten would be a 49-element unit on a 25k-wide Gram): pinned.
+MAX_COPIES = 8
+
+
 def _merged_with_axes_before(placement: Placement, from_shape, to_shape) -> Placement | None:
     """Axes just before the unit axis merged into it, the units' axis the minor one ([T, N, 2, H]
     -> [T, N, 2H]: a bidirectional LSTM's directions side by side): each unit appears once per
@@ -58,6 +71,8 @@ def _merged_with_axes_before(placement: Placement, from_shape, to_shape) -> Plac
     inner = int(np.prod(from_shape[a + 1:], dtype=np.int64))
     for j in range(a - 1, -1, -1):
         copies, before = int(np.prod(from_shape[j:a], dtype=np.int64)), int(np.prod(from_shape[:j], dtype=np.int64))
+        if copies > MAX_COPIES:
+            return None
         for k in range(len(to_shape)):
             if (int(np.prod(to_shape[:k], dtype=np.int64)) == before and to_shape[k] == copies * from_shape[a]
                     and int(np.prod(to_shape[k + 1:], dtype=np.int64)) == inner):
