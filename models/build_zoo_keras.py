@@ -19,6 +19,10 @@ Models (random seeded weights, BatchNorm with random statistics, inference mode)
 * ``keras_cnn``   Conv-BN-ReLU stem (stride 2), a residual Conv-ReLU-BN (BN after the ReLU: not
   foldable), DepthwiseConv2D, a channel-last Dense on the NHWC map, MaxPool, Conv-ReLU,
   GlobalAveragePooling2D, Dense-ReLU, Dense(10)
+* ``keras_crnn``  an OCR-style CRNN: conv front end, channels-last column sequence, Dense,
+  Bidirectional LSTM (an ONNX LSTM) and Bidirectional GRU (a Loop per direction), Dense(11)
+  per step (output [batch, 16, 11]); tf2onnx with its optimiser only (without it, tf2onnx 1.17
+  writes an invalid node for the GRU)
 * ``keras_mixer`` Conv stem to 8x8x16 tokens, a channel-last self-attention block (Dense q/k/v,
   4 heads via reshape/transpose, softmax, Dense out, residual) and a tanh-GELU MLP block (residual),
   GlobalAveragePooling1D, Dense(10)
@@ -89,7 +93,25 @@ def keras_mixer() -> keras.Model:
     return keras.Model(inp, L.Dense(10, bias_initializer="random_normal")(L.GlobalAveragePooling1D()(t)))
 
 
-MODELS = {"keras_cnn": keras_cnn, "keras_mixer": keras_mixer}
+def keras_crnn() -> keras.Model:
+    """An OCR-style CRNN: conv front end, the columns as a channels-last sequence (Permute +
+    Reshape: 8 heights x 16 channels per step), Dense, a bidirectional LSTM (tf2onnx: one ONNX
+    LSTM, its directions Sliced off and Concatenated), a bidirectional GRU (tf2onnx: a Loop per
+    direction whose body reads the sequence from the enclosing graph), per-step Dense(11)."""
+    inp = keras.Input((32, 32, 3), name="input")
+    x = L.MaxPooling2D()(L.Conv2D(16, 3, padding="same", activation="relu", bias_initializer="random_normal")(inp))
+    x = L.MaxPooling2D((2, 1))(L.Conv2D(16, 3, padding="same", activation="relu", bias_initializer="random_normal")(x))
+    x = L.Reshape((16, 8 * 16))(L.Permute((2, 1, 3))(x))
+    x = L.Dense(32, activation="relu", bias_initializer="random_normal")(x)
+    x = L.Bidirectional(L.LSTM(24, return_sequences=True))(x)
+    x = L.Bidirectional(L.GRU(16, return_sequences=True))(x)
+    return keras.Model(inp, L.Dense(11, bias_initializer="random_normal")(x))
+
+
+MODELS = {"keras_cnn": keras_cnn, "keras_mixer": keras_mixer, "keras_crnn": keras_crnn}
+BOTH = (("tf2onnx", True), ("tf2onnx_noopt", False))
+# without its optimiser tf2onnx 1.17 writes the GRU's TensorListFromTensor as an invalid Identity
+KINDS = {"keras_cnn": BOTH, "keras_mixer": BOTH, "keras_crnn": BOTH[:1]}
 
 
 def randomize_bn(model: keras.Model, rng: np.random.Generator) -> None:
@@ -144,7 +166,7 @@ def main() -> None:
         randomize_bn(model, np.random.default_rng(100 + seed))
         reference = model(calib[:2], training=False).numpy()
         files = []
-        for kind, optimise in (("tf2onnx", True), ("tf2onnx_noopt", False)):
+        for kind, optimise in KINDS[name]:
             path = ZOO / f"{name}.{kind}.onnx"
             convert(model, path, optimise)
             manifest["files"][path.name] = {"model": name, **describe(path, reference, calib, optimise)}

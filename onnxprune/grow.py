@@ -13,7 +13,7 @@ from collections import deque
 
 import onnx
 
-from .graph import GraphIndex, get_attr
+from .graph import IMPLICIT, GraphIndex, get_attr
 from .placement import Placement, Segment
 from .rules import CARRY, CONSUME, PRODUCE, Carry, Coarsen, Effect, Flattened, Pin, Produced, SizeRead, Through
 from .spaces import CACHE_NAME, AttrUpdate, CacheIO, Consumer, ParamSlice, RecurrentRead, ShapeUpdate, Space, WindowUpdate
@@ -217,6 +217,9 @@ class Grower:
         elif name in index.graph_outputs:
             self.pin(f"tensor '{name}' is a graph output")
         for use in index.uses.get(name, []):
+            if use.index == IMPLICIT:
+                self.pin(f"{use.node.op_type} '{index.label(use.node)}' reads the units inside its subgraph (If/Loop/Scan bodies are not followed)")
+                continue
             rule = CONSUME.get(use.node.op_type)
             effects = None if rule is None else rule(index, use.node, use.index, name, placement)
             if effects is None:
