@@ -32,7 +32,8 @@ def crnn(op: str, directions: int = 1, bias: bool = True, initial_state: bool = 
     so each can be removed exactly; conv_b's units reach the recurrent op as blocks of H features.
     `planted_hidden`: hidden unit 4 gets unit 1's gate rows in W, R and B, so h_4 = h_1 at every
     step of every direction. `zero_state`: TorchScript's ConstantOfShape zero h0 (and c0);
-    "slice": a Slice of a bigger zero tensor (a multi-layer torch RNN's h0). `tf2onnx`: Keras's
+    "slice": a Slice of a bigger zero tensor (a multi-layer torch RNN's h0); "peephole": no
+    initial states but LSTM peepholes P (planted too). `tf2onnx`: Keras's
     Bidirectional as tf2onnx writes it: zero states as a Concat of an Expand of 0 per direction,
     each direction Sliced off Y and Squeezed, a Concat on the last axis, a ReverseSequence."""
     g = GraphBuilder([1, 1, HEIGHT, STEPS])
@@ -53,7 +54,7 @@ def crnn(op: str, directions: int = 1, bias: bool = True, initial_state: bool = 
                 w[:, gate * HIDDEN + 4], r[:, gate * HIDDEN + 4] = w[:, gate * HIDDEN + 1], r[:, gate * HIDDEN + 1]
             b[:, gate * HIDDEN + 4] = b[:, gate * HIDDEN + 1]
     inputs = [seq, g.const(w), g.const(r), g.const(b) if bias else ""]
-    if zero_state:
+    if zero_state in (True, "slice"):
         batch = g.op("Gather", [g.op("Shape", ["x"]), g.const(np.array([0]), dtype=np.int64)], axis=0)
         size = g.op("Concat", [g.const(np.array([directions]), dtype=np.int64), batch, g.const(np.array([HIDDEN]), dtype=np.int64)], axis=0)
         zeros = g.op("ConstantOfShape", [size])
@@ -61,6 +62,11 @@ def crnn(op: str, directions: int = 1, bias: bool = True, initial_state: bool = 
             doubled = g.op("ConstantOfShape", [g.op("Mul", [size, g.const(np.array([2, 1, 1]), dtype=np.int64)])])
             zeros = g.op("Slice", [doubled, *(g.const(np.array([v]), dtype=np.int64) for v in (0, directions, 0))])
         inputs += ["", zeros] + ([zeros] if op == "LSTM" else [])
+    if zero_state == "peephole":  # LSTM peepholes P [directions, 3 x hidden] (input, output, forget), unit 4 = unit 1
+        p = normal(directions, 3 * HIDDEN)
+        for gate in range(3):
+            p[:, gate * HIDDEN + 4] = p[:, gate * HIDDEN + 1]
+        inputs += [""] * (7 - len(inputs)) + [g.const(p)]
     if tf2onnx:
         batch = g.op("Gather", [g.op("Shape", ["x"]), g.const(np.array([0]), dtype=np.int64)], axis=0)
         one = g.op("Unsqueeze", [g.op("Expand", [g.const(np.array(0.0)), g.op("Concat", [batch, g.const(np.array([HIDDEN]), dtype=np.int64)], axis=0)]),
@@ -174,12 +180,13 @@ def test_a_batch_first_lstm_reads_the_units_on_its_last_axis_too():
 @pytest.mark.parametrize("op,directions,bias,zero_state", [
     ("LSTM", 1, True, False), ("LSTM", 2, True, True), ("LSTM", 2, False, False), ("GRU", 2, True, True), ("RNN", 2, False, True),
     ("LSTM", 2, True, "slice"), ("GRU", 1, True, "slice"), ("LSTM", 2, True, "tf2onnx"), ("GRU", 2, False, "tf2onnx"),
+    ("LSTM", 2, True, "peephole"),
 ])
 def test_a_planted_copy_of_a_hidden_unit_is_removed_exactly(op, directions, bias, zero_state):
     """h_4 = h_1 in every direction: the hidden space loses one unit (per direction), R's column
     and the Gemm's columns of it fold into unit 1's, and the outputs do not change."""
     tf2onnx = zero_state == "tf2onnx"
-    model = crnn(op, directions, bias, planted_hidden=True, zero_state=zero_state and not tf2onnx, tf2onnx=tf2onnx)
+    model = crnn(op, directions, bias, planted_hidden=True, zero_state=zero_state if zero_state not in ("tf2onnx",) else False, tf2onnx=tf2onnx)
     x = RNG.normal(size=(64, 1, HEIGHT, STEPS)).astype(np.float32)
     pruned, report = onnxprune.prune(model, {"x": x}, tolerance=1e-6)
     assert {r.name: r.kept for r in report.spaces}["rnn"] == HIDDEN - 1
@@ -189,7 +196,9 @@ def test_a_planted_copy_of_a_hidden_unit_is_removed_exactly(op, directions, bias
     assert shapes[node.input[2]] == [directions, gates * (HIDDEN - 1), HIDDEN - 1]
     assert shapes[node.input[3]] == [directions, 2 * gates * (HIDDEN - 1)]
     assert next(a.i for a in node.attribute if a.name == "hidden_size") == HIDDEN - 1
-    if zero_state:  # the zero states are dropped (an absent state is zero), not resized
+    if zero_state == "peephole":
+        assert shapes[node.input[7]] == [directions, 3 * (HIDDEN - 1)]
+    elif zero_state:  # the zero states are dropped (an absent state is zero), not resized
         assert not any(node.input[5:]) and not any(n.op_type in ("ConstantOfShape", "Slice") and "rnn_y" not in n.input for n in pruned.graph.node)
     fresh = RNG.normal(size=(4, 1, HEIGHT, STEPS)).astype(np.float32)
     assert relative_l2(run(model, fresh), run(pruned, fresh)) < 1e-4
