@@ -264,3 +264,24 @@ def test_an_easyocr_height_pool_after_a_permute_carries_the_channels():
     next(n for n in g2.graph.node if n.op_type == "AveragePool").attribute[0].CopyFrom(helper.make_attribute("kernel_shape", [2, HEIGHT]))
     spaces = {s.name: s for s in onnxprune.inspect_model(g2, input_shapes={"x": (2, 1, HEIGHT, STEPS)}).spaces}
     assert any("AveragePool" in p for p in spaces["conv"].pinned)  # a kernel over the channels mixes them
+
+
+@pytest.mark.parametrize("sequential", [False, True])
+def test_a_state_site_apart_from_the_consumers_site(sequential):
+    """One direction, Y -> Squeeze -> Relu -> MatMul: the Relu's output is the MatMul's site, and
+    R's recovery needs the states themselves, so Y becomes a statistics site of its own (no
+    consumer reads it; the sequential pass refits only the MatMul's site)."""
+    g = GraphBuilder([1, STEPS, 4])
+    seq = g.op("Transpose", ["x"], perm=[1, 0, 2])
+    inputs = [seq, g.const(normal(1, 4 * HIDDEN, 4)), g.const(normal(1, 4 * HIDDEN, HIDDEN)), g.const(normal(1, 8 * HIDDEN))]
+    g.nodes.append(helper.make_node("LSTM", inputs, ["rnn_y"], name="rnn", hidden_size=HIDDEN))
+    h = g.op("Relu", [g.op("Squeeze", ["rnn_y", g.const(np.array([1]), dtype=np.int64)])])
+    model = g.build(g.op("Transpose", [g.matmul(h, normal(HIDDEN, 3), normal(3), name="fc")], perm=[1, 0, 2]), [None, STEPS, 3])
+    space = next(s for s in analyse(model).prunable if s.name == "rnn")
+    assert space.recurrent_reads[0].site == "rnn_y" and sorted(space.sites) == sorted(["rnn_y", h])
+    x = RNG.normal(size=(256, STEPS, 4)).astype(np.float32)
+    pruned, report = onnxprune.prune(model, {"x": x}, ratio=0.4, sequential=sequential)
+    assert {r.name: r.kept for r in report.spaces}["rnn"] == 3 and not report.warnings
+    baseline, _ = onnxprune.prune(model, {"x": x}, ratio=0.4, method="l2")
+    fresh = RNG.normal(size=(8, STEPS, 4)).astype(np.float32)
+    assert relative_l2(run(model, fresh), run(pruned, fresh)) < relative_l2(run(model, fresh), run(baseline, fresh))
