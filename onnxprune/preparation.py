@@ -60,6 +60,18 @@ def prepare_options(exclude, batch_size, verify_samples, image_options, calib_sa
                 calib_samples=calib_samples, spatial_stride=spatial_stride)
 
 
+def _time_first_hint(model: onnx.ModelProto) -> str:
+    """When an input fixes axis 0 but leaves a later axis free, axis 0 may be time, not batch."""
+    initializers = {t.name for t in model.graph.initializer}
+    for value in model.graph.input:
+        dims = value.type.tensor_type.shape.dim
+        free = [i for i, d in enumerate(dims) if i > 0 and not d.HasField("dim_value")]
+        if value.name not in initializers and dims and dims[0].HasField("dim_value") and dims[0].dim_value > 1 and free:
+            return (f" (or, if axis 0 of input '{value.name}' is its time axis and axis {free[0]} its batch, export the model"
+                    " batch-first: onnxprune reads samples along axis 0)")
+    return ""
+
+
 def prepare(
     model: str | Path | onnx.ModelProto,
     calib,
@@ -83,7 +95,8 @@ def prepare(
     batch_size, static = _batch_size_for(original, batch_size)
     if static:  # onnxruntime only runs whole batches of the model's fixed batch size
         if calib_data.n_samples < batch_size:
-            raise CalibrationError(f"model '{name}' has a fixed batch size of {batch_size}; give at least {batch_size + n_verify} samples")
+            raise CalibrationError(f"model '{name}' has a fixed batch size of {batch_size}; give at least {batch_size + n_verify} samples"
+                                   + _time_first_hint(original))
         dropped = calib_data.n_samples % batch_size + verify_data.n_samples % batch_size
         calib_data = calib_data.take(0, calib_data.n_samples - calib_data.n_samples % batch_size)
         verify_data = verify_data.take(0, verify_data.n_samples - verify_data.n_samples % batch_size)

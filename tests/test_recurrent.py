@@ -285,3 +285,18 @@ def test_a_state_site_apart_from_the_consumers_site(sequential):
     baseline, _ = onnxprune.prune(model, {"x": x}, ratio=0.4, method="l2")
     fresh = RNG.normal(size=(8, STEPS, 4)).astype(np.float32)
     assert relative_l2(run(model, fresh), run(pruned, fresh)) < relative_l2(run(model, fresh), run(baseline, fresh))
+
+
+def test_a_time_first_input_gets_a_hint_with_the_fixed_batch_error():
+    """x [T, N, C] with T fixed and N free: onnxprune reads samples along axis 0, so it sees a
+    fixed batch of T; the error says what to do about a time-first export."""
+    from onnx import TensorProto, numpy_helper
+
+    weights = [numpy_helper.from_array(normal(1, 4 * HIDDEN, 4), "w"), numpy_helper.from_array(normal(1, 4 * HIDDEN, HIDDEN), "r")]
+    nodes = [helper.make_node("LSTM", ["x", "w", "r"], ["y"], name="rnn", hidden_size=HIDDEN)]
+    graph = helper.make_graph(nodes, "time_first", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [STEPS, "N", 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [STEPS, 1, "N", HIDDEN])], weights)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    with pytest.raises(onnxprune.CalibrationError, match="axis 0 of input 'x' is its time axis and axis 1 its batch"):
+        onnxprune.prune(model, {"x": np.zeros((4, 3, 4), np.float32)}, ratio=0.3)
