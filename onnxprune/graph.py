@@ -44,8 +44,6 @@ def node_reads(node: onnx.NodeProto) -> list[str]:
     return [name for name in node.input if name] + sorted(subgraph_reads(node))
 
 
-
-
 def node_label(node: onnx.NodeProto, position: int) -> str:
     """The node's name, or a stable stand-in when the exporter left it empty."""
     return node.name or f"{node.op_type}_{position}"
