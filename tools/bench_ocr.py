@@ -91,7 +91,7 @@ def latency_rows(calib: dict[str, np.ndarray], x: np.ndarray, targets: list[floa
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="CRNN OCR pruning benchmark (see the module docstring)")
-    parser.add_argument("--targets", nargs="+", type=float, default=[30, 50, 60], help="MACs removed, percent (at most 65%% can go: the head and the recurrent parts stay)")
+    parser.add_argument("--targets", nargs="+", type=float, default=[30, 50, 60], help="MACs removed, percent")
     parser.add_argument("--variants", nargs="+", default=None, choices=[v[0] for v in VARIANTS], metavar="VARIANT")
     parser.add_argument("--out", type=Path, default=ROOT / "results" / "ocr")
     parser.add_argument("--latency", action="store_true", help="only time the default prune at each target (round-to 8 and 1) against the original")
