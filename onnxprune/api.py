@@ -34,7 +34,7 @@ from .sources import ImageOptions
 from .stats import SiteStats
 from .streams import StreamGains
 from .verify import drop_units, optimisation_problem, verify
-from .weights import offload, with_weights_in_memory
+from .weights import WeightsFile, offload, with_weights_in_memory
 
 DEFAULT_TOLERANCE = 0.01
 ProgressFactory = Callable[[str, int], Callable[[int], None]]
@@ -194,6 +194,7 @@ def prune(
         return rewrite(original, analysis, plan, recoveries, index.constants)
 
     sequential_result: SequentialResult | None = None
+    refit_weights: list[WeightsFile | None] = [None]  # the temporary file of a kept large refitted model
 
     def build_final(plan: Plan, pruned: onnx.ModelProto | None = None) -> onnx.ModelProto:
         """The pruned model: refitted sequentially when asked (and the method recovers), else `build`."""
@@ -202,15 +203,22 @@ def prune(
             return pruned if pruned is not None else build(plan)
         pruned = None
         one_shot = fit_recoveries(analysis, plan, stats, RECOVERY[method])
+        for tensor, site in stats.items():  # nothing after this fit reads the Grams: they go before the pass
+            stats[tensor] = site.without_gram()
         scored = allocated.errors[allocated.chosen] if isinstance(allocated, AllocationChoice) else None
         # scored before the pass, so that the one-shot model and the refitted one are never in memory together
         one_shot_error = scored if scored is not None else heldout_error(prepared, plan, one_shot)
         try:
             sequential_result = fit_sequentially(prepared, plan, stats, RECOVERY[method], one_shot, progress, fixed_shrinkage, sequential_samples)
             refitted = rewrite(original, analysis, plan, sequential_result.recoveries, index.constants)
+            sequential_result.recoveries = {}  # folded: up to k x n floats per site, not needed by the guard nor the report
+            refitted, refit_weights[0] = offload(refitted)  # a large model waits on disk while the guard runs it
             if better_than_one_shot(prepared, plan, refitted, sequential_result, one_shot_error):
                 return refitted
             del refitted
+            if refit_weights[0] is not None:
+                refit_weights[0].close()
+                refit_weights[0] = None
         except Exception as exc:  # noqa: BLE001 - the one-shot fold is correct without the refit; say why it is written
             sequential_result = None
             reason = (str(exc).splitlines() or [""])[0][:300]
@@ -266,7 +274,7 @@ def prune(
     elif isinstance(allocated, StreamGains):
         report.allocation = {"stream": allocated.summary(names)}
     pruned = with_weights_in_memory(pruned)
-    for weights in (prepared.weights, pruned_weights):
+    for weights in (prepared.weights, pruned_weights, refit_weights[0]):
         if weights is not None:
             weights.close()
     return PruneResult(pruned, report)
@@ -359,8 +367,9 @@ def heldout_error(prepared: Prepared, plan: Plan, recoveries: dict[tuple[int, st
     `recoveries` (a working copy: weights on disk stay there). The original's reference outputs
     are made here and again for the refitted model rather than kept (up to 256 MB) through the
     sequential pass."""
-    model = rewrite(prepared.original, prepared.analysis, plan, recoveries, prepared.index.constants, keep_on_disk=True)
-    return held_out_reference(prepared).error(model, cache_io_changes(prepared.analysis, plan))
+    reference, changes = held_out_reference(prepared), cache_io_changes(prepared.analysis, plan)
+    # passed as a temporary: its rewritten weights go as soon as onnxruntime has its copy
+    return reference.error(rewrite(prepared.original, prepared.analysis, plan, recoveries, prepared.index.constants, keep_on_disk=True), changes)
 
 
 def better_than_one_shot(prepared: Prepared, plan: Plan, refitted: onnx.ModelProto, result: SequentialResult,

@@ -272,6 +272,8 @@ class SequentialFitter:
         where the segment computing `outputs` from the `available` activations reads it."""
         positions, _ = needed_nodes(self.original, available, outputs)
         only = {self.index.label(self.original.graph.node[i]) for i in positions}
+        # folds of consumers this segment does not run (earlier segments') would only grow with depth
+        self.fold_cache = {key: fold for key, fold in self.fold_cache.items() if key[0] in only}
         return rewrite(self.original, self.analysis, self.plan, self.result.recoveries, self.index.constants, keep_on_disk=True,
                        fold_cache=self.fold_cache, only=only)
 

@@ -45,6 +45,11 @@ class SiteStats:
     def mean(self) -> np.ndarray:
         return self.total / max(self.count, 1)
 
+    def without_gram(self) -> SiteStats:
+        """The count and column sums only (the mean): what the sequential pass reads, without the
+        n x n Gram (SmolLM2: 650 MB over its 60 sites)."""
+        return SiteStats(self.count, self.total, np.zeros((0, 0)))
+
     def covariance(self) -> np.ndarray:
         """Centred second moment (population covariance): the Schur complement of the constant."""
         mean = self.mean()

@@ -266,6 +266,30 @@ def test_sequential_with_weights_on_disk_equals_in_memory(tmp_path) -> None:
     _same_weights(on_disk, in_memory, rtol=0, atol=0)
 
 
+def test_a_large_refitted_model_waits_on_disk_during_the_guard(monkeypatch) -> None:
+    """A refitted model past LARGE_MODEL goes to a temporary file while the guard runs it (its
+    weights in memory only once, in onnxruntime); kept, it comes back whole and equal to the one
+    refitted in memory."""
+    import onnxprune.weights
+
+    in_memory, report = onnxprune.prune("models/vgg_bn.ts.onnx", FMNIST, flops=0.5, sequential=True)
+    assert report.sequential["kept"]
+    offloads = []
+    original_offload = onnxprune.weights.offload
+
+    def counting(model):
+        copy, weights = original_offload(model)
+        offloads.append(weights is not None)
+        return copy, weights
+
+    monkeypatch.setattr(onnxprune.weights, "LARGE_MODEL", 1)
+    monkeypatch.setattr(onnxprune.api, "offload", counting)
+    offloaded, report = onnxprune.prune("models/vgg_bn.ts.onnx", FMNIST, flops=0.5, sequential=True)
+    assert report.sequential["kept"] and offloads[0]
+    assert not any(t.external_data for t in offloaded.graph.initializer)
+    _same_weights(offloaded, in_memory, rtol=0, atol=0)
+
+
 def test_sequential_keeps_fp16_weights() -> None:
     from test_variety import to_fp16
 
