@@ -193,37 +193,17 @@ def prune(
         recoveries = fit_recoveries(analysis, plan, stats, RECOVERY[method]) if method in RECOVERY else None
         return rewrite(original, analysis, plan, recoveries, index.constants)
 
-    sequential_result: SequentialResult | None = None
-    refit_weights: list[WeightsFile | None] = [None]  # the temporary file of a kept large refitted model
+    refit: Refit | None = None
 
     def build_final(plan: Plan, pruned: onnx.ModelProto | None = None) -> onnx.ModelProto:
         """The pruned model: refitted sequentially when asked (and the method recovers), else `build`."""
-        nonlocal sequential_result
+        nonlocal refit
         if not (sequential and method in RECOVERY):
             return pruned if pruned is not None else build(plan)
-        pruned = None
-        one_shot = fit_recoveries(analysis, plan, stats, RECOVERY[method])
-        for tensor, site in stats.items():  # nothing after this fit reads the Grams: they go before the pass
-            stats[tensor] = site.without_gram()
         scored = allocated.errors[allocated.chosen] if isinstance(allocated, AllocationChoice) else None
-        # scored before the pass, so that the one-shot model and the refitted one are never in memory together
-        one_shot_error = scored if scored is not None else heldout_error(prepared, plan, one_shot)
-        try:
-            sequential_result = fit_sequentially(prepared, plan, stats, RECOVERY[method], one_shot, progress, fixed_shrinkage, sequential_samples)
-            refitted = rewrite(original, analysis, plan, sequential_result.recoveries, index.constants)
-            sequential_result.recoveries = {}  # folded: up to k x n floats per site, not needed by the guard nor the report
-            refitted, refit_weights[0] = offload(refitted)  # a large model waits on disk while the guard runs it
-            if better_than_one_shot(prepared, plan, refitted, sequential_result, one_shot_error):
-                return refitted
-            del refitted
-            if refit_weights[0] is not None:
-                refit_weights[0].close()
-                refit_weights[0] = None
-        except Exception as exc:  # noqa: BLE001 - the one-shot fold is correct without the refit; say why it is written
-            sequential_result = None
-            reason = (str(exc).splitlines() or [""])[0][:300]
-            warnings.append(f"the sequential refit failed ({type(exc).__name__}: {reason}); the one-shot fit was written")
-        return rewrite(original, analysis, plan, one_shot, index.constants)
+        refit = refit_or_one_shot(prepared, plan, stats, RECOVERY[method], scored, progress, fixed_shrinkage, sequential_samples)
+        warnings.extend([refit.warning] if refit.warning else [])
+        return refit.model
 
     with _stage(seconds, "plan"):
         planner, allocated = allocation_planner(allocation, target, prepared, scores, cost, stats, method, min_keep, round_to,
@@ -264,7 +244,7 @@ def prune(
     report.warnings, report.seconds = warnings, seconds
     report.io_changes = _io_shapes(pruned, io_changes)
     report.spatial_strides = sampled
-    _add_fit_notes(report, sequential, method in RECOVERY, sequential_result, latency_result)
+    _add_fit_notes(report, sequential, method in RECOVERY, refit.result if refit else None, latency_result)
     report.fit = fit
     names = {s.id: s.name for s in analysis.spaces}
     if isinstance(allocated, Sensitivity):
@@ -274,7 +254,7 @@ def prune(
     elif isinstance(allocated, StreamGains):
         report.allocation = {"stream": allocated.summary(names)}
     pruned = with_weights_in_memory(pruned)
-    for weights in (prepared.weights, pruned_weights, refit_weights[0]):
+    for weights in (prepared.weights, pruned_weights, refit.weights if refit else None):
         if weights is not None:
             weights.close()
     return PruneResult(pruned, report)
@@ -360,6 +340,50 @@ def resolve_shrinkage(shrinkage: float | str) -> float | None:
     if not value >= 0:
         raise TargetError(f"--shrinkage must be 'auto' or a number >= 0, got {shrinkage!r}")
     return value
+
+
+@dataclass
+class Refit:
+    """The sequential branch's model: refitted if the guard kept it, else the one-shot fold;
+    the pass's result (None if it failed, with `warning` saying why) and the temporary file of
+    a large kept refit."""
+
+    model: onnx.ModelProto
+    result: SequentialResult | None
+    weights: WeightsFile | None = None
+    warning: str | None = None
+
+
+def refit_or_one_shot(prepared: Prepared, plan: Plan, stats: dict[str, SiteStats], kind: str, one_shot_error: float | None,
+                      progress: ProgressFactory | None, shrinkage: float | None, samples: int) -> Refit:
+    """Fit one-shot, refit sequentially, keep the refit if the held-out guard does (a pass that
+    fails writes the one-shot model). Frees what the pass does not read as it goes: `stats` keep
+    only their means, the refitted recoveries go once folded, a large refit waits on disk."""
+    analysis, original, constants = prepared.analysis, prepared.original, prepared.index.constants
+    one_shot = fit_recoveries(analysis, plan, stats, kind)
+    for tensor, site in stats.items():  # nothing after this fit reads the Grams
+        stats[tensor] = site.without_gram()
+    # scored before the pass (unless auto already did), so that the one-shot model and the refitted one are never in memory together
+    one_shot_error = heldout_error(prepared, plan, one_shot) if one_shot_error is None else one_shot_error
+    weights = None
+    try:
+        result = fit_sequentially(prepared, plan, stats, kind, one_shot, progress, shrinkage, samples)
+        refitted = rewrite(original, analysis, plan, result.recoveries, constants)
+        result.recoveries = {}  # folded: up to k x n floats per site, read by neither the guard nor the report
+        refitted, weights = offload(refitted)
+        if better_than_one_shot(prepared, plan, refitted, result, one_shot_error):
+            return Refit(refitted, result, weights)
+        del refitted
+        if weights is not None:
+            weights.close()
+            weights = None
+    except Exception as exc:  # noqa: BLE001 - the one-shot fold is correct without the refit; say why it is written
+        if weights is not None:
+            weights.close()
+        reason = (str(exc).splitlines() or [""])[0][:300]
+        return Refit(rewrite(original, analysis, plan, one_shot, constants), None,
+                     warning=f"the sequential refit failed ({type(exc).__name__}: {reason}); the one-shot fit was written")
+    return Refit(rewrite(original, analysis, plan, one_shot, constants), result)
 
 
 def heldout_error(prepared: Prepared, plan: Plan, recoveries: dict[tuple[int, str], Recovery] | None) -> float:
