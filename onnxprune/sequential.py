@@ -7,6 +7,7 @@ the pruned model once or twice, instead of a full forward pass per layer."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -42,11 +43,46 @@ class SiteColumns:
     pruned_keep: np.ndarray
 
 
+RECOVERY_SPILL_BYTES = 1 << 20  # a fitted recovery's maps beyond this wait in a file for the final rewrite
+
+
+class RecoverySpill:
+    """The fitted recoveries of the segments already done: their k x n maps go to .npy files in an
+    owner-named temporary folder and are read back memory-mapped (by a later segment's working
+    copy or the final rewrite), so the pass's memory does not grow with depth (a 7B model's FFN
+    site alone holds about 350 MB of them)."""
+
+    def __init__(self) -> None:
+        self.folder: Path | None = None
+        self.count = 0
+
+    def spill(self, recovery: Recovery) -> Recovery:
+        arrays = {"weights": recovery.weights, "kept_weights": recovery.kept_weights}
+        if sum(a.nbytes for a in arrays.values() if isinstance(a, np.ndarray) and not isinstance(a, np.memmap)) < RECOVERY_SPILL_BYTES:
+            return recovery
+        if self.folder is None:
+            self.folder = tempfiles.make_folder(tempfiles.BOUNDARY_PREFIX)
+        mapped = {}
+        for name, array in arrays.items():
+            if array is not None:
+                path = self.folder / f"{self.count}.npy"
+                self.count += 1
+                np.save(path, array)
+                mapped[name] = np.load(path, mmap_mode="r")
+        return dataclasses.replace(recovery, **mapped)
+
+    def close(self) -> None:
+        if self.folder is not None:
+            tempfiles.remove(self.folder)
+            self.folder = None
+
+
 @dataclass
 class SequentialResult:
     """The recoveries and, per (space name, site), what the fit chose."""
 
     recoveries: dict[tuple, Recovery]  # (space, site), and (space, site, direction) for R (recovery.state_recoveries)
+    spill: RecoverySpill = field(default_factory=RecoverySpill)  # close() once the recoveries are folded
     fits: dict[tuple[str, str], SequentialFit] = field(default_factory=dict)
     segments: int = 0
     heldout_errors: tuple[float, float] | None = None  # the model's output error, one-shot and refitted
@@ -262,6 +298,9 @@ class SequentialFitter:
             for segment in self.segments:
                 self._segment(segment, batches, cache_o, cache_p)
                 advance(1)
+        except BaseException:
+            self.result.spill.close()
+            raise
         finally:
             cache_o.close()
             cache_p.close()
@@ -324,6 +363,9 @@ class SequentialFitter:
         keep = set(segment.boundary)
         cache_o.keep_only(keep)
         cache_p.keep_only(keep)
+        for key in [k for k in self.result.recoveries if len(k) == 2 and k[1] in segment.sites]:
+            self.result.recoveries[key] = self.result.spill.spill(self.result.recoveries[key])
+        self.fold_cache = {}  # its keys are the objects' ids: none may outlive its recovery
 
     def _resume(self, names: list[str], batches, cache_p: BoundaryCache, resume: BoundaryCache) -> None:
         """The pruned model's activations at the cut, with this segment's new folds applied,

@@ -290,6 +290,29 @@ def test_a_large_refitted_model_waits_on_disk_during_the_guard(monkeypatch) -> N
     _same_weights(offloaded, in_memory, rtol=0, atol=0)
 
 
+def test_recoveries_spilled_to_disk_give_the_same_model(monkeypatch) -> None:
+    """Every fitted recovery sent to a memory-mapped file once its segment is done (the threshold
+    at 0): the same model bit for bit, and no folder left behind."""
+    import onnxprune.sequential
+    import onnxprune.tempfiles
+
+    in_memory, _ = onnxprune.prune("models/vgg_bn.ts.onnx", FMNIST, flops=0.5, sequential=True)
+    spilled = []
+    original_spill = onnxprune.sequential.RecoverySpill.spill
+
+    def counting(self, recovery):
+        out = original_spill(self, recovery)
+        spilled.append(isinstance(out.weights, np.memmap))
+        return out
+
+    monkeypatch.setattr(onnxprune.sequential, "RECOVERY_SPILL_BYTES", 0)
+    monkeypatch.setattr(onnxprune.sequential.RecoverySpill, "spill", counting)
+    on_disk, _ = onnxprune.prune("models/vgg_bn.ts.onnx", FMNIST, flops=0.5, sequential=True)
+    assert spilled and all(spilled)
+    _same_weights(on_disk, in_memory, rtol=0, atol=0)
+    assert not any(onnxprune.tempfiles.BOUNDARY_PREFIX in str(f) for f in onnxprune.tempfiles.live_folders())
+
+
 def test_sequential_keeps_fp16_weights() -> None:
     from test_variety import to_fp16
 
