@@ -311,8 +311,6 @@ class SequentialFitter:
         where the segment computing `outputs` from the `available` activations reads it."""
         positions, _ = needed_nodes(self.original, available, outputs)
         only = {self.index.label(self.original.graph.node[i]) for i in positions}
-        # folds of consumers this segment does not run (earlier segments') would only grow with depth
-        self.fold_cache = {key: fold for key, fold in self.fold_cache.items() if key[0] in only}
         return rewrite(self.original, self.analysis, self.plan, self.result.recoveries, self.index.constants, keep_on_disk=True,
                        fold_cache=self.fold_cache, only=only)
 
@@ -365,7 +363,7 @@ class SequentialFitter:
         cache_p.keep_only(keep)
         for key in [k for k in self.result.recoveries if len(k) == 2 and k[1] in segment.sites]:
             self.result.recoveries[key] = self.result.spill.spill(self.result.recoveries[key])
-        self.fold_cache = {}  # its keys are the objects' ids: none may outlive its recovery
+        self.fold_cache = {}  # the next segment runs other consumers; the keys are ids, none may outlive its recovery
 
     def _resume(self, names: list[str], batches, cache_p: BoundaryCache, resume: BoundaryCache) -> None:
         """The pruned model's activations at the cut, with this segment's new folds applied,
