@@ -203,7 +203,8 @@ def prune(
         scored = allocated.errors[allocated.chosen] if isinstance(allocated, AllocationChoice) else None
         refit = refit_or_one_shot(prepared, plan, stats, RECOVERY[method], scored, progress, fixed_shrinkage, sequential_samples)
         warnings.extend([refit.warning] if refit.warning else [])
-        return refit.model
+        model, refit.model = refit.model, None  # one reference only: verification offloads it
+        return model
 
     with _stage(seconds, "plan"):
         planner, allocated = allocation_planner(allocation, target, prepared, scores, cost, stats, method, min_keep, round_to,
@@ -348,7 +349,7 @@ class Refit:
     the pass's result (None if it failed, with `warning` saying why) and the temporary file of
     a large kept refit."""
 
-    model: onnx.ModelProto
+    model: onnx.ModelProto | None
     result: SequentialResult | None
     weights: WeightsFile | None = None
     warning: str | None = None
