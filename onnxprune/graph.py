@@ -169,6 +169,10 @@ class GraphIndex:
     def label(self, node: onnx.NodeProto) -> str:
         return self.labels[id(node)]
 
+    def is_read(self, name: str) -> bool:
+        """Whether a node (or a subgraph) reads the tensor or it is a graph output."""
+        return bool(name) and (bool(self.uses.get(name)) or name in self.graph_outputs)
+
     def node(self, label: str) -> onnx.NodeProto:
         return self.by_label[label]
 

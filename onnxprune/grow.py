@@ -231,7 +231,7 @@ class Grower:
         """An op that units reach on tensor `name`: apply its carry rule."""
         index, op = self.index, node.op_type
         label = index.label(node)
-        extra_outputs = [o for o in node.output[1:] if o and (index.uses.get(o) or o in index.graph_outputs)]
+        extra_outputs = [o for o in node.output[1:] if index.is_read(o)]
         if extra_outputs and op != "Split":
             self.pin(f"{op} '{label}' output '{extra_outputs[0]}' is used")
             return

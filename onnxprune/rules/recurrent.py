@@ -22,13 +22,9 @@ LAYOUT_OPS = frozenset({"Transpose", "Reshape", "Squeeze", "Unsqueeze", "Flatten
 ZERO_PRESERVING = LAYOUT_OPS | {"Slice", "Expand", "Cast", "Tile"}  # zeros in, zeros out (data input 0)
 
 
-def _used(index: GraphIndex, name: str) -> bool:
-    return bool(name) and (bool(index.uses.get(name)) or name in index.graph_outputs)
-
-
 def _hidden_output(index: GraphIndex, node: onnx.NodeProto) -> Produced | None:
     """Y [T, directions, N, hidden] (axis 3 with either layout) holds the hidden units."""
-    if not node.output or not _used(index, node.output[0]) or index.rank(node.output[0]) != 4:
+    if not node.output or not index.is_read(node.output[0]) or index.rank(node.output[0]) != 4:
         return None
     hidden = get_attr(node, "hidden_size")
     if hidden is None and len(node.input) > 2 and index.is_constant(node.input[2]):
@@ -66,7 +62,7 @@ def _hidden_slices(index: GraphIndex, node: onnx.NodeProto, n: int) -> list[Effe
     if op == "GRU" and not get_attr(node, "linear_before_reset", 0):
         effects.append(Pin(f"GRU '{label}' has linear_before_reset=0: the reset gate scales h_(t-1) before R, so its hidden units are not pruned"))
     for extra in node.output[1:]:
-        if _used(index, extra):
+        if index.is_read(extra):
             effects.append(Pin(f"recurrent {op} '{label}' output '{extra}' (the last state) is used"))
     zero = []
     for slot in INITIAL_STATES[op]:
