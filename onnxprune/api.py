@@ -366,7 +366,7 @@ def refit_or_one_shot(prepared: Prepared, plan: Plan, stats: dict[str, SiteStats
         stats[tensor] = site.without_gram()
     # scored before the pass (unless auto already did), so that the one-shot model and the refitted one are never in memory together
     one_shot_error = heldout_error(prepared, plan, one_shot) if one_shot_error is None else one_shot_error
-    weights, result = None, None
+    weights, result, warning = None, None, None
     try:
         result = fit_sequentially(prepared, plan, stats, kind, one_shot, progress, shrinkage, samples)
         refitted = rewrite(original, analysis, plan, result.recoveries, constants)
@@ -376,18 +376,14 @@ def refit_or_one_shot(prepared: Prepared, plan: Plan, stats: dict[str, SiteStats
         if better_than_one_shot(prepared, plan, refitted, result, one_shot_error):
             return Refit(refitted, result, weights)
         del refitted
-        if weights is not None:
-            weights.close()
-            weights = None
     except Exception as exc:  # noqa: BLE001 - the one-shot fold is correct without the refit; say why it is written
-        if weights is not None:
-            weights.close()
         if result is not None:
             result.spill.close()
-        reason = (str(exc).splitlines() or [""])[0][:300]
-        return Refit(rewrite(original, analysis, plan, one_shot, constants), None,
-                     warning=f"the sequential refit failed ({type(exc).__name__}: {reason}); the one-shot fit was written")
-    return Refit(rewrite(original, analysis, plan, one_shot, constants), result)
+        result, reason = None, (str(exc).splitlines() or [""])[0][:300]
+        warning = f"the sequential refit failed ({type(exc).__name__}: {reason}); the one-shot fit was written"
+    if weights is not None:
+        weights.close()
+    return Refit(rewrite(original, analysis, plan, one_shot, constants), result, warning=warning)
 
 
 def heldout_error(prepared: Prepared, plan: Plan, recoveries: dict[tuple[int, str], Recovery] | None) -> float:

@@ -58,7 +58,7 @@ class RecoverySpill:
 
     def spill(self, recovery: Recovery) -> Recovery:
         arrays = {"weights": recovery.weights, "kept_weights": recovery.kept_weights}
-        if sum(a.nbytes for a in arrays.values() if isinstance(a, np.ndarray) and not isinstance(a, np.memmap)) < RECOVERY_SPILL_BYTES:
+        if sum(a.nbytes for a in arrays.values() if a is not None) < RECOVERY_SPILL_BYTES:  # called once per site
             return recovery
         if self.folder is None:
             self.folder = tempfiles.make_folder(tempfiles.BOUNDARY_PREFIX)
