@@ -174,6 +174,7 @@ def prune(
                 statistics = collect_sharded(model, calib, max(workers, 1), scheduler, options)
             if statistics is not None:
                 stats, strides = statistics.for_model(prepared), statistics.strides
+                statistics = None  # gathered here, its Grams go when the sequential pass drops them from `stats`
             else:
                 stats = calibration_statistics(prepared, progress=progress)
         release_memory(original)  # the calibration session is gone

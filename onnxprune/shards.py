@@ -56,13 +56,14 @@ class Statistics:
         return Statistics(self.digest, merged, dict(self.strides))
 
     def for_model(self, prepared) -> dict[str, SiteStats]:
-        """The per-site statistics, after checking that they belong to this model and analysis."""
+        """The per-site statistics (a new dict: a sequential pass replaces its entries), after
+        checking that they belong to this model and analysis."""
         if self.digest != model_digest(prepared.original):
             raise CalibrationError(f"these statistics were computed for another model (digest {self.digest})")
         missing = [s.tensor for s in prepared.analysis.sites() if s.tensor not in self.sites]
         if missing:
             raise CalibrationError(f"the statistics have no entry for activation site '{missing[0]}'")
-        return self.sites
+        return dict(self.sites)
 
     def save(self, path: str | Path) -> None:
         """An .npz of plain arrays (no pickle): names, counts, sums and Grams per site."""

@@ -86,3 +86,13 @@ def test_dask_local_cluster_gives_the_single_pass_statistics():
     prepared = prepare(VGG, CALIB, **OPTIONS)
     merged = collect_sharded(str(VGG), str(CALIB), 2, "local", OPTIONS)
     assert_same_stats(merged.sites, calibration_statistics(prepared))
+
+
+def test_one_statistics_object_serves_two_sequential_prunes():
+    """The sequential pass drops the Grams it no longer reads from its own copy, never from the
+    caller's statistics (a second prune with the same object used to fail)."""
+    stats = Statistics.merge_all([partial_statistics(VGG, CALIB, (0, 1), OPTIONS)])
+    first = onnxprune.prune(VGG, CALIB, flops=0.3, statistics=stats, sequential=True, **OPTIONS).report
+    assert all(site.gram.size for site in stats.sites.values())
+    second = onnxprune.prune(VGG, CALIB, flops=0.5, statistics=stats, sequential=True, **OPTIONS).report
+    assert second.macs_after < first.macs_after
