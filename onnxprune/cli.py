@@ -112,7 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--order", choices=ORDERS, default=DEFAULT_ORDER,
                         help="SNP unit order: weighted = greedy pivoted Cholesky on the activations scaled by the consumer weights "
                         "(default: best at <= 30%% MACs removed, docs/benchmark.md); pivoted = on the activations alone (better "
-                        "when pruning harder); variance; residual; zca = ranked by the energy each unit keeps after a symmetric (ZCA) "
+                        "when pruning harder); obs = greedy removal by the exact output error of the recovery with the consumers' full "
+                        "weights (slow on wide layers, no better on the benchmarks); variance; residual; zca = ranked by the energy each unit keeps after a symmetric (ZCA) "
                         "decorrelation, the seed paper's unnormalised-ZCA order")
     parser.add_argument("--allocation", choices=ALLOCATIONS, default=DEFAULT_ALLOCATION,
                         help="how the target is spread over layers: auto (default) = plan it with each of global, stream, "

@@ -10,10 +10,11 @@ import scipy.linalg as sla
 
 from .analyse import Space
 from .graph import GraphIndex
+from .obs import obs_order, site_grams
 from .placement import Placement, expand_blocks
 from .stats import SiteStats
 
-ORDERS = ("pivoted", "weighted", "variance", "residual", "zca")
+ORDERS = ("pivoted", "weighted", "obs", "variance", "residual", "zca")
 DEFAULT_ORDER = "weighted"  # measured: docs/benchmark.md (order ablation)
 METHODS = ("snp", "lsq", "fluct", "wanda", "l1", "l2", "variance", "random")
 # How each method compensates the pruned units: least squares, their mean (FLAP), or not at all.
@@ -229,6 +230,12 @@ def score_space(
         score = per_unit(np.sqrt(space_second_moment(space, stats)) * consumer_weight_norms(space, index, power=1))
         units = _by_score(score)
         return SpaceScore(space.id, units, score[units])
+    if method == "snp" and order == "obs":
+        pairs = site_grams(space, stats, index, block, unit_major)
+        if pairs and sum(np.trace(g) * np.trace(c) for c, g in pairs) > 0:
+            units, energy = obs_order(pairs, n, block)
+            return SpaceScore(space.id, units, energy)
+        order = "pivoted"  # no weight reads it (or nothing varies): the activations' own energy
     cov = space_covariance(space, stats)
     if method == "fluct":
         # FLAP: fluctuation (variance) of the input unit x squared norm of the weights reading it

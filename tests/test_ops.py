@@ -334,14 +334,14 @@ def test_every_method_rewrites_a_valid_model(method: str) -> None:
     assert run(model, case.inputs(4, seed=7)).shape == (4, 4, HW, HW)
 
 
-@pytest.mark.parametrize("order", ["pivoted", "weighted", "variance", "residual"])
+@pytest.mark.parametrize("order", ["pivoted", "weighted", "obs", "variance", "residual"])
 def test_every_snp_order_removes_the_planted_units(order: str) -> None:
     """Any order followed by the Cholesky energies finds the 3 exactly redundant units of a
     Gemm chain at the tolerance (energy ~ 0), whatever it puts first."""
     case = next(c for c in CASES if c.name == "gemm_transb1")
     model, report = onnxprune.prune(case.model, _calib(case), tolerance=1e-6, order=order)
     x = case.inputs(16, seed=7)
-    if order == "pivoted" or order == "weighted":  # greedy: redundant units are last by construction
+    if order in ("pivoted", "weighted", "obs"):  # greedy: redundant units are last by construction
         assert report.units_after == U - 3
         assert relative_l2(run(case.model, x), run(model, x)) < 1e-4
     else:  # score-then-orthogonalise: a D = 0 unit in the middle is not removed, but nothing is lost

@@ -96,6 +96,9 @@ SEQUENTIAL_VARIANTS = (
     ("sensitivity sequential", "snp", "weighted", {"sequential": True, "allocation": "sensitivity"}),
     ("auto one-shot", "snp", "weighted", {"sequential": False, "allocation": "auto"}),
     ("auto sequential", "snp", "weighted", {"sequential": True, "allocation": "auto"}),
+    ("obs one-shot", "snp", "obs", {"sequential": False, "allocation": "global"}),
+    ("auto one-shot obs", "snp", "obs", {"sequential": False, "allocation": "auto"}),
+    ("auto sequential obs", "snp", "obs", {"sequential": True, "allocation": "auto"}),
 )
 # The method grid and the other ablations compare criteria under one allocation rule and the
 # one-shot fit (the tables in docs/benchmark.md were made with them); the sequential ablation
@@ -109,7 +112,7 @@ IMAGENET_TARGETS = (0.05, 0.10, 0.30, 0.50, 0.70)
 # Calibration-count ablation: 50% of MACs removed for the FMNIST CNNs, 10% for the ImageNet models
 # (at 50% every ImageNet run is at ~0% agreement, which would hide any trend).
 CALIB_TARGET = {"fmnist": 0.5, "imagenet": 0.1}
-ORDERS = ("pivoted", "weighted", "variance", "residual")
+ORDERS = ("pivoted", "weighted", "obs", "variance", "residual")
 FMNIST_MODELS = ("vgg_bn", "resnet_fmnist")
 IMAGENET_MODELS = ("mobilenet_v2", "efficientnet_lite0")
 ALL_MODELS = FMNIST_MODELS + IMAGENET_MODELS
@@ -142,13 +145,13 @@ class StatsCache:
         key = (self.context, tuple((s.tensor, s.axis, s.width) for s in sites), tuple(sorted((strides or {}).items())))
         if self.context is not None and key in self.store:
             self.hits += 1
-            return self.store[key]
+            return dict(self.store[key])  # a sequential prune drops the Grams from its dict
         t0 = time.perf_counter()
         stats = self._orig(model, sites, ranks, batches, on_batch, strides, reference, shapes)
         self.seconds[str(key[0])] = round(time.perf_counter() - t0, 2)
         if self.context is not None:
             self.store[key] = stats
-        return stats
+        return dict(stats)
 
     def restore(self) -> None:
         if self._orig is not None:

@@ -42,7 +42,7 @@ METHODS = ("snp", "l2", "fluct", "wanda")
 # "snp+heads4" = --head-gain 4 (any number after "heads")
 VARIANTS = {"seq": {"sequential": True}, "uniform": {"allocation": "uniform"}, "tempered": {"allocation": "tempered"},
             "sens": {"allocation": "sensitivity"}, "auto": {"allocation": "auto"}, "global": {"allocation": "global"},
-            "stream": {"allocation": "stream"}, "pivoted": {"order": "pivoted"},
+            "stream": {"allocation": "stream"}, "pivoted": {"order": "pivoted"}, "obs": {"order": "obs"},
             "oneshot": {"sequential": False}}
 
 
