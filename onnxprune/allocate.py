@@ -35,6 +35,17 @@ def attention_spaces(analysis: Analysis, index: GraphIndex) -> list[int]:
     return [s.id for s in analysis.prunable if unit_width(s) > 1 and all(index.node(p).op_type != "Conv" for p in s.producers)]
 
 
+FUSED_ATTENTION = frozenset({"Attention", "MultiHeadAttention", "GroupQueryAttention"})
+
+
+def has_attention(index: GraphIndex) -> bool:
+    """Whether the model multiplies two activations (q @ kᵀ, p @ v) or has a fused attention op,
+    whether or not its heads are prunable."""
+    return any(node.op_type in FUSED_ATTENTION
+               or node.op_type in ("MatMul", "Einsum") and len(node.input) == 2 and not any(index.is_constant(i) for i in node.input)
+               for node in index.nodes)
+
+
 def candidate_builder(prepared: Prepared, stats: dict[str, SiteStats], method: str) -> Callable[[Plan], onnx.ModelProto]:
     """Rewrites a candidate plan with its one-shot recovery into a working copy (weights on disk
     stay there)."""

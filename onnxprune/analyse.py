@@ -14,7 +14,7 @@ import dataclasses
 
 import onnx
 
-from .graph import GraphIndex
+from .graph import GraphIndex, get_attr
 from .grow import Alias, Grower, Regrow, append_new, producer_output, root_placement
 from .rules.matmul import linear_weight_axes
 from .rules.recurrent import state_site
@@ -72,6 +72,7 @@ def analyse(model: onnx.ModelProto, exclude: list[str] | None = None, index: Gra
             claimed.update(trial)
             break
         _attach_state_site(index, space)
+        _attach_pooled_sources(index, space)
         if not space.consumers and not space.pinned:
             space.pinned.append("no linear layer reads these units")
         if len({(space.tensors[t].block, space.tensors[t].repeats) for t in space.sites}) > 1:
@@ -91,6 +92,36 @@ def _attach_state_site(index: GraphIndex, space: Space) -> None:
             continue
         space.recurrent_reads[i] = dataclasses.replace(read, site=site)
         append_new(space.sites, site)
+
+
+SHAPE_ONLY = frozenset({"Flatten", "Reshape", "Squeeze", "Unsqueeze", "Identity"})
+
+
+def _attach_pooled_sources(index: GraphIndex, space: Space) -> None:
+    """A site written by a spatial mean (GlobalAveragePool, ReduceMean, an AveragePool that
+    averages valid entries only), possibly reshaped, has one row per sample; its pooled input
+    carries the same units at every position. x_P ~ B x_K + b at every position gives the same
+    relation for their mean, so the pooled input is the fallback statistics site."""
+    for tensor in space.sites:
+        node = index.producer.get(tensor)
+        while node is not None and node.op_type in SHAPE_ONLY and node.input[0] in space.tensors:
+            node = index.producer.get(node.input[0])
+        if node is None or not _is_mean(node):
+            continue
+        source = node.input[0]
+        placement = space.tensors.get(source)
+        if placement is not None and placement.size == space.tensors[tensor].size and placement.block == space.tensors[tensor].block:
+            space.pooled[tensor] = source
+
+
+def _is_mean(node: onnx.NodeProto) -> bool:
+    if node.op_type in ("GlobalAveragePool", "ReduceMean"):
+        return True
+    if node.op_type == "AveragePool":
+        pads = get_attr(node, "pads", [])
+        same = get_attr(node, "auto_pad", b"NOTSET") not in (b"NOTSET", b"VALID", "NOTSET", "VALID")
+        return not get_attr(node, "count_include_pad", 0) or not (any(pads) or same)
+    return False
 
 
 def _merge_labels(labels: list[int], pairs: list[tuple[int, int]]) -> list[int]:

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from .allocate import DEFAULT_HEAD_GAIN, allocation_planner, attention_spaces, held_out_reference
+from .allocate import DEFAULT_HEAD_GAIN, allocation_planner, attention_spaces, has_attention, held_out_reference
 from .analyse import Analysis
 from .calibrate import positions
 from .cost import CostModel, build_cost_model, count_macs, count_params
@@ -284,17 +284,18 @@ def check_options(method: str, allocation: str, order: str, batch_size: int, lat
 
 
 def resolve_fit(sequential: bool | str, method: str, analysis: Analysis, index: GraphIndex) -> dict:
-    """One-shot or sequential recovery, and why: "auto" refits models without attention heads
+    """One-shot or sequential recovery, and why: "auto" refits models without attention
     sequentially (docs/benchmark.md: better on the conv nets, the CRNN and ResNet with
     representative calibration data; on MiniLM and SmolLM2 no better at about 3x the time)."""
     if sequential != "auto":
         return {"mode": "sequential" if sequential else "one-shot", "auto": False}
     if method not in RECOVERY:  # nothing to refit: not a choice
         return {"mode": "one-shot", "auto": False}
-    heads = attention_spaces(analysis, index)
-    if heads:
-        return {"mode": "one-shot", "auto": True, "reason": f"{len(heads)} attention-head spaces: transformers measured no better sequentially"}
-    return {"mode": "sequential", "auto": True, "reason": "no attention heads"}
+    if has_attention(index):
+        heads = len(attention_spaces(analysis, index))
+        return {"mode": "one-shot", "auto": True,
+                "reason": f"attention ({heads} prunable head spaces): transformers measured no better sequentially"}
+    return {"mode": "sequential", "auto": True, "reason": "no attention"}
 
 
 def _add_fit_notes(report: PruneReport, sequential: bool, recovers: bool, sequential_result: SequentialResult | None,

@@ -25,7 +25,7 @@ from .sequential import SEQUENTIAL_SAMPLES
 from .shards import Statistics, partial_statistics
 from .sources import ImageOptions
 
-SEQUENTIAL_DEFAULT = "auto"  # sequential for models without attention heads (api.resolve_fit)
+SEQUENTIAL_DEFAULT = "auto"  # sequential for models without attention (api.resolve_fit)
 EXIT_USAGE = 2
 EXIT_INTERNAL = 1
 
@@ -151,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     modes.add_argument("--sequential", dest="sequential", action="store_const", const=True, default=SEQUENTIAL_DEFAULT,
                        help="refit each layer's least squares on the model as already pruned upstream, against the original "
                        "model's activations, segment by segment: errors of earlier layers are corrected instead of "
-                       "compounding with depth. Default for models without attention heads (conv nets, CRNNs, MLPs), where "
+                       "compounding with depth. Default for models without attention (conv nets, CRNNs, MLPs), where "
                        "it was measured better with calibration data like the test data (Fashion-MNIST ResNet at 50%% / 70%% "
                        "MACs: 73.8 -> 88.1%% / 34.6 -> 81.4%% top-1; CRNN at 60%%: 52 -> 79%% of lines read; about 1.8x the "
                        "one-shot time). It fits the calibration data closely: with a narrow set (crops of 11 photos for "

@@ -11,7 +11,7 @@ import numpy as np
 import onnx
 
 from .analyse import Analysis, analyse
-from .calibrate import choose_strides, collect_stats
+from .calibrate import choose_strides, collect_stats, positions
 from .cost import count_macs
 from .data import CalibrationData, load_calibration
 from .errors import CalibrationError, ModelError, TargetError
@@ -108,10 +108,28 @@ def prepare(
     if not analysis.prunable:
         reasons = "; ".join(f"{s.name}: {s.pinned[0]}" for s in analysis.spaces[:3]) or "no Conv/Gemm/MatMul with constant weights"
         raise ModelError(f"nothing to prune in '{name}': {len(analysis.spaces)} spaces found, none prunable ({reasons})")
+    notes += use_pooled_inputs(analysis, shapes, calib_data.n_samples)
     if spatial_stride != "auto" and (not isinstance(spatial_stride, int) or spatial_stride < 1):
         raise TargetError(f"--spatial-stride must be 'auto' or a positive integer, got {spatial_stride!r}")
     strides = choose_strides(analysis.sites(), shapes, count_macs(index), spatial_stride, calib_data.n_samples)
     return Prepared(original, name, data, calib_data, verify_data, shapes, index, analysis, batch_size, notes, strides, static, weights)
+
+
+def use_pooled_inputs(analysis: Analysis, shapes: dict, samples: int) -> list[str]:
+    """A pooled site that would see no more rows than it has units (an SE block's squeeze with
+    fewer calibration samples than channels) takes its statistics from every position of the
+    pooled input instead of pinning its space (analyse._attach_pooled_sources); the notes say so."""
+    notes = []
+    for space in analysis.prunable:
+        for tensor, source in list(space.pooled.items()):
+            placement = space.tensors[tensor]
+            per_sample = positions(shapes[tensor], placement.axis) if shapes.get(tensor) else None
+            if per_sample is not None and samples * per_sample <= placement.size:
+                space.read_pooled_input(tensor)
+                notes.append(f"site '{tensor}' would see {samples * per_sample} rows for {placement.size} units: its consumers' "
+                             f"recovery is fitted on every position of the pooled input '{source}'")
+        space.pooled.clear()
+    return notes
 
 
 def calibration_statistics(prepared: Prepared, shard: tuple[int, int] | None = None, progress: ProgressFactory | None = None) -> dict[str, SiteStats]:

@@ -6,6 +6,7 @@ shape, the positions of that tensor whose units were pruned (by any space).
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass, field
 
@@ -127,10 +128,20 @@ class Space:
     flattened: list[str] = field(default_factory=list)
     pass_through: list[str] = field(default_factory=list)
     pinned: list[str] = field(default_factory=list)
+    # a site written by a spatial mean (an SE block's or a classifier's global pooling) -> the
+    # pooled input: one row per sample at the site, but a recovery of every position holds for
+    # the mean (`preparation.use_pooled_inputs` switches when the site would be undersampled)
+    pooled: dict[str, str] = field(default_factory=dict)
 
     @property
     def prunable(self) -> bool:
         return not self.pinned
+
+    def read_pooled_input(self, tensor: str) -> None:
+        """The consumers of the pooled site `tensor` take their statistics from its input."""
+        source = self.pooled[tensor]
+        self.consumers = [dataclasses.replace(c, site=source) if c.site == tensor else c for c in self.consumers]
+        self.sites = list(dict.fromkeys(source if t == tensor else t for t in self.sites))
 
 
 @dataclass

@@ -225,7 +225,7 @@ def test_cli_sequential_flags(tmp_path, capsys) -> None:
     code, stdout, _ = cli(["models/mlp.ts.onnx", "--calib", "models/data/fmnist_calib_flat.npz", "-o", str(out), "--ratio", "0.3",
                            "--sequential-samples", "128"], capsys)  # the default fit of a model without heads
     flat = " ".join(stdout.split())
-    assert code == 0 and "recovery fit: sequential (auto: no attention heads" in flat and "on 128 calibration samples" in flat
+    assert code == 0 and "recovery fit: sequential (auto: no attention" in flat and "on 128 calibration samples" in flat
     code, stdout, _ = cli(["models/mlp.ts.onnx", "--calib", "models/data/fmnist_calib_flat.npz", "-o", str(out), "--ratio", "0.3",
                            "--one-shot"], capsys)
     assert code == 0 and "sequential recovery" not in stdout and "recovery fit" not in stdout
@@ -487,21 +487,29 @@ def test_spread_batches_cover_the_set_evenly() -> None:
     assert sum(len(b["x"]) for b in data.spread_batches(990, 50)) == 1000  # 20 batches of 50 cover it
 
 
-def test_auto_fits_sequentially_without_attention_heads_and_one_shot_with_them() -> None:
-    """The default fit: a conv net is refitted sequentially, a transformer (heads) one-shot; the
-    report says which and why; True / False force either."""
+def test_auto_fits_sequentially_without_attention_and_one_shot_with_it() -> None:
+    """The default fit: a conv net is refitted sequentially, a transformer one-shot (also when
+    none of its heads can be pruned); the report says which and why; True / False force either."""
     cnn = random_cnn(seed=3)
     calib = {"x": np.random.default_rng(0).standard_normal((128, 3, 8, 8)).astype(np.float32)}
     _, report = onnxprune.prune(cnn, calib, ratio=0.4)
-    assert report.fit == {"mode": "sequential", "auto": True, "reason": "no attention heads"} and report.sequential
-    assert report.fit_note().startswith("recovery fit: sequential (auto: no attention heads")
+    assert report.fit == {"mode": "sequential", "auto": True, "reason": "no attention"} and report.sequential
+    assert report.fit_note().startswith("recovery fit: sequential (auto: no attention")
     _, forced = onnxprune.prune(cnn, calib, ratio=0.4, sequential=False)
     assert forced.fit == {"mode": "one-shot", "auto": False} and not forced.sequential and forced.fit_note() is None
     from test_transformers import CALIB, feeds_for, load  # a tiny BERT: attention heads
 
     model = load("bert_tiny.ts")
     _, report = onnxprune.prune(model, feeds_for(model, CALIB, slice(None)), ratio=0.3)
-    assert report.fit["mode"] == "one-shot" and "attention-head spaces" in report.fit["reason"] and not report.sequential
+    assert report.fit["mode"] == "one-shot" and "prunable head spaces" in report.fit["reason"] and not report.sequential
+    from onnxprune.allocate import attention_spaces
+
+    prepared = prepare(model, feeds_for(model, CALIB, slice(None)))
+    analysis = prepared.analysis
+    heads = [p for s in analysis.spaces if s.id in attention_spaces(analysis, prepared.index) for p in s.producers]
+    assert heads
+    _, no_heads = onnxprune.prune(model, feeds_for(model, CALIB, slice(None)), ratio=0.3, exclude=heads)
+    assert no_heads.fit["mode"] == "one-shot" and no_heads.fit["reason"].startswith("attention (0 prunable")  # still a transformer
     with pytest.raises(onnxprune.TargetError, match="sequential must be"):
         onnxprune.prune(cnn, calib, ratio=0.4, sequential="yes")
 
