@@ -119,3 +119,36 @@ def test_torchscript_llama_prunes_kv_groups_like_its_torch_export_twin(name):
         found[exporter] = sorted((s.units, len(s.producers)) for s in report.spaces if not s.pinned)
     assert found["ts"] == found["dynamo"]
     assert found["ts"].count((2, 3)) == 2, "two KV groups (q, k and v projections) per layer"
+
+
+def flatten2_tokens(shape_of: str = "self") -> onnx.ModelProto:
+    """A ViT/SegFormer patch embedding as TorchScript exports x.flatten(2): Conv(3->8) ->
+    Reshape(x, Concat(Slice(Shape(x), 0, 2), [-1])) -> Transpose to tokens -> MatMul(8->5).
+    Channel 6 is 2 x channel 2. `shape_of="other"` flattens Relu(x) with the sizes of x."""
+    g = GraphBuilder([None, 3, 4, 4])
+    w, b = normal(8, 3, 3, 3), normal(8)
+    w[6], b[6] = 2 * w[2], 2 * b[2]
+    y = g.conv("x", w, b, name="patch", pads=[1, 1, 1, 1])
+    z = y if shape_of == "self" else g.op("Relu", [y])
+    sizes = g.op("Slice", [g.op("Shape", [y]), ints(g, 0), ints(g, 2)])
+    flat = g.op("Reshape", [z, g.op("Concat", [sizes, ints(g, -1)], axis=0)], name="flatten2")
+    tokens = g.op("Transpose", [flat], perm=[0, 2, 1])
+    return g.build(g.matmul(tokens, normal(8, 5), normal(5), name="proj"), ["N", 16, 5])
+
+
+def test_a_flatten2_target_read_from_the_tensors_own_shape_follows_the_pruning() -> None:
+    model = flatten2_tokens()
+    x = RNG.normal(size=(40, 3, 4, 4)).astype(np.float32)
+    pruned, report = onnxprune.prune(model, {"x": x}, tolerance=1e-6, order="pivoted", sequential=False)
+    assert next(s for s in report.spaces if s.name == "patch").kept == 7, report.spaces
+    assert initializer(pruned, "patch", 1).shape[0] == 7
+    assert relative_l2(run(model, x[:6]), run(pruned, x[:6])) < 1e-4
+
+
+def test_a_flatten2_target_read_from_another_tensor_pins() -> None:
+    """The sizes of another tensor: the entry is not the Reshape input's own size, so it is not
+    trusted to follow (conservative: only the Reshape's input is)."""
+    model = flatten2_tokens("other")
+    index = GraphIndex(model, static_shapes(model, {"x": (2, 3, 4, 4)}))
+    patch = next(s for s in analyse(model, index=index).spaces if s.name == "patch")
+    assert any("flatten2" in reason for reason in patch.pinned), patch.pinned

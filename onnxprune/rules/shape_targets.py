@@ -12,7 +12,7 @@ from ..graph import GraphIndex, get_attr
 from ..placement import Placement
 from ..spaces import ShapeUpdate
 from .registry import Effect, Pin, SizeRead, carries
-from .shape_values import size_sinks
+from .shape_values import entry_origin, size_sinks
 
 
 class EntrySource(NamedTuple):
@@ -28,15 +28,19 @@ class EntrySource(NamedTuple):
     guarded: bool = False
 
 
-def shape_update(index: GraphIndex, node: onnx.NodeProto, position: int, block: int, tensor: str) -> list[Effect]:
+def shape_update(index: GraphIndex, node: onnx.NodeProto, position: int, block: int, tensor: str,
+                 same_as: tuple[str, int] | None = None) -> list[Effect]:
     """Where the Reshape/Expand target's entry for the unit axis comes from, to rewrite it;
-    entries that follow the input by themselves (Reshape 0/-1, Expand 1) need nothing."""
+    entries that follow the input by themselves (Reshape 0/-1, Expand 1, or `same_as`: the size
+    of that (tensor, axis), as large as the entry, read by Shape) need nothing."""
     label = index.label(node)
     automatic = {-1, 1} if node.op_type == "Expand" else ({-1} if get_attr(node, "allowzero", 0) else {0, -1})
     target = index.const(node.input[1])
     if target is not None:  # stored or folded (tf2onnx's Cast of a constant): the target gets a new constant
         return [] if int(target[position]) in automatic else [ShapeUpdate(label, 1, position, block, tensor)]
     source = _shape_source(index, node.input[1], position)
+    if source is None and same_as is not None and entry_origin(index, node.input[1], position) == same_as:
+        return []
     if source is None:
         return [Pin(f"{node.op_type} '{label}' target entry {position} is computed at run time; onnxprune cannot rewrite it")]
     holder = index.node(source.holder)

@@ -156,3 +156,52 @@ def size_sinks(index: GraphIndex, name: str, tensor: str, position: int) -> tupl
                 return sinks, where, f"{user.op_type} '{index.label(user)}'"
             todo.extend((user.output[0], p, where) for p in moved)
     return list(dict.fromkeys(sinks)), "", ""
+
+
+def entry_origin(index: GraphIndex, name: str, position: int, depth: int = 0) -> tuple[str, int] | None:
+    """(tensor, axis) when entry `position` of the shape vector `name` (SCALAR: `name` is a
+    scalar) is that tensor's size on that axis, read by Shape and only moved around (Slice,
+    Gather, Concat, Unsqueeze, Cast: torch's flatten(2) target Concat(Slice(Shape(x), 0, 2),
+    [-1])); None for anything computed or unknown."""
+    node = index.producer.get(name)
+    if node is None or depth > 16 or len(node.output) != 1:
+        return None
+    op = node.op_type
+    if op == "Shape" and position != SCALAR:
+        rank = index.rank(node.input[0])
+        start = get_attr(node, "start", 0)
+        return None if rank is None else (node.input[0], (start % rank if start else 0) + position)
+    if op in ("Cast", "Identity"):
+        return entry_origin(index, node.input[0], position, depth + 1)
+    if op == "Unsqueeze" and position == 0 and index.rank(node.input[0]) == 0:
+        return entry_origin(index, node.input[0], SCALAR, depth + 1)
+    if op == "Squeeze" and position == SCALAR:
+        return entry_origin(index, node.input[0], 0, depth + 1)
+    if op == "Gather" and get_attr(node, "axis", 0) == 0 and index.is_constant(node.input[1]):
+        picks = np.asarray(index.const(node.input[1])).reshape(-1)
+        length = _vector_length(index, node.input[0])
+        k = int(picks[0 if position == SCALAR else position]) if position < picks.size else None
+        return None if k is None or length is None else entry_origin(index, node.input[0], k % length, depth + 1)
+    if op == "Slice" and position != SCALAR and all(index.is_constant(i) for i in node.input[1:3]):
+        steps = index.const(node.input[4]) if len(node.input) > 4 and node.input[4] else np.ones(1)
+        length = _vector_length(index, node.input[0])
+        if steps.tolist() != [1] or length is None:
+            return None
+        lo = int(index.const(node.input[1]).reshape(-1)[0])
+        lo = max(0, min(length, lo + length if lo < 0 else lo))
+        return entry_origin(index, node.input[0], lo + position, depth + 1)
+    if op == "Concat" and position != SCALAR:
+        offset = 0
+        for inp in node.input:
+            length = _vector_length(index, inp)
+            if length is None:
+                return None
+            if position < offset + length:
+                return entry_origin(index, inp, position - offset, depth + 1)
+            offset += length
+    return None
+
+
+def _vector_length(index: GraphIndex, name: str) -> int | None:
+    shape = index.shape(name)
+    return int(shape[0]) if shape is not None and len(shape) == 1 and shape[0] is not None else None

@@ -150,7 +150,8 @@ def reshape(index: GraphIndex, node: onnx.NodeProto, tensor: str, placement: Pla
     if out_placement is None:
         return effects
     if node.op_type == "Reshape":
-        effects += shape_update(index, node, out_placement.axis, out_placement.block, node.output[0])
+        same = (tensor, placement.axis) if out_placement.size == placement.size else None  # torch's flatten(2)
+        effects += shape_update(index, node, out_placement.axis, out_placement.block, node.output[0], same)
     return effects + through(index.label(node), tensor, node.output[0], placement, out_placement)
 
 
