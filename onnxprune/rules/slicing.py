@@ -140,3 +140,25 @@ def pad(index: GraphIndex, node: onnx.NodeProto, tensor: str, placement: Placeme
     if pads[placement.axis] or pads[placement.axis + rank]:
         return [Pin(f"Pad '{label}' pads the units' axis")]
     return through(label, tensor, node.output[0], placement)
+
+
+@carries("Gather")
+def gather(index: GraphIndex, node: onnx.NodeProto, tensor: str, placement: Placement) -> list[Effect]:
+    """Gather along another axis (a ViT's CLS token x[:, 0], a time step, a fused QKV's part)
+    keeps every unit; the indices' axes replace the gathered one. Along the units' axis it
+    would pick units (pins)."""
+    label, axis = index.label(node), get_attr(node, "axis", 0)
+    rank, picks = index.rank(node.input[0]), index.rank(node.input[1])
+    if tensor == node.input[1] or rank is None or picks is None:
+        return [Pin(f"Gather '{label}' on the unit axis is not supported")]
+    axis %= rank
+    if tensor == node.input[0]:
+        source = placement
+    elif placement.axis < axis or placement.axis >= axis + picks:
+        source = placement.moved(placement.axis if placement.axis < axis else placement.axis - picks + 1)
+    else:
+        return [Pin(f"Gather '{label}' indexes the units' axis")]
+    if source.axis == axis:
+        return [Pin(f"Gather '{label}' selects along the units' axis")]
+    out_axis = source.axis if source.axis < axis else source.axis + picks - 1
+    return through(label, node.input[0], node.output[0], source, source.moved(out_axis))
