@@ -11,14 +11,25 @@ from __future__ import annotations
 import fnmatch
 from collections import deque
 
+import numpy as np
 import onnx
 
 from .graph import IMPLICIT, GraphIndex, get_attr
 from .placement import Placement, Segment
 from .rules import CARRY, CONSUME, PRODUCE, Carry, Coarsen, Effect, Flattened, Pin, Produced, SizeRead, Through
+from .rules.registry import through
 from .spaces import CACHE_NAME, AttrUpdate, CacheIO, Consumer, ParamSlice, RecurrentRead, ShapeUpdate, Space, WindowUpdate
 
 RECORDS = {ParamSlice: "slices", AttrUpdate: "attrs", ShapeUpdate: "reshapes", WindowUpdate: "windows", RecurrentRead: "recurrent_reads"}
+
+
+def _slice_axes(index: GraphIndex, node: onnx.NodeProto, rank: int) -> list[int] | None:
+    """The axes a Slice cuts, when known at analysis time."""
+    if len(node.input) > 3 and node.input[3]:
+        axes = index.const(node.input[3])
+        return None if axes is None else [int(a) % rank for a in np.atleast_1d(axes)]
+    starts = index.shape(node.input[1])
+    return None if starts is None or len(starts) != 1 or starts[0] is None else list(range(starts[0]))
 
 
 def append_new(items: list, item) -> None:
@@ -187,6 +198,10 @@ class Grower:
             axis = get_attr(node, "axis", 0) if node.op_type != "Slice" else None
             if node.op_type == "Concat" and rank is not None and axis % rank != placement.axis:
                 self.visit(node, name, placement)  # joins along another axis (KV cache): same units in every input
+            elif node.op_type == "Split" and rank is not None and axis % rank != placement.axis:
+                self.visit(node, name, placement)  # every part of a split along another axis has the units
+            elif node.op_type == "Slice" and rank is not None and placement.axis not in (_slice_axes(index, node, rank) or [placement.axis]):
+                self.apply(through(index.label(node), node.input[0], name, placement))  # cuts another axis (partial rotary)
             elif not any(i in self.space.tensors for i in node.input):  # reached by coupling, not by a forward step
                 self.pin(f"{node.op_type} '{index.label(node)}' feeds a tensor coupled to these units")
             return

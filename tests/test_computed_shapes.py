@@ -152,3 +152,35 @@ def test_a_flatten2_target_read_from_another_tensor_pins() -> None:
     index = GraphIndex(model, static_shapes(model, {"x": (2, 3, 4, 4)}))
     patch = next(s for s in analyse(model, index=index).spaces if s.name == "patch")
     assert any("flatten2" in reason for reason in patch.pinned), patch.pinned
+
+
+def partial_rotary_attention() -> onnx.ModelProto:
+    """Phi's partial rotary embedding: q and k (separate projections, [1, T, H, D] -> [1, H, T, D])
+    are cut along the head dimension, the first half rotated (a constant per-position Mul stands
+    in for cos/sin) and joined back with Concat; head 3 of q, k and v copies head 1."""
+    g = GraphBuilder([1, T, C])
+    heads = {}
+    for t in ("q", "k", "v"):
+        w, b = normal(C, C), normal(C)
+        w[:, 3 * D:], b[3 * D:] = w[:, D:2 * D], b[D:2 * D]
+        h = g.op("Transpose", [g.op("Reshape", [g.matmul("x", w, b, name=f"{t}_proj"), ints(g, 1, T, H, D)])], perm=[0, 2, 1, 3])
+        if t != "v":
+            rot = g.op("Slice", [h, ints(g, 0), ints(g, D // 2), ints(g, 3)])
+            rest = g.op("Slice", [h, ints(g, D // 2), ints(g, D), ints(g, 3)])
+            h = g.op("Concat", [g.op("Mul", [rot, g.const(normal(T, D // 2))]), rest], axis=3)
+        heads[t] = h
+    att = g.op("Softmax", [g.op("MatMul", [heads["q"], g.op("Transpose", [heads["k"]], perm=[0, 1, 3, 2])])], axis=-1)
+    y = g.op("Reshape", [g.op("Transpose", [g.op("MatMul", [att, heads["v"]])], perm=[0, 2, 1, 3]), ints(g, 1, T, C)])
+    return g.build(g.matmul(y, normal(C, C), normal(C), name="o_proj"), [1, T, C])
+
+
+def test_partial_rotary_heads_are_one_space_and_a_copy_goes() -> None:
+    """k's head dimension is cut and joined again: reached backwards through q kᵀ, the Slices of
+    another axis carry the heads, so q, k and v stay one space of heads."""
+    model = partial_rotary_attention()
+    space = next(s for s in spaces_of(model) if s.name == "q_proj")
+    assert not space.pinned and set(space.producers) == {"q_proj", "k_proj", "v_proj"}, (space.pinned, space.producers)
+    x = RNG.normal(size=(96, T, C)).astype(np.float32)
+    pruned, report = onnxprune.prune(model, {"x": x}, tolerance=1e-6, batch_size=1)
+    assert next(r for r in report.spaces if r.name == "q_proj").kept == H - 1
+    assert relative_l2(run(model, x[:1]), run(pruned, x[:1])) < 1e-4
