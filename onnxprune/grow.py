@@ -188,6 +188,8 @@ class Grower:
                 append_new(self.space.cache_io, CacheIO(name, True))
             elif name in index.graph_inputs:
                 self.pin(f"units come from graph input '{name}'")
+            elif index.is_constant(name):  # a rule that reads per-unit constants slices them itself
+                self.pin(f"units come from constant '{name}'")
             return
         produced = producer_output(index, node)
         if produced is not None and produced.tensor == name:

@@ -10,7 +10,7 @@ import onnx
 from ..graph import GraphIndex, get_attr
 from ..placement import Placement
 from ..spaces import WindowUpdate
-from .registry import Carry, Effect, Pin, Through, carries, through
+from .registry import Carry, Effect, Pin, Through, carries, slice_param, through
 from .shape_values import axis_size_value, static_value
 
 
@@ -160,5 +160,7 @@ def gather(index: GraphIndex, node: onnx.NodeProto, tensor: str, placement: Plac
         return [Pin(f"Gather '{label}' indexes the units' axis")]
     if source.axis == axis:
         return [Pin(f"Gather '{label}' selects along the units' axis")]
-    out_axis = source.axis if source.axis < axis else source.axis + picks - 1
-    return through(label, node.input[0], node.output[0], source, source.moved(out_axis))
+    out = source.moved(source.axis if source.axis < axis else source.axis + picks - 1)
+    if index.is_constant(node.input[0]):  # a table of per-unit rows (T5's relative attention bias per head)
+        return [Through(label), *slice_param(index, node, 0, source.axis, node.output[0], out, per_element=True), Carry(node.output[0], out)]
+    return through(label, node.input[0], node.output[0], source, out)
