@@ -10,12 +10,12 @@ the energies sum to the total output energy tr(G S), like the `weighted` order's
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Callable
 
 import numpy as np
 import scipy.linalg as sla
 
 from .analyse import Space
-from .graph import GraphIndex
 from .placement import expand_blocks
 from .stats import SiteStats
 
@@ -23,15 +23,14 @@ RIDGE = 1e-8  # relative to the mean unit variance: exact copies stay invertible
 STEPS = 256  # removals per space at most: larger spaces remove ceil(n / STEPS) units per step
 
 
-def site_grams(space: Space, stats: dict[str, SiteStats], index: GraphIndex,
-               block: int, unit_major) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Per site with weight consumers: (S, G) in the space's unit-major elements."""
+def site_grams(space: Space, stats: dict[str, SiteStats], block: int, unit_major: Callable,
+               weight_rows: Callable) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per site with weight consumers: (S, G) in the space's unit-major elements
+    (`weight_rows(consumer)`: its weights, one row per element of the site's unit axis)."""
     size = space.n * block
     weights: dict[str, list[np.ndarray]] = defaultdict(list)
     for consumer in space.consumers:
-        weight = index.const(index.node(consumer.node).input[consumer.weight_index]).astype(np.float64)
-        placement = space.tensors[consumer.site]
-        weights[consumer.site].append(np.moveaxis(weight, consumer.in_axis, 0).reshape(placement.size, -1))
+        weights[consumer.site].append(weight_rows(consumer))
     pairs = []
     for tensor in space.sites:
         if tensor not in weights:

@@ -163,16 +163,20 @@ def pivoted_order(cov: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return order, energy
 
 
+def consumer_weight_rows(space: Space, index: GraphIndex, consumer) -> np.ndarray:
+    """The consumer's weights as one row per element of its site's unit axis."""
+    weight = index.const(index.node(consumer.node).input[consumer.weight_index]).astype(np.float64)
+    return np.moveaxis(weight, consumer.in_axis, 0).reshape(space.tensors[consumer.site].size, -1)
+
+
 def consumer_weight_norms(space: Space, index: GraphIndex, power: int = 2) -> np.ndarray:
     """Per element (unit-major): sum over consumers of the squared norm (power 2) or the L1 norm
     (power 1) of the weights reading it."""
     block = unit_block(space)
     norms = np.zeros(space.n * block)
     for consumer in space.consumers:
-        placement = space.tensors[consumer.site]
-        weight = index.const(index.node(consumer.node).input[consumer.weight_index]).astype(np.float64)
-        per_element = (np.abs(np.moveaxis(weight, consumer.in_axis, 0).reshape(placement.size, -1)) ** power).sum(axis=1)
-        rows, cols = unit_major(placement, block)
+        per_element = (np.abs(consumer_weight_rows(space, index, consumer)) ** power).sum(axis=1)
+        rows, cols = unit_major(space.tensors[consumer.site], block)
         np.add.at(norms, rows, per_element[cols])
     return norms
 
@@ -231,7 +235,7 @@ def score_space(
         units = _by_score(score)
         return SpaceScore(space.id, units, score[units])
     if method == "snp" and order == "obs":
-        pairs = site_grams(space, stats, index, block, unit_major)
+        pairs = site_grams(space, stats, block, unit_major, lambda c: consumer_weight_rows(space, index, c))
         if pairs and sum(np.trace(g) * np.trace(c) for c, g in pairs) > 0:
             units, energy = obs_order(pairs, n, block)
             return SpaceScore(space.id, units, energy)

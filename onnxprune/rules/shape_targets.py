@@ -12,7 +12,7 @@ from ..graph import GraphIndex, get_attr
 from ..placement import Placement
 from ..spaces import ShapeUpdate
 from .registry import Effect, Pin, SizeRead, carries
-from .shape_values import entry_origin, size_sinks
+from .shape_values import entry_origin, size_sinks, vector_length
 
 
 class EntrySource(NamedTuple):
@@ -110,7 +110,7 @@ def _shape_source(index: GraphIndex, name: str, position: int) -> EntrySource | 
         return None
     offset = 0
     for slot, inp in enumerate(node.input):
-        length = _length(index, inp)
+        length = vector_length(index, inp)
         if length is None:
             return None
         if offset <= position < offset + length:
@@ -125,14 +125,6 @@ def _shape_source(index: GraphIndex, name: str, position: int) -> EntrySource | 
             return None
         offset += length
     return None
-
-
-def _length(index: GraphIndex, name: str) -> int | None:
-    value = index.const(name)
-    if value is not None:
-        return int(value.size)
-    shape = index.shape(name)
-    return None if shape is None or len(shape) != 1 or shape[0] is None else int(shape[0])
 
 
 @carries("Shape")

@@ -179,12 +179,12 @@ def entry_origin(index: GraphIndex, name: str, position: int, depth: int = 0) ->
         return entry_origin(index, node.input[0], 0, depth + 1)
     if op == "Gather" and get_attr(node, "axis", 0) == 0 and index.is_constant(node.input[1]):
         picks = np.asarray(index.const(node.input[1])).reshape(-1)
-        length = _vector_length(index, node.input[0])
+        length = vector_length(index, node.input[0])
         k = int(picks[0 if position == SCALAR else position]) if position < picks.size else None
         return None if k is None or length is None else entry_origin(index, node.input[0], k % length, depth + 1)
     if op == "Slice" and position != SCALAR and all(index.is_constant(i) for i in node.input[1:3]):
         steps = index.const(node.input[4]) if len(node.input) > 4 and node.input[4] else np.ones(1)
-        length = _vector_length(index, node.input[0])
+        length = vector_length(index, node.input[0])
         if steps.tolist() != [1] or length is None:
             return None
         lo = int(index.const(node.input[1]).reshape(-1)[0])
@@ -193,7 +193,7 @@ def entry_origin(index: GraphIndex, name: str, position: int, depth: int = 0) ->
     if op == "Concat" and position != SCALAR:
         offset = 0
         for inp in node.input:
-            length = _vector_length(index, inp)
+            length = vector_length(index, inp)
             if length is None:
                 return None
             if position < offset + length:
@@ -202,6 +202,10 @@ def entry_origin(index: GraphIndex, name: str, position: int, depth: int = 0) ->
     return None
 
 
-def _vector_length(index: GraphIndex, name: str) -> int | None:
+def vector_length(index: GraphIndex, name: str) -> int | None:
+    """Entries of a 1-D shape vector (a constant's size, else its inferred length)."""
+    value = index.const(name)
+    if value is not None:
+        return int(value.size)
     shape = index.shape(name)
     return int(shape[0]) if shape is not None and len(shape) == 1 and shape[0] is not None else None
