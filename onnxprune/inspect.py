@@ -9,7 +9,8 @@ import onnx
 from rich.console import Console
 from rich.table import Table
 
-from .analyse import analyse
+from .analyse import Space, analyse
+from .calibrate import positions
 from .cost import build_cost_model, count_params
 from .graph import GraphIndex, static_shapes
 from .inputs import input_specs
@@ -28,6 +29,7 @@ class SpaceInfo:
     sites: list[str]
     macs: int
     pinned: list[str] = field(default_factory=list)
+    samples_needed: int | None = None  # calibration samples for more rows than units at every site
 
 
 @dataclass
@@ -48,12 +50,17 @@ class InspectReport:
         shapes = ", ".join(f"{k}{tuple(v)}" for k, v in self.input_shapes.items())
         console.print(f"[bold]{self.model}[/bold]: {self.params:,} params, {self.macs:,} MACs per run at {shapes}")
         prunable = Table(title="prunable spaces")
-        for column in ("space (first producer)", "units", "producers", "consumers", "MACs"):
-            prunable.add_column(column, justify="right" if column in ("units", "producers", "consumers", "MACs") else "left", overflow="fold")
+        for column in ("space (first producer)", "units", "producers", "consumers", "MACs", "samples needed"):
+            prunable.add_column(column, justify="left" if column.startswith("space") else "right", overflow="fold")
         for space in self.spaces:
             if not space.pinned:
-                prunable.add_row(space.name, str(space.units), str(len(space.producers)), str(len(space.consumers)), f"{space.macs:,}")
+                needed = "?" if space.samples_needed is None else str(space.samples_needed)
+                prunable.add_row(space.name, str(space.units), str(len(space.producers)), str(len(space.consumers)), f"{space.macs:,}", needed)
         console.print(prunable)
+        needed = [s.samples_needed for s in self.spaces if not s.pinned and s.samples_needed is not None]
+        if needed:
+            console.print(f"calibration: with at least {max(needed)} samples (plus the held-out ones) every prunable space sees "
+                          "more rows than it has units; a space with fewer is not pruned")
         pinned = [s for s in self.spaces if s.pinned]
         if pinned:
             table = Table(title="pinned spaces (never pruned)")
@@ -62,6 +69,23 @@ class InspectReport:
             for space in pinned:
                 table.add_row(space.name, str(space.units), "; ".join(space.pinned))
             console.print(table)
+
+
+def samples_needed(space: Space, shapes: dict) -> int | None:
+    """Calibration samples (besides the held-out ones) for more rows than units at every site
+    (`api.pin_undersampled`); a pooled site counts its pooled input's rows when that needs fewer
+    (`preparation.use_pooled_inputs`). None when a site's positions per sample are unknown."""
+    def need(tensor: str) -> int | None:
+        rows = positions(shapes[tensor], space.tensors[tensor].axis) if shapes.get(tensor) else None
+        return None if not rows else -(-(space.tensors[tensor].size + 1) // rows)
+
+    needs = []
+    for tensor in space.sites:
+        options = [n for n in (need(tensor), need(space.pooled[tensor]) if tensor in space.pooled else None) if n is not None]
+        if not options:
+            return None
+        needs.append(min(options))
+    return max(needs, default=None)
 
 
 def inspect_model(model: str | Path | onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]] | None = None, exclude: list[str] | None = None) -> InspectReport:
@@ -77,6 +101,7 @@ def inspect_model(model: str | Path | onnx.ModelProto, input_shapes: dict[str, t
         SpaceInfo(
             space.name, space.n, list(space.producers), sorted({c.node for c in space.consumers}), list(space.pass_through),
             list(space.sites), int(sum(t.base for p in space.producers for t in cost.node_terms(p))), list(space.pinned),
+            samples_needed(space, index.shapes),
         )
         for space in analysis.spaces
     ]

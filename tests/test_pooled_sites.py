@@ -70,3 +70,13 @@ def test_the_pooled_input_is_a_statistics_site_only_when_needed() -> None:
         tensors = {s.tensor for s in prepared.analysis.sites()}
         assert site in tensors and ({source, pooled} - {site}).isdisjoint(tensors)
         assert all(c.site != ({source, pooled} - {site}).pop() for s in prepared.analysis.spaces for c in s.consumers)
+
+
+def test_inspect_says_how_many_samples_each_space_needs(capsys) -> None:
+    """The SE squeeze alone would need 25 samples for 24 channels; its pooled input (64 positions
+    per sample) needs 1, so the space needs 1; the SE's own 6 units are read after pooling: 7."""
+    report = onnxprune.inspect_model(se_block())
+    needed = {s.name: s.samples_needed for s in report.spaces}
+    assert needed["expand"] == 1 and needed["se_reduce"] == 7, needed
+    report.render()
+    assert "at least 7 samples" in capsys.readouterr().out
