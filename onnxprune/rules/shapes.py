@@ -11,7 +11,7 @@ import onnx
 from ..graph import GraphIndex, get_attr
 from ..ops import REDUCE_OPS
 from ..placement import Placement
-from .registry import CarryRule, Coarsen, Effect, Pin, axes_input, carries, through
+from .registry import Carry, CarryRule, Coarsen, Effect, Pin, axes_input, carries, through
 from .shape_targets import shape_update
 
 
@@ -21,9 +21,12 @@ def static(index: GraphIndex, name: str) -> tuple[int, ...] | None:
     return None if shape is None or None in shape else tuple(int(d) for d in shape)
 
 
-def map_reshape(index: GraphIndex, node: onnx.NodeProto, placement: Placement, from_shape, to_shape) -> tuple[Placement | None, list[Effect]]:
+def map_reshape(index: GraphIndex, node: onnx.NodeProto, placement: Placement, from_shape, to_shape,
+                forward: bool = False) -> tuple[Placement | None, list[Effect]]:
     """Where the units land when a tensor of `from_shape` is reshaped to `to_shape`: the unit
-    axis may be split (heads [.., H] -> [.., heads, d]) or merged with the axes after it."""
+    axis may be split (heads [.., H] -> [.., heads, d]) or merged with the axes after it.
+    `forward`: from the node's input to its output (a fused projection's parts are recognised
+    only then: backwards, repeat_kv's [.., kv x rep, ..] -> [.., kv, rep, ..] looks the same)."""
     label = f"{node.op_type} '{index.label(node)}'"
     if from_shape is None or to_shape is None:
         return None, [Pin(f"{label} has a shape onnxprune cannot read")]
@@ -35,10 +38,10 @@ def map_reshape(index: GraphIndex, node: onnx.NodeProto, placement: Placement, f
             return split, []
         moved, effects = _moved(label, placement, outer, inner, from_shape, to_shape)
         return (moved, []) if moved is not None else (None, [Pin(f"{label} splits the copies of the units another way")])
-    return _moved(label, placement, outer, inner, from_shape, to_shape)
+    return _moved(label, placement, outer, inner, from_shape, to_shape, node.output[0] if forward else "")
 
 
-def _moved(label: str, placement: Placement, outer: int, inner: int, from_shape, to_shape) -> tuple[Placement | None, list[Effect]]:
+def _moved(label: str, placement: Placement, outer: int, inner: int, from_shape, to_shape, out: str = "") -> tuple[Placement | None, list[Effect]]:
     """The unit axis kept, split into heads, or merged with the axes next to it."""
     span = placement.block * inner  # elements of one unit slot within one outer block
     candidates = [k for k in range(len(to_shape)) if int(np.prod(to_shape[:k], dtype=np.int64)) == outer and to_shape[k] != 1]
@@ -47,6 +50,9 @@ def _moved(label: str, placement: Placement, outer: int, inner: int, from_shape,
         return (merged, []) if merged is not None else (None, [Pin(f"{label} mixes the units' axis with the axes before it")])
     k = candidates[0]
     t = int(np.prod(to_shape[k + 1:], dtype=np.int64))
+    parts = _fused_parts(placement, span, to_shape, k, out) if out else None
+    if parts is not None:
+        return parts
     if t % span == 0 and t > span:  # an output index holds several units: use whole groups
         factor = t // span
         effects: list[Effect] = []
@@ -56,6 +62,28 @@ def _moved(label: str, placement: Placement, outer: int, inner: int, from_shape,
     if span % t:
         return None, [Pin(f"{label} mixes units with the axes after them")]
     return placement.moved(k, block=span // t, width=placement.width), []
+
+
+def _fused_parts(placement: Placement, span: int, to_shape, k: int, out: str) -> tuple[Placement | None, list[Effect]] | None:
+    """A fused projection split into parts then heads, [.., 3E] -> [.., 3, H, d] (timm's and
+    torchvision's qkv before q, k, v = qkv.unbind()): units become heads of d elements, and
+    head h of every part is one unit (the parts land on the same head positions, which the
+    engine merges as aliases, like a Split's fused QKV)."""
+    parts = int(to_shape[k])
+    if span != placement.block:  # the features are the last axis (a MatMul's), not NCHW channels (YOLOv8's DFL view)
+        return None
+    if not 1 < parts <= MAX_COPIES or len(to_shape) < k + 3 or placement.count() != placement.width or placement.width % parts:
+        return None
+    head, heads = int(np.prod(to_shape[k + 2:], dtype=np.int64)), int(to_shape[k + 1])
+    if head % span == 0 and head > span and placement.block == 1 and span == 1:
+        return None, [Coarsen(head, f"the parts of a fused projection ({parts} x {heads} heads of {head})")]
+    if head != span or heads * parts != placement.width or placement.repeats > 1:
+        return None
+    copies = [placement.window(c * heads, (c + 1) * heads) for c in range(parts)]
+    if any(copy is None for copy in copies):
+        return None
+    copies = [copy.moved(k + 1, block=1, width=heads) for copy in copies]
+    return copies[0], [Carry(out, copy) for copy in copies[1:]]
 
 
 # A unit carried more often is scored as a block of that many elements at a site as wide as
@@ -74,9 +102,12 @@ def _merged_with_axes_before(placement: Placement, from_shape, to_shape) -> Plac
         if copies > MAX_COPIES:
             return None
         for k in range(len(to_shape)):
-            if (int(np.prod(to_shape[:k], dtype=np.int64)) == before and to_shape[k] == copies * from_shape[a]
-                    and int(np.prod(to_shape[k + 1:], dtype=np.int64)) == inner):
+            if int(np.prod(to_shape[:k], dtype=np.int64)) != before:
+                continue
+            if to_shape[k] == copies * from_shape[a] and int(np.prod(to_shape[k + 1:], dtype=np.int64)) == inner:
                 return placement.repeated(copies).moved(k, width=placement.width * copies)
+            if to_shape[k] == copies * from_shape[a] * inner and int(np.prod(to_shape[k + 1:], dtype=np.int64)) == 1:
+                return placement.repeated(copies).moved(k, block=placement.block * inner, width=placement.width * copies)  # [.., 3, H, d] -> [.., 3E]
     return None
 
 
@@ -84,10 +115,15 @@ def _split_copies(placement: Placement, outer: int, inner: int, to_shape) -> Pla
     """The inverse of `_merged_with_axes_before`: [T, N, 2H] -> [T, N, 2, H] gives the first copy."""
     copies = placement.repeats
     base = placement.width // copies
+    first = tuple(s for s in placement.segments if s.offset < base)
     for k in range(len(to_shape)):
-        if (int(np.prod(to_shape[:k], dtype=np.int64)) == outer * copies and to_shape[k] == base * placement.block
-                and int(np.prod(to_shape[k + 1:], dtype=np.int64)) == inner):
-            return Placement(k, base, tuple(s for s in placement.segments if s.offset < base), placement.block)
+        if int(np.prod(to_shape[:k], dtype=np.int64)) != outer * copies:
+            continue
+        after = int(np.prod(to_shape[k + 1:], dtype=np.int64))
+        if to_shape[k] == base * placement.block and after == inner:
+            return Placement(k, base, first, placement.block)
+        if to_shape[k] == base and after == placement.block * inner:  # a fused projection's parts, then heads
+            return Placement(k, base, first, 1)
     return None
 
 
@@ -146,7 +182,7 @@ def axis_mover(rule: CarryRule) -> CarryRule:
 @axis_mover
 def reshape(index: GraphIndex, node: onnx.NodeProto, tensor: str, placement: Placement) -> list[Effect]:
     """Split or merge the unit axis (DESIGN §3); Reshape targets are rewritten."""
-    out_placement, effects = map_reshape(index, node, placement, static(index, tensor), static(index, node.output[0]))
+    out_placement, effects = map_reshape(index, node, placement, static(index, tensor), static(index, node.output[0]), forward=True)
     if out_placement is None:
         return effects
     if node.op_type == "Reshape":
