@@ -39,6 +39,7 @@ import numpy as np
 import onnxruntime as ort
 import torch
 import transformers as hf
+from random_init import calibrate_batchnorm
 from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
 SEED = 0
@@ -149,30 +150,12 @@ def calibration(kind: str, n: int, seed: int = CALIB_SEED) -> dict[str, np.ndarr
     raise ValueError(f"unknown input kind {kind}")
 
 
-def calibrate_batchnorm(model: torch.nn.Module, kind: str) -> None:
-    """Random BN scales and shifts, running statistics measured on random inputs: with HF's
-    init (weight 1, bias 0, mean 0, var 1) the activations of deep conv nets vanish."""
-    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
-    if not norms:
-        return
-    for norm in norms:
-        torch.nn.init.uniform_(norm.weight, 0.5, 1.5)
-        torch.nn.init.normal_(norm.bias, 0.0, 0.2)
-        norm.reset_running_stats()
-        norm.momentum = None  # cumulative average
-        norm.train()
-    with torch.no_grad():
-        for batch in range(4):
-            model(**{k: torch.from_numpy(v) for k, v in calibration(kind, 16, seed=SEED + batch).items()})
-    model.eval()
-
-
 def build(name: str, out_dir: Path) -> str:
     """Export one model; returns a one-line summary (raises on failure)."""
     builder, kind = ZOO[name]
     torch.manual_seed(SEED)
     model = builder().eval()
-    calibrate_batchnorm(model, kind)
+    calibrate_batchnorm(model, lambda seed: model(**{k: torch.from_numpy(v) for k, v in calibration(kind, 16, seed=SEED + seed).items()}))
     calib = calibration(kind, N_CALIB)
     names = list(calib)
     wrapper = FirstOutput(model, names).eval()

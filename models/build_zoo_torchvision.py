@@ -8,7 +8,8 @@ Run (CPU only, no network: ``weights=None``, nothing is downloaded; about 4 minu
 
 torchvision 0.28's C++ ops need not load with this torch: the import below stubs
 ``torch.library.register_fake`` while torchvision registers its fake kernels; the classification
-models do not use those ops.
+models do not use those ops. Install it in a separate environment (or uninstall it after the
+build): with its ops missing, ``import transformers`` fails in the same environment.
 
 The weights are random (``torch.manual_seed(0)`` before each model is built, then torchvision's
 own init; every ``nn.Linear`` weight redrawn with std fan_in**-0.5 so that the logits and the
@@ -73,6 +74,7 @@ try:
     import torchvision.models as tvm
 finally:
     torch.library.register_fake = _register_fake
+from random_init import calibrate_batchnorm  # noqa: E402
 from torchvision.models.convnext import CNBlockConfig  # noqa: E402
 from torchvision.models.resnet import Bottleneck  # noqa: E402
 
@@ -138,24 +140,6 @@ def rescale_linears(model: torch.nn.Module) -> None:
                 module.weight.normal_(0.0, module.in_features**-0.5)
 
 
-def calibrate_batchnorm(model: torch.nn.Module, size: int) -> None:
-    """Random BN scales and shifts, running statistics measured on random inputs (the rest of the
-    model stays in eval mode: no dropout, no stochastic depth)."""
-    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
-    if not norms:
-        return
-    for norm in norms:
-        torch.nn.init.uniform_(norm.weight, 0.5, 1.5)
-        torch.nn.init.normal_(norm.bias, 0.0, 0.2)
-        norm.reset_running_stats()
-        norm.momentum = None  # cumulative average
-        norm.train()
-    with torch.no_grad():
-        for batch in range(4):
-            model(torch.from_numpy(calibration(size, 16, seed=SEED + batch)))
-    model.eval()
-
-
 def standardise_layers(model: torch.nn.Module, size: int) -> None:
     """Data-dependent init for nets without norm layers: in forward order, each Conv / Linear gets
     the scale and shift that make its outputs zero-mean, unit-variance per channel on random inputs."""
@@ -216,7 +200,7 @@ def build(name: str, out_dir: Path) -> tuple[str, list[str]]:
     torch.manual_seed(SEED)
     model = builder().eval()
     rescale_linears(model)
-    calibrate_batchnorm(model, size)
+    calibrate_batchnorm(model, lambda seed: model(torch.from_numpy(calibration(size, 16, seed=SEED + seed))))
     standardise_layers(model, size)
     calib = calibration(size, N_CALIB)
     example = torch.from_numpy(calib[:2])
