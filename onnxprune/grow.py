@@ -17,7 +17,7 @@ import onnx
 from .graph import IMPLICIT, GraphIndex, get_attr
 from .placement import Placement, Segment
 from .rules import CARRY, CONSUME, PRODUCE, Carry, Coarsen, Effect, Flattened, Pin, Produced, SizeRead, Through
-from .rules.registry import through
+from .rules.registry import slice_param, through
 from .spaces import CACHE_NAME, AttrUpdate, CacheIO, Consumer, ParamSlice, RecurrentRead, ShapeUpdate, Space, WindowUpdate
 
 RECORDS = {ParamSlice: "slices", AttrUpdate: "attrs", ShapeUpdate: "reshapes", WindowUpdate: "windows", RecurrentRead: "recurrent_reads"}
@@ -188,8 +188,8 @@ class Grower:
                 append_new(self.space.cache_io, CacheIO(name, True))
             elif name in index.graph_inputs:
                 self.pin(f"units come from graph input '{name}'")
-            elif index.is_constant(name):  # a rule that reads per-unit constants slices them itself
-                self.pin(f"units come from constant '{name}'")
+            elif index.is_constant(name):
+                self._constant_source(name, placement)
             return
         produced = producer_output(index, node)
         if produced is not None and produced.tensor == name:
@@ -208,6 +208,16 @@ class Grower:
                 self.pin(f"{node.op_type} '{index.label(node)}' feeds a tensor coupled to these units")
             return
         self.visit(node, name, placement)
+
+    def _constant_source(self, name: str, placement: Placement) -> None:
+        """Units reached backwards at a constant (a relative-position bias table folded by the
+        exporter, then reshaped per head): its one reader gets it sliced like a per-unit
+        parameter; a constant read elsewhere too pins."""
+        uses = self.index.uses.get(name, [])
+        if len(uses) != 1 or uses[0].index < 0:
+            self.pin(f"units come from constant '{name}'")
+            return
+        self.apply(slice_param(self.index, uses[0].node, uses[0].index, placement.axis, name, placement, per_element=True))
 
     def _producer(self, node: onnx.NodeProto, produced: Produced, placement: Placement) -> None:
         label = self.index.label(node)
