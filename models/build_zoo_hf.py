@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import inspect
 import sys
-import traceback
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -39,8 +38,8 @@ import numpy as np
 import onnxruntime as ort
 import torch
 import transformers as hf
-from random_init import calibrate_batchnorm
 from transformers.models.whisper.modeling_whisper import WhisperEncoder
+from zoo_common import build_each, calibrate_batchnorm
 
 SEED = 0
 CALIB_SEED = 1234
@@ -184,18 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", nargs="+", choices=sorted(ZOO), metavar="NAME", help=f"build only these: {', '.join(ZOO)}")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
-    failed = []
-    for name in args.only or list(ZOO):
-        try:
-            print(build(name, args.out), flush=True)
-        except Exception as error:  # one architecture failing must not stop the others
-            failed.append(name)
-            last = traceback.format_exception(error)[-3:]
-            print(f"{name}: SKIPPED: {type(error).__name__}: {error}\n  {''.join(last).strip()}", flush=True)
-    if failed:
-        print(f"skipped: {', '.join(failed)}")
-    return 1 if failed else 0
-
+    return build_each(args.only or list(ZOO), lambda name: (build(name, args.out), []))
 
 if __name__ == "__main__":
     sys.exit(main())

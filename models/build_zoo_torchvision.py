@@ -58,7 +58,6 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-import traceback
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -74,9 +73,9 @@ try:
     import torchvision.models as tvm
 finally:
     torch.library.register_fake = _register_fake
-from random_init import calibrate_batchnorm  # noqa: E402
 from torchvision.models.convnext import CNBlockConfig  # noqa: E402
 from torchvision.models.resnet import Bottleneck  # noqa: E402
+from zoo_common import build_each, calibrate_batchnorm, short  # noqa: E402
 
 SEED = 0
 CALIB_SEED = 1234
@@ -188,11 +187,6 @@ def check(model: torch.nn.Module, path: Path, calib: np.ndarray) -> float:
     return worst
 
 
-def short(error: Exception) -> str:
-    last = traceback.format_exception(error)[-3:]
-    return f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}\n  {''.join(last).strip()}"
-
-
 def build(name: str, out_dir: Path) -> tuple[str, list[str]]:
     """Export one model with both exporters; returns a one-line summary and the files skipped
     (raises when the model cannot be built or neither export works)."""
@@ -232,19 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", nargs="+", choices=sorted(ZOO), metavar="NAME", help=f"build only these: {', '.join(ZOO)}")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
-    failed = []
-    for name in args.only or [n for n in ZOO if n not in EXTRA]:
-        try:
-            summary, skipped = build(name, args.out)
-            failed += skipped
-            print(summary, flush=True)
-        except Exception as error:  # one architecture failing must not stop the others
-            failed.append(name)
-            print(f"{name}: SKIPPED: {short(error)}", flush=True)
-    if failed:
-        print(f"skipped: {', '.join(failed)}")
-    return 1 if failed else 0
-
+    return build_each(args.only or [n for n in ZOO if n not in EXTRA], lambda name: build(name, args.out))
 
 if __name__ == "__main__":
     sys.exit(main())
