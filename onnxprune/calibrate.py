@@ -43,6 +43,12 @@ def positions(shape: Sequence[int | None], axis: int) -> int | None:
     return None if any(d is None for d in dims) else int(np.prod(dims, dtype=np.int64))
 
 
+def rows_per_sample(shapes: dict, tensor: str, axis: int) -> int | None:
+    """Rows one sample gives a site on `tensor` with units on `axis`; None if its shape is unknown."""
+    shape = shapes.get(tensor)
+    return positions(shape, axis) if shape else None
+
+
 def sampled_positions(shape: Sequence[int | None] | None, site: Site, stride: int = 1) -> int | None:
     """Rows one sample contributes after the site's spatial stride (ceil per dim, like the MaxPool)."""
     if shape is None:

@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from .analyse import Space, analyse
-from .calibrate import positions
+from .calibrate import rows_per_sample
 from .cost import build_cost_model, count_params
 from .graph import GraphIndex, static_shapes
 from .inputs import input_specs
@@ -76,7 +76,7 @@ def samples_needed(space: Space, shapes: dict) -> int | None:
     (`api.pin_undersampled`); a pooled site counts its pooled input's rows when that needs fewer
     (`preparation.use_pooled_inputs`). None when a site's positions per sample are unknown."""
     def need(tensor: str) -> int | None:
-        rows = positions(shapes[tensor], space.tensors[tensor].axis) if shapes.get(tensor) else None
+        rows = rows_per_sample(shapes, tensor, space.tensors[tensor].axis)
         return None if not rows else -(-(space.tensors[tensor].size + 1) // rows)
 
     needs = []

@@ -11,7 +11,7 @@ import numpy as np
 import onnx
 
 from .analyse import Analysis, analyse
-from .calibrate import choose_strides, collect_stats, positions
+from .calibrate import choose_strides, collect_stats, rows_per_sample
 from .cost import count_macs
 from .data import CalibrationData, load_calibration
 from .errors import CalibrationError, ModelError, TargetError
@@ -123,7 +123,7 @@ def use_pooled_inputs(analysis: Analysis, shapes: dict, samples: int) -> list[st
     for space in analysis.prunable:
         for tensor, source in list(space.pooled.items()):
             placement = space.tensors[tensor]
-            per_sample = positions(shapes[tensor], placement.axis) if shapes.get(tensor) else None
+            per_sample = rows_per_sample(shapes, tensor, placement.axis)
             if per_sample is not None and samples * per_sample <= placement.size:
                 space.read_pooled_input(tensor)
                 notes.append(f"site '{tensor}' would see {samples * per_sample} rows for {placement.size} units: its consumers' "

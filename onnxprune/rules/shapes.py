@@ -75,9 +75,9 @@ def _fused_parts(placement: Placement, span: int, to_shape, k: int, out: str) ->
     if not 1 < parts <= MAX_COPIES or len(to_shape) < k + 3 or placement.count() != placement.width or placement.width % parts:
         return None
     head, heads = int(np.prod(to_shape[k + 2:], dtype=np.int64)), int(to_shape[k + 1])
-    if head % span == 0 and head > span and placement.block == 1 and span == 1:
+    if span == 1 and head > 1:  # channels first: whole heads
         return None, [Coarsen(head, f"the parts of a fused projection ({parts} x {heads} heads of {head})")]
-    if head != span or heads * parts != placement.width or placement.repeats > 1:
+    if head != span or heads * parts != placement.width:
         return None
     copies = [placement.window(c * heads, (c + 1) * heads) for c in range(parts)]
     if any(copy is None for copy in copies):
