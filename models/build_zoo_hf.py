@@ -27,7 +27,6 @@ the rest are still written. The exit status is 1 if any model was skipped.
 
 from __future__ import annotations
 
-import argparse
 import inspect
 import sys
 import warnings
@@ -39,7 +38,7 @@ import onnxruntime as ort
 import torch
 import transformers as hf
 from transformers.models.whisper.modeling_whisper import WhisperEncoder
-from zoo_common import build_each, calibrate_batchnorm
+from zoo_common import build_each, calibrate_batchnorm, zoo_arguments
 
 SEED = 0
 CALIB_SEED = 1234
@@ -178,11 +177,7 @@ def build(name: str, out_dir: Path) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=Path("/tmp/hfzoo"), help="output folder (default /tmp/hfzoo)")
-    parser.add_argument("--only", nargs="+", choices=sorted(ZOO), metavar="NAME", help=f"build only these: {', '.join(ZOO)}")
-    args = parser.parse_args(argv)
-    args.out.mkdir(parents=True, exist_ok=True)
+    args = zoo_arguments(__doc__, list(ZOO), "/tmp/hfzoo", argv)
     return build_each(args.only or list(ZOO), lambda name: (build(name, args.out), []))
 
 if __name__ == "__main__":

@@ -55,7 +55,6 @@ reason printed; the rest are still written. The exit status is 1 if anything was
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 import warnings
@@ -75,7 +74,7 @@ finally:
     torch.library.register_fake = _register_fake
 from torchvision.models.convnext import CNBlockConfig  # noqa: E402
 from torchvision.models.resnet import Bottleneck  # noqa: E402
-from zoo_common import build_each, calibrate_batchnorm, short  # noqa: E402
+from zoo_common import build_each, calibrate_batchnorm, short, zoo_arguments  # noqa: E402
 
 SEED = 0
 CALIB_SEED = 1234
@@ -221,11 +220,7 @@ def build(name: str, out_dir: Path) -> tuple[str, list[str]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=Path("/tmp/tvzoo"), help="output folder (default /tmp/tvzoo)")
-    parser.add_argument("--only", nargs="+", choices=sorted(ZOO), metavar="NAME", help=f"build only these: {', '.join(ZOO)}")
-    args = parser.parse_args(argv)
-    args.out.mkdir(parents=True, exist_ok=True)
+    args = zoo_arguments(__doc__, list(ZOO), "/tmp/tvzoo", argv)
     return build_each(args.only or [n for n in ZOO if n not in EXTRA], lambda name: build(name, args.out))
 
 if __name__ == "__main__":

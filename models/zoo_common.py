@@ -4,8 +4,10 @@ vanish) and the build loop that skips a failing architecture and goes on."""
 
 from __future__ import annotations
 
+import argparse
 import traceback
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
@@ -52,3 +54,13 @@ def build_each(names: list[str], build: Callable[[str], tuple[str, list[str]]]) 
     if failed:
         print(f"skipped: {', '.join(failed)}")
     return 1 if failed else 0
+
+
+def zoo_arguments(doc: str, names: list[str], default_out: str, argv: list[str] | None) -> argparse.Namespace:
+    """--out (created) and --only NAME... of a coverage zoo script."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path(default_out), help=f"output folder (default {default_out})")
+    parser.add_argument("--only", nargs="+", choices=sorted(names), metavar="NAME", help=f"build only these: {', '.join(names)}")
+    args = parser.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    return args
