@@ -59,11 +59,15 @@ def analyse(model: onnx.ModelProto, exclude: list[str] | None = None, index: Gra
                 grower.add(out, root)
                 grower.run()
             except Regrow as coarser:
-                if n != slots:  # coarsening after aliasing: start again from whole groups of slots
+                if n == slots:
+                    slots = coarser.n
+                    labels = list(range(slots))
+                    continue
+                grouped = _grouped_labels(labels, n // coarser.n)  # aliased parts, then heads (nn.MultiheadAttention)
+                if grouped is None:
                     space.pinned.append("units are grouped by a Reshape after being aliased")
                     break
-                slots = coarser.n
-                labels = list(range(slots))
+                slots, labels = len(grouped), grouped
                 continue
             except Alias as alias:
                 labels = _merge_labels(labels, alias.pairs)
@@ -122,6 +126,18 @@ def _is_mean(node: onnx.NodeProto) -> bool:
         same = get_attr(node, "auto_pad", b"NOTSET") not in (b"NOTSET", b"VALID", "NOTSET", "VALID")
         return not get_attr(node, "count_include_pad", 0) or not (any(pads) or same)
     return False
+
+
+def _grouped_labels(labels: list[int], factor: int) -> list[int] | None:
+    """Slot labels `factor` times coarser, when every run of `factor` slots holds one whole group
+    of units (units l..l+factor-1, l a multiple of factor: a head of every aliased part); None
+    otherwise."""
+    if len(labels) % factor:
+        return None
+    runs = [labels[i:i + factor] for i in range(0, len(labels), factor)]
+    if any(run[0] % factor or run != list(range(run[0], run[0] + factor)) for run in runs):
+        return None
+    return [run[0] // factor for run in runs]
 
 
 def _merge_labels(labels: list[int], pairs: list[tuple[int, int]]) -> list[int]:

@@ -213,7 +213,7 @@ def _constant_node_value(node: onnx.NodeProto) -> np.ndarray | None:
 # analysis can read them; weights are never computed this way (size limit).
 FOLDABLE = frozenset({
     "Identity", "Cast", "Concat", "Unsqueeze", "Squeeze", "Reshape", "Gather", "Slice", "Add", "Sub",
-    "Mul", "Div", "Neg", "Range", "ConstantOfShape", "Expand", "Equal", "Where", "Floor", "Ceil", "Transpose",
+    "Mul", "Div", "Mod", "Neg", "Range", "ConstantOfShape", "Expand", "Equal", "Where", "Floor", "Ceil", "Transpose",
 })
 FOLD_LIMIT = 4096
 

@@ -16,7 +16,7 @@ import onnx
 
 from .graph import IMPLICIT, GraphIndex, get_attr
 from .placement import Placement, Segment
-from .rules import CARRY, CONSUME, PRODUCE, Carry, Coarsen, Effect, Flattened, Pin, Produced, SizeRead, Through
+from .rules import CARRY, CONSUME, PRODUCE, Carry, Coarsen, Effect, Flattened, Pin, Produced, SizeFollows, SizeRead, Through
 from .rules.registry import slice_param, through
 from .spaces import CACHE_NAME, AttrUpdate, CacheIO, Consumer, ParamSlice, RecurrentRead, ShapeUpdate, Space, WindowUpdate
 
@@ -99,13 +99,14 @@ class Grower:
         self.queue: deque[str] = deque()
         self.root = root  # (producer label, its placement) when it is not the identity
         self.size_reads: list[SizeRead] = []
+        self.size_follows: list[SizeFollows] = []
 
     def pin(self, reason: str) -> None:
         append_new(self.space.pinned, reason)
 
     def coarsen(self, factor: int, where: str) -> None:
         """Ask for units `factor` times coarser (whole heads instead of columns)."""
-        if factor > 1 and self.space.n % factor == 0 and (self.root is None or self.root[1].is_identity(self.space.n)):
+        if factor > 1 and self.space.n % factor == 0:
             raise Regrow(self.space.n // factor)
         self.pin(f"{where} splits the units into groups that do not divide {self.space.n}")
 
@@ -157,6 +158,10 @@ class Grower:
             flat = node.output[0] in self.space.flattened and read.position == 1  # view(x.size(0), x.size(1)) into a Gemm
             if not flat and (placement is None or placement.axis != read.position):
                 self.pin(f"Shape '{read.shape}' reads the size of the units' axis into {node.op_type} '{read.node}' entry {read.position}")
+        for follows in self.size_follows:
+            carried, layout = self.space.tensors.get(follows.tensor), follows.layout
+            if carried is None or (carried.axis, carried.width, carried.block, carried.segments) != (follows.axis, layout.width, layout.block, layout.segments):
+                self.pin(f"{follows.where} is the size of axis {follows.axis} of '{follows.tensor}', which does not carry these units as the output does")
 
     def apply(self, effects: list[Effect]) -> None:
         """Carry out a rule's effects, in order."""
@@ -173,6 +178,8 @@ class Grower:
                 self.coarsen(effect.factor, effect.where)
             elif isinstance(effect, SizeRead):
                 append_new(self.size_reads, effect)
+            elif isinstance(effect, SizeFollows):
+                append_new(self.size_follows, effect)
             elif isinstance(effect, Consumer):
                 append_new(self.space.consumers, effect)
                 append_new(self.space.sites, effect.site)

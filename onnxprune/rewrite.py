@@ -269,12 +269,13 @@ class Rewriter(FoldMixin):
             elif isinstance(record, AttrUpdate):
                 self._set_int_attr(record.node, record.attribute, widths[record.tensor] - len(removed[record.tensor]))
             elif isinstance(record, ShapeUpdate):
-                value = (widths[record.tensor] - len(removed[record.tensor])) * record.block
+                value = -1 if record.infer else (widths[record.tensor] - len(removed[record.tensor])) * record.block
                 if record.via:
                     self.edits.own_shape(self.index.node(record.via), self.index.node(record.node), record.input_index, record.position, value,
                                          record.dtype)
                     continue
-                target = self.edits.get(record.node, record.input_index).copy()
+                current = self.edits.get(record.node, record.input_index)  # None: a computed one-entry input (nested Concat)
+                target = np.zeros(1, dtype=record.dtype) if current is None else current.copy()
                 if record.position < 0:
                     target[()] = value
                 else:

@@ -45,6 +45,7 @@ class ShapeUpdate:
     tensor: str
     via: str = ""  # the Reshape whose target a shared Concat builds: the rewrite gives it its own copy
     dtype: str = "int64"  # of a computed Concat input replaced by a constant (tf2onnx computes in int32)
+    infer: bool = False  # a computed Reshape entry becomes -1: the size may fold in the batch (B x heads)
 
 
 @dataclass(frozen=True)

@@ -70,7 +70,19 @@ class SizeRead:
     position: int
 
 
-Effect = Carry | Pin | Through | Flattened | Coarsen | SizeRead | ParamSlice | AttrUpdate | ShapeUpdate | WindowUpdate | Consumer | RecurrentRead
+@dataclass(frozen=True)
+class SizeFollows:
+    """A Reshape/Expand target entry (`where`) is the size of `tensor`'s axis `axis` read at run
+    time, so it follows the pruning by itself if that axis carries the units exactly as the
+    target's output does (`layout`): the engine checks once the space is grown."""
+
+    tensor: str
+    axis: int
+    layout: Placement
+    where: str
+
+
+Effect = Carry | Pin | Through | Flattened | Coarsen | SizeRead | SizeFollows | ParamSlice | AttrUpdate | ShapeUpdate | WindowUpdate | Consumer | RecurrentRead
 CarryRule = Callable[[GraphIndex, onnx.NodeProto, str, Placement], list[Effect]]
 ConsumerRule = Callable[[GraphIndex, onnx.NodeProto, int, str, Placement], "list[Effect] | None"]
 

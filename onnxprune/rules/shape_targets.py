@@ -11,7 +11,7 @@ import onnx
 from ..graph import GraphIndex, get_attr
 from ..placement import Placement
 from ..spaces import ShapeUpdate
-from .registry import Effect, Pin, SizeRead, carries
+from .registry import Effect, Pin, SizeFollows, SizeRead, carries
 from .shape_values import entry_origin, size_sinks, vector_length
 
 
@@ -26,21 +26,24 @@ class EntrySource(NamedTuple):
     position: int
     computed: bool = False
     guarded: bool = False
+    nested: bool = False  # in a Concat that only the target's own Concat reads: edited in place
 
 
 def shape_update(index: GraphIndex, node: onnx.NodeProto, position: int, block: int, tensor: str,
-                 same_as: tuple[str, int] | None = None) -> list[Effect]:
+                 layout: Placement | None = None) -> list[Effect]:
     """Where the Reshape/Expand target's entry for the unit axis comes from, to rewrite it;
-    entries that follow the input by themselves (Reshape 0/-1, Expand 1, or `same_as`: the size
-    of that (tensor, axis), as large as the entry, read by Shape) need nothing."""
+    entries that follow the pruning by themselves need nothing (Reshape 0/-1, Expand 1) or a
+    check (the size of an axis read by Shape, when that axis carries the units as the output
+    does at `layout`: torch's flatten(2), nn.MultiheadAttention's view back to [B, H, ..])."""
     label = index.label(node)
     automatic = {-1, 1} if node.op_type == "Expand" else ({-1} if get_attr(node, "allowzero", 0) else {0, -1})
     target = index.const(node.input[1])
     if target is not None:  # stored or folded (tf2onnx's Cast of a constant): the target gets a new constant
         return [] if int(target[position]) in automatic else [ShapeUpdate(label, 1, position, block, tensor)]
     source = _shape_source(index, node.input[1], position)
-    if source is None and same_as is not None and entry_origin(index, node.input[1], position) == same_as:
-        return []
+    origin = entry_origin(index, node.input[1], position) if source is None and layout is not None else None
+    if origin is not None:
+        return [SizeFollows(origin[0], origin[1], layout, f"{node.op_type} '{label}' target entry {position}")]
     if source is None:
         return [Pin(f"{node.op_type} '{label}' target entry {position} is computed at run time; onnxprune cannot rewrite it")]
     holder = index.node(source.holder)
@@ -50,10 +53,13 @@ def shape_update(index: GraphIndex, node: onnx.NodeProto, position: int, block: 
         value = index.const(holder.input[source.slot])
         if int(value[()] if source.position < 0 else value[source.position]) in automatic:
             return []
-    via = label if holder.op_type == "Concat" else ""
+    via = label if holder.op_type == "Concat" and not source.nested else ""
     stored = index.const(holder.input[source.slot])
     dtype = _value_dtype(index, holder.input[source.slot]) if source.computed else stored.dtype.name
-    return [ShapeUpdate(source.holder, source.slot, source.position, block, tensor, via, dtype)]
+    outer = index.producer.get(node.input[1])
+    stored_entries = [i for n in (holder, outer) if n is not None and n.op_type == "Concat" for i in n.input if index.is_constant(i)]
+    infer = source.computed and node.op_type == "Reshape" and not any(-1 in np.atleast_1d(index.const(i)).tolist() for i in stored_entries)
+    return [ShapeUpdate(source.holder, source.slot, source.position, block, tensor, via, dtype, infer)]
 
 
 def _value_dtype(index: GraphIndex, name: str) -> str:
@@ -120,6 +126,9 @@ def _shape_source(index: GraphIndex, name: str, position: int) -> EntrySource | 
                     return EntrySource(index.label(inner), 0, -1, guarded=guarded)
             if _is_stored(index, inp):
                 return EntrySource(index.label(node), slot, position - offset, guarded=guarded)
+            if inner is not None and inner.op_type == "Concat" and not guarded and len(index.uses.get(inp, [])) == 1 == len(index.uses.get(name, [])):
+                source = _shape_source(index, inp, position - offset)  # unflatten(-1, (3, E)): Concat(shape[:-1], Concat([3], E))
+                return None if source is None else source._replace(nested=True)
             if length == 1:
                 return EntrySource(index.label(node), slot, 0, computed=True, guarded=guarded)
             return None

@@ -38,10 +38,11 @@ def map_reshape(index: GraphIndex, node: onnx.NodeProto, placement: Placement, f
             return split, []
         moved, effects = _moved(label, placement, outer, inner, from_shape, to_shape)
         return (moved, []) if moved is not None else (None, [Pin(f"{label} splits the copies of the units another way")])
-    return _moved(label, placement, outer, inner, from_shape, to_shape, node.output[0] if forward else "")
+    return _moved(label, placement, outer, inner, from_shape, to_shape, (index, node.output[0]) if forward else None)
 
 
-def _moved(label: str, placement: Placement, outer: int, inner: int, from_shape, to_shape, out: str = "") -> tuple[Placement | None, list[Effect]]:
+def _moved(label: str, placement: Placement, outer: int, inner: int, from_shape, to_shape,
+           out: tuple[GraphIndex, str] | None = None) -> tuple[Placement | None, list[Effect]]:
     """The unit axis kept, split into heads, or merged with the axes next to it."""
     span = placement.block * inner  # elements of one unit slot within one outer block
     candidates = [k for k in range(len(to_shape)) if int(np.prod(to_shape[:k], dtype=np.int64)) == outer and to_shape[k] != 1]
@@ -64,17 +65,23 @@ def _moved(label: str, placement: Placement, outer: int, inner: int, from_shape,
     return placement.moved(k, block=span // t, width=placement.width), []
 
 
-def _fused_parts(placement: Placement, span: int, to_shape, k: int, out: str) -> tuple[Placement | None, list[Effect]] | None:
+def _fused_parts(placement: Placement, span: int, to_shape, k: int, out: tuple[GraphIndex, str]) -> tuple[Placement | None, list[Effect]] | None:
     """A fused projection split into parts then heads, [.., 3E] -> [.., 3, H, d] (timm's and
-    torchvision's qkv before q, k, v = qkv.unbind()): units become heads of d elements, and
-    head h of every part is one unit (the parts land on the same head positions, which the
-    engine merges as aliases, like a Split's fused QKV)."""
+    torchvision's qkv before q, k, v = qkv.unbind()), or into parts only, [.., 3E] -> [.., 3, E]
+    (nn.MultiheadAttention's packed in_proj, heads split later per part): units become heads
+    of d elements (features when there is no head axis), and head h of every part is one unit
+    (the parts land on the same positions, which the engine merges as aliases, like a Split's
+    fused QKV)."""
     parts = int(to_shape[k])
     if span != placement.block:  # the features are the last axis (a MatMul's), not NCHW channels (YOLOv8's DFL view)
         return None
-    if not 1 < parts <= MAX_COPIES or len(to_shape) < k + 3 or placement.count() != placement.width or placement.width % parts:
+    if not 1 < parts <= MAX_COPIES or len(to_shape) < k + 2 or placement.count() != placement.width or placement.width % parts:
         return None
-    head, heads = int(np.prod(to_shape[k + 2:], dtype=np.int64)), int(to_shape[k + 1])
+    split = len(to_shape) > k + 2  # a head axis after the parts' axis
+    if not split and not _unbound(*out, k):  # [.., E] -> [.., H, d] splits heads, not parts
+        return None
+    head = int(np.prod(to_shape[k + 2:], dtype=np.int64)) if split else span
+    heads = int(to_shape[k + 1]) if split else placement.width // parts
     if span == 1 and head > 1:  # channels first: whole heads
         return None, [Coarsen(head, f"the parts of a fused projection ({parts} x {heads} heads of {head})")]
     if head != span or heads * parts != placement.width:
@@ -82,8 +89,44 @@ def _fused_parts(placement: Placement, span: int, to_shape, k: int, out: str) ->
     copies = [placement.window(c * heads, (c + 1) * heads) for c in range(parts)]
     if any(copy is None for copy in copies):
         return None
-    copies = [copy.moved(k + 1, block=1, width=heads) for copy in copies]
-    return copies[0], [Carry(out, copy) for copy in copies[1:]]
+    copies = [copy.moved(k + 1, block=1 if split else span, width=heads) for copy in copies]
+    return copies[0], [Carry(out[1], copy) for copy in copies[1:]]
+
+
+def _unbound(index: GraphIndex, tensor: str, axis: int, depth: int = 0) -> bool:
+    """Every reader of `tensor` takes single indices of `axis` (Gather of a scalar, Split into
+    pieces of one), maybe after Unsqueeze/Squeeze/Transpose: the axis holds parts (unbind)."""
+    uses = index.uses.get(tensor, [])
+    if not uses or depth > 8 or tensor in index.graph_outputs:
+        return False
+    for use in uses:
+        node, rank = use.node, index.rank(tensor)
+        if use.index != 0 or rank is None:
+            return False
+        if node.op_type == "Gather":
+            picks = index.const(node.input[1])
+            if get_attr(node, "axis", 0) % rank != axis or picks is None or picks.ndim != 0:
+                return False
+        elif node.op_type == "Split":
+            sizes = index.const(node.input[1]) if len(node.input) > 1 and node.input[1] else get_attr(node, "split")
+            if get_attr(node, "axis", 0) % rank != axis or sizes is None or set(np.atleast_1d(sizes).tolist()) != {1}:
+                return False
+        elif node.op_type in ("Unsqueeze", "Squeeze", "Transpose"):
+            moved = input_placement_axis(index, node, axis)
+            if moved is None or not _unbound(index, node.output[0], moved, depth + 1):
+                return False
+        else:
+            return False
+    return True
+
+
+def input_placement_axis(index: GraphIndex, node: onnx.NodeProto, axis: int) -> int | None:
+    """Where axis `axis` of the input of an Unsqueeze/Squeeze/Transpose lands in its output
+    (None when it is removed)."""
+    probe = Placement.identity(axis, 1)
+    effects = {"Unsqueeze": unsqueeze, "Squeeze": squeeze, "Transpose": transpose}[node.op_type](index, node, node.input[0], probe)
+    carried = [e for e in effects if isinstance(e, Carry) and e.tensor == node.output[0]]
+    return carried[0].placement.axis if carried else None
 
 
 # A unit carried more often is scored as a block of that many elements at a site as wide as
@@ -186,8 +229,7 @@ def reshape(index: GraphIndex, node: onnx.NodeProto, tensor: str, placement: Pla
     if out_placement is None:
         return effects
     if node.op_type == "Reshape":
-        same = (tensor, placement.axis) if out_placement.size == placement.size else None  # torch's flatten(2)
-        effects += shape_update(index, node, out_placement.axis, out_placement.block, node.output[0], same)
+        effects += shape_update(index, node, out_placement.axis, out_placement.block, node.output[0], out_placement)
     return effects + through(index.label(node), tensor, node.output[0], placement, out_placement)
 
 
@@ -243,5 +285,5 @@ def expand(index: GraphIndex, node: onnx.NodeProto, tensor: str, placement: Plac
     axis = placement.axis + out_rank - rank
     if out_shape[axis] not in (None, placement.size):
         return [Pin(f"Expand '{label}' broadcasts the units' axis")]
-    effects = shape_update(index, node, axis, placement.block, node.output[0])
+    effects = shape_update(index, node, axis, placement.block, node.output[0], placement.moved(axis))
     return effects + through(label, tensor, node.output[0], placement, placement.moved(axis))
