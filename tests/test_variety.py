@@ -155,3 +155,29 @@ def test_same_inputs_give_byte_identical_output(tmp_path):
         a, _ = onnxprune.prune(MODELS / "mlp.ts.onnx", MODELS / "data" / "fmnist_calib_flat.npz", ratio=0.3, method=method, seed=5)
         b, _ = onnxprune.prune(MODELS / "mlp.ts.onnx", MODELS / "data" / "fmnist_calib_flat.npz", ratio=0.3, method=method, seed=5)
         assert a.SerializeToString() == b.SerializeToString()
+
+
+def test_layers_sharing_one_initializer_through_identity_are_pruned_each_on_its_own():
+    """TorchScript writes one initializer for equal parameters (layers cloned from one another)
+    and an Identity for every other use: each layer gets its own copy, so both are prunable, and
+    the caller's model is left as it was."""
+    from builders import GraphBuilder, relative_l2, run
+
+    rng = np.random.default_rng(3)
+    w1 = rng.normal(size=(64, 72)).astype(np.float32)  # too large to be folded through the Identity
+    w1[:, 7] = 2 * w1[:, 2]  # a planted copy in the first layer
+    g = GraphBuilder(["N", 64])
+    shared = g.const(w1, "w")
+    h = g.op("Relu", [g.op("MatMul", ["x", shared], name="layer1")])
+    h = g.op("MatMul", [h, g.const(rng.normal(size=(72, 64)).astype(np.float32) / 8, "w")], name="back")
+    tied = g.op("Identity", [shared], name="tie")
+    h = g.op("Relu", [g.op("MatMul", [h, tied], name="layer2")])
+    model = g.build(g.op("MatMul", [h, g.const(rng.normal(size=(72, 3)).astype(np.float32), "w")], name="head"), ["N", 3])
+    before = model.SerializeToString()
+    found = {s.name: s for s in onnxprune.inspect_model(model).spaces}
+    assert not found["layer1"].pinned and not found["layer2"].pinned, found
+    x = rng.normal(size=(400, 64)).astype(np.float32)
+    pruned, report = onnxprune.prune(model, {"x": x}, tolerance=1e-6, order="pivoted", sequential=False)
+    assert {s.name: s.kept for s in report.spaces}["layer1"] == 71
+    assert model.SerializeToString() == before
+    assert relative_l2(run(model, x[:8]), run(pruned, x[:8])) < 1e-4
