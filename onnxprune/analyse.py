@@ -160,13 +160,19 @@ def _merge_labels(labels: list[int], pairs: list[tuple[int, int]]) -> list[int]:
 def _pin_shared_shape_constants(spaces: list[Space]) -> None:
     """A shape constant that must hold the sizes of two different tensors (exporters share one
     Concat between layers and no Reshape owns it) cannot be edited for both: pin those spaces.
-    Spaces on the same tensor (a Concat of several spaces) agree on the size and are fine."""
+    Spaces on the same tensor (a Concat of several spaces), and one space's tensors that carry
+    its units alike (q, k and v of a head fold's factor), agree on the size and are fine."""
     owners: dict[tuple[str, int, int, str], dict[str, set[int]]] = {}
+    layouts: dict[str, tuple] = {}
     for space in spaces:
         for update in space.reshapes:
             owners.setdefault((update.node, update.input_index, update.position, update.via), {}).setdefault(update.tensor, set()).add(space.id)
+            placement = space.tensors.get(update.tensor)
+            if placement is not None:
+                layouts.setdefault(update.tensor, (placement.width, placement.block, placement.segments))
     for (node, _, _, _), tensors in owners.items():
-        if len(tensors) > 1:
+        sizes = {(frozenset(ids), layouts.get(tensor, tensor)) for tensor, ids in tensors.items()}
+        if len(sizes) > 1:
             for space in spaces:
                 if any(space.id in ids for ids in tensors.values()):
                     append_new(space.pinned, f"shape constant of '{node}' is shared with another space")

@@ -76,3 +76,53 @@ def test_grouped_labels_coarsen_aliased_features_into_heads() -> None:
     assert _grouped_labels([0, 1, 2, 3] * 3, 2) == [0, 1] * 3
     assert _grouped_labels([0, 1, 2, 3, 1, 0, 2, 3], 2) is None  # a run that is not one whole group
     assert _grouped_labels([0, 1, 2], 2) is None
+
+
+def bloom_attention(planted: bool) -> onnx.ModelProto:
+    """Bloom's attention as TorchScript writes it: a fused projection viewed [N, T, H, 3, d] and
+    unbound by Gather on the parts' axis (heads outermost), heads folded into the batch,
+    view(N x H, T, d) with N x H = Mul(N, H), and merged back with N = size(0) / H. With
+    `planted`, head 3 reads exactly what head 1 reads."""
+    from builders import GraphBuilder
+
+    rng = np.random.default_rng(11)
+    t, h, d = 5, 4, 4
+    c = h * d
+    g = GraphBuilder([None, t, c])
+    w, b = rng.normal(size=(c, 3 * c)).astype(np.float32) / 4, rng.normal(size=3 * c).astype(np.float32) / 4
+    if planted:
+        w[:, 3 * 3 * d:4 * 3 * d], b[3 * 3 * d:4 * 3 * d] = w[:, 3 * d:2 * 3 * d], b[3 * d:2 * 3 * d]
+
+    def ints(*values: int) -> str:
+        return g.const(np.array(values, dtype=np.int64), "shape", dtype=np.int64)
+
+    def size(tensor: str, axis: int) -> str:
+        return g.op("Gather", [g.op("Shape", [tensor]), g.const(np.array(axis, dtype=np.int64), "axis", dtype=np.int64)], axis=0)
+
+    def vector(scalar: str) -> str:
+        return g.op("Unsqueeze", [scalar, ints(0)])
+
+    qkv = g.matmul("x", w, b, name="qkv")
+    fused = g.op("Reshape", [qkv, g.op("Concat", [vector(size(qkv, 0)), vector(size(qkv, 1)), ints(h, 3, d)], axis=0)])
+    folded = g.op("Concat", [vector(g.op("Mul", [size("x", 0), g.const(np.array(h, dtype=np.int64), "heads", dtype=np.int64)])), ints(-1, d)], axis=0)
+    q, k, v = (g.op("Reshape", [g.op("Transpose", [g.op("Gather", [fused, g.const(np.array(part, dtype=np.int64), "part", dtype=np.int64)], axis=3)],
+                                                        perm=[0, 2, 1, 3]), folded]) for part in range(3))
+    scores = g.op("Softmax", [g.op("MatMul", [q, g.op("Transpose", [k], perm=[0, 2, 1])])], axis=-1)
+    context = g.op("MatMul", [scores, v])
+    batch = vector(g.op("Div", [size(context, 0), g.const(np.array(h, dtype=np.int64), "heads", dtype=np.int64)]))
+    merged = g.op("Reshape", [context, g.op("Concat", [batch, ints(h), vector(size(context, 1)), ints(d)], axis=0)])
+    tokens = g.op("Reshape", [g.op("Transpose", [merged], perm=[0, 2, 1, 3]), g.op("Concat", [batch, ints(t, c)], axis=0)])
+    return g.build(g.matmul(tokens, rng.normal(size=(c, c)).astype(np.float32) / 4, name="dense"), ["N", t, c])
+
+
+def test_bloom_heads_folded_into_the_batch_are_units_and_a_copied_head_goes_exactly() -> None:
+    """The Mul's head count and the Div's are rewritten with the kept heads (not frozen as a
+    count for a batch of 1): the pruned model runs at any batch and loses only the copy."""
+    model = bloom_attention(planted=True)
+    heads = next(s for s in onnxprune.inspect_model(model, {"x": (1, 5, 16)}).spaces if s.name == "qkv")
+    assert heads.units == 4 and not heads.pinned, heads.pinned
+    x = np.random.default_rng(2).normal(size=(60, 5, 16)).astype(np.float32)
+    pruned, report = onnxprune.prune(model, {"x": x}, tolerance=1e-6, order="pivoted", sequential=False)
+    assert next(s for s in report.spaces if s.name == "qkv").kept == 3
+    for batch in (1, 3):
+        assert relative_l2(run(model, x[:batch]), run(pruned, x[:batch])) < 1e-4

@@ -12,7 +12,7 @@ from ..graph import GraphIndex, get_attr
 from ..placement import Placement
 from ..spaces import ShapeUpdate
 from .registry import Effect, Pin, SizeFollows, SizeRead, carries
-from .shape_values import entry_origin, size_sinks, vector_length
+from .shape_values import SCALAR, entry_origin, size_sinks, static_value, vector_length
 
 
 class EntrySource(NamedTuple):
@@ -129,10 +129,32 @@ def _shape_source(index: GraphIndex, name: str, position: int) -> EntrySource | 
             if inner is not None and inner.op_type == "Concat" and not guarded and len(index.uses.get(inp, [])) == 1 == len(index.uses.get(name, [])):
                 source = _shape_source(index, inp, position - offset)  # unflatten(-1, (3, E)): Concat(shape[:-1], Concat([3], E))
                 return None if source is None else source._replace(nested=True)
+            folded = _batch_fold(index, inp) if length == 1 else None
+            if folded is not None:
+                return folded
             if length == 1:
                 return EntrySource(index.label(node), slot, 0, computed=True, guarded=guarded)
             return None
         offset += length
+    return None
+
+
+def _batch_fold(index: GraphIndex, name: str) -> EntrySource | None:
+    """A one-entry shape value (Unsqueeze/Reshape/Cast of) Mul(b, c), b computed and 1 at the
+    analysis's batch of 1, c a constant: heads folded into the batch, view(B * H, ..) (Bloom,
+    nn.MultiheadAttention). Its constant factor c is the entry to rewrite."""
+    node = index.producer.get(name)
+    while node is not None and node.op_type in ("Unsqueeze", "Reshape", "Cast", "Identity"):
+        node = index.producer.get(node.input[0])
+    if node is None or node.op_type != "Mul" or len(node.input) != 2:
+        return None
+    for slot in (0, 1):
+        factor, other = node.input[slot], node.input[1 - slot]
+        value = index.const(factor)
+        if value is not None and value.size == 1 and not index.is_constant(other):
+            batch = static_value(index, other)
+            if batch is not None and batch.size == 1 and int(batch.reshape(-1)[0]) == 1:
+                return EntrySource(index.label(node), slot, SCALAR if value.ndim == 0 else 0)
     return None
 
 
@@ -149,8 +171,9 @@ def shape_reader(index: GraphIndex, node: onnx.NodeProto, tensor: str, placement
     end = end % rank if end < 0 else min(end, rank)
     if not start <= placement.axis < end:
         return []
-    sinks, reader, blocker = size_sinks(index, node.output[0], tensor, placement.axis - start)
+    sinks, reader, blocker = size_sinks(index, node.output[0], tensor, placement.axis - start, placement.size)
     if blocker:  # TorchScript's chunk point, repeat_kv's sizes, Tensordot's shapes pass (shape_values.py)
         into = "" if blocker == reader else f" into {blocker}"
         return [Pin(f"Shape '{label}' reads the size of the units' axis ({reader}){into}")]
-    return [SizeRead(label, target, position) for target, position in sinks]
+    return [SizeRead(label, target, position) if position >= 0 else ShapeUpdate(target, 1, SCALAR, placement.block, tensor)
+            for target, position in sinks]

@@ -130,11 +130,13 @@ def _moved_entry(index: GraphIndex, user: onnx.NodeProto, slot: int, position: i
     return None
 
 
-def size_sinks(index: GraphIndex, name: str, tensor: str, position: int) -> tuple[list[tuple[str, int]], str, str]:
+def size_sinks(index: GraphIndex, name: str, tensor: str, position: int, size: int | None = None) -> tuple[list[tuple[str, int]], str, str]:
     """Where entry `position` of the shape vector `name` (Shape of `tensor`: the size of its
     units' axis) ends up, when only shape arithmetic reads it: the (Reshape/Expand label, target
     entry) pairs it reaches (none when it feeds only the starts/ends of Slices of `tensor`), and,
-    when something else takes it, the reader of `name` on that path and the op it reaches."""
+    when something else takes it, the reader of `name` on that path and the op it reaches.
+    A Div by the axis's `size` (B x heads / heads = B, Bloom's merge_heads) ends a path as the
+    pair (Div label, -1 - divisor slot): its divisor is rewritten as the kept size."""
     todo, seen, sinks = [(name, position, "")], set(), []
     while todo:
         current, position, reader = todo.pop()
@@ -150,6 +152,10 @@ def size_sinks(index: GraphIndex, name: str, tensor: str, position: int) -> tupl
                 continue
             if user.op_type in SHAPE_TARGETS and use.index == 1 and position != SCALAR:
                 sinks.append((index.label(user), position))
+                continue
+            divisor = index.const(user.input[1]) if user.op_type == "Div" and use.index == 0 and len(user.input) > 1 else None
+            if size is not None and divisor is not None and divisor.size == 1 and int(divisor.reshape(-1)[0]) == size:
+                sinks.append((index.label(user), -2))
                 continue
             moved = _moved_entry(index, user, use.index, position)
             if moved is None or len(user.output) != 1:

@@ -78,7 +78,7 @@ def _fused_parts(placement: Placement, span: int, to_shape, k: int, out: tuple[G
     if not 1 < parts <= MAX_COPIES or len(to_shape) < k + 2 or placement.count() != placement.width or placement.width % parts:
         return None
     split = len(to_shape) > k + 2  # a head axis after the parts' axis
-    if not split and not _unbound(*out, k):  # [.., E] -> [.., H, d] splits heads, not parts
+    if not _unbound(*out, k):  # [.., E] -> [.., H, d] splits heads; Bloom's [.., H, 3, d] has heads first
         return None
     head = int(np.prod(to_shape[k + 2:], dtype=np.int64)) if split else span
     heads = int(to_shape[k + 1]) if split else placement.width // parts
@@ -109,7 +109,9 @@ def _unbound(index: GraphIndex, tensor: str, axis: int, depth: int = 0) -> bool:
                 return False
         elif node.op_type == "Split":
             sizes = index.const(node.input[1]) if len(node.input) > 1 and node.input[1] else get_attr(node, "split")
-            if get_attr(node, "axis", 0) % rank != axis or sizes is None or set(np.atleast_1d(sizes).tolist()) != {1}:
+            shape = index.shape(tensor)
+            ones = shape is not None and len(node.output) == shape[axis] if sizes is None else set(np.atleast_1d(sizes).tolist()) == {1}
+            if get_attr(node, "axis", 0) % rank != axis or not ones:
                 return False
         elif node.op_type in ("Unsqueeze", "Squeeze", "Transpose"):
             moved = input_placement_axis(index, node, axis)
