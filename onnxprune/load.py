@@ -18,6 +18,7 @@ from .errors import ModelError, ResourceError
 from .graph import copy_model, weightless_skeleton
 from .interrupts import deferred
 from .tensors import anchor, data_bytes, is_on_disk, location
+from .tidy import tidy
 from .weights import LARGE_MODEL, WeightsFile, model_bytes, offload, with_weights_in_memory, write_weights
 
 
@@ -30,7 +31,7 @@ def load_model(source: str | Path | onnx.ModelProto, offload_weights: bool = Fal
         name = "<ModelProto>"
         model = onnx.ModelProto()
         model.CopyFrom(source)
-        untie_identities(model)
+        tidy(model)
         if offload_weights:
             model, weights = offload(model)
     else:
@@ -50,7 +51,7 @@ def load_model(source: str | Path | onnx.ModelProto, offload_weights: bool = Fal
                     load_external_data_for_tensor(tensor, str(path.parent))
                     tensor.data_location = onnx.TensorProto.DEFAULT
                     del tensor.external_data[:]
-            untie_identities(model)
+            tidy(model)
             if offload_weights:
                 model, weights = offload(model)
         except (DecodeError, RuntimeError, ValueError) as exc:
@@ -63,27 +64,6 @@ def load_model(source: str | Path | onnx.ModelProto, offload_weights: bool = Fal
     if problem:
         raise ModelError(f"'{name}' fails onnx.checker: {problem}")
     return model, name, weights
-
-
-def untie_identities(model: onnx.ModelProto) -> None:
-    """Give every Identity of an in-memory initializer its own copy of the value (TorchScript
-    writes one initializer for equal parameters, e.g. layers cloned from one another, and an
-    Identity for each other use): each layer can then be pruned on its own."""
-    graph = model.graph
-    initializers = {t.name: t for t in graph.initializer}
-    outputs = {o.name for o in graph.output}
-    kept = []
-    for node in graph.node:
-        source = initializers.get(node.input[0]) if node.op_type == "Identity" and node.input else None
-        if source is None or uses_external_data(source) or node.output[0] in outputs:
-            kept.append(node)
-            continue
-        copy = graph.initializer.add()
-        copy.CopyFrom(source)
-        copy.name = node.output[0]
-    if len(kept) < len(graph.node):
-        del graph.node[:]
-        graph.node.extend(kept)
 
 
 def checker_problem(model: onnx.ModelProto, full_check: bool = False) -> str | None:

@@ -181,3 +181,30 @@ def test_layers_sharing_one_initializer_through_identity_are_pruned_each_on_its_
     assert {s.name: s.kept for s in report.spaces}["layer1"] == 71
     assert model.SerializeToString() == before
     assert relative_l2(run(model, x[:8]), run(pruned, x[:8])) < 1e-4
+
+
+def test_weights_computed_by_split_and_transpose_of_one_initializer_are_folded_and_pruned():
+    """torch.export writes nn.MultiheadAttention's cross-attention projections as MatMuls whose
+    weights are Split + Transpose of the packed in_proj_weight: those become initializers of their
+    own (nothing duplicated), so both layers are prunable."""
+    from builders import GraphBuilder, relative_l2, run
+
+    rng = np.random.default_rng(4)
+    packed = rng.normal(size=(144, 64)).astype(np.float32) / 8  # [out, in] of two layers of 72, too large to fold lazily
+    packed[7] = 2 * packed[2]  # a planted copy among the first layer's outputs
+    g = GraphBuilder(["N", 64])
+    parts = [f"part{i}" for i in range(2)]
+    g.nodes.append(helper.make_node("Split", [g.const(packed, "packed"), g.const(np.array([72, 72], dtype=np.int64), "sizes", dtype=np.int64)],
+                                    parts, name="split", axis=0))
+    first = g.op("Relu", [g.op("MatMul", ["x", g.op("Transpose", [parts[0]], perm=[1, 0])], name="layer1")])
+    second = g.op("Relu", [g.op("MatMul", ["x", g.op("Transpose", [parts[1]], perm=[1, 0])], name="layer2")])
+    both = g.op("Add", [g.matmul(first, rng.normal(size=(72, 3)).astype(np.float32)), g.matmul(second, rng.normal(size=(72, 3)).astype(np.float32))])
+    model = g.build(both, ["N", 3])
+    before = model.SerializeToString()
+    found = {s.name: s for s in onnxprune.inspect_model(model).spaces}
+    assert not found["layer1"].pinned and not found["layer2"].pinned, found
+    x = rng.normal(size=(400, 64)).astype(np.float32)
+    pruned, report = onnxprune.prune(model, {"x": x}, tolerance=1e-6, order="pivoted", sequential=False)
+    assert {s.name: s.kept for s in report.spaces}["layer1"] == 71
+    assert model.SerializeToString() == before
+    assert relative_l2(run(model, x[:8]), run(pruned, x[:8])) < 1e-4
