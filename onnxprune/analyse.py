@@ -83,7 +83,49 @@ def analyse(model: onnx.ModelProto, exclude: list[str] | None = None, index: Gra
             space.pinned.append("consumers read the units with different layouts")
         spaces.append(space)
     _pin_shared_shape_constants(spaces)
+    spaces += _computed_weight_layers(index, len(spaces))
     return Analysis(spaces)
+
+
+LINEAR = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
+# ops that turn a stored weight into the value a layer reads (their first input is the weight)
+WEIGHT_OPS = frozenset({"Cast", "DequantizeLinear", "Transpose", "Slice", "Split", "Reshape", "Squeeze", "Unsqueeze", "Identity", "Flatten"})
+
+
+def _computed_weight_layers(index: GraphIndex, first_id: int) -> list[Space]:
+    """Linear layers whose weight is computed at run time from a stored weight (a Cast of an
+    fp16 weight, DequantizeLinear of a quantised one, a Slice with computed bounds): their units
+    are not analysed, and the report says so as pinned spaces."""
+    found = []
+    for node in index.nodes:
+        if node.op_type not in LINEAR or len(node.input) < 2 or producer_output(index, node) is not None:
+            continue
+        weight, shape = node.input[1], index.shape(node.input[1])
+        source = _stored_weight_source(index, weight)
+        if source is None or not shape or shape[-1] is None:
+            continue
+        transposed = node.op_type == "Gemm" and get_attr(node, "transB", 0)
+        units = shape[0] if node.op_type == "Conv" or transposed else shape[1] if node.op_type == "ConvTranspose" else shape[-1]
+        label = index.label(node)
+        found.append(Space(first_id + len(found), label, int(units or 0), producers=[label],
+                           pinned=[f"{node.op_type} '{label}' reads a weight computed at run time ({source.op_type} "
+                                   f"'{index.label(source)}'): its units are not analysed"]))
+    return found
+
+
+def _stored_weight_source(index: GraphIndex, name: str) -> onnx.NodeProto | None:
+    """The node next to the weight when `name` is computed from a stored (initializer) weight by
+    WEIGHT_OPS alone; None for a constant or anything else (an activation)."""
+    node = index.producer.get(name)
+    first = node
+    for _ in range(8):
+        if node is None or node.op_type not in WEIGHT_OPS or not node.input:
+            return None
+        if node.input[0] in index.initializer_names:
+            return first
+        node = index.producer.get(node.input[0])
+    return None
+
 
 
 def _attach_state_site(index: GraphIndex, space: Space) -> None:
