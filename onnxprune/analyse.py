@@ -30,6 +30,7 @@ from .spaces import (
     Space,
     WindowUpdate,
 )
+from .tidy import MOVES
 
 __all__ = [
     "CACHE_NAME", "Analysis", "AttrUpdate", "CacheIO", "Consumer", "ParamSlice", "ShapeUpdate", "Site", "Space",
@@ -89,7 +90,7 @@ def analyse(model: onnx.ModelProto, exclude: list[str] | None = None, index: Gra
 
 LINEAR = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
 # ops that turn a stored weight into the value a layer reads (their first input is the weight)
-WEIGHT_OPS = frozenset({"Cast", "DequantizeLinear", "Transpose", "Slice", "Split", "Reshape", "Squeeze", "Unsqueeze", "Identity", "Flatten"})
+WEIGHT_OPS = MOVES | {"Cast", "DequantizeLinear", "Identity"}
 
 
 def _computed_weight_layers(index: GraphIndex, first_id: int) -> list[Space]:
@@ -125,7 +126,6 @@ def _stored_weight_source(index: GraphIndex, name: str) -> onnx.NodeProto | None
             return first
         node = index.producer.get(node.input[0])
     return None
-
 
 
 def _attach_state_site(index: GraphIndex, space: Space) -> None:

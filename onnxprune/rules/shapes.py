@@ -114,7 +114,7 @@ def _unbound(index: GraphIndex, tensor: str, axis: int, depth: int = 0) -> bool:
             if get_attr(node, "axis", 0) % rank != axis or not ones:
                 return False
         elif node.op_type in ("Unsqueeze", "Squeeze", "Transpose"):
-            moved = input_placement_axis(index, node, axis)
+            moved = _output_axis(index, node, axis)
             if moved is None or not _unbound(index, node.output[0], moved, depth + 1):
                 return False
         else:
@@ -122,9 +122,9 @@ def _unbound(index: GraphIndex, tensor: str, axis: int, depth: int = 0) -> bool:
     return True
 
 
-def input_placement_axis(index: GraphIndex, node: onnx.NodeProto, axis: int) -> int | None:
-    """Where axis `axis` of the input of an Unsqueeze/Squeeze/Transpose lands in its output
-    (None when it is removed)."""
+def _output_axis(index: GraphIndex, node: onnx.NodeProto, axis: int) -> int | None:
+    """Where axis `axis` of an Unsqueeze/Squeeze/Transpose's input lands in its output (None
+    when it is removed): the op's own rule, applied to a one-unit probe."""
     probe = Placement.identity(axis, 1)
     effects = {"Unsqueeze": unsqueeze, "Squeeze": squeeze, "Transpose": transpose}[node.op_type](index, node, node.input[0], probe)
     carried = [e for e in effects if isinstance(e, Carry) and e.tensor == node.output[0]]
