@@ -157,11 +157,26 @@ def test_same_inputs_give_byte_identical_output(tmp_path):
         assert a.SerializeToString() == b.SerializeToString()
 
 
+def assert_both_layers_prune_on_their_own(model: onnx.ModelProto, rng: np.random.Generator) -> None:
+    """'layer1' and 'layer2' (64 inputs, 72 outputs, output 7 of layer1 a copy of output 2) are
+    prunable spaces; the copy goes exactly, and the caller's model is left as it was."""
+    from builders import relative_l2, run
+
+    before = model.SerializeToString()
+    found = {s.name: s for s in onnxprune.inspect_model(model).spaces}
+    assert not found["layer1"].pinned and not found["layer2"].pinned, found
+    x = rng.normal(size=(400, 64)).astype(np.float32)
+    pruned, report = onnxprune.prune(model, {"x": x}, tolerance=1e-6, order="pivoted", sequential=False)
+    assert {s.name: s.kept for s in report.spaces}["layer1"] == 71
+    assert model.SerializeToString() == before
+    assert relative_l2(run(model, x[:8]), run(pruned, x[:8])) < 1e-4
+
+
 def test_layers_sharing_one_initializer_through_identity_are_pruned_each_on_its_own():
     """TorchScript writes one initializer for equal parameters (layers cloned from one another)
     and an Identity for every other use: each layer gets its own copy, so both are prunable, and
     the caller's model is left as it was."""
-    from builders import GraphBuilder, relative_l2, run
+    from builders import GraphBuilder
 
     rng = np.random.default_rng(3)
     w1 = rng.normal(size=(64, 72)).astype(np.float32)  # too large to be folded through the Identity
@@ -173,21 +188,14 @@ def test_layers_sharing_one_initializer_through_identity_are_pruned_each_on_its_
     tied = g.op("Identity", [shared], name="tie")
     h = g.op("Relu", [g.op("MatMul", [h, tied], name="layer2")])
     model = g.build(g.op("MatMul", [h, g.const(rng.normal(size=(72, 3)).astype(np.float32), "w")], name="head"), ["N", 3])
-    before = model.SerializeToString()
-    found = {s.name: s for s in onnxprune.inspect_model(model).spaces}
-    assert not found["layer1"].pinned and not found["layer2"].pinned, found
-    x = rng.normal(size=(400, 64)).astype(np.float32)
-    pruned, report = onnxprune.prune(model, {"x": x}, tolerance=1e-6, order="pivoted", sequential=False)
-    assert {s.name: s.kept for s in report.spaces}["layer1"] == 71
-    assert model.SerializeToString() == before
-    assert relative_l2(run(model, x[:8]), run(pruned, x[:8])) < 1e-4
+    assert_both_layers_prune_on_their_own(model, rng)
 
 
 def test_weights_computed_by_split_and_transpose_of_one_initializer_are_folded_and_pruned():
     """torch.export writes nn.MultiheadAttention's cross-attention projections as MatMuls whose
     weights are Split + Transpose of the packed in_proj_weight: those become initializers of their
     own (nothing duplicated), so both layers are prunable."""
-    from builders import GraphBuilder, relative_l2, run
+    from builders import GraphBuilder
 
     rng = np.random.default_rng(4)
     packed = rng.normal(size=(144, 64)).astype(np.float32) / 8  # [out, in] of two layers of 72, too large to fold lazily
@@ -200,14 +208,7 @@ def test_weights_computed_by_split_and_transpose_of_one_initializer_are_folded_a
     second = g.op("Relu", [g.op("MatMul", ["x", g.op("Transpose", [parts[1]], perm=[1, 0])], name="layer2")])
     both = g.op("Add", [g.matmul(first, rng.normal(size=(72, 3)).astype(np.float32)), g.matmul(second, rng.normal(size=(72, 3)).astype(np.float32))])
     model = g.build(both, ["N", 3])
-    before = model.SerializeToString()
-    found = {s.name: s for s in onnxprune.inspect_model(model).spaces}
-    assert not found["layer1"].pinned and not found["layer2"].pinned, found
-    x = rng.normal(size=(400, 64)).astype(np.float32)
-    pruned, report = onnxprune.prune(model, {"x": x}, tolerance=1e-6, order="pivoted", sequential=False)
-    assert {s.name: s.kept for s in report.spaces}["layer1"] == 71
-    assert model.SerializeToString() == before
-    assert relative_l2(run(model, x[:8]), run(pruned, x[:8])) < 1e-4
+    assert_both_layers_prune_on_their_own(model, rng)
 
 
 def test_a_layer_whose_weight_is_cast_at_run_time_is_reported_not_silently_skipped():
