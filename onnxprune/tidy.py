@@ -24,17 +24,21 @@ def tidy(model: onnx.ModelProto) -> None:
     fold_moved_weights(model)
 
 
+UNTIE_ELEMENTS = 4 << 20  # a larger shared weight (a tied embedding and LM head) is not copied
+
+
 def untie_identities(model: onnx.ModelProto) -> None:
     """Give every Identity of an in-memory initializer its own copy of the value (TorchScript
     writes one initializer for equal parameters, e.g. layers cloned from one another, and an
-    Identity for each other use): each layer can then be pruned on its own."""
+    Identity for each other use): each layer can then be pruned on its own. Weights above
+    UNTIE_ELEMENTS stay shared (the report names a layer that reads one)."""
     graph = model.graph
     initializers = {t.name: t for t in graph.initializer}
     outputs = {o.name for o in graph.output}
     kept = []
     for node in graph.node:
         source = initializers.get(node.input[0]) if node.op_type == "Identity" and node.input else None
-        if source is None or uses_external_data(source) or node.output[0] in outputs:
+        if source is None or uses_external_data(source) or node.output[0] in outputs or tensor_size(source) > UNTIE_ELEMENTS:
             kept.append(node)
             continue
         copy = graph.initializer.add()
