@@ -126,3 +126,50 @@ def test_bloom_heads_folded_into_the_batch_are_units_and_a_copied_head_goes_exac
     assert next(s for s in report.spaces if s.name == "qkv").kept == 3
     for batch in (1, 3):
         assert relative_l2(run(model, x[:batch]), run(pruned, x[:batch])) < 1e-4
+
+
+def einsum_attention() -> onnx.ModelProto:
+    """Attention written with Einsum (MaxViT, lucidrains-style code): 'bhid,bhjd->bhij' and
+    'bhij,bhjd->bhid' between separate q/k/v projections viewed [N, H, T, d]; head 3 of q, k and
+    v copies head 1."""
+    from builders import GraphBuilder
+
+    rng = np.random.default_rng(12)
+    t, h, d = 5, 4, 4
+    c = h * d
+    g = GraphBuilder([None, t, c])
+    heads = {}
+    for part in ("q", "k", "v"):
+        w, b = rng.normal(size=(c, c)).astype(np.float32) / 4, rng.normal(size=c).astype(np.float32) / 4
+        w[:, 3 * d:], b[3 * d:] = w[:, d:2 * d], b[d:2 * d]
+        view = g.op("Reshape", [g.matmul("x", w, b, name=f"{part}_proj"), g.const(np.array([0, t, h, d], dtype=np.int64), "shape", dtype=np.int64)])
+        heads[part] = g.op("Transpose", [view], perm=[0, 2, 1, 3])
+    scores = g.op("Softmax", [g.op("Einsum", [heads["q"], heads["k"]], equation="bhid,bhjd->bhij")], axis=-1)
+    context = g.op("Transpose", [g.op("Einsum", [scores, heads["v"]], equation="bhij,bhjd->bhid")], perm=[0, 2, 1, 3])
+    tokens = g.op("Reshape", [context, g.const(np.array([0, t, c], dtype=np.int64), "shape", dtype=np.int64)])
+    return g.build(g.matmul(tokens, rng.normal(size=(c, c)).astype(np.float32) / 4, name="o_proj"), ["N", t, c])
+
+
+def test_einsum_attention_heads_are_units_and_a_copied_head_goes_exactly() -> None:
+    model = einsum_attention()
+    heads = next(s for s in onnxprune.inspect_model(model, {"x": (1, 5, 16)}).spaces if s.name == "q_proj")
+    assert heads.units == 4 and not heads.pinned and len(heads.producers) == 3, heads
+    x = np.random.default_rng(3).normal(size=(60, 5, 16)).astype(np.float32)
+    pruned, report = onnxprune.prune(model, {"x": x}, tolerance=1e-6, order="pivoted", sequential=False)
+    assert next(s for s in report.spaces if s.name == "q_proj").kept == 3
+    for batch in (1, 3):
+        assert relative_l2(run(model, x[:batch]), run(pruned, x[:batch])) < 1e-4
+
+
+def test_an_einsum_that_contracts_the_units_or_hides_them_in_an_ellipsis_pins_them() -> None:
+    from onnxprune.graph import GraphIndex
+    from onnxprune.placement import Placement
+    from onnxprune.rules import CARRY
+
+    model = einsum_attention()
+    index = GraphIndex(model, shapes={})
+    node = next(n for n in index.nodes if n.op_type == "Einsum")
+    for equation, reason in (("bhid,bhjd->bij", "contracts the units' axis"), ("...id,...jd->...ij", "implicit or broadcast")):
+        node.attribute[0].s = equation.encode()
+        effects = CARRY["Einsum"](index, node, node.input[0], Placement.identity(1, 4))
+        assert len(effects) == 1 and reason in effects[0].reason, effects

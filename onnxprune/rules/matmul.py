@@ -9,7 +9,7 @@ import onnx
 from ..graph import GraphIndex, get_attr
 from ..placement import Placement
 from ..spaces import Consumer, ParamSlice
-from .registry import Carry, Effect, Pin, Produced, carries, consumes, produces, read_by, through
+from .registry import Carry, Effect, Pin, Produced, Through, carries, consumes, produces, read_by, through
 
 FUSED_ATTENTION = frozenset({"Attention", "MultiHeadAttention", "GroupQueryAttention", "PackedAttention", "DecoderMaskedMultiHeadAttention", "EmbedLayerNormalization"})
 
@@ -90,6 +90,40 @@ def batched_matmul(index: GraphIndex, node: onnx.NodeProto, tensor: str, placeme
             if pos >= 0 and shape is not None and shape[pos] not in (1,):
                 effects.append(Carry(inp, placement.moved(pos)))
     return effects + through(label, tensor, node.output[0], placement, placement.moved(out_rank + from_right))
+
+
+@carries("Einsum")
+def einsum(index: GraphIndex, node: onnx.NodeProto, tensor: str, placement: Placement) -> list[Effect]:
+    """Einsum of activations with an explicit equation ('bhid,bhjd->bhij'): the units' letter
+    must be a batch index, kept in the output; every operand with that letter carries them."""
+    label = index.label(node)
+    terms = _einsum_terms(get_attr(node, "equation", b""))
+    if terms is None:
+        return [Pin(f"Einsum '{label}' has an implicit or broadcast (...) equation")]
+    *inputs, output = terms
+    names = [*node.input, node.output[0]]
+    own = inputs[list(node.input).index(tensor)] if tensor in node.input else output
+    if placement.axis >= len(own) or own.count(own[placement.axis]) > 1:
+        return [Pin(f"Einsum '{label}' reads the units' axis as a diagonal")]
+    letter = own[placement.axis]
+    if letter not in output:
+        return [Pin(f"Einsum '{label}' contracts the units' axis")]
+    effects: list[Effect] = [Through(label)]
+    for name, term in zip(names, [*inputs, output], strict=True):
+        if letter in term:
+            if index.is_constant(name):
+                return [Pin(f"Einsum '{label}' reads the units with a constant operand")]
+            effects.append(Carry(name, placement.moved(term.index(letter))))
+    return effects
+
+
+def _einsum_terms(equation: bytes | str) -> list[str] | None:
+    """The letters of each operand and of the output, or None for an implicit output or '...'."""
+    text = (equation.decode() if isinstance(equation, bytes) else equation).replace(" ", "")
+    if "->" not in text or "." in text:
+        return None
+    lhs, rhs = text.split("->")
+    return [*lhs.split(","), rhs]
 
 
 @carries("Softmax", "LogSoftmax")
