@@ -173,3 +173,39 @@ def test_an_einsum_that_contracts_the_units_or_hides_them_in_an_ellipsis_pins_th
         node.attribute[0].s = equation.encode()
         effects = CARRY["Einsum"](index, node, node.input[0], Placement.identity(1, 4))
         assert len(effects) == 1 and reason in effects[0].reason, effects
+
+
+def chunked_attention() -> onnx.ModelProto:
+    """A fused projection cut into q, k and v by three Slices before the head views (TorchScript's
+    torch.chunk in MaxViT's attention): once the units are whole heads, each Slice keeps whole
+    heads. Head 3 copies head 1 in q, k and v."""
+    from builders import GraphBuilder
+
+    rng = np.random.default_rng(13)
+    t, h, d = 5, 4, 4
+    c = h * d
+    g = GraphBuilder([None, t, c])
+    w, b = rng.normal(size=(c, 3 * c)).astype(np.float32) / 4, rng.normal(size=3 * c).astype(np.float32) / 4
+    for part in range(3):
+        w[:, part * c + 3 * d:part * c + 4 * d], b[part * c + 3 * d:part * c + 4 * d] = w[:, part * c + d:part * c + 2 * d], b[part * c + d:part * c + 2 * d]
+    qkv = g.matmul("x", w, b, name="qkv")
+
+    def ints(*values: int) -> str:
+        return g.const(np.array(values, dtype=np.int64), "i", dtype=np.int64)
+
+    q, k, v = (g.op("Transpose", [g.op("Reshape", [g.op("Slice", [qkv, ints(part * c), ints((part + 1) * c), ints(2)]), ints(0, t, h, d)])],
+                    perm=[0, 2, 1, 3]) for part in range(3))
+    scores = g.op("Softmax", [g.op("MatMul", [q, g.op("Transpose", [k], perm=[0, 1, 3, 2])])], axis=-1)
+    tokens = g.op("Reshape", [g.op("Transpose", [g.op("MatMul", [scores, v])], perm=[0, 2, 1, 3]), ints(0, t, c)])
+    return g.build(g.matmul(tokens, rng.normal(size=(c, c)).astype(np.float32) / 4, name="o_proj"), ["N", t, c])
+
+
+def test_slices_of_a_fused_projection_keep_whole_heads_and_a_copied_head_goes_exactly() -> None:
+    model = chunked_attention()
+    heads = next(s for s in onnxprune.inspect_model(model, {"x": (1, 5, 16)}).spaces if s.name == "qkv")
+    assert heads.units == 4 and not heads.pinned, heads
+    x = np.random.default_rng(4).normal(size=(60, 5, 16)).astype(np.float32)
+    pruned, report = onnxprune.prune(model, {"x": x}, tolerance=1e-6, order="pivoted", sequential=False)
+    assert next(s for s in report.spaces if s.name == "qkv").kept == 3
+    for batch in (1, 3):
+        assert relative_l2(run(model, x[:batch]), run(pruned, x[:batch])) < 1e-4

@@ -107,12 +107,13 @@ def slice_(index: GraphIndex, node: onnx.NodeProto, tensor: str, placement: Plac
     if placement.axis not in axes:
         return through(label, tensor, node.output[0], placement)
     k = axes.index(placement.axis)
-    width = placement.width
-    if placement.block > 1:
-        return [Pin(f"Slice '{label}' cuts units of {placement.block} elements")]
-    start, stop = (max(0, min(width, v + width if v < 0 else v)) for v in (starts[k], ends[k]))
+    size, block = placement.size, placement.block
+    start, stop = (max(0, min(size, v + size if v < 0 else v)) for v in (starts[k], ends[k]))
     if steps[k] != 1 or stop <= start:
         return [Pin(f"Slice '{label}' on the unit axis has a step other than 1 or is empty")]
+    if start % block or stop % block:  # bounds are in elements: whole units only (a chunk of heads)
+        return [Pin(f"Slice '{label}' cuts units of {block} elements")]
+    start, stop = start // block, stop // block
     bounds = (tuple(starts), tuple(ends)) if computed else None
     dtype = str(consts[0].dtype) if computed else "int64"
     effects: list[Effect] = [WindowUpdate(label, tensor, ((start, stop),), bounds, dtype), Through(label)]
