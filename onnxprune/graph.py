@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections import defaultdict
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -277,8 +278,9 @@ def weightless_skeleton(model: onnx.ModelProto, input_shapes: dict[str, tuple[in
     return fix_input_shapes(skeleton, input_shapes)
 
 
-def static_shapes(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]]) -> dict[str, Shape]:
-    """Shapes of every tensor with the inputs fixed and small constant subgraphs folded."""
+def static_shapes(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]], problems: list[str] | None = None) -> dict[str, Shape]:
+    """Shapes of every tensor with the inputs fixed and small constant subgraphs folded; why the
+    model did not run at these shapes, if it did not, goes to `problems`."""
     skeleton = weightless_skeleton(model, input_shapes)
     constants = Constants({t.name: t for t in skeleton.graph.initializer})
     for node in skeleton.graph.node:
@@ -297,11 +299,12 @@ def static_shapes(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...
         if o and (o not in shapes or None in shapes[o]) and types.get(o, onnx.TensorProto.FLOAT) in floats
     ]
     if missing:
-        shapes.update(probe_shapes(model, input_shapes, missing))
+        shapes.update(probe_shapes(model, input_shapes, missing, problems))
     return shapes
 
 
-def probe_shapes(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]], names: list[str]) -> dict[str, Shape]:
+def probe_shapes(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]], names: list[str],
+                 problems: list[str] | None = None) -> dict[str, Shape]:
     """Shapes that static inference missed (computed Slice bounds, Shape subgraphs), read off one
     onnxruntime run of the weightless skeleton on zeros (inputs and weights; np.zeros pages are
     never touched, so the probe costs no copy of the weights)."""
@@ -321,7 +324,10 @@ def probe_shapes(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]
         options.log_severity_level = 4  # a failed probe is handled (the analysis pins what stays unknown): no error print
         session = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
         values = session.run(names, feeds)
-    except Exception:  # noqa: BLE001 - best effort: the analysis pins what stays unknown
+    except Exception as exc:  # noqa: BLE001 - best effort: the analysis pins what stays unknown
+        if problems is not None:
+            failed = re.search(r"running (\w+) node\. Name:'([^']*)'", str(exc))
+            problems.append(f"{failed.group(1)} '{failed.group(2)}' fails" if failed else str(exc).splitlines()[0][:200])
         return {}
     return {name: tuple(int(d) for d in np.shape(v)) for name, v in zip(names, values, strict=True)}
 

@@ -41,14 +41,16 @@ class InspectReport:
     macs: int
     input_shapes: dict[str, list[int]]
     spaces: list[SpaceInfo]
+    notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     def render(self, console: Console | None = None) -> None:
         console = console or Console()
-        shapes = ", ".join(f"{k}{tuple(v)}" for k, v in self.input_shapes.items())
-        console.print(f"[bold]{self.model}[/bold]: {self.params:,} params, {self.macs:,} MACs per run at {shapes}")
+        console.print(f"[bold]{self.model}[/bold]: {self.params:,} params, {self.macs:,} MACs per run at {_shapes_text(self.input_shapes)}")
+        for note in self.notes:
+            console.print(f"[yellow]note[/yellow]: {note}")
         prunable = Table(title="prunable spaces")
         for column in ("space (first producer)", "units", "producers", "consumers", "MACs", "samples needed"):
             prunable.add_column(column, justify="left" if column.startswith("space") else "right", overflow="fold")
@@ -94,7 +96,8 @@ def inspect_model(model: str | Path | onnx.ModelProto, input_shapes: dict[str, t
     shapes = dict(input_shapes or {})
     for spec in input_specs(proto):
         shapes.setdefault(spec.name, tuple(1 if d is None else d for d in spec.dims))
-    index = GraphIndex(proto, static_shapes(proto, shapes))
+    problems: list[str] = []
+    index = GraphIndex(proto, static_shapes(proto, shapes, problems))
     analysis = analyse(proto, exclude, index=index)
     cost = build_cost_model(index, analysis)
     spaces = [
@@ -105,4 +108,10 @@ def inspect_model(model: str | Path | onnx.ModelProto, input_shapes: dict[str, t
         )
         for space in analysis.spaces
     ]
-    return InspectReport(name, count_params(proto), cost.total_macs, {k: list(v) for k, v in shapes.items()}, spaces)
+    notes = [f"the model does not run at {_shapes_text(shapes)} ({problem}): shapes it computes at run time are unknown, and "
+             "spaces that need them are pinned; give the real sizes with --input-shapes NAME:D,D,.." for problem in problems]
+    return InspectReport(name, count_params(proto), cost.total_macs, {k: list(v) for k, v in shapes.items()}, spaces, notes)
+
+
+def _shapes_text(shapes: dict[str, tuple[int, ...]]) -> str:
+    return ", ".join(f"{k}{tuple(v)}" for k, v in shapes.items())

@@ -186,3 +186,27 @@ def test_wheel_has_console_script_and_extras(tmp_path):
         metadata = archive.read(meta).decode()
     assert all(f"Provides-Extra: {extra}" in metadata for extra in ("plot", "distributed", "test"))
     assert "onnxprune/__main__.py" in names
+
+
+def test_inspect_says_when_the_model_does_not_run_at_the_default_sizes():
+    """Dynamic dims default to 1; a model whose Reshape needs the real sequence length fails
+    there, and inspect says so with the node and how to give the sizes."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    nodes = [
+        helper.make_node("MatMul", ["x", "w"], ["h"], name="proj"),
+        helper.make_node("Relu", ["h"], ["r"]),
+        helper.make_node("Reshape", ["r", "target"], ["y"], name="pairs"),
+        helper.make_node("NonZero", ["y"], ["where"]),  # a size only a run tells: the shapes are probed
+        helper.make_node("Cast", ["where"], ["found"], to=TensorProto.FLOAT),
+    ]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", "S", 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 2, 12]),
+                               helper.make_tensor_value_info("found", TensorProto.FLOAT, [3, "K"])],
+                              [numpy_helper.from_array(rng.normal(size=(4, 6)).astype(np.float32), "w"),
+                               numpy_helper.from_array(np.array([0, 2, 12], dtype=np.int64), "target")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    notes = onnxprune.inspect_model(model).notes
+    assert len(notes) == 1 and "Reshape 'pairs' fails" in notes[0] and "--input-shapes" in notes[0], notes
+    assert onnxprune.inspect_model(model, {"x": (1, 4, 4)}).notes == []
