@@ -192,9 +192,10 @@ def test_partial_rotary_heads_are_one_space_and_a_copy_goes() -> None:
     assert relative_l2(run(model, x[:1]), run(pruned, x[:1])) < 1e-4
 
 
-def unbind_qkv_attention() -> onnx.ModelProto:
+def unbind_qkv_attention(unbind: str = "gather") -> onnx.ModelProto:
     """timm's / torchvision Swin's attention: one qkv projection reshaped to [1, T, 3, H, D],
-    moved to [3, 1, H, T, D] and unbound with a Gather per part; head 3 copies head 1 in q, k, v."""
+    moved to [3, 1, H, T, D] and unbound with a Gather per part (`unbind="slice"`: a Slice of one
+    part and a Squeeze, as paddle2onnx writes qkv[0]); head 3 copies head 1 in q, k, v."""
     g = GraphBuilder([1, T, C])
     w, b = normal(C, 3 * C), normal(3 * C)
     for part in range(3):
@@ -202,16 +203,20 @@ def unbind_qkv_attention() -> onnx.ModelProto:
             w[:, part * C + D:part * C + 2 * D], b[part * C + D:part * C + 2 * D])
     qkv = g.op("Reshape", [g.matmul("x", w, b, name="qkv"), ints(g, 1, T, 3, H, D)], name="split_parts")
     qkv = g.op("Transpose", [qkv], perm=[2, 0, 3, 1, 4])
-    q, k, v = (g.op("Gather", [qkv, scalar(g, i)], axis=0) for i in range(3))
+    if unbind == "gather":
+        q, k, v = (g.op("Gather", [qkv, scalar(g, i)], axis=0) for i in range(3))
+    else:
+        q, k, v = (g.op("Squeeze", [g.op("Slice", [qkv, ints(g, i), ints(g, i + 1), ints(g, 0)]), ints(g, 0)]) for i in range(3))
     att = g.op("Softmax", [g.op("MatMul", [q, g.op("Transpose", [k], perm=[0, 1, 3, 2])])], axis=-1)
     y = g.op("Reshape", [g.op("Transpose", [g.op("MatMul", [att, v])], perm=[0, 2, 1, 3]), ints(g, 1, T, C)])
     return g.build(g.matmul(y, normal(C, C), normal(C), name="proj"), [1, T, C])
 
 
-def test_heads_of_a_qkv_unbound_by_gather_are_one_space_and_a_copy_goes() -> None:
+@pytest.mark.parametrize("unbind", ["gather", "slice"])
+def test_heads_of_a_qkv_unbound_by_gather_are_one_space_and_a_copy_goes(unbind: str) -> None:
     """[.., 3E] -> [.., 3, H, D]: the units become heads, head h of q, k and v one unit (the
     parts land on the same positions of the H axis), and the planted copy is removed exactly."""
-    model = unbind_qkv_attention()
+    model = unbind_qkv_attention(unbind)
     space = next(s for s in spaces_of(model) if s.name == "qkv")
     assert not space.pinned and space.n == H, (space.pinned, space.n)
     x = RNG.normal(size=(96, T, C)).astype(np.float32)

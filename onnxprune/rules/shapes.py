@@ -113,6 +113,9 @@ def _unbound(index: GraphIndex, tensor: str, axis: int, depth: int = 0) -> bool:
             ones = shape is not None and len(node.output) == shape[axis] if sizes is None else set(np.atleast_1d(sizes).tolist()) == {1}
             if get_attr(node, "axis", 0) % rank != axis or not ones:
                 return False
+        elif node.op_type == "Slice":  # qkv[0:1] (paddle2onnx's qkv[0]), squeezed or reshaped later
+            if not _takes_one(index, node, tensor, axis):
+                return False
         elif node.op_type in ("Unsqueeze", "Squeeze", "Transpose"):
             moved = _output_axis(index, node, axis)
             if moved is None or not _unbound(index, node.output[0], moved, depth + 1):
@@ -120,6 +123,21 @@ def _unbound(index: GraphIndex, tensor: str, axis: int, depth: int = 0) -> bool:
         else:
             return False
     return True
+
+
+def _takes_one(index: GraphIndex, node: onnx.NodeProto, tensor: str, axis: int) -> bool:
+    """Whether a Slice with constant bounds keeps exactly one index of `axis` of `tensor`."""
+    shape, rank = index.shape(tensor), index.rank(tensor)
+    consts = [index.const(i) if i else None for i in node.input[1:]]
+    if shape is None or rank is None or len(consts) < 3 or any(c is None for c in consts[:3]) or shape[axis] is None:
+        return False
+    axes = [a % rank for a in consts[2].reshape(-1).tolist()]
+    if axis not in axes:
+        return False
+    k, size = axes.index(axis), shape[axis]
+    steps = consts[3].reshape(-1).tolist() if len(consts) > 3 and consts[3] is not None else [1] * len(axes)
+    start, stop = (max(0, min(size, v + size if v < 0 else v)) for v in (int(consts[0].reshape(-1)[k]), int(consts[1].reshape(-1)[k])))
+    return steps[k] == 1 and stop - start == 1
 
 
 def _output_axis(index: GraphIndex, node: onnx.NodeProto, axis: int) -> int | None:
