@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+import pytest
 
 import onnxprune
 from builders import GraphBuilder, initializer, relative_l2, run
@@ -107,3 +108,28 @@ def test_whole_groups_are_not_attention_heads_for_the_head_gain():
     bert = prepare("models/transformers/bert_tiny.dynamo.onnx", "models/transformers/calib_tokens.npz")
     heads = attention_spaces(bert.analysis, bert.index)
     assert len(heads) == 2 and all(bert.analysis.spaces[i].n == 4 for i in heads)  # 4 heads in each of 2 layers
+
+
+@pytest.mark.parametrize("opset", [21])  # the opset-18 op (scale per group) is deprecated: onnx's checker refuses it
+def test_group_normalization_prunes_whole_groups_and_a_copied_group_goes_exactly(opset: int) -> None:
+    """GroupNormalization (4 groups of 2 channels) normalises each group on its own: the units
+    become groups, num_groups and scale/bias (per channel) follow, and group 3, a copy of group
+    1 (filters, scale, bias), is removed exactly."""
+    rng = np.random.default_rng(8)
+    w, b = normal(8, 3, 3, 3), normal(8)
+    w[6:8], b[6:8] = w[2:4], b[2:4]
+    per = 1 if opset == 18 else 2
+    scale, shift = rng.uniform(0.5, 1.5, 4 * per).astype(np.float32), normal(4 * per)
+    scale[3 * per:], shift[3 * per:] = scale[per:2 * per], shift[per:2 * per]
+    g = GraphBuilder([None, 3, 6, 6], opset=opset)
+    h = g.conv("x", w, b, name="conv", pads=[1, 1, 1, 1])
+    h = g.op("Relu", [g.op("GroupNormalization", [h, g.const(scale), g.const(shift)], name="gn", num_groups=4, epsilon=1e-5)])
+    model = g.build(g.conv(h, normal(5, 8, 1, 1), normal(5), name="head"), ["N", 5, 6, 6])
+    space = next(s for s in onnxprune.inspect_model(model).spaces if s.name == "conv")
+    assert space.units == 4 and not space.pinned, space
+    x = rng.normal(size=(48, 3, 6, 6)).astype(np.float32)
+    pruned, report = onnxprune.prune(model, {"x": x}, tolerance=1e-6, order="pivoted", sequential=False)
+    assert next(s for s in report.spaces if s.name == "conv").kept == 3
+    node = next(n for n in pruned.graph.node if n.op_type == "GroupNormalization")
+    assert onnx.helper.get_attribute_value(next(a for a in node.attribute if a.name == "num_groups")) == 3
+    assert relative_l2(run(model, x[:4]), run(pruned, x[:4])) < 1e-4

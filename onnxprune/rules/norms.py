@@ -9,11 +9,12 @@ import onnx
 from ..graph import GraphIndex, get_attr
 from ..ops import CHANNEL_PARAM_OPS, REDUCE_OPS
 from ..placement import Placement
+from ..spaces import AttrUpdate
 from .conv_pool import per_channel
-from .registry import Effect, Pin, carries, through
+from .registry import Coarsen, Effect, Pin, carries, slice_param, through
 from .shapes import axis_mover
 
-HIDDEN_NORMS = frozenset({"LayerNormalization", "SimplifiedLayerNormalization", "SkipLayerNormalization", "SkipSimplifiedLayerNormalization", "RMSNormalization", "GroupNormalization"})
+HIDDEN_NORMS = frozenset({"LayerNormalization", "SimplifiedLayerNormalization", "SkipLayerNormalization", "SkipSimplifiedLayerNormalization", "RMSNormalization"})
 
 
 @carries(*sorted(CHANNEL_PARAM_OPS))
@@ -48,3 +49,30 @@ def reduce(index: GraphIndex, node: onnx.NodeProto, tensor: str, placement: Plac
 def hidden_norm(index: GraphIndex, node: onnx.NodeProto, tensor: str, placement: Placement) -> list[Effect]:
     """A norm over the units couples every unit with the others."""
     return [Pin(f"{node.op_type} '{index.label(node)}' normalises over these units (a transformer's hidden size): not prunable by node pruning")]
+
+
+@carries("GroupNormalization")
+def group_norm(index: GraphIndex, node: onnx.NodeProto, tensor: str, placement: Placement) -> list[Effect]:
+    """GroupNormalization normalises each group of channels on its own: a unit is a whole group
+    (finer units are regrown), `num_groups` counts the kept groups and scale/bias lose the
+    removed groups' entries (one per group in opset 18, one per channel since opset 21)."""
+    label, groups = index.label(node), get_attr(node, "num_groups")
+    shape = index.shape(node.input[0])
+    where = f"GroupNormalization '{label}' (num_groups={groups})"
+    if placement.axis != 1 or not groups or shape is None or shape[1] is None or shape[1] % groups:
+        return [Pin(f"{where} normalises the units' axis in groups onnxprune cannot read")]
+    per_group = shape[1] // groups
+    if placement.block < per_group:
+        factor = per_group // placement.block
+        aligned = per_group % placement.block == 0 and all(
+            s.offset % factor == 0 and s.lo % factor == 0 and (s.hi - s.lo) % factor == 0 for s in placement.segments)
+        return [Coarsen(factor, where) if aligned else Pin(f"{where} splits these units across its groups")]
+    if placement.block > per_group:
+        return [Pin(f"{where}: a unit spans several of its groups")]
+    effects: list[Effect] = [AttrUpdate(label, "num_groups", node.input[0])]
+    for slot in (1, 2):
+        value = index.const(node.input[slot]) if slot < len(node.input) and node.input[slot] else None
+        if value is None or value.ndim != 1 or len(value) not in (groups, shape[1]):
+            return [Pin(f"{where} has a scale or bias that is not a constant per group or channel")]
+        effects += slice_param(index, node, slot, 0, node.input[0], placement, per_element=len(value) == shape[1])
+    return effects + through(label, node.input[0], node.output[0], placement)
