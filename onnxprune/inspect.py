@@ -12,9 +12,9 @@ from rich.table import Table
 from .analyse import Space, analyse
 from .calibrate import rows_per_sample
 from .cost import build_cost_model, count_params
-from .graph import GraphIndex, static_shapes
 from .inputs import input_specs
 from .load import load_model
+from .tidy import shapes_and_index
 
 
 @dataclass
@@ -97,7 +97,7 @@ def inspect_model(model: str | Path | onnx.ModelProto, input_shapes: dict[str, t
     for spec in input_specs(proto):
         shapes.setdefault(spec.name, tuple(1 if d is None else d for d in spec.dims))
     problems: list[str] = []
-    index = GraphIndex(proto, static_shapes(proto, shapes, problems))
+    _, index = shapes_and_index(proto, shapes, problems)
     analysis = analyse(proto, exclude, index=index)
     cost = build_cost_model(index, analysis)
     spaces = [

@@ -15,10 +15,11 @@ from .calibrate import choose_strides, collect_stats, rows_per_sample
 from .cost import count_macs
 from .data import CalibrationData, load_calibration
 from .errors import CalibrationError, ModelError, TargetError
-from .graph import GraphIndex, fixed_batch_size, static_shapes
+from .graph import GraphIndex, fixed_batch_size
 from .load import load_model, map_large_allocations
 from .sources import ImageOptions
 from .stats import SiteStats
+from .tidy import shapes_and_index
 from .weights import LARGE_MODEL, WeightsFile, model_bytes
 
 REFERENCE_SAMPLES = 8  # calibration samples whose mean centres the float32 Gram of every batch
@@ -102,8 +103,7 @@ def prepare(
         verify_data = verify_data.take(0, verify_data.n_samples - verify_data.n_samples % batch_size)
         if dropped:
             notes.append(f"model '{name}' has a fixed batch size of {batch_size}: {dropped} samples that do not fill a batch were left out")
-    shapes = static_shapes(original, data.sample_shapes())
-    index = GraphIndex(original, shapes)
+    shapes, index = shapes_and_index(original, data.sample_shapes())
     analysis = analyse(original, list(exclude), index=index)
     if not analysis.prunable:
         reasons = "; ".join(f"{s.name}: {s.pinned[0]}" for s in analysis.spaces[:3]) or "no Conv/Gemm/MatMul with constant weights"

@@ -10,7 +10,7 @@ import onnx
 from onnx import numpy_helper
 from onnx.external_data_helper import uses_external_data
 
-from .graph import FOLD_LIMIT, node_reads
+from .graph import FOLD_LIMIT, GraphIndex, node_reads, static_shapes
 from .tensors import tensor_size
 
 # Ops that only move a weight's values around: folding them never changes a number or a dtype
@@ -49,31 +49,87 @@ def untie_identities(model: onnx.ModelProto) -> None:
         graph.node.extend(kept)
 
 
-def fold_moved_weights(model: onnx.ModelProto) -> None:
-    """Replace a value-moving node whose inputs are in-memory initializers read by nothing else
-    (and whose outputs are not graph outputs) with initializers of its outputs: no weight is
-    duplicated, and the layers reading them get constant weights (their units become prunable)."""
+def shapes_and_index(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]],
+                     problems: list[str] | None = None) -> tuple[dict, GraphIndex]:
+    """The static shapes and the graph index of the loaded copy at `input_shapes`; a weight cut
+    by a Slice whose bounds are computed from shapes (TorchScript's nn.MultiheadAttention
+    in-projection chunks, `w.chunk(3)`) is folded first, at those shapes."""
+    shapes = static_shapes(model, input_shapes, problems)
+    index = GraphIndex(model, shapes)
+    if _fold_shaped_slices(model, index, input_shapes):
+        fold_moved_weights(model)  # the Transpose after each folded chunk
+        shapes = static_shapes(model, input_shapes)
+        index = GraphIndex(model, shapes)
+    return shapes, index
+
+
+def _fold_shaped_slices(model: onnx.ModelProto, index: GraphIndex, input_shapes: dict[str, tuple[int, ...]]) -> bool:
+    """Give Slices of an in-memory initializer whose bounds are computed from sizes constant
+    bounds, then fold them; whether any was. Only bounds that stay the same when every dynamic
+    input dim changes are taken (a position table cut to the sequence length is left alone)."""
+    from .inputs import input_specs
+    from .rules.shape_values import static_value
+
     graph = model.graph
-    readers: dict[str, int] = {}
+    initializers = {t.name: t for t in graph.initializer}
+    slices = []
+    for node in graph.node:
+        source = initializers.get(node.input[0]) if node.op_type == "Slice" and node.input else None
+        computed = {slot: name for slot, name in enumerate(node.input) if slot and name and not index.is_constant(name)}
+        if source is not None and not uses_external_data(source) and computed:
+            slices.append((node, computed))
+    if not slices:
+        return False
+    varied = dict(input_shapes)
+    for spec in input_specs(model):
+        if spec.name in varied:
+            varied[spec.name] = tuple(d if fixed is not None else d + 1 for d, fixed in zip(varied[spec.name], spec.dims, strict=False))
+    other = GraphIndex(model, static_shapes(model, varied))
+    changed = False
+    for node, computed in slices:
+        values = {slot: static_value(index, name) for slot, name in computed.items()}
+        if any(value is None or not np.array_equal(value, static_value(other, computed[slot])) for slot, value in values.items()):
+            continue
+        for slot, value in values.items():
+            fresh = f"{node.output[0]}_bound{slot}"
+            graph.initializer.add().CopyFrom(numpy_helper.from_array(np.asarray(value, dtype=np.int64), fresh))
+            node.input[slot] = fresh
+            changed = True
+    return changed
+
+
+def fold_moved_weights(model: onnx.ModelProto) -> None:
+    """Replace value-moving nodes whose inputs are in-memory initializers (and whose outputs are
+    not graph outputs) with initializers of their outputs, when a large input is read by no other
+    kind of node (a packed weight cut into parts by Slices or a Split): no weight is kept twice,
+    and the layers reading the parts get constant weights (their units become prunable)."""
+    graph = model.graph
+    initializers = {t.name: t for t in graph.initializer}
+    small = {n.output[0]: n.attribute[0].t for n in graph.node  # Constant nodes' tensors (TorchScript's slice bounds)
+             if n.op_type == "Constant" and len(n.attribute) == 1 and n.attribute[0].name == "value"}
+    outputs = {o.name for o in graph.output} | {i.name for i in graph.input}  # an initializer declared an input can be fed
+
+    def movable(node: onnx.NodeProto) -> bool:
+        inputs = [name for name in node.input if name]
+        return (node.op_type in MOVES and node.domain in ("", "ai.onnx") and bool(inputs) and not any(o in outputs for o in node.output)
+                and all(name in small or name in initializers and not uses_external_data(initializers[name]) for name in inputs))
+
+    readers: dict[str, list[onnx.NodeProto]] = {}
     for node in graph.node:
         for name in node_reads(node):
-            readers[name] = readers.get(name, 0) + 1
-    initializers = {t.name: t for t in graph.initializer}
-    outputs = {o.name for o in graph.output} | {i.name for i in graph.input}  # an initializer declared an input can be fed
+            readers.setdefault(name, []).append(node)
     folded: set[int] = set()
     for position, node in enumerate(graph.node):
-        inputs = [name for name in node.input if name]
-        sources = [initializers.get(name) for name in inputs]
-        if (node.op_type not in MOVES or node.domain not in ("", "ai.onnx") or not inputs or any(o in outputs for o in node.output)
-                or any(s is None or uses_external_data(s) for s in sources)
-                or any(readers[name] != 1 and tensor_size(initializers[name]) > FOLD_LIMIT for name in set(inputs))):
-            continue  # a large input read elsewhere too would be duplicated; small ones (split sizes) are shared
-        values = _evaluate(node, {name: numpy_helper.to_array(initializers[name]) for name in set(inputs)}, model)
+        inputs = set(name for name in node.input if name)
+        large = [name for name in inputs if name in initializers and tensor_size(initializers[name]) > FOLD_LIMIT]
+        if not movable(node) or any(not all(movable(r) for r in readers[name]) for name in large):
+            continue  # a large input that another kind of node reads too would be kept twice; small ones (split sizes) are shared
+        values = _evaluate(node, {name: numpy_helper.to_array(initializers[name] if name in initializers else small[name]) for name in inputs}, model)
         if values is None:
             continue
-        for name in set(inputs):
-            readers[name] -= 1
-            if not readers[name]:
+        for name in inputs:
+            readers[name].remove(node)
+            if not readers[name] and name in initializers:
                 graph.initializer.remove(initializers.pop(name))
         for name, value in zip(node.output, values, strict=True):
             if name:

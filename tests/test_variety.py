@@ -211,6 +211,50 @@ def test_weights_computed_by_split_and_transpose_of_one_initializer_are_folded_a
     assert_both_layers_prune_on_their_own(model, rng)
 
 
+def test_slices_of_a_packed_weight_with_bounds_computed_from_a_shape_are_folded_and_pruned():
+    """TorchScript writes nn.MultiheadAttention's in-projection chunks (w.chunk(3) when q, k and v
+    differ: DETR, cross-attention) as Slices of the packed weight whose bounds come from
+    q.size(-1): at the analysis's shapes they are constants, and the parts become weights of
+    their own."""
+    from builders import GraphBuilder
+
+    rng = np.random.default_rng(6)
+    packed = rng.normal(size=(144, 64)).astype(np.float32) / 8
+    packed[7] = 2 * packed[2]
+    g = GraphBuilder(["N", 64])
+    width = g.op("Mul", [g.op("Unsqueeze", [g.op("Gather", [g.op("Shape", ["x"]), g.const(np.array(1, dtype=np.int64), "i", dtype=np.int64)], axis=0),
+                                             g.const(np.array([0], dtype=np.int64), "i", dtype=np.int64)]),
+                         g.const(np.array([72 // 8], dtype=np.int64), "i", dtype=np.int64)])  # 64 / 8 * 9 = 72, read from x's shape
+    width = g.op("Div", [width, g.const(np.array([8], dtype=np.int64), "i", dtype=np.int64)])
+    weight = g.const(packed, "packed")
+    zero, axis = g.const(np.array([0], dtype=np.int64), "i", dtype=np.int64), g.const(np.array([0], dtype=np.int64), "i", dtype=np.int64)
+    parts = [g.op("Slice", [weight, zero, width, axis]), g.op("Slice", [weight, width, g.op("Add", [width, width]), axis])]
+    first = g.op("Relu", [g.op("MatMul", ["x", g.op("Transpose", [parts[0]], perm=[1, 0])], name="layer1")])
+    second = g.op("Relu", [g.op("MatMul", ["x", g.op("Transpose", [parts[1]], perm=[1, 0])], name="layer2")])
+    both = g.op("Add", [g.matmul(first, rng.normal(size=(72, 3)).astype(np.float32)), g.matmul(second, rng.normal(size=(72, 3)).astype(np.float32))])
+    assert_both_layers_prune_on_their_own(g.build(both, ["N", 3]), rng)
+
+
+def test_a_table_cut_to_the_sequence_length_stays_computed():
+    """A position table Sliced to the input's sequence length (BERT's position ids under
+    torch.export) depends on a dynamic dim: it is not folded at the calibration's length."""
+    from builders import GraphBuilder, run
+
+    rng = np.random.default_rng(7)
+    g = GraphBuilder(["N", "S", 16])
+    g.inputs[0].type.tensor_type.shape.dim[1].dim_param = "S"
+    length = g.op("Unsqueeze", [g.op("Gather", [g.op("Shape", ["x"]), g.const(np.array(1, dtype=np.int64), "i", dtype=np.int64)], axis=0),
+                                g.const(np.array([0], dtype=np.int64), "i", dtype=np.int64)])
+    table = g.op("Slice", [g.const(rng.normal(size=(64, 16)).astype(np.float32), "positions"),
+                           g.const(np.array([0], dtype=np.int64), "i", dtype=np.int64), length,
+                           g.const(np.array([0], dtype=np.int64), "i", dtype=np.int64)])
+    h = g.op("Relu", [g.matmul(g.op("Add", ["x", table]), rng.normal(size=(16, 32)).astype(np.float32), name="up")])
+    model = g.build(g.matmul(h, rng.normal(size=(32, 4)).astype(np.float32), name="down"), ["N", "S", 4])
+    pruned, _ = onnxprune.prune(model, {"x": rng.normal(size=(64, 8, 16)).astype(np.float32)}, ratio=0.3)
+    short = rng.normal(size=(2, 5, 16)).astype(np.float32)
+    assert run(pruned, short).shape == run(model, short).shape == (2, 5, 4)
+
+
 def test_a_layer_whose_weight_is_cast_at_run_time_is_reported_not_silently_skipped():
     """An fp16-stored weight Cast to float32 before its MatMul: the layer is not analysed, and the
     report names it with the reason (it used to vanish from the report)."""
