@@ -1,7 +1,8 @@
 """Clean-ups of the loaded copy before the analysis, so that every linear layer's weight is a
 constant of its own: exporters share one initializer between equal parameters (TorchScript's
-Identity) and compute some weights from others (nn.MultiheadAttention's cross-attention splits
-and transposes its packed in_proj_weight at run time)."""
+Identity) and compute some weights from others (nn.MultiheadAttention's packed in_proj_weight,
+split and transposed at run time by torch.export, sliced with bounds computed from a shape by
+TorchScript: the latter is folded once the static shapes are known, `shapes_and_index`)."""
 
 from __future__ import annotations
 
