@@ -70,6 +70,19 @@ def grouped_conv(index: GraphIndex, node: onnx.NodeProto, tensor: str, placement
     return effects + through(label, node.input[0], node.output[0], placement)
 
 
+def not_whole_groups(placement: Placement, per_group: int, where: str) -> list[Effect]:
+    """[] when each unit is one whole group of `per_group` channels; else a Coarsen to whole
+    groups (units aligned on group boundaries) or a Pin."""
+    if placement.block < per_group:
+        factor = per_group // placement.block
+        aligned = per_group % placement.block == 0 and all(
+            s.offset % factor == 0 and s.lo % factor == 0 and (s.hi - s.lo) % factor == 0 for s in placement.segments)
+        return [Coarsen(factor, where) if aligned else Pin(f"{where} splits these units across its groups")]
+    if placement.block > per_group:
+        return [Pin(f"{where}: a unit spans several of its groups")]
+    return []
+
+
 def _whole_groups(index: GraphIndex, node: onnx.NodeProto, tensor: str, placement: Placement) -> list[Effect]:
     """A grouped (non-depthwise) Conv mixes the channels inside each group, so a unit is a whole
     group: its input channels (block Cin/G) and output channels (block Cout/G) go together, the
@@ -84,13 +97,9 @@ def _whole_groups(index: GraphIndex, node: onnx.NodeProto, tensor: str, placemen
     per_in, per_out = int(dims[1]), int(dims[0]) // group
     from_input = tensor == node.input[0]
     per_group = per_in if from_input else per_out
-    if placement.block < per_group:
-        factor = per_group // placement.block
-        aligned = per_group % placement.block == 0 and all(
-            s.offset % factor == 0 and s.lo % factor == 0 and (s.hi - s.lo) % factor == 0 for s in placement.segments)
-        return [Coarsen(factor, where) if aligned else Pin(f"{where} splits these units across its groups")]
-    if placement.block > per_group:
-        return [Pin(f"{where}: a unit spans several of its groups")]
+    regroup = not_whole_groups(placement, per_group, where)
+    if regroup:
+        return regroup
     in_placement = placement if from_input else placement.moved(1, block=per_in, width=placement.width)
     out_placement = placement.moved(1, block=per_out, width=placement.width) if from_input else placement
     effects: list[Effect] = [ParamSlice(label, 1, 0, node.output[0])]

@@ -10,8 +10,8 @@ from ..graph import GraphIndex, get_attr
 from ..ops import CHANNEL_PARAM_OPS, REDUCE_OPS
 from ..placement import Placement
 from ..spaces import AttrUpdate
-from .conv_pool import per_channel
-from .registry import Coarsen, Effect, Pin, carries, slice_param, through
+from .conv_pool import not_whole_groups, per_channel
+from .registry import Effect, Pin, carries, slice_param, through
 from .shapes import axis_mover
 
 HIDDEN_NORMS = frozenset({"LayerNormalization", "SimplifiedLayerNormalization", "SkipLayerNormalization", "SkipSimplifiedLayerNormalization", "RMSNormalization"})
@@ -61,14 +61,9 @@ def group_norm(index: GraphIndex, node: onnx.NodeProto, tensor: str, placement: 
     where = f"GroupNormalization '{label}' (num_groups={groups})"
     if placement.axis != 1 or not groups or shape is None or shape[1] is None or shape[1] % groups:
         return [Pin(f"{where} normalises the units' axis in groups onnxprune cannot read")]
-    per_group = shape[1] // groups
-    if placement.block < per_group:
-        factor = per_group // placement.block
-        aligned = per_group % placement.block == 0 and all(
-            s.offset % factor == 0 and s.lo % factor == 0 and (s.hi - s.lo) % factor == 0 for s in placement.segments)
-        return [Coarsen(factor, where) if aligned else Pin(f"{where} splits these units across its groups")]
-    if placement.block > per_group:
-        return [Pin(f"{where}: a unit spans several of its groups")]
+    regroup = not_whole_groups(placement, shape[1] // groups, where)
+    if regroup:
+        return regroup
     effects: list[Effect] = [AttrUpdate(label, "num_groups", node.input[0])]
     for slot in (1, 2):
         value = index.const(node.input[slot]) if slot < len(node.input) and node.input[slot] else None
