@@ -29,11 +29,11 @@ def load_model(source: str | Path | onnx.ModelProto, offload_weights: bool = Fal
     weights = None
     if isinstance(source, onnx.ModelProto):
         name = "<ModelProto>"
-        model = onnx.ModelProto()
-        model.CopyFrom(source)
+        model, weights = offload(source) if offload_weights else (source, None)
+        if model is source:  # a large model's offloaded copy holds references, not a second copy of its weights
+            model = onnx.ModelProto()
+            model.CopyFrom(source)
         tidy(model)
-        if offload_weights:
-            model, weights = offload(model)
     else:
         path = Path(source)
         name = str(path)
