@@ -25,6 +25,7 @@ from .placement import expand_blocks
 from .plan import Plan
 from .recovery import Recovery, SequentialFit, fit_sequential
 from .rewrite import cache_io_changes, pruned_spaces, removed_slots, rewrite
+from .score import consumer_weight_rows
 from .segments import GraphSegment, cut_segments, extract, needed_nodes
 from .stats import CrossMoments, CrossStats, SiteStats
 from .verify import drop_units
@@ -250,14 +251,10 @@ def consumer_metric(space: Space, tensor: str, index: GraphIndex, columns: np.nd
     """V with V V^T = sum over the consumers at this site of W^T W on the given columns: the
     residual at the site is weighed by what the consumers' outputs would lose (DESIGN §2)."""
     parts = []
-    size = space.tensors[tensor].size
     for consumer in space.consumers:
-        if consumer.site != tensor:
+        if consumer.site != tensor or not index.is_constant(index.node(consumer.node).input[consumer.weight_index]):
             continue
-        weight = index.const(index.node(consumer.node).input[consumer.weight_index])
-        if weight is None:
-            continue
-        parts.append(np.moveaxis(weight.astype(np.float64), consumer.in_axis, 0).reshape(size, -1)[columns])
+        parts.append(consumer_weight_rows(space, index, consumer)[columns])
     if not parts:
         return None
     metric = np.hstack(parts)
