@@ -11,8 +11,10 @@ import onnx
 from ..graph import GraphIndex, get_attr
 from ..ops import REDUCE_OPS
 from ..placement import Placement
+from ..spaces import WindowUpdate
 from .registry import Carry, CarryRule, Coarsen, Effect, Pin, axes_input, carries, through
 from .shape_targets import shape_update
+from .slicing import slice_
 
 
 def static(index: GraphIndex, name: str) -> tuple[int, ...] | None:
@@ -126,18 +128,13 @@ def _unbound(index: GraphIndex, tensor: str, axis: int, depth: int = 0) -> bool:
 
 
 def _takes_one(index: GraphIndex, node: onnx.NodeProto, tensor: str, axis: int) -> bool:
-    """Whether a Slice with constant bounds keeps exactly one index of `axis` of `tensor`."""
-    shape, rank = index.shape(tensor), index.rank(tensor)
-    consts = [index.const(i) if i else None for i in node.input[1:]]
-    if shape is None or rank is None or len(consts) < 3 or any(c is None for c in consts[:3]) or shape[axis] is None:
+    """Whether a Slice keeps exactly one index of `axis` of `tensor` (the Slice rule's window for
+    a probe of one-element units on that axis)."""
+    shape = index.shape(tensor)
+    if shape is None or shape[axis] is None:
         return False
-    axes = [a % rank for a in consts[2].reshape(-1).tolist()]
-    if axis not in axes:
-        return False
-    k, size = axes.index(axis), shape[axis]
-    steps = consts[3].reshape(-1).tolist() if len(consts) > 3 and consts[3] is not None else [1] * len(axes)
-    start, stop = (max(0, min(size, v + size if v < 0 else v)) for v in (int(consts[0].reshape(-1)[k]), int(consts[1].reshape(-1)[k])))
-    return steps[k] == 1 and stop - start == 1
+    windows = [e.windows for e in slice_(index, node, tensor, Placement.identity(axis, shape[axis])) if isinstance(e, WindowUpdate)]
+    return len(windows) == 1 and [b - a for a, b in windows[0]] == [1]
 
 
 def _output_axis(index: GraphIndex, node: onnx.NodeProto, axis: int) -> int | None:
