@@ -12,7 +12,7 @@ from ..graph import GraphIndex, get_attr
 from ..placement import Placement
 from ..spaces import ShapeUpdate
 from .registry import Effect, Pin, SizeFollows, SizeRead, carries
-from .shape_values import SCALAR, entry_origin, size_sinks, static_value, vector_length
+from .shape_values import DIVISOR, SCALAR, entry_origin, size_sinks, static_value, vector_length
 
 
 class EntrySource(NamedTuple):
@@ -175,5 +175,5 @@ def shape_reader(index: GraphIndex, node: onnx.NodeProto, tensor: str, placement
     if blocker:  # TorchScript's chunk point, repeat_kv's sizes, Tensordot's shapes pass (shape_values.py)
         into = "" if blocker == reader else f" into {blocker}"
         return [Pin(f"Shape '{label}' reads the size of the units' axis ({reader}){into}")]
-    return [SizeRead(label, target, position) if position >= 0 else ShapeUpdate(target, 1, SCALAR, placement.block, tensor)
+    return [ShapeUpdate(target, 1, SCALAR, placement.block, tensor) if position == DIVISOR else SizeRead(label, target, position)
             for target, position in sinks]

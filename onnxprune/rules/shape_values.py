@@ -84,6 +84,7 @@ def static_value(index: GraphIndex, name: str, memo: dict[str, np.ndarray | None
 KEEP_POSITION = frozenset({"Add", "Sub", "Mul", "Div", "Cast", "Identity", "Floor", "Ceil", "Neg", "Equal", "Where"})
 SHAPE_TARGETS = frozenset({"Reshape", "Expand"})
 SCALAR = -1  # the entry is a scalar, not a position of a vector
+DIVISOR = -2  # a size_sinks "entry": the sink is a Div whose divisor (input 1) is the axis size
 
 
 def _picked(indices: list[int], position: int, scalar: bool) -> list[int] | None:
@@ -136,7 +137,7 @@ def size_sinks(index: GraphIndex, name: str, tensor: str, position: int, size: i
     entry) pairs it reaches (none when it feeds only the starts/ends of Slices of `tensor`), and,
     when something else takes it, the reader of `name` on that path and the op it reaches.
     A Div by the axis's `size` (B x heads / heads = B, Bloom's merge_heads) ends a path as the
-    pair (Div label, -1 - divisor slot): its divisor is rewritten as the kept size."""
+    pair (Div label, DIVISOR): its divisor is rewritten as the kept size."""
     todo, seen, sinks = [(name, position, "")], set(), []
     while todo:
         current, position, reader = todo.pop()
@@ -155,7 +156,7 @@ def size_sinks(index: GraphIndex, name: str, tensor: str, position: int, size: i
                 continue
             divisor = index.const(user.input[1]) if user.op_type == "Div" and use.index == 0 and len(user.input) > 1 else None
             if size is not None and divisor is not None and divisor.size == 1 and int(divisor.reshape(-1)[0]) == size:
-                sinks.append((index.label(user), -2))
+                sinks.append((index.label(user), DIVISOR))
                 continue
             moved = _moved_entry(index, user, use.index, position)
             if moved is None or len(user.output) != 1:
