@@ -24,6 +24,7 @@ from .spaces import (
     AttrUpdate,
     CacheIO,
     Consumer,
+    IndexUpdate,
     ParamSlice,
     ShapeUpdate,
     Site,
@@ -33,7 +34,7 @@ from .spaces import (
 from .tidy import MOVES
 
 __all__ = [
-    "CACHE_NAME", "Analysis", "AttrUpdate", "CacheIO", "Consumer", "ParamSlice", "ShapeUpdate", "Site", "Space",
+    "CACHE_NAME", "Analysis", "AttrUpdate", "CacheIO", "Consumer", "IndexUpdate", "ParamSlice", "ShapeUpdate", "Site", "Space",
     "WindowUpdate", "analyse", "linear_weight_axes", "producer_output",
 ]
 

@@ -329,7 +329,7 @@ def pin_undersampled(analysis: Analysis, stats: dict[str, SiteStats]) -> list[st
                 break
             if rows < WELL_SAMPLED * width:
                 warnings.append(f"site '{tensor}' saw {rows} rows for {width} units: its statistics are noisy; more calibration samples help")
-    return warnings
+    return list(dict.fromkeys(warnings))  # a site shared by several spaces (a Concat, a channel shuffle) is named once
 
 
 def resolve_shrinkage(shrinkage: float | str) -> float | None:

@@ -45,6 +45,27 @@ def node_reads(node: onnx.NodeProto) -> list[str]:
     return [name for name in node.input if name] + sorted(subgraph_reads(node))
 
 
+def drop_dead_nodes(model: onnx.ModelProto) -> None:
+    """Remove nodes whose outputs nothing reads any more (a shape Concat replaced by its copy)."""
+    graph = model.graph
+    while True:
+        used = {name for node in graph.node for name in node_reads(node)} | {o.name for o in graph.output}
+        dead = [i for i, n in enumerate(graph.node) if n.output and not any(o in used for o in n.output if o)]
+        if not dead:
+            return
+        for i in reversed(dead):
+            del graph.node[i]
+        used = {name for node in graph.node for name in node_reads(node)} | {o.name for o in graph.output}
+        remove_initializers(graph, {t.name for t in graph.initializer} - used)
+
+
+def remove_initializers(graph: onnx.GraphProto, names: set[str]) -> None:
+    """Delete in place: rebuilding the list would copy every remaining weight."""
+    for i in reversed(range(len(graph.initializer))):
+        if graph.initializer[i].name in names:
+            del graph.initializer[i]
+
+
 def node_label(node: onnx.NodeProto, position: int) -> str:
     """The node's name, or a stable stand-in when the exporter left it empty."""
     return node.name or f"{node.op_type}_{position}"

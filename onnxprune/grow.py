@@ -18,9 +18,9 @@ from .graph import IMPLICIT, GraphIndex, get_attr
 from .placement import Placement, Segment
 from .rules import CARRY, CONSUME, PRODUCE, Carry, Coarsen, Effect, Flattened, Pin, Produced, SizeFollows, SizeRead, Through
 from .rules.registry import slice_param, through
-from .spaces import CACHE_NAME, AttrUpdate, CacheIO, Consumer, ParamSlice, RecurrentRead, ShapeUpdate, Space, WindowUpdate
+from .spaces import CACHE_NAME, AttrUpdate, CacheIO, Consumer, IndexUpdate, ParamSlice, RecurrentRead, ShapeUpdate, Space, WindowUpdate
 
-RECORDS = {ParamSlice: "slices", AttrUpdate: "attrs", ShapeUpdate: "reshapes", WindowUpdate: "windows", RecurrentRead: "recurrent_reads"}
+RECORDS = {ParamSlice: "slices", AttrUpdate: "attrs", ShapeUpdate: "reshapes", WindowUpdate: "windows", IndexUpdate: "indices", RecurrentRead: "recurrent_reads"}
 
 
 def _slice_axes(index: GraphIndex, node: onnx.NodeProto, rank: int) -> list[int] | None:

@@ -95,6 +95,18 @@ class Placement:
         moved = tuple(Segment(s.offset + shift, s.lo, s.hi) for s in self.segments)
         return Placement(self.axis if axis is None else axis, width, moved, self.block)
 
+    def permuted(self, new_position: np.ndarray) -> Placement:
+        """The units after a permutation of the axis that moves position p to new_position[p]
+        (a channel shuffle): runs of consecutive units that stay consecutive form a segment."""
+        units, positions = self.unit_positions()
+        moved = np.asarray(new_position)[positions]
+        order = np.argsort(moved, kind="stable")
+        units, moved = units[order], moved[order]
+        starts = np.flatnonzero(np.r_[True, (np.diff(units) != 1) | (np.diff(moved) != 1)])
+        ends = np.r_[starts[1:], len(units)]
+        segments = tuple(Segment(int(moved[a]), int(units[a]), int(units[a]) + int(b - a)) for a, b in zip(starts, ends, strict=True))
+        return Placement(self.axis, self.width, segments, self.block)
+
     def window(self, start: int, stop: int) -> Placement | None:
         """The part of this placement inside positions [start, stop), re-based to start; None if empty."""
         cut = []

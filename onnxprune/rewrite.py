@@ -9,9 +9,9 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from .analyse import Analysis, AttrUpdate, Consumer, ParamSlice, ShapeUpdate, Space, WindowUpdate
+from .analyse import Analysis, AttrUpdate, Consumer, IndexUpdate, ParamSlice, ShapeUpdate, Space, WindowUpdate
 from .folds import FoldMixin, fold_consumer_weight  # noqa: F401 - fold_consumer_weight is part of this module's API
-from .graph import Constants, GraphIndex, copy_model, get_attr, node_reads, weightless_skeleton
+from .graph import Constants, GraphIndex, copy_model, drop_dead_nodes, get_attr, node_reads, remove_initializers, weightless_skeleton
 from .placement import expand_blocks, removed_count
 from .plan import Plan, SpacePlan
 from .recovery import Recovery
@@ -120,7 +120,7 @@ class ConstantEdits:
         self._insert_bias_nodes()
         self._insert_own_shapes()
         _drop_unused_initializers(self.model, orphans)
-        _drop_dead_nodes(self.model)
+        drop_dead_nodes(self.model)
         return changed
 
     def _insert_bias_nodes(self) -> None:
@@ -184,31 +184,10 @@ def removed_slots(spaces: list[tuple[Space, SpacePlan]]) -> tuple[dict[str, np.n
     return {t: np.array(sorted(p), dtype=np.int64) for t, p in removed.items()}, widths, blocks
 
 
-def _drop_dead_nodes(model: onnx.ModelProto) -> None:
-    """Remove nodes whose outputs nothing reads any more (a shape Concat replaced by its copy)."""
-    graph = model.graph
-    while True:
-        used = {name for node in graph.node for name in node_reads(node)} | {o.name for o in graph.output}
-        dead = [i for i, n in enumerate(graph.node) if n.output and not any(o in used for o in n.output if o)]
-        if not dead:
-            return
-        for i in reversed(dead):
-            del graph.node[i]
-        used = {name for node in graph.node for name in node_reads(node)} | {o.name for o in graph.output}
-        _remove_initializers(graph, {t.name for t in graph.initializer} - used)
-
-
-def _remove_initializers(graph: onnx.GraphProto, names: set[str]) -> None:
-    """Delete in place: rebuilding the list would copy every remaining weight."""
-    for i in reversed(range(len(graph.initializer))):
-        if graph.initializer[i].name in names:
-            del graph.initializer[i]
-
-
 def _drop_unused_initializers(model: onnx.ModelProto, candidates: set[str]) -> None:
     used = {name for node in model.graph.node for name in node_reads(node)}
     used.update(o.name for o in model.graph.output)
-    _remove_initializers(model.graph, candidates - used)
+    remove_initializers(model.graph, candidates - used)
 
 
 class Rewriter(FoldMixin):
@@ -257,7 +236,7 @@ class Rewriter(FoldMixin):
                     self._fold_states(space, read)
         # a shared shape Concat's per-Reshape copy goes with its Reshape/Expand (`via`): the
         # Concat itself may lie in an earlier segment, its output cached with the old count
-        records = [r for space, _ in spaces for r in [*space.slices, *space.consumers, *space.attrs, *space.reshapes, *space.windows]
+        records = [r for space, _ in spaces for r in [*space.slices, *space.consumers, *space.attrs, *space.reshapes, *space.windows, *space.indices]
                    if self._wanted(getattr(r, "via", "") or r.node)]
         sliced = set()
         for record in dict.fromkeys(records):  # 2. deletions and updates, once per record
@@ -281,6 +260,8 @@ class Rewriter(FoldMixin):
                 else:
                     target[record.position] = value
                 self.edits.set(record.node, record.input_index, target)
+            elif isinstance(record, IndexUpdate):
+                self._renumber(record, removed[record.tensor])
             else:
                 self._shrink_windows(record, removed[record.tensor], blocks[record.tensor])
         for (label, slot), tensor in self.biases.items():  # biases that were created or broadcast by a fold
@@ -353,6 +334,14 @@ class Rewriter(FoldMixin):
             del node.attribute[:]
             node.attribute.extend(kept)
             self.edits.set(update.node, 1, sizes)
+
+    def _renumber(self, update: IndexUpdate, removed: np.ndarray) -> None:
+        """A permuting Gather's indices without the removed positions, renumbered to the kept ones."""
+        picks = self.edits.get(update.node, 1)
+        size = len(picks)
+        normal = picks.astype(np.int64) % size
+        kept = normal[~np.isin(normal, removed)]
+        self.edits.set(update.node, 1, (kept - np.searchsorted(removed, kept)).astype(picks.dtype))
 
     def _slice_axis_slot(self, node: onnx.NodeProto, axes: list[int] | None, rank: int | None) -> int:
         """Index, within Slice's starts/ends, of the entry for the unit axis."""

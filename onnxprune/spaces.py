@@ -62,6 +62,15 @@ class WindowUpdate:
 
 
 @dataclass(frozen=True)
+class IndexUpdate:
+    """A Gather whose constant indices permute the unit axis of `tensor` (a channel shuffle,
+    `onnxprune.tidy`): the rewrite drops the removed positions from them and renumbers the rest."""
+
+    node: str
+    tensor: str
+
+
+@dataclass(frozen=True)
 class CacheIO:
     """A graph input or output that carries the units (a KV cache): its shape shrinks too."""
 
@@ -121,6 +130,7 @@ class Space:
     attrs: list[AttrUpdate] = field(default_factory=list)
     reshapes: list[ShapeUpdate] = field(default_factory=list)
     windows: list[WindowUpdate] = field(default_factory=list)
+    indices: list[IndexUpdate] = field(default_factory=list)
     cache_io: list[CacheIO] = field(default_factory=list)
     consumers: list[Consumer] = field(default_factory=list)
     recurrent_reads: list[RecurrentRead] = field(default_factory=list)

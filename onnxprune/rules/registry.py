@@ -19,7 +19,7 @@ import onnx
 
 from ..graph import GraphIndex, get_attr
 from ..placement import Placement
-from ..spaces import AttrUpdate, Consumer, ParamSlice, RecurrentRead, ShapeUpdate, WindowUpdate
+from ..spaces import AttrUpdate, Consumer, IndexUpdate, ParamSlice, RecurrentRead, ShapeUpdate, WindowUpdate
 
 
 @dataclass(frozen=True)
@@ -82,7 +82,7 @@ class SizeFollows:
     where: str
 
 
-Effect = Carry | Pin | Through | Flattened | Coarsen | SizeRead | SizeFollows | ParamSlice | AttrUpdate | ShapeUpdate | WindowUpdate | Consumer | RecurrentRead
+Effect = Carry | Pin | Through | Flattened | Coarsen | SizeRead | SizeFollows | ParamSlice | AttrUpdate | ShapeUpdate | WindowUpdate | IndexUpdate | Consumer | RecurrentRead
 CarryRule = Callable[[GraphIndex, onnx.NodeProto, str, Placement], list[Effect]]
 ConsumerRule = Callable[[GraphIndex, onnx.NodeProto, int, str, Placement], "list[Effect] | None"]
 

@@ -9,7 +9,7 @@ import onnx
 
 from ..graph import GraphIndex, get_attr
 from ..placement import Placement
-from ..spaces import WindowUpdate
+from ..spaces import IndexUpdate, WindowUpdate
 from .registry import Carry, Effect, Pin, Through, carries, slice_param, through
 from .shape_values import axis_size_value, static_value
 
@@ -153,6 +153,8 @@ def gather(index: GraphIndex, node: onnx.NodeProto, tensor: str, placement: Plac
     if tensor == node.input[1] or rank is None or picks is None:
         return [Pin(f"Gather '{label}' on the unit axis is not supported")]
     axis %= rank
+    if placement.axis == axis and (tensor == node.input[0] or picks == 1):
+        return _permutation(index, node, tensor, placement)
     if tensor == node.input[0]:
         source = placement
     elif placement.axis < axis or placement.axis >= axis + picks:
@@ -165,3 +167,23 @@ def gather(index: GraphIndex, node: onnx.NodeProto, tensor: str, placement: Plac
     if index.is_constant(node.input[0]):  # a table of per-unit rows (T5's relative attention bias per head)
         return [Through(label), *slice_param(index, node, 0, source.axis, node.output[0], out, per_element=True), Carry(node.output[0], out)]
     return through(label, node.input[0], node.output[0], source, out)
+
+
+def _permutation(index: GraphIndex, node: onnx.NodeProto, tensor: str, placement: Placement) -> list[Effect]:
+    """Constant indices that permute the units' axis (a channel shuffle, written as a Gather by
+    `onnxprune.tidy`) move every unit; the rewrite drops the removed positions from them."""
+    label = index.label(node)
+    picks = index.const(node.input[1])
+    size = placement.size
+    if picks is None or picks.ndim != 1 or placement.block != 1 or not index.is_constant(node.input[1]):
+        return [Pin(f"Gather '{label}' selects along the units' axis")]
+    picks = picks.astype(np.int64) % size if len(picks) == size else picks
+    if len(picks) != size or not np.array_equal(np.sort(picks), np.arange(size)):
+        return [Pin(f"Gather '{label}' selects along the units' axis (not a permutation)")]
+    if tensor == node.input[0]:
+        source = placement
+    else:  # reached from the output: output position j holds input position picks[j]
+        source = placement.permuted(picks)
+    inverse = np.empty(size, dtype=np.int64)
+    inverse[picks] = np.arange(size)
+    return [IndexUpdate(label, node.input[0]), *through(label, node.input[0], node.output[0], source, source.permuted(inverse))]
