@@ -61,19 +61,24 @@ def shapes_and_index(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, 
         fold_moved_weights(model)  # the Transpose after each folded chunk
         shapes = static_shapes(model, input_shapes)
         index = GraphIndex(model, shapes)
-    if shuffles_as_gathers(model, index):
+    if shuffles_as_gathers(model, index, input_shapes):
         drop_dead_nodes(model)  # the shuffles' shape computations
         index = GraphIndex(model, shapes)
     return shapes, index
 
 
-def shuffles_as_gathers(model: onnx.ModelProto, index: GraphIndex) -> bool:
+def shuffles_as_gathers(model: onnx.ModelProto, index: GraphIndex, input_shapes: dict[str, tuple[int, ...]]) -> bool:
     """Write every channel shuffle, Reshape [.., C, ..] -> [.., g, C/g, ..], Transpose of those two
     axes, Reshape back (ShuffleNet's), as one Gather of the permuted channels on that axis: a
     permutation carries units of several spaces, and its indices can lose any of them (the
-    grouped view could only lose the same count from every group). Whether any was."""
+    grouped view could only lose the same count from every group). Only an axis whose size does
+    not follow the inputs' dynamic dims is taken (the indices are fixed). Whether any was."""
     graph = model.graph
     shuffles = [found for found in (_shuffle(index, node) for node in graph.node if node.op_type == "Reshape") if found]
+    if shuffles:
+        other = _varied_index(model, input_shapes)
+        shuffles = [s for s in shuffles if other.shape(s[0].input[0]) is not None
+                    and other.shape(s[0].input[0])[s[2]] == index.shape(s[0].input[0])[s[2]]]
     for first, last, axis, picks in shuffles:
         name = f"{last.output[0]}_shuffle"
         graph.initializer.add().CopyFrom(numpy_helper.from_array(picks, name))
@@ -115,7 +120,6 @@ def _fold_shaped_slices(model: onnx.ModelProto, index: GraphIndex, input_shapes:
     """Give Slices of an in-memory initializer whose bounds are computed from sizes constant
     bounds, then fold them; whether any was. Only bounds that stay the same when every dynamic
     input dim changes are taken (a position table cut to the sequence length is left alone)."""
-    from .inputs import input_specs
     from .rules.shape_values import static_value
 
     graph = model.graph
@@ -128,11 +132,7 @@ def _fold_shaped_slices(model: onnx.ModelProto, index: GraphIndex, input_shapes:
             slices.append((node, computed))
     if not slices:
         return False
-    varied = dict(input_shapes)
-    for spec in input_specs(model):
-        if spec.name in varied:
-            varied[spec.name] = tuple(d if fixed is not None else d + 1 for d, fixed in zip(varied[spec.name], spec.dims, strict=False))
-    other = GraphIndex(model, static_shapes(model, varied))
+    other = _varied_index(model, input_shapes)
     changed = False
     for node, computed in slices:
         values = {slot: static_value(index, name) for slot, name in computed.items()}
@@ -144,6 +144,18 @@ def _fold_shaped_slices(model: onnx.ModelProto, index: GraphIndex, input_shapes:
             node.input[slot] = fresh
             changed = True
     return changed
+
+
+def _varied_index(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]]) -> GraphIndex:
+    """The graph index at `input_shapes` with every dynamic input dim one larger: a size that
+    differs from the one at `input_shapes` depends on the inputs."""
+    from .inputs import input_specs
+
+    varied = dict(input_shapes)
+    for spec in input_specs(model):
+        if spec.name in varied:
+            varied[spec.name] = tuple(d if fixed is not None else d + 1 for d, fixed in zip(varied[spec.name], spec.dims, strict=False))
+    return GraphIndex(model, static_shapes(model, varied))
 
 
 def fold_moved_weights(model: onnx.ModelProto) -> None:
