@@ -14,6 +14,11 @@ from ..graph import FOLDABLE, GraphIndex, evaluate_node, get_attr
 ARITHMETIC = frozenset({"Add", "Sub", "Mul", "Div", "Cast", "Unsqueeze", "Squeeze", "Concat", "Identity", "Floor", "Ceil", "Neg"})
 
 
+def slice_bound(value: int, length: int) -> int:
+    """A Slice start or end (step 1) as a position in [0, length]: negative counts from the end."""
+    return max(0, min(length, value + length if value < 0 else value))
+
+
 def _axis_size_entry(index: GraphIndex, node: onnx.NodeProto, tensor: str, axis: int) -> np.ndarray | None:
     """The value of Gather(Shape(tensor), k) when k is `axis` and that size is known."""
     if node.op_type != "Gather" or get_attr(node, "axis", 0) != 0 or not index.is_constant(node.input[1]):
@@ -118,7 +123,7 @@ def _moved_entry(index: GraphIndex, user: onnx.NodeProto, slot: int, position: i
         if steps.tolist() != [1]:
             return None
         lo, hi = (int(index.const(user.input[k]).reshape(-1)[0]) for k in (1, 2))
-        lo, hi = (max(0, min(length, v + length if v < 0 else v)) for v in (lo, hi))
+        lo, hi = (slice_bound(v, length) for v in (lo, hi))
         return [position - lo] if lo <= position < hi else []
     if op == "Concat" and position != SCALAR:
         offset = 0
@@ -194,8 +199,7 @@ def entry_origin(index: GraphIndex, name: str, position: int, depth: int = 0) ->
         length = vector_length(index, node.input[0])
         if steps.tolist() != [1] or length is None:
             return None
-        lo = int(index.const(node.input[1]).reshape(-1)[0])
-        lo = max(0, min(length, lo + length if lo < 0 else lo))
+        lo = slice_bound(int(index.const(node.input[1]).reshape(-1)[0]), length)
         return entry_origin(index, node.input[0], lo + position, depth + 1)
     if op == "Concat" and position != SCALAR:
         offset = 0

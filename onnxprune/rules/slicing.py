@@ -11,7 +11,7 @@ from ..graph import GraphIndex, get_attr
 from ..placement import Placement
 from ..spaces import IndexUpdate, WindowUpdate
 from .registry import Carry, Effect, Pin, Through, carries, slice_param, through
-from .shape_values import axis_size_value, static_value
+from .shape_values import axis_size_value, slice_bound, static_value
 
 
 @carries("Concat")
@@ -108,7 +108,7 @@ def slice_(index: GraphIndex, node: onnx.NodeProto, tensor: str, placement: Plac
         return through(label, tensor, node.output[0], placement)
     k = axes.index(placement.axis)
     size, block = placement.size, placement.block
-    start, stop = (max(0, min(size, v + size if v < 0 else v)) for v in (starts[k], ends[k]))
+    start, stop = (slice_bound(v, size) for v in (starts[k], ends[k]))
     if steps[k] != 1 or stop <= start:
         return [Pin(f"Slice '{label}' on the unit axis has a step other than 1 or is empty")]
     if start % block or stop % block:  # bounds are in elements: whole units only (a chunk of heads)
