@@ -79,6 +79,8 @@ def analyse(model: onnx.ModelProto, exclude: list[str] | None = None, index: Gra
             break
         _attach_state_site(index, space)
         _attach_pooled_sources(index, space)
+        if len(space.locked) == space.n and not space.pinned:
+            space.pinned.extend(space.lock_reasons)  # nothing left to prune
         if not space.consumers and not space.pinned:
             space.pinned.append("no linear layer reads these units")
         if len({(space.tensors[t].block, space.tensors[t].repeats) for t in space.sites}) > 1:

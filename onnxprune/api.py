@@ -481,7 +481,7 @@ def _build_report(
         rows.append(SpaceRow(
             space.name, list(space.producers), space.n, kept,
             int(sum(t.base for t in terms)), int(round(cost.evaluate(terms, fractions))),
-            list(space.pinned),
+            list(space.pinned), len(space.locked), list(space.lock_reasons),
         ))
     return PruneReport(
         model=name, method=method, order=order, target={target.kind: target.value}, threshold=plan.threshold,

@@ -16,7 +16,7 @@ import onnx
 
 from .graph import IMPLICIT, GraphIndex, get_attr
 from .placement import Placement, Segment
-from .rules import CARRY, CONSUME, PRODUCE, Carry, Coarsen, Effect, Flattened, Pin, Produced, SizeFollows, SizeRead, Through
+from .rules import CARRY, CONSUME, PRODUCE, Carry, Coarsen, Effect, Flattened, Lock, Pin, Produced, SizeFollows, SizeRead, Through
 from .rules.registry import slice_param, through
 from .spaces import CACHE_NAME, AttrUpdate, CacheIO, Consumer, IndexUpdate, ParamSlice, RecurrentRead, ShapeUpdate, Space, WindowUpdate
 
@@ -170,6 +170,9 @@ class Grower:
                 self.add(effect.tensor, effect.placement)
             elif isinstance(effect, Pin):
                 self.pin(effect.reason)
+            elif isinstance(effect, Lock):
+                self.space.locked.update(effect.placement.unit_positions()[0].tolist())
+                append_new(self.space.lock_reasons, effect.reason)
             elif isinstance(effect, Through):
                 append_new(self.space.pass_through, effect.label)
             elif isinstance(effect, Flattened):

@@ -114,7 +114,9 @@ class Planner:
         widths = widths or {}
         self.steps = {sid: round_to // math.gcd(round_to, widths.get(sid, 1)) for sid in scores}
         self.tails = {sid: s.prune_scores() for sid, s in scores.items()}
-        self.floors = {sid: floor_units(len(s.order), min_keep) for sid, s in scores.items()}
+        # locked units (always kept) come first in the order; the floor applies to the others
+        self.floors = {sid: s.locked + floor_units(len(s.order) - s.locked, min_keep) if s.locked < len(s.order) else len(s.order)
+                       for sid, s in scores.items()}
 
     def with_gains(self, gains: dict[int, float]) -> Planner:
         """Scale spaces' prune scores (gain > 1 protects a space, < 1 exposes it); in place."""
@@ -162,7 +164,7 @@ class Planner:
             what = {"ratio": "prunable units", "flops": "MACs", "params": "parameters"}[target.kind]
             raise TargetError(
                 f"--{target.kind} {target.value:g} cannot be reached: at most {best:.1%} of the {what} can be "
-                "removed (pinned spaces, --min-keep and --round-to limit it)"
+                "removed (pinned spaces, locked units, --min-keep and --round-to limit it)"
             )
         lo, hi = 0, len(candidates) - 1  # smallest candidate that meets the target
         while lo < hi:

@@ -23,6 +23,8 @@ class SpaceRow:
     macs_before: int
     macs_after: int
     pinned: list[str] = field(default_factory=list)
+    locked: int = 0  # units always kept (a multi-query KV head), and why
+    lock_reasons: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -199,6 +201,9 @@ class PruneReport:
         console = console or Console()
         console.print(_summary_table(self))
         console.print(_space_table(self))
+        for row in self.spaces:
+            if row.locked and not row.pinned:
+                console.print(f"note: '{row.name}' always keeps {row.locked} of its {row.units} units: {'; '.join(row.lock_reasons)}")
         if self.pinned:
             console.print(_pinned_table(self))
         if self.fidelity:

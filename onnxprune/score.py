@@ -35,6 +35,7 @@ class SpaceScore:
     order: np.ndarray
     energy: np.ndarray
     standardised: bool = False  # FLAP-style: threshold z-scores of the energy instead of tail fractions
+    locked: int = 0  # the first `locked` units of the order are always kept
 
     def prune_scores(self) -> np.ndarray:
         """Per position in the order, non-increasing: a unit is pruned when its score <= the threshold."""
@@ -216,7 +217,17 @@ def score_space(
     order: str = DEFAULT_ORDER,
     seed: int = 0,
 ) -> SpaceScore:
-    """Order a space's units and give each its energy, for the chosen method."""
+    """Order a space's units and give each its energy, for the chosen method; its locked units
+    (always kept) go first, and the planner keeps at least that many."""
+    score = _ordered(space, stats, index, method, order, seed)
+    if not space.locked:
+        return score
+    first = np.isin(score.order, sorted(space.locked))
+    moved = np.r_[np.flatnonzero(first), np.flatnonzero(~first)]
+    return SpaceScore(space.id, score.order[moved], score.energy[moved], score.standardised, locked=int(first.sum()))
+
+
+def _ordered(space: Space, stats: dict[str, SiteStats], index: GraphIndex, method: str, order: str, seed: int) -> SpaceScore:
     n, block = space.n, unit_block(space)
 
     def per_unit(values: np.ndarray) -> np.ndarray:

@@ -139,6 +139,8 @@ class Space:
     flattened: list[str] = field(default_factory=list)
     pass_through: list[str] = field(default_factory=list)
     pinned: list[str] = field(default_factory=list)
+    locked: set[int] = field(default_factory=set)  # units always kept (a multi-query KV head), with why
+    lock_reasons: list[str] = field(default_factory=list)
     # a site written by a spatial mean (an SE block's or a classifier's global pooling) -> the
     # pooled input: one row per sample at the site, but a recovery of every position holds for
     # the mean (`preparation.use_pooled_inputs` switches when the site would be undersampled)

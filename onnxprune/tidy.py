@@ -11,7 +11,8 @@ import onnx
 from onnx import numpy_helper
 from onnx.external_data_helper import uses_external_data
 
-from .graph import FOLD_LIMIT, GraphIndex, drop_dead_nodes, get_attr, node_reads, static_shapes
+from .gathers import moves_as_gathers
+from .graph import FOLD_LIMIT, GraphIndex, drop_dead_nodes, node_reads, static_shapes
 from .tensors import tensor_size
 
 # Ops that only move a weight's values around: folding them never changes a number or a dtype
@@ -54,66 +55,18 @@ def shapes_and_index(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, 
                      problems: list[str] | None = None) -> tuple[dict, GraphIndex]:
     """The static shapes and the graph index of the loaded copy at `input_shapes`; a weight cut
     by a Slice whose bounds are computed from shapes (TorchScript's nn.MultiheadAttention
-    in-projection chunks, `w.chunk(3)`) is folded first, at those shapes."""
+    in-projection chunks, `w.chunk(3)`) is folded first, at those shapes, and channel shuffles
+    and repeat_kv become Gathers (`onnxprune.gathers`)."""
     shapes = static_shapes(model, input_shapes, problems)
     index = GraphIndex(model, shapes)
     if _fold_shaped_slices(model, index, input_shapes):
         fold_moved_weights(model)  # the Transpose after each folded chunk
         shapes = static_shapes(model, input_shapes)
         index = GraphIndex(model, shapes)
-    if shuffles_as_gathers(model, index, input_shapes):
-        drop_dead_nodes(model)  # the shuffles' shape computations
+    if moves_as_gathers(model, index, lambda: varied_index(model, input_shapes)):
+        drop_dead_nodes(model)  # the replaced nodes and their shape computations
         index = GraphIndex(model, shapes)
     return shapes, index
-
-
-def shuffles_as_gathers(model: onnx.ModelProto, index: GraphIndex, input_shapes: dict[str, tuple[int, ...]]) -> bool:
-    """Write every channel shuffle, Reshape [.., C, ..] -> [.., g, C/g, ..], Transpose of those two
-    axes, Reshape back (ShuffleNet's), as one Gather of the permuted channels on that axis: a
-    permutation carries units of several spaces, and its indices can lose any of them (the
-    grouped view could only lose the same count from every group). Only an axis whose size does
-    not follow the inputs' dynamic dims is taken (the indices are fixed). Whether any was."""
-    graph = model.graph
-    shuffles = [found for found in (_shuffle(index, node) for node in graph.node if node.op_type == "Reshape") if found]
-    if shuffles:
-        other = _varied_index(model, input_shapes)
-        shuffles = [s for s in shuffles if other.shape(s[0].input[0]) is not None
-                    and other.shape(s[0].input[0])[s[2]] == index.shape(s[0].input[0])[s[2]]]
-    for first, last, axis, picks in shuffles:
-        name = f"{last.output[0]}_shuffle"
-        graph.initializer.add().CopyFrom(numpy_helper.from_array(picks, name))
-        gather = onnx.helper.make_node("Gather", [first.input[0], name], [last.output[0]], name=f"{index.label(last)}_gather", axis=axis)
-        position = list(graph.node).index(last)
-        last.output[0] = f"{name}_unread"  # the two Reshapes and the Transpose are dropped as dead
-        graph.node.insert(position, gather)
-    return bool(shuffles)
-
-
-def _shuffle(index: GraphIndex, first: onnx.NodeProto) -> tuple[onnx.NodeProto, onnx.NodeProto, int, np.ndarray] | None:
-    """(first Reshape, last Reshape, axis, the Gather's indices) if `first` starts a channel shuffle."""
-    def only_reader(name: str, op: str) -> onnx.NodeProto | None:
-        uses = index.uses.get(name, [])
-        ok = len(uses) == 1 and uses[0].node.op_type == op and name not in index.graph_outputs
-        return uses[0].node if ok else None
-
-    transpose = only_reader(first.output[0], "Transpose")
-    last = only_reader(transpose.output[0], "Reshape") if transpose is not None else None
-    if last is None:
-        return None
-    source, grouped, merged = (index.shape(t) for t in (first.input[0], first.output[0], last.output[0]))
-    if any(s is None or None in s for s in (source, grouped, merged)) or tuple(source) != tuple(merged) or len(grouped) != len(source) + 1:
-        return None
-    axis = next((a for a in range(len(source)) if source[a] != grouped[a]), None)
-    perm = list(get_attr(transpose, "perm") or [])
-    swapped = list(range(len(grouped)))
-    if axis is None or axis + 1 >= len(grouped):
-        return None
-    swapped[axis], swapped[axis + 1] = axis + 1, axis
-    groups, per_group = int(grouped[axis]), int(grouped[axis + 1])
-    if perm != swapped or groups * per_group != source[axis] or tuple(grouped[axis + 2:]) != tuple(source[axis + 1:]) or min(groups, per_group) < 2:
-        return None
-    position = np.arange(groups * per_group)
-    return first, last, axis, (position % groups) * per_group + position // groups
 
 
 def _fold_shaped_slices(model: onnx.ModelProto, index: GraphIndex, input_shapes: dict[str, tuple[int, ...]]) -> bool:
@@ -132,7 +85,7 @@ def _fold_shaped_slices(model: onnx.ModelProto, index: GraphIndex, input_shapes:
             slices.append((node, computed))
     if not slices:
         return False
-    other = _varied_index(model, input_shapes)
+    other = varied_index(model, input_shapes)
     changed = False
     for node, computed in slices:
         values = {slot: static_value(index, name) for slot, name in computed.items()}
@@ -146,7 +99,7 @@ def _fold_shaped_slices(model: onnx.ModelProto, index: GraphIndex, input_shapes:
     return changed
 
 
-def _varied_index(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]]) -> GraphIndex:
+def varied_index(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]]) -> GraphIndex:
     """The graph index at `input_shapes` with every dynamic input dim one larger: a size that
     differs from the one at `input_shapes` depends on the inputs."""
     from .inputs import input_specs

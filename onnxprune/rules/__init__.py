@@ -5,6 +5,6 @@ them. Adding an op is one function with `@carries("Op")` in the module of its fa
 """
 
 from . import conv_pool, elementwise, flatten, matmul, norms, recurrent, shape_targets, shapes, slicing  # noqa: F401 - registers the rules
-from .registry import CARRY, CONSUME, PRODUCE, Carry, Coarsen, Effect, Flattened, Pin, Produced, SizeFollows, SizeRead, Through
+from .registry import CARRY, CONSUME, PRODUCE, Carry, Coarsen, Effect, Flattened, Lock, Pin, Produced, SizeFollows, SizeRead, Through
 
-__all__ = ["CARRY", "CONSUME", "PRODUCE", "Carry", "Coarsen", "Effect", "Flattened", "Pin", "Produced", "SizeFollows", "SizeRead", "Through"]
+__all__ = ["CARRY", "CONSUME", "PRODUCE", "Carry", "Coarsen", "Effect", "Flattened", "Lock", "Pin", "Produced", "SizeFollows", "SizeRead", "Through"]

@@ -38,6 +38,15 @@ class Pin:
 
 
 @dataclass(frozen=True)
+class Lock:
+    """The space's units at `placement` must always be kept, for `reason` (the one KV head that
+    multi-query attention repeats for every query head): the others stay prunable."""
+
+    placement: Placement
+    reason: str
+
+
+@dataclass(frozen=True)
 class Through:
     """Node `label` passes the units on (reported as a pass-through of the space)."""
 
@@ -82,7 +91,7 @@ class SizeFollows:
     where: str
 
 
-Effect = Carry | Pin | Through | Flattened | Coarsen | SizeRead | SizeFollows | ParamSlice | AttrUpdate | ShapeUpdate | WindowUpdate | IndexUpdate | Consumer | RecurrentRead
+Effect = Carry | Pin | Lock | Through | Flattened | Coarsen | SizeRead | SizeFollows | ParamSlice | AttrUpdate | ShapeUpdate | WindowUpdate | IndexUpdate | Consumer | RecurrentRead
 CarryRule = Callable[[GraphIndex, onnx.NodeProto, str, Placement], list[Effect]]
 ConsumerRule = Callable[[GraphIndex, onnx.NodeProto, int, str, Placement], "list[Effect] | None"]
 

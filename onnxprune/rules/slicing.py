@@ -10,7 +10,7 @@ import onnx
 from ..graph import GraphIndex, get_attr
 from ..placement import Placement
 from ..spaces import IndexUpdate, WindowUpdate
-from .registry import Carry, Effect, Pin, Through, carries, slice_param, through
+from .registry import Carry, Effect, Lock, Pin, Through, carries, slice_param, through
 from .shape_values import axis_size_value, slice_bound, static_value
 
 
@@ -154,7 +154,7 @@ def gather(index: GraphIndex, node: onnx.NodeProto, tensor: str, placement: Plac
         return [Pin(f"Gather '{label}' on the unit axis is not supported")]
     axis %= rank
     if placement.axis == axis and (tensor == node.input[0] or picks == 1):
-        return _permutation(index, node, tensor, placement)
+        return _along_units(index, node, tensor, placement)
     if tensor == node.input[0]:
         source = placement
     elif placement.axis < axis or placement.axis >= axis + picks:
@@ -169,17 +169,23 @@ def gather(index: GraphIndex, node: onnx.NodeProto, tensor: str, placement: Plac
     return through(label, node.input[0], node.output[0], source, out)
 
 
-def _permutation(index: GraphIndex, node: onnx.NodeProto, tensor: str, placement: Placement) -> list[Effect]:
-    """Constant indices that permute the units' axis (a channel shuffle, written as a Gather by
-    `onnxprune.tidy`) move every unit; the rewrite drops the removed positions from them."""
+def _along_units(index: GraphIndex, node: onnx.NodeProto, tensor: str, placement: Placement) -> list[Effect]:
+    """Constant indices along the units' axis (`onnxprune.gathers`). A permutation (a channel
+    shuffle) moves every unit: the rewrite drops the removed positions from the indices. Reached
+    from its output, a Gather that repeats or selects (repeat_kv: query head j reads KV head
+    j div rep) holds one index per output unit, deleted with it; its input keeps its units."""
     label = index.label(node)
     picks = index.const(node.input[1])
     size = placement.size
     if picks is None or picks.ndim != 1 or placement.block != 1 or not index.is_constant(node.input[1]):
         return [Pin(f"Gather '{label}' selects along the units' axis")]
-    picks = picks.astype(np.int64) % size if len(picks) == size else picks
-    if len(picks) != size or not np.array_equal(np.sort(picks), np.arange(size)):
+    if len(picks) != size or not np.array_equal(np.sort(picks.astype(np.int64) % size), np.arange(size)):
+        if tensor == node.output[0]:
+            return [Through(label), *slice_param(index, node, 1, 0, tensor, placement), Carry(tensor, placement)]
+        if len(picks) > size and set(picks.astype(np.int64) % size) == set(range(size)):  # every unit repeated: kept
+            return [Lock(placement, f"Gather '{label}' shares them with every query head (multi-query attention)")]
         return [Pin(f"Gather '{label}' selects along the units' axis (not a permutation)")]
+    picks = picks.astype(np.int64) % size
     if tensor == node.input[0]:
         source = placement
     else:  # reached from the output: output position j holds input position picks[j]
