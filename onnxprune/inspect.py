@@ -30,6 +30,8 @@ class SpaceInfo:
     macs: int
     pinned: list[str] = field(default_factory=list)
     samples_needed: int | None = None  # calibration samples for more rows than units at every site
+    locked: int = 0  # units always kept (a multi-query KV head), and why
+    lock_reasons: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -59,6 +61,9 @@ class InspectReport:
                 needed = "?" if space.samples_needed is None else str(space.samples_needed)
                 prunable.add_row(space.name, str(space.units), str(len(space.producers)), str(len(space.consumers)), f"{space.macs:,}", needed)
         console.print(prunable)
+        for space in self.spaces:
+            if space.locked and not space.pinned:
+                console.print(f"note: '{space.name}' always keeps {space.locked} of its {space.units} units: {'; '.join(space.lock_reasons)}")
         needed = [s.samples_needed for s in self.spaces if not s.pinned and s.samples_needed is not None]
         if needed:
             console.print(f"calibration: with at least {max(needed)} samples (plus the held-out ones) every prunable space sees "
@@ -104,7 +109,7 @@ def inspect_model(model: str | Path | onnx.ModelProto, input_shapes: dict[str, t
         SpaceInfo(
             space.name, space.n, list(space.producers), sorted({c.node for c in space.consumers}), list(space.pass_through),
             list(space.sites), int(sum(t.base for p in space.producers for t in cost.node_terms(p))), list(space.pinned),
-            samples_needed(space, index.shapes),
+            samples_needed(space, index.shapes), len(space.locked), list(space.lock_reasons),
         )
         for space in analysis.spaces
     ]

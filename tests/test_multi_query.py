@@ -80,3 +80,9 @@ def test_the_key_and_value_heads_and_one_query_head_survive_any_ratio(ratio) -> 
 def test_a_ratio_beyond_the_locked_units_says_so() -> None:
     with pytest.raises(onnxprune.TargetError, match="locked units"):
         onnxprune.prune(falcon_attention(), calibration(), ratio=0.9, allocation="uniform", head_gain=1)
+
+
+def test_inspect_names_the_locked_units() -> None:
+    report = onnxprune.inspect_model(falcon_attention(), {"x": (1, T, E)})
+    qkv = next(s for s in report.spaces if s.name == "qkv")
+    assert not qkv.pinned and qkv.locked == 2 and "multi-query" in qkv.lock_reasons[0]
