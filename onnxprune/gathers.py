@@ -29,8 +29,12 @@ def moves_as_gathers(model: onnx.ModelProto, index: GraphIndex, varied: Callable
     if found:
         other = varied()
         found = [f for f in found if _fixed(index, other, f)]
+    taken = {t.name for t in graph.initializer} | {o for n in graph.node for o in n.output}
     for first, last, axis, picks in found:
         name = f"{last.output[0]}_picks"
+        while name in taken:
+            name += "_"
+        taken.add(name)
         graph.initializer.add().CopyFrom(numpy_helper.from_array(picks, name))
         gather = onnx.helper.make_node("Gather", [first.input[0], name], [last.output[0]], name=f"{index.label(last)}_gather", axis=axis)
         position = list(graph.node).index(last)

@@ -205,6 +205,9 @@ class Grower:
         if produced is not None and produced.tensor == name:
             self._producer(node, produced, placement)
             return
+        if produced is not None and index.label(node) in self.space.producers:
+            return  # another output of one of the space's producers (a recurrent op's last state): its rule carries it
+
         if node.op_type in ("Concat", "Split", "Slice"):
             rank = index.rank(name)
             axis = get_attr(node, "axis", 0) if node.op_type != "Slice" else None

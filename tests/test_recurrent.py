@@ -300,3 +300,44 @@ def test_a_time_first_input_gets_a_hint_with_the_fixed_batch_error():
     model.ir_version = 8
     with pytest.raises(onnxprune.CalibrationError, match="axis 0 of input 'x' is its time axis and axis 1 its batch"):
         onnxprune.prune(model, {"x": np.zeros((4, 3, 4), np.float32)}, ratio=0.3)
+
+
+def last_state_classifier(op: str, planted: bool = True) -> onnx.ModelProto:
+    """x [N, T, 6] -> LSTM/GRU/RNN (one direction) whose last hidden state Y_h (not Y) feeds a
+    Gemm, like `_, (h, c) = lstm(x); fc(h[-1])`. Hidden unit 4 copies unit 1's gate rows."""
+    g = GraphBuilder([None, STEPS, 6])
+    gates = {"LSTM": 4, "GRU": 3, "RNN": 1}[op]
+    w, r, b = normal(1, gates * HIDDEN, 6), normal(1, gates * HIDDEN, HIDDEN), normal(1, 2 * gates * HIDDEN)
+    if planted:
+        for gate in range(2 * gates):
+            if gate < gates:
+                w[:, gate * HIDDEN + 4], r[:, gate * HIDDEN + 4] = w[:, gate * HIDDEN + 1], r[:, gate * HIDDEN + 1]
+            b[:, gate * HIDDEN + 4] = b[:, gate * HIDDEN + 1]
+    seq = g.op("Transpose", ["x"], perm=[1, 0, 2])
+    extra = {"linear_before_reset": 1} if op == "GRU" else {}
+    g.nodes.append(helper.make_node(op, [seq, g.const(w), g.const(r), g.const(b)], ["rnn_y", "rnn_h"], name="rnn", hidden_size=HIDDEN, **extra))
+    last = g.op("Squeeze", ["rnn_h", g.const(np.array([0]), dtype=np.int64)])
+    return g.build(g.gemm(last, normal(HIDDEN, 3), normal(3), name="fc"), [None, 3])
+
+
+@pytest.mark.parametrize("op", ["LSTM", "GRU", "RNN"])
+def test_a_classifier_on_the_last_hidden_state_prunes_the_hidden_units(op):
+    """Y_h carries the hidden units to the Gemm (its own recovery there); R's recovery is fitted
+    on Y, which nothing reads; the planted copy goes and the outputs do not change."""
+    model = last_state_classifier(op)
+    x = RNG.normal(size=(128, STEPS, 6)).astype(np.float32)
+    pruned, report = onnxprune.prune(model, {"x": x}, tolerance=1e-6)
+    assert {r.name: r.kept for r in report.spaces}["rnn"] == HIDDEN - 1, report.spaces
+    fresh = RNG.normal(size=(5, STEPS, 6)).astype(np.float32)
+    assert relative_l2(run(model, fresh), run(pruned, fresh)) < 1e-4
+    pruned, _ = onnxprune.prune(last_state_classifier(op, planted=False), {"x": x}, ratio=0.4)
+    assert run(pruned, fresh).shape == (5, 3)
+
+
+def test_a_read_last_cell_state_still_pins():
+    model = last_state_classifier("LSTM")
+    node = next(n for n in model.graph.node if n.op_type == "LSTM")
+    node.output.append("rnn_c")
+    model.graph.output.append(helper.make_tensor_value_info("rnn_c", onnx.TensorProto.FLOAT, [1, None, HIDDEN]))
+    spaces = {s.name: s for s in onnxprune.inspect_model(model, input_shapes={"x": (2, STEPS, 6)}).spaces}
+    assert any("last cell state" in p for p in spaces["rnn"].pinned), spaces["rnn"].pinned

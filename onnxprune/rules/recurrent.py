@@ -14,7 +14,7 @@ from ..graph import GraphIndex, get_attr
 from ..ops import RECURRENT_GATES
 from ..placement import Placement
 from ..spaces import AttrUpdate, Consumer, ParamSlice, RecurrentRead
-from .registry import Effect, Pin, Produced, carries, consumes, produces, read_by, through
+from .registry import Carry, Effect, Pin, Produced, carries, consumes, produces, read_by, through
 
 INITIAL_STATES = {"LSTM": (5, 6), "GRU": (5,), "RNN": (5,)}
 PEEPHOLE_SLOT = 7  # LSTM's P [directions, 3 x hidden]
@@ -23,8 +23,11 @@ ZERO_PRESERVING = LAYOUT_OPS | {"Slice", "Expand", "Cast", "Tile"}  # zeros in, 
 
 
 def _hidden_output(index: GraphIndex, node: onnx.NodeProto) -> Produced | None:
-    """Y [T, directions, N, hidden] (axis 3 with either layout) holds the hidden units."""
-    if not node.output or not index.is_read(node.output[0]) or index.rank(node.output[0]) != 4:
+    """Y [T, directions, N, hidden] (axis 3 with either layout) holds the hidden units, also
+    when only the last state Y_h is read (a classifier on h_n): Y is then where R's recovery is
+    fitted."""
+    last_read = len(node.output) > 1 and index.is_read(node.output[1])
+    if not node.output or not node.output[0] or not (index.is_read(node.output[0]) or last_read) or index.rank(node.output[0]) != 4:
         return None
     hidden = get_attr(node, "hidden_size")
     if hidden is None and len(node.input) > 2 and index.is_constant(node.input[2]):
@@ -61,9 +64,11 @@ def _hidden_slices(index: GraphIndex, node: onnx.NodeProto, n: int) -> list[Effe
             effects.append(Pin(f"recurrent {op} '{label}' {name} is not a constant"))
     if op == "GRU" and not get_attr(node, "linear_before_reset", 0):
         effects.append(Pin(f"GRU '{label}' has linear_before_reset=0: the reset gate scales h_(t-1) before R, so its hidden units are not pruned"))
-    for extra in node.output[1:]:
-        if index.is_read(extra):
-            effects.append(Pin(f"recurrent {op} '{label}' output '{extra}' (the last state) is used"))
+    if len(node.output) > 1 and index.is_read(node.output[1]):  # Y_h [directions, N, hidden]: the last hidden states
+        hidden = _hidden_output(index, node).features
+        effects.append(Carry(node.output[1], Placement.identity(2, n, hidden // n)))
+    if len(node.output) > 2 and index.is_read(node.output[2]):
+        effects.append(Pin(f"recurrent {op} '{label}' output '{node.output[2]}' (the last cell state) is used"))
     zero = []
     for slot in INITIAL_STATES[op]:
         state = node.input[slot] if slot < len(node.input) else ""
