@@ -55,8 +55,8 @@ def drop_dead_nodes(model: onnx.ModelProto) -> None:
             return
         for i in reversed(dead):
             del graph.node[i]
-        used = {name for node in graph.node for name in node_reads(node)} | {o.name for o in graph.output}
-        remove_initializers(graph, {t.name for t in graph.initializer} - used)
+        used = {name for node in graph.node for name in node_reads(node)} | {o.name for o in graph.output} | {i.name for i in graph.input}
+        remove_initializers(graph, {t.name for t in graph.initializer} - used)  # one declared an input too stays (it can be fed)
 
 
 def remove_initializers(graph: onnx.GraphProto, names: set[str]) -> None:

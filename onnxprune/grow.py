@@ -207,7 +207,6 @@ class Grower:
             return
         if produced is not None and index.label(node) in self.space.producers:
             return  # another output of one of the space's producers (a recurrent op's last state): its rule carries it
-
         if node.op_type in ("Concat", "Split", "Slice"):
             rank = index.rank(name)
             axis = get_attr(node, "axis", 0) if node.op_type != "Slice" else None

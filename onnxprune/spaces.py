@@ -64,7 +64,7 @@ class WindowUpdate:
 @dataclass(frozen=True)
 class IndexUpdate:
     """A Gather whose constant indices permute the unit axis of `tensor` (a channel shuffle,
-    `onnxprune.tidy`): the rewrite drops the removed positions from them and renumbers the rest."""
+    `onnxprune.gathers`): the rewrite drops the removed positions from them and renumbers the rest."""
 
     node: str
     tensor: str
