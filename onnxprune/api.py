@@ -363,6 +363,7 @@ def refit_or_one_shot(prepared: Prepared, plan: Plan, stats: dict[str, SiteStats
     fails writes the one-shot model). Frees what the pass does not read as it goes: `stats` keep
     only their means, the refitted recoveries go once folded, a large refit waits on disk."""
     analysis, original, constants = prepared.analysis, prepared.original, prepared.index.constants
+    prior = fit_recoveries(analysis, plan, stats, kind, within_space=True)  # the refit's columns are each space's own
     one_shot = fit_recoveries(analysis, plan, stats, kind)
     for tensor, site in stats.items():  # nothing after this fit reads the Grams
         stats[tensor] = site.without_gram()
@@ -370,7 +371,7 @@ def refit_or_one_shot(prepared: Prepared, plan: Plan, stats: dict[str, SiteStats
     one_shot_error = heldout_error(prepared, plan, one_shot) if one_shot_error is None else one_shot_error
     weights, result, warning = None, None, None
     try:
-        result = fit_sequentially(prepared, plan, stats, kind, one_shot, progress, shrinkage, samples)
+        result = fit_sequentially(prepared, plan, stats, kind, prior, progress, shrinkage, samples)
         refitted = rewrite(original, analysis, plan, result.recoveries, constants)
         result.recoveries = {}  # folded: up to k x n floats per site, read by neither the guard nor the report
         result.spill.close()

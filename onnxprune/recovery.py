@@ -197,11 +197,16 @@ def state_recoveries(space: Space, space_plan: SpacePlan, stats: dict[str, SiteS
     return found
 
 
-def fit_recoveries(analysis: Analysis, plan: Plan, stats: dict[str, SiteStats], kind: str = "lsq") -> dict[tuple, Recovery]:
-    """One recovery per (pruned space, site), on the site's columns of that space: least squares
-    (`lsq`) or the pruned units' means (`mean`, FLAP's bias compensation); and per (space, site,
-    direction) for a recurrent op's own hidden units (`state_recoveries`)."""
+def fit_recoveries(analysis: Analysis, plan: Plan, stats: dict[str, SiteStats], kind: str = "lsq",
+                   within_space: bool = False) -> dict[tuple, Recovery]:
+    """One recovery per (pruned space, site): least squares (`lsq`) or the pruned units' means
+    (`mean`, FLAP's bias compensation); and per (space, site, direction) for a recurrent op's own
+    hidden units (`state_recoveries`). A site that holds several spaces' units (a Concat, a
+    channel shuffle) predicts each space's pruned units from every channel left there, whoever
+    it belongs to; `within_space` restricts it to the space's own kept units (the prior of the
+    sequential fit, whose columns are the space's)."""
     fit = fit_recovery if kind == "lsq" else mean_recovery
+    left = {} if within_space else _left_at_sites(analysis, plan)
     recoveries: dict = {}
     for space in analysis.prunable:
         space_plan = plan.spaces[space.id]
@@ -210,7 +215,26 @@ def fit_recoveries(analysis: Analysis, plan: Plan, stats: dict[str, SiteStats], 
         recoveries.update(state_recoveries(space, space_plan, stats, fit))
         for tensor in space.sites:
             placement = space.tensors[tensor]
-            keep, prune = placement.element_positions_of(space_plan.keep), placement.element_positions_of(space_plan.prune)
+            prune = placement.element_positions_of(space_plan.prune)
+            keep = left.get(tensor)
+            if keep is None or stats[tensor].count < JOINT_ROWS_PER_UNIT * len(keep):  # too few rows for that many regressors
+                keep = placement.element_positions_of(space_plan.keep)
             if len(prune):
                 recoveries[(space.id, tensor)] = fit(stats[tensor], keep, prune)
     return recoveries
+
+
+JOINT_ROWS_PER_UNIT = 4  # a shared site's fit uses every channel left there only with this many rows per channel
+
+
+def _left_at_sites(analysis: Analysis, plan: Plan) -> dict[str, np.ndarray]:
+    """Per site shared by several spaces (or holding channels of none): the element positions
+    no space prunes."""
+    left = {}
+    for site in analysis.sites():
+        owners = [s for s in analysis.prunable if site.tensor in s.tensors]
+        if len(owners) == 1 and owners[0].tensors[site.tensor].count() * owners[0].tensors[site.tensor].block == site.width:
+            continue  # one space fills the site: its own kept units are all there is
+        removed = [s.tensors[site.tensor].element_positions_of(plan.spaces[s.id].prune) for s in owners if s.id in plan.spaces]
+        left[site.tensor] = np.setdiff1d(np.arange(site.width), np.concatenate([np.zeros(0, dtype=np.int64), *removed]))
+    return left

@@ -114,3 +114,27 @@ def test_a_shuffle_of_an_axis_that_follows_the_inputs_is_left_alone() -> None:
     index = GraphIndex(model, static_shapes(model, {"x": (1, 4, C)}))
     assert not moves_as_gathers(model, index, lambda: varied_index(model, {"x": (1, 4, C)}))
     assert "Gather" not in op_types(model)
+
+
+def concat_of_two_convs() -> onnx.ModelProto:
+    """conv_a (4 ch) and conv_b (4 ch) on the same input, Concat, ReLU, then a 1x1 head conv.
+    conv_b's channel 2 is 0.1 x conv_a's channel 1 (its weights and bias scaled): redundant only
+    with a unit of *another* space at the shared site, and the smallest weights of all."""
+    rng = np.random.default_rng(8)
+    g = GraphBuilder([None, 4, HW, HW])
+    wa, wb = rng.standard_normal((4, 4, 1, 1)).astype(np.float32), rng.standard_normal((4, 4, 1, 1)).astype(np.float32)
+    ba, bb = rng.standard_normal(4).astype(np.float32), rng.standard_normal(4).astype(np.float32)
+    wb[2], bb[2] = 0.1 * wa[1], 0.1 * ba[1]
+    joined = g.op("Concat", [g.conv("x", wa, ba, name="conv_a"), g.conv("x", wb, bb, name="conv_b")], axis=1)
+    head = g.conv(g.op("Relu", [joined]), rng.standard_normal((3, 8, 1, 1)).astype(np.float32), name="head")
+    return g.build(head, ["N", 3, HW, HW])
+
+
+def test_a_shared_site_recovers_a_unit_from_another_spaces_channels() -> None:
+    """Magnitude order with least-squares recovery (`lsq`) removes conv_b's scaled copy; only a
+    fit over every channel left at the Concat (conv_a's too) predicts it exactly."""
+    model = concat_of_two_convs()
+    pruned, report = onnxprune.prune(model, calibration(), ratio=1 / 8, method="lsq", allocation="global", sequential=False)
+    assert {s.name: s.kept for s in report.spaces if s.name.startswith("conv")} == {"conv_a": 4, "conv_b": 3}, report.spaces
+    x = calibration(3, seed=13)["x"]
+    assert relative_l2(run(model, x), run(pruned, x)) < 1e-4

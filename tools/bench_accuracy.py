@@ -6,7 +6,7 @@
 
 For every model x method x target (fraction of MACs removed, `onnxprune.prune(flops=...)`):
 
-* Fashion-MNIST CNNs (`vgg_bn`, `resnet_fmnist`): top-1 accuracy on the test split (the full
+* Fashion-MNIST CNNs (`vgg_bn`, `resnet_fmnist`, `shufflenet_fmnist`): top-1 accuracy on the test split (the full
   10k images when the Debian data set is installed, else the committed 1000-image subset;
   `--test-subset` forces the subset) and the relative L2 error of the logits against the
   unpruned model. Calibration: `models/data/fmnist_calib.npz` (512 train images).
@@ -113,7 +113,9 @@ IMAGENET_TARGETS = (0.05, 0.10, 0.30, 0.50, 0.70)
 # (at 50% every ImageNet run is at ~0% agreement, which would hide any trend).
 CALIB_TARGET = {"fmnist": 0.5, "imagenet": 0.1}
 ORDERS = ("pivoted", "weighted", "obs", "variance", "residual")
-FMNIST_MODELS = ("vgg_bn", "resnet_fmnist")
+FMNIST_MODELS = ("vgg_bn", "resnet_fmnist", "shufflenet_fmnist")
+FMNIST_BUILDERS = {"vgg_bn": "models/build_reference.py", "resnet_fmnist": "models/train_resnet_fmnist.py",
+                   "shufflenet_fmnist": "models/train_shufflenet_fmnist.py"}
 IMAGENET_MODELS = ("mobilenet_v2", "efficientnet_lite0")
 ALL_MODELS = FMNIST_MODELS + IMAGENET_MODELS
 # ImageNet exports: MobileNetV2 from the TorchScript exporter (BN kept); EfficientNet-Lite0 from
@@ -183,7 +185,7 @@ def load_fmnist_bench(name: str, test_subset: bool) -> Bench:
 
     path = MODELS_DIR / f"{name}.ts.onnx"
     if not path.exists():
-        raise FileNotFoundError(f"{path} is missing (python models/train_resnet_fmnist.py builds resnet_fmnist)")
+        raise FileNotFoundError(f"{path} is missing (python {FMNIST_BUILDERS[name]} builds it)")
     with np.load(MODELS_DIR / "data" / "fmnist_calib.npz") as f:
         calib = f["input"]
     pool, seed_sets = None, {}
