@@ -31,21 +31,14 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-import build_reference as br  # noqa: E402
-import onnx  # noqa: E402
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
-from fashion_mnist import TEST_SEED, heldout_test_indices, load_fashion_mnist  # noqa: E402
-from train_resnet_fmnist import BATCH, LR, train  # noqa: E402
+from train_resnet_fmnist import train_export_check  # noqa: E402
 
 NAME = "shufflenet_fmnist"
-EPOCHS = 4
-SEED = 0
 ONNX_PATH = HERE / f"{NAME}.ts.onnx"
 JSON_PATH = HERE / f"{NAME}.json"
 
@@ -97,52 +90,10 @@ class ShuffleNetFMNIST(nn.Module):
 
 def main() -> None:
     t_start = time.time()
-    torch.set_num_threads(2)
-    torch.use_deterministic_algorithms(True)
-    br.seed_everything(SEED)
-    x_train, y_train = load_fashion_mnist("train")
-    x_test, y_test = load_fashion_mnist("test")
-    test_idx = heldout_test_indices(1000, TEST_SEED)
-
-    model = ShuffleNetFMNIST()
-    n_params = sum(p.numel() for p in model.parameters())
-    print(f"== {NAME}: {n_params} parameters, {EPOCHS} epochs", flush=True)
-    t_train = time.time()
-    train(model, x_train, y_train, EPOCHS, SEED)
-    train_seconds = time.time() - t_train
-    torch_logits = br.torch_predict(model, x_test)
-    torch_acc = float((torch_logits.argmax(1) == y_test).mean())
-    print(f"  torch test acc {torch_acc:.4f} (training {train_seconds:.0f}s)", flush=True)
-
-    br.export_torchscript(model, torch.from_numpy(x_test[:2].copy()), ONNX_PATH)
-    br.check_file(ONNX_PATH, "ts")
-    ort_logits = br.ort_predict(ONNX_PATH, x_test)
-    diff = float(np.abs(ort_logits - torch_logits).max())
-    assert diff < 1e-3, diff
-    for bs in (1, 7):
-        d = float(np.abs(br.ort_predict(ONNX_PATH, x_test[:bs]) - torch_logits[:bs]).max())
-        assert d < 1e-3, (bs, d)
-    acc = float((ort_logits.argmax(1) == y_test).mean())
-    sub_acc = float((ort_logits[test_idx].argmax(1) == y_test[test_idx]).mean())
-    info = br.describe(ONNX_PATH)
-    info.update({
-        "model": NAME,
-        "generator": "models/train_shufflenet_fmnist.py",
-        "exporter": "torchscript",
-        "architecture": "stem conv24; ShuffleNetV2 units 24->48 s2, 2x48; 48->96 s2, 2x96; conv1x1 192; GAP; FC 192->10",
-        "torch_param_count": int(n_params),
-        "training": {"seed": SEED, "epochs": EPOCHS, "batch_size": BATCH, "optimizer": "Adam", "lr": LR,
-                     "lr_schedule": "cosine per step to 0", "train_images": int(len(x_train)), "seconds": round(train_seconds, 1),
-                     "threads": 2, "deterministic_algorithms": True},
-        "test_accuracy_ort": acc,
-        "test_accuracy_torch": torch_acc,
-        "test_images": int(len(y_test)),
-        "test_subset_accuracy_ort": sub_acc,
-        "max_abs_diff_vs_torch": diff,
-        "versions": {"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": br.ort.__version__, "numpy": np.__version__},
-    })
+    _, info = train_export_check(ShuffleNetFMNIST, NAME, ONNX_PATH, "models/train_shufflenet_fmnist.py",
+                              "stem conv24; ShuffleNetV2 units 24->48 s2, 2x48; 48->96 s2, 2x96; conv1x1 192; GAP; FC 192->10")
     JSON_PATH.write_text(json.dumps(info, indent=1) + "\n")
-    print(f"  {ONNX_PATH.name}: {info['bytes']} bytes, acc {acc:.4f} (subset {sub_acc:.3f}); total {time.time() - t_start:.0f}s")
+    print(f"wrote {ONNX_PATH.name} and {JSON_PATH.name}; total {time.time() - t_start:.0f}s")
 
 
 if __name__ == "__main__":
