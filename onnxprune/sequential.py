@@ -402,6 +402,10 @@ class SequentialFitter:
         return CrossStats(shift[kept].astype(np.float32), shift.astype(np.float32), with_oo=held)
 
     def _fit_site(self, tensor: str, cal: CrossMoments, held: CrossMoments | None, changed: bool) -> None:
+        owners = [s for s in self.spaces if tensor in s.sites]
+        if shared_site(owners, tensor):
+            self._fit_shared_site(tensor, owners, cal, held, changed)
+            return
         for space in self.spaces:
             if tensor not in space.sites:
                 continue
@@ -416,6 +420,47 @@ class SequentialFitter:
                                            space_held, metric, self.kind, self.shrinkage)
             self.result.recoveries[(space.id, tensor)] = recovery
             self.result.fits[(space.name, tensor)] = fit
+
+
+    def _fit_shared_site(self, tensor: str, owners: list[Space], cal: CrossMoments, held: CrossMoments | None, changed: bool) -> None:
+        """A site of several spaces (a Concat, a channel shuffle) is refitted as one: every
+        original channel from every channel the pruned model keeps there, one map folded once
+        (under the first space; the others' consumers at the site are the same layers)."""
+        width = owners[0].tensors[tensor].size
+        prune = self.removed.get(tensor, np.zeros(0, dtype=np.int64))
+        keep = np.setdiff1d(np.arange(width), prune)
+        if not len(prune) and not changed:
+            return
+        original_columns = np.concatenate([keep, prune])
+        pruned_keep = np.arange(len(keep))
+        site_cal = cal.restrict(pruned_keep, original_columns)
+        site_held = None if held is None else held.restrict(pruned_keep, original_columns)
+        metric = consumer_metric(owners[0], tensor, self.index, original_columns)
+        prior = site_prior([self.one_shot.get((s.id, tensor)) for s in owners], keep, prune)
+        recovery, fit = fit_sequential(site_cal, keep, prune, prior, site_held, metric, self.kind, self.shrinkage)
+        self.result.recoveries[(owners[0].id, tensor)] = recovery
+        self.result.fits[(owners[0].name, tensor)] = fit
+
+
+def shared_site(owners: list[Space], tensor: str) -> bool:
+    """Whether the site holds units of several spaces, or channels of none besides one space's."""
+    if len(owners) != 1:
+        return len(owners) > 1
+    placement = owners[0].tensors[tensor]
+    return placement.count() * placement.block != placement.size
+
+
+def site_prior(recoveries: list[Recovery | None], keep: np.ndarray, prune: np.ndarray) -> Recovery:
+    """The spaces' one-shot recoveries at a shared site as one map from all kept channels to all
+    pruned ones (each space's rows on its own kept columns, zero elsewhere)."""
+    weights, offset = np.zeros((len(prune), len(keep))), np.zeros(len(prune))
+    for recovery in recoveries:
+        if recovery is None or not len(recovery.prune):
+            continue
+        rows, cols = np.searchsorted(prune, recovery.prune), np.searchsorted(keep, recovery.keep)
+        weights[np.ix_(rows, cols)] = recovery.weights
+        offset[rows] = recovery.offset
+    return Recovery(weights, offset, keep, prune)
 
 
 def sequential_recoveries(original: onnx.ModelProto, analysis: Analysis, plan: Plan, stats: dict[str, SiteStats], index: GraphIndex,

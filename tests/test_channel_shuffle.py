@@ -138,3 +138,16 @@ def test_a_shared_site_recovers_a_unit_from_another_spaces_channels() -> None:
     assert {s.name: s.kept for s in report.spaces if s.name.startswith("conv")} == {"conv_a": 4, "conv_b": 3}, report.spaces
     x = calibration(3, seed=13)["x"]
     assert relative_l2(run(model, x), run(pruned, x)) < 1e-4
+
+
+def test_the_sequential_refit_of_a_shared_site_is_one_map_of_every_channel_left_there() -> None:
+    """The refit maps all of the Concat's original channels from every channel the pruned model
+    keeps there: one fit for the site (under its first space), and the cross-space copy restored."""
+    model = concat_of_two_convs()
+    pruned, report = onnxprune.prune(model, calibration(), ratio=1 / 8, method="lsq", allocation="global", sequential=True,
+                                     shrinkage=0.0)
+    site = next(n.output[0] for n in model.graph.node if n.op_type == "Relu")  # the head conv reads the Concat through it
+    rows = [row for row in report.sequential["sites"] if row["site"] == site]
+    assert [row["space"] for row in rows] == ["conv_a"], report.sequential
+    x = calibration(3, seed=13)["x"]
+    assert relative_l2(run(model, x), run(pruned, x)) < 1e-4
