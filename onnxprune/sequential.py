@@ -421,7 +421,6 @@ class SequentialFitter:
             self.result.recoveries[(space.id, tensor)] = recovery
             self.result.fits[(space.name, tensor)] = fit
 
-
     def _fit_shared_site(self, tensor: str, owners: list[Space], cal: CrossMoments, held: CrossMoments | None, changed: bool) -> None:
         """A site of several spaces (a Concat, a channel shuffle) is refitted as one: every
         original channel from every channel the pruned model keeps there, one map folded once
