@@ -22,7 +22,7 @@ from .latency import max_steps, search_latency
 from .load import release_memory
 from .plan import ALLOCATIONS, DEFAULT_ALLOCATION, Plan, Target, misaligned_warning
 from .preparation import Prepared, calibration_statistics, prepare, prepare_options
-from .recovery import Recovery, fit_recoveries
+from .recovery import Recovery, fit_recoveries, shared_sites
 from .report import PruneReport, SpaceRow
 from .rewrite import cache_io_changes, rewrite
 from .score import DEFAULT_ORDER, METHODS, ORDERS, RECOVERY, STATS_METHODS, score_space
@@ -364,7 +364,7 @@ def refit_or_one_shot(prepared: Prepared, plan: Plan, stats: dict[str, SiteStats
     only their means, the refitted recoveries go once folded, a large refit waits on disk."""
     analysis, original, constants = prepared.analysis, prepared.original, prepared.index.constants
     prior = fit_recoveries(analysis, plan, stats, kind, within_space=True)  # the refit's columns are each space's own
-    one_shot = fit_recoveries(analysis, plan, stats, kind)
+    one_shot = fit_recoveries(analysis, plan, stats, kind) if shared_sites(analysis) else prior  # the same without shared sites
     for tensor, site in stats.items():  # nothing after this fit reads the Grams
         stats[tensor] = site.without_gram()
     # scored before the pass (unless auto already did), so that the one-shot model and the refitted one are never in memory together

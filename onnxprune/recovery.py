@@ -228,13 +228,27 @@ JOINT_ROWS_PER_UNIT = 4  # a shared site's fit uses every channel left there onl
 
 
 def _left_at_sites(analysis: Analysis, plan: Plan) -> dict[str, np.ndarray]:
-    """Per site shared by several spaces (or holding channels of none): the element positions
-    no space prunes."""
+    """Per shared site (`shared_sites`): the element positions no space prunes."""
     left = {}
-    for site in analysis.sites():
-        owners = [s for s in analysis.prunable if site.tensor in s.tensors]
-        if len(owners) == 1 and owners[0].tensors[site.tensor].count() * owners[0].tensors[site.tensor].block == site.width:
-            continue  # one space fills the site: its own kept units are all there is
-        removed = [s.tensors[site.tensor].element_positions_of(plan.spaces[s.id].prune) for s in owners if s.id in plan.spaces]
-        left[site.tensor] = np.setdiff1d(np.arange(site.width), np.concatenate([np.zeros(0, dtype=np.int64), *removed]))
+    for tensor, owners in shared_sites(analysis).items():
+        removed = [s.tensors[tensor].element_positions_of(plan.spaces[s.id].prune) for s in owners if s.id in plan.spaces]
+        left[tensor] = np.setdiff1d(np.arange(owners[0].tensors[tensor].size), np.concatenate([np.zeros(0, dtype=np.int64), *removed]))
     return left
+
+
+def shared_site(owners: list[Space], tensor: str) -> bool:
+    """Whether the site holds units of several spaces, or channels of none besides one space's."""
+    if len(owners) != 1:
+        return len(owners) > 1
+    placement = owners[0].tensors[tensor]
+    return placement.count() * placement.block != placement.size
+
+
+def shared_sites(analysis: Analysis) -> dict[str, list[Space]]:
+    """The sites of the prunable spaces that another space or unowned channels share, with the
+    spaces on each (a Concat, a channel shuffle)."""
+    owners: dict[str, list[Space]] = {}
+    for space in analysis.prunable:
+        for tensor in space.sites:
+            owners.setdefault(tensor, []).append(space)
+    return {tensor: spaces for tensor, spaces in owners.items() if shared_site(spaces, tensor)}

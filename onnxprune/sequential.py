@@ -23,7 +23,7 @@ from .calibrate import make_session
 from .graph import GraphIndex
 from .placement import expand_blocks
 from .plan import Plan
-from .recovery import Recovery, SequentialFit, fit_sequential
+from .recovery import Recovery, SequentialFit, fit_sequential, shared_site
 from .rewrite import cache_io_changes, pruned_spaces, removed_slots, rewrite
 from .score import consumer_weight_rows
 from .segments import GraphSegment, cut_segments, extract, needed_nodes
@@ -439,14 +439,6 @@ class SequentialFitter:
         recovery, fit = fit_sequential(site_cal, keep, prune, prior, site_held, metric, self.kind, self.shrinkage)
         self.result.recoveries[(owners[0].id, tensor)] = recovery
         self.result.fits[(owners[0].name, tensor)] = fit
-
-
-def shared_site(owners: list[Space], tensor: str) -> bool:
-    """Whether the site holds units of several spaces, or channels of none besides one space's."""
-    if len(owners) != 1:
-        return len(owners) > 1
-    placement = owners[0].tensors[tensor]
-    return placement.count() * placement.block != placement.size
 
 
 def site_prior(recoveries: list[Recovery | None], keep: np.ndarray, prune: np.ndarray) -> Recovery:
