@@ -6,6 +6,9 @@ TorchScript: the latter is folded once the static shapes are known, `shapes_and_
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+
 import numpy as np
 import onnx
 from onnx import numpy_helper
@@ -59,20 +62,22 @@ def shapes_and_index(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, 
     and repeat_kv become Gathers (`onnxprune.gathers`)."""
     shapes = static_shapes(model, input_shapes, problems)
     index = GraphIndex(model, shapes)
-    if _fold_shaped_slices(model, index, input_shapes):
+    varied = functools.cache(lambda: varied_index(model, input_shapes))  # one more probe, only if a fold asks (sizes survive folds)
+    if _fold_shaped_slices(model, index, varied):
         fold_moved_weights(model)  # the Transpose after each folded chunk
         shapes = static_shapes(model, input_shapes)
         index = GraphIndex(model, shapes)
-    if moves_as_gathers(model, index, lambda: varied_index(model, input_shapes)):
+    if moves_as_gathers(model, index, varied):
         drop_dead_nodes(model)  # the replaced nodes and their shape computations
         index = GraphIndex(model, shapes)
     return shapes, index
 
 
-def _fold_shaped_slices(model: onnx.ModelProto, index: GraphIndex, input_shapes: dict[str, tuple[int, ...]]) -> bool:
+def _fold_shaped_slices(model: onnx.ModelProto, index: GraphIndex, varied: Callable[[], GraphIndex]) -> bool:
     """Give Slices of an in-memory initializer whose bounds are computed from sizes constant
     bounds, then fold them; whether any was. Only bounds that stay the same when every dynamic
-    input dim changes are taken (a position table cut to the sequence length is left alone)."""
+    input dim changes are taken (a position table cut to the sequence length is left alone;
+    `varied` gives the index at larger dynamic input dims)."""
     from .rules.shape_values import static_value
 
     graph = model.graph
@@ -85,7 +90,7 @@ def _fold_shaped_slices(model: onnx.ModelProto, index: GraphIndex, input_shapes:
             slices.append((node, computed))
     if not slices:
         return False
-    other = varied_index(model, input_shapes)
+    other = varied()
     changed = False
     for node, computed in slices:
         values = {slot: static_value(index, name) for slot, name in computed.items()}
