@@ -179,13 +179,13 @@ def _along_units(index: GraphIndex, node: onnx.NodeProto, tensor: str, placement
     size = placement.size
     if picks is None or picks.ndim != 1 or placement.block != 1 or not index.is_constant(node.input[1]):
         return [Pin(f"Gather '{label}' selects along the units' axis")]
-    if len(picks) != size or not np.array_equal(np.sort(picks.astype(np.int64) % size), np.arange(size)):
+    picks = picks.astype(np.int64) % size
+    if len(picks) != size or not np.array_equal(np.sort(picks), np.arange(size)):
         if tensor == node.output[0]:
             return [Through(label), *slice_param(index, node, 1, 0, tensor, placement), Carry(tensor, placement)]
-        if len(picks) > size and set(picks.astype(np.int64) % size) == set(range(size)):  # every unit repeated: kept
+        if len(picks) > size and set(picks) == set(range(size)):  # every unit repeated: kept
             return [Lock(placement, f"Gather '{label}' shares them with every query head (multi-query attention)")]
         return [Pin(f"Gather '{label}' selects along the units' axis (not a permutation)")]
-    picks = picks.astype(np.int64) % size
     if tensor == node.input[0]:
         source = placement
     else:  # reached from the output: output position j holds input position picks[j]
