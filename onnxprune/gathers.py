@@ -14,6 +14,7 @@ import onnx
 from onnx import numpy_helper
 
 from .graph import GraphIndex, get_attr
+from .rules.shapes import static
 
 # (first node, last node, axis, indices): the nodes from first to last become one Gather
 Found = tuple[onnx.NodeProto, onnx.NodeProto, int, np.ndarray]
@@ -60,8 +61,9 @@ def _only_reader(index: GraphIndex, name: str, op: str) -> onnx.NodeProto | None
 
 
 def _static(index: GraphIndex, *names: str) -> list[tuple[int, ...]] | None:
-    shapes = [index.shape(n) for n in names]
-    return None if any(s is None or None in s for s in shapes) else [tuple(int(d) for d in s) for s in shapes]
+    """Every named tensor's fully known shape, or None."""
+    shapes = [static(index, name) for name in names]
+    return None if None in shapes else shapes
 
 
 def _shuffle(index: GraphIndex, first: onnx.NodeProto) -> Found | None:
