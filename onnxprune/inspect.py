@@ -14,6 +14,7 @@ from .calibrate import rows_per_sample
 from .cost import build_cost_model, count_params
 from .inputs import input_specs
 from .load import load_model
+from .report import print_lock_notes
 from .tidy import shapes_and_index
 
 
@@ -61,9 +62,7 @@ class InspectReport:
                 needed = "?" if space.samples_needed is None else str(space.samples_needed)
                 prunable.add_row(space.name, str(space.units), str(len(space.producers)), str(len(space.consumers)), f"{space.macs:,}", needed)
         console.print(prunable)
-        for space in self.spaces:
-            if space.locked and not space.pinned:
-                console.print(f"note: '{space.name}' always keeps {space.locked} of its {space.units} units: {'; '.join(space.lock_reasons)}")
+        print_lock_notes(console, self.spaces)
         needed = [s.samples_needed for s in self.spaces if not s.pinned and s.samples_needed is not None]
         if needed:
             console.print(f"calibration: with at least {max(needed)} samples (plus the held-out ones) every prunable space sees "

@@ -27,6 +27,14 @@ class SpaceRow:
     lock_reasons: list[str] = field(default_factory=list)
 
 
+def print_lock_notes(console: Console, spaces: list) -> None:
+    """One line per prunable space with locked units (a report's or inspect's rows: name, units,
+    locked, lock_reasons, pinned)."""
+    for row in spaces:
+        if row.locked and not row.pinned:
+            console.print(f"note: '{row.name}' always keeps {row.locked} of its {row.units} units: {'; '.join(row.lock_reasons)}")
+
+
 @dataclass
 class PruneReport:
     """Everything a run decided and measured; `to_dict()` is what --report writes."""
@@ -201,9 +209,7 @@ class PruneReport:
         console = console or Console()
         console.print(_summary_table(self))
         console.print(_space_table(self))
-        for row in self.spaces:
-            if row.locked and not row.pinned:
-                console.print(f"note: '{row.name}' always keeps {row.locked} of its {row.units} units: {'; '.join(row.lock_reasons)}")
+        print_lock_notes(console, self.spaces)
         if self.pinned:
             console.print(_pinned_table(self))
         if self.fidelity:
