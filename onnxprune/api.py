@@ -110,6 +110,7 @@ def prune(
     sensitivity_samples: int | None = None,
     head_gain: float = DEFAULT_HEAD_GAIN,
     sequential_samples: int = SEQUENTIAL_SAMPLES,
+    rechoose: bool | str = False,
 ) -> PruneResult:
     """Prune `model` with calibration data `calib`; returns the pruned ModelProto and a report.
 
@@ -130,6 +131,9 @@ def prune(
     data; transformers are fitted one-shot, where it measured no better at about 3x the time),
     with the shrinkage toward the one-shot fit chosen per site on the held-out samples (DESIGN §2; `shrinkage` a number fixes it: 0 is the plain cross-moment
     least squares, inf the one-shot fold itself); the keep sets are the one-shot plan's.
+    `rechoose`: with the sequential refit, rank each space's units again on the model as pruned
+    upstream (same counts) where the pass sees all of them; the one-shot plan ranked them on
+    the unpruned model (docs/design.md, "Re-choosing kept units").
     `sequential_samples`: calibration samples the sequential pass refits on, spread over the set
     (default 512: the refit, a correction shrunk toward the one-shot fit, saturates well before
     the statistics do, docs/speed.md; 0 = all of them).
@@ -202,7 +206,8 @@ def prune(
         if not (sequential and method in RECOVERY):
             return pruned if pruned is not None else build(plan)
         scored = allocated.errors[allocated.chosen] if isinstance(allocated, AllocationChoice) else None
-        refit = refit_or_one_shot(prepared, plan, stats, RECOVERY[method], scored, progress, fixed_shrinkage, sequential_samples)
+        again = ("self" if rechoose == "self" else "cross") if rechoose and method == "snp" else None
+        refit = refit_or_one_shot(prepared, plan, stats, RECOVERY[method], scored, progress, fixed_shrinkage, sequential_samples, again)
         warnings.extend([refit.warning] if refit.warning else [])
         model, refit.model = refit.model, None  # one reference only: verification offloads it
         return model
@@ -228,6 +233,8 @@ def prune(
             plan = planner.plan(target)
         with _stage(seconds, "rewrite"):
             pruned = build_final(plan)
+    if refit is not None and refit.plan is not None:
+        plan = refit.plan  # the same counts, other units where the pass chose again
     warnings.extend(misaligned_warning(analysis, plan))
     sampled = strides if stats else {}
     stats, scores = {}, {}  # what verification does not need goes before its sessions start
@@ -355,10 +362,11 @@ class Refit:
     result: SequentialResult | None
     weights: WeightsFile | None = None
     warning: str | None = None
+    plan: Plan | None = None  # the kept refit's plan where `rechoose` chose other units
 
 
 def refit_or_one_shot(prepared: Prepared, plan: Plan, stats: dict[str, SiteStats], kind: str, one_shot_error: float | None,
-                      progress: ProgressFactory | None, shrinkage: float | None, samples: int) -> Refit:
+                      progress: ProgressFactory | None, shrinkage: float | None, samples: int, rechoose: str | None = None) -> Refit:
     """Fit one-shot, refit sequentially, keep the refit if the held-out guard does (a pass that
     fails writes the one-shot model). Frees what the pass does not read as it goes: `stats` keep
     only their means, the refitted recoveries go once folded, a large refit waits on disk."""
@@ -371,13 +379,13 @@ def refit_or_one_shot(prepared: Prepared, plan: Plan, stats: dict[str, SiteStats
     one_shot_error = heldout_error(prepared, plan, one_shot) if one_shot_error is None else one_shot_error
     weights, result, warning = None, None, None
     try:
-        result = fit_sequentially(prepared, plan, stats, kind, prior, progress, shrinkage, samples)
-        refitted = rewrite(original, analysis, plan, result.recoveries, constants)
+        result = fit_sequentially(prepared, plan, stats, kind, prior, progress, shrinkage, samples, rechoose)
+        refitted = rewrite(original, analysis, result.plan, result.recoveries, constants)
         result.recoveries = {}  # folded: up to k x n floats per site, read by neither the guard nor the report
         result.spill.close()
         refitted, weights = offload(refitted)
         if better_than_one_shot(prepared, plan, refitted, result, one_shot_error):
-            return Refit(refitted, result, weights)
+            return Refit(refitted, result, weights, plan=result.plan)
         del refitted
     except Exception as exc:  # noqa: BLE001 - the one-shot fold is correct without the refit; say why it is written
         if result is not None:
@@ -433,7 +441,7 @@ def sequential_batch_size(prepared: Prepared) -> int:
 
 def fit_sequentially(prepared: Prepared, plan: Plan, stats: dict[str, SiteStats], kind: str, one_shot: dict[tuple[int, str], Recovery],
                      progress: ProgressFactory | None = None, shrinkage: float | None = None,
-                     samples: int = SEQUENTIAL_SAMPLES) -> SequentialResult:
+                     samples: int = SEQUENTIAL_SAMPLES, rechoose: str | None = None) -> SequentialResult:
     """The sequential refit of every site of `plan` over `samples` calibration samples spread
     over the set (0: all), the shrinkage chosen on the verification batches."""
     size = sequential_batch_size(prepared)
@@ -444,7 +452,7 @@ def fit_sequentially(prepared: Prepared, plan: Plan, stats: dict[str, SiteStats]
             yield from ((batch, True) for batch in prepared.verify_data.batches(size))
 
     return sequential_recoveries(prepared.original, prepared.analysis, plan, stats, prepared.index, prepared.shapes, prepared.strides,
-                                 batches, kind, one_shot, progress, shrinkage)
+                                 batches, kind, one_shot, progress, shrinkage, rechoose)
 
 
 def _io_shapes(model: onnx.ModelProto, changes: dict) -> dict[str, list]:

@@ -164,6 +164,9 @@ def build_parser() -> argparse.ArgumentParser:
                           help=f"when the sequential refit runs: calibration samples it runs on, spread over the set (default "
                           f"{SEQUENTIAL_SAMPLES}: on the Fashion-MNIST CNNs 512 of 1843 gave the accuracy of all of them at "
                           "about half the pass's time, docs/speed.md; 0 = every calibration sample)")
+    recovery.add_argument("--rechoose", action="store_true",
+                          help="when the sequential refit runs: rank each layer's units again on the model as already pruned "
+                          "upstream (the same counts) before its fit; the plan ranked them on the unpruned model")
     recovery.add_argument("--shrinkage", type=_shrinkage, default="auto", metavar="auto|L",
                           help="when the sequential refit runs: shrinkage of each layer's fit toward the one-shot fit (default auto: chosen per "
                           "layer on the held-out verification samples; 0 = plain least squares)")
@@ -205,7 +208,7 @@ def run(args: argparse.Namespace) -> int:
         method=args.method, order=args.order, round_to=args.round_to, min_keep=args.min_keep,
         exclude=args.exclude, batch_size=args.batch_size, verify_samples=args.verify_samples, seed=args.seed,
         calib_samples=args.calib_samples, workers=args.workers, scheduler=args.scheduler, spatial_stride=args.spatial_stride,
-        sequential=args.sequential, sequential_samples=args.sequential_samples, shrinkage=args.shrinkage, allocation=args.allocation, sensitivity_samples=args.sensitivity_samples,
+        sequential=args.sequential, sequential_samples=args.sequential_samples, shrinkage=args.shrinkage, rechoose=args.rechoose, allocation=args.allocation, sensitivity_samples=args.sensitivity_samples,
         head_gain=args.head_gain,
         statistics=Statistics.merge_all([Statistics.load(p) for p in args.stats]) if args.stats else None,
         image_options=ImageOptions(size=args.input_size, mean=args.mean, std=args.std, layout=args.layout, scale=args.scale),

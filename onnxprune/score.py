@@ -170,6 +170,24 @@ def consumer_weight_rows(space: Space, index: GraphIndex, consumer) -> np.ndarra
     return np.moveaxis(weight, consumer.in_axis, 0).reshape(space.tensors[consumer.site].size, -1)
 
 
+def consumer_metric(space: Space, tensor: str, index: GraphIndex, columns: np.ndarray) -> np.ndarray | None:
+    """V with V V^T = sum over the consumers at this site of W^T W on the given columns: the
+    residual at the site is weighed by what the consumers' outputs would lose (DESIGN §2)."""
+    parts = []
+    for consumer in space.consumers:
+        if consumer.site != tensor or not index.is_constant(index.node(consumer.node).input[consumer.weight_index]):
+            continue
+        parts.append(consumer_weight_rows(space, index, consumer)[columns])
+    if not parts:
+        return None
+    metric = np.hstack(parts)
+    if metric.shape[1] > metric.shape[0]:  # compress to a square factor of the same V V^T
+        gram = metric @ metric.T
+        gram += 1e-12 * max(np.trace(gram) / len(gram), 1e-300) * np.eye(len(gram))
+        metric = sla.cholesky(gram, lower=True, check_finite=False)
+    return metric
+
+
 def consumer_weight_norms(space: Space, index: GraphIndex, power: int = 2) -> np.ndarray:
     """Per element (unit-major): sum over consumers of the squared norm (power 2) or the L1 norm
     (power 1) of the weights reading it."""

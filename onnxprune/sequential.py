@@ -15,7 +15,6 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import scipy.linalg as sla
 
 from . import tempfiles
 from .analyse import Analysis, Space
@@ -23,9 +22,10 @@ from .calibrate import make_session
 from .graph import GraphIndex
 from .placement import expand_blocks
 from .plan import Plan
+from .rechoose import fixed_tensors, one_shot_prior, rechoosable, rechosen, unpruned
 from .recovery import Recovery, SequentialFit, fit_sequential, shared_site
 from .rewrite import cache_io_changes, pruned_spaces, removed_slots, rewrite
-from .score import consumer_weight_rows
+from .score import consumer_metric
 from .segments import GraphSegment, cut_segments, extract, needed_nodes
 from .stats import CrossMoments, CrossStats, SiteStats
 from .verify import drop_units
@@ -89,6 +89,8 @@ class SequentialResult:
     heldout_errors: tuple[float, float] | None = None  # the model's output error, one-shot and refitted
     samples: int = 0  # calibration samples the pass refitted on
     rejected: str | None = None  # why the refit was not kept although its held-out error was lower
+    plan: Plan | None = None  # the plan the recoveries fold into (`rechoose` may change keep sets, never counts)
+    rechosen: list[str] = field(default_factory=list)  # spaces whose kept units the pass chose again
 
     @property
     def kept(self) -> bool:
@@ -107,6 +109,7 @@ class SequentialResult:
         ratios = [r["heldout_error_vs_one_shot"] for r in rows if r["heldout_error_vs_one_shot"] is not None]
         errors = None if self.heldout_errors is None else [float(f"{e:.4g}") for e in self.heldout_errors]
         return {"segments": self.segments, "samples": self.samples, "sites": rows, "kept": self.kept, "rejected": self.rejected,
+                "rechosen": self.rechosen,
                 "heldout_model_error": errors,
                 "median_heldout_error_vs_one_shot": float(np.median(ratios)) if ratios else None}
 
@@ -213,6 +216,18 @@ class BoundaryCache:
     def names(self) -> set[str]:
         return set(self.values[0]) if self.values else set()
 
+    def select(self, name: str, axis: int, positions: np.ndarray) -> None:
+        """Keep only `positions` on `axis` of a cached tensor, in every batch (spilled batches
+        move to a new file: a file is read once written)."""
+        old = self.files.pop(name, None)
+        for i, values in enumerate(self.values):
+            value = values.pop(name)
+            if not isinstance(value, OnDisk):
+                self.bytes -= value.nbytes
+            self.put(i, name, np.take(value.load() if isinstance(value, OnDisk) else value, positions, axis=axis))
+        if old is not None:
+            old.close()
+
     def dtypes(self) -> dict[str, np.dtype]:
         return {name: value.dtype for name, value in self.values[0].items()} if self.values else {}
 
@@ -247,37 +262,23 @@ def site_columns(space: Space, tensor: str, plan: Plan, removed: dict[str, np.nd
     return SiteColumns(keep, prune, keep - np.searchsorted(gone, keep))
 
 
-def consumer_metric(space: Space, tensor: str, index: GraphIndex, columns: np.ndarray) -> np.ndarray | None:
-    """V with V V^T = sum over the consumers at this site of W^T W on the given columns: the
-    residual at the site is weighed by what the consumers' outputs would lose (DESIGN §2)."""
-    parts = []
-    for consumer in space.consumers:
-        if consumer.site != tensor or not index.is_constant(index.node(consumer.node).input[consumer.weight_index]):
-            continue
-        parts.append(consumer_weight_rows(space, index, consumer)[columns])
-    if not parts:
-        return None
-    metric = np.hstack(parts)
-    if metric.shape[1] > metric.shape[0]:  # compress to a square factor of the same V V^T
-        gram = metric @ metric.T
-        gram += 1e-12 * max(np.trace(gram) / len(gram), 1e-300) * np.eye(len(gram))
-        metric = sla.cholesky(gram, lower=True, check_finite=False)
-    return metric
-
-
 class SequentialFitter:
     """Walks the segments once, refitting every (space, site) of the plan in node order."""
 
     def __init__(self, original: onnx.ModelProto, analysis: Analysis, plan: Plan, stats: dict[str, SiteStats],
                  index: GraphIndex, shapes: dict, strides: dict[str, int], kind: str = "lsq",
-                 one_shot: dict[tuple[int, str], Recovery] | None = None, shrinkage: float | None = None):
-        self.shrinkage = shrinkage
-        self.original, self.analysis, self.plan, self.stats = original, analysis, plan, stats
+                 one_shot: dict[tuple[int, str], Recovery] | None = None, shrinkage: float | None = None,
+                 rechoose: str | None = None):
+        self.shrinkage, self.rechoose = shrinkage, rechoose  # rechoose: the order to rank kept units again with, or None
+        self.original, self.analysis, self.stats = original, analysis, stats
         self.index, self.strides, self.kind = index, strides, kind
-        self.one_shot = one_shot or {}
+        self.one_shot = dict(one_shot or {})
         self.spaces = [s for s in analysis.prunable if s.id in plan.spaces]
-        self.removed = removed_elements(analysis, plan)
+        self.plan = plan  # the final plan so far; `run_plan` is what the pruned model runs in the current segment
+        self.run_plan = plan
+        self.removed = self.run_removed = removed_elements(analysis, plan)
         self.io_changes = cache_io_changes(analysis, plan)
+
         sites = sorted({t for s in self.spaces for t in s.sites})
         self.segments: list[GraphSegment] = cut_segments(original, sites, shapes)
         position = {id(node): i for i, node in enumerate(original.graph.node)}
@@ -285,7 +286,11 @@ class SequentialFitter:
                                    for t in sites}
         # a recurrent op's fold of its own hidden units (per direction, keys (space, site, d)) is
         # not refitted: R reads the pruned model's states whatever the fit, so it stays one-shot
-        self.result = SequentialResult({k: v for k, v in self.one_shot.items() if len(k) == 3}, segments=len(self.segments))
+        self.result = SequentialResult({k: v for k, v in self.one_shot.items() if len(k) == 3}, segments=len(self.segments), plan=plan)
+        # spaces ranked again once their sites are measured: until then the pruned model runs all their units
+        graph_io = {v.name for v in [*original.graph.input, *original.graph.output]}
+        self.pending = {s.id: s for s in rechoosable(self.spaces, self.segments, fixed_tensors(self.spaces, graph_io))} if rechoose else {}
+        self._set_run_plan(self._run_plan())
         self.fold_cache: dict = {}
 
     def run(self, batches: Callable[[], Iterable[tuple[dict[str, np.ndarray], bool]]], advance: Callable[[int], None]) -> SequentialResult:
@@ -308,7 +313,7 @@ class SequentialFitter:
         where the segment computing `outputs` from the `available` activations reads it."""
         positions, _ = needed_nodes(self.original, available, outputs)
         only = {self.index.label(self.original.graph.node[i]) for i in positions}
-        return rewrite(self.original, self.analysis, self.plan, self.result.recoveries, self.index.constants, keep_on_disk=True,
+        return rewrite(self.original, self.analysis, self.run_plan, self.result.recoveries, self.index.constants, keep_on_disk=True,
                        fold_cache=self.fold_cache, only=only)
 
     def _segment(self, segment: GraphSegment, batches, cache_o: BoundaryCache, cache_p: BoundaryCache) -> None:
@@ -316,6 +321,8 @@ class SequentialFitter:
         refit_boundary = any(p <= segment.stop for t in segment.sites for p in self.consumer_positions[t])
         outputs_o = list(dict.fromkeys([*segment.sites, *new_boundary]))
         original_part = extract(self.original, cache_o.dtypes(), outputs_o)
+        again = [s for s in self.pending.values() if set(s.sites) <= set(segment.sites)]  # ranked again after this run
+        full_width = {t for s in again for t in s.sites}
         # when a refitted site's consumer lies in this segment, the pruned run stops where the
         # sites are produced and resumes from there after the fit (only the tail runs twice)
         wanted = list(dict.fromkeys([*segment.sites, *(segment.at_sites if refit_boundary else new_boundary)]))
@@ -328,7 +335,7 @@ class SequentialFitter:
         session_o, session_p = make_session(original_part, spinning=False, log_level=4), make_session(pruned_part, spinning=False, log_level=4)
         inputs_o = [i.name for i in original_part.graph.input]
         inputs_p = [i.name for i in pruned_part.graph.input]
-        accumulators = {t: (self._new_stats(t, False), self._new_stats(t, True)) for t in segment.sites}
+        accumulators = {t: (self._new_stats(t, t in full_width), self._new_stats(t, True)) for t in segment.sites}
         changed = dict.fromkeys(segment.sites, False)
         resume = BoundaryCache() if refit_boundary else cache_p  # the pruned activations kept from this run
         kept_p = [t for t in pruned_outputs if t in (segment.at_sites if refit_boundary else new_boundary)]
@@ -348,8 +355,12 @@ class SequentialFitter:
                 for name in kept_p:
                     resume.put(i, name, out_p[name])
             session_o = session_p = None
-            for tensor, (cal, held) in accumulators.items():
-                self._fit_site(tensor, cal.moments(), held.moments() if held.count else None, changed[tensor])
+            moments = {t: (cal.moments(), held.moments() if held.count else None) for t, (cal, held) in accumulators.items()}
+            if again:
+                self._rechoose(again, moments, [resume, cache_p] if resume is not cache_p else [cache_p])
+            for tensor, (cal, held) in moments.items():
+                self._fit_site(tensor, cal, held, changed[tensor])
+            self._set_run_plan(self._run_plan())  # the rest of the segment runs the units just chosen
             if refit_boundary and new_boundary:
                 self._resume(new_boundary, batches, cache_p, resume)
         finally:
@@ -361,6 +372,34 @@ class SequentialFitter:
         for key in [k for k in self.result.recoveries if len(k) == 2 and k[1] in segment.sites]:
             self.result.recoveries[key] = self.result.spill.spill(self.result.recoveries[key])
         self.fold_cache = {}  # the next segment runs other consumers; the keys are ids, none may outlive its recovery
+
+    def _run_plan(self) -> Plan:
+        """The plan the pruned model runs: the final one, every unit kept in spaces not yet ranked again."""
+        return unpruned(self.plan, list(self.pending.values())) if self.pending else self.plan
+
+    def _set_run_plan(self, plan: Plan) -> None:
+        self.run_plan = plan
+        self.run_removed = self.removed if plan is self.plan else removed_elements(self.analysis, plan)
+
+    def _rechoose(self, spaces: list[Space], moments: dict[str, tuple[CrossMoments, CrossMoments | None]], caches: list[BoundaryCache]) -> None:
+        """Rank the spaces' units again on the pruned model's activations (same counts), refit
+        their one-shot priors for the new keep sets and narrow their cached activations."""
+        spaces_plan = dict(self.plan.spaces)
+        for space in spaces:
+            site_moments = {t: moments[t][0] for t in space.sites}
+            chosen = rechosen(space, len(spaces_plan[space.id].keep), site_moments, self.index, self.rechoose)
+            if not np.array_equal(chosen.keep, spaces_plan[space.id].keep):
+                self.result.rechosen.append(space.name)
+            spaces_plan[space.id] = chosen
+            self.one_shot.update(one_shot_prior(space, chosen, site_moments))
+            del self.pending[space.id]
+            for cache in caches:
+                for tensor in set(space.tensors) & cache.names():
+                    placement = space.tensors[tensor]
+                    cache.select(tensor, placement.axis, placement.element_positions_of(chosen.keep))
+        self.plan = dataclasses.replace(self.plan, spaces=spaces_plan)
+        self.removed = removed_elements(self.analysis, self.plan)
+        self.result.plan = self.plan
 
     def _resume(self, names: list[str], batches, cache_p: BoundaryCache, resume: BoundaryCache) -> None:
         """The pruned model's activations at the cut, with this segment's new folds applied,
@@ -398,7 +437,7 @@ class SequentialFitter:
         width = next(s.tensors[tensor].size for s in self.spaces if tensor in s.tensors)
         if shift is None:
             shift = np.zeros(width)
-        kept = np.setdiff1d(np.arange(width), self.removed.get(tensor, np.zeros(0, dtype=np.int64)))
+        kept = np.setdiff1d(np.arange(width), self.run_removed.get(tensor, np.zeros(0, dtype=np.int64)))
         return CrossStats(shift[kept].astype(np.float32), shift.astype(np.float32), with_oo=held)
 
     def _fit_site(self, tensor: str, cal: CrossMoments, held: CrossMoments | None, changed: bool) -> None:
@@ -409,7 +448,7 @@ class SequentialFitter:
         for space in self.spaces:
             if tensor not in space.sites:
                 continue
-            columns = site_columns(space, tensor, self.plan, self.removed)
+            columns = site_columns(space, tensor, self.plan, self.run_removed)
             if not len(columns.prune) and not changed:
                 continue  # nothing upstream changed this site: no correction (ratio 0 stays bit-identical)
             original_columns = np.concatenate([columns.keep, columns.prune])
@@ -458,10 +497,11 @@ def sequential_recoveries(original: onnx.ModelProto, analysis: Analysis, plan: P
                           shapes: dict, strides: dict[str, int], batches: Callable[[], Iterable[tuple[dict[str, np.ndarray], bool]]],
                           kind: str = "lsq", one_shot: dict[tuple[int, str], Recovery] | None = None,
                           progress: Callable[[str, int], Callable[[int], None]] | None = None,
-                          shrinkage: float | None = None) -> SequentialResult:
+                          shrinkage: float | None = None, rechoose: str | None = None) -> SequentialResult:
     """Refit every site of the plan on the model pruned upstream: `batches()` yields the batches
     as (inputs, held out); the shrinkage toward the one-shot fit is chosen on the
-    held-out ones unless `shrinkage` fixes it."""
-    fitter = SequentialFitter(original, analysis, plan, stats, index, shapes, strides, kind, one_shot, shrinkage)
+    held-out ones unless `shrinkage` fixes it. `rechoose` (an order) ranks each space's units
+    again where the pass can show the pruned model's all of them; `result.plan` is then the plan to fold."""
+    fitter = SequentialFitter(original, analysis, plan, stats, index, shapes, strides, kind, one_shot, shrinkage, rechoose)
     advance = progress("sequential fit", len(fitter.segments)) if progress is not None else (lambda _: None)
     return fitter.run(batches, advance)

@@ -96,6 +96,9 @@ SEQUENTIAL_VARIANTS = (
     ("sensitivity sequential", "snp", "weighted", {"sequential": True, "allocation": "sensitivity"}),
     ("auto one-shot", "snp", "weighted", {"sequential": False, "allocation": "auto"}),
     ("auto sequential", "snp", "weighted", {"sequential": True, "allocation": "auto"}),
+    ("auto sequential rechoose", "snp", "weighted", {"sequential": True, "allocation": "auto", "rechoose": True}),
+    ("sequential rechoose", "snp", "weighted", {"sequential": True, "allocation": "global", "rechoose": True}),
+    ("auto sequential rechoose self", "snp", "weighted", {"sequential": True, "allocation": "auto", "rechoose": "self"}),
     ("obs one-shot", "snp", "obs", {"sequential": False, "allocation": "global"}),
     ("auto one-shot obs", "snp", "obs", {"sequential": False, "allocation": "auto"}),
     ("auto sequential obs", "snp", "obs", {"sequential": True, "allocation": "auto"}),
@@ -387,6 +390,9 @@ def run_one(bench: Bench, cache: StatsCache, *, method: str, target: float, orde
                    kept=[[s.name, s.kept, s.units] for s in report.spaces if not s.pinned],
                    pinned=[[s.name, s.pinned[0]] for s in report.spaces if s.pinned],
                    warnings=report.warnings[:3], **metrics(bench, logits))
+        if report.sequential:  # whether the refit was kept, its held-out errors, spaces chosen again
+            rec["refit"] = {"kept": report.sequential.get("kept"), "heldout_model_error": report.sequential.get("heldout_model_error"),
+                            "rechosen": len(report.sequential.get("rechosen") or [])}
         records.append(rec)
         if pca and method == "snp":
             try:

@@ -1,0 +1,166 @@
+"""`--rechoose`: the sequential pass ranks each space's units again on the model as pruned upstream."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+
+import onnxprune
+import onnxprune.sequential as sequential
+from builders import cli, planted_cnn, planted_mlp, random_cnn, random_mlp, relative_l2, run
+from onnxprune.api import calibration_statistics, fit_recoveries, fit_sequentially, prepare
+from onnxprune.cost import build_cost_model
+from onnxprune.plan import Target, make_plan
+from onnxprune.rechoose import forward_selection
+from onnxprune.rewrite import rewrite
+from onnxprune.score import score_space
+
+
+def _explained(cov: np.ndarray, cross: np.ndarray, columns: list[int]) -> float:
+    """tr(T_K^T S_KK^-1 T_K) by a direct solve: the reference objective."""
+    if not columns:
+        return 0.0
+    s = cov[np.ix_(columns, columns)]
+    t = cross[columns]
+    return float(np.trace(t.T @ np.linalg.solve(s, t)))
+
+
+def test_forward_selection_matches_a_direct_greedy_reference() -> None:
+    rng = np.random.default_rng(0)
+    rows, n = 800, 9
+    original = rng.standard_normal((rows, n)) @ rng.standard_normal((n, n))
+    pruned = original + 0.3 * rng.standard_normal((rows, n))
+    pruned[:, 4] = 1.0  # a unit the pruned model lost: it explains nothing
+    metric = rng.standard_normal((n, 5))
+    cov = np.cov(pruned.T, bias=True) + 1e-9 * np.eye(n)
+    cross = (pruned - pruned.mean(0)).T @ (original - original.mean(0)) / rows @ metric
+    got = forward_selection([cov], [cross], kept=6)
+    chosen: list[int] = []
+    for _ in range(6):
+        gains = {j: _explained(cov, cross, chosen + [j]) for j in range(n) if j not in chosen}
+        chosen.append(max(gains, key=gains.get))
+    assert got.tolist() == chosen
+    assert 4 not in got
+
+
+def test_forward_selection_takes_locked_units_first_and_skips_copies() -> None:
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((500, 5))
+    x = np.hstack([x, 2 * x[:, :1]])  # unit 5 copies unit 0
+    cov = np.cov(x.T, bias=True)
+    order = forward_selection([cov], [cov], kept=6, first=[3])
+    assert order[0] == 3
+    assert set(order[:5].tolist()) in ({0, 1, 2, 3, 4}, {1, 2, 3, 4, 5})  # never both copies before the rest
+
+
+def _pipeline(model, calib, ratio: float):
+    prepared = prepare(model, calib)
+    stats = calibration_statistics(prepared)
+    analysis = prepared.analysis
+    scores = {s.id: score_space(s, stats, prepared.index) for s in analysis.prunable}
+    plan = make_plan(analysis, scores, build_cost_model(prepared.index, analysis), Target("ratio", ratio))
+    prior = fit_recoveries(analysis, plan, stats, within_space=True)
+    return prepared, plan, stats, prior
+
+
+def test_rechosen_units_and_fit_match_a_numpy_reference_on_three_layers() -> None:
+    """Each layer keeps the units the greedy reference picks from the pruned-upstream activations
+    (weighed by the next layer's weights), and its fit is the cross-moment least squares on them."""
+    model = random_mlp(widths=(12, 16, 14, 10, 5), seed=3)
+    x = np.random.default_rng(0).standard_normal((600, 12)).astype(np.float32)
+    prepared, plan, stats, prior = _pipeline(model, {"x": x}, 0.4)
+    result = fit_sequentially(prepared, plan, stats, "lsq", prior, shrinkage=0.0, samples=0, rechoose="cross")
+    final = result.plan
+    assert result.rechosen  # the check below would pass trivially otherwise
+    weights = {t.name: onnx.numpy_helper.to_array(t).astype(np.float64) for t in model.graph.initializer}
+    gemms = [n for n in model.graph.node if n.op_type == "Gemm"]
+    spaces = {s.producers[0]: s for s in prepared.analysis.prunable}
+    calib = x[: prepared.calib_data.n_samples].astype(np.float64)
+    h_original, h_pruned = calib, calib
+    for i, node in enumerate(gemms[:-1]):
+        w, b = weights[node.input[1]], weights[node.input[2]]
+        h_original = np.maximum(h_original @ w.T + b, 0)
+        full = np.maximum(h_pruned @ w.T + b, 0)  # every unit of this layer, on the pruned model's input
+        space = spaces[node.name]
+        kept = len(plan.spaces[space.id].keep)
+        assert len(final.spaces[space.id].keep) == kept  # counts never change
+        centred_p, centred_o = full - full.mean(0), h_original - h_original.mean(0)
+        next_w = weights[gemms[i + 1].input[1]]
+        cov = centred_p.T @ centred_p / len(full)
+        cross = centred_p.T @ centred_o / len(full) @ next_w.T
+        reference = forward_selection([cov], [cross], kept)
+        keep, prune = final.spaces[space.id].keep, final.spaces[space.id].prune
+        assert keep.tolist() == sorted(reference.tolist())
+        h_pruned = full[:, keep]
+        design = np.hstack([np.ones((len(h_pruned), 1)), h_pruned])
+        solution = np.linalg.lstsq(design, h_original[:, np.concatenate([keep, prune])], rcond=None)[0]
+        recovery = result.recoveries[(space.id, space.sites[0])]
+        got = np.vstack([np.concatenate([recovery.kept_offset, recovery.offset]),
+                         np.hstack([recovery.kept_weights.T, recovery.weights.T])])
+        assert np.abs(got - solution).max() <= 1e-6 * max(1.0, np.abs(solution).max())
+        h_pruned = (design @ solution)[:, np.argsort(np.concatenate([keep, prune]))]
+    pruned = rewrite(prepared.original, prepared.analysis, final, result.recoveries, prepared.index.constants)
+    fresh = np.random.default_rng(1).standard_normal((50, 12)).astype(np.float32)
+    assert run(pruned, fresh).shape == (50, 5)
+
+
+@pytest.mark.parametrize("planted", [planted_cnn(bn=True, pool=True), planted_cnn(kernel=3), planted_mlp()],
+                         ids=["cnn_bn_pool", "cnn_3x3", "mlp_gemm"])
+def test_planted_duplicates_removed_exactly_with_rechoose(planted) -> None:
+    calib = {"x": planted.inputs(64 if len(planted.input_shape) == 4 else 400, seed=1)}
+    pruned, report = onnxprune.prune(planted.model, calib, tolerance=1e-5, order="pivoted", sequential=True, rechoose=True)
+    kept = {row.name: row.kept for row in report.spaces}
+    for space, n in planted.units.items():
+        assert kept[space] == n - planted.removable(space)
+    fresh = planted.inputs(40, seed=2024)
+    assert relative_l2(run(planted.model, fresh), run(pruned, fresh)) < 1e-4
+
+
+def test_ratio_zero_is_bit_identical_with_rechoose() -> None:
+    model = random_cnn()
+    x = np.random.default_rng(0).standard_normal((64, 3, 8, 8)).astype(np.float32)
+    pruned, report = onnxprune.prune(model, {"x": x}, ratio=0.0, sequential=True, rechoose=True)
+    assert np.array_equal(run(model, x), run(pruned, x))
+    assert report.sequential["rechosen"] == []
+
+
+def test_rechoose_keeps_counts_and_lowers_the_fit_error_on_a_cnn() -> None:
+    """Fashion-MNIST VGG at half its MACs: the same MACs, other units, a lower held-out error."""
+    calib = "models/data/fmnist_calib.npz"
+    plain = onnxprune.prune("models/vgg_bn.ts.onnx", calib, flops=0.5, sequential=True, allocation="global").report
+    again = onnxprune.prune("models/vgg_bn.ts.onnx", calib, flops=0.5, sequential=True, allocation="global", rechoose=True).report
+    assert again.macs_after == plain.macs_after
+    assert again.sequential["rechosen"]
+    assert again.sequential["heldout_model_error"][1] < 0.9 * plain.sequential["heldout_model_error"][1]
+
+
+def test_cached_activations_narrowed_in_memory_and_on_disk(monkeypatch) -> None:
+    cache = sequential.BoundaryCache()
+    values = [np.arange(24, dtype=np.float32).reshape(2, 6, 2) + i for i in range(3)]
+    cache.put(0, "a", values[0])
+    monkeypatch.setattr(sequential, "SPILL_BYTES", 0)  # the next batches go to a file
+    cache.put(1, "a", values[1])
+    cache.put(2, "a", values[2])
+    try:
+        cache.select("a", 1, np.array([0, 3, 5]))
+        for i, value in enumerate(values):
+            np.testing.assert_array_equal(cache.get(i, "a"), value[:, [0, 3, 5]])
+    finally:
+        cache.close()
+
+
+def test_cli_rechoose_flag(tmp_path, capsys) -> None:
+    model = random_mlp(widths=(12, 20, 16, 5), seed=2)
+    path, out, calib = tmp_path / "m.onnx", tmp_path / "p.onnx", tmp_path / "c.npz"
+    onnx.save(model, path)
+    np.savez(calib, x=np.random.default_rng(0).standard_normal((300, 12)).astype(np.float32))
+    code, _, err = cli([path, "--calib", calib, "-o", out, "--ratio", "0.4", "--sequential", "--rechoose", "--round-to", "1",
+                        "--report", tmp_path / "r.json"], capsys)
+    assert code == 0, err
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert "rechosen" in report["sequential"]
+    x = np.random.default_rng(3).standard_normal((20, 12)).astype(np.float32)
+    assert run(onnx.load(out), x).shape == (20, 5)
