@@ -21,7 +21,7 @@ from .analyse import Analysis, Space
 from .calibrate import make_session
 from .graph import GraphIndex
 from .placement import expand_blocks
-from .plan import Plan
+from .plan import Plan, SpacePlan
 from .rechoose import fixed_tensors, one_shot_prior, rechoosable, rechosen, unpruned
 from .recovery import Recovery, SequentialFit, fit_sequential, shared_site
 from .rewrite import cache_io_changes, pruned_spaces, removed_slots, rewrite
@@ -255,8 +255,8 @@ def removed_elements(analysis: Analysis, plan: Plan) -> dict[str, np.ndarray]:
     return {tensor: expand_blocks(slots, blocks[tensor]) for tensor, slots in removed.items()}
 
 
-def site_columns(space: Space, tensor: str, plan: Plan, removed: dict[str, np.ndarray]) -> SiteColumns:
-    placement, space_plan = space.tensors[tensor], plan.spaces[space.id]
+def site_columns(space: Space, tensor: str, space_plan: SpacePlan, removed: dict[str, np.ndarray]) -> SiteColumns:
+    placement = space.tensors[tensor]
     keep, prune = placement.element_positions_of(space_plan.keep), placement.element_positions_of(space_plan.prune)
     gone = removed.get(tensor, np.zeros(0, dtype=np.int64))
     return SiteColumns(keep, prune, keep - np.searchsorted(gone, keep))
@@ -382,16 +382,22 @@ class SequentialFitter:
         self.run_removed = self.removed if plan is self.plan else removed_elements(self.analysis, plan)
 
     def _rechoose(self, spaces: list[Space], moments: dict[str, tuple[CrossMoments, CrossMoments | None]], caches: list[BoundaryCache]) -> None:
-        """Rank the spaces' units again on the pruned model's activations (same counts), refit
-        their one-shot priors for the new keep sets and narrow their cached activations."""
+        """Rank the spaces' units again on the pruned model's activations (same counts); a new
+        keep set is taken if its fit's held-out error is lower (or nothing is held out), with a
+        one-shot prior of its own. The spaces' cached activations are narrowed to the choice."""
         spaces_plan = dict(self.plan.spaces)
         for space in spaces:
             site_moments = {t: moments[t][0] for t in space.sites}
-            chosen = rechosen(space, len(spaces_plan[space.id].keep), site_moments, self.index, self.rechoose)
-            if not np.array_equal(chosen.keep, spaces_plan[space.id].keep):
-                self.result.rechosen.append(space.name)
-            spaces_plan[space.id] = chosen
-            self.one_shot.update(one_shot_prior(space, chosen, site_moments))
+            current = spaces_plan[space.id]
+            candidate = rechosen(space, len(current.keep), site_moments, self.index, self.rechoose)
+            if not np.array_equal(candidate.keep, current.keep):
+                priors = one_shot_prior(space, candidate, site_moments)
+                errors = [self._heldout_error(space, p, r, moments) for p, r in ((candidate, priors), (current, self.one_shot))]
+                if None in errors or errors[0] < errors[1]:
+                    spaces_plan[space.id] = current = candidate
+                    self.one_shot.update(priors)
+                    self.result.rechosen.append(space.name)
+            chosen = current
             del self.pending[space.id]
             for cache in caches:
                 for tensor in set(space.tensors) & cache.names():
@@ -400,6 +406,16 @@ class SequentialFitter:
         self.plan = dataclasses.replace(self.plan, spaces=spaces_plan)
         self.removed = removed_elements(self.analysis, self.plan)
         self.result.plan = self.plan
+
+    def _heldout_error(self, space: Space, space_plan: SpacePlan, priors: dict, moments: dict) -> float | None:
+        """The space's fits' held-out error summed over its sites, for a keep set; None if nothing is held out."""
+        total = 0.0
+        for tensor in space.sites:
+            _, fit = self._fit_space_site(space, tensor, space_plan, priors.get((space.id, tensor)), *moments[tensor])
+            if fit.error is None:
+                return None
+            total += fit.error
+        return total
 
     def _resume(self, names: list[str], batches, cache_p: BoundaryCache, resume: BoundaryCache) -> None:
         """The pruned model's activations at the cut, with this segment's new folds applied,
@@ -448,17 +464,22 @@ class SequentialFitter:
         for space in self.spaces:
             if tensor not in space.sites:
                 continue
-            columns = site_columns(space, tensor, self.plan, self.run_removed)
-            if not len(columns.prune) and not changed:
+            space_plan = self.plan.spaces[space.id]
+            if not len(space_plan.prune) and not changed:
                 continue  # nothing upstream changed this site: no correction (ratio 0 stays bit-identical)
-            original_columns = np.concatenate([columns.keep, columns.prune])
-            space_cal = cal.restrict(columns.pruned_keep, original_columns)
-            space_held = None if held is None else held.restrict(columns.pruned_keep, original_columns)
-            metric = consumer_metric(space, tensor, self.index, original_columns)
-            recovery, fit = fit_sequential(space_cal, columns.keep, columns.prune, self.one_shot.get((space.id, tensor)),
-                                           space_held, metric, self.kind, self.shrinkage)
+            recovery, fit = self._fit_space_site(space, tensor, space_plan, self.one_shot.get((space.id, tensor)), cal, held)
             self.result.recoveries[(space.id, tensor)] = recovery
             self.result.fits[(space.name, tensor)] = fit
+
+    def _fit_space_site(self, space: Space, tensor: str, space_plan: SpacePlan, prior: Recovery | None, cal: CrossMoments,
+                        held: CrossMoments | None) -> tuple[Recovery, SequentialFit]:
+        """One space's fit at a site of its own, for the given keep set (moments of the pruned run)."""
+        columns = site_columns(space, tensor, space_plan, self.run_removed)
+        original_columns = np.concatenate([columns.keep, columns.prune])
+        space_cal = cal.restrict(columns.pruned_keep, original_columns)
+        space_held = None if held is None else held.restrict(columns.pruned_keep, original_columns)
+        metric = consumer_metric(space, tensor, self.index, original_columns)
+        return fit_sequential(space_cal, columns.keep, columns.prune, prior, space_held, metric, self.kind, self.shrinkage)
 
     def _fit_shared_site(self, tensor: str, owners: list[Space], cal: CrossMoments, held: CrossMoments | None, changed: bool) -> None:
         """A site of several spaces (a Concat, a channel shuffle) is refitted as one: every
