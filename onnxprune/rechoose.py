@@ -12,7 +12,7 @@ from .analyse import Space
 from .graph import GraphIndex
 from .plan import Plan, SpacePlan
 from .recovery import Recovery, fit_recovery, shared_site
-from .score import RIDGE, consumer_metric, score_space, unit_block
+from .score import RIDGE, consumer_metric, unit_block
 from .segments import GraphSegment
 from .stats import CrossMoments, SiteStats
 
@@ -47,16 +47,10 @@ def site_stats(count: int, mean: np.ndarray, cov: np.ndarray) -> SiteStats:
     return SiteStats(count, mean * count, (cov + np.outer(mean, mean)) * count)
 
 
-def rechosen(space: Space, kept: int, moments: dict[str, CrossMoments], index: GraphIndex, order: str) -> SpacePlan:
+def rechosen(space: Space, kept: int, moments: dict[str, CrossMoments], index: GraphIndex) -> SpacePlan:
     """The `kept` units that best predict the original's activations at the space's sites from
-    the pruned model's (every unit of the space shown there, as `unpruned` made it); `order`
-    "self" ranks them by the pruned model's own redundancy instead (the score's order)."""
-    if order == "self":
-        stats = {t: site_stats(m.count, m.mean_p, m.cov_pp) for t, m in moments.items()}
-        chosen = score_space(space, stats, index, "snp", "weighted").order[:kept]
-    else:
-        chosen = greedy_cross_selection(space, kept, moments, index)
-    keep = np.sort(chosen)
+    the pruned model's (every unit of the space shown there, as `unpruned` made it)."""
+    keep = np.sort(greedy_cross_selection(space, kept, moments, index))
     return SpacePlan(space.id, space.n, keep, np.setdiff1d(np.arange(space.n), keep))
 
 

@@ -268,8 +268,8 @@ class SequentialFitter:
     def __init__(self, original: onnx.ModelProto, analysis: Analysis, plan: Plan, stats: dict[str, SiteStats],
                  index: GraphIndex, shapes: dict, strides: dict[str, int], kind: str = "lsq",
                  one_shot: dict[tuple[int, str], Recovery] | None = None, shrinkage: float | None = None,
-                 rechoose: str | None = None):
-        self.shrinkage, self.rechoose = shrinkage, rechoose  # rechoose: the order to rank kept units again with, or None
+                 rechoose: bool = False):
+        self.shrinkage = shrinkage
         self.original, self.analysis, self.stats = original, analysis, stats
         self.index, self.strides, self.kind = index, strides, kind
         self.one_shot = dict(one_shot or {})
@@ -389,7 +389,7 @@ class SequentialFitter:
         for space in spaces:
             site_moments = {t: moments[t][0] for t in space.sites}
             current = spaces_plan[space.id]
-            candidate = rechosen(space, len(current.keep), site_moments, self.index, self.rechoose)
+            candidate = rechosen(space, len(current.keep), site_moments, self.index)
             if not np.array_equal(candidate.keep, current.keep):
                 priors = one_shot_prior(space, candidate, site_moments)
                 errors = [self._heldout_error(space, p, r, moments) for p, r in ((candidate, priors), (current, self.one_shot))]
@@ -518,11 +518,11 @@ def sequential_recoveries(original: onnx.ModelProto, analysis: Analysis, plan: P
                           shapes: dict, strides: dict[str, int], batches: Callable[[], Iterable[tuple[dict[str, np.ndarray], bool]]],
                           kind: str = "lsq", one_shot: dict[tuple[int, str], Recovery] | None = None,
                           progress: Callable[[str, int], Callable[[int], None]] | None = None,
-                          shrinkage: float | None = None, rechoose: str | None = None) -> SequentialResult:
+                          shrinkage: float | None = None, rechoose: bool = False) -> SequentialResult:
     """Refit every site of the plan on the model pruned upstream: `batches()` yields the batches
     as (inputs, held out); the shrinkage toward the one-shot fit is chosen on the
-    held-out ones unless `shrinkage` fixes it. `rechoose` (an order) ranks each space's units
-    again where the pass can show the pruned model's all of them; `result.plan` is then the plan to fold."""
+    held-out ones unless `shrinkage` fixes it. `rechoose` chooses each space's units again where
+    the pass can show the pruned model's all of them; `result.plan` is then the plan to fold."""
     fitter = SequentialFitter(original, analysis, plan, stats, index, shapes, strides, kind, one_shot, shrinkage, rechoose)
     advance = progress("sequential fit", len(fitter.segments)) if progress is not None else (lambda _: None)
     return fitter.run(batches, advance)

@@ -90,7 +90,7 @@ def test_rechosen_units_and_fit_match_a_numpy_reference_on_three_layers() -> Non
     model = random_mlp(widths=(12, 16, 14, 10, 5), seed=3)
     x = np.random.default_rng(0).standard_normal((600, 12)).astype(np.float32)
     prepared, plan, stats, prior = _pipeline(model, {"x": x}, 0.4)
-    result = fit_sequentially(prepared, plan, stats, "lsq", prior, shrinkage=0.0, samples=0, rechoose="cross")
+    result = fit_sequentially(prepared, plan, stats, "lsq", prior, shrinkage=0.0, samples=0, rechoose=True)
     final = result.plan
     assert result.rechosen  # the check below would pass trivially otherwise
     weights = {t.name: onnx.numpy_helper.to_array(t).astype(np.float64) for t in model.graph.initializer}
@@ -150,8 +150,8 @@ def test_ratio_zero_is_bit_identical_with_rechoose() -> None:
 def test_rechoose_keeps_counts_and_lowers_the_fit_error_on_a_cnn() -> None:
     """Fashion-MNIST VGG at half its MACs: the same MACs, other units, a lower held-out error."""
     calib = "models/data/fmnist_calib.npz"
-    plain = onnxprune.prune("models/vgg_bn.ts.onnx", calib, flops=0.5, sequential=True, allocation="global").report
-    again = onnxprune.prune("models/vgg_bn.ts.onnx", calib, flops=0.5, sequential=True, allocation="global", rechoose=True).report
+    plain = onnxprune.prune("models/vgg_bn.ts.onnx", calib, flops=0.5, sequential=True, allocation="global", rechoose=False).report
+    again = onnxprune.prune("models/vgg_bn.ts.onnx", calib, flops=0.5, sequential=True, allocation="global").report  # the default
     assert again.macs_after == plain.macs_after
     assert again.sequential["rechosen"]
     assert again.sequential["heldout_model_error"][1] < 0.9 * plain.sequential["heldout_model_error"][1]
@@ -172,15 +172,19 @@ def test_cached_activations_narrowed_in_memory_and_on_disk(monkeypatch) -> None:
         cache.close()
 
 
-def test_cli_rechoose_flag(tmp_path, capsys) -> None:
+def test_cli_rechooses_by_default_and_no_rechoose_turns_it_off(tmp_path, capsys) -> None:
     model = random_mlp(widths=(12, 20, 16, 5), seed=2)
     path, out, calib = tmp_path / "m.onnx", tmp_path / "p.onnx", tmp_path / "c.npz"
     onnx.save(model, path)
     np.savez(calib, x=np.random.default_rng(0).standard_normal((300, 12)).astype(np.float32))
-    code, _, err = cli([path, "--calib", calib, "-o", out, "--ratio", "0.4", "--sequential", "--rechoose", "--round-to", "1",
+    code, _, err = cli([path, "--calib", calib, "-o", out, "--ratio", "0.4", "--sequential", "--round-to", "1",
                         "--report", tmp_path / "r.json"], capsys)
     assert code == 0, err
     report = json.loads((tmp_path / "r.json").read_text())
-    assert "rechosen" in report["sequential"]
+    assert report["sequential"]["rechosen"]
+    code, _, err = cli([path, "--calib", calib, "-o", out, "--ratio", "0.4", "--sequential", "--no-rechoose", "--round-to", "1",
+                        "--report", tmp_path / "r.json", "--overwrite"], capsys)
+    assert code == 0, err
+    assert json.loads((tmp_path / "r.json").read_text())["sequential"]["rechosen"] == []
     x = np.random.default_rng(3).standard_normal((20, 12)).astype(np.float32)
     assert run(onnx.load(out), x).shape == (20, 5)

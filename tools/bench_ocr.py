@@ -43,6 +43,7 @@ DATA = ROOT / "models" / "data"
 # units), "inputs" also the producers whose units feed them
 VARIANTS = (
     ("snp (defaults: sequential)", "snp", {}),
+    ("snp, --no-rechoose", "snp", {"sequential": True, "rechoose": False}),
     ("snp, --one-shot", "snp", {"sequential": False}),
     ("snp, LSTM hidden units pinned", "snp", {"pinned": "hidden"}),
     ("snp, --one-shot, LSTM hidden units pinned", "snp", {"sequential": False, "pinned": "hidden"}),
