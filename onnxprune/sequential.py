@@ -275,8 +275,9 @@ class SequentialFitter:
         self.one_shot = dict(one_shot or {})
         self.spaces = [s for s in analysis.prunable if s.id in plan.spaces]
         self.plan = plan  # the final plan so far; `run_plan` is what the pruned model runs in the current segment
-        self.run_plan = plan
+        self.run_plan, self.run_key, self.unpruned_plan = plan, None, plan
         self.removed = self.run_removed = removed_elements(analysis, plan)
+        self.prefit: dict[tuple[int, str], tuple[Recovery, SequentialFit]] = {}  # fits the choice of keep set already made
         self.io_changes = cache_io_changes(analysis, plan)
 
         sites = sorted({t for s in self.spaces for t in s.sites})
@@ -375,11 +376,16 @@ class SequentialFitter:
 
     def _run_plan(self) -> Plan:
         """The plan the pruned model runs: the final one, every unit kept in spaces not yet ranked again."""
-        return unpruned(self.plan, list(self.pending.values())) if self.pending else self.plan
+        key = (id(self.plan), frozenset(self.pending))
+        if self.run_key != key:  # built again only when a choice was made
+            self.run_key = key
+            self.unpruned_plan = unpruned(self.plan, list(self.pending.values())) if self.pending else self.plan
+        return self.unpruned_plan
 
     def _set_run_plan(self, plan: Plan) -> None:
-        self.run_plan = plan
-        self.run_removed = self.removed if plan is self.plan else removed_elements(self.analysis, plan)
+        if plan is not self.run_plan:
+            self.run_plan = plan
+            self.run_removed = self.removed if plan is self.plan else removed_elements(self.analysis, plan)
 
     def _rechoose(self, spaces: list[Space], moments: dict[str, tuple[CrossMoments, CrossMoments | None]], caches: list[BoundaryCache]) -> None:
         """Rank the spaces' units again on the pruned model's activations (same counts); a new
@@ -392,11 +398,12 @@ class SequentialFitter:
             candidate = rechosen(space, len(current.keep), site_moments, self.index)
             if not np.array_equal(candidate.keep, current.keep):
                 priors = one_shot_prior(space, candidate, site_moments)
-                errors = [self._heldout_error(space, p, r, moments) for p, r in ((candidate, priors), (current, self.one_shot))]
-                if None in errors or errors[0] < errors[1]:
+                (new_error, new_fits), (old_error, old_fits) = (self._fits(space, p, r, moments) for p, r in ((candidate, priors), (current, self.one_shot)))
+                if new_error is None or new_error < old_error:
                     spaces_plan[space.id] = current = candidate
                     self.one_shot.update(priors)
                     self.result.rechosen.append(space.name)
+                self.prefit.update(new_fits if current is candidate else old_fits)
             chosen = current
             del self.pending[space.id]
             for cache in caches:
@@ -407,15 +414,11 @@ class SequentialFitter:
         self.removed = removed_elements(self.analysis, self.plan)
         self.result.plan = self.plan
 
-    def _heldout_error(self, space: Space, space_plan: SpacePlan, priors: dict, moments: dict) -> float | None:
-        """The space's fits' held-out error summed over its sites, for a keep set; None if nothing is held out."""
-        total = 0.0
-        for tensor in space.sites:
-            _, fit = self._fit_space_site(space, tensor, space_plan, priors.get((space.id, tensor)), *moments[tensor])
-            if fit.error is None:
-                return None
-            total += fit.error
-        return total
+    def _fits(self, space: Space, space_plan: SpacePlan, priors: dict, moments: dict) -> tuple[float | None, dict]:
+        """The space's fits at its sites for a keep set, and their held-out error summed (None if nothing is held out)."""
+        fits = {(space.id, t): self._fit_space_site(space, t, space_plan, priors.get((space.id, t)), *moments[t]) for t in space.sites}
+        errors = [fit.error for _, fit in fits.values()]
+        return (None if None in errors else float(sum(errors))), fits
 
     def _resume(self, names: list[str], batches, cache_p: BoundaryCache, resume: BoundaryCache) -> None:
         """The pruned model's activations at the cut, with this segment's new folds applied,
@@ -467,7 +470,8 @@ class SequentialFitter:
             space_plan = self.plan.spaces[space.id]
             if not len(space_plan.prune) and not changed:
                 continue  # nothing upstream changed this site: no correction (ratio 0 stays bit-identical)
-            recovery, fit = self._fit_space_site(space, tensor, space_plan, self.one_shot.get((space.id, tensor)), cal, held)
+            recovery, fit = self.prefit.pop((space.id, tensor), None) or self._fit_space_site(
+                space, tensor, space_plan, self.one_shot.get((space.id, tensor)), cal, held)
             self.result.recoveries[(space.id, tensor)] = recovery
             self.result.fits[(space.name, tensor)] = fit
 

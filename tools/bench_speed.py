@@ -375,12 +375,12 @@ def out_of_core(scratch: Path, counts: list[int], npz_count: int | None, memory_
 # -- 6. sequential recovery: tool time and peak RSS against the one-shot run ---------------------
 SEQUENTIAL_CHILD = """
 import sys, time, numpy as np, onnxprune
-path, n, shape, key, sequential = sys.argv[1], int(sys.argv[2]), tuple(map(int, sys.argv[3].split(','))), sys.argv[4], sys.argv[5] == '1'
+path, n, shape, key, mode = sys.argv[1], int(sys.argv[2]), tuple(map(int, sys.argv[3].split(','))), sys.argv[4], sys.argv[5]
 x = np.random.default_rng(0).standard_normal(size=(n, *shape), dtype=np.float32)
 open('/proc/self/clear_refs', 'w').write('5')
 base = next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmRSS'))
 start = time.perf_counter()
-_, report = onnxprune.prune(path, {key: x}, flops=0.5, batch_size=32, round_to=8, sequential=sequential)
+_, report = onnxprune.prune(path, {key: x}, flops=0.5, batch_size=32, round_to=8, sequential=mode != 'one-shot', rechoose=mode == 'sequential')
 seconds = time.perf_counter() - start
 peak = next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmHWM'))
 print(seconds, (peak - base) / 1024, report.fidelity[0].relative_l2, report.sequential.get('segments', 0))
@@ -388,19 +388,22 @@ print(seconds, (peak - base) / 1024, report.fidelity[0].relative_l2, report.sequ
 
 
 def sequential_cost(name: str, path: Path, shape, n: int, rounds: int = 2) -> dict:
-    """Whole prune() runs, one-shot and --sequential interleaved in fresh processes: the ratio of
-    the fastest runs' times, of their peak RSS growth, and the held-out error of each."""
+    """Whole prune() runs, one-shot, --sequential (the default re-chooses units) and --sequential
+    --no-rechoose interleaved in fresh processes: the ratios of the fastest runs' times to
+    one-shot's, of their peak RSS growth, and the held-out error of each."""
     key = input_name(path)
-    runs: dict[bool, list] = {False: [], True: []}
+    modes = ("one-shot", "sequential", "no-rechoose")
+    runs: dict[str, list] = {mode: [] for mode in modes}
     for _ in range(rounds):
-        for mode in (False, True):
-            out = subprocess.run([sys.executable, "-c", SEQUENTIAL_CHILD, str(path), str(n), ",".join(map(str, shape)), key, str(int(mode))],
+        for mode in modes:
+            out = subprocess.run([sys.executable, "-c", SEQUENTIAL_CHILD, str(path), str(n), ",".join(map(str, shape)), key, mode],
                                  capture_output=True, text=True, check=True, cwd=ROOT).stdout.split()
             runs[mode].append(tuple(map(float, out)))
-    one, seq = min(runs[False]), min(runs[True])
+    one, seq, plain = (min(runs[mode]) for mode in modes)
     return {"model": name, "samples": n, "segments": int(seq[3]), "time_ratio": round(seq[0] / one[0], 2),
-            "rss_growth_mb": [round(one[1]), round(seq[1])], "rss_ratio": round(seq[1] / max(one[1], 1), 2),
-            "rel_l2": [round(one[2], 4), round(seq[2], 4)]}
+            "time_ratio_no_rechoose": round(plain[0] / one[0], 2),
+            "rss_growth_mb": [round(one[1]), round(seq[1]), round(plain[1])], "rss_ratio": round(seq[1] / max(one[1], 1), 2),
+            "rel_l2": [round(one[2], 4), round(seq[2], 4), round(plain[2], 4)]}
 
 
 def markdown(results: dict) -> str:
