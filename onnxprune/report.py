@@ -91,8 +91,10 @@ class PruneReport:
         ratio = self.sequential.get("median_heldout_error_vs_one_shot")
         error = "" if ratio is None else f"; median held-out site error {ratio:.3g}x the one-shot fit's"
         samples = f" on {self.sequential['samples']} calibration samples" if self.sequential.get("samples") else ""
+        rechosen = self.sequential.get("rechosen") or []
+        again = f"; units chosen again in {len(rechosen)} layers (e.g. '{rechosen[0]}')" if rechosen else ""
         line = (f"sequential recovery: {len(self.sequential['sites'])} sites refitted on the pruned model in {self.sequential['segments']} "
-                f"segments{samples}{error}")
+                f"segments{samples}{error}{again}")
         errors = self.sequential.get("heldout_model_error")
         if self.sequential.get("rejected"):
             return line + f"; NOT kept, the one-shot model was written: {self.sequential['rejected']}"

@@ -154,6 +154,7 @@ def test_rechoose_keeps_counts_and_lowers_the_fit_error_on_a_cnn() -> None:
     again = onnxprune.prune("models/vgg_bn.ts.onnx", calib, flops=0.5, sequential=True, allocation="global").report  # the default
     assert again.macs_after == plain.macs_after
     assert again.sequential["rechosen"]
+    assert f"units chosen again in {len(again.sequential['rechosen'])} layers" in again.sequential_note()
     assert again.sequential["heldout_model_error"][1] < 0.9 * plain.sequential["heldout_model_error"][1]
 
 
