@@ -1,6 +1,7 @@
-"""Re-choosing a space's kept units during the sequential pass (`--rechoose`): the same count,
-ranked again on the pruned-upstream model's own activations at the space's sites, since the
-one-shot plan ranked them on the unpruned model's (docs/design.md, "Re-choosing kept units")."""
+"""Choosing a space's kept units again during the sequential pass (`--rechoose`): the same
+count, the units of the model as pruned upstream that best predict the original's activations
+at the space's sites (the one-shot plan ranked them on the unpruned model; docs/design.md,
+"Re-choosing kept units")."""
 
 from __future__ import annotations
 
@@ -12,18 +13,27 @@ from .analyse import Space
 from .graph import GraphIndex
 from .plan import Plan, SpacePlan
 from .recovery import Recovery, fit_recovery, shared_site
-from .score import RIDGE, consumer_metric, unit_block
+from .score import RIDGE, consumer_metric
 from .segments import GraphSegment
 from .stats import CrossMoments, SiteStats
 
+BLOCK_ELEMENTS = 4096  # a site of multi-element units (heads, Flatten positions) wider than this keeps the plan's choice
+
 
 def rechoosable(spaces: list[Space], segments: list[GraphSegment], fixed: set[str]) -> list[Space]:
-    """The spaces the pass can rank again: every site measured in one segment (the choice is
-    made there, on all of them), no tensor in `fixed` (shared sites, model inputs and outputs),
-    and nothing read back by a recurrent op."""
+    """The spaces the pass can choose again: every site measured in one segment (the choice is
+    made there, on all of them) and holding each unit once, no tensor in `fixed` (shared sites,
+    model inputs and outputs), nothing read back by a recurrent op, and multi-element units
+    only on sites of at most BLOCK_ELEMENTS elements (each pick solves a block per unit)."""
     segment_of = {t: i for i, segment in enumerate(segments) for t in segment.sites}
+
+    def measurable(space: Space, tensor: str) -> bool:
+        placement = space.tensors[tensor]
+        units = np.sort(placement.unit_positions()[0])
+        return np.array_equal(units, np.arange(space.n)) and (placement.block == 1 or placement.size <= BLOCK_ELEMENTS)
+
     return [s for s in spaces if len({segment_of[t] for t in s.sites}) == 1 and not set(s.tensors) & fixed
-            and not s.recurrent_reads and not s.cache_io]
+            and not s.recurrent_reads and not s.cache_io and all(measurable(s, t) for t in s.sites)]
 
 
 def fixed_tensors(spaces: list[Space], io_tensors: set[str]) -> set[str]:
@@ -57,53 +67,48 @@ def rechosen(space: Space, kept: int, moments: dict[str, CrossMoments], index: G
 def greedy_cross_selection(space: Space, kept: int, moments: dict[str, CrossMoments], index: GraphIndex) -> np.ndarray:
     """The space's `kept` units chosen by `forward_selection` on its sites' moments in unit-major
     layout, the original's activations weighed by the consumers' weights (V V^T = sum W^T W)."""
-    block = unit_block(space)
-    covariances, crosses = [], []
+    covariances, crosses, blocks = [], [], []
     for tensor, m in moments.items():
-        rows, cols = space.tensors[tensor].unit_major()
-        layout = np.empty(space.n * block, dtype=np.int64)
+        placement = space.tensors[tensor]
+        rows, cols = placement.unit_major()
+        layout = np.empty(len(rows), dtype=np.int64)
         layout[rows] = cols  # unit j's elements at j * block ... (j + 1) * block - 1
         metric = consumer_metric(space, tensor, index, layout)
         s_po = m.cov_po[np.ix_(layout, layout)]
         covariances.append(m.cov_pp[np.ix_(layout, layout)])
         crosses.append(s_po @ metric if metric is not None else s_po)
-    return forward_selection(covariances, crosses, kept, sorted(space.locked), block)
+        blocks.append(placement.block)
+    return forward_selection(covariances, crosses, kept, sorted(space.locked), blocks)
 
 
 def forward_selection(covariances: list[np.ndarray], crosses: list[np.ndarray], kept: int, first: list[int] = (),
-                      block: int = 1) -> np.ndarray:
-    """Greedy choice of `kept` units (`first` ones first; unit j owns elements j*block ...) of the
-    pruned model's activations x~ maximising sum over sites of tr(T_K^T S~_KK^-1 T_K), T = S~o V:
-    the consumer-weighted energy of the original's activations that the chosen units explain,
-    the sequential fit's objective (docs/design.md, "Re-choosing kept units"). Each pick adds
-    tr(t_j^T s_jj^-1 t_j) of the moments left once the picked units are regressed out."""
-    if block == 1:
-        return _forward_selection_of_columns(covariances, crosses, kept, first)
-    residuals = [np.array(c, dtype=np.float64) for c in covariances]
-    targets = [np.array(t, dtype=np.float64) for t in crosses]
-    n = len(residuals[0]) // block
-    floor = RIDGE * max(sum(np.trace(r) for r in residuals) / (n * block), np.finfo(float).tiny)
-    elements = np.arange(n * block).reshape(n, block)
+                      blocks: list[int] | None = None) -> np.ndarray:
+    """Greedy choice of `kept` units (`first` ones first) of the pruned model's activations x~
+    maximising sum over sites of tr(T_K^T S~_KK^-1 T_K), T = S~o V: the consumer-weighted energy
+    of the original's activations that the chosen units explain, the sequential fit's objective
+    (docs/design.md, "Re-choosing kept units"). Each pick adds tr(t_j^T s_jj^-1 t_j) of the
+    moments left once the picked units are regressed out. At a site of `blocks[i]` elements per
+    unit, unit j owns elements j*block ... (j+1)*block - 1."""
+    blocks = blocks or [1] * len(covariances)
+    sites = [_Columns(c, t, kept) if b == 1 else _Blocks(c, t, b) for c, t, b in zip(covariances, crosses, blocks, strict=True)]
+    n = len(covariances[0]) // blocks[0]
+    floor = RIDGE * max(sum(np.trace(c) for c in covariances) / sum(len(c) for c in covariances), np.finfo(float).tiny)
     alive = np.ones(n, dtype=bool)
     chosen: list[int] = []
     forced = list(first)
     for _ in range(kept):
-        gain = sum(_unit_gains(r, t, elements, floor) for r, t in zip(residuals, targets, strict=True))
-        j = forced.pop(0) if forced else int(np.argmax(np.where(alive, gain, -np.inf)))
+        j = forced.pop(0) if forced else int(np.argmax(np.where(alive, sum(s.gains(floor) for s in sites), -np.inf)))
         chosen.append(j)
         alive[j] = False
-        e = elements[j]
-        for r, t in zip(residuals, targets, strict=True):  # deflate by the picked unit: R -= R[:, e] R_ee^-1 R[e, :]
-            column = np.linalg.solve(r[np.ix_(e, e)] + floor * np.eye(block), r[e]).T
-            t -= column @ t[e]
-            r -= column @ r[e]
+        for site in sites:
+            site.pick(j, floor)
     return np.array(chosen, dtype=np.int64)
 
 
 class _Columns:
-    """One site's state in `_forward_selection_of_columns`: the pivoted Cholesky columns L of S~
-    and rows P of the residual cross moments so far, with every column's residual variance d
-    and residual cross energy a = ||t_u||^2; matrix-vector products only, never an n x n update."""
+    """One site of single-element units in `forward_selection`: the pivoted Cholesky columns L of
+    S~ and rows P of the residual cross moments so far, with every unit's residual variance d and
+    residual cross energy a = ||t_u||^2; matrix-vector products only, never an n x n update."""
 
     def __init__(self, cov: np.ndarray, cross: np.ndarray, kept: int):
         self.cov, self.cross = np.asarray(cov, dtype=np.float64), np.asarray(cross, dtype=np.float64)
@@ -131,31 +136,25 @@ class _Columns:
         self.factor[:, i], self.rows[i] = column, row
 
 
-def _forward_selection_of_columns(covariances: list[np.ndarray], crosses: list[np.ndarray], kept: int, first: list[int]) -> np.ndarray:
-    """`forward_selection` for one element per unit, as a pivoted Cholesky of S~ (DESIGN §2)."""
-    sites = [_Columns(c, t, kept) for c, t in zip(covariances, crosses, strict=True)]
-    n = len(sites[0].cov)
-    floor = RIDGE * max(sum(np.trace(s.cov) for s in sites) / n, np.finfo(float).tiny)
-    alive = np.ones(n, dtype=bool)
-    chosen: list[int] = []
-    forced = list(first)
-    for _ in range(kept):
-        j = forced.pop(0) if forced else int(np.argmax(np.where(alive, sum(s.gains(floor) for s in sites), -np.inf)))
-        chosen.append(j)
-        alive[j] = False
-        for site in sites:
-            site.pick(j, floor)
-    return np.array(chosen, dtype=np.int64)
+class _Blocks:
+    """One site of multi-element units (attention heads): the residual moments themselves,
+    deflated by each picked unit's block, R -= R[:, e] R_ee^-1 R[e, :]."""
 
+    def __init__(self, cov: np.ndarray, cross: np.ndarray, block: int):
+        self.residual, self.target = np.array(cov, dtype=np.float64), np.array(cross, dtype=np.float64)
+        self.elements = np.arange(len(cov)).reshape(-1, block)
 
-def _unit_gains(residual: np.ndarray, target: np.ndarray, elements: np.ndarray, floor: float) -> np.ndarray:
-    """Per unit, tr(t_u^T (s_uu + floor I)^-1 t_u); 0 for units with no variance left."""
-    if elements.shape[1] == 1:
-        variance = np.diag(residual)
-        return np.where(variance > floor, np.sum(target * target, axis=1) / np.maximum(variance, floor), 0.0)
-    blocks = residual[elements[:, :, None], elements[:, None, :]] + floor * np.eye(elements.shape[1])
-    t = target[elements]  # units x block x metric columns
-    return np.sum(t * np.linalg.solve(blocks, t), axis=(1, 2))
+    def gains(self, floor: float) -> np.ndarray:
+        e = self.elements
+        blocks = self.residual[e[:, :, None], e[:, None, :]] + floor * np.eye(e.shape[1])
+        t = self.target[e]  # units x block x metric columns
+        return np.sum(t * np.linalg.solve(blocks, t), axis=(1, 2))
+
+    def pick(self, j: int, floor: float) -> None:
+        e = self.elements[j]
+        column = np.linalg.solve(self.residual[np.ix_(e, e)] + floor * np.eye(len(e)), self.residual[e]).T
+        self.target -= column @ self.target[e]
+        self.residual -= column @ self.residual[e]
 
 
 def one_shot_prior(space: Space, space_plan: SpacePlan, moments: dict[str, CrossMoments]) -> dict[tuple[int, str], Recovery]:

@@ -54,7 +54,7 @@ def test_forward_selection_of_blocks_matches_a_direct_greedy_reference() -> None
     pruned = original + 0.5 * rng.standard_normal(original.shape)
     cov = np.cov(pruned.T, bias=True)
     cross = (pruned - pruned.mean(0)).T @ (original - original.mean(0)) / rows
-    got = forward_selection([cov], [cross], kept=3, block=block)
+    got = forward_selection([cov], [cross], kept=3, blocks=[block])
     chosen: list[int] = []
     for _ in range(3):
         gains = {j: _explained(cov, cross, [e for u in chosen + [j] for e in range(u * block, (u + 1) * block)])
