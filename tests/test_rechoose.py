@@ -16,7 +16,7 @@ from onnxprune.cost import build_cost_model
 from onnxprune.plan import Target, make_plan
 from onnxprune.rechoose import forward_selection
 from onnxprune.rewrite import rewrite
-from onnxprune.score import score_space
+from onnxprune.score import score_space, unit_block
 
 
 def _explained(cov: np.ndarray, cross: np.ndarray, columns: list[int]) -> float:
@@ -189,3 +189,37 @@ def test_cli_rechooses_by_default_and_no_rechoose_turns_it_off(tmp_path, capsys)
     assert json.loads((tmp_path / "r.json").read_text())["sequential"]["rechosen"] == []
     x = np.random.default_rng(3).standard_normal((20, 12)).astype(np.float32)
     assert run(onnx.load(out), x).shape == (20, 5)
+
+
+def test_only_spaces_the_pass_can_measure_whole_are_chosen_again(monkeypatch) -> None:
+    """Heads take part (blocks of d_head elements) unless their site is too wide; a shared site
+    or a model output keeps the plan's units."""
+    import onnxprune.rechoose as rechoose
+    from onnxprune.segments import cut_segments
+
+    model = onnx.load("models/transformers/llama_tiny.dynamo.onnx")
+    calib = dict(np.load("models/transformers/calib_tokens.npz"))
+    prepared = prepare(model, {k: v for k, v in calib.items() if k in {i.name for i in model.graph.input}})
+    spaces = prepared.analysis.prunable
+    segments = cut_segments(prepared.original, sorted({t for s in spaces for t in s.sites}), prepared.shapes)
+    heads = [s for s in spaces if unit_block(s) > 1]
+    assert heads and {s.id for s in heads} <= {s.id for s in rechoose.rechoosable(spaces, segments, set())}
+    fixed = set(heads[0].sites)
+    assert heads[0].id not in {s.id for s in rechoose.rechoosable(spaces, segments, fixed)}
+    monkeypatch.setattr(rechoose, "BLOCK_ELEMENTS", 1)
+    assert not {s.id for s in heads} & {s.id for s in rechoose.rechoosable(spaces, segments, set())}
+
+
+def test_sequential_rechoose_on_a_transformer_with_heads() -> None:
+    """The same counts as the plan (heads and FFN neurons), a model that runs and stays close."""
+    import onnxruntime as ort
+
+    model = onnx.load("models/transformers/llama_tiny.dynamo.onnx")
+    calib = {k: v for k, v in dict(np.load("models/transformers/calib_tokens.npz")).items() if k in {i.name for i in model.graph.input}}
+    pruned, report = onnxprune.prune(model, calib, ratio=0.3, sequential=True)
+    _, plain = onnxprune.prune(model, calib, ratio=0.3, sequential=True, rechoose=False)
+    assert [(r.name, r.kept) for r in report.spaces] == [(r.name, r.kept) for r in plain.spaces]
+    feeds = {k: v[:2] for k, v in calib.items()}
+    out = ort.InferenceSession(pruned.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+    ref = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+    assert out.shape == ref.shape and relative_l2(ref, out) < 0.5
