@@ -18,13 +18,15 @@ from .segments import GraphSegment
 from .stats import CrossMoments, SiteStats
 
 BLOCK_ELEMENTS = 4096  # a site of multi-element units (heads, Flatten positions) wider than this keeps the plan's choice
+MAX_UNITS = 2048  # wider spaces keep it too: the greedy pass costs about units^2 x metric columns (3 s at 2048 here)
 
 
 def rechoosable(spaces: list[Space], segments: list[GraphSegment], fixed: set[str]) -> list[Space]:
     """The spaces the pass can choose again: every site measured in one segment (the choice is
     made there, on all of them) and holding each unit once, no tensor in `fixed` (shared sites,
-    model inputs and outputs), nothing read back by a recurrent op, and multi-element units
-    only on sites of at most BLOCK_ELEMENTS elements (each pick solves a block per unit)."""
+    model inputs and outputs), nothing read back by a recurrent op, at most MAX_UNITS units, and
+    multi-element units only on sites of at most BLOCK_ELEMENTS elements (each pick solves a
+    block per unit)."""
     segment_of = {t: i for i, segment in enumerate(segments) for t in segment.sites}
 
     def measurable(space: Space, tensor: str) -> bool:
@@ -32,7 +34,7 @@ def rechoosable(spaces: list[Space], segments: list[GraphSegment], fixed: set[st
         units = np.sort(placement.unit_positions()[0])
         return np.array_equal(units, np.arange(space.n)) and (placement.block == 1 or placement.size <= BLOCK_ELEMENTS)
 
-    return [s for s in spaces if len({segment_of[t] for t in s.sites}) == 1 and not set(s.tensors) & fixed
+    return [s for s in spaces if s.n <= MAX_UNITS and len({segment_of[t] for t in s.sites}) == 1 and not set(s.tensors) & fixed
             and not s.recurrent_reads and not s.cache_io and all(measurable(s, t) for t in s.sites)]
 
 

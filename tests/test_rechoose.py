@@ -208,6 +208,9 @@ def test_only_spaces_the_pass_can_measure_whole_are_chosen_again(monkeypatch) ->
     assert heads[0].id not in {s.id for s in rechoose.rechoosable(spaces, segments, fixed)}
     monkeypatch.setattr(rechoose, "BLOCK_ELEMENTS", 1)
     assert not {s.id for s in heads} & {s.id for s in rechoose.rechoosable(spaces, segments, set())}
+    monkeypatch.setattr(rechoose, "BLOCK_ELEMENTS", 4096)
+    monkeypatch.setattr(rechoose, "MAX_UNITS", 1)  # every space has more units
+    assert rechoose.rechoosable(spaces, segments, set()) == []
 
 
 def test_sequential_rechoose_on_a_transformer_with_heads() -> None:
