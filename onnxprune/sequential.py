@@ -389,8 +389,8 @@ class SequentialFitter:
 
     def _rechoose(self, spaces: list[Space], moments: dict[str, tuple[CrossMoments, CrossMoments | None]], caches: list[BoundaryCache]) -> None:
         """Rank the spaces' units again on the pruned model's activations (same counts); a new
-        keep set is taken if its fit's held-out error is lower (or nothing is held out), with a
-        one-shot prior of its own. The spaces' cached activations are narrowed to the choice."""
+        keep set is taken if its fit's held-out error is lower (never with nothing held out),
+        with a one-shot prior of its own. The spaces' cached activations are narrowed to the choice."""
         spaces_plan = dict(self.plan.spaces)
         for space in spaces:
             site_moments = {t: moments[t][0] for t in space.sites}
@@ -399,7 +399,7 @@ class SequentialFitter:
             if not np.array_equal(candidate.keep, current.keep):
                 priors = one_shot_prior(space, candidate, site_moments)
                 (new_error, new_fits), (old_error, old_fits) = (self._fits(space, p, r, moments) for p, r in ((candidate, priors), (current, self.one_shot)))
-                if new_error is None or new_error < old_error:
+                if new_error is not None and new_error < old_error:  # unguarded choices lost on two benchmarks
                     spaces_plan[space.id] = current = candidate
                     self.one_shot.update(priors)
                     self.result.rechosen.append(space.name)

@@ -226,3 +226,12 @@ def test_sequential_rechoose_on_a_transformer_with_heads() -> None:
     out = ort.InferenceSession(pruned.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
     ref = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
     assert out.shape == ref.shape and relative_l2(ref, out) < 0.5
+
+
+def test_nothing_chosen_again_without_held_out_samples() -> None:
+    """The guard needs held-out rows: without them the plan's units stay (the refit still runs)."""
+    calib = "models/data/fmnist_calib.npz"
+    guarded = onnxprune.prune("models/vgg_bn.ts.onnx", calib, flops=0.5, sequential=True, allocation="global").report
+    blind = onnxprune.prune("models/vgg_bn.ts.onnx", calib, flops=0.5, sequential=True, allocation="global", verify_samples=0).report
+    assert guarded.sequential["rechosen"]
+    assert blind.sequential["sites"] and blind.sequential["rechosen"] == []
