@@ -453,7 +453,8 @@ def fit_sequentially(prepared: Prepared, plan: Plan, stats: dict[str, SiteStats]
             yield from ((batch, True) for batch in prepared.verify_data.batches(size))
 
     return sequential_recoveries(prepared.original, prepared.analysis, plan, stats, prepared.index, prepared.shapes, prepared.strides,
-                                 batches, kind, one_shot, progress, shrinkage, rechoose)
+                                 batches, kind, one_shot, progress, shrinkage,
+                                 rechoose and prepared.verify_data.n_samples > 0)  # a new choice needs held-out rows
 
 
 def _io_shapes(model: onnx.ModelProto, changes: dict) -> dict[str, list]:
