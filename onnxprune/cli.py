@@ -168,7 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
                           help="when the sequential refit runs: choose each layer's kept units again (the same count) on the model as "
                           "already pruned upstream, where its fit's held-out error is lower; the plan ranked them on the unpruned model "
                           "(default on: better or equal in 15 of 16 measured cells of the CNN and OCR benchmarks, EfficientNet-Lite0 at 30%% "
-                          "MACs +9 points agreement, docs/benchmark.md; about 1.1-1.5x the pass's time)")
+                          "MACs +9 points agreement, docs/benchmark.md; about 1.2x the sequential run's time)")
     recovery.add_argument("--shrinkage", type=_shrinkage, default="auto", metavar="auto|L",
                           help="when the sequential refit runs: shrinkage of each layer's fit toward the one-shot fit (default auto: chosen per "
                           "layer on the held-out verification samples; 0 = plain least squares)")
