@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -209,7 +209,7 @@ def prune(
         scored = allocated.errors[allocated.chosen] if isinstance(allocated, AllocationChoice) else None
         refit = refit_or_one_shot(prepared, plan, stats, RECOVERY[method], scored, progress, fixed_shrinkage, sequential_samples,
                                   rechoose and method == "snp")
-        warnings.extend([refit.warning] if refit.warning else [])
+        warnings.extend(refit.warnings)
         model, refit.model = refit.model, None  # one reference only: verification offloads it
         return model
 
@@ -356,13 +356,13 @@ def resolve_shrinkage(shrinkage: float | str) -> float | None:
 @dataclass
 class Refit:
     """The sequential branch's model: refitted if the guard kept it, else the one-shot fold;
-    the pass's result (None if it failed, with `warning` saying why) and the temporary file of
+    the pass's result (None if it failed, with `warnings` saying why) and the temporary file of
     a large kept refit."""
 
     model: onnx.ModelProto | None
     result: SequentialResult | None
     weights: WeightsFile | None = None
-    warning: str | None = None
+    warnings: list[str] = field(default_factory=list)  # why a refit was not kept or failed
     plan: Plan | None = None  # the kept refit's plan where `rechoose` chose other units
 
 
@@ -378,7 +378,30 @@ def refit_or_one_shot(prepared: Prepared, plan: Plan, stats: dict[str, SiteStats
         stats[tensor] = site.without_gram()
     # scored before the pass (unless auto already did), so that the one-shot model and the refitted one are never in memory together
     one_shot_error = heldout_error(prepared, plan, one_shot) if one_shot_error is None else one_shot_error
-    weights, result, warning = None, None, None
+    result, warnings = None, []
+    for again in ([True, False] if rechoose else [False]):  # units chosen again first, then the plan's if that is not kept
+        refit, result, failure = _attempt_refit(prepared, plan, stats, kind, prior, progress, shrinkage, samples, again, one_shot_error)
+        if refit is not None:
+            refit.warnings = warnings
+            return refit
+        if again and failure is None and not result.rechosen:
+            break  # nothing was chosen again: a second pass would be the same
+        if again:
+            errors = None if result is None else result.heldout_errors
+            why = (f"it failed: {failure}" if failure else result.rejected or (
+                f"held-out output error {errors[1]:.3g} vs {errors[0]:.3g} one-shot" if errors else "the held-out guard"))
+            warnings.append(f"the sequential refit with units chosen again was not kept ({why}); refitted with the plan's units")
+        elif failure:
+            warnings.append(f"the sequential refit failed ({failure}); the one-shot fit was written")
+    return Refit(rewrite(original, analysis, plan, one_shot, constants), result, warnings=warnings)
+
+
+def _attempt_refit(prepared: Prepared, plan: Plan, stats: dict[str, SiteStats], kind: str, prior: dict, progress: ProgressFactory | None,
+                   shrinkage: float | None, samples: int, rechoose: bool,
+                   one_shot_error: float) -> tuple[Refit | None, SequentialResult | None, str | None]:
+    """One sequential pass and its guard: (the kept refit or None, the pass's result, why the pass failed)."""
+    analysis, original, constants = prepared.analysis, prepared.original, prepared.index.constants
+    weights, result, failure = None, None, None
     try:
         result = fit_sequentially(prepared, plan, stats, kind, prior, progress, shrinkage, samples, rechoose)
         refitted = rewrite(original, analysis, result.plan, result.recoveries, constants)
@@ -386,16 +409,15 @@ def refit_or_one_shot(prepared: Prepared, plan: Plan, stats: dict[str, SiteStats
         result.spill.close()
         refitted, weights = offload(refitted)
         if better_than_one_shot(prepared, plan, refitted, result, one_shot_error):
-            return Refit(refitted, result, weights, plan=result.plan)
+            return Refit(refitted, result, weights, plan=result.plan), result, None
         del refitted
-    except Exception as exc:  # noqa: BLE001 - the one-shot fold is correct without the refit; say why it is written
+    except Exception as exc:  # noqa: BLE001 - the one-shot fold is correct without the refit; the caller says why it is written
         if result is not None:
             result.spill.close()
-        result, reason = None, (str(exc).splitlines() or [""])[0][:300]
-        warning = f"the sequential refit failed ({type(exc).__name__}: {reason}); the one-shot fit was written"
+        result, failure = None, f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:300]}"
     if weights is not None:
         weights.close()
-    return Refit(rewrite(original, analysis, plan, one_shot, constants), result, warning=warning)
+    return None, result, failure
 
 
 def heldout_error(prepared: Prepared, plan: Plan, recoveries: dict[tuple[int, str], Recovery] | None) -> float:

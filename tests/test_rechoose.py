@@ -174,21 +174,17 @@ def test_cached_activations_narrowed_in_memory_and_on_disk(monkeypatch) -> None:
 
 
 def test_cli_rechooses_by_default_and_no_rechoose_turns_it_off(tmp_path, capsys) -> None:
-    model = random_mlp(widths=(12, 20, 16, 5), seed=2)
-    path, out, calib = tmp_path / "m.onnx", tmp_path / "p.onnx", tmp_path / "c.npz"
-    onnx.save(model, path)
-    np.savez(calib, x=np.random.default_rng(0).standard_normal((300, 12)).astype(np.float32))
-    code, _, err = cli([path, "--calib", calib, "-o", out, "--ratio", "0.4", "--sequential", "--round-to", "1",
-                        "--report", tmp_path / "r.json"], capsys)
+    out, report_path = tmp_path / "p.onnx", tmp_path / "r.json"
+    common = ["models/vgg_bn.ts.onnx", "--calib", "models/data/fmnist_calib.npz", "-o", out, "--flops", "0.5", "--allocation", "global",
+              "--round-to", "1", "--report", report_path, "--overwrite"]
+    code, _, err = cli(common, capsys)
     assert code == 0, err
-    report = json.loads((tmp_path / "r.json").read_text())
-    assert report["sequential"]["rechosen"]
-    code, _, err = cli([path, "--calib", calib, "-o", out, "--ratio", "0.4", "--sequential", "--no-rechoose", "--round-to", "1",
-                        "--report", tmp_path / "r.json", "--overwrite"], capsys)
+    assert json.loads(report_path.read_text())["sequential"]["rechosen"]
+    code, _, err = cli([*common, "--no-rechoose"], capsys)
     assert code == 0, err
-    assert json.loads((tmp_path / "r.json").read_text())["sequential"]["rechosen"] == []
-    x = np.random.default_rng(3).standard_normal((20, 12)).astype(np.float32)
-    assert run(onnx.load(out), x).shape == (20, 5)
+    assert json.loads(report_path.read_text())["sequential"]["rechosen"] == []
+    x = np.load("models/data/fmnist_calib.npz")["input"][:5]
+    assert run(onnx.load(out), x).shape == (5, 10)
 
 
 def test_only_spaces_the_pass_can_measure_whole_are_chosen_again(monkeypatch) -> None:
@@ -235,3 +231,27 @@ def test_nothing_chosen_again_without_held_out_samples() -> None:
     blind = onnxprune.prune("models/vgg_bn.ts.onnx", calib, flops=0.5, sequential=True, allocation="global", verify_samples=0).report
     assert guarded.sequential["rechosen"]
     assert blind.sequential["sites"] and blind.sequential["rechosen"] == []
+
+
+def test_a_rejected_rechosen_refit_is_refitted_with_the_plans_units(monkeypatch) -> None:
+    """The model guard refuses the pass with units chosen again: a second pass without it is kept."""
+    import onnxprune.api as api
+
+    guard = api.better_than_one_shot
+    monkeypatch.setattr(api, "better_than_one_shot", lambda p, plan, model, result, error: not result.rechosen and guard(p, plan, model, result, error))
+    report = onnxprune.prune("models/vgg_bn.ts.onnx", "models/data/fmnist_calib.npz", flops=0.5, sequential=True, allocation="global").report
+    assert report.sequential["kept"] and report.sequential["rechosen"] == []
+    assert any("with units chosen again was not kept" in w and "refitted with the plan's units" in w for w in report.warnings)
+
+
+def test_a_failing_rechoose_falls_back_to_the_plain_refit(monkeypatch) -> None:
+    def broken(*args, **kwargs):
+        raise ValueError("planted")
+
+    monkeypatch.setattr(sequential, "rechosen", broken)
+    model = random_mlp(widths=(12, 20, 16, 5), seed=2)
+    x = np.random.default_rng(0).standard_normal((300, 12)).astype(np.float32)
+    pruned, report = onnxprune.prune(model, {"x": x}, ratio=0.4, sequential=True)
+    assert report.sequential["sites"] and report.sequential["rechosen"] == []
+    assert any("it failed: ValueError: planted" in w for w in report.warnings)
+    assert run(pruned, x[:5]).shape == (5, 5)

@@ -4,6 +4,8 @@ cuts, and that it corrects what the one-shot fit leaves on a trained model."""
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import onnx
 import pytest
@@ -386,7 +388,7 @@ def test_a_refit_worse_than_one_shot_on_the_heldout_samples_is_not_kept(monkeypa
     errors = honest.sequential["heldout_model_error"]
     assert len(errors) == 2 and honest.sequential["kept"] == (errors[1] <= errors[0])
     one_shot, _ = onnxprune.prune(model, calib, ratio=0.4, allocation="global", sequential=False)
-    calls = iter([0.0, 1.0])  # one-shot scored first, then the refit: the refit looks worse
+    calls = itertools.chain([0.0], itertools.repeat(1.0))  # one-shot scored first, then the refits: each looks worse
     monkeypatch.setattr(onnxprune.fidelity.ReferenceOutputs, "error", lambda self, m, changes: next(calls))
     pruned, report = onnxprune.prune(model, calib, ratio=0.4, sequential=True, allocation="global")
     assert report.sequential["kept"] is False and "NOT kept" in report.sequential_note()
@@ -542,7 +544,7 @@ def test_a_refit_that_onnxruntime_optimisations_would_change_is_not_kept(monkeyp
     calib = {"x": np.random.default_rng(0).standard_normal((128, 3, 8, 8)).astype(np.float32)}
     one_shot, _ = onnxprune.prune(model, calib, ratio=0.4, sequential=False, allocation="global")
     monkeypatch.setattr(onnxprune.api, "optimisation_problem", lambda *args: "output 'y' differs with onnxruntime optimisations on and off")
-    calls = iter([1.0, 0.0])  # one-shot scored first, then the refit: the refit looks better
+    calls = itertools.chain([1.0], itertools.repeat(0.0))  # one-shot scored first, then the refits: each looks better
     monkeypatch.setattr(onnxprune.fidelity.ReferenceOutputs, "error", lambda self, m, changes: next(calls))
     pruned, report = onnxprune.prune(model, calib, ratio=0.4, sequential=True, allocation="global")
     assert report.sequential["kept"] is False and "NOT kept, the one-shot model was written: output 'y'" in report.sequential_note()
