@@ -378,19 +378,22 @@ def refit_or_one_shot(prepared: Prepared, plan: Plan, stats: dict[str, SiteStats
         stats[tensor] = site.without_gram()
     # scored before the pass (unless auto already did), so that the one-shot model and the refitted one are never in memory together
     one_shot_error = heldout_error(prepared, plan, one_shot) if one_shot_error is None else one_shot_error
-    result, warnings = None, []
+    result, warnings, retried = None, [], None
     for again in ([True, False] if rechoose else [False]):  # units chosen again first, then the plan's if that is not kept
         refit, result, failure = _attempt_refit(prepared, plan, stats, kind, prior, progress, shrinkage, samples, again, one_shot_error)
+        if result is not None:
+            result.retried = retried
         if refit is not None:
             refit.warnings = warnings
             return refit
         if again and failure is None and not result.rechosen:
             break  # nothing was chosen again: a second pass would be the same
-        if again:
-            errors = None if result is None else result.heldout_errors
-            why = (f"it failed: {failure}" if failure else result.rejected or (
-                f"held-out output error {errors[1]:.3g} vs {errors[0]:.3g} one-shot" if errors else "the held-out guard"))
-            warnings.append(f"the sequential refit with units chosen again was not kept ({why}); refitted with the plan's units")
+        if again and failure:  # a fault of the re-choosing path: worth a warning, the plain pass may still succeed
+            warnings.append(f"the sequential refit with units chosen again failed ({failure}); refitted with the plan's units")
+        elif again:
+            errors = result.heldout_errors
+            retried = ("the refit with units chosen again was not kept (" + (result.rejected or (
+                f"held-out output error {errors[1]:.3g} vs {errors[0]:.3g} one-shot" if errors else "the held-out guard")) + "); refitted with the plan's units")
         elif failure:
             warnings.append(f"the sequential refit failed ({failure}); the one-shot fit was written")
     return Refit(rewrite(original, analysis, plan, one_shot, constants), result, warnings=warnings)

@@ -93,6 +93,8 @@ class PruneReport:
         samples = f" on {self.sequential['samples']} calibration samples" if self.sequential.get("samples") else ""
         rechosen = self.sequential.get("rechosen") or []
         again = f"; units chosen again in {len(rechosen)} layers (e.g. '{rechosen[0]}')" if rechosen else ""
+        if self.sequential.get("retried"):
+            again = f"; {self.sequential['retried']}"
         line = (f"sequential recovery: {len(self.sequential['sites'])} sites refitted on the pruned model in {self.sequential['segments']} "
                 f"segments{samples}{error}{again}")
         errors = self.sequential.get("heldout_model_error")

@@ -91,6 +91,7 @@ class SequentialResult:
     rejected: str | None = None  # why the refit was not kept although its held-out error was lower
     plan: Plan | None = None  # the plan the recoveries fold into (`rechoose` may change keep sets, never counts)
     rechosen: list[str] = field(default_factory=list)  # spaces whose kept units the pass chose again
+    retried: str | None = None  # set on a pass with the plan's units run after a refused one with units chosen again
 
     @property
     def kept(self) -> bool:
@@ -109,7 +110,7 @@ class SequentialResult:
         ratios = [r["heldout_error_vs_one_shot"] for r in rows if r["heldout_error_vs_one_shot"] is not None]
         errors = None if self.heldout_errors is None else [float(f"{e:.4g}") for e in self.heldout_errors]
         return {"segments": self.segments, "samples": self.samples, "sites": rows, "kept": self.kept, "rejected": self.rejected,
-                "rechosen": self.rechosen,
+                "rechosen": self.rechosen, "retried": self.retried,
                 "heldout_model_error": errors,
                 "median_heldout_error_vs_one_shot": float(np.median(ratios)) if ratios else None}
 
