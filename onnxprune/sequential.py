@@ -289,7 +289,7 @@ class SequentialFitter:
         # a recurrent op's fold of its own hidden units (per direction, keys (space, site, d)) is
         # not refitted: R reads the pruned model's states whatever the fit, so it stays one-shot
         self.result = SequentialResult({k: v for k, v in self.one_shot.items() if len(k) == 3}, segments=len(self.segments), plan=plan)
-        # spaces ranked again once their sites are measured: until then the pruned model runs all their units
+        # spaces whose units are chosen again once their sites are measured: until then the pruned model runs all of them
         graph_io = {v.name for v in [*original.graph.input, *original.graph.output]}
         self.pending = {s.id: s for s in rechoosable(self.spaces, self.segments, fixed_tensors(self.spaces, graph_io))} if rechoose else {}
         self._set_run_plan(self._run_plan())
@@ -323,7 +323,7 @@ class SequentialFitter:
         refit_boundary = any(p <= segment.stop for t in segment.sites for p in self.consumer_positions[t])
         outputs_o = list(dict.fromkeys([*segment.sites, *new_boundary]))
         original_part = extract(self.original, cache_o.dtypes(), outputs_o)
-        again = [s for s in self.pending.values() if set(s.sites) <= set(segment.sites)]  # ranked again after this run
+        again = [s for s in self.pending.values() if set(s.sites) <= set(segment.sites)]  # chosen again after this run
         full_width = {t for s in again for t in s.sites}
         # when a refitted site's consumer lies in this segment, the pruned run stops where the
         # sites are produced and resumes from there after the fit (only the tail runs twice)
@@ -376,7 +376,7 @@ class SequentialFitter:
         self.fold_cache = {}  # the next segment runs other consumers; the keys are ids, none may outlive its recovery
 
     def _run_plan(self) -> Plan:
-        """The plan the pruned model runs: the final one, every unit kept in spaces not yet ranked again."""
+        """The plan the pruned model runs: the final one, every unit kept in spaces not yet chosen again."""
         key = (id(self.plan), frozenset(self.pending))
         if self.run_key != key:  # built again only when a choice was made
             self.run_key = key
@@ -389,7 +389,7 @@ class SequentialFitter:
             self.run_removed = self.removed if plan is self.plan else removed_elements(self.analysis, plan)
 
     def _rechoose(self, spaces: list[Space], moments: dict[str, tuple[CrossMoments, CrossMoments | None]], caches: list[BoundaryCache]) -> None:
-        """Rank the spaces' units again on the pruned model's activations (same counts); a new
+        """Choose the spaces' units again on the pruned model's activations (same counts); a new
         keep set is taken if its fit's held-out error is lower (never with nothing held out),
         with a one-shot prior of its own. The spaces' cached activations are narrowed to the choice."""
         spaces_plan = dict(self.plan.spaces)
