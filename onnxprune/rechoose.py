@@ -12,7 +12,7 @@ import numpy as np
 from .analyse import Space
 from .graph import GraphIndex
 from .plan import Plan, SpacePlan
-from .recovery import Recovery, fit_recovery, shared_site
+from .recovery import Recovery, fit_recovery
 from .score import RIDGE, consumer_metric
 from .segments import GraphSegment
 from .stats import CrossMoments, SiteStats
@@ -36,16 +36,6 @@ def rechoosable(spaces: list[Space], segments: list[GraphSegment], fixed: set[st
 
     return [s for s in spaces if s.n <= MAX_UNITS and len({segment_of[t] for t in s.sites}) == 1 and not set(s.tensors) & fixed
             and not s.recurrent_reads and not s.cache_io and all(measurable(s, t) for t in s.sites)]
-
-
-def fixed_tensors(spaces: list[Space], io_tensors: set[str]) -> set[str]:
-    """Tensors whose spaces keep the one-shot choice: sites shared by several spaces (their
-    columns are fitted together) and the model's cut inputs and outputs."""
-    owners: dict[str, list[Space]] = {}
-    for space in spaces:
-        for tensor in space.sites:
-            owners.setdefault(tensor, []).append(space)
-    return {t for t, o in owners.items() if shared_site(o, t)} | io_tensors
 
 
 def unpruned(plan: Plan, spaces: list[Space]) -> Plan:

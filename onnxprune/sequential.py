@@ -22,8 +22,8 @@ from .calibrate import make_session
 from .graph import GraphIndex
 from .placement import expand_blocks
 from .plan import Plan, SpacePlan
-from .rechoose import fixed_tensors, one_shot_prior, rechoosable, rechosen, unpruned
-from .recovery import Recovery, SequentialFit, fit_sequential, shared_site
+from .rechoose import one_shot_prior, rechoosable, rechosen, unpruned
+from .recovery import Recovery, SequentialFit, fit_sequential, shared_site, shared_sites
 from .rewrite import cache_io_changes, pruned_spaces, removed_slots, rewrite
 from .score import consumer_metric
 from .segments import GraphSegment, cut_segments, extract, needed_nodes
@@ -276,7 +276,7 @@ class SequentialFitter:
         self.one_shot = dict(one_shot or {})
         self.spaces = [s for s in analysis.prunable if s.id in plan.spaces]
         self.plan = plan  # the final plan so far; `run_plan` is what the pruned model runs in the current segment
-        self.run_plan, self.run_key, self.unpruned_plan = plan, None, plan
+        self.run_plan, self.unpruned_plan = plan, None
         self.removed = self.run_removed = removed_elements(analysis, plan)
         self.prefit: dict[tuple[int, str], tuple[Recovery, SequentialFit]] = {}  # fits the choice of keep set already made
         self.io_changes = cache_io_changes(analysis, plan)
@@ -291,7 +291,8 @@ class SequentialFitter:
         self.result = SequentialResult({k: v for k, v in self.one_shot.items() if len(k) == 3}, segments=len(self.segments), plan=plan)
         # spaces whose units are chosen again once their sites are measured: until then the pruned model runs all of them
         graph_io = {v.name for v in [*original.graph.input, *original.graph.output]}
-        self.pending = {s.id: s for s in rechoosable(self.spaces, self.segments, fixed_tensors(self.spaces, graph_io))} if rechoose else {}
+        fixed = set(shared_sites(analysis)) | graph_io  # shared sites' columns are fitted together
+        self.pending = {s.id: s for s in rechoosable(self.spaces, self.segments, fixed)} if rechoose else {}
         self._set_run_plan(self._run_plan())
         self.fold_cache: dict = {}
 
@@ -377,9 +378,7 @@ class SequentialFitter:
 
     def _run_plan(self) -> Plan:
         """The plan the pruned model runs: the final one, every unit kept in spaces not yet chosen again."""
-        key = (id(self.plan), frozenset(self.pending))
-        if self.run_key != key:  # built again only when a choice was made
-            self.run_key = key
+        if self.unpruned_plan is None:  # built again only after a choice (`_rechoose` clears it)
             self.unpruned_plan = unpruned(self.plan, list(self.pending.values())) if self.pending else self.plan
         return self.unpruned_plan
 
@@ -412,6 +411,7 @@ class SequentialFitter:
                     placement = space.tensors[tensor]
                     cache.select(tensor, placement.axis, placement.element_positions_of(chosen.keep))
         self.plan = dataclasses.replace(self.plan, spaces=spaces_plan)
+        self.unpruned_plan = None
         self.removed = removed_elements(self.analysis, self.plan)
         self.result.plan = self.plan
 
