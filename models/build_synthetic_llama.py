@@ -111,12 +111,13 @@ def measure(a, mode: str) -> dict:
     api._stage = traced
     t0 = time.perf_counter()
     result = onnxprune.prune(str(path), str(calib), params=a.params, sequential=mode == "sequential", allocation=a.allocation,
+                             rechoose=not a.no_rechoose,
                              batch_size=a.batch_size, verify_samples=a.verify_samples, progress=progress)
     total = time.perf_counter() - t0
     stage_peak["between stages"] = max(stage_peak.get("between stages", 0), status_mb("VmHWM"))
     rep = result.report
     seg_s = [s["seconds"] for s in segments]
-    out = {"mode": mode, "model": str(path), "params_target": a.params, "allocation": a.allocation, "batch_size": a.batch_size,
+    out = {"mode": mode, "rechoose": not a.no_rechoose, "model": str(path), "params_target": a.params, "allocation": a.allocation, "batch_size": a.batch_size,
            "verify_samples": a.verify_samples, "base_rss_mb": round(base), "seconds_total": round(total, 1),
            "seconds": rep.seconds, "stage_peak_rss_mb": {k: round(v) for k, v in stage_peak.items()},
            "peak_rss_mb": round(max(stage_peak.values())),
@@ -124,7 +125,7 @@ def measure(a, mode: str) -> dict:
            "fidelity": [asdict(f) for f in rep.fidelity], "sequential": {k: v for k, v in rep.sequential.items() if k != "sites"},
            "segments": segments,
            "segment_seconds": {"n": len(seg_s), "min": min(seg_s), "median": float(np.median(seg_s)), "max": max(seg_s)} if seg_s else None}
-    (a.out / f"{a.name}_{mode}.json").write_text(json.dumps(out, indent=1, default=str) + "\n")
+    (a.out / f"{a.name}_{mode}{'_no_rechoose' if a.no_rechoose else ''}.json").write_text(json.dumps(out, indent=1, default=str) + "\n")
     print(json.dumps({k: v for k, v in out.items() if k not in ("segments", "fidelity")}, indent=1, default=str))
     return out
 
@@ -149,6 +150,7 @@ def main(argv=None) -> None:
     ap.add_argument("--allocation", default="auto", help="with --measure: the allocation rule (global skips auto's three candidate runs)")
     ap.add_argument("--batch-size", type=int, default=2)
     ap.add_argument("--verify-samples", type=int, default=2)
+    ap.add_argument("--no-rechoose", action="store_true", help="with --measure sequential: keep the plan's units (prune(rechoose=False))")
     ap.add_argument("--calib-only", action="store_true", help="write the calibration file only")
     a = ap.parse_args(argv)
     if a.measure:

@@ -90,6 +90,7 @@ SEQUENTIAL_VARIANTS = (
     ("uniform one-shot", "snp", "weighted", {"sequential": False, "allocation": "uniform"}),
     ("uniform sequential", "snp", "weighted", {"sequential": True, "allocation": "uniform"}),
     ("tempered one-shot", "snp", "weighted", {"sequential": False, "allocation": "tempered"}),
+    ("tempered sequential", "snp", "weighted", {"sequential": True, "allocation": "tempered"}),
     ("stream one-shot", "snp", "weighted", {"sequential": False, "allocation": "stream"}),
     ("stream sequential", "snp", "weighted", {"sequential": True, "allocation": "stream"}),
     ("sensitivity one-shot", "snp", "weighted", {"sequential": False, "allocation": "sensitivity"}),
