@@ -21,21 +21,40 @@ BLOCK_ELEMENTS = 4096  # a site of multi-element units (heads, Flatten positions
 MAX_UNITS = 2048  # wider spaces keep it too: the greedy pass costs about units^2 x metric columns (3 s at 2048 here)
 
 
-def rechoosable(spaces: list[Space], segments: list[GraphSegment], fixed: set[str]) -> list[Space]:
-    """The spaces the pass can choose again: every site measured in one segment (the choice is
-    made there, on all of them) and holding each unit once, no tensor in `fixed` (shared sites,
-    model inputs and outputs), nothing read back by a recurrent op, at most MAX_UNITS units, and
-    multi-element units only on sites of at most BLOCK_ELEMENTS elements (each pick solves a
-    block per unit)."""
+def rechoosable(spaces: list[Space], segments: list[GraphSegment], fixed: set[str], index: GraphIndex) -> list[Space]:
+    """The spaces the pass can choose again: the `candidates` whose sites are all measured in one
+    segment, or that are not a residual stream (a squeeze-excitation expansion, read by the
+    gate's pool and by the projection after it): the choice is made at the first site, the pass
+    running ahead to the later ones. Between a residual stream's sites lie whole blocks whose
+    own units are not chosen yet (measured worse on ResNet and MobileNetV2, docs/benchmark.md)."""
     segment_of = {t: i for i, segment in enumerate(segments) for t in segment.sites}
+    return [s for s in candidates(spaces, fixed) if len({segment_of[t] for t in s.sites}) == 1 or not residual(s, index)]
+
+
+def residual(space: Space, index: GraphIndex) -> bool:
+    """Whether the space's units are summed from two of its own tensors (a residual join)."""
+    for tensor in space.tensors:
+        node = index.producer.get(tensor)
+        if node is not None and node.op_type in ("Add", "Sum", "Sub"):
+            if sum(name in space.tensors for name in node.input if name and not index.is_constant(name)) >= 2:
+                return True
+    return False
+
+
+def candidates(spaces: list[Space], fixed: set[str]) -> list[Space]:
+    """The spaces whose units could be chosen again: holding each unit once at every site, no
+    tensor in `fixed` (shared sites, model inputs and outputs), nothing read back by a recurrent
+    op, at most MAX_UNITS units, and multi-element units only on sites of at most BLOCK_ELEMENTS
+    elements (each pick solves a block per unit). The pass's segments then put each one's sites
+    together (`segments.cut_segments`)."""
 
     def measurable(space: Space, tensor: str) -> bool:
         placement = space.tensors[tensor]
         units = np.sort(placement.unit_positions()[0])
         return np.array_equal(units, np.arange(space.n)) and (placement.block == 1 or placement.size <= BLOCK_ELEMENTS)
 
-    return [s for s in spaces if s.n <= MAX_UNITS and len({segment_of[t] for t in s.sites}) == 1 and not set(s.tensors) & fixed
-            and not s.recurrent_reads and not s.cache_io and all(measurable(s, t) for t in s.sites)]
+    return [s for s in spaces if s.n <= MAX_UNITS and not set(s.tensors) & fixed and not s.recurrent_reads and not s.cache_io
+            and all(measurable(s, t) for t in s.sites)]
 
 
 def unpruned(plan: Plan, spaces: list[Space]) -> Plan:

@@ -282,6 +282,9 @@ class SequentialFitter:
         self.io_changes = cache_io_changes(analysis, plan)
 
         sites = sorted({t for s in self.spaces for t in s.sites})
+        graph_io = {v.name for v in [*original.graph.input, *original.graph.output]}
+        self.shared = set(shared_sites(analysis))
+        fixed = self.shared | graph_io  # shared sites' columns are fitted together
         self.segments: list[GraphSegment] = cut_segments(original, sites, shapes)
         position = {id(node): i for i, node in enumerate(original.graph.node)}
         self.consumer_positions = {t: [position[id(index.node(c.node))] for s in self.spaces for c in s.consumers if c.site == t]
@@ -290,9 +293,7 @@ class SequentialFitter:
         # not refitted: R reads the pruned model's states whatever the fit, so it stays one-shot
         self.result = SequentialResult({k: v for k, v in self.one_shot.items() if len(k) == 3}, segments=len(self.segments), plan=plan)
         # spaces whose units are chosen again once their sites are measured: until then the pruned model runs all of them
-        graph_io = {v.name for v in [*original.graph.input, *original.graph.output]}
-        fixed = set(shared_sites(analysis)) | graph_io  # shared sites' columns are fitted together
-        self.pending = {s.id: s for s in rechoosable(self.spaces, self.segments, fixed)} if rechoose else {}
+        self.pending = {s.id: s for s in rechoosable(self.spaces, self.segments, fixed, index)} if rechoose else {}
         self._set_run_plan(self._run_plan())
         self.fold_cache: dict = {}
 
@@ -311,35 +312,45 @@ class SequentialFitter:
             cache_p.close()
         return self.result
 
-    def _pruned_model(self, available: Iterable[str], outputs: list[str]) -> onnx.ModelProto:
+    def _pruned_model(self, available: Iterable[str], outputs: list[str], ahead: bool = False) -> onnx.ModelProto:
         """A working copy of the pruned model with the recoveries fitted so far, rewritten only
-        where the segment computing `outputs` from the `available` activations reads it."""
+        where the segment computing `outputs` from the `available` activations reads it. A run
+        `ahead` of the pass (to the later sites of a space chosen again) crosses sites not fitted
+        yet: their one-shot recoveries stand in (they act beyond the segment's cut only)."""
         positions, _ = needed_nodes(self.original, available, outputs)
         only = {self.index.label(self.original.graph.node[i]) for i in positions}
-        return rewrite(self.original, self.analysis, self.run_plan, self.result.recoveries, self.index.constants, keep_on_disk=True,
+        recoveries = self.result.recoveries
+        if ahead:
+            provisional = {k: v for k, v in self.one_shot.items() if k[0] not in self.pending and k[1] not in self.shared}
+            recoveries = {**provisional, **recoveries}
+        return rewrite(self.original, self.analysis, self.run_plan, recoveries, self.index.constants, keep_on_disk=True,
                        fold_cache=self.fold_cache, only=only)
 
     def _segment(self, segment: GraphSegment, batches, cache_o: BoundaryCache, cache_p: BoundaryCache) -> None:
         new_boundary = [t for t in segment.boundary if t not in cache_o.names()]
         refit_boundary = any(p <= segment.stop for t in segment.sites for p in self.consumer_positions[t])
-        outputs_o = list(dict.fromkeys([*segment.sites, *new_boundary]))
-        original_part = extract(self.original, cache_o.dtypes(), outputs_o)
-        again = [s for s in self.pending.values() if set(s.sites) <= set(segment.sites)]  # chosen again after this run
+        # spaces chosen again after this run, at their first site: both models also run ahead to
+        # their later sites, measured for the choice only (each is fitted in its own segment)
+        again = [s for s in self.pending.values() if set(s.sites) & set(segment.sites)]
+        ahead = [t for s in again for t in s.sites if t not in segment.sites]
+        measured = list(dict.fromkeys([*segment.sites, *ahead]))
         full_width = {t for s in again for t in s.sites}
+        outputs_o = list(dict.fromkeys([*measured, *new_boundary]))
+        original_part = extract(self.original, cache_o.dtypes(), outputs_o)
         # when a refitted site's consumer lies in this segment, the pruned run stops where the
         # sites are produced and resumes from there after the fit (only the tail runs twice)
-        wanted = list(dict.fromkeys([*segment.sites, *(segment.at_sites if refit_boundary else new_boundary)]))
-        pruned = self._pruned_model(cache_p.names(), wanted)
+        wanted = list(dict.fromkeys([*measured, *(segment.at_sites if refit_boundary else new_boundary)]))
+        pruned = self._pruned_model(cache_p.names(), wanted, ahead=bool(ahead))
         present = {o for n in pruned.graph.node for o in n.output}  # a shape Concat replaced by its copies is gone
-        pruned_outputs = [t for t in wanted if t in segment.sites or t in present]
+        pruned_outputs = [t for t in wanted if t in measured or t in present]
         pruned_part = extract(pruned, cache_p.dtypes(), pruned_outputs)
         del pruned
         # errors are handled by the caller (the one-shot model is written): onnxruntime need not print them
         session_o, session_p = make_session(original_part, spinning=False, log_level=4), make_session(pruned_part, spinning=False, log_level=4)
         inputs_o = [i.name for i in original_part.graph.input]
         inputs_p = [i.name for i in pruned_part.graph.input]
-        accumulators = {t: (self._new_stats(t, t in full_width), self._new_stats(t, True)) for t in segment.sites}
-        changed = dict.fromkeys(segment.sites, False)
+        accumulators = {t: (self._new_stats(t, t in full_width), self._new_stats(t, True)) for t in measured}
+        changed = dict.fromkeys(measured, False)
         resume = BoundaryCache() if refit_boundary else cache_p  # the pruned activations kept from this run
         kept_p = [t for t in pruned_outputs if t in (segment.at_sites if refit_boundary else new_boundary)]
         try:
@@ -348,7 +359,7 @@ class SequentialFitter:
                     self.result.samples += len(next(iter(batch.values())))
                 out_o = dict(zip(outputs_o, session_o.run(None, self._feeds(inputs_o, batch, [cache_o], i, False)), strict=True))
                 out_p = dict(zip(pruned_outputs, session_p.run(None, self._feeds(inputs_p, batch, [cache_p], i, True)), strict=True))
-                for tensor in segment.sites:
+                for tensor in measured:
                     axis, stride = self._axis(tensor), self.strides.get(tensor, 1)
                     cols_p, cols_o = site_matrix(out_p[tensor], axis, stride), site_matrix(out_o[tensor], axis, stride)
                     changed[tensor] = changed[tensor] or cols_p.shape != cols_o.shape or not np.array_equal(cols_p, cols_o)
@@ -361,8 +372,10 @@ class SequentialFitter:
             moments = {t: (cal.moments(), held.moments() if held.count else None) for t, (cal, held) in accumulators.items()}
             if again:
                 self._rechoose(again, moments, [resume, cache_p] if resume is not cache_p else [cache_p])
-            for tensor, (cal, held) in moments.items():
-                self._fit_site(tensor, cal, held, changed[tensor])
+                for key in [k for k in self.prefit if k[1] in ahead]:
+                    del self.prefit[key]  # a later site is fitted on its own segment's run
+            for tensor in segment.sites:
+                self._fit_site(tensor, *moments[tensor], changed[tensor])
             self._set_run_plan(self._run_plan())  # the rest of the segment runs the units just chosen
             if refit_boundary and new_boundary:
                 self._resume(new_boundary, batches, cache_p, resume)

@@ -199,14 +199,14 @@ def test_only_spaces_the_pass_can_measure_whole_are_chosen_again(monkeypatch) ->
     spaces = prepared.analysis.prunable
     segments = cut_segments(prepared.original, sorted({t for s in spaces for t in s.sites}), prepared.shapes)
     heads = [s for s in spaces if unit_block(s) > 1]
-    assert heads and {s.id for s in heads} <= {s.id for s in rechoose.rechoosable(spaces, segments, set())}
+    assert heads and {s.id for s in heads} <= {s.id for s in rechoose.rechoosable(spaces, segments, set(), prepared.index)}
     fixed = set(heads[0].sites)
-    assert heads[0].id not in {s.id for s in rechoose.rechoosable(spaces, segments, fixed)}
+    assert heads[0].id not in {s.id for s in rechoose.rechoosable(spaces, segments, fixed, prepared.index)}
     monkeypatch.setattr(rechoose, "BLOCK_ELEMENTS", 1)
-    assert not {s.id for s in heads} & {s.id for s in rechoose.rechoosable(spaces, segments, set())}
+    assert not {s.id for s in heads} & {s.id for s in rechoose.rechoosable(spaces, segments, set(), prepared.index)}
     monkeypatch.setattr(rechoose, "BLOCK_ELEMENTS", 4096)
     monkeypatch.setattr(rechoose, "MAX_UNITS", 1)  # every space has more units
-    assert rechoose.rechoosable(spaces, segments, set()) == []
+    assert rechoose.rechoosable(spaces, segments, set(), prepared.index) == []
 
 
 def test_sequential_rechoose_on_a_transformer_with_heads() -> None:
@@ -257,3 +257,78 @@ def test_a_failing_rechoose_falls_back_to_the_plain_refit(monkeypatch) -> None:
     assert report.sequential["sites"] and report.sequential["rechosen"] == []
     assert any("with units chosen again failed (ValueError: planted)" in w for w in report.warnings)
     assert run(pruned, x[:5]).shape == (5, 5)
+
+
+def _zoo(name: str):
+    model = onnx.load(f"models/zoo/{name}.ts.onnx")
+    return model, {model.graph.input[0].name: np.load("models/zoo/calib.npz")["input"]}
+
+
+def _spread(prepared, spaces) -> tuple[list, list]:
+    """(spaces whose sites lie in several segments, all segments) of the pass."""
+    from onnxprune.segments import cut_segments
+
+    segments = cut_segments(prepared.original, sorted({t for s in spaces for t in s.sites}), prepared.shapes)
+    segment_of = {t: i for i, segment in enumerate(segments) for t in segment.sites}
+    return [s for s in spaces if len({segment_of[t] for t in s.sites}) > 1], segments
+
+
+def test_one_producer_spaces_across_segments_are_chosen_again_but_residual_streams_not() -> None:
+    """An SE expansion (sites at the gate's pool and at the projection, in two segments) is
+    chosen again; a residual stream across segments is not."""
+    from onnxprune.rechoose import rechoosable, residual
+
+    for name, expected in (("effnets", True), ("resnet18s", False)):
+        prepared = prepare(*_zoo(name))
+        spread, segments = _spread(prepared, prepared.analysis.prunable)
+        chosen = {s.id for s in rechoosable(prepared.analysis.prunable, segments, set(), prepared.index)}
+        assert spread, name
+        assert all((s.id in chosen) != residual(s, prepared.index) for s in spread), name
+        assert any(s.id in chosen for s in spread) == expected, name
+
+
+def test_running_ahead_measures_the_later_sites_of_the_original(monkeypatch) -> None:
+    """The choice at an SE expansion's first site reads moments at all its sites; at a later site
+    the original's side equals its calibration statistics (the pass runs ahead to it)."""
+    model, calib = _zoo("effnets")
+    prepared = prepare(model, calib)
+    stats = calibration_statistics(prepared)
+    spread, _ = _spread(prepared, prepared.analysis.prunable)
+    seen: dict[int, dict] = {}
+    original = sequential.SequentialFitter._rechoose
+
+    def spy(self, spaces, moments, caches):
+        for space in spaces:
+            seen[space.id] = {t: moments[t][0] for t in space.sites}
+        return original(self, spaces, moments, caches)
+
+    monkeypatch.setattr(sequential.SequentialFitter, "_rechoose", spy)
+    _, report = onnxprune.prune(model, calib, ratio=0.3, sequential=True, seed=0)
+    assert report.sequential["kept"] is not None
+    checked = 0
+    from onnxprune.rechoose import residual
+
+    for space in spread:
+        if residual(space, prepared.index):
+            continue
+        assert set(seen[space.id]) == set(space.sites)
+        for tensor in space.sites[1:]:
+            m, s = seen[space.id][tensor], stats[tensor]
+            assert m.count == s.count  # every calibration sample (64 - 7 held out) went through the pass
+            np.testing.assert_allclose(m.mean_o, s.mean(), rtol=1e-3, atol=1e-4)
+            np.testing.assert_allclose(m.cov_oo, s.covariance(), rtol=1e-3, atol=1e-4 * np.abs(s.covariance()).max())
+            checked += 1
+    assert checked
+
+
+def test_running_ahead_keeps_counts_and_the_guard_on_an_se_net() -> None:
+    """effnets with units chosen again across segments: the same MACs as without re-choosing, a
+    model that runs in onnxruntime, and a held-out error no higher than one-shot's."""
+    model, calib = _zoo("effnets")
+    x = calib[model.graph.input[0].name][:16]
+    results = {flag: onnxprune.prune(model, calib, ratio=0.3, sequential=True, rechoose=flag, seed=0) for flag in (True, False)}
+    (pruned, report), (_, plain) = results[True], results[False]
+    assert report.macs_after == plain.macs_after and report.params_after == plain.params_after
+    errors = report.sequential["heldout_model_error"]
+    assert errors is not None and (not report.sequential["kept"] or errors[1] <= errors[0])
+    assert relative_l2(run(model, x), run(pruned, x)) < 1.0
