@@ -16,6 +16,7 @@ from .recovery import Recovery, fit_recovery
 from .score import RIDGE, consumer_metric
 from .segments import GraphSegment
 from .stats import CrossMoments, SiteStats
+from .streams import JOINS
 
 BLOCK_ELEMENTS = 4096  # a site of multi-element units (heads, Flatten positions) wider than this keeps the plan's choice
 MAX_UNITS = 2048  # wider spaces keep it too: the greedy pass costs about units^2 x metric columns (3 s at 2048 here)
@@ -35,7 +36,7 @@ def residual(space: Space, index: GraphIndex) -> bool:
     """Whether the space's units are summed from two of its own tensors (a residual join)."""
     for tensor in space.tensors:
         node = index.producer.get(tensor)
-        if node is not None and node.op_type in ("Add", "Sum", "Sub"):
+        if node is not None and (node.op_type in JOINS or node.op_type == "Sub"):
             if sum(name in space.tensors for name in node.input if name and not index.is_constant(name)) >= 2:
                 return True
     return False
