@@ -161,15 +161,23 @@ class SpillFile:
 
 @dataclass
 class OnDisk:
-    """A cached activation in a tensor's spill file."""
+    """A cached activation in a tensor's spill file; `selections` (axis, positions) narrow it as
+    it is read back, so narrowing a spilled tensor costs no second write and read."""
 
     file: SpillFile
     offset: int
     shape: tuple[int, ...]
     dtype: np.dtype
+    selections: tuple[tuple[int, np.ndarray], ...] = ()
 
     def load(self) -> np.ndarray:
-        return self.file.read(self.offset, self.shape, self.dtype)
+        value = self.file.read(self.offset, self.shape, self.dtype)
+        for axis, positions in self.selections:
+            value = np.take(value, positions, axis=axis)
+        return value
+
+    def narrowed(self, axis: int, positions: np.ndarray) -> OnDisk:
+        return dataclasses.replace(self, selections=(*self.selections, (axis, positions)))
 
 
 class BoundaryCache:
@@ -219,15 +227,14 @@ class BoundaryCache:
 
     def select(self, name: str, axis: int, positions: np.ndarray) -> None:
         """Keep only `positions` on `axis` of a cached tensor, in every batch (spilled batches
-        move to a new file: a file is read once written)."""
-        old = self.files.pop(name, None)
-        for i, values in enumerate(self.values):
-            value = values.pop(name)
-            if not isinstance(value, OnDisk):
-                self.bytes -= value.nbytes
-            self.put(i, name, np.take(value.load() if isinstance(value, OnDisk) else value, positions, axis=axis))
-        if old is not None:
-            old.close()
+        are narrowed as they are read back)."""
+        for values in self.values:
+            value = values[name]
+            if isinstance(value, OnDisk):
+                values[name] = value.narrowed(axis, positions)
+            else:
+                values[name] = np.take(value, positions, axis=axis)
+                self.bytes += values[name].nbytes - value.nbytes
 
     def dtypes(self) -> dict[str, np.dtype]:
         return {name: value.dtype for name, value in self.values[0].items()} if self.values else {}

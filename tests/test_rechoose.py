@@ -169,6 +169,10 @@ def test_cached_activations_narrowed_in_memory_and_on_disk(monkeypatch) -> None:
         cache.select("a", 1, np.array([0, 3, 5]))
         for i, value in enumerate(values):
             np.testing.assert_array_equal(cache.get(i, "a"), value[:, [0, 3, 5]])
+        assert cache.bytes == values[0][:, [0, 3, 5]].nbytes
+        cache.select("a", 1, np.array([0, 2]))  # narrowed again: the spilled batches compose both
+        for i, value in enumerate(values):
+            np.testing.assert_array_equal(cache.get(i, "a"), value[:, [0, 5]])
     finally:
         cache.close()
 
