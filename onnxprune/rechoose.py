@@ -6,6 +6,7 @@ at the space's sites (the one-shot plan ranked them on the unpruned model; docs/
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -22,14 +23,23 @@ BLOCK_ELEMENTS = 4096  # a site of multi-element units (heads, Flatten positions
 MAX_UNITS = 2048  # wider spaces keep it too: the greedy pass costs about units^2 x metric columns (3 s at 2048 here)
 
 
-def rechoosable(spaces: list[Space], segments: list[GraphSegment], fixed: set[str], index: GraphIndex) -> list[Space]:
+def rechoosable(spaces: list[Space], segments: list[GraphSegment], fixed: set[str], index: GraphIndex,
+                shared: set[str] = frozenset()) -> list[Space]:
     """The spaces the pass can choose again: the `candidates` whose sites are all measured in one
     segment, or that are not a residual stream (a squeeze-excitation expansion, read by the
     gate's pool and by the projection after it): the choice is made at the first site, the pass
     running ahead to the later ones. Between a residual stream's sites lie whole blocks whose
-    own units are not chosen yet (measured worse on ResNet and MobileNetV2, docs/benchmark.md)."""
+    own units are not chosen yet (measured worse on ResNet and MobileNetV2, docs/benchmark.md).
+    A space at `shared` sites (a Concat's branch) qualifies if they are its own sites and its
+    units single elements: it is chosen beside the other spaces' kept channels there."""
     segment_of = {t: i for i, segment in enumerate(segments) for t in segment.sites}
-    return [s for s in candidates(spaces, fixed) if len({segment_of[t] for t in s.sites}) == 1 or not residual(s, index)]
+
+    def qualifies(space: Space) -> bool:
+        at_shared = set(space.tensors) & shared
+        if at_shared and not (at_shared <= set(space.sites) and all(space.tensors[t].block == 1 for t in space.sites)):
+            return False  # the other channels join the choice as extra single-element units, at its own sites only
+        return len({segment_of[t] for t in space.sites}) == 1 or not residual(space, index)
+    return [s for s in candidates(spaces, fixed) if qualifies(s)]
 
 
 def residual(space: Space, index: GraphIndex) -> bool:
@@ -68,28 +78,55 @@ def site_stats(count: int, mean: np.ndarray, cov: np.ndarray) -> SiteStats:
     return SiteStats(count, mean * count, (cov + np.outer(mean, mean)) * count)
 
 
-def rechosen(space: Space, kept: int, moments: dict[str, CrossMoments], index: GraphIndex) -> SpacePlan:
+@dataclass
+class SharedColumns:
+    """At a shared site: the original's elements the pruned run shows (`present`, sorted) and
+    those of them that stay whatever this space keeps (`locked`: the other spaces' kept
+    channels and channels of no space)."""
+
+    present: np.ndarray
+    locked: np.ndarray
+
+
+def rechosen(space: Space, kept: int, moments: dict[str, CrossMoments], index: GraphIndex,
+             shared: dict[str, SharedColumns] | None = None) -> SpacePlan:
     """The `kept` units that best predict the original's activations at the space's sites from
     the pruned model's (every unit of the space shown there, as `unpruned` made it)."""
-    keep = np.sort(greedy_cross_selection(space, kept, moments, index))
+    keep = np.sort(greedy_cross_selection(space, kept, moments, index, shared))
     return SpacePlan(space.id, space.n, keep, np.setdiff1d(np.arange(space.n), keep))
 
 
-def greedy_cross_selection(space: Space, kept: int, moments: dict[str, CrossMoments], index: GraphIndex) -> np.ndarray:
+def greedy_cross_selection(space: Space, kept: int, moments: dict[str, CrossMoments], index: GraphIndex,
+                           shared: dict[str, SharedColumns] | None = None) -> np.ndarray:
     """The space's `kept` units chosen by `forward_selection` on its sites' moments in unit-major
-    layout, the original's activations weighed by the consumers' weights (V V^T = sum W^T W)."""
+    layout, the original's activations weighed by the consumers' weights (V V^T = sum W^T W).
+    At a shared site the other channels the pruned model keeps there are taken first (extra
+    units after the space's own, zero at its other sites) and the target is every channel."""
+    shared = shared or {}
+    extra = max((len(c.locked) for c in shared.values()), default=0)
     covariances, crosses, blocks = [], [], []
     for tensor, m in moments.items():
         placement = space.tensors[tensor]
         rows, cols = placement.unit_major()
         layout = np.empty(len(rows), dtype=np.int64)
         layout[rows] = cols  # unit j's elements at j * block ... (j + 1) * block - 1
-        metric = consumer_metric(space, tensor, index, layout)
-        s_po = m.cov_po[np.ix_(layout, layout)]
-        covariances.append(m.cov_pp[np.ix_(layout, layout)])
+        if tensor in shared:
+            columns = shared[tensor]
+            pruned = np.searchsorted(columns.present, np.concatenate([layout, columns.locked]))
+            target = np.arange(placement.size)
+            cov, s_po = m.cov_pp[np.ix_(pruned, pruned)], m.cov_po[np.ix_(pruned, target)]
+            metric = consumer_metric(space, tensor, index, target)
+        else:
+            cov, s_po = m.cov_pp[np.ix_(layout, layout)], m.cov_po[np.ix_(layout, layout)]
+            metric = consumer_metric(space, tensor, index, layout)
+        missing = space.n + extra - len(cov)  # extra units of no variance, none of them here
+        cov, s_po = np.pad(cov, (0, missing)), np.pad(s_po, ((0, missing), (0, 0)))
+        covariances.append(cov)
         crosses.append(s_po @ metric if metric is not None else s_po)
         blocks.append(placement.block)
-    return forward_selection(covariances, crosses, kept, sorted(space.locked), blocks)
+    first = [space.n + i for i in range(extra)] + sorted(space.locked)
+    chosen = forward_selection(covariances, crosses, kept + extra, first, blocks)
+    return chosen[chosen < space.n]
 
 
 def forward_selection(covariances: list[np.ndarray], crosses: list[np.ndarray], kept: int, first: list[int] = (),

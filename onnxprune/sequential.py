@@ -22,8 +22,8 @@ from .calibrate import make_session
 from .graph import GraphIndex
 from .placement import expand_blocks
 from .plan import Plan, SpacePlan
-from .rechoose import one_shot_prior, rechoosable, rechosen, unpruned
-from .recovery import Recovery, SequentialFit, fit_sequential, shared_site, shared_sites
+from .rechoose import SharedColumns, one_shot_prior, rechoosable, rechosen, unpruned
+from .recovery import Recovery, SequentialFit, fit_sequential, shared_site
 from .rewrite import cache_io_changes, pruned_spaces, removed_slots, rewrite
 from .score import consumer_metric
 from .segments import GraphSegment, cut_segments, extract, needed_nodes
@@ -290,8 +290,12 @@ class SequentialFitter:
 
         sites = sorted({t for s in self.spaces for t in s.sites})
         graph_io = {v.name for v in [*original.graph.input, *original.graph.output]}
-        self.shared = set(shared_sites(analysis))
-        fixed = self.shared | graph_io  # shared sites' columns are fitted together
+        owners: dict[str, list[Space]] = {}
+        for space in self.spaces:
+            for tensor in space.sites:
+                owners.setdefault(tensor, []).append(space)
+        self.owners = owners  # per site, the spaces read there
+        self.shared = {t for t, spaces in owners.items() if shared_site(spaces, t)}  # fitted as one map
         self.segments: list[GraphSegment] = cut_segments(original, sites, shapes)
         position = {id(node): i for i, node in enumerate(original.graph.node)}
         self.consumer_positions = {t: [position[id(index.node(c.node))] for s in self.spaces for c in s.consumers if c.site == t]
@@ -300,7 +304,7 @@ class SequentialFitter:
         # not refitted: R reads the pruned model's states whatever the fit, so it stays one-shot
         self.result = SequentialResult({k: v for k, v in self.one_shot.items() if len(k) == 3}, segments=len(self.segments), plan=plan)
         # spaces whose units are chosen again once their sites are measured: until then the pruned model runs all of them
-        self.pending = {s.id: s for s in rechoosable(self.spaces, self.segments, fixed, index)} if rechoose else {}
+        self.pending = {s.id: s for s in rechoosable(self.spaces, self.segments, graph_io, index, self.shared)} if rechoose else {}
         self._set_run_plan(self._run_plan())
         self.fold_cache: dict = {}
 
@@ -415,30 +419,60 @@ class SequentialFitter:
         for space in spaces:
             site_moments = {t: moments[t][0] for t in space.sites}
             current = spaces_plan[space.id]
-            candidate = rechosen(space, len(current.keep), site_moments, self.index)
+            shared = {t: self._shared_columns(space, t, spaces_plan) for t in space.sites if t in self.shared}
+            candidate = rechosen(space, len(current.keep), site_moments, self.index, shared)
             if not np.array_equal(candidate.keep, current.keep):
                 priors = one_shot_prior(space, candidate, site_moments)
-                (new_error, new_fits), (old_error, old_fits) = (self._fits(space, p, r, moments) for p, r in ((candidate, priors), (current, self.one_shot)))
+                (new_error, new_fits), (old_error, old_fits) = (self._fits(space, {**spaces_plan, space.id: p}, {**self.one_shot, **r}, moments)
+                                                                for p, r in ((candidate, priors), (current, {})))
                 if new_error is not None and new_error < old_error:  # unguarded choices lost on two benchmarks
                     spaces_plan[space.id] = current = candidate
                     self.one_shot.update(priors)
                     self.result.rechosen.append(space.name)
                 self.prefit.update(new_fits if current is candidate else old_fits)
-            chosen = current
             del self.pending[space.id]
-            for cache in caches:
-                for tensor in set(space.tensors) & cache.names():
-                    placement = space.tensors[tensor]
-                    cache.select(tensor, placement.axis, placement.element_positions_of(chosen.keep))
         self.plan = dataclasses.replace(self.plan, spaces=spaces_plan)
         self.unpruned_plan = None
         self.removed = removed_elements(self.analysis, self.plan)
         self.result.plan = self.plan
+        self._narrow(spaces, caches)
 
-    def _fits(self, space: Space, space_plan: SpacePlan, priors: dict, moments: dict) -> tuple[float | None, dict]:
-        """The space's fits at its sites for a keep set, and their held-out error summed (None if nothing is held out)."""
-        fits = {(space.id, t): self._fit_space_site(space, t, space_plan, priors.get((space.id, t)), *moments[t]) for t in space.sites}
-        errors = [fit.error for _, fit in fits.values()]
+    def _shared_columns(self, space: Space, tensor: str, spaces_plan: dict[int, SpacePlan]) -> SharedColumns:
+        """At a shared site: what the pruned run shows, and the channels other than the space's
+        that stay with the plan so far (spaces not chosen yet count with their plan's units)."""
+        placement = space.tensors[tensor]
+        present = np.setdiff1d(np.arange(placement.size), self.run_removed.get(tensor, np.zeros(0, dtype=np.int64)))
+        others = [o for o in self.spaces if o.id != space.id and tensor in o.tensors]
+        gone = [placement.element_positions_of(np.arange(space.n))]
+        gone += [o.tensors[tensor].element_positions_of(spaces_plan[o.id].prune) for o in others]
+        return SharedColumns(present, np.setdiff1d(present, np.concatenate(gone)))
+
+    def _narrow(self, spaces: list[Space], caches: list[BoundaryCache]) -> None:
+        """Cut the cached activations of the spaces just chosen to what the rest of the pass
+        runs (at a shared tensor the other spaces' channels stay as they were)."""
+        after = removed_elements(self.analysis, self._run_plan())
+        for tensor in {t for s in spaces for t in s.tensors}:
+            placement = next(s.tensors[tensor] for s in spaces if tensor in s.tensors)
+            before = self.run_removed.get(tensor, np.zeros(0, dtype=np.int64))
+            present = np.setdiff1d(np.arange(placement.size), before)
+            positions = np.flatnonzero(~np.isin(present, after.get(tensor, np.zeros(0, dtype=np.int64))))
+            if len(positions) == len(present):
+                continue
+            for cache in caches:
+                if tensor in cache.names():
+                    cache.select(tensor, placement.axis, positions)
+
+    def _fits(self, space: Space, spaces_plan: dict[int, SpacePlan], priors: dict, moments: dict) -> tuple[float | None, dict]:
+        """The space's fits at its sites for a plan, and their held-out error summed (None if
+        nothing is held out); the fits at its own sites, to be reused (a shared site is fitted
+        again once every space there is chosen)."""
+        fits, errors = {}, []
+        for t in space.sites:
+            if t in self.shared:
+                errors.append(self._shared_fit(t, self.owners[t], spaces_plan, priors, *moments[t])[1].error)
+            else:
+                fits[(space.id, t)] = self._fit_space_site(space, t, spaces_plan[space.id], priors.get((space.id, t)), *moments[t])
+                errors.append(fits[(space.id, t)][1].error)
         return (None if None in errors else float(sum(errors))), fits
 
     def _resume(self, names: list[str], batches, cache_p: BoundaryCache, resume: BoundaryCache) -> None:
@@ -481,9 +515,8 @@ class SequentialFitter:
         return CrossStats(shift[kept].astype(np.float32), shift.astype(np.float32), with_oo=held)
 
     def _fit_site(self, tensor: str, cal: CrossMoments, held: CrossMoments | None, changed: bool) -> None:
-        owners = [s for s in self.spaces if tensor in s.sites]
-        if shared_site(owners, tensor):
-            self._fit_shared_site(tensor, owners, cal, held, changed)
+        if tensor in self.shared:
+            self._fit_shared_site(tensor, self.owners[tensor], cal, held, changed)
             return
         for space in self.spaces:
             if tensor not in space.sites:
@@ -510,20 +543,27 @@ class SequentialFitter:
         """A site of several spaces (a Concat, a channel shuffle) is refitted as one: every
         original channel from every channel the pruned model keeps there, one map folded once
         (under the first space; the others' consumers at the site are the same layers)."""
-        width = owners[0].tensors[tensor].size
-        prune = self.removed.get(tensor, np.zeros(0, dtype=np.int64))
-        keep = np.setdiff1d(np.arange(width), prune)
-        if not len(prune) and not changed:
+        if not len(self.removed.get(tensor, ())) and not changed:
             return
+        recovery, fit = self._shared_fit(tensor, owners, self.plan.spaces, self.one_shot, cal, held)
+        self.result.recoveries[(owners[0].id, tensor)] = recovery
+        self.result.fits[(owners[0].name, tensor)] = fit
+
+    def _shared_fit(self, tensor: str, owners: list[Space], spaces_plan: dict[int, SpacePlan], one_shot: dict,
+                    cal: CrossMoments, held: CrossMoments | None) -> tuple[Recovery, SequentialFit]:
+        """The one map at a shared site for a plan, from moments of the pruned run (whose
+        channels there are all but `run_removed`'s)."""
+        width = owners[0].tensors[tensor].size
+        holders = [o for o in self.spaces if tensor in o.tensors]  # a space may pass through the site without reading it there
+        prune = np.unique(np.concatenate([np.zeros(0, dtype=np.int64)] + [o.tensors[tensor].element_positions_of(spaces_plan[o.id].prune) for o in holders]))
+        keep = np.setdiff1d(np.arange(width), prune)
         original_columns = np.concatenate([keep, prune])
-        pruned_keep = np.arange(len(keep))
+        pruned_keep = keep - np.searchsorted(self.run_removed.get(tensor, np.zeros(0, dtype=np.int64)), keep)
         site_cal = cal.restrict(pruned_keep, original_columns)
         site_held = None if held is None else held.restrict(pruned_keep, original_columns)
         metric = consumer_metric(owners[0], tensor, self.index, original_columns)
-        prior = site_prior([self.one_shot.get((s.id, tensor)) for s in owners], keep, prune)
-        recovery, fit = fit_sequential(site_cal, keep, prune, prior, site_held, metric, self.kind, self.shrinkage)
-        self.result.recoveries[(owners[0].id, tensor)] = recovery
-        self.result.fits[(owners[0].name, tensor)] = fit
+        prior = site_prior([one_shot.get((s.id, tensor)) for s in owners], keep, prune)
+        return fit_sequential(site_cal, keep, prune, prior, site_held, metric, self.kind, self.shrinkage)
 
 
 def site_prior(recoveries: list[Recovery | None], keep: np.ndarray, prune: np.ndarray) -> Recovery:
