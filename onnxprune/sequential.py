@@ -21,27 +21,17 @@ from .analyse import Analysis, Space
 from .calibrate import make_session
 from .graph import GraphIndex
 from .placement import expand_blocks
-from .plan import Plan, SpacePlan
-from .rechoose import SharedColumns, one_shot_prior, rechoosable, rechosen, unpruned
-from .recovery import Recovery, SequentialFit, fit_sequential, shared_site
+from .plan import Plan
+from .rechoose import one_shot_prior, rechoosable, rechosen, unpruned
+from .recovery import Recovery, SequentialFit
 from .rewrite import cache_io_changes, pruned_spaces, removed_slots, rewrite
-from .score import consumer_metric
 from .segments import GraphSegment, cut_segments, extract, needed_nodes
+from .sitefit import SiteFits
 from .stats import CrossMoments, CrossStats, SiteStats
 from .verify import drop_units
 
 SPILL_BYTES = 64 << 20  # cached activations beyond this (per model) go to temporary files
 SEQUENTIAL_SAMPLES = 512  # calibration samples the pass refits on by default (docs/speed.md, section 6)
-
-
-@dataclass
-class SiteColumns:
-    """One space's columns at a site: kept and pruned positions on the original's tensor, and
-    where the kept ones sit on the pruned model's (narrower) tensor."""
-
-    keep: np.ndarray
-    prune: np.ndarray
-    pruned_keep: np.ndarray
 
 
 RECOVERY_SPILL_BYTES = 1 << 20  # a fitted recovery's maps beyond this wait in a file for the final rewrite
@@ -263,13 +253,6 @@ def removed_elements(analysis: Analysis, plan: Plan) -> dict[str, np.ndarray]:
     return {tensor: expand_blocks(slots, blocks[tensor]) for tensor, slots in removed.items()}
 
 
-def site_columns(space: Space, tensor: str, space_plan: SpacePlan, removed: dict[str, np.ndarray]) -> SiteColumns:
-    placement = space.tensors[tensor]
-    keep, prune = placement.element_positions_of(space_plan.keep), placement.element_positions_of(space_plan.prune)
-    gone = removed.get(tensor, np.zeros(0, dtype=np.int64))
-    return SiteColumns(keep, prune, keep - np.searchsorted(gone, keep))
-
-
 class SequentialFitter:
     """Walks the segments once, refitting every (space, site) of the plan in node order."""
 
@@ -290,12 +273,8 @@ class SequentialFitter:
 
         sites = sorted({t for s in self.spaces for t in s.sites})
         graph_io = {v.name for v in [*original.graph.input, *original.graph.output]}
-        owners: dict[str, list[Space]] = {}
-        for space in self.spaces:
-            for tensor in space.sites:
-                owners.setdefault(tensor, []).append(space)
-        self.owners = owners  # per site, the spaces read there
-        self.shared = {t for t, spaces in owners.items() if shared_site(spaces, t)}  # fitted as one map
+        self.fits = SiteFits(self.spaces, index, kind, shrinkage)
+        self.owners, self.shared = self.fits.owners, self.fits.shared  # per site the spaces read there; sites fitted as one map
         self.segments: list[GraphSegment] = cut_segments(original, sites, shapes)
         position = {id(node): i for i, node in enumerate(original.graph.node)}
         self.consumer_positions = {t: [position[id(index.node(c.node))] for s in self.spaces for c in s.consumers if c.site == t]
@@ -419,11 +398,11 @@ class SequentialFitter:
         for space in spaces:
             site_moments = {t: moments[t][0] for t in space.sites}
             current = spaces_plan[space.id]
-            shared = {t: self._shared_columns(space, t, spaces_plan) for t in space.sites if t in self.shared}
+            shared = {t: self.fits.shared_columns(space, t, spaces_plan, self.run_removed) for t in space.sites if t in self.shared}
             candidate = rechosen(space, len(current.keep), site_moments, self.index, shared)
             if not np.array_equal(candidate.keep, current.keep):
                 priors = one_shot_prior(space, candidate, site_moments)
-                (new_error, new_fits), (old_error, old_fits) = (self._fits(space, {**spaces_plan, space.id: p}, {**self.one_shot, **r}, moments)
+                (new_error, new_fits), (old_error, old_fits) = (self.fits.keep_set(space, {**spaces_plan, space.id: p}, {**self.one_shot, **r}, moments, self.run_removed)
                                                                 for p, r in ((candidate, priors), (current, {})))
                 if new_error is not None and new_error < old_error:  # unguarded choices lost on two benchmarks
                     spaces_plan[space.id] = current = candidate
@@ -436,16 +415,6 @@ class SequentialFitter:
         self.removed = removed_elements(self.analysis, self.plan)
         self.result.plan = self.plan
         self._narrow(spaces, caches)
-
-    def _shared_columns(self, space: Space, tensor: str, spaces_plan: dict[int, SpacePlan]) -> SharedColumns:
-        """At a shared site: what the pruned run shows, and the channels other than the space's
-        that stay with the plan so far (spaces not chosen yet count with their plan's units)."""
-        placement = space.tensors[tensor]
-        present = np.setdiff1d(np.arange(placement.size), self.run_removed.get(tensor, np.zeros(0, dtype=np.int64)))
-        others = [o for o in self.spaces if o.id != space.id and tensor in o.tensors]
-        gone = [placement.element_positions_of(np.arange(space.n))]
-        gone += [o.tensors[tensor].element_positions_of(spaces_plan[o.id].prune) for o in others]
-        return SharedColumns(present, np.setdiff1d(present, np.concatenate(gone)))
 
     def _narrow(self, spaces: list[Space], caches: list[BoundaryCache]) -> None:
         """Cut the cached activations of the spaces just chosen to what the rest of the pass
@@ -461,19 +430,6 @@ class SequentialFitter:
             for cache in caches:
                 if tensor in cache.names():
                     cache.select(tensor, placement.axis, positions)
-
-    def _fits(self, space: Space, spaces_plan: dict[int, SpacePlan], priors: dict, moments: dict) -> tuple[float | None, dict]:
-        """The space's fits at its sites for a plan, and their held-out error summed (None if
-        nothing is held out); the fits at its own sites, to be reused (a shared site is fitted
-        again once every space there is chosen)."""
-        fits, errors = {}, []
-        for t in space.sites:
-            if t in self.shared:
-                errors.append(self._shared_fit(t, self.owners[t], spaces_plan, priors, *moments[t])[1].error)
-            else:
-                fits[(space.id, t)] = self._fit_space_site(space, t, spaces_plan[space.id], priors.get((space.id, t)), *moments[t])
-                errors.append(fits[(space.id, t)][1].error)
-        return (None if None in errors else float(sum(errors))), fits
 
     def _resume(self, names: list[str], batches, cache_p: BoundaryCache, resume: BoundaryCache) -> None:
         """The pruned model's activations at the cut, with this segment's new folds applied,
@@ -515,68 +471,21 @@ class SequentialFitter:
         return CrossStats(shift[kept].astype(np.float32), shift.astype(np.float32), with_oo=held)
 
     def _fit_site(self, tensor: str, cal: CrossMoments, held: CrossMoments | None, changed: bool) -> None:
-        if tensor in self.shared:
-            self._fit_shared_site(tensor, self.owners[tensor], cal, held, changed)
+        if tensor in self.shared:  # a Concat or a channel shuffle: one map for all its spaces, under the first
+            if len(self.removed.get(tensor, ())) or changed:
+                owner = self.owners[tensor][0]
+                recovery, fit = self.fits.shared_site(tensor, self.plan.spaces, self.one_shot, cal, held, self.run_removed)
+                self.result.recoveries[(owner.id, tensor)] = recovery
+                self.result.fits[(owner.name, tensor)] = fit
             return
-        for space in self.spaces:
-            if tensor not in space.sites:
-                continue
+        for space in self.owners.get(tensor, []):
             space_plan = self.plan.spaces[space.id]
             if not len(space_plan.prune) and not changed:
                 continue  # nothing upstream changed this site: no correction (ratio 0 stays bit-identical)
-            recovery, fit = self.prefit.pop((space.id, tensor), None) or self._fit_space_site(
-                space, tensor, space_plan, self.one_shot.get((space.id, tensor)), cal, held)
+            recovery, fit = self.prefit.pop((space.id, tensor), None) or self.fits.space_site(
+                space, tensor, space_plan, self.one_shot.get((space.id, tensor)), cal, held, self.run_removed)
             self.result.recoveries[(space.id, tensor)] = recovery
             self.result.fits[(space.name, tensor)] = fit
-
-    def _fit_space_site(self, space: Space, tensor: str, space_plan: SpacePlan, prior: Recovery | None, cal: CrossMoments,
-                        held: CrossMoments | None) -> tuple[Recovery, SequentialFit]:
-        """One space's fit at a site of its own, for the given keep set (moments of the pruned run)."""
-        columns = site_columns(space, tensor, space_plan, self.run_removed)
-        original_columns = np.concatenate([columns.keep, columns.prune])
-        space_cal = cal.restrict(columns.pruned_keep, original_columns)
-        space_held = None if held is None else held.restrict(columns.pruned_keep, original_columns)
-        metric = consumer_metric(space, tensor, self.index, original_columns)
-        return fit_sequential(space_cal, columns.keep, columns.prune, prior, space_held, metric, self.kind, self.shrinkage)
-
-    def _fit_shared_site(self, tensor: str, owners: list[Space], cal: CrossMoments, held: CrossMoments | None, changed: bool) -> None:
-        """A site of several spaces (a Concat, a channel shuffle) is refitted as one: every
-        original channel from every channel the pruned model keeps there, one map folded once
-        (under the first space; the others' consumers at the site are the same layers)."""
-        if not len(self.removed.get(tensor, ())) and not changed:
-            return
-        recovery, fit = self._shared_fit(tensor, owners, self.plan.spaces, self.one_shot, cal, held)
-        self.result.recoveries[(owners[0].id, tensor)] = recovery
-        self.result.fits[(owners[0].name, tensor)] = fit
-
-    def _shared_fit(self, tensor: str, owners: list[Space], spaces_plan: dict[int, SpacePlan], one_shot: dict,
-                    cal: CrossMoments, held: CrossMoments | None) -> tuple[Recovery, SequentialFit]:
-        """The one map at a shared site for a plan, from moments of the pruned run (whose
-        channels there are all but `run_removed`'s)."""
-        width = owners[0].tensors[tensor].size
-        holders = [o for o in self.spaces if tensor in o.tensors]  # a space may pass through the site without reading it there
-        prune = np.unique(np.concatenate([np.zeros(0, dtype=np.int64)] + [o.tensors[tensor].element_positions_of(spaces_plan[o.id].prune) for o in holders]))
-        keep = np.setdiff1d(np.arange(width), prune)
-        original_columns = np.concatenate([keep, prune])
-        pruned_keep = keep - np.searchsorted(self.run_removed.get(tensor, np.zeros(0, dtype=np.int64)), keep)
-        site_cal = cal.restrict(pruned_keep, original_columns)
-        site_held = None if held is None else held.restrict(pruned_keep, original_columns)
-        metric = consumer_metric(owners[0], tensor, self.index, original_columns)
-        prior = site_prior([one_shot.get((s.id, tensor)) for s in owners], keep, prune)
-        return fit_sequential(site_cal, keep, prune, prior, site_held, metric, self.kind, self.shrinkage)
-
-
-def site_prior(recoveries: list[Recovery | None], keep: np.ndarray, prune: np.ndarray) -> Recovery:
-    """The spaces' one-shot recoveries at a shared site as one map from all kept channels to all
-    pruned ones (each space's rows on its own kept columns, zero elsewhere)."""
-    weights, offset = np.zeros((len(prune), len(keep))), np.zeros(len(prune))
-    for recovery in recoveries:
-        if recovery is None or not len(recovery.prune):
-            continue
-        rows, cols = np.searchsorted(prune, recovery.prune), np.searchsorted(keep, recovery.keep)
-        weights[np.ix_(rows, cols)] = recovery.weights
-        offset[rows] = recovery.offset
-    return Recovery(weights, offset, keep, prune)
 
 
 def sequential_recoveries(original: onnx.ModelProto, analysis: Analysis, plan: Plan, stats: dict[str, SiteStats], index: GraphIndex,
