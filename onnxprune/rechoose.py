@@ -21,6 +21,7 @@ from .streams import JOINS
 
 BLOCK_ELEMENTS = 4096  # a site of multi-element units (heads, Flatten positions) wider than this keeps the plan's choice
 MAX_UNITS = 2048  # wider spaces keep it too: the greedy pass costs about units^2 x metric columns (3 s at 2048 here)
+MAX_SPAN = 5  # segments a space's sites may span: the pass runs both models ahead over them (a DenseNet layer's reach 49)
 
 
 def rechoosable(spaces: list[Space], segments: list[GraphSegment], fixed: set[str], index: GraphIndex,
@@ -31,14 +32,16 @@ def rechoosable(spaces: list[Space], segments: list[GraphSegment], fixed: set[st
     running ahead to the later ones. Between a residual stream's sites lie whole blocks whose
     own units are not chosen yet (measured worse on ResNet and MobileNetV2, docs/benchmark.md).
     A space at `shared` sites (a Concat's branch) qualifies if they are its own sites and its
-    units single elements: it is chosen beside the other spaces' kept channels there."""
+    units single elements: it is chosen beside the other spaces' kept channels there. Sites
+    spanning more than MAX_SPAN segments keep the plan's units (the look-ahead's cost)."""
     segment_of = {t: i for i, segment in enumerate(segments) for t in segment.sites}
 
     def qualifies(space: Space) -> bool:
         at_shared = set(space.tensors) & shared
         if at_shared and not (at_shared <= set(space.sites) and all(space.tensors[t].block == 1 for t in space.sites)):
             return False  # the other channels join the choice as extra single-element units, at its own sites only
-        return len({segment_of[t] for t in space.sites}) == 1 or not residual(space, index)
+        first, last = min(segment_of[t] for t in space.sites), max(segment_of[t] for t in space.sites)
+        return first == last or (last - first < MAX_SPAN and not residual(space, index))
     return [s for s in candidates(spaces, fixed) if qualifies(s)]
 
 
