@@ -26,9 +26,7 @@ as nodes): input ``input`` [batch,1,28,28] -> output ``logits`` [batch,10]. Writ
 
 from __future__ import annotations
 
-import json
 import sys
-import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -36,11 +34,7 @@ sys.path.insert(0, str(HERE))
 
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
-from train_resnet_fmnist import train_export_check  # noqa: E402
-
-NAME = "inception_fmnist"
-ONNX_PATH = HERE / f"{NAME}.ts.onnx"
-JSON_PATH = HERE / f"{NAME}.json"
+from train_resnet_fmnist import train_and_write  # noqa: E402
 
 
 def conv_bn(cin: int, cout: int, kernel: int) -> nn.Sequential:
@@ -79,11 +73,8 @@ class InceptionFMNIST(nn.Module):
 
 
 def main() -> None:
-    t_start = time.time()
-    _, info = train_export_check(InceptionFMNIST, NAME, ONNX_PATH, "models/train_inception_fmnist.py",
-                              "stem conv32; Inception mixed 64 (28x28); pool; 2x mixed 128 (14x14); pool; mixed 176 (7x7); GAP; FC 176->10")
-    JSON_PATH.write_text(json.dumps(info, indent=1) + "\n")
-    print(f"wrote {ONNX_PATH.name} and {JSON_PATH.name}; total {time.time() - t_start:.0f}s")
+    train_and_write(InceptionFMNIST, "inception_fmnist", "models/train_inception_fmnist.py",
+                    "stem conv32; Inception mixed 64 (28x28); pool; 2x mixed 128 (14x14); pool; mixed 176 (7x7); GAP; FC 176->10")
 
 
 if __name__ == "__main__":

@@ -191,6 +191,17 @@ def train_export_check(build: Callable[[], nn.Module], name: str, onnx_path: Pat
     return model, info
 
 
+def train_and_write(build: Callable[[], nn.Module], name: str, generator: str, architecture: str) -> tuple[nn.Module, Path]:
+    """`train_export_check`, then the description next to the model as ``models/<name>.json``;
+    the trained model and the ONNX file's path."""
+    t_start = time.time()
+    onnx_path, json_path = HERE / f"{name}.ts.onnx", HERE / f"{name}.json"
+    model, info = train_export_check(build, name, onnx_path, generator, architecture)
+    json_path.write_text(json.dumps(info, indent=1) + "\n")
+    print(f"wrote {onnx_path.name} and {json_path.name}; total {time.time() - t_start:.0f}s")
+    return model, onnx_path
+
+
 def main() -> None:
     t_start = time.time()
     model, info = train_export_check(ResNetFMNIST, NAME, ONNX_PATH, "models/train_resnet_fmnist.py",
