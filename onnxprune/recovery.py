@@ -91,10 +91,14 @@ class HeldoutScorer:
         self.cross = held.cov_po @ metric  # k x m
 
     def error(self, uv: np.ndarray, predicted_mean: np.ndarray) -> float:
-        """`uv` = U V, `predicted_mean` = U^T mean(x~) + c on the held-out rows."""
+        """`uv` = U V, `predicted_mean` = U^T mean(x~) + c on the held-out rows. A negative
+        estimate of these squares (an ill-conditioned map on few held-out rows: U V amplifies
+        the float32 moments' rounding, and once read -4e5 where one-shot's error was 10^3) is
+        not a measurement: it counts as infinite, so that candidate is never chosen."""
         bias = (self.held.mean_o - predicted_mean) @ self.metric
-        spread = self.constant - 2 * np.sum(uv * self.cross) + np.sum(uv * (self.held.cov_pp @ uv))
-        return float(spread + bias @ bias)
+        explained = np.sum(uv * (self.held.cov_pp @ uv))
+        error = self.constant - 2 * np.sum(uv * self.cross) + explained + bias @ bias
+        return float(error) if explained >= 0 and error >= 0 else np.inf
 
     def error_of(self, u: np.ndarray, c: np.ndarray) -> float:
         return self.error(u @ self.metric, u.T @ self.held.mean_p + c)

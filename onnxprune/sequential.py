@@ -95,6 +95,7 @@ class SequentialResult:
         rows = []
         for (space, site), fit in self.fits.items():
             ratio = fit.error / fit.error_one_shot if fit.error is not None and fit.error_one_shot else None
+            ratio = ratio if ratio is None or np.isfinite(ratio) else None
             rows.append({"space": space, "site": site, "shrinkage": "inf" if np.isinf(fit.shrinkage) else fit.shrinkage,
                          "heldout_error_vs_one_shot": None if ratio is None else round(ratio, 4)})
         ratios = [r["heldout_error_vs_one_shot"] for r in rows if r["heldout_error_vs_one_shot"] is not None]

@@ -579,3 +579,35 @@ def test_large_activations_shrink_the_sequential_batch(monkeypatch) -> None:
     assert small_report.sequential["samples"] == report.sequential["samples"] == prepared.calib_data.n_samples
     x = calib["x"][:16]
     assert relative_l2(run(normal, x), run(small, x)) < 1e-3  # the same fit up to float32 sums per batch
+
+
+def test_a_negative_held_out_error_estimate_is_never_chosen() -> None:
+    """The held-out error is a difference of moments: where rounding makes the held-out
+    covariance indefinite and the unshrunk map amplifies it, the estimate reads negative. Such a
+    candidate counts as infinitely bad, so the shrinkage falls on a candidate measured properly;
+    a sound estimate is returned as it is."""
+    from onnxprune.recovery import HeldoutScorer
+    from onnxprune.stats import CrossMoments
+
+    rng = np.random.default_rng(0)
+    rows, k = 4000, 6
+    x = rng.standard_normal((rows, k))
+    target = x[:, :3] @ rng.standard_normal((3, 2)) + 0.1 * rng.standard_normal((rows, 2))  # the original's 2 units
+    both = np.hstack([x, target])
+    cov = np.cov(both.T, bias=True)
+    cal = CrossMoments(rows, x.mean(0), np.zeros(k + 2), cov[:k, :k], np.hstack([cov[:k, :k], cov[:k, k:]]))
+    held_cov_pp = cov[:k, :k].copy()
+    held_cov_pp[5, 5] = -1.0  # indefinite, as float32 rounding on few rows can leave it
+    held = CrossMoments(rows, x.mean(0), np.zeros(k + 2), held_cov_pp, np.hstack([cov[:k, :k], cov[:k, k:]]),
+                        np.block([[cov[:k, :k], cov[:k, k:]], [cov[k:, :k], cov[k:, k:]]]))
+    metric = np.eye(k + 2)
+    scorer = HeldoutScorer(held, metric)
+    bad = np.zeros((k, k + 2))
+    bad[5, 5] = 100.0  # a map that amplifies the indefinite direction
+    assert scorer.error(bad @ metric, np.zeros(k + 2)) == np.inf
+    identity = np.hstack([np.eye(k), np.zeros((k, 2))])
+    sound = scorer.error(identity @ metric, np.zeros(k + 2))
+    assert np.isfinite(sound) and sound > 0
+    keep, prune = np.arange(k), np.arange(k, k + 2)
+    _, fit = fit_sequential(cal, keep, prune, None, held, metric)
+    assert np.isfinite(fit.error)
