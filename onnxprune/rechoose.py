@@ -57,7 +57,7 @@ def residual(space: Space, index: GraphIndex) -> bool:
 
 def candidates(spaces: list[Space], fixed: set[str]) -> list[Space]:
     """The spaces whose units could be chosen again: holding each unit once at every site, no
-    tensor in `fixed` (shared sites, model inputs and outputs), nothing read back by a recurrent
+    tensor in `fixed` (the model's inputs and outputs), nothing read back by a recurrent
     op, at most MAX_UNITS units, and multi-element units only on sites of at most BLOCK_ELEMENTS
     elements (each pick solves a block per unit)."""
 

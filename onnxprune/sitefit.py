@@ -84,10 +84,8 @@ class SiteFits:
         """The one map at a shared site for a plan (under its first space; the others' consumers
         at the site are the same layers)."""
         owners = self.owners[tensor]
-        width = owners[0].tensors[tensor].size
-        holders = [o for o in self.spaces if tensor in o.tensors]  # a space may pass through the site without reading it there
-        prune = np.unique(np.concatenate([NONE, *(o.tensors[tensor].element_positions_of(spaces_plan[o.id].prune) for o in holders)]))
-        keep = np.setdiff1d(np.arange(width), prune)
+        prune = self.pruned_at(tensor, spaces_plan)
+        keep = np.setdiff1d(np.arange(owners[0].tensors[tensor].size), prune)
         original_columns = np.concatenate([keep, prune])
         pruned_keep = keep - np.searchsorted(run_removed.get(tensor, NONE), keep)
         site_cal = cal.restrict(pruned_keep, original_columns)
@@ -116,7 +114,11 @@ class SiteFits:
         that stay with the plan so far (spaces not chosen yet count with their plan's units)."""
         placement = space.tensors[tensor]
         present = np.setdiff1d(np.arange(placement.size), run_removed.get(tensor, NONE))
-        others = [o for o in self.spaces if o.id != space.id and tensor in o.tensors]
-        gone = [placement.element_positions_of(np.arange(space.n))]
-        gone += [o.tensors[tensor].element_positions_of(spaces_plan[o.id].prune) for o in others]
-        return SharedColumns(present, np.setdiff1d(present, np.concatenate(gone)))
+        gone = np.concatenate([placement.element_positions_of(np.arange(space.n)), self.pruned_at(tensor, spaces_plan, without=space)])
+        return SharedColumns(present, np.setdiff1d(present, gone))
+
+    def pruned_at(self, tensor: str, spaces_plan: dict[int, SpacePlan], without: Space | None = None) -> np.ndarray:
+        """The tensor's elements that the plan prunes (sorted), over every space holding it (one
+        may pass through a site without reading it there), `without` one of them."""
+        holders = [o for o in self.spaces if tensor in o.tensors and o is not without]
+        return np.unique(np.concatenate([NONE, *(o.tensors[tensor].element_positions_of(spaces_plan[o.id].prune) for o in holders)]))
