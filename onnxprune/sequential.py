@@ -361,13 +361,13 @@ class SequentialFitter:
                     resume.put(i, name, out_p[name])
             session_o = session_p = None
             moments = {t: (cal.moments(), held.moments() if held.count else None) for t, (cal, held) in accumulators.items()}
-            if again:
+            shown = self.run_removed  # what this run did not show: it places the kept units in the moments
+            if again:  # the rest of the segment (and the pass) then runs the units just chosen
                 self._rechoose(again, moments, [resume, cache_p] if resume is not cache_p else [cache_p])
                 for key in [k for k in self.prefit if k[1] in ahead]:
                     del self.prefit[key]  # a later site is fitted on its own segment's run
             for tensor in segment.sites:
-                self._fit_site(tensor, *moments[tensor], changed[tensor])
-            self._set_run_plan(self._run_plan())  # the rest of the segment runs the units just chosen
+                self._fit_site(tensor, *moments[tensor], changed[tensor], shown)
             if refit_boundary and new_boundary:
                 self._resume(new_boundary, batches, cache_p, resume)
         finally:
@@ -415,17 +415,18 @@ class SequentialFitter:
         self.unpruned_plan = None
         self.removed = removed_elements(self.analysis, self.plan)
         self.result.plan = self.plan
-        self._narrow(spaces, caches)
+        shown = self.run_removed
+        self._set_run_plan(self._run_plan())
+        self._narrow(spaces, caches, shown)
 
-    def _narrow(self, spaces: list[Space], caches: list[BoundaryCache]) -> None:
-        """Cut the cached activations of the spaces just chosen to what the rest of the pass
-        runs (at a shared tensor the other spaces' channels stay as they were)."""
-        after = removed_elements(self.analysis, self._run_plan())
+    def _narrow(self, spaces: list[Space], caches: list[BoundaryCache], shown: dict[str, np.ndarray]) -> None:
+        """Cut the cached activations of the spaces just chosen (taken without the elements in
+        `shown`) to what the rest of the pass runs (at a shared tensor the other spaces'
+        channels stay as they were)."""
         for tensor in {t for s in spaces for t in s.tensors}:
             placement = next(s.tensors[tensor] for s in spaces if tensor in s.tensors)
-            before = self.run_removed.get(tensor, np.zeros(0, dtype=np.int64))
-            present = np.setdiff1d(np.arange(placement.size), before)
-            positions = np.flatnonzero(~np.isin(present, after.get(tensor, np.zeros(0, dtype=np.int64))))
+            present = np.setdiff1d(np.arange(placement.size), shown.get(tensor, np.zeros(0, dtype=np.int64)))
+            positions = np.flatnonzero(~np.isin(present, self.run_removed.get(tensor, np.zeros(0, dtype=np.int64))))
             if len(positions) == len(present):
                 continue
             for cache in caches:
@@ -471,11 +472,12 @@ class SequentialFitter:
         kept = np.setdiff1d(np.arange(width), self.run_removed.get(tensor, np.zeros(0, dtype=np.int64)))
         return CrossStats(shift[kept].astype(np.float32), shift.astype(np.float32), with_oo=held)
 
-    def _fit_site(self, tensor: str, cal: CrossMoments, held: CrossMoments | None, changed: bool) -> None:
+    def _fit_site(self, tensor: str, cal: CrossMoments, held: CrossMoments | None, changed: bool, shown: dict[str, np.ndarray]) -> None:
+        """Fit the site's recoveries from moments of a run that did not show the elements in `shown`."""
         if tensor in self.shared:  # a Concat or a channel shuffle: one map for all its spaces, under the first
             if len(self.removed.get(tensor, ())) or changed:
                 owner = self.owners[tensor][0]
-                recovery, fit = self.fits.shared_site(tensor, self.plan.spaces, self.one_shot, cal, held, self.run_removed)
+                recovery, fit = self.fits.shared_site(tensor, self.plan.spaces, self.one_shot, cal, held, shown)
                 self.result.recoveries[(owner.id, tensor)] = recovery
                 self.result.fits[(owner.name, tensor)] = fit
             return
@@ -484,7 +486,7 @@ class SequentialFitter:
             if not len(space_plan.prune) and not changed:
                 continue  # nothing upstream changed this site: no correction (ratio 0 stays bit-identical)
             recovery, fit = self.prefit.pop((space.id, tensor), None) or self.fits.space_site(
-                space, tensor, space_plan, self.one_shot.get((space.id, tensor)), cal, held, self.run_removed)
+                space, tensor, space_plan, self.one_shot.get((space.id, tensor)), cal, held, shown)
             self.result.recoveries[(space.id, tensor)] = recovery
             self.result.fits[(space.name, tensor)] = fit
 
