@@ -16,6 +16,7 @@ from .analyse import Analysis
 from .calibrate import positions
 from .cost import CostModel, build_cost_model, count_macs, count_params
 from .data import CalibrationData
+from .decisions import SequentialResult
 from .errors import CalibrationError, TargetError
 from .graph import GraphIndex, static_shapes
 from .latency import max_steps, search_latency
@@ -28,7 +29,7 @@ from .rewrite import cache_io_changes, rewrite
 from .score import DEFAULT_ORDER, METHODS, ORDERS, RECOVERY, STATS_METHODS, score_space
 from .selection import AllocationChoice
 from .sensitivity import Sensitivity
-from .sequential import SEQUENTIAL_SAMPLES, SequentialResult, sequential_recoveries
+from .sequential import SEQUENTIAL_SAMPLES, sequential_recoveries
 from .shards import Statistics
 from .sources import ImageOptions
 from .stats import SiteStats

@@ -10,7 +10,8 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import onnxprune
-import onnxprune.sequential as sequential
+import onnxprune.boundary as boundary
+import onnxprune.decisions as decisions
 from builders import cli, planted_cnn, planted_mlp, random_cnn, random_mlp, relative_l2, run
 from onnxprune.analyse import analyse
 from onnxprune.api import calibration_statistics, fit_recoveries, fit_sequentially, prepare
@@ -164,10 +165,10 @@ def test_rechoose_keeps_counts_and_lowers_the_fit_error_on_a_cnn() -> None:
 
 
 def test_cached_activations_narrowed_in_memory_and_on_disk(monkeypatch) -> None:
-    cache = sequential.BoundaryCache()
+    cache = boundary.BoundaryCache()
     values = [np.arange(24, dtype=np.float32).reshape(2, 6, 2) + i for i in range(3)]
     cache.put(0, "a", values[0])
-    monkeypatch.setattr(sequential, "SPILL_BYTES", 0)  # the next batches go to a file
+    monkeypatch.setattr(boundary, "SPILL_BYTES", 0)  # the next batches go to a file
     cache.put(1, "a", values[1])
     cache.put(2, "a", values[2])
     try:
@@ -259,7 +260,7 @@ def test_a_failing_rechoose_falls_back_to_the_plain_refit(monkeypatch) -> None:
     def broken(*args, **kwargs):
         raise ValueError("planted")
 
-    monkeypatch.setattr(sequential, "rechosen", broken)
+    monkeypatch.setattr(decisions, "rechosen", broken)
     model = random_mlp(widths=(12, 20, 16, 5), seed=2)
     x = np.random.default_rng(0).standard_normal((300, 12)).astype(np.float32)
     pruned, report = onnxprune.prune(model, {"x": x}, ratio=0.4, sequential=True)
@@ -304,14 +305,14 @@ def test_running_ahead_measures_the_later_sites_of_the_original(monkeypatch) -> 
     stats = calibration_statistics(prepared)
     spread, _ = _spread(prepared, prepared.analysis.prunable)
     seen: dict[int, dict] = {}
-    original = sequential.SequentialFitter._rechoose
+    original = decisions.PassDecisions.rechoose
 
     def spy(self, spaces, moments, caches):
         for space in spaces:
             seen[space.id] = {t: moments[t][0] for t in space.sites}
         return original(self, spaces, moments, caches)
 
-    monkeypatch.setattr(sequential.SequentialFitter, "_rechoose", spy)
+    monkeypatch.setattr(decisions.PassDecisions, "rechoose", spy)
     _, report = onnxprune.prune(model, calib, ratio=0.3, sequential=True, seed=0)
     assert report.sequential["kept"] is not None
     checked = 0

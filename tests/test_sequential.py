@@ -295,20 +295,20 @@ def test_a_large_refitted_model_waits_on_disk_during_the_guard(monkeypatch) -> N
 def test_recoveries_spilled_to_disk_give_the_same_model(monkeypatch) -> None:
     """Every fitted recovery sent to a memory-mapped file once its segment is done (the threshold
     at 0): the same model bit for bit, and no folder left behind."""
-    import onnxprune.sequential
+    import onnxprune.boundary
     import onnxprune.tempfiles
 
     in_memory, _ = onnxprune.prune("models/vgg_bn.ts.onnx", FMNIST, flops=0.5, sequential=True)
     spilled = []
-    original_spill = onnxprune.sequential.RecoverySpill.spill
+    original_spill = onnxprune.boundary.RecoverySpill.spill
 
     def counting(self, recovery):
         out = original_spill(self, recovery)
         spilled.append(isinstance(out.weights, np.memmap))
         return out
 
-    monkeypatch.setattr(onnxprune.sequential, "RECOVERY_SPILL_BYTES", 0)
-    monkeypatch.setattr(onnxprune.sequential.RecoverySpill, "spill", counting)
+    monkeypatch.setattr(onnxprune.boundary, "RECOVERY_SPILL_BYTES", 0)
+    monkeypatch.setattr(onnxprune.boundary.RecoverySpill, "spill", counting)
     on_disk, _ = onnxprune.prune("models/vgg_bn.ts.onnx", FMNIST, flops=0.5, sequential=True)
     assert spilled and all(spilled)
     _same_weights(on_disk, in_memory, rtol=0, atol=0)
@@ -345,11 +345,11 @@ def test_sequential_with_kv_cache_heads_pruned() -> None:
 
 def test_cut_activations_spilled_to_disk_give_the_same_model(monkeypatch, tmp_path) -> None:
     """Cached activations beyond the in-memory budget go to owner-named memory-mapped files, removed at the end."""
-    import onnxprune.sequential as sequential
+    import onnxprune.boundary as boundary
 
     in_memory, _ = onnxprune.prune("models/vgg_bn.ts.onnx", FMNIST, ratio=0.4, sequential=True)
     monkeypatch.setenv("TMPDIR", str(tmp_path))
-    monkeypatch.setattr(sequential, "SPILL_BYTES", 1)
+    monkeypatch.setattr(boundary, "SPILL_BYTES", 1)
     spilled, _ = onnxprune.prune("models/vgg_bn.ts.onnx", FMNIST, ratio=0.4, sequential=True)
     _same_weights(spilled, in_memory, rtol=0, atol=0)
     assert not list(tmp_path.glob("onnxprune-boundary-*"))
@@ -441,13 +441,13 @@ def test_a_refitted_segment_resumes_where_its_sites_are_produced(monkeypatch) ->
 def test_spilled_batches_share_one_file_per_tensor(monkeypatch, tmp_path) -> None:
     """Every spilled batch of a tensor is appended to that tensor's one file and read back exactly
     (any shape and dtype); a tensor dropped at a cut takes its file with it."""
-    import onnxprune.sequential as sequential
+    import onnxprune.boundary as boundary
 
     monkeypatch.setenv("TMPDIR", str(tmp_path))
-    monkeypatch.setattr(sequential, "SPILL_BYTES", 1)
+    monkeypatch.setattr(boundary, "SPILL_BYTES", 1)
     rng = np.random.default_rng(0)
     values = [{"a": rng.standard_normal((n, 3, 5)).astype(np.float32), "b": rng.integers(0, 9, (n, 7))} for n in (4, 4, 3)]
-    cache = sequential.BoundaryCache()
+    cache = boundary.BoundaryCache()
     for i, batch in enumerate(values):
         for name, value in batch.items():
             cache.put(i, name, value)
