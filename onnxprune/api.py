@@ -166,9 +166,8 @@ def prune(
     with _stage(seconds, "load"):
         prepared = prepare(model, calib, exclude, batch_size, verify_samples, image_options, calib_samples, spatial_stride)
     warnings.extend(prepared.warnings)
-    original, analysis, index = prepared.original, prepared.analysis, prepared.index
+    analysis, index = prepared.analysis, prepared.index
     fit = resolve_fit(sequential, method, analysis, index)
-    sequential = fit["mode"] == "sequential"
     stats: dict[str, SiteStats] = {}
     strides = prepared.subsampled
     if method in STATS_METHODS:
@@ -178,97 +177,140 @@ def prune(
 
                 options = prepare_options(exclude, batch_size, verify_samples, image_options, calib_samples, spatial_stride)
                 statistics = collect_sharded(model, calib, max(workers, 1), scheduler, options)
-            if statistics is not None:
-                stats, strides = statistics.for_model(prepared), statistics.strides
-                statistics = None  # gathered here, its Grams go when the sequential pass drops them from `stats`
-            else:
-                stats = calibration_statistics(prepared, progress=progress)
-        release_memory(original)  # the calibration session is gone
+            stats, strides = _statistics(prepared, statistics, progress)
+            statistics = None  # gathered: its Grams go when the sequential pass drops them from `stats`
         warnings.extend(pin_undersampled(analysis, stats))
-        if not analysis.prunable:
-            needed = max(space.tensors[t].size + 1 for space in analysis.spaces for t in space.sites if t in stats)
-            raise CalibrationError(
-                f"nothing can be pruned with {prepared.calib_data.n_samples} calibration samples: every space saw fewer rows "
-                f"than it has units (up to {needed} rows needed); give more samples"
-            )
+        _check_prunable(prepared, stats)
     with _stage(seconds, "analyse"):
         cost = build_cost_model(index, analysis, recovery=method in RECOVERY)
-
     with _stage(seconds, "score"):
         scores = {s.id: score_space(s, stats, index, method, order, seed) for s in analysis.prunable}
-    def build(plan: Plan) -> onnx.ModelProto:
-        recoveries = fit_recoveries(analysis, plan, stats, RECOVERY[method]) if method in RECOVERY else None
-        return rewrite(original, analysis, plan, recoveries, index.constants)
-
-    refit: Refit | None = None
-
-    def build_final(plan: Plan, pruned: onnx.ModelProto | None = None) -> onnx.ModelProto:
-        """The pruned model: refitted sequentially when asked (and the method recovers), else `build`."""
-        nonlocal refit
-        if not (sequential and method in RECOVERY):
-            return pruned if pruned is not None else build(plan)
-        scored = allocated.errors[allocated.chosen] if isinstance(allocated, AllocationChoice) else None
-        refit = refit_or_one_shot(prepared, plan, stats, RECOVERY[method], scored, progress, fixed_shrinkage, sequential_samples,
-                                  rechoose and method == "snp")
-        warnings.extend(refit.warnings)
-        model, refit.model = refit.model, None  # one reference only: verification offloads it
-        return model
-
     with _stage(seconds, "plan"):
         planner, allocated = allocation_planner(allocation, target, prepared, scores, cost, stats, method, min_keep, round_to,
                                                  sensitivity_samples, progress, head_gain)
+    builder = ModelBuilder(prepared, stats, method, fit["mode"] == "sequential", allocated, progress, fixed_shrinkage,
+                           sequential_samples, rechoose)
     latency_result = None
     if target.kind == "latency":
         with _stage(seconds, "plan"):
-            feeds = next(iter(prepared.calib_data.batches(prepared.batch_size if prepared.static_batch else latency_batch)))
-
-            def build_with_feeds(plan: Plan) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
-                changes = cache_io_changes(analysis, plan)
-                return build(plan), {k: drop_units(v, changes.get(k)) for k, v in feeds.items()}
-
-            advance = progress("timing candidates", max_steps(planner))
-            plan, pruned, latency_result = search_latency(planner, target, original, feeds, build_with_feeds, latency_threads, advance)
+            plan, pruned, latency_result = _latency_plan(planner, target, builder, latency_batch, latency_threads, progress)
         with _stage(seconds, "rewrite"):
-            pruned = build_final(plan, pruned)
+            pruned = builder.final(plan, pruned)
     else:
         with _stage(seconds, "plan"):
             plan = planner.plan(target)
         with _stage(seconds, "rewrite"):
-            pruned = build_final(plan)
+            pruned = builder.final(plan)
+    refit = builder.refit
+    warnings.extend(builder.warnings)
     if refit is not None and refit.plan is not None:
         plan = refit.plan  # the same counts, other units where the pass chose again
     warnings.extend(misaligned_warning(analysis, plan))
     sampled = strides if stats else {}
     stats, scores = {}, {}  # what verification does not need goes before its sessions start
+    builder.stats = {}
     index.constants.forget()
     pruned, pruned_weights = offload(pruned)  # a large result waits on disk while it is verified
-    release_memory(original)
+    release_memory(prepared.original)
     with _stage(seconds, "verify"):
-        advance = progress("verifying", 1)
-        verify_data = prepared.verify_data
-        io_changes = cache_io_changes(analysis, plan)
-        fidelity = verify(original, pruned, verify_data, prepared.batch_size, io_changes)
-        release_memory(original)
-        advance(1)
+        fidelity = _verify(prepared, pruned, plan, progress)
 
-    report = _build_report(prepared.name, method, order, target, plan, analysis, cost, original, pruned, prepared.data, prepared.calib_data, verify_data, fidelity)
+    report = _build_report(prepared.name, method, order, target, plan, analysis, cost, prepared.original, pruned, prepared.data,
+                           prepared.calib_data, prepared.verify_data, fidelity)
     report.warnings, report.seconds = warnings, seconds
-    report.io_changes = _io_shapes(pruned, io_changes)
+    report.io_changes = _io_shapes(pruned, cache_io_changes(analysis, plan))
     report.spatial_strides = sampled
-    _add_fit_notes(report, sequential, method in RECOVERY, refit.result if refit else None, latency_result)
+    _add_fit_notes(report, fit["mode"] == "sequential", method in RECOVERY, refit.result if refit else None, latency_result)
     report.fit = fit
-    names = {s.id: s.name for s in analysis.spaces}
+    _add_allocation_notes(report, allocated, {s.id: s.name for s in analysis.spaces})
+    pruned = with_weights_in_memory(pruned)
+    for weights in (prepared.weights, pruned_weights, refit.weights if refit else None):
+        if weights is not None:
+            weights.close()
+    return PruneResult(pruned, report)
+
+
+def _statistics(prepared: Prepared, statistics: Statistics | None, progress: ProgressFactory) -> tuple[dict[str, SiteStats], dict[str, int]]:
+    """The calibration statistics (gathered from shards when given) and the spatial strides they used."""
+    if statistics is not None:
+        stats, strides = statistics.for_model(prepared), statistics.strides
+    else:
+        stats, strides = calibration_statistics(prepared, progress=progress), prepared.subsampled
+    release_memory(prepared.original)  # the calibration session is gone
+    return stats, strides
+
+
+def _check_prunable(prepared: Prepared, stats: dict[str, SiteStats]) -> None:
+    """A clear error when undersampled sites left nothing to prune."""
+    analysis = prepared.analysis
+    if not analysis.prunable:
+        needed = max(space.tensors[t].size + 1 for space in analysis.spaces for t in space.sites if t in stats)
+        raise CalibrationError(
+            f"nothing can be pruned with {prepared.calib_data.n_samples} calibration samples: every space saw fewer rows "
+            f"than it has units (up to {needed} rows needed); give more samples"
+        )
+
+
+class ModelBuilder:
+    """Plans become models: `build` folds the one-shot recoveries (what the planners compare),
+    `final` refits sequentially when asked (and the method recovers), keeping the pass's `refit`."""
+
+    def __init__(self, prepared: Prepared, stats: dict[str, SiteStats], method: str, sequential: bool, allocated,
+                 progress: ProgressFactory, shrinkage: float | None, samples: int, rechoose: bool):
+        self.prepared, self.stats, self.method, self.allocated, self.progress = prepared, stats, method, allocated, progress
+        self.sequential = sequential and method in RECOVERY
+        self.shrinkage, self.samples, self.rechoose = shrinkage, samples, rechoose and method == "snp"
+        self.refit: Refit | None = None
+        self.warnings: list[str] = []
+
+    def build(self, plan: Plan) -> onnx.ModelProto:
+        analysis = self.prepared.analysis
+        recoveries = fit_recoveries(analysis, plan, self.stats, RECOVERY[self.method]) if self.method in RECOVERY else None
+        return rewrite(self.prepared.original, analysis, plan, recoveries, self.prepared.index.constants)
+
+    def final(self, plan: Plan, pruned: onnx.ModelProto | None = None) -> onnx.ModelProto:
+        """The pruned model: refitted sequentially when asked, else `pruned` or `build(plan)`."""
+        if not self.sequential:
+            return pruned if pruned is not None else self.build(plan)
+        allocated = self.allocated
+        scored = allocated.errors[allocated.chosen] if isinstance(allocated, AllocationChoice) else None
+        self.refit = refit_or_one_shot(self.prepared, plan, self.stats, RECOVERY[self.method], scored, self.progress, self.shrinkage,
+                                       self.samples, self.rechoose)
+        self.warnings.extend(self.refit.warnings)
+        model, self.refit.model = self.refit.model, None  # one reference only: verification offloads it
+        return model
+
+
+def _latency_plan(planner, target: Target, builder: ModelBuilder, latency_batch: int, latency_threads: int, progress: ProgressFactory):
+    """The plan of a latency target, searched by timing the rewritten candidates against the original."""
+    prepared = builder.prepared
+    feeds = next(iter(prepared.calib_data.batches(prepared.batch_size if prepared.static_batch else latency_batch)))
+
+    def build_with_feeds(plan: Plan) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+        changes = cache_io_changes(prepared.analysis, plan)
+        return builder.build(plan), {k: drop_units(v, changes.get(k)) for k, v in feeds.items()}
+
+    advance = progress("timing candidates", max_steps(planner))
+    return search_latency(planner, target, prepared.original, feeds, build_with_feeds, latency_threads, advance)
+
+
+def _verify(prepared: Prepared, pruned: onnx.ModelProto, plan: Plan, progress: ProgressFactory) -> list:
+    """The pruned model's outputs against the original's on the held-out samples."""
+    advance = progress("verifying", 1)
+    fidelity = verify(prepared.original, pruned, prepared.verify_data, prepared.batch_size, cache_io_changes(prepared.analysis, plan))
+    release_memory(prepared.original)
+    advance(1)
+    return fidelity
+
+
+def _add_allocation_notes(report: PruneReport, allocated, names: dict[int, str]) -> None:
+    """What the allocation measured: the sensitivities, auto's candidates or the stream gains."""
     if isinstance(allocated, Sensitivity):
         report.sensitivity = allocated.summary(names)
     elif isinstance(allocated, AllocationChoice):
         report.allocation = allocated.summary(names)
     elif isinstance(allocated, StreamGains):
         report.allocation = {"stream": allocated.summary(names)}
-    pruned = with_weights_in_memory(pruned)
-    for weights in (prepared.weights, pruned_weights, refit.weights if refit else None):
-        if weights is not None:
-            weights.close()
-    return PruneResult(pruned, report)
 
 
 def check_options(method: str, allocation: str, order: str, batch_size: int, latency_batch: int,
