@@ -16,6 +16,7 @@ import onnx
 
 from .graph import GraphIndex, get_attr
 from .grow import Alias, Grower, Regrow, append_new, producer_output, root_placement
+from .ops import op_key
 from .rules.matmul import linear_weight_axes
 from .rules.recurrent import state_site
 from .spaces import (
@@ -102,7 +103,7 @@ def _computed_weight_layers(index: GraphIndex, first_id: int) -> list[Space]:
     are not analysed, and the report says so as pinned spaces."""
     found = []
     for node in index.nodes:
-        if node.op_type not in LINEAR or len(node.input) < 2 or producer_output(index, node) is not None:
+        if op_key(node) not in LINEAR or len(node.input) < 2 or producer_output(index, node) is not None:
             continue
         weight, shape = node.input[1], index.shape(node.input[1])
         source = _stored_weight_source(index, weight)
@@ -123,7 +124,7 @@ def _stored_weight_source(index: GraphIndex, name: str) -> onnx.NodeProto | None
     node = index.producer.get(name)
     first = node
     for _ in range(8):
-        if node is None or node.op_type not in WEIGHT_OPS or not node.input:
+        if node is None or op_key(node) not in WEIGHT_OPS or not node.input:
             return None
         if node.input[0] in index.initializer_names:
             return first

@@ -15,6 +15,7 @@ import numpy as np
 import onnx
 
 from .graph import IMPLICIT, GraphIndex, get_attr
+from .ops import op_key
 from .placement import Placement, Segment
 from .rules import CARRY, CONSUME, PRODUCE, Carry, Coarsen, Effect, Flattened, Lock, Pin, Produced, SizeFollows, SizeRead, Through
 from .rules.registry import slice_param, through
@@ -40,7 +41,7 @@ def append_new(items: list, item) -> None:
 
 def producer_output(index: GraphIndex, node: onnx.NodeProto) -> Produced | None:
     """(output tensor, unit axis, n) when `node` creates units we can remove, else None."""
-    rule = PRODUCE.get(node.op_type)
+    rule = PRODUCE.get(op_key(node))
     return None if rule is None else rule.output(index, node)
 
 
@@ -244,7 +245,7 @@ class Grower:
             return
         if label not in self.space.producers:
             self.space.producers.append(label)
-            self.apply(PRODUCE[node.op_type].slices(self.index, node, self.space.n))
+            self.apply(PRODUCE[op_key(node)].slices(self.index, node, self.space.n))
         if any(fnmatch.fnmatchcase(label, pattern) for pattern in self.exclude):
             self.pin(f"producer '{label}' is excluded by --exclude")
 
@@ -259,7 +260,7 @@ class Grower:
             if use.index == IMPLICIT:
                 self.pin(f"{use.node.op_type} '{index.label(use.node)}' reads the units inside its subgraph (If/Loop/Scan bodies are not followed)")
                 continue
-            rule = CONSUME.get(use.node.op_type)
+            rule = CONSUME.get(op_key(use.node))
             effects = None if rule is None else rule(index, use.node, use.index, name, placement)
             if effects is None:
                 self.visit(use.node, name, placement)
@@ -268,7 +269,7 @@ class Grower:
 
     def visit(self, node: onnx.NodeProto, name: str, placement: Placement) -> None:
         """An op that units reach on tensor `name`: apply its carry rule."""
-        index, op = self.index, node.op_type
+        index, op = self.index, op_key(node)
         label = index.label(node)
         extra_outputs = [o for o in node.output[1:] if index.is_read(o)]
         if extra_outputs and op != "Split":

@@ -1,5 +1,18 @@
 """Operator tables: how each ONNX op treats a unit (channel / feature) axis."""
 
+import onnx
+
+# Ops of other domains are never taken for the standard op of the same name: onnxruntime's
+# com.microsoft.nchwc Conv reads blocked weights and channel counts, for instance.
+STANDARD_DOMAINS = frozenset({"", "ai.onnx"})
+
+
+def op_key(node: onnx.NodeProto) -> str:
+    """The name the op tables and rule registries know `node` by: its op type for a standard
+    ONNX op, qualified by its domain otherwise (so that no rule matches it)."""
+    return node.op_type if node.domain in STANDARD_DOMAINS else f"{node.domain}.{node.op_type}"
+
+
 # Element-wise ops with one data input: unit i of the output depends only on unit i of the input.
 UNARY_PASS_THROUGH = frozenset({
     "Relu", "LeakyRelu", "Clip", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "Gelu", "Erf",

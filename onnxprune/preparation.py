@@ -17,6 +17,7 @@ from .data import CalibrationData, load_calibration
 from .errors import CalibrationError, ModelError, TargetError
 from .graph import GraphIndex, fixed_batch_size
 from .load import load_model, map_large_allocations
+from .ops import STANDARD_DOMAINS
 from .sources import ImageOptions
 from .stats import SiteStats
 from .tidy import shapes_and_index
@@ -59,6 +60,15 @@ def prepare_options(exclude, batch_size, verify_samples, image_options, calib_sa
     """The options of `prepare`, as keywords (shards rebuild the same preparation)."""
     return dict(exclude=tuple(exclude), batch_size=batch_size, verify_samples=verify_samples, image_options=image_options,
                 calib_samples=calib_samples, spatial_stride=spatial_stride)
+
+
+def _other_domains_hint(model: onnx.ModelProto) -> str:
+    """Names the ops of non-standard domains (onnxruntime's fused and blocked-layout ops), which no rule reads."""
+    found = sorted({f"{n.domain}.{n.op_type}" for n in model.graph.node if n.domain not in STANDARD_DOMAINS})
+    if not found:
+        return ""
+    return (f"; ops of other domains are not analysed ({', '.join(found[:4])}{', ...' if len(found) > 4 else ''}): "
+            "prune the model as exported, before onnxruntime's offline optimisations")
 
 
 def _time_first_hint(model: onnx.ModelProto) -> str:
@@ -107,7 +117,7 @@ def prepare(
     analysis = analyse(original, list(exclude), index=index)
     if not analysis.prunable:
         reasons = "; ".join(f"{s.name}: {s.pinned[0]}" for s in analysis.spaces[:3]) or "no Conv/Gemm/MatMul with constant weights"
-        raise ModelError(f"nothing to prune in '{name}': {len(analysis.spaces)} spaces found, none prunable ({reasons})")
+        raise ModelError(f"nothing to prune in '{name}': {len(analysis.spaces)} spaces found, none prunable ({reasons})" + _other_domains_hint(original))
     notes += use_pooled_inputs(analysis, shapes, calib_data.n_samples)
     if spatial_stride != "auto" and (not isinstance(spatial_stride, int) or spatial_stride < 1):
         raise TargetError(f"--spatial-stride must be 'auto' or a positive integer, got {spatial_stride!r}")

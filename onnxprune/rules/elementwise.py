@@ -11,11 +11,11 @@ from ..placement import Placement
 from ..spaces import ParamSlice
 from .registry import Carry, Effect, Pin, carries, through
 
-# Element-wise activations with a per-unit bias input (onnxruntime contrib ops): broadcasting.
-BIASED_ACTIVATIONS = frozenset({"PRelu", "FastGelu", "BiasGelu", "QuickGelu"})
+# Element-wise activations with a per-unit bias input (and onnxruntime contrib ops, by `op_key`): broadcasting.
+BIASED_ACTIVATIONS = frozenset({"PRelu", "com.microsoft.FastGelu", "com.microsoft.BiasGelu", "com.microsoft.QuickGelu"})
 
 
-@carries(*sorted(UNARY_PASS_THROUGH - BIASED_ACTIVATIONS))
+@carries(*sorted(UNARY_PASS_THROUGH - BIASED_ACTIVATIONS), "com.microsoft.Gelu")
 def unary(index: GraphIndex, node: onnx.NodeProto, tensor: str, placement: Placement) -> list[Effect]:
     """Unit i of the output depends only on unit i of the input."""
     return through(index.label(node), node.input[0], node.output[0], placement)

@@ -11,7 +11,9 @@ from ..placement import Placement
 from ..spaces import Consumer, ParamSlice
 from .registry import Carry, Effect, Pin, Produced, Through, carries, consumes, produces, read_by, through
 
-FUSED_ATTENTION = frozenset({"Attention", "MultiHeadAttention", "GroupQueryAttention", "PackedAttention", "DecoderMaskedMultiHeadAttention", "EmbedLayerNormalization"})
+# ONNX's own Attention (opset 23) and onnxruntime's contrib ops (`op_key` names)
+FUSED_ATTENTION = frozenset({"Attention", *(f"com.microsoft.{op}" for op in ("Attention", "MultiHeadAttention", "GroupQueryAttention", "PackedAttention",
+                                                                            "DecoderMaskedMultiHeadAttention", "EmbedLayerNormalization"))})
 
 
 def _gemm_output(index: GraphIndex, node: onnx.NodeProto) -> Produced | None:

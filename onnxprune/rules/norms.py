@@ -14,7 +14,8 @@ from .conv_pool import not_whole_groups, per_channel
 from .registry import Effect, Pin, carries, slice_param, through
 from .shapes import axis_mover
 
-HIDDEN_NORMS = frozenset({"LayerNormalization", "SimplifiedLayerNormalization", "SkipLayerNormalization", "SkipSimplifiedLayerNormalization", "RMSNormalization"})
+HIDDEN_NORMS = frozenset({"LayerNormalization", "SimplifiedLayerNormalization", "com.microsoft.SkipLayerNormalization",
+                          "com.microsoft.SkipSimplifiedLayerNormalization", "RMSNormalization"})  # (`op_key` names)
 
 
 @carries(*sorted(CHANNEL_PARAM_OPS))
