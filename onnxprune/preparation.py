@@ -62,13 +62,20 @@ def prepare_options(exclude, batch_size, verify_samples, image_options, calib_sa
                 calib_samples=calib_samples, spatial_stride=spatial_stride)
 
 
-def _other_domains_hint(model: onnx.ModelProto) -> str:
-    """Names the ops of non-standard domains (onnxruntime's fused and blocked-layout ops), which no rule reads."""
+QUANTISED_OPS = frozenset({"QLinearConv", "QLinearMatMul", "ConvInteger", "MatMulInteger", "DynamicQuantizeLinear", "DequantizeLinear"})
+
+
+def _unanalysed_ops_hint(model: onnx.ModelProto) -> str:
+    """Names the ops no rule reads that make whole models unprunable: other domains than ONNX's
+    (onnxruntime's fused and blocked-layout ops) and quantised layers."""
     found = sorted({f"{n.domain}.{n.op_type}" for n in model.graph.node if n.domain not in STANDARD_DOMAINS})
-    if not found:
-        return ""
-    return (f"; ops of other domains are not analysed ({', '.join(found[:4])}{', ...' if len(found) > 4 else ''}): "
-            "prune the model as exported, before onnxruntime's offline optimisations")
+    if found:
+        return (f"; ops of other domains are not analysed ({', '.join(found[:4])}{', ...' if len(found) > 4 else ''}): "
+                "prune the model as exported, before onnxruntime's offline optimisations")
+    quantised = sorted({n.op_type for n in model.graph.node if n.op_type in QUANTISED_OPS})
+    if quantised:
+        return f"; quantised layers are not analysed ({', '.join(quantised)}): prune the float model, then quantise it"
+    return ""
 
 
 def _time_first_hint(model: onnx.ModelProto) -> str:
@@ -117,7 +124,7 @@ def prepare(
     analysis = analyse(original, list(exclude), index=index)
     if not analysis.prunable:
         reasons = "; ".join(f"{s.name}: {s.pinned[0]}" for s in analysis.spaces[:3]) or "no Conv/Gemm/MatMul with constant weights"
-        raise ModelError(f"nothing to prune in '{name}': {len(analysis.spaces)} spaces found, none prunable ({reasons})" + _other_domains_hint(original))
+        raise ModelError(f"nothing to prune in '{name}': {len(analysis.spaces)} spaces found, none prunable ({reasons})" + _unanalysed_ops_hint(original))
     notes += use_pooled_inputs(analysis, shapes, calib_data.n_samples)
     if spatial_stride != "auto" and (not isinstance(spatial_stride, int) or spatial_stride < 1):
         raise TargetError(f"--spatial-stride must be 'auto' or a positive integer, got {spatial_stride!r}")

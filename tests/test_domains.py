@@ -81,3 +81,16 @@ def test_a_model_optimised_by_onnxruntime_is_refused_with_the_reason(tmp_path) -
             onnxprune.prune(optimised, {"x": x}, ratio=0.3)
     if not checked:
         pytest.skip("onnxruntime fused nothing on this machine")
+
+
+def test_a_quantised_model_is_refused_with_the_reason(tmp_path) -> None:
+    """Dynamic quantisation leaves no float weight to prune: the error says to prune the float model first."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    from builders import random_mlp
+
+    onnx.save(random_mlp(), tmp_path / "mlp.onnx")
+    quantize_dynamic(tmp_path / "mlp.onnx", tmp_path / "mlp.int8.onnx", weight_type=QuantType.QInt8)
+    x = np.random.default_rng(0).standard_normal((64, 20)).astype(np.float32)
+    with pytest.raises(ModelError, match="quantised layers are not analysed .*MatMulInteger.*prune the float model"):
+        onnxprune.prune(str(tmp_path / "mlp.int8.onnx"), {"x": x}, ratio=0.3)
