@@ -10,30 +10,9 @@ import onnx
 from .calibrate import make_session
 from .data import CalibrationData
 from .graph import fixed_batch_size, whole_batches
-from .verify import drop_units
+from .verify import drop_units, logit_outputs
 
-LOGIT_PRODUCERS = frozenset({"Gemm", "MatMul"})
 LOGIT_ELEMENTS = 1 << 21  # logits turned into float64 log-probabilities per step (16 MB per temporary)
-PASS_THROUGH = frozenset({"Add", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity", "Transpose", "Cast"})
-
-
-def logit_outputs(model: onnx.ModelProto) -> set[str]:
-    """Graph outputs that a Gemm/MatMul head produces (through bias adds and reshapes): logits."""
-    producer = {out: node for node in model.graph.node for out in node.output}
-    found = set()
-    for output in model.graph.output:
-        name = output.name
-        for _ in range(8):
-            node = producer.get(name)
-            if node is None:
-                break
-            if node.op_type in LOGIT_PRODUCERS:
-                found.add(output.name)
-                break
-            if node.op_type not in PASS_THROUGH:
-                break
-            name = node.input[0]
-    return found
 
 
 def _log_softmax(z: np.ndarray) -> np.ndarray:

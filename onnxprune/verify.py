@@ -24,7 +24,7 @@ class OutputFidelity:
     relative_l2: float
     cosine: float
     max_abs: float
-    top1_agreement: float | None
+    top1_agreement: float | None  # argmax agreement per row of a 2-D float output, per position of logits (a language model's next token)
 
 
 def check_model(model: onnx.ModelProto) -> None:
@@ -32,6 +32,29 @@ def check_model(model: onnx.ModelProto) -> None:
     problem = checker_problem(model, full_check=True)
     if problem:
         raise ModelError(f"the pruned model fails onnx.checker: {problem}")
+
+
+LOGIT_PRODUCERS = frozenset({"Gemm", "MatMul"})
+PASS_THROUGH = frozenset({"Add", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity", "Transpose", "Cast"})
+
+
+def logit_outputs(model: onnx.ModelProto) -> set[str]:
+    """Graph outputs that a Gemm/MatMul head produces (through bias adds and reshapes): logits."""
+    producer = {out: node for node in model.graph.node for out in node.output}
+    found = set()
+    for output in model.graph.output:
+        name = output.name
+        for _ in range(8):
+            node = producer.get(name)
+            if node is None:
+                break
+            if node.op_type in LOGIT_PRODUCERS:
+                found.add(output.name)
+                break
+            if node.op_type not in PASS_THROUGH:
+                break
+            name = node.input[0]
+    return found
 
 
 CHUNK = 1 << 20  # output elements compared per step
@@ -42,11 +65,12 @@ class _Agreement:
     """Running sums for one output, batch by batch (a language model's logits over the
     verification samples would not fit in memory at once)."""
 
-    def __init__(self, name: str):
+    def __init__(self, name: str, logits: bool = False):
         self.name = name
         self.ref2 = self.got2 = self.dot = self.diff2 = self.max_abs = 0.0
         self.matches = self.rows = 0
         self.classes = True
+        self.logits = logits  # scores over the last axis at every position (`logit_outputs`)
 
     def add(self, ref: np.ndarray, got: np.ndarray) -> None:
         if got.shape != ref.shape:
@@ -61,10 +85,11 @@ class _Agreement:
             got64 -= ref64
             self.diff2 += float(got64 @ got64)
             self.max_abs = max(self.max_abs, float(np.max(np.abs(got64), initial=0.0)))
-        self.classes = self.classes and ref.ndim == 2 and ref.shape[1] > 1
+        self.classes = self.classes and np.issubdtype(ref.dtype, np.floating) and ref.ndim >= 2 and ref.shape[-1] > 1 \
+            and (ref.ndim == 2 or self.logits)
         if self.classes:
-            self.matches += int(np.sum(ref.argmax(axis=1) == got.argmax(axis=1)))
-            self.rows += len(ref)
+            self.matches += int(np.sum(ref.argmax(axis=-1) == got.argmax(axis=-1)))
+            self.rows += ref.size // ref.shape[-1]
 
     def result(self) -> OutputFidelity:
         norm, diff = np.sqrt(self.ref2), np.sqrt(self.diff2)
@@ -194,7 +219,8 @@ def verify(
         reference_session = None
         release_memory(original)
     pruned_session = make_session(pruned)
-    agreements = {name: _Agreement(name) for name in names}
+    logits = logit_outputs(original)
+    agreements = {name: _Agreement(name, name in logits) for name in names}
     probe: _Probe | None = None
     take = None if fixed_batch_size(pruned) else 1 if original_bytes >= LARGE_MODEL else CHECK_SAMPLES
     for i, batch in enumerate(batches):

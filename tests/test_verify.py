@@ -96,3 +96,30 @@ def test_the_optimisation_probe_keeps_time_first_outputs_aligned_with_their_inpu
     assert _on_off_difference(model, probe.original_inputs, probe.original_outputs)["logits"] < 1e-3
     flat = {"logits": np.zeros((20, 11), dtype=np.float32)}
     assert len(_probe(batch, flat, batch, flat, 8).original_inputs["input"]) == 8
+
+
+def test_top1_agreement_per_position_for_logits_and_none_for_integer_outputs():
+    """A language model's logits [N, T, V] get the next-token agreement over every position; an
+    integer output passed through gets none; other 3-D outputs none."""
+    from onnxprune.verify import _Agreement
+
+    rng = np.random.default_rng(0)
+    ref = rng.normal(size=(4, 6, 11)).astype(np.float32)
+    got = ref + 0.5 * rng.normal(size=ref.shape).astype(np.float32)
+    logits, other = _Agreement("logits", logits=True), _Agreement("hidden")
+    logits.add(ref[:3], got[:3])
+    logits.add(ref[3:], got[3:])
+    other.add(ref, got)
+    want = np.mean(ref.argmax(-1) == got.argmax(-1))
+    assert 0 < want < 1 and logits.result().top1_agreement == pytest.approx(want)
+    assert other.result().top1_agreement is None
+    ids = _Agreement("ids")
+    ids.add(np.arange(12).reshape(3, 4), np.arange(12).reshape(3, 4))
+    assert ids.result().top1_agreement is None and ids.result().relative_l2 == 0
+
+
+def test_a_language_model_reports_its_next_token_agreement():
+    calib = dict(np.load("models/transformers/calib_tokens.npz"))
+    _, report = onnxprune.prune("models/transformers/llama_tiny.ts.onnx", calib, ratio=0.3)
+    (logits,) = report.fidelity
+    assert logits.name == "logits" and 0 < logits.top1_agreement < 1
