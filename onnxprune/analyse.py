@@ -82,7 +82,9 @@ def analyse(model: onnx.ModelProto, exclude: list[str] | None = None, index: Gra
         _attach_pooled_sources(index, space)
         if len(space.locked) == space.n and not space.pinned:
             space.pinned.extend(space.lock_reasons)  # nothing left to prune
-        if not space.consumers and not space.pinned:
+        if space.derived is not None and space.consumers and not space.pinned:
+            space.pinned.append(f"Gather '{space.derived.node}' repeats these units and a linear layer reads them too")
+        if not space.consumers and not space.pinned and space.derived is None:
             space.pinned.append("no linear layer reads these units")
         if len({(space.tensors[t].block, space.tensors[t].repeats) for t in space.sites}) > 1:
             space.pinned.append("consumers read the units with different layouts")

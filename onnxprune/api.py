@@ -25,7 +25,7 @@ from .plan import ALLOCATIONS, DEFAULT_ALLOCATION, Plan, Target, misaligned_warn
 from .preparation import Prepared, calibration_statistics, prepare, prepare_options
 from .recovery import Recovery, fit_recoveries, shared_sites
 from .report import PruneReport, SpaceRow
-from .rewrite import cache_io_changes, rewrite
+from .rewrite import cache_io_changes, pruned_spaces, rewrite
 from .score import DEFAULT_ORDER, METHODS, ORDERS, RECOVERY, STATS_METHODS, score_space
 from .selection import AllocationChoice
 from .sensitivity import Sensitivity
@@ -552,15 +552,17 @@ def _build_report(
     sample_shapes = data.sample_shapes()
     macs_before = count_macs(GraphIndex(original, static_shapes(original, sample_shapes)))
     macs_after = count_macs(GraphIndex(pruned, static_shapes(pruned, sample_shapes)))
-    fractions = plan.fractions()
+    derived = {s.id: p for s, p in pruned_spaces(analysis, plan) if s.derived is not None}  # KV heads gone with their query heads
+    fractions = {**plan.fractions(), **{sid: p.fraction for sid, p in derived.items()}}
     rows = []
     for space in analysis.spaces:
-        kept = len(plan.spaces[space.id].keep) if space.id in plan.spaces else space.n
+        space_plan = plan.spaces.get(space.id, derived.get(space.id))
+        kept = len(space_plan.keep) if space_plan is not None else space.n
         terms = [t for p in space.producers for t in cost.node_terms(p)]
         rows.append(SpaceRow(
             space.name, list(space.producers), space.n, kept,
             int(sum(t.base for t in terms)), int(round(cost.evaluate(terms, fractions))),
-            list(space.pinned), len(space.locked), list(space.lock_reasons),
+            list(space.pinned), len(space.locked), list(space.lock_reasons), None if space.derived is None else space.derived.node,
         ))
     return PruneReport(
         model=name, method=method, order=order, target={target.kind: target.value}, threshold=plan.threshold,

@@ -1,6 +1,6 @@
 """Index moves written as one Gather on the loaded copy, before the analysis: ShuffleNet's
-channel shuffle (a permutation) and multi-query attention's `repeat_kv` (the one KV head
-repeated for every query head). A Gather with constant indices says per position which unit
+channel shuffle (a permutation) and attention's `repeat_kv` (each KV head repeated for the
+query heads of its group). A Gather with constant indices says per position which unit
 it holds, so the op rules can carry units of several spaces through it (`rules/slicing.py`)
 and the rewrite can drop any of them, where the grouped views could only lose the same count
 from every group."""
@@ -91,11 +91,10 @@ def _shuffle(index: GraphIndex, first: onnx.NodeProto) -> Found | None:
 
 
 def _repeat(index: GraphIndex, first: onnx.NodeProto) -> Found | None:
-    """repeat_kv of multi-query attention (Falcon's): Unsqueeze [.., 1, ..] -> [.., 1, 1, ..],
-    Expand to [.., 1, H, ..], Reshape to [.., H, ..]: every query head reads the one KV head,
-    which is kept (`Lock`), and the query heads become prunable. With several KV heads (GQA) the
-    heads of a KV group stay one unit: the KV projections stay prunable, and per-query-head units
-    (this Gather for kv > 1) measured no better on SmolLM2 (docs/transformers.md)."""
+    """repeat_kv: Unsqueeze [.., kv, ..] -> [.., kv, 1, ..], Expand to [.., kv, rep, ..], Reshape
+    to [.., kv x rep, ..]: query head j reads KV head j div rep. The query heads become units;
+    the one KV head of multi-query attention (Falcon) is kept (`Lock`), grouped-query KV heads
+    go with the last query head that reads them (`spaces.DerivedFrom`, docs/design.md)."""
     expand = _only_reader(index, first.output[0], "Expand")
     last = _only_reader(index, expand.output[0], "Reshape") if expand is not None else None
     shapes = _static(index, first.input[0], first.output[0], expand.output[0], last.output[0]) if last is not None else None
@@ -109,6 +108,6 @@ def _repeat(index: GraphIndex, first: onnx.NodeProto) -> Found | None:
         return None
     heads, rep = source[axis], expanded[axis + 1] if axis + 1 < len(expanded) else 0
     if inserted != (*source[:axis + 1], 1, *source[axis + 1:]) or expanded != (*source[:axis + 1], rep, *source[axis + 1:]) \
-            or merged != (*source[:axis], heads * rep, *source[axis + 1:]) or rep < 2 or heads != 1:
+            or merged != (*source[:axis], heads * rep, *source[axis + 1:]) or rep < 2:
         return None
     return first, last, axis, np.repeat(np.arange(heads), rep)

@@ -19,7 +19,19 @@ from .ops import op_key
 from .placement import Placement, Segment
 from .rules import CARRY, CONSUME, PRODUCE, Carry, Coarsen, Effect, Flattened, Lock, Pin, Produced, SizeFollows, SizeRead, Through
 from .rules.registry import slice_param, through
-from .spaces import CACHE_NAME, AttrUpdate, CacheIO, Consumer, IndexUpdate, ParamSlice, RecurrentRead, ShapeUpdate, Space, WindowUpdate
+from .spaces import (
+    CACHE_NAME,
+    AttrUpdate,
+    CacheIO,
+    Consumer,
+    DerivedFrom,
+    IndexUpdate,
+    ParamSlice,
+    RecurrentRead,
+    ShapeUpdate,
+    Space,
+    WindowUpdate,
+)
 
 RECORDS = {ParamSlice: "slices", AttrUpdate: "attrs", ShapeUpdate: "reshapes", WindowUpdate: "windows", IndexUpdate: "indices", RecurrentRead: "recurrent_reads"}
 
@@ -187,6 +199,10 @@ class Grower:
             elif isinstance(effect, Consumer):
                 append_new(self.space.consumers, effect)
                 append_new(self.space.sites, effect.site)
+            elif isinstance(effect, DerivedFrom):
+                if self.space.derived not in (None, effect):
+                    self.pin(f"Gathers '{self.space.derived.node}' and '{effect.node}' both repeat these units")
+                self.space.derived = effect
             else:
                 append_new(getattr(self.space, RECORDS[type(effect)]), effect)
 

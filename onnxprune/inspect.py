@@ -33,6 +33,7 @@ class SpaceInfo:
     samples_needed: int | None = None  # calibration samples for more rows than units at every site
     locked: int = 0  # units always kept (a multi-query KV head), and why
     lock_reasons: list[str] = field(default_factory=list)
+    derived_from: str | None = None  # the Gather repeating these units (grouped-query KV heads): they go with its query heads
 
 
 @dataclass
@@ -58,12 +59,15 @@ class InspectReport:
         for column in ("space (first producer)", "units", "producers", "consumers", "MACs", "samples needed"):
             prunable.add_column(column, justify="left" if column.startswith("space") else "right", overflow="fold")
         for space in self.spaces:
-            if not space.pinned:
+            if not space.pinned and space.derived_from is None:
                 needed = "?" if space.samples_needed is None else str(space.samples_needed)
                 prunable.add_row(space.name, str(space.units), str(len(space.producers)), str(len(space.consumers)), f"{space.macs:,}", needed)
         console.print(prunable)
         print_lock_notes(console, self.spaces)
-        needed = [s.samples_needed for s in self.spaces if not s.pinned and s.samples_needed is not None]
+        for space in self.spaces:
+            if space.derived_from is not None and not space.pinned:
+                console.print(f"'{space.name}': {space.units} KV heads, each removed with every query head that Gather '{space.derived_from}' repeats it for")
+        needed = [s.samples_needed for s in self.spaces if not s.pinned and s.derived_from is None and s.samples_needed is not None]
         if needed:
             console.print(f"calibration: with at least {max(needed)} samples (plus the held-out ones) every prunable space sees "
                           "more rows than it has units; a space with fewer is not pruned")
@@ -109,6 +113,7 @@ def inspect_model(model: str | Path | onnx.ModelProto, input_shapes: dict[str, t
             space.name, space.n, list(space.producers), sorted({c.node for c in space.consumers}), list(space.pass_through),
             list(space.sites), int(sum(t.base for p in space.producers for t in cost.node_terms(p))), list(space.pinned),
             samples_needed(space, index.shapes), len(space.locked), list(space.lock_reasons),
+            None if space.derived is None else space.derived.node,
         )
         for space in analysis.spaces
     ]

@@ -25,6 +25,7 @@ class SpaceRow:
     pinned: list[str] = field(default_factory=list)
     locked: int = 0  # units always kept (a multi-query KV head), and why
     lock_reasons: list[str] = field(default_factory=list)
+    derived_from: str | None = None  # grouped-query KV heads: removed with every query head this Gather repeats them for
 
 
 def print_lock_notes(console: Console, spaces: list) -> None:

@@ -168,8 +168,27 @@ class ConstantEdits:
 
 
 def pruned_spaces(analysis: Analysis, plan: Plan) -> list[tuple[Space, SpacePlan]]:
-    """The prunable spaces that lose units under `plan`, with their plans."""
-    return [(s, plan.spaces[s.id]) for s in analysis.prunable if s.id in plan.spaces and len(plan.spaces[s.id].prune)]
+    """The prunable spaces that lose units under `plan`, with their plans, and the derived
+    spaces (grouped-query KV heads) that lose units with them."""
+    found = [(s, plan.spaces[s.id]) for s in analysis.prunable if s.id in plan.spaces and len(plan.spaces[s.id].prune)]
+    return found + derived_plans(analysis, found)
+
+
+def derived_plans(analysis: Analysis, pruned: list[tuple[Space, SpacePlan]]) -> list[tuple[Space, SpacePlan]]:
+    """A derived space's unit goes when every position repeating it at the Gather's output is
+    removed by the space there (`spaces.DerivedFrom`)."""
+    found = []
+    for space in analysis.derived:
+        link = space.derived
+        source = next(((s, p) for s, p in pruned if link.output in s.tensors), None)
+        if source is None:
+            continue
+        gone = np.isin(np.arange(len(link.picks)), source[0].tensors[link.output].element_positions_of(source[1].prune))
+        picks = np.asarray(link.picks)
+        prune = np.array([u for u in range(space.n) if gone[picks == u].all()], dtype=np.int64)
+        if len(prune):
+            found.append((space, SpacePlan(space.id, space.n, np.setdiff1d(np.arange(space.n), prune), prune)))
+    return found
 
 
 def removed_slots(spaces: list[tuple[Space, SpacePlan]]) -> tuple[dict[str, np.ndarray], dict[str, int], dict[str, int]]:
@@ -336,8 +355,13 @@ class Rewriter(FoldMixin):
             self.edits.set(update.node, 1, sizes)
 
     def _renumber(self, update: IndexUpdate, removed: np.ndarray) -> None:
-        """A permuting Gather's indices without the removed positions, renumbered to the kept ones."""
+        """A permuting Gather's indices without the removed positions, renumbered to the kept ones;
+        a repeating Gather's renumbered only (the entries of removed units go with the space on its output)."""
         picks = self.edits.get(update.node, 1)
+        if update.repeats:
+            values = picks.astype(np.int64)
+            self.edits.set(update.node, 1, (values - np.searchsorted(removed, values)).astype(picks.dtype))
+            return
         size = len(picks)
         normal = picks.astype(np.int64) % size
         kept = normal[~np.isin(normal, removed)]
@@ -354,10 +378,7 @@ class Rewriter(FoldMixin):
 def cache_io_changes(analysis: Analysis, plan: Plan) -> dict[str, tuple[int, np.ndarray]]:
     """Graph inputs/outputs (KV caches) whose unit axis shrinks: name -> (axis, removed elements)."""
     changes = {}
-    for space in analysis.prunable:
-        space_plan = plan.spaces.get(space.id)
-        if space_plan is None or not len(space_plan.prune):
-            continue
+    for space, space_plan in pruned_spaces(analysis, plan):
         for io in space.cache_io:
             placement = space.tensors[io.tensor]
             changes[io.tensor] = (placement.axis, placement.element_positions_of(space_plan.prune))

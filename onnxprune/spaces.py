@@ -64,10 +64,25 @@ class WindowUpdate:
 @dataclass(frozen=True)
 class IndexUpdate:
     """A Gather whose constant indices permute the unit axis of `tensor` (a channel shuffle,
-    `onnxprune.gathers`): the rewrite drops the removed positions from them and renumbers the rest."""
+    `onnxprune.gathers`): the rewrite drops the removed positions from them and renumbers the
+    rest. `repeats`: the indices repeat the units of `tensor`, the Gather's input (grouped-query
+    attention's repeat_kv): they are renumbered only (the space on the output drops entries)."""
 
     node: str
     tensor: str
+    repeats: bool = False
+
+
+@dataclass(frozen=True)
+class DerivedFrom:
+    """The space's units reach Gather `node` as its input, each repeated at several positions of
+    its `output` (repeat_kv: a KV head for each query head of its group, `picks[j]` the unit at
+    position j): a unit goes when the space on the output removes all of its positions, so it
+    is never scored or planned itself (`rewrite.pruned_spaces` derives its removal)."""
+
+    node: str
+    output: str
+    picks: tuple[int, ...]
 
 
 @dataclass(frozen=True)
@@ -140,6 +155,7 @@ class Space:
     pass_through: list[str] = field(default_factory=list)
     pinned: list[str] = field(default_factory=list)
     locked: set[int] = field(default_factory=set)  # units always kept (a multi-query KV head), with why
+    derived: DerivedFrom | None = None  # removed with the query heads that repeat them (grouped-query KV heads)
     lock_reasons: list[str] = field(default_factory=list)
     # a site written by a spatial mean (an SE block's or a classifier's global pooling) -> the
     # pooled input: one row per sample at the site, but a recovery of every position holds for
@@ -148,7 +164,8 @@ class Space:
 
     @property
     def prunable(self) -> bool:
-        return not self.pinned
+        """Scored and planned: not pinned, and not derived from another space's plan."""
+        return not self.pinned and self.derived is None
 
     def read_pooled_input(self, tensor: str) -> None:
         """The consumers of the pooled site `tensor` take their statistics from its input."""
@@ -169,7 +186,12 @@ class Analysis:
 
     @property
     def pinned(self) -> list[Space]:
-        return [s for s in self.spaces if not s.prunable]
+        return [s for s in self.spaces if s.pinned]
+
+    @property
+    def derived(self) -> list[Space]:
+        """Spaces whose units go with another space's (`Space.derived`)."""
+        return [s for s in self.spaces if not s.pinned and s.derived is not None]
 
     def sites(self) -> list[Site]:
         """Distinct activation sites of the prunable spaces."""

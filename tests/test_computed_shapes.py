@@ -116,9 +116,10 @@ def test_torchscript_llama_prunes_kv_groups_like_its_torch_export_twin(name):
     found = {}
     for exporter in ("ts", "dynamo"):
         report = onnxprune.inspect_model(f"models/transformers/{name}.{exporter}.onnx")
-        found[exporter] = sorted((s.units, len(s.producers)) for s in report.spaces if not s.pinned)
+        found[exporter] = sorted((s.units, len(s.producers), s.derived_from is not None) for s in report.spaces if not s.pinned)
     assert found["ts"] == found["dynamo"]
-    assert found["ts"].count((2, 3)) == 2, "two KV groups (q, k and v projections) per layer"
+    assert found["ts"].count((4, 1, False)) == 2, "one space of 4 query heads per layer"
+    assert found["ts"].count((2, 1, True)) == 4, "per layer, the 2 KV heads of k and of v go with their query heads"
 
 
 def flatten2_tokens(shape_of: str = "self") -> onnx.ModelProto:

@@ -73,6 +73,36 @@ def plant_duplicate_unit(model: onnx.ModelProto, space, source: int = 0, target:
     return target
 
 
+def head_spaces(found) -> list:
+    """Per layer, the space of its 4 query heads (BERT: with their keys and values)."""
+    return [s for s in found if not s.pinned and s.derived_from is None and s.units == 4]
+
+
+def plant_redundant_group(model: onnx.ModelProto, found) -> tuple:
+    """Layer 0: BERT's head 3 := head 0. With grouped-query attention (2 KV heads of 2 query
+    heads) the o_proj rows of KV group 1's query heads are zeroed: both heads carry nothing, so
+    both go, and their KV head with them (the k and v spaces derived from the query heads).
+    Returns (query-head space, layer 0's KV-head spaces)."""
+    heads = head_spaces(found)[0]
+    kv = [s for s in found if s.derived_from is not None][:2]  # layer 0's k and v
+    if not kv:
+        plant_duplicate_unit(model, heads)
+        return heads, kv
+    silence_heads(model, heads, [2, 3])
+    return heads, kv
+
+
+def silence_heads(model: onnx.ModelProto, heads, which: list[int]) -> None:
+    """Zero the o_proj rows (MatMul [heads x d_head, hidden]) that read these query heads."""
+    index = GraphIndex(model, shapes={})
+    weight = next(t for t in model.graph.initializer if t.name == index.node(heads.consumers[0]).input[1])
+    value = numpy_helper.to_array(weight).copy()
+    d_head = value.shape[0] // heads.units
+    for head in which:
+        value[head * d_head:(head + 1) * d_head] = 0
+    weight.CopyFrom(numpy_helper.from_array(value, weight.name))
+
+
 BOTH = ["bert_tiny.ts", "bert_tiny.dynamo", "llama_tiny.dynamo", "llama_tiny.ts"]
 
 
@@ -90,10 +120,14 @@ def test_ffn_spaces_are_found_and_the_hidden_stream_is_pinned(name):
 
 @pytest.mark.parametrize("name", BOTH)
 def test_attention_heads_are_spaces_of_whole_heads(name):
-    found = [s for s in spaces(load(name), CALIB) if len(s.producers) == 3]
-    assert len(found) == 2 and not any(s.pinned for s in found)
-    expected = 2 if name.startswith("llama") else 4  # GQA: 2 KV groups of 2 query heads; BERT: 4 heads
-    assert all(s.units == expected for s in found)
+    found = spaces(load(name), CALIB)
+    heads, kv = head_spaces(found), [s for s in found if s.derived_from is not None]
+    assert len(heads) == 2, "one space of 4 query heads per layer"
+    if name.startswith("llama"):  # GQA: 2 KV heads of 2 query heads; k and v go with their query heads
+        assert all(s.producers == [s.producers[0]] for s in heads)
+        assert len(kv) == 4 and all(s.units == 2 and not s.pinned and "gather" in s.derived_from for s in kv)
+    else:
+        assert all(len(s.producers) == 3 for s in heads) and not kv
 
 
 @pytest.mark.parametrize("name", BOTH)
@@ -111,12 +145,13 @@ def test_planted_duplicate_ffn_neurons_are_removed_exactly(name):
 
 @pytest.mark.parametrize("name", BOTH)
 def test_planted_duplicate_head_is_removed_exactly(name):
+    """BERT: a copied head goes; GQA: a silent KV group's query heads go, and its KV head with them."""
     model = load(name)
-    heads = next(s for s in spaces(model, CALIB) if len(s.producers) == 3)
-    plant_duplicate_unit(model, heads)
+    heads, kv = plant_redundant_group(model, spaces(model, CALIB))
     pruned, report = onnxprune.prune(model, feeds_for(model, CALIB, slice(None)), tolerance=1e-5)
-    rows = [r for r in report.spaces if set(r.producers) == set(heads.producers)]
-    assert [(r.kept, r.units) for r in rows] == [(heads.units - 1, heads.units)]
+    rows = {r.name: (r.kept, r.units) for r in report.spaces}
+    assert rows[heads.name] == ((2, 4) if kv else (3, 4))
+    assert [rows[s.name] for s in kv] == [(1, 2)] * len(kv)
     onnx.checker.check_model(pruned, full_check=True)
     feeds = feeds_for(model, CALIB, slice(0, 4), seq=20)
     assert relative(run(model, feeds)[0], run(pruned, feeds)[0]) < 1e-4
@@ -170,8 +205,8 @@ def test_kv_cache_model_at_ratio_0_generates_like_the_original():
 def test_pruning_a_kv_group_shrinks_the_cache_io_and_generation_still_matches(name):
     model = load(name)
     data = kv_data_with_duplicate_group(KV_CALIB)
-    heads = next(s for s in spaces(model, data) if len(s.producers) == 3)
-    plant_duplicate_unit(model, heads, source=0, target=1)
+    _, kv = plant_redundant_group(model, spaces(model, data))
+    assert kv, "grouped-query attention"
     pruned, report = onnxprune.prune(model, data, tolerance=1e-5)
     assert report.io_changes, "the report names the new cache shapes"
     assert all(shape[1] == 1 for shape in report.io_changes.values() if isinstance(shape[1], int))
@@ -252,8 +287,11 @@ def test_round_to_counts_channels_so_whole_heads_are_not_rounded_away(name):
     from onnxprune.plan import unit_width
 
     model = load(name)
-    heads = next(s for s in spaces(model, CALIB) if len(s.producers) == 3)
-    plant_duplicate_unit(model, heads)
+    heads = head_spaces(spaces(model, CALIB))[0]
+    if name.startswith("llama"):  # a query head copied from another KV group would not be redundant: one that says nothing is
+        silence_heads(model, heads, [3])
+    else:
+        plant_duplicate_unit(model, heads)
     space = next(s for s in prepare(model, feeds_for(model, CALIB, slice(None))).analysis.spaces if set(s.producers) == set(heads.producers))
     width = unit_width(space)
     assert width > 1 and heads.units % 2 == 0
@@ -261,3 +299,18 @@ def test_round_to_counts_channels_so_whole_heads_are_not_rounded_away(name):
         _, report = onnxprune.prune(model, feeds_for(model, CALIB, slice(None)), tolerance=1e-5, round_to=round_to)
         row = next(r for r in report.spaces if set(r.producers) == set(heads.producers))
         assert row.kept == kept, (round_to, row.kept)
+
+
+def test_a_kv_head_stays_while_one_of_its_query_heads_does():
+    """Grouped-query attention: of KV group 1's two query heads only head 3 says nothing; it goes
+    alone and both KV heads stay (the k and v spaces are derived from the query heads)."""
+    model = load("llama_tiny.dynamo")
+    found = spaces(model, CALIB)
+    heads, kv = head_spaces(found)[0], [s for s in found if s.derived_from is not None][:2]
+    silence_heads(model, heads, [3])
+    pruned, report = onnxprune.prune(model, feeds_for(model, CALIB, slice(None)), tolerance=1e-5)
+    rows = {r.name: (r.kept, r.units) for r in report.spaces}
+    assert rows[heads.name] == (3, 4) and [rows[s.name] for s in kv] == [(2, 2), (2, 2)]
+    assert not report.io_changes
+    feeds = feeds_for(model, CALIB, slice(0, 4), seq=20)
+    assert relative(run(model, feeds)[0], run(pruned, feeds)[0]) < 1e-4

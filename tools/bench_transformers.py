@@ -69,9 +69,10 @@ def session(model: onnx.ModelProto | Path) -> ort.InferenceSession:
 
 
 def prunable_params(prepared) -> int:
-    """Weights of the producers and consumers of the prunable spaces (FFN + attention)."""
+    """Weights of the producers and consumers of the prunable spaces (FFN + attention; grouped-query
+    KV projections, removed with their query heads, included)."""
     index, names = prepared.index, set()
-    for space in prepared.analysis.prunable:
+    for space in [*prepared.analysis.prunable, *prepared.analysis.derived]:
         names.update(index.node(p).input[1] for p in space.producers)
         names.update(index.node(c.node).input[c.weight_index] for c in space.consumers)
     return int(sum(index.const(n).size for n in names))
@@ -124,8 +125,11 @@ def run_model(name: str, path: Path, calib: dict, evaluation: dict, targets, met
             row = {"model": name, "method": label, "target": target, "prune_seconds": round(seconds, 1), "stage_seconds": report.seconds,
                    "sequential": report.sequential.get("median_heldout_error_vs_one_shot") if report.sequential else None,
                    "params_kept": round(report.params_after / report.params_before, 3),
-                   "heads_kept": sum(s.kept for s in report.spaces if not s.pinned and s.units <= 32),
-                   "heads": sum(s.units for s in report.spaces if not s.pinned and s.units <= 32)}
+                   "heads_kept": sum(s.kept for s in report.spaces if not s.pinned and s.units <= 32 and s.derived_from is None),
+                   "heads": sum(s.units for s in report.spaces if not s.pinned and s.units <= 32 and s.derived_from is None),
+                   # grouped-query KV heads of the k and v projections, removed with their query heads
+                   "kv_heads_kept": sum(s.kept for s in report.spaces if not s.pinned and s.derived_from is not None),
+                   "kv_heads": sum(s.units for s in report.spaces if not s.pinned and s.derived_from is not None)}
             if name == "minilm":
                 row.update(minilm_fidelity(model, reference, evaluation))
             else:

@@ -9,7 +9,7 @@ import onnx
 
 from ..graph import GraphIndex, get_attr
 from ..placement import Placement
-from ..spaces import IndexUpdate, WindowUpdate
+from ..spaces import DerivedFrom, IndexUpdate, WindowUpdate
 from .registry import Carry, Effect, Lock, Pin, Through, carries, slice_param, through
 from .shape_values import axis_size_value, slice_bound, static_value
 
@@ -173,7 +173,9 @@ def _along_units(index: GraphIndex, node: onnx.NodeProto, tensor: str, placement
     """Constant indices along the units' axis (`onnxprune.gathers`). A permutation (a channel
     shuffle) moves every unit: the rewrite drops the removed positions from the indices. Reached
     from its output, a Gather that repeats or selects (repeat_kv: query head j reads KV head
-    j div rep) holds one index per output unit, deleted with it; its input keeps its units."""
+    j div rep) holds one index per output unit, deleted with it. Reached at its input, repeated
+    units are locked (the one KV head of multi-query attention) or derived from the output's
+    space (grouped-query KV heads: removed with all the query heads that read them)."""
     label = index.label(node)
     picks = index.const(node.input[1])
     size = placement.size
@@ -183,8 +185,10 @@ def _along_units(index: GraphIndex, node: onnx.NodeProto, tensor: str, placement
     if len(picks) != size or not np.array_equal(np.sort(picks), np.arange(size)):
         if tensor == node.output[0]:
             return [Through(label), *slice_param(index, node, 1, 0, tensor, placement), Carry(tensor, placement)]
-        if len(picks) > size and set(picks) == set(range(size)):  # every unit repeated: kept
+        if len(picks) > size and set(picks) == set(range(size)) and size == 1:  # the one KV head of multi-query attention: kept
             return [Lock(placement, f"Gather '{label}' shares them with every query head (multi-query attention)")]
+        if len(picks) > size and set(picks) == set(range(size)) and tensor == node.input[0]:  # grouped-query KV heads
+            return [Through(label), IndexUpdate(label, tensor, repeats=True), DerivedFrom(label, node.output[0], tuple(int(p) for p in picks))]
         return [Pin(f"Gather '{label}' selects along the units' axis (not a permutation)")]
     if tensor == node.input[0]:
         source = placement
