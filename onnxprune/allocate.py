@@ -29,9 +29,9 @@ ProgressFactory = Callable[[str, int], Callable[[int], None]]
 
 
 def attention_spaces(analysis: Analysis, index: GraphIndex) -> list[int]:
-    """Spaces whose units are attention heads or KV groups: several channels per unit, produced
-    by MatMul/Gemm projections (a grouped Conv's whole groups are units of several channels too,
-    but they are channels, not heads)."""
+    """Spaces whose units are attention heads (the query heads, with grouped-query attention):
+    several channels per unit, produced by MatMul/Gemm projections (a grouped Conv's whole
+    groups are units of several channels too, but they are channels, not heads)."""
     return [s.id for s in analysis.prunable if unit_width(s) > 1 and all(index.node(p).op_type != "Conv" for p in s.producers)]
 
 
@@ -80,7 +80,7 @@ def allocation_planner(
 ) -> tuple[Planner, Sensitivity | AllocationChoice | StreamGains | None]:
     """The planner for `allocation`, and what was measured to make it (None for a fixed rule);
     auto with a tolerance or latency target keeps the global threshold. `head_gain` scales the
-    attention heads' (and KV groups') scores in every rule: the per-kind budget."""
+    attention heads' scores in every rule: the per-kind budget."""
     analysis = prepared.analysis
     kind_gains = {} if head_gain == 1 else dict.fromkeys(attention_spaces(analysis, prepared.index), head_gain)
 

@@ -147,7 +147,7 @@ def prune(
     space's units), "tempered" (in between) or "sensitivity" (every space pruned alone first and
     its output error measured on `sensitivity_samples` calibration samples, default automatic;
     the energies are rescaled by it before one threshold). docs/design.md has the measurements.
-    `head_gain`: multiplies the attention heads' (and KV groups') scores before any allocation:
+    `head_gain`: multiplies the attention heads' scores before any allocation:
     above 1 keeps more heads and removes more FFN neurons or channels for the same target, below
     1 the reverse (per-kind budgets; default 4, measured better than 1 under every rule on MiniLM
     and SmolLM2, docs/transformers.md; grouped Conv groups are not heads).

@@ -125,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "tempered = in between; sensitivity = every layer first pruned alone and the model's output error "
                         "measured, which rescales its energies before the one threshold (one extra model run per layer)")
     parser.add_argument("--head-gain", type=float, default=DEFAULT_HEAD_GAIN, metavar="G",
-                        help="multiply the attention heads' (and KV groups') scores by G before the allocation: G > 1 keeps "
+                        help="multiply the attention heads' scores by G before the allocation: G > 1 keeps "
                         f"more heads and removes more FFN neurons for the same target, G < 1 the reverse (default {DEFAULT_HEAD_GAIN:g}: "
                         "better than 1 under every allocation rule measured on MiniLM and SmolLM2, docs/transformers.md; "
                         "1 = heads scored like any unit)")
