@@ -15,7 +15,7 @@ from .placement import expand_blocks
 from .plan import Plan, SpacePlan
 from .rechoose import one_shot_prior, rechosen, unpruned
 from .recovery import Recovery, SequentialFit
-from .rewrite import pruned_spaces, removed_slots
+from .rewrite import cache_io_changes, pruned_spaces, removed_slots
 from .sitefit import SiteFits
 from .stats import CrossMoments
 
@@ -83,7 +83,8 @@ def narrow_cached(spaces: list[Space], caches: list[BoundaryCache], shown: dict[
 class PassPlan:
     """The plan the pass folds into (`plan`, keep sets chosen so far) and the one the pruned model
     runs (`run`): spaces `pending` a choice run all of their units until it is made. `removed`
-    and `run_removed` give per tensor the element positions each of them removes."""
+    and `run_removed` give per tensor the element positions each of them removes, `run_io` the
+    graph inputs (KV caches) the run feeds narrower."""
 
     def __init__(self, analysis: Analysis, plan: Plan, pending: dict[int, Space]):
         self.analysis, self.plan, self.pending = analysis, plan, pending
@@ -93,6 +94,8 @@ class PassPlan:
     def _set_run(self) -> None:
         self.run = unpruned(self.plan, list(self.pending.values())) if self.pending else self.plan
         self.run_removed = self.removed if self.run is self.plan else removed_elements(self.analysis, self.run)
+        # the run's KV-cache inputs: a grouped-query KV head goes only once its query heads are chosen
+        self.run_io = cache_io_changes(self.analysis, self.run)
 
     def chosen(self, spaces_plan: dict[int, SpacePlan], spaces: list[Space]) -> None:
         """The `spaces` are chosen (their keep sets in `spaces_plan`): the rest of the pass runs them so."""

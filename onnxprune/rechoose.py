@@ -122,7 +122,7 @@ def greedy_cross_selection(space: Space, kept: int, moments: dict[str, CrossMome
         else:
             cov, s_po = m.cov_pp[np.ix_(layout, layout)], m.cov_po[np.ix_(layout, layout)]
             metric = consumer_metric(space, tensor, index, layout)
-        missing = space.n + extra - len(cov)  # extra units of no variance, none of them here
+        missing = space.n * placement.block + extra - len(cov)  # extra units of no variance, none of them here
         cov, s_po = np.pad(cov, (0, missing)), np.pad(s_po, ((0, missing), (0, 0)))
         covariances.append(cov)
         crosses.append(s_po @ metric if metric is not None else s_po)

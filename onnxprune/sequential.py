@@ -20,7 +20,7 @@ from .graph import GraphIndex
 from .plan import Plan
 from .rechoose import rechoosable
 from .recovery import Recovery
-from .rewrite import cache_io_changes, rewrite
+from .rewrite import rewrite
 from .segments import GraphSegment, cut_segments, extract, needed_nodes
 from .sitefit import SiteFits
 from .stats import CrossStats, SiteStats
@@ -48,7 +48,6 @@ class SequentialFitter:
         self.original, self.analysis, self.stats = original, analysis, stats
         self.index, self.strides = index, strides
         self.spaces = [s for s in analysis.prunable if s.id in plan.spaces]
-        self.io_changes = cache_io_changes(analysis, plan)
 
         sites = sorted({t for s in self.spaces for t in s.sites})
         graph_io = {v.name for v in [*original.graph.input, *original.graph.output]}
@@ -182,7 +181,7 @@ class SequentialFitter:
             if cache is not None:
                 feeds[name] = cache.get(i, name)
             else:
-                feeds[name] = drop_units(batch[name], self.io_changes.get(name)) if pruned else batch[name]
+                feeds[name] = drop_units(batch[name], self.plans.run_io.get(name)) if pruned else batch[name]
         return feeds
 
     def _axis(self, tensor: str) -> int:
