@@ -28,6 +28,10 @@ class SpaceRow:
     derived_from: str | None = None  # grouped-query KV heads: removed with every query head this Gather repeats them for
 
 
+DERIVED_MARK = " (KV heads)"
+DERIVED_NOTE = "(KV heads): a grouped-query key or value projection; a KV head goes once every query head that reads it goes"
+
+
 def print_lock_notes(console: Console, spaces: list) -> None:
     """One line per prunable space with locked units (a report's or inspect's rows: name, units,
     locked, lock_reasons, pinned)."""
@@ -161,7 +165,10 @@ class PruneReport:
             "| layer (space) | units kept | MACs before | MACs after |",
             "|---|---:|---:|---:|",
         ]
-        lines += [f"| `{r.name}` | {r.kept}/{r.units} | {r.macs_before:,} | {r.macs_after:,} |" for r in self.spaces if not r.pinned]
+        lines += [f"| `{r.name}`{DERIVED_MARK if r.derived_from else ''} | {r.kept}/{r.units} | {r.macs_before:,} | {r.macs_after:,} |"
+                  for r in self.spaces if not r.pinned]
+        if any(r.derived_from and not r.pinned for r in self.spaces):
+            lines += ["", DERIVED_NOTE]
         if self.pinned:
             lines += ["", "| pinned (not prunable) | units | reason |", "|---|---:|---|"]
             lines += [f"| `{r.name}` | {r.units} | {'; '.join(r.pinned)} |" for r in self.pinned]
@@ -266,7 +273,10 @@ def _space_table(report: PruneReport) -> Table:
     for row in report.spaces:
         if row.pinned:
             continue
-        table.add_row(row.name, f"{row.kept}/{row.units}", _ratio(row.units, row.kept), _count(row.macs_before), _count(row.macs_after))
+        name = row.name + (DERIVED_MARK if row.derived_from else "")
+        table.add_row(name, f"{row.kept}/{row.units}", _ratio(row.units, row.kept), _count(row.macs_before), _count(row.macs_after))
+    if any(r.derived_from and not r.pinned for r in report.spaces):
+        table.caption = DERIVED_NOTE
     return table
 
 

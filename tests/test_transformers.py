@@ -312,5 +312,6 @@ def test_a_kv_head_stays_while_one_of_its_query_heads_does():
     rows = {r.name: (r.kept, r.units) for r in report.spaces}
     assert rows[heads.name] == (3, 4) and [rows[s.name] for s in kv] == [(2, 2), (2, 2)]
     assert not report.io_changes
+    assert f"`{kv[0].name}` (KV heads)" in report.markdown()
     feeds = feeds_for(model, CALIB, slice(0, 4), seq=20)
     assert relative(run(model, feeds)[0], run(pruned, feeds)[0]) < 1e-4
