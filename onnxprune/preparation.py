@@ -17,7 +17,8 @@ from .data import CalibrationData, load_calibration
 from .errors import CalibrationError, ModelError, TargetError
 from .graph import GraphIndex, fixed_batch_size
 from .load import load_model, map_large_allocations
-from .ops import STANDARD_DOMAINS
+from .ops import STANDARD_DOMAINS, op_key
+from .rules import CARRY, CONSUME, PRODUCE
 from .sources import ImageOptions
 from .stats import SiteStats
 from .tidy import shapes_and_index
@@ -66,9 +67,11 @@ QUANTISED_OPS = frozenset({"QLinearConv", "QLinearMatMul", "ConvInteger", "MatMu
 
 
 def _unanalysed_ops_hint(model: onnx.ModelProto) -> str:
-    """Names the ops no rule reads that make whole models unprunable: other domains than ONNX's
-    (onnxruntime's fused and blocked-layout ops) and quantised layers."""
-    found = sorted({f"{n.domain}.{n.op_type}" for n in model.graph.node if n.domain not in STANDARD_DOMAINS})
+    """Names the ops no rule reads that make whole models unprunable: ops of other domains than
+    ONNX's that onnxprune has no rule for (onnxruntime's fused and blocked-layout ops) and
+    quantised layers."""
+    known = CARRY.keys() | CONSUME.keys() | PRODUCE.keys()
+    found = sorted({op_key(n) for n in model.graph.node if n.domain not in STANDARD_DOMAINS and op_key(n) not in known})
     if found:
         return (f"; ops of other domains are not analysed ({', '.join(found[:4])}{', ...' if len(found) > 4 else ''}): "
                 "prune the model as exported, before onnxruntime's offline optimisations")
