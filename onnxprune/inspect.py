@@ -14,6 +14,7 @@ from .calibrate import rows_per_sample
 from .cost import build_cost_model, count_params
 from .inputs import input_specs
 from .load import load_model
+from .preparation import unanalysed_ops
 from .report import print_lock_notes
 from .tidy import shapes_and_index
 
@@ -119,6 +120,9 @@ def inspect_model(model: str | Path | onnx.ModelProto, input_shapes: dict[str, t
     ]
     notes = [f"the model does not run at {_shapes_text(shapes)} ({problem}): shapes it computes at run time are unknown, and "
              "spaces that need them are pinned; give the real sizes with --input-shapes NAME:D,D,.." for problem in problems]
+    hint = unanalysed_ops(proto)
+    if hint:
+        notes.append(hint)
     return InspectReport(name, count_params(proto), cost.total_macs, {k: list(v) for k, v in shapes.items()}, spaces, notes)
 
 

@@ -66,19 +66,19 @@ def prepare_options(exclude, batch_size, verify_samples, image_options, calib_sa
 QUANTISED_OPS = frozenset({"QLinearConv", "QLinearMatMul", "ConvInteger", "MatMulInteger", "DynamicQuantizeLinear", "DequantizeLinear"})
 
 
-def _unanalysed_ops_hint(model: onnx.ModelProto) -> str:
-    """Names the ops no rule reads that make whole models unprunable: ops of other domains than
-    ONNX's that onnxprune has no rule for (onnxruntime's fused and blocked-layout ops) and
-    quantised layers."""
+def unanalysed_ops(model: onnx.ModelProto) -> str | None:
+    """What makes whole models unprunable that no rule reads, with the way out: ops of other
+    domains than ONNX's that onnxprune has no rule for (onnxruntime's fused and blocked-layout
+    ops), or quantised layers; None if there are none."""
     known = CARRY.keys() | CONSUME.keys() | PRODUCE.keys()
     found = sorted({op_key(n) for n in model.graph.node if n.domain not in STANDARD_DOMAINS and op_key(n) not in known})
     if found:
-        return (f"; ops of other domains are not analysed ({', '.join(found[:4])}{', ...' if len(found) > 4 else ''}): "
+        return (f"ops of other domains are not analysed ({', '.join(found[:4])}{', ...' if len(found) > 4 else ''}): "
                 "prune the model as exported, before onnxruntime's offline optimisations")
     quantised = sorted({n.op_type for n in model.graph.node if n.op_type in QUANTISED_OPS})
     if quantised:
-        return f"; quantised layers are not analysed ({', '.join(quantised)}): prune the float model, then quantise it"
-    return ""
+        return f"quantised layers are not analysed ({', '.join(quantised)}): prune the float model, then quantise it"
+    return None
 
 
 def _time_first_hint(model: onnx.ModelProto) -> str:
@@ -127,7 +127,8 @@ def prepare(
     analysis = analyse(original, list(exclude), index=index)
     if not analysis.prunable:
         reasons = "; ".join(f"{s.name}: {s.pinned[0]}" for s in analysis.spaces[:3]) or "no Conv/Gemm/MatMul with constant weights"
-        raise ModelError(f"nothing to prune in '{name}': {len(analysis.spaces)} spaces found, none prunable ({reasons})" + _unanalysed_ops_hint(original))
+        raise ModelError(f"nothing to prune in '{name}': {len(analysis.spaces)} spaces found, none prunable ({reasons})"
+                         + (f"; {hint}" if (hint := unanalysed_ops(original)) else ""))
     notes += use_pooled_inputs(analysis, shapes, calib_data.n_samples)
     if spatial_stride != "auto" and (not isinstance(spatial_stride, int) or spatial_stride < 1):
         raise TargetError(f"--spatial-stride must be 'auto' or a positive integer, got {spatial_stride!r}")
