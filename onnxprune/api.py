@@ -212,13 +212,14 @@ def prune(
     index.constants.forget()
     pruned, pruned_weights = offload(pruned)  # a large result waits on disk while it is verified
     release_memory(prepared.original)
+    io_changes = cache_io_changes(analysis, plan)
     with _stage(seconds, "verify"):
-        fidelity = _verify(prepared, pruned, plan, progress)
+        fidelity = _verify(prepared, pruned, io_changes, progress)
 
     report = _build_report(prepared.name, method, order, target, plan, analysis, cost, prepared.original, pruned, prepared.data,
                            prepared.calib_data, prepared.verify_data, fidelity)
     report.warnings, report.seconds = warnings, seconds
-    report.io_changes = _io_shapes(pruned, cache_io_changes(analysis, plan))
+    report.io_changes = _io_shapes(pruned, io_changes)
     report.spatial_strides = sampled
     _add_fit_notes(report, fit["mode"] == "sequential", method in RECOVERY, refit.result if refit else None, latency_result)
     report.fit = fit
@@ -294,10 +295,11 @@ def _latency_plan(planner, target: Target, builder: ModelBuilder, latency_batch:
     return search_latency(planner, target, prepared.original, feeds, build_with_feeds, latency_threads, advance)
 
 
-def _verify(prepared: Prepared, pruned: onnx.ModelProto, plan: Plan, progress: ProgressFactory) -> list:
-    """The pruned model's outputs against the original's on the held-out samples."""
+def _verify(prepared: Prepared, pruned: onnx.ModelProto, io_changes: dict, progress: ProgressFactory) -> list:
+    """The pruned model's outputs against the original's on the held-out samples (`io_changes`:
+    the KV caches that shrank)."""
     advance = progress("verifying", 1)
-    fidelity = verify(prepared.original, pruned, prepared.verify_data, prepared.batch_size, cache_io_changes(prepared.analysis, plan))
+    fidelity = verify(prepared.original, pruned, prepared.verify_data, prepared.batch_size, io_changes)
     release_memory(prepared.original)
     advance(1)
     return fidelity

@@ -16,7 +16,7 @@ from .plan import Plan, SpacePlan
 from .rechoose import one_shot_prior, rechosen, unpruned
 from .recovery import Recovery, SequentialFit
 from .rewrite import cache_io_changes, pruned_spaces, removed_slots
-from .sitefit import SiteFits
+from .sitefit import NONE, SiteFits
 from .stats import CrossMoments
 
 
@@ -68,11 +68,10 @@ def narrow_cached(spaces: list[Space], caches: list[BoundaryCache], shown: dict[
     """Cut the cached activations of the spaces just chosen (taken without the elements in
     `shown`) to what the rest of the pass runs, without `run_removed` (at a shared tensor the
     other spaces' channels stay as they were)."""
-    none = np.zeros(0, dtype=np.int64)
     for tensor in {t for s in spaces for t in s.tensors}:
         placement = next(s.tensors[tensor] for s in spaces if tensor in s.tensors)
-        present = np.setdiff1d(np.arange(placement.size), shown.get(tensor, none))
-        positions = np.flatnonzero(~np.isin(present, run_removed.get(tensor, none)))
+        present = np.setdiff1d(np.arange(placement.size), shown.get(tensor, NONE))
+        positions = np.flatnonzero(~np.isin(present, run_removed.get(tensor, NONE)))
         if len(positions) == len(present):
             continue
         for cache in caches:

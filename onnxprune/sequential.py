@@ -22,7 +22,7 @@ from .rechoose import rechoosable
 from .recovery import Recovery
 from .rewrite import rewrite
 from .segments import GraphSegment, cut_segments, extract, needed_nodes
-from .sitefit import SiteFits
+from .sitefit import NONE, SiteFits
 from .stats import CrossStats, SiteStats
 from .verify import drop_units
 
@@ -192,7 +192,7 @@ class SequentialFitter:
         width = next(s.tensors[tensor].size for s in self.spaces if tensor in s.tensors)
         if shift is None:
             shift = np.zeros(width)
-        kept = np.setdiff1d(np.arange(width), self.plans.run_removed.get(tensor, np.zeros(0, dtype=np.int64)))
+        kept = np.setdiff1d(np.arange(width), self.plans.run_removed.get(tensor, NONE))
         return CrossStats(shift[kept].astype(np.float32), shift.astype(np.float32), with_oo=held)
 
 

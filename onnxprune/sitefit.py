@@ -73,11 +73,7 @@ class SiteFits:
                    held: CrossMoments | None, run_removed: dict[str, np.ndarray]) -> tuple[Recovery, SequentialFit]:
         """One space's fit at a site of its own, for the given keep set."""
         columns = site_columns(space, tensor, space_plan, run_removed)
-        original_columns = np.concatenate([columns.keep, columns.prune])
-        space_cal = cal.restrict(columns.pruned_keep, original_columns)
-        space_held = None if held is None else held.restrict(columns.pruned_keep, original_columns)
-        metric = consumer_metric(space, tensor, self.index, original_columns)
-        return fit_sequential(space_cal, columns.keep, columns.prune, prior, space_held, metric, self.kind, self.shrinkage)
+        return self._fit(space, tensor, columns, prior, cal, held)
 
     def shared_site(self, tensor: str, spaces_plan: dict[int, SpacePlan], one_shot: dict, cal: CrossMoments,
                     held: CrossMoments | None, run_removed: dict[str, np.ndarray]) -> tuple[Recovery, SequentialFit]:
@@ -86,13 +82,19 @@ class SiteFits:
         owners = self.owners[tensor]
         prune = self.pruned_at(tensor, spaces_plan)
         keep = np.setdiff1d(np.arange(owners[0].tensors[tensor].size), prune)
-        original_columns = np.concatenate([keep, prune])
-        pruned_keep = keep - np.searchsorted(run_removed.get(tensor, NONE), keep)
-        site_cal = cal.restrict(pruned_keep, original_columns)
-        site_held = None if held is None else held.restrict(pruned_keep, original_columns)
-        metric = consumer_metric(owners[0], tensor, self.index, original_columns)
+        columns = SiteColumns(keep, prune, keep - np.searchsorted(run_removed.get(tensor, NONE), keep))
         prior = site_prior([one_shot.get((s.id, tensor)) for s in owners], keep, prune)
-        return fit_sequential(site_cal, keep, prune, prior, site_held, metric, self.kind, self.shrinkage)
+        return self._fit(owners[0], tensor, columns, prior, cal, held)
+
+    def _fit(self, space: Space, tensor: str, columns: SiteColumns, prior: Recovery | None, cal: CrossMoments,
+             held: CrossMoments | None) -> tuple[Recovery, SequentialFit]:
+        """The fit of the original's kept then pruned columns from the pruned model's kept ones,
+        weighed by the site's consumers (`space`'s)."""
+        original_columns = np.concatenate([columns.keep, columns.prune])
+        site_cal = cal.restrict(columns.pruned_keep, original_columns)
+        site_held = None if held is None else held.restrict(columns.pruned_keep, original_columns)
+        metric = consumer_metric(space, tensor, self.index, original_columns)
+        return fit_sequential(site_cal, columns.keep, columns.prune, prior, site_held, metric, self.kind, self.shrinkage)
 
     def keep_set(self, space: Space, spaces_plan: dict[int, SpacePlan], one_shot: dict, moments: dict,
                  run_removed: dict[str, np.ndarray]) -> tuple[float | None, dict]:

@@ -185,9 +185,10 @@ def _along_units(index: GraphIndex, node: onnx.NodeProto, tensor: str, placement
     if len(picks) != size or not np.array_equal(np.sort(picks), np.arange(size)):
         if tensor == node.output[0]:
             return [Through(label), *slice_param(index, node, 1, 0, tensor, placement), Carry(tensor, placement)]
-        if len(picks) > size and set(picks) == set(range(size)) and size == 1:  # the one KV head of multi-query attention: kept
-            return [Lock(placement, f"Gather '{label}' shares them with every query head (multi-query attention)")]
-        if len(picks) > size and set(picks) == set(range(size)) and tensor == node.input[0]:  # grouped-query KV heads
+        if len(picks) > size and set(picks) == set(range(size)):  # reached at the input, every unit repeated
+            if size == 1:  # the one KV head of multi-query attention: kept
+                return [Lock(placement, f"Gather '{label}' shares them with every query head (multi-query attention)")]
+            # grouped-query KV heads: each goes with the query heads that read it
             return [Through(label), IndexUpdate(label, tensor, repeats=True), DerivedFrom(label, node.output[0], tuple(int(p) for p in picks))]
         return [Pin(f"Gather '{label}' selects along the units' axis (not a permutation)")]
     if tensor == node.input[0]:
