@@ -9,6 +9,7 @@ import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
+import scipy.linalg as sla
 
 from .analyse import Space
 from .graph import GraphIndex
@@ -128,8 +129,23 @@ def greedy_cross_selection(space: Space, kept: int, moments: dict[str, CrossMome
         crosses.append(s_po @ metric if metric is not None else s_po)
         blocks.append(placement.block)
     first = [space.n + i for i in range(extra)] + sorted(space.locked)
-    chosen = forward_selection(covariances, crosses, kept + extra, first, blocks)
+    chosen = greedy_selection(covariances, crosses, kept + extra, first, blocks)
     return chosen[chosen < space.n]
+
+
+def greedy_selection(covariances: list[np.ndarray], crosses: list[np.ndarray], kept: int, first: list[int] = (),
+                     blocks: list[int] | None = None) -> np.ndarray:
+    """The `kept` units (`first` among them) by the greedy pass with fewer steps: adding units
+    (`forward_selection`) when fewer are kept than removed, else removing them
+    (`backward_selection`); the same objective either way."""
+    blocks = blocks or [1] * len(covariances)
+    n = len(covariances[0]) // blocks[0]
+    if n - kept < kept:
+        try:
+            return backward_selection(covariances, crosses, kept, first, blocks)
+        except np.linalg.LinAlgError:  # moments too far from positive definite for the precision: add instead
+            pass
+    return forward_selection(covariances, crosses, kept, first, blocks)
 
 
 def forward_selection(covariances: list[np.ndarray], crosses: list[np.ndarray], kept: int, first: list[int] = (),
@@ -143,7 +159,7 @@ def forward_selection(covariances: list[np.ndarray], crosses: list[np.ndarray], 
     blocks = blocks or [1] * len(covariances)
     sites = [_Columns(c, t, kept) if b == 1 else _Blocks(c, t, b) for c, t, b in zip(covariances, crosses, blocks, strict=True)]
     n = len(covariances[0]) // blocks[0]
-    floor = RIDGE * max(sum(np.trace(c) for c in covariances) / sum(len(c) for c in covariances), np.finfo(float).tiny)
+    floor = _floor(covariances)
     alive = np.ones(n, dtype=bool)
     chosen: list[int] = []
     forced = list(first)
@@ -154,6 +170,104 @@ def forward_selection(covariances: list[np.ndarray], crosses: list[np.ndarray], 
         for site in sites:
             site.pick(j, floor)
     return np.array(chosen, dtype=np.int64)
+
+
+def _floor(covariances: list[np.ndarray]) -> float:
+    """The ridge on residual variances: RIDGE x the mean variance over every site's elements."""
+    return RIDGE * max(sum(np.trace(c) for c in covariances) / sum(len(c) for c in covariances), np.finfo(float).tiny)
+
+
+def backward_selection(covariances: list[np.ndarray], crosses: list[np.ndarray], kept: int, first: list[int] = (),
+                       blocks: list[int] | None = None) -> np.ndarray:
+    """The greedy choice of `forward_selection`'s objective by removal: from every unit, remove
+    the one whose removal loses the least, sum over sites of tr(Z_e^T P_ee^-1 Z_e) with the
+    precision P = (S~_KK + floor I)^-1 and Z = P T_K of the units K left (for single elements
+    ||z_j||^2 / P_jj, the multi-target form of OBS's w_j^2 / P_jj), until `kept` are left. P and
+    Z are downdated in closed form after each removal. `first` units are never removed.
+    Returns the kept units, ascending."""
+    blocks = blocks or [1] * len(covariances)
+    n = len(covariances[0]) // blocks[0]
+    floor = _floor(covariances)
+    sites = [_Removal(c, t, floor, n - kept) if b == 1 else _BlockRemoval(c, t, b, floor)
+             for c, t, b in zip(covariances, crosses, blocks, strict=True)]
+    alive = np.ones(n, dtype=bool)
+    forced = np.zeros(n, dtype=bool)
+    forced[list(first)] = True
+    for _ in range(n - kept):
+        costs = sum(s.costs() for s in sites)
+        j = int(np.argmin(np.where(alive & ~forced, costs, np.inf)))
+        alive[j] = False
+        for site in sites:
+            site.remove(j)
+    return np.flatnonzero(alive)
+
+
+def _precision(cov: np.ndarray, floor: float) -> np.ndarray:
+    factor = sla.cho_factor(np.asarray(cov, dtype=np.float64) + floor * np.eye(len(cov)), check_finite=False)
+    return sla.cho_solve(factor, np.eye(len(cov)), check_finite=False)
+
+
+class _Removal:
+    """One site of single-element units in `backward_selection`, matrix-vector products only:
+    after removing r_1..r_s, P = P0 - U U^T and Z = Z0 - U W^T with u_k = P[:, r_k] / sqrt(P_rr)
+    and w_k = Z[r_k] / sqrt(P_rr) at the time of removal; the costs need diag(P) and the
+    squared row norms of Z, both downdated per removal."""
+
+    def __init__(self, cov: np.ndarray, cross: np.ndarray, floor: float, steps: int):
+        self.p0 = _precision(cov, floor)
+        self.z0 = self.p0 @ np.asarray(cross, dtype=np.float64)
+        self.u = np.zeros((steps, len(cov)))  # u_k as rows
+        self.w = np.zeros((steps, self.z0.shape[1]))
+        self.diagonal = np.diag(self.p0).copy()
+        self.energy = np.sum(self.z0 * self.z0, axis=1)
+        self.steps = 0
+
+    def costs(self) -> np.ndarray:
+        return self.energy / np.where(self.diagonal > 0, self.diagonal, np.inf)
+
+    def remove(self, j: int) -> None:
+        u, w = self.u[:self.steps], self.w[:self.steps]
+        pivot = self.diagonal[j]
+        column = self.p0[:, j] - u[:, j] @ u
+        row = self.z0[j] - u[:, j] @ w
+        if pivot > 0:
+            column, row = column / np.sqrt(pivot), row / np.sqrt(pivot)
+        else:  # nothing of it left: removing it changes nothing
+            column, row = np.zeros_like(column), np.zeros_like(row)
+        along = self.z0 @ row - (w @ row) @ u  # z_u . w for every unit u
+        self.energy += column * column * (row @ row) - 2 * column * along
+        self.diagonal -= column * column
+        self.diagonal[j] = 0.0
+        self.u[self.steps], self.w[self.steps] = column, row
+        self.steps += 1
+
+
+class _BlockRemoval:
+    """One site of multi-element units (attention heads) in `backward_selection`: P and Z
+    themselves, downdated by each removed unit's block, P -= P[:, e] P_ee^-1 P[e, :]; a removed
+    unit's rows and columns are zero and its cost is never read again."""
+
+    def __init__(self, cov: np.ndarray, cross: np.ndarray, block: int, floor: float):
+        self.precision = _precision(cov, floor)
+        self.z = self.precision @ np.asarray(cross, dtype=np.float64)
+        self.elements = np.arange(len(cov)).reshape(-1, block)
+        self.block = block
+
+    def costs(self) -> np.ndarray:
+        e = self.elements
+        p = self.precision[e[:, :, None], e[:, None, :]]
+        z = self.z[e]  # units x block x metric columns
+        p[np.all(p == 0, axis=(1, 2))] = np.eye(self.block)  # removed units: z is zero there
+        return np.sum(z * np.linalg.solve(p, z), axis=(1, 2))
+
+    def remove(self, j: int) -> None:
+        e = self.elements[j]
+        gain = self.precision[:, e] @ np.linalg.inv(self.precision[np.ix_(e, e)])  # size x block
+        self.z -= gain @ self.z[e]
+        self.precision -= gain @ self.precision[e, :]
+        self.precision[e, :] = 0.0
+        self.precision[:, e] = 0.0
+        self.z[e] = 0.0
 
 
 class _Columns:

@@ -18,7 +18,7 @@ from onnxprune.api import calibration_statistics, fit_recoveries, fit_sequential
 from onnxprune.cost import build_cost_model
 from onnxprune.graph import GraphIndex
 from onnxprune.plan import Target, make_plan
-from onnxprune.rechoose import SharedColumns, forward_selection, greedy_cross_selection
+from onnxprune.rechoose import SharedColumns, backward_selection, forward_selection, greedy_cross_selection, greedy_selection
 from onnxprune.recovery import shared_sites
 from onnxprune.rewrite import rewrite
 from onnxprune.score import consumer_metric, score_space, unit_block
@@ -115,7 +115,7 @@ def test_rechosen_units_and_fit_match_a_numpy_reference_on_three_layers() -> Non
         next_w = weights[gemms[i + 1].input[1]]
         cov = centred_p.T @ centred_p / len(full)
         cross = centred_p.T @ centred_o / len(full) @ next_w.T
-        reference = forward_selection([cov], [cross], kept)
+        reference = greedy_selection([cov], [cross], kept)
         keep, prune = final.spaces[space.id].keep, final.spaces[space.id].prune
         # taken where its held-out fit error is lower, else the plan's units stay
         expected = sorted(reference.tolist()) if space.name in result.rechosen else plan.spaces[space.id].keep.tolist()
@@ -398,3 +398,54 @@ def test_branches_at_shared_sites_are_chosen_again_on_an_inception_net() -> None
     assert report.sequential["kept"] and errors[1] <= errors[0]
     x = np.load("models/data/fmnist_test.npz")["input"][:64]
     assert relative_l2(run(model, x), run(pruned, x)) < 0.5
+
+
+def test_backward_selection_matches_a_direct_greedy_reference() -> None:
+    """Removal, one unit at a time, of the unit whose removal loses the least explained energy
+    (every site summed); forced units stay."""
+    rng = np.random.default_rng(4)
+    rows, n = 900, 10
+    original = rng.standard_normal((rows, n)) @ rng.standard_normal((n, n))
+    sites = []
+    for _ in range(2):
+        pruned = original + 0.4 * rng.standard_normal((rows, n))
+        metric = rng.standard_normal((n, 4))
+        cov = np.cov(pruned.T, bias=True)
+        sites.append((cov, (pruned - pruned.mean(0)).T @ (original - original.mean(0)) / rows @ metric))
+    got = backward_selection([c for c, _ in sites], [t for _, t in sites], kept=6, first=[2])
+    left = list(range(n))
+    for _ in range(4):
+        kept_energy = {j: sum(_explained(c, t, [u for u in left if u != j]) for c, t in sites) for j in left if j != 2}
+        left.remove(max(kept_energy, key=kept_energy.get))
+    assert got.tolist() == left
+
+
+def test_backward_selection_of_blocks_matches_a_direct_greedy_reference() -> None:
+    rng = np.random.default_rng(5)
+    rows, units, block = 700, 6, 2
+    original = rng.standard_normal((rows, units * block)) @ rng.standard_normal((units * block, units * block))
+    pruned = original + 0.5 * rng.standard_normal(original.shape)
+    cov = np.cov(pruned.T, bias=True)
+    cross = (pruned - pruned.mean(0)).T @ (original - original.mean(0)) / rows
+    got = backward_selection([cov], [cross], kept=4, blocks=[block])
+    left = list(range(units))
+
+    def elements(us):
+        return [e for u in us for e in range(u * block, (u + 1) * block)]
+    for _ in range(2):
+        kept_energy = {j: _explained(cov, cross, elements([u for u in left if u != j])) for j in left}
+        left.remove(max(kept_energy, key=kept_energy.get))
+    assert got.tolist() == left
+
+
+def test_greedy_selection_removes_a_copy_and_a_dead_unit_when_keeping_most() -> None:
+    """Keeping most units takes the removal pass: exact copies and units that explain nothing go
+    first, as in the adding pass."""
+    rng = np.random.default_rng(6)
+    x = rng.standard_normal((500, 7))
+    x = np.hstack([x, 3 * x[:, 1:2], np.zeros((500, 1))])  # unit 7 copies unit 1, unit 8 is dead
+    cov = np.cov(x.T, bias=True)
+    kept = greedy_selection([cov], [cov], kept=7)
+    assert len(kept) == 7 and 8 not in kept
+    assert not {1, 7} <= set(kept.tolist())
+    assert sorted(kept.tolist()) == sorted(forward_selection([cov], [cov], kept=7).tolist())
