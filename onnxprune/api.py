@@ -21,7 +21,7 @@ from .errors import CalibrationError, TargetError
 from .graph import GraphIndex, static_shapes
 from .latency import max_steps, search_latency
 from .load import release_memory
-from .plan import ALLOCATIONS, DEFAULT_ALLOCATION, Plan, Target, misaligned_warning
+from .plan import ALLOCATIONS, DEFAULT_ALLOCATION, Plan, Target, misaligned_warning, overshoot_warning
 from .preparation import Prepared, calibration_statistics, prepare, prepare_options
 from .recovery import Recovery, fit_recoveries, shared_sites
 from .report import PruneReport, SpaceRow
@@ -199,6 +199,7 @@ def prune(
     else:
         with _stage(seconds, "plan"):
             plan = planner.plan(target)
+        warnings.extend(overshoot_warning(planner, plan, round_to))
         with _stage(seconds, "rewrite"):
             pruned = builder.final(plan)
     refit = builder.refit

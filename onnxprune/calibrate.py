@@ -171,7 +171,8 @@ def instrument(model: onnx.ModelProto, sites: list[Site], ranks: dict[str, int],
 
 
 def make_session(model: onnx.ModelProto, optimize: bool = True, patch: onnx.ModelProto | None = None,
-                 threads: int = 0, timing: bool = False, spinning: bool = True, log_level: int = 3) -> ort.InferenceSession:
+                 threads: int = 0, timing: bool = False, spinning: bool = True, log_level: int = 3,
+                 rewritten: bool = False) -> ort.InferenceSession:
     """A CPU session of the model; with `patch` (from `instrument`) merged in, the patch's outputs
     replace the model's (whatever only they needed is not computed). Large models reach
     onnxruntime with their weights in files (`session_files`), which it maps; unless the session
@@ -180,7 +181,9 @@ def make_session(model: onnx.ModelProto, optimize: bool = True, patch: onnx.Mode
     difference to the calibration time of SmolLM2-135M. `spinning` False stops onnxruntime's
     threads from busy-waiting after a run, for callers that compute in NumPy between runs (the
     spinning threads made those BLAS calls several times slower on 2 cores). `log_level` 4 keeps
-    onnxruntime from printing the errors of a caller that handles them."""
+    onnxruntime from printing the errors of a caller that handles them. A `rewritten` model
+    (onnxprune's own) that onnxruntime refuses is onnxprune's fault: a RuntimeError, not a
+    ModelError about the user's input."""
     options = ort.SessionOptions()
     if not spinning:
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
@@ -203,6 +206,8 @@ def make_session(model: onnx.ModelProto, optimize: bool = True, patch: onnx.Mode
         payload = (copy_model(model, skip_graph=("output",)) if patch is not None else model).SerializeToString()
         return ort.InferenceSession(payload + extra, options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # noqa: BLE001 - onnxruntime raises several unrelated types
+        if rewritten:
+            raise RuntimeError(f"onnxruntime cannot load the pruned model: {str(exc).splitlines()[0]}") from None
         raise ModelError(f"onnxruntime cannot load the model: {str(exc).splitlines()[0]}") from None
 
 

@@ -180,7 +180,8 @@ class GraphIndex:
                 value = _constant_node_value(node)
                 if value is not None:
                     self.constants.add(node.output[0], value)
-        for name, value in fold_constants(self.nodes, self.constants).items():
+        self.opset = default_opset(model)  # the attribute forms of old shape ops fold at their own opset
+        for name, value in fold_constants(self.nodes, self.constants, self.opset).items():
             self.constants.add(name, value)
         self.graph_inputs = [i.name for i in graph.input if i.name not in self.initializer_names]
         self.graph_outputs = [o.name for o in graph.output]
@@ -240,8 +241,8 @@ FOLDABLE = frozenset({
 FOLD_LIMIT = 4096
 
 
-def fold_constants(nodes: list[onnx.NodeProto], constants: Constants) -> dict[str, np.ndarray]:
-    """Values of the outputs of small nodes whose inputs are all constant."""
+def fold_constants(nodes: list[onnx.NodeProto], constants: Constants, opset: int | None = None) -> dict[str, np.ndarray]:
+    """Values of the outputs of small nodes whose inputs are all constant (at the model's `opset`)."""
     folded: dict[str, np.ndarray] = {}
 
     def size(name: str) -> int:
@@ -253,15 +254,21 @@ def fold_constants(nodes: list[onnx.NodeProto], constants: Constants) -> dict[st
             continue
         if not all(i in folded or i in constants for i in inputs) or sum(size(i) for i in inputs) > FOLD_LIMIT:
             continue
-        value = evaluate_node(node, {i: folded[i] if i in folded else constants[i] for i in dict.fromkeys(inputs)})
+        value = evaluate_node(node, {i: folded[i] if i in folded else constants[i] for i in dict.fromkeys(inputs)}, opset)
         if value is not None and value.size <= FOLD_LIMIT:
             folded[node.output[0]] = value
     return folded
 
 
-def evaluate_node(node: onnx.NodeProto, known: dict[str, np.ndarray]) -> np.ndarray | None:
-    """The output of a one-output node on known input values (onnx's reference evaluator), or
-    None when it cannot be computed."""
+def default_opset(model: onnx.ModelProto) -> int | None:
+    """The model's version of the standard ONNX opset (None if it imports none)."""
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+
+
+def evaluate_outputs(node: onnx.NodeProto, known: dict[str, np.ndarray], opset: int | None = None) -> list[np.ndarray | None] | None:
+    """The node's outputs on known input values (onnx's reference evaluator, at the model's
+    `opset`: Unsqueeze, Squeeze, Slice and Split read attributes below opsets 13 / 10), or None
+    when they cannot be computed."""
     from onnx.reference import ReferenceEvaluator
 
     inputs = list(dict.fromkeys(i for i in node.input if i))
@@ -269,12 +276,20 @@ def evaluate_node(node: onnx.NodeProto, known: dict[str, np.ndarray]) -> np.ndar
         graph = onnx.helper.make_graph(
             [node], "fold",
             [onnx.helper.make_tensor_value_info(i, onnx.helper.np_dtype_to_tensor_dtype(known[i].dtype), known[i].shape) for i in inputs],
-            [onnx.helper.make_empty_tensor_value_info(node.output[0])],
+            [onnx.helper.make_empty_tensor_value_info(o) for o in node.output if o],
         )
-        (value,) = ReferenceEvaluator(onnx.helper.make_model(graph)).run(None, {i: known[i] for i in inputs})
+        model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", opset)] if opset else None)
+        results = ReferenceEvaluator(model).run(None, {i: known[i] for i in inputs})
     except Exception:  # noqa: BLE001 - folding is an optimisation; unknown values are pinned later
         return None
-    return np.asarray(value)
+    values = iter(np.asarray(r) for r in results)
+    return [next(values) if o else None for o in node.output]
+
+
+def evaluate_node(node: onnx.NodeProto, known: dict[str, np.ndarray], opset: int | None = None) -> np.ndarray | None:
+    """The first output of a node on known input values, or None when it cannot be computed."""
+    values = evaluate_outputs(node, known, opset)
+    return None if values is None else values[0]
 
 
 def weightless_skeleton(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]]) -> onnx.ModelProto:
@@ -307,7 +322,7 @@ def static_shapes(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...
     for node in skeleton.graph.node:
         if node.op_type == "Constant" and (value := _constant_node_value(node)) is not None:
             constants.add(node.output[0], value)
-    folded = fold_constants(list(skeleton.graph.node), constants)
+    folded = fold_constants(list(skeleton.graph.node), constants, default_opset(model))
     if folded:
         kept = [n for n in skeleton.graph.node if not (n.output and all(o in folded for o in n.output))]
         del skeleton.graph.node[:]

@@ -14,7 +14,7 @@ from .calibrate import rows_per_sample
 from .cost import build_cost_model, count_params
 from .inputs import input_specs
 from .load import load_model
-from .preparation import unanalysed_ops
+from .preparation import training_mode_ops, unanalysed_ops
 from .report import print_lock_notes
 from .tidy import shapes_and_index
 
@@ -101,7 +101,7 @@ def samples_needed(space: Space, shapes: dict) -> int | None:
 
 def inspect_model(model: str | Path | onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]] | None = None, exclude: list[str] | None = None) -> InspectReport:
     """Analyse a model without calibration data."""
-    proto, name, _ = load_model(model)
+    proto, name, _, load_notes = load_model(model)
     shapes = dict(input_shapes or {})
     for spec in input_specs(proto):
         shapes.setdefault(spec.name, tuple(1 if d is None else d for d in spec.dims))
@@ -118,11 +118,9 @@ def inspect_model(model: str | Path | onnx.ModelProto, input_shapes: dict[str, t
         )
         for space in analysis.spaces
     ]
-    notes = [f"the model does not run at {_shapes_text(shapes)} ({problem}): shapes it computes at run time are unknown, and "
+    notes = load_notes + [f"the model does not run at {_shapes_text(shapes)} ({problem}): shapes it computes at run time are unknown, and "
              "spaces that need them are pinned; give the real sizes with --input-shapes NAME:D,D,.." for problem in problems]
-    hint = unanalysed_ops(proto)
-    if hint:
-        notes.append(hint)
+    notes += [hint for hint in (unanalysed_ops(proto), training_mode_ops(proto)) if hint]
     return InspectReport(name, count_params(proto), cost.total_macs, {k: list(v) for k, v in shapes.items()}, spaces, notes)
 
 

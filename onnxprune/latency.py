@@ -81,7 +81,7 @@ def search_latency(
         if index not in cache:
             plan = planner.plan_at(float(candidates[index]), target)
             model, pruned_feeds = build(plan)
-            ratio = latency_ratio(reference, make_session(model, threads=threads, timing=True), feeds, pruned_feeds)
+            ratio = latency_ratio(reference, make_session(model, threads=threads, timing=True, rewritten=True), feeds, pruned_feeds)
             steps.append((round(planner.removed("flops", float(candidates[index])), 4), round(ratio, 4)))
             cache[index] = (plan, model, ratio)
             if on_step is not None:

@@ -22,9 +22,9 @@ from .tidy import tidy
 from .weights import LARGE_MODEL, WeightsFile, model_bytes, offload, with_weights_in_memory, write_weights
 
 
-def load_model(source: str | Path | onnx.ModelProto, offload_weights: bool = False) -> tuple[onnx.ModelProto, str, WeightsFile | None]:
-    """(model, a name for messages, the temporary file of its weights). A ModelProto is copied so
-    the caller's object is never changed. Initializers in external-data files stay there; with
+def load_model(source: str | Path | onnx.ModelProto, offload_weights: bool = False) -> tuple[onnx.ModelProto, str, WeightsFile | None, list[str]]:
+    """(model, a name for messages, the temporary file of its weights, notes on what `tidy`
+    changed that the user sees). A ModelProto is copied so the caller's object is never changed. Initializers in external-data files stay there; with
     `offload_weights`, so do a large model's embedded ones, moved to a temporary file."""
     weights = None
     if isinstance(source, onnx.ModelProto):
@@ -33,7 +33,7 @@ def load_model(source: str | Path | onnx.ModelProto, offload_weights: bool = Fal
         if model is source:  # a large model's offloaded copy holds references, not a second copy of its weights
             model = onnx.ModelProto()
             model.CopyFrom(source)
-        tidy(model)
+        notes = tidy(model)
     else:
         path = Path(source)
         name = str(path)
@@ -51,7 +51,7 @@ def load_model(source: str | Path | onnx.ModelProto, offload_weights: bool = Fal
                     load_external_data_for_tensor(tensor, str(path.parent))
                     tensor.data_location = onnx.TensorProto.DEFAULT
                     del tensor.external_data[:]
-            tidy(model)
+            notes = tidy(model)
             if offload_weights:
                 model, weights = offload(model)
         except (DecodeError, RuntimeError, ValueError) as exc:
@@ -63,7 +63,7 @@ def load_model(source: str | Path | onnx.ModelProto, offload_weights: bool = Fal
     problem = checker_problem(model)
     if problem:
         raise ModelError(f"'{name}' fails onnx.checker: {problem}")
-    return model, name, weights
+    return model, name, weights, notes
 
 
 def checker_problem(model: onnx.ModelProto, full_check: bool = False) -> str | None:

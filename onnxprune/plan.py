@@ -97,6 +97,22 @@ def misaligned_warning(analysis: Analysis, plan: Plan) -> list[str]:
             f"original: --round-to {ALIGNMENT} (the CLI's default; round_to={ALIGNMENT} in Python) keeps multiples of {ALIGNMENT}"]
 
 
+def overshoot_warning(planner: Planner, plan: Plan, round_to: int) -> list[str]:
+    """A warning when the plan removes far more than its ratio / flops / params target (over 1.5x
+    and 5 points more): the kept counts move in whole steps, and a model with few prunable
+    layers may have no step small enough."""
+    kind, value = plan.target.kind, plan.target.value
+    if kind not in ("ratio", "flops", "params") or not value:
+        return []
+    removed = planner.removed_with(kind, {sid: len(p.keep) for sid, p in plan.spaces.items() if sid in planner.tails})
+    if removed <= max(1.5 * value, value + 0.05):
+        return []
+    what = {"ratio": "of the prunable units", "flops": "of the MACs", "params": "of the parameters"}[kind]
+    hint = f"--round-to {round_to} keeps multiples of {round_to} channels; a smaller --round-to comes closer" if round_to > 1 else \
+        "the prunable layers' units are few or wide (see the per-layer table)"
+    return [f"the plan removes {removed:.1%} {what} for --{kind} {value:g}: no smaller step was left ({hint})"]
+
+
 class Planner:
     """Maps a threshold to kept counts (floors and --round-to applied) and searches the target.
 

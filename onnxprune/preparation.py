@@ -81,6 +81,33 @@ def unanalysed_ops(model: onnx.ModelProto) -> str | None:
     return None
 
 
+def training_mode_ops(model: onnx.ModelProto) -> str | None:
+    """The nodes that make the model run in training mode, with the way out, or None:
+    BatchNormalization with `training_mode` 1 or running-statistics outputs (opsets < 14 had
+    them in training exports), Dropout with a training-mode input that is not constant false.
+    onnxruntime then normalises each batch by its own statistics: outputs depend on the batch,
+    and no pruned model can reproduce them."""
+    constants = {t.name: t for t in model.graph.initializer}
+    constants.update({n.output[0]: n.attribute[0].t for n in model.graph.node if n.op_type == "Constant" and n.attribute
+                      and n.attribute[0].name == "value"})
+    found = []
+    for node in model.graph.node:
+        if node.op_type == "BatchNormalization":
+            training = any(a.name == "training_mode" and a.i for a in node.attribute) or any(o for o in node.output[1:])
+        elif node.op_type == "Dropout" and len(node.input) > 2 and node.input[2]:
+            flag = constants.get(node.input[2])
+            training = flag is None or bool(onnx.numpy_helper.to_array(flag).any())
+        else:
+            continue
+        if training:
+            found.append(f"{node.op_type} '{node.name or node.output[0]}'")
+    if not found:
+        return None
+    return (f"the model runs in training mode ({', '.join(found[:2])}{', ...' if len(found) > 2 else ''}: batch statistics or "
+            "random dropout), so its outputs depend on the batch; export it in eval mode (model.eval(), "
+            "torch.onnx.TrainingMode.EVAL) and prune that")
+
+
 def _time_first_hint(model: onnx.ModelProto) -> str:
     """When an input fixes axis 0 but leaves a later axis free, axis 0 may be time, not batch."""
     initializers = {t.name for t in model.graph.initializer}
@@ -104,7 +131,9 @@ def prepare(
     spatial_stride: int | str = "auto",
 ) -> Prepared:
     """Load and check the model and data, hold out verification samples, analyse the graph."""
-    original, name, weights = load_model(model, offload_weights=True)
+    original, name, weights, load_notes = load_model(model, offload_weights=True)
+    if problem := training_mode_ops(original):
+        raise ModelError(f"'{name}': {problem}")
     if model_bytes(original) >= LARGE_MODEL:
         map_large_allocations()
     data = load_calibration(calib, original, image_options, calib_samples)
@@ -112,7 +141,7 @@ def prepare(
     if not 0 <= n_verify < data.n_samples:
         raise CalibrationError(f"--verify-samples {n_verify} must leave calibration samples (the data has {data.n_samples})")
     calib_data, verify_data = data.split(n_verify)
-    notes = list(data.notes)
+    notes = [*load_notes, *data.notes]
     batch_size, static = _batch_size_for(original, batch_size)
     if static:  # onnxruntime only runs whole batches of the model's fixed batch size
         if calib_data.n_samples < batch_size:

@@ -15,7 +15,7 @@ from onnx import numpy_helper
 from onnx.external_data_helper import uses_external_data
 
 from .gathers import moves_as_gathers
-from .graph import FOLD_LIMIT, GraphIndex, drop_dead_nodes, node_reads, static_shapes
+from .graph import FOLD_LIMIT, GraphIndex, default_opset, drop_dead_nodes, evaluate_outputs, node_reads, static_shapes
 from .tensors import tensor_size
 
 # Ops that only move a weight's values around: folding them never changes a number or a dtype
@@ -23,10 +23,30 @@ from .tensors import tensor_size
 MOVES = frozenset({"Transpose", "Split", "Slice", "Reshape", "Squeeze", "Unsqueeze", "Concat", "Flatten"})
 
 
-def tidy(model: onnx.ModelProto) -> None:
-    """Untie shared weights, then fold weights computed by value-moving ops (in place)."""
+def tidy(model: onnx.ModelProto) -> list[str]:
+    """Weights listed as graph inputs become plain weights, shared weights are untied, weights
+    computed by value-moving ops are folded (in place); notes on what the user will see change."""
+    notes = initializers_not_inputs(model)
     untie_identities(model)
     fold_moved_weights(model)
+    return notes
+
+
+def initializers_not_inputs(model: onnx.ModelProto) -> list[str]:
+    """Drop the graph inputs that name initializers (IR version 3 required them; older exporters
+    and `keep_initializers_as_inputs=True` still write them): as inputs they are values a caller
+    may replace, so nothing could prune them, and onnxruntime does not optimise them either.
+    The IR version is raised to 4, the first that allows it."""
+    initializers = {t.name for t in model.graph.initializer}
+    kept = [value for value in model.graph.input if value.name not in initializers]
+    dropped = len(model.graph.input) - len(kept)
+    if not dropped:
+        return []
+    del model.graph.input[:]
+    model.graph.input.extend(kept)
+    model.ir_version = max(model.ir_version, 4)
+    return [f"{dropped} weights the model also listed as graph inputs are plain weights in the pruned model (IR version "
+            f"{model.ir_version}); its inputs are {', '.join(repr(v.name) for v in kept)}"]
 
 
 UNTIE_ELEMENTS = 4 << 20  # a larger shared weight (a tied embedding and LM head) is not copied
@@ -162,18 +182,4 @@ def fold_moved_weights(model: onnx.ModelProto) -> None:
 
 def _evaluate(node: onnx.NodeProto, values: dict[str, np.ndarray], model: onnx.ModelProto) -> list[np.ndarray] | None:
     """The node's outputs on constant inputs (onnx's reference evaluator), or None."""
-    from onnx.reference import ReferenceEvaluator
-
-    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
-    try:
-        graph = onnx.helper.make_graph(
-            [node], "fold",
-            [onnx.helper.make_tensor_value_info(k, onnx.helper.np_dtype_to_tensor_dtype(v.dtype), v.shape) for k, v in values.items()],
-            [onnx.helper.make_empty_tensor_value_info(o) for o in node.output if o],
-        )
-        proto = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", opset)] if opset else None)
-        results = ReferenceEvaluator(proto).run(None, values)
-    except Exception:  # noqa: BLE001 - folding is a convenience; an unfolded weight pins its layer as before
-        return None
-    outputs = iter(np.asarray(r) for r in results)
-    return [next(outputs) if o else None for o in node.output]
+    return evaluate_outputs(node, values, default_opset(model))

@@ -180,7 +180,7 @@ def optimisation_problem(original: onnx.ModelProto, pruned: onnx.ModelProto, bat
     of `batch` (None: it passes), without raising: to reject a candidate model before it is chosen.
     `expected` holds the original's optimised outputs on `batch` (the held-out reference has them)."""
     pruned_batch = {k: drop_units(v, (io_changes or {}).get(k)) for k, v in batch.items()}
-    session = make_session(pruned)
+    session = make_session(pruned, rewritten=True)
     names = [o.name for o in session.get_outputs()]
     got = dict(zip(names, session.run(names, pruned_batch), strict=True))
     session = None
@@ -218,7 +218,7 @@ def verify(
         reference += [dict(zip(names, reference_session.run(names, batch), strict=True)) for batch in batches[1:]]
         reference_session = None
         release_memory(original)
-    pruned_session = make_session(pruned)
+    pruned_session = make_session(pruned, rewritten=True)
     logits = logit_outputs(original)
     agreements = {name: _Agreement(name, name in logits) for name in names}
     probe: _Probe | None = None

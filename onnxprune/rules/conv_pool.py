@@ -3,6 +3,7 @@ Conv and pooling act on each channel alone, Resize keeps the channel axis."""
 
 from __future__ import annotations
 
+import numpy as np
 import onnx
 
 from ..graph import GraphIndex, get_attr
@@ -89,7 +90,9 @@ def _whole_groups(index: GraphIndex, node: onnx.NodeProto, tensor: str, placemen
     weight loses the group's rows and `group` counts the kept groups. Finer units are regrown."""
     label, group = index.label(node), get_attr(node, "group", 1)
     where = f"grouped Conv '{label}' (group={group})"
-    if group == 1 or len(node.input) < 2 or not index.is_constant(node.input[1]):
+    if len(node.input) < 2 or not index.is_constant(node.input[1]):
+        return [Pin(f"Conv '{label}' reads a weight that is not a constant ('{node.input[1] if len(node.input) > 1 else ''}')")]
+    if group == 1:
         return [Pin(f"{where} couples units in blocks")]
     dims = index.const_dims(node.input[1])
     if placement.axis != 1 or dims[0] % group:
@@ -146,15 +149,35 @@ def _untouched_spatial_axis(node: onnx.NodeProto, k: int) -> bool:
     return kernel[k] == 1 and same == [1, 1] and pads[k] == 0 and pads[k + len(kernel)] == 0 and auto_pad in (b"NOTSET", "NOTSET", b"VALID", "VALID")
 
 
-@carries("Resize")
+def _resize_inputs(index: GraphIndex, node: onnx.NodeProto) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """(scales, sizes) of a Resize or Upsample, constant or None: Upsample-7 holds its scales in an
+    attribute, Upsample-9 and Resize-10 at input 1, Resize-11 and later at inputs 2 and 3."""
+    def constant(slot: int) -> np.ndarray | None:
+        return index.const(node.input[slot]) if len(node.input) > slot and node.input[slot] else None
+    if node.op_type == "Upsample" and get_attr(node, "scales") is not None:
+        return np.asarray(get_attr(node, "scales"), dtype=np.float32), None
+    if node.op_type == "Upsample" or len(node.input) == 2:
+        return constant(1), None
+    return constant(2), constant(3)
+
+
+@carries("Resize", "Upsample")
 def resize(index: GraphIndex, node: onnx.NodeProto, tensor: str, placement: Placement) -> list[Effect]:
-    """Resize keeps the units' axis when its scale there is 1 or its size there is the width."""
+    """Resize (and the Upsample before it) keeps the units' axis when its scale there is 1 or
+    its size there is the width; Resize-18's `axes` lists the axes its scales and sizes cover."""
     label = index.label(node)
-    scales = index.const(node.input[2]) if len(node.input) > 2 and node.input[2] else None
-    sizes = index.const(node.input[3]) if len(node.input) > 3 and node.input[3] else None
-    axis = placement.axis
-    if scales is not None and scales.size > axis and scales[axis] == 1:
+    scales, sizes = _resize_inputs(index, node)
+    axes = get_attr(node, "axes")
+    rank = index.rank(tensor)
+    if axes is not None:
+        listed = [a % rank if rank is not None else a for a in axes]
+        if placement.axis not in listed:
+            return through(label, tensor, node.output[0], placement)
+        position = listed.index(placement.axis)
+    else:
+        position = placement.axis
+    if scales is not None and scales.size > position and scales[position] == 1:
         return through(label, tensor, node.output[0], placement)
-    if sizes is not None and sizes.size > axis and sizes[axis] == placement.width:
-        return [ShapeUpdate(label, 3, axis, 1, tensor), *through(label, tensor, node.output[0], placement)]
-    return [Pin(f"Resize '{label}' does not keep the units' axis (needs constant scales or sizes)")]
+    if sizes is not None and sizes.size > position and sizes[position] == placement.width:
+        return [ShapeUpdate(label, 3, position, 1, tensor), *through(label, tensor, node.output[0], placement)]
+    return [Pin(f"{node.op_type} '{label}' does not keep the units' axis (needs constant scales or sizes)")]

@@ -52,7 +52,7 @@ def axis_size_value(index: GraphIndex, name: str, tensor: str, axis: int, depth:
         known[inp] = axis_size_value(index, inp, tensor, axis, depth + 1)
         if known[inp] is None:
             return None
-    return evaluate_node(node, known)
+    return evaluate_node(node, known, index.opset)
 
 
 # Shape arithmetic of a computed Pad (TF-"same" padding) and of TorchScript's F.pad layout
@@ -79,7 +79,7 @@ def static_value(index: GraphIndex, name: str, memo: dict[str, np.ndarray | None
         elif node.op_type in STATIC and node.domain in ("", "ai.onnx"):
             known = {i: static_value(index, i, memo, depth + 1) for i in dict.fromkeys(i for i in node.input if i)}
             if known and all(v is not None for v in known.values()):
-                value = evaluate_node(node, known)
+                value = evaluate_node(node, known, index.opset)
     memo[name] = value
     return value
 

@@ -1,0 +1,154 @@
+"""Models as older exporters wrote them: weights listed as graph inputs (IR version 3,
+`keep_initializers_as_inputs=True`), attribute forms of shape ops below opset 13, Upsample and
+opset-10 Resize, training-mode BatchNormalization."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import helper
+
+import onnxprune
+from builders import random_cnn, relative_l2, run
+
+
+def _weights_as_inputs(model: onnx.ModelProto, ir_version: int) -> onnx.ModelProto:
+    legacy = onnx.ModelProto()
+    legacy.CopyFrom(model)
+    legacy.graph.input.extend(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in legacy.graph.initializer)
+    legacy.ir_version = ir_version
+    return legacy
+
+
+def test_weights_listed_as_graph_inputs_are_pruned_like_plain_weights() -> None:
+    """IR 3 listed every initializer as an input: the pruned model keeps them as weights only
+    (raising the IR version to 4), prunes as much, and its outputs match the original's."""
+    model = random_cnn(channels=(3, 16, 24, 8), seed=2)
+    x = np.random.default_rng(0).standard_normal((160, 3, 8, 8)).astype(np.float32)
+    expected, plain_report = onnxprune.prune(model, {"x": x}, flops=0.3, seed=0)
+    for ir_version in (3, model.ir_version):
+        legacy = _weights_as_inputs(model, ir_version)
+        before = legacy.SerializeToString()
+        pruned, report = onnxprune.prune(legacy, {"x": x}, flops=0.3, seed=0)
+        assert legacy.SerializeToString() == before  # the input model is never modified
+        assert [i.name for i in pruned.graph.input] == ["x"] and pruned.ir_version >= 4
+        assert report.macs_after == plain_report.macs_after
+        assert any("listed as graph inputs" in w for w in report.warnings)
+        fresh = np.random.default_rng(1).standard_normal((20, 3, 8, 8)).astype(np.float32)
+        np.testing.assert_allclose(run(pruned, fresh), run(expected, fresh), rtol=1e-5, atol=1e-5)
+        assert relative_l2(run(pruned, fresh), run(legacy, fresh)) < 0.5
+
+
+def test_inspect_names_the_weights_that_were_inputs() -> None:
+    legacy = _weights_as_inputs(random_cnn(), 3)
+    report = onnxprune.inspect_model(legacy)
+    assert any("listed as graph inputs" in note for note in report.notes)
+    assert sum(not s.pinned for s in report.spaces) == sum(not s.pinned for s in onnxprune.inspect_model(random_cnn()).spaces)
+
+
+def _conv_net(opset: int, middle: list[onnx.NodeProto], extra_inits: list[onnx.TensorProto], head: str = "gap",
+              training_bn: bool = False) -> onnx.ModelProto:
+    """x -> conv1 (8) -> Relu -> `middle` (reads 'r1', writes 'm') -> conv2 (6) -> Relu -> head -> fc (4)."""
+    rng = np.random.default_rng(0)
+
+    def init(name, *shape):
+        return onnx.numpy_helper.from_array((rng.standard_normal(shape) / np.sqrt(np.prod(shape[1:]))).astype(np.float32), name)
+    inits = [init("w1", 8, 3, 3, 3), init("b1", 8), init("w2", 6, 8, 3, 3), init("b2", 6), *extra_inits]
+    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c1"], ["r1"], name="relu1"), *middle,
+             helper.make_node("Conv", ["m", "w2", "b2"], ["c2"], name="conv2", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c2"], ["r2"], name="relu2")]
+    if training_bn:
+        inits += [onnx.numpy_helper.from_array(np.ones(6, np.float32), n) for n in ("s", "v")]
+        inits += [onnx.numpy_helper.from_array(np.zeros(6, np.float32), n) for n in ("b", "mu")]
+        nodes.append(helper.make_node("BatchNormalization", ["r2", "s", "b", "mu", "v"], ["bn", "run_mean", "run_var", "saved_mean", "saved_var"],
+                                      name="bn"))
+        nodes.append(helper.make_node("Identity", ["bn"], ["r2b"], name="id"))
+        last = "r2b"
+    else:
+        last = "r2"
+    if head == "gap":
+        nodes += [helper.make_node("GlobalAveragePool", [last], ["p"], name="gap"), helper.make_node("Flatten", ["p"], ["f"], name="flatten")]
+    else:  # x.reshape(x.size(0), -1) as exported below opset 13: Unsqueeze with an axes attribute
+        inits.append(onnx.numpy_helper.from_array(np.array(0, np.int64), "zero"))
+        inits.append(onnx.numpy_helper.from_array(np.array([-1], np.int64), "minus_one"))
+        nodes += [helper.make_node("MaxPool", [last], ["p"], name="pool", kernel_shape=[8, 8]),
+                  helper.make_node("Shape", ["p"], ["shape"], name="shape"),
+                  helper.make_node("Gather", ["shape", "zero"], ["batch"], name="gather", axis=0),
+                  helper.make_node("Unsqueeze", ["batch"], ["batch1"], name="unsqueeze", axes=[0]),
+                  helper.make_node("Concat", ["batch1", "minus_one"], ["target"], name="concat", axis=0),
+                  helper.make_node("Reshape", ["p", "target"], ["f"], name="reshape")]
+    inits += [init("wf", 4, 6), onnx.numpy_helper.from_array(np.zeros(4, np.float32), "bf")]
+    nodes.append(helper.make_node("Gemm", ["f", "wf", "bf"], ["y"], name="fc", transB=1))
+    graph = helper.make_graph(nodes, "old", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 3, 8, 8])],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", 4])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 6
+    onnx.checker.check_model(model)
+    return model
+
+
+def _pool_upsample(opset: int) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
+    scales = onnx.numpy_helper.from_array(np.array([1, 1, 2, 2], np.float32), "scales")
+    pool = helper.make_node("MaxPool", ["r1"], ["half"], name="pool", kernel_shape=[2, 2], strides=[2, 2])
+    if opset == 7:
+        return [pool, helper.make_node("Upsample", ["half"], ["m"], name="up", scales=[1.0, 1.0, 2.0, 2.0])], []
+    op = "Upsample" if opset == 9 else "Resize"
+    return [pool, helper.make_node(op, ["half", "scales"], ["m"], name="up")], [scales]
+
+
+def _prunable(model: onnx.ModelProto) -> set[str]:
+    return {s.name for s in onnxprune.inspect_model(model).spaces if not s.pinned}
+
+
+def test_upsample_and_opset_10_resize_keep_the_channel_axis() -> None:
+    """Upsample (opsets 7 and 9, scales an attribute or input 1) and Resize-10 (scales at input 1)
+    carry channels like Resize-11: the conv before them is pruned and the outputs match."""
+    x = np.random.default_rng(1).standard_normal((120, 3, 8, 8)).astype(np.float32)
+    for opset in (7, 9, 10):
+        model = _conv_net(opset, *_pool_upsample(opset))
+        assert "conv1" in _prunable(model), opset
+        pruned, report = onnxprune.prune(model, {"x": x}, flops=0.3, seed=0)
+        kept = {s.name: s.kept for s in report.spaces}
+        assert kept["conv1"] < 8, opset
+        fresh = np.random.default_rng(2).standard_normal((16, 3, 8, 8)).astype(np.float32)
+        assert relative_l2(run(model, fresh), run(pruned, fresh)) < 0.6
+
+
+def test_computed_flatten_shape_below_opset_13_folds_at_the_models_opset() -> None:
+    """reshape(x.size(0), -1) below opset 13 (Unsqueeze with an `axes` attribute): the shape
+    arithmetic is evaluated at the model's opset, so the last conv stays prunable."""
+    identity = [helper.make_node("Identity", ["r1"], ["m"], name="pass")]
+    for opset in (9, 11):
+        model = _conv_net(opset, identity, [], head="reshape")
+        assert "conv2" in _prunable(model)
+        x = np.random.default_rng(1).standard_normal((120, 3, 8, 8)).astype(np.float32)
+        pruned, _ = onnxprune.prune(model, {"x": x}, flops=0.3, seed=0)
+        fresh = np.random.default_rng(2).standard_normal((16, 3, 8, 8)).astype(np.float32)
+        assert run(pruned, fresh).shape == (16, 4)
+
+
+def test_training_mode_batch_norm_is_refused_with_the_way_out(tmp_path, capsys) -> None:
+    """BatchNormalization with its running-statistics outputs runs on batch statistics: outputs
+    depend on the batch, so the model is refused (exit 2) and `inspect` says why."""
+    from builders import cli
+
+    model = _conv_net(9, [helper.make_node("Identity", ["r1"], ["m"], name="pass")], [], training_bn=True)
+    path = tmp_path / "train.onnx"
+    onnx.save(model, path)
+    np.savez(tmp_path / "calib.npz", x=np.random.default_rng(0).standard_normal((64, 3, 8, 8)).astype(np.float32))
+    code, out, err = cli([str(path), "--calib", str(tmp_path / "calib.npz"), "-o", str(tmp_path / "out.onnx"), "--flops", "0.2"], capsys)
+    assert code == 2 and "training mode" in err and "BatchNormalization 'bn'" in err and "eval" in err
+    assert not (tmp_path / "out.onnx").exists()
+    assert any("training mode" in note for note in onnxprune.inspect_model(model).notes)
+
+
+def test_a_conv_reading_a_computed_weight_says_so() -> None:
+    """A Conv whose weight is computed at run time (fp16 storage cast to float) is pinned with
+    that reason, not as a grouped Conv."""
+    w16 = onnx.numpy_helper.from_array(np.random.default_rng(0).standard_normal((8, 8, 9, 9)).astype(np.float16), "w16")  # not folded
+    middle = [helper.make_node("Cast", ["w16"], ["w16f"], name="cast", to=onnx.TensorProto.FLOAT),
+              helper.make_node("Conv", ["r1", "w16f"], ["m"], name="conv_mid", pads=[4, 4, 4, 4])]
+    spaces = {s.name: s for s in onnxprune.inspect_model(_conv_net(13, middle, [w16])).spaces}
+    reasons = " ".join(spaces["conv1"].pinned)
+    assert "not a constant" in reasons and "grouped" not in reasons
