@@ -34,7 +34,7 @@ from .shards import Statistics
 from .sources import ImageOptions
 from .stats import SiteStats
 from .streams import StreamGains
-from .verify import drop_units, optimisation_problem, verify
+from .verify import drop_units, far_outputs_warning, optimisation_problem, verify
 from .weights import WeightsFile, offload, with_weights_in_memory
 
 DEFAULT_TOLERANCE = 0.01
@@ -219,7 +219,7 @@ def prune(
 
     report = _build_report(prepared.name, method, order, target, plan, analysis, cost, prepared.original, pruned, prepared.data,
                            prepared.calib_data, prepared.verify_data, fidelity)
-    report.warnings, report.seconds = warnings, seconds
+    report.warnings, report.seconds = warnings + far_outputs_warning(fidelity), seconds
     report.io_changes = _io_shapes(pruned, io_changes)
     report.spatial_strides = sampled
     _add_fit_notes(report, fit["mode"] == "sequential", method in RECOVERY, refit.result if refit else None, latency_result)

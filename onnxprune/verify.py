@@ -27,6 +27,22 @@ class OutputFidelity:
     top1_agreement: float | None  # argmax agreement per row of a 2-D float output, per position of logits (a language model's next token)
 
 
+FAR_L2, FAR_TOP1 = 0.8, 0.5  # a pruned output this far from the original's is worth a warning
+
+
+def far_outputs_warning(fidelity: list[OutputFidelity]) -> list[str]:
+    """A warning naming the outputs the pruned model gets far from the original's on the
+    held-out samples (relative L2 >= 0.8 or top-1 agreement < 50%): the model is written, but
+    it is not a faithful copy."""
+    far = [f for f in fidelity if f.relative_l2 >= FAR_L2 or (f.top1_agreement is not None and f.top1_agreement < FAR_TOP1)]
+    if not far:
+        return []
+    shown = ", ".join(f"'{f.name}' (relative L2 {f.relative_l2:.2f}"
+                      + ("" if f.top1_agreement is None else f", top-1 agreement {f.top1_agreement:.0%}") + ")" for f in far[:2])
+    return [f"the pruned model's outputs are far from the original's on the held-out samples: {shown}; a smaller target, "
+            "more (and more varied) calibration samples, or --tolerance to bound the loss"]
+
+
 def check_model(model: onnx.ModelProto) -> None:
     """Full ONNX check (with shape inference); raises ModelError naming the problem."""
     problem = checker_problem(model, full_check=True)

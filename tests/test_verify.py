@@ -11,7 +11,7 @@ import pytest
 from onnx import helper
 
 import onnxprune
-from builders import GraphBuilder, run
+from builders import GraphBuilder, random_mlp, run
 from onnxprune.data import CalibrationData
 from onnxprune.verify import verify
 
@@ -123,3 +123,19 @@ def test_a_language_model_reports_its_next_token_agreement():
     _, report = onnxprune.prune("models/transformers/llama_tiny.ts.onnx", calib, ratio=0.3)
     (logits,) = report.fidelity
     assert logits.name == "logits" and 0 < logits.top1_agreement < 1
+
+
+def test_far_outputs_are_named_in_a_warning() -> None:
+    """A pruned model far from the original on the held-out samples is written with a warning
+    naming the output and how far it is; a close one gets none."""
+    from onnxprune.verify import OutputFidelity, far_outputs_warning
+
+    close = OutputFidelity("y", 0.1, 0.99, 0.5, 0.97)
+    assert far_outputs_warning([close]) == []
+    (warning,) = far_outputs_warning([close, OutputFidelity("logits", 0.3, 0.9, 2.0, 0.35)])
+    assert "'logits'" in warning and "35%" in warning and "'y'" not in warning
+    model = random_mlp(widths=(12, 32, 5), seed=1)
+    x = np.random.default_rng(0).standard_normal((200, 12)).astype(np.float32)
+    _, report = onnxprune.prune(model, {"x": x}, ratio=0.95, seed=0, method="random")
+    far = [f for f in report.fidelity if f.relative_l2 >= 0.8 or (f.top1_agreement or 1) < 0.5]
+    assert far and any("far from the original" in w for w in report.warnings)
