@@ -188,6 +188,8 @@ def prune(
     with _stage(seconds, "plan"):
         planner, allocated = allocation_planner(allocation, target, prepared, scores, cost, stats, method, min_keep, round_to,
                                                  sensitivity_samples, progress, head_gain)
+    if isinstance(allocated, AllocationChoice):
+        warnings.extend(allocated.warnings())
     builder = ModelBuilder(prepared, stats, method, fit["mode"] == "sequential", allocated, progress, fixed_shrinkage,
                            sequential_samples, rechoose)
     latency_result = None

@@ -129,6 +129,7 @@ def build_cost_model(index: GraphIndex, analysis: Analysis, recovery: bool = Tru
     node_tensors: dict[str, set[str]] = {}
     const_tensors: dict[str, set[str]] = {}
     recurrent_tensors: dict[str, tuple[str, ...]] = {}  # a recurrent op's H x H part: its hidden units twice
+    recurrent_weights: dict[str, tuple[str, ...]] = {}  # R: its rows and its columns, the hidden units twice (one name when Y is the site)
     for space in analysis.prunable:
         for tensor, placement in space.tensors.items():
             model.occupancy.setdefault(tensor, (placement.width, []))[1].append((space.id, placement.count()))
@@ -147,7 +148,7 @@ def build_cost_model(index: GraphIndex, analysis: Analysis, recovery: bool = Tru
             const_tensors.setdefault(index.node(cut.node).input[cut.input_index], set()).add(cut.tensor)
         for read in space.recurrent_reads:  # R [directions, gates x H, H]: its rows and columns both scale
             recurrent_tensors[read.node] = (index.node(read.node).output[0], read.site)
-            const_tensors.setdefault(index.node(read.node).input[2], set()).add(read.site)
+            recurrent_weights[index.node(read.node).input[2]] = recurrent_tensors[read.node]
     for node in index.nodes:
         # a recurrent op's input part scales with its input and hidden units, the recurrent part
         # with its hidden units twice (on both sides of R)
@@ -163,7 +164,9 @@ def build_cost_model(index: GraphIndex, analysis: Analysis, recovery: bool = Tru
     constants = index.constants
     for name in constants:
         if constants.dtype(name).kind == "f":
-            model.params_terms.append(CostTerm(constants.size(name), tuple(sorted(const_tensors.get(name, ())))))
+            both = recurrent_weights.get(name, ())
+            tensors = tuple(sorted(const_tensors.get(name, set()) - set(both))) + both
+            model.params_terms.append(CostTerm(constants.size(name), tensors))
     if recovery:
         model.params_terms.extend(_missing_bias_terms(index, analysis, node_tensors))
     return model

@@ -70,9 +70,9 @@ class CalibrationData:
         for start in np.linspace(0, self.n_samples - batch_size, count).round().astype(np.int64):
             yield self.read(int(start), int(start) + batch_size)
 
-    def sample_shapes(self) -> dict[str, tuple[int, ...]]:
-        """Shape of one sample of each input, with a batch of 1."""
-        return {k: (1, *column.shape[1:]) for k, column in self.columns.items()}
+    def sample_shapes(self, batch: int = 1) -> dict[str, tuple[int, ...]]:
+        """Shape of one batch of each input (a model with a fixed batch size runs only that)."""
+        return {k: (batch, *column.shape[1:]) for k, column in self.columns.items()}
 
 
 @dataclass

@@ -152,7 +152,7 @@ def prepare(
         verify_data = verify_data.take(0, verify_data.n_samples - verify_data.n_samples % batch_size)
         if dropped:
             notes.append(f"model '{name}' has a fixed batch size of {batch_size}: {dropped} samples that do not fill a batch were left out")
-    shapes, index = shapes_and_index(original, data.sample_shapes())
+    shapes, index = shapes_and_index(original, data.sample_shapes(batch_size if static else 1))
     analysis = analyse(original, list(exclude), index=index)
     if not analysis.prunable:
         reasons = "; ".join(f"{s.name}: {s.pinned[0]}" for s in analysis.spaces[:3]) or "no Conv/Gemm/MatMul with constant weights"

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
@@ -34,13 +34,19 @@ class AllocationChoice:
     samples: int
     seconds: float
     streams: StreamGains | None = None  # the stream candidate's measured gains
+    failed: dict[str, str] = field(default_factory=dict)  # candidates whose model could not be built or run, and why
 
     def summary(self, names: dict[int, str] | None = None) -> dict:
         errors = {name: None if e is None else float(f"{e:.4g}") for name, e in self.errors.items()}
         summary = {"chosen": self.chosen, "heldout_error": errors, "samples": self.samples, "seconds": round(self.seconds, 2)}
         if self.streams is not None:
             summary["stream"] = self.streams.summary(names or {})
+        if self.failed:
+            summary["failed"] = dict(self.failed)
         return summary
+
+    def warnings(self) -> list[str]:
+        return [f"allocation candidate '{name}' failed and was skipped: {why}" for name, why in self.failed.items()]
 
 
 def choose_allocation(
@@ -52,11 +58,13 @@ def choose_allocation(
     progress: Callable[[int], None] | None = None,
 ) -> AllocationChoice:
     """Plan the target with every candidate planner, score each distinct plan once on
-    `reference`, and choose the lowest error (the first candidate on ties)."""
+    `reference`, and choose the lowest error (the first candidate on ties). A candidate whose
+    model cannot be built or run is skipped (and named) while another one works."""
     start = time.perf_counter()
     errors: dict[str, float | None] = {}
-    seen: dict[tuple, float] = {}
+    seen: dict[tuple, float | None] = {}
     refusals: list[TargetError] = []
+    failures: dict[str, Exception] = {}
     for name, planner in planners.items():
         try:
             plan = planner.plan(target)
@@ -66,12 +74,17 @@ def choose_allocation(
         else:
             key = tuple(sorted((sid, tuple(p.keep)) for sid, p in plan.spaces.items()))
             if key not in seen:
-                seen[key] = reference.error(build(plan), io_changes(plan))
+                try:
+                    seen[key] = reference.error(build(plan), io_changes(plan))
+                except Exception as exc:  # noqa: BLE001 - one candidate's failure must not end the run while others work
+                    failures[name] = exc
+                    seen[key] = None
             errors[name] = seen[key]
         if progress is not None:
             progress(1)
     scored = {name: e for name, e in errors.items() if e is not None}
     if not scored:
-        raise refusals[0]
+        raise next(iter(failures.values())) if failures else refusals[0]
     chosen = min(scored, key=lambda name: (scored[name], list(planners).index(name)))
-    return AllocationChoice(chosen, errors, reference.samples, time.perf_counter() - start)
+    failed = {name: str(exc).splitlines()[0] if str(exc) else type(exc).__name__ for name, exc in failures.items()}
+    return AllocationChoice(chosen, errors, reference.samples, time.perf_counter() - start, failed=failed)

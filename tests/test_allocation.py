@@ -9,7 +9,7 @@ import onnxruntime as ort
 import pytest
 
 import onnxprune
-from builders import cli, planted_mlp, random_mlp, relative_l2, run
+from builders import cli, planted_mlp, random_cnn, random_mlp, relative_l2, run
 from onnxprune.errors import TargetError
 from onnxprune.score import zca_scores
 
@@ -146,3 +146,29 @@ def test_head_gain_moves_the_budget_between_heads_and_neurons(capsys) -> None:
     code, _, err = cli([str(folder / "bert_tiny.dynamo.onnx"), "--calib", str(folder / "calib_tokens.npz"), "--params", "0.3",
                         "--head-gain", "-1"], capsys)
     assert code != 0 and "head-gain" in err
+
+
+def test_a_failing_auto_candidate_is_skipped_and_named(monkeypatch) -> None:
+    """One candidate whose model cannot be run (a rewrite bug) costs that candidate, not the
+    run: auto chooses among the others and the report names the failure; if all fail, it raises."""
+    import onnxprune.fidelity as fidelity
+
+    original_error = fidelity.ReferenceOutputs.error
+    calls = {"n": 0}
+
+    def first_fails(self, model, changes):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("onnxruntime cannot load the pruned model: planted")
+        return original_error(self, model, changes)
+
+    monkeypatch.setattr(fidelity.ReferenceOutputs, "error", first_fails)
+    model = random_cnn(channels=(3, 16, 24, 8), seed=4)
+    x = np.random.default_rng(0).standard_normal((200, 3, 8, 8)).astype(np.float32)
+    _, report = onnxprune.prune(model, {"x": x}, flops=0.4, seed=0, sequential=False)
+    assert report.allocation["failed"] == {"global": "onnxruntime cannot load the pruned model: planted"}
+    assert report.allocation["chosen"] != "global"
+    assert any("candidate 'global' failed" in w for w in report.warnings)
+    monkeypatch.setattr(fidelity.ReferenceOutputs, "error", lambda self, model, changes: (_ for _ in ()).throw(RuntimeError("all")))
+    with pytest.raises(RuntimeError, match="all"):
+        onnxprune.prune(model, {"x": x}, flops=0.4, seed=0, sequential=False)

@@ -152,3 +152,23 @@ def test_a_conv_reading_a_computed_weight_says_so() -> None:
     spaces = {s.name: s for s in onnxprune.inspect_model(_conv_net(13, middle, [w16])).spaces}
     reasons = " ".join(spaces["conv1"].pinned)
     assert "not a constant" in reasons and "grouped" not in reasons
+
+
+def test_a_fixed_batch_above_one_is_analysed_at_that_batch() -> None:
+    """A static export with batch 2 bakes the batch into constant Reshape targets: the analysis
+    runs the model at its own batch, so the layers stay prunable (at batch 1 the Reshape looked
+    like it mixed the units' axis with the batch)."""
+    rng = np.random.default_rng(0)
+    w1 = onnx.numpy_helper.from_array(rng.standard_normal((32, 12)).astype(np.float32), "w1")
+    w2 = onnx.numpy_helper.from_array(rng.standard_normal((5, 32)).astype(np.float32) / 6, "w2")
+    target = onnx.numpy_helper.from_array(np.array([2, 32], np.int64), "target")
+    nodes = [helper.make_node("Gemm", ["x", "w1"], ["h"], name="fc1", transB=1), helper.make_node("Relu", ["h"], ["r"], name="relu"),
+             helper.make_node("Reshape", ["r", "target"], ["flat"], name="reshape"),
+             helper.make_node("Gemm", ["flat", "w2"], ["y"], name="fc2", transB=1)]
+    graph = helper.make_graph(nodes, "static", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2, 12])],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2, 5])], [w1, w2, target])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    x = rng.standard_normal((200, 12)).astype(np.float32)
+    pruned, report = onnxprune.prune(model, {"x": x}, ratio=0.3, seed=0)
+    assert {s.name: s.kept for s in report.spaces}["fc1"] < 32
+    assert run(pruned, x[:2]).shape == (2, 5)

@@ -341,3 +341,22 @@ def test_a_read_last_cell_state_still_pins():
     model.graph.output.append(helper.make_tensor_value_info("rnn_c", onnx.TensorProto.FLOAT, [1, None, HIDDEN]))
     spaces = {s.name: s for s in onnxprune.inspect_model(model, input_shapes={"x": (2, STEPS, 6)}).spaces}
     assert any("last cell state" in p for p in spaces["rnn"].pinned), spaces["rnn"].pinned
+
+
+@pytest.mark.parametrize("op", ["LSTM", "GRU"])
+def test_the_cost_model_counts_r_on_both_its_axes(op):
+    """R [directions, gates x H, H] shrinks with the hidden units on both axes: the planner's
+    parameter count of a plan equals the pruned model's (with Y itself the state site, R was
+    counted once, and --params 0.3 removed half the parameters)."""
+    from onnxprune.cost import count_params
+
+    model = last_state_classifier(op, planted=False)
+    x = RNG.normal(size=(128, STEPS, 6)).astype(np.float32)
+    pruned, report = onnxprune.prune(model, {"x": x}, params=0.3, round_to=1)
+    index = GraphIndex(model, static_shapes(model, {"x": (2, STEPS, 6)}))
+    analysis = analyse(model, index=index)
+    cost = build_cost_model(index, analysis)
+    kept = {s.name: s.kept / s.units for s in report.spaces}
+    predicted = cost.params({s.id: kept[s.name] for s in analysis.prunable})
+    assert kept["rnn"] < 1
+    assert abs(predicted - count_params(pruned)) <= 0.01 * count_params(model)

@@ -315,3 +315,23 @@ def test_a_kv_head_stays_while_one_of_its_query_heads_does():
     assert f"`{kv[0].name}` (KV heads)" in report.markdown()
     feeds = feeds_for(model, CALIB, slice(0, 4), seq=20)
     assert relative(run(model, feeds)[0], run(pruned, feeds)[0]) < 1e-4
+
+
+def test_gpt2_torchscript_fused_qkv_gemm_loses_heads_with_their_bias() -> None:
+    """GPT-2 exported by TorchScript: the fused q/k/v projection is a Gemm whose bias spans all
+    three projections (192 = 3 x 4 heads x 16); removing heads slices the bias with the weight
+    (it was left whole, and onnxruntime refused the model)."""
+    path = "models/transformers/gpt2_tiny.ts.onnx"  # python models/build_gpt2_ts.py
+    calib = dict(np.load("models/transformers/calib_tokens.npz"))
+    model, report = onnxprune.prune(path, calib, params=0.3, allocation="uniform", head_gain=1, seed=0)
+    heads = [s for s in report.spaces if s.units == 4 and not s.pinned]
+    assert heads and any(s.kept < s.units for s in heads)
+    gemm = next(n for n in model.graph.node if n.op_type == "Gemm" and "c_attn" in n.name)
+    weights = {t.name: t for t in model.graph.initializer}
+    assert weights[gemm.input[1]].dims[1] == weights[gemm.input[2]].dims[0] < 192
+    ids = calib["input_ids"][:4, :20]
+    original = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    pruned = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+    reference, got = original.run(None, feeds)[0], pruned.run(None, feeds)[0]
+    assert got.shape == reference.shape and np.linalg.norm(got - reference) / np.linalg.norm(reference) < 0.8

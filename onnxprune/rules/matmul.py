@@ -25,10 +25,13 @@ def _gemm_output(index: GraphIndex, node: onnx.NodeProto) -> Produced | None:
 
 
 def _gemm_slices(index: GraphIndex, node: onnx.NodeProto, n: int) -> list[ParamSlice]:
+    """The weight's output rows (columns without transB) and a bias that has one entry per output
+    (compared with the output width, not the unit count: a head holds several outputs)."""
     label, out = index.label(node), node.output[0]
-    slices = [ParamSlice(label, 1, 0 if get_attr(node, "transB", 0) else 1, out)]
+    out_axis = 0 if get_attr(node, "transB", 0) else 1
+    slices = [ParamSlice(label, 1, out_axis, out)]
     bias = index.const(node.input[2]) if len(node.input) > 2 and node.input[2] else None
-    if bias is not None and bias.ndim >= 1 and bias.shape[-1] == n:
+    if bias is not None and bias.ndim >= 1 and bias.shape[-1] == index.const_dims(node.input[1])[out_axis] > 1:
         slices.append(ParamSlice(label, 2, bias.ndim - 1, out))
     return slices
 
