@@ -52,19 +52,26 @@ def test_forward_selection_matches_a_direct_greedy_reference() -> None:
     assert 4 not in got
 
 
-def test_forward_selection_of_blocks_matches_a_direct_greedy_reference() -> None:
-    """Units of two elements each (attention heads): the gain is the block's explained energy."""
-    rng = np.random.default_rng(2)
-    rows, units, block = 600, 5, 2
+def _block_moments(seed: int, rows: int, units: int, block: int) -> tuple[np.ndarray, np.ndarray]:
+    """(S~, S~o) of a noisy copy of correlated activations, units of `block` elements each."""
+    rng = np.random.default_rng(seed)
     original = rng.standard_normal((rows, units * block)) @ rng.standard_normal((units * block, units * block))
     pruned = original + 0.5 * rng.standard_normal(original.shape)
-    cov = np.cov(pruned.T, bias=True)
-    cross = (pruned - pruned.mean(0)).T @ (original - original.mean(0)) / rows
+    return np.cov(pruned.T, bias=True), (pruned - pruned.mean(0)).T @ (original - original.mean(0)) / rows
+
+
+def _elements(units: list[int], block: int) -> list[int]:
+    return [e for u in units for e in range(u * block, (u + 1) * block)]
+
+
+def test_forward_selection_of_blocks_matches_a_direct_greedy_reference() -> None:
+    """Units of two elements each (attention heads): the gain is the block's explained energy."""
+    units, block = 5, 2
+    cov, cross = _block_moments(2, 600, units, block)
     got = forward_selection([cov], [cross], kept=3, blocks=[block])
     chosen: list[int] = []
     for _ in range(3):
-        gains = {j: _explained(cov, cross, [e for u in chosen + [j] for e in range(u * block, (u + 1) * block)])
-                 for j in range(units) if j not in chosen}
+        gains = {j: _explained(cov, cross, _elements(chosen + [j], block)) for j in range(units) if j not in chosen}
         chosen.append(max(gains, key=gains.get))
     assert got.tolist() == chosen
 
@@ -421,19 +428,13 @@ def test_backward_selection_matches_a_direct_greedy_reference() -> None:
 
 
 def test_backward_selection_of_blocks_matches_a_direct_greedy_reference() -> None:
-    rng = np.random.default_rng(5)
-    rows, units, block = 700, 6, 2
-    original = rng.standard_normal((rows, units * block)) @ rng.standard_normal((units * block, units * block))
-    pruned = original + 0.5 * rng.standard_normal(original.shape)
-    cov = np.cov(pruned.T, bias=True)
-    cross = (pruned - pruned.mean(0)).T @ (original - original.mean(0)) / rows
+    """Removing heads: each removal loses the least of the blocks' explained energy."""
+    units, block = 6, 2
+    cov, cross = _block_moments(5, 700, units, block)
     got = backward_selection([cov], [cross], kept=4, blocks=[block])
     left = list(range(units))
-
-    def elements(us):
-        return [e for u in us for e in range(u * block, (u + 1) * block)]
     for _ in range(2):
-        kept_energy = {j: _explained(cov, cross, elements([u for u in left if u != j])) for j in left}
+        kept_energy = {j: _explained(cov, cross, _elements([u for u in left if u != j], block)) for j in left}
         left.remove(max(kept_energy, key=kept_energy.get))
     assert got.tolist() == left
 
