@@ -185,7 +185,7 @@ def prune(
         cost = build_cost_model(index, analysis, recovery=method in RECOVERY)
     with _stage(seconds, "score"):
         scores = {s.id: score_space(s, stats, index, method, order, seed) for s in analysis.prunable}
-    with _stage(seconds, "plan"):
+    with _stage(seconds, "plan"), _undersampled_hint(analysis):
         planner, allocated = allocation_planner(allocation, target, prepared, scores, cost, stats, method, min_keep, round_to,
                                                  sensitivity_samples, progress, head_gain)
     if isinstance(allocated, AllocationChoice):
@@ -199,7 +199,7 @@ def prune(
         with _stage(seconds, "rewrite"):
             pruned = builder.final(plan, pruned)
     else:
-        with _stage(seconds, "plan"):
+        with _stage(seconds, "plan"), _undersampled_hint(analysis):
             plan = planner.plan(target)
         warnings.extend(overshoot_warning(planner, plan, round_to))
         with _stage(seconds, "rewrite"):
@@ -380,12 +380,29 @@ def pin_undersampled(analysis: Analysis, stats: dict[str, SiteStats]) -> list[st
         for tensor in space.sites:
             rows, width = stats[tensor].count, space.tensors[tensor].size
             if rows <= width:
-                space.pinned.append(f"site '{tensor}' saw only {rows} rows for {width} units: give at least {width + 1} calibration rows (samples x positions) to prune it")
+                space.pinned.append(f"site '{tensor}' saw only {rows} rows for {width} units: give at least {width + 1} {UNDERSAMPLED}")
                 warnings.append(f"space '{space.name}' is not pruned: its site '{tensor}' saw {rows} rows for {width} units; give more calibration samples")
                 break
             if rows < WELL_SAMPLED * width:
                 warnings.append(f"site '{tensor}' saw {rows} rows for {width} units: its statistics are noisy; more calibration samples help")
     return list(dict.fromkeys(warnings))  # a site shared by several spaces (a Concat, a channel shuffle) is named once
+
+
+UNDERSAMPLED = "calibration rows (samples x positions) to prune it"  # the end of pin_undersampled's pin reason
+
+
+@contextmanager
+def _undersampled_hint(analysis: Analysis) -> Iterator[None]:
+    """A target that cannot be reached also names the spaces left unpruned for too few
+    calibration rows: more samples, not other options, is the way out there."""
+    try:
+        yield
+    except TargetError as exc:
+        starved = [s.name for s in analysis.spaces if any(r.endswith(UNDERSAMPLED) for r in s.pinned)]
+        if not starved:
+            raise
+        raise TargetError(f"{exc}; {len(starved)} spaces saw too few calibration rows to be pruned (e.g. '{starved[0]}'): "
+                          "give more calibration samples") from None
 
 
 def resolve_shrinkage(shrinkage: float | str) -> float | None:

@@ -329,10 +329,12 @@ def static_shapes(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...
         skeleton.graph.node.extend(kept)
         skeleton.graph.initializer.extend(numpy_helper.from_array(v, k) for k, v in folded.items())
     shapes, types = infer_shapes(skeleton, with_types=True)
-    floats = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16, onnx.TensorProto.BOOL}
-    missing = [  # tensors that can carry or meet units (float activations, masks) whose shape inference left open
+    probed = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16, onnx.TensorProto.BOOL,
+              onnx.TensorProto.INT64, onnx.TensorProto.INT32}
+    missing = [  # tensors that can carry or meet units (float activations, masks) or size them (shape vectors: the
+        # rules follow a Gather of a Shape by its length) whose shape inference left open
         o for n in skeleton.graph.node for o in n.output
-        if o and (o not in shapes or None in shapes[o]) and types.get(o, onnx.TensorProto.FLOAT) in floats
+        if o and (o not in shapes or None in shapes[o]) and types.get(o, onnx.TensorProto.FLOAT) in probed
     ]
     if missing:
         shapes.update(probe_shapes(model, input_shapes, missing, problems))

@@ -15,7 +15,7 @@ from onnx import numpy_helper
 from onnx.external_data_helper import uses_external_data
 
 from .gathers import moves_as_gathers
-from .graph import FOLD_LIMIT, GraphIndex, default_opset, drop_dead_nodes, evaluate_outputs, node_reads, static_shapes
+from .graph import FOLD_LIMIT, GraphIndex, default_opset, drop_dead_nodes, evaluate_outputs, get_attr, node_reads, static_shapes
 from .tensors import tensor_size
 
 # Ops that only move a weight's values around: folding them never changes a number or a dtype
@@ -90,7 +90,45 @@ def shapes_and_index(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, 
     if moves_as_gathers(model, index, varied):
         drop_dead_nodes(model)  # the replaced nodes and their shape computations
         index = GraphIndex(model, shapes)
+    if gathers_from_concat_inputs(model, index, varied):
+        drop_dead_nodes(model)  # the Concat nothing reads any more
+        index = GraphIndex(model, shapes)
     return shapes, index
+
+
+def gathers_from_concat_inputs(model: onnx.ModelProto, index: GraphIndex, varied: Callable[[], GraphIndex]) -> bool:
+    """Point a Gather of constant indices on a Concat's axis at the one Concat input all its
+    indices fall in (`h_n[-1]` of a stacked LSTM: TorchScript concatenates every layer's Y_h,
+    and the classifier reads the last layer's): the other inputs are no longer read, so their
+    units are not tied to it. Only inputs whose sizes on that axis do not follow the dynamic
+    input dims (`varied`) are taken; whether any Gather was changed (in place)."""
+    taken = {t.name for t in model.graph.initializer} | {o for n in model.graph.node for o in n.output}
+    changed = False
+    for node in model.graph.node:
+        source = index.producer.get(node.input[0]) if node.op_type == "Gather" and len(node.input) == 2 else None
+        indices = index.const(node.input[1]) if source is not None and source.op_type == "Concat" else None
+        rank = index.rank(node.input[0]) if indices is not None else None
+        if indices is None or rank is None or indices.dtype.kind not in "iu":
+            continue
+        axis = get_attr(node, "axis", 0) % rank
+        if get_attr(source, "axis", 0) % rank != axis:
+            continue
+        sizes = [(index.shape(i) or [None] * rank)[axis] for i in source.input]
+        if None in sizes or sizes != [((varied().shape(i) or [None] * rank)[axis]) for i in source.input]:
+            continue
+        starts = np.cumsum([0, *sizes])
+        flat = np.where(indices < 0, indices + starts[-1], indices)
+        j = int(np.searchsorted(starts, flat.min(), side="right")) - 1
+        if not (0 <= j < len(sizes) and starts[j] <= flat.min() and flat.max() < starts[j + 1]):
+            continue
+        name, k = f"{node.input[1]}_of_{source.input[j]}", 1
+        while name in taken:
+            name, k = f"{node.input[1]}_of_{source.input[j]}_{k}", k + 1
+        taken.add(name)
+        model.graph.initializer.append(numpy_helper.from_array((flat - starts[j]).astype(indices.dtype), name))
+        node.input[0], node.input[1] = source.input[j], name
+        changed = True
+    return changed
 
 
 def _fold_shaped_slices(model: onnx.ModelProto, index: GraphIndex, varied: Callable[[], GraphIndex]) -> bool:

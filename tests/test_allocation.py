@@ -172,3 +172,12 @@ def test_a_failing_auto_candidate_is_skipped_and_named(monkeypatch) -> None:
     monkeypatch.setattr(fidelity.ReferenceOutputs, "error", lambda self, model, changes: (_ for _ in ()).throw(RuntimeError("all")))
     with pytest.raises(RuntimeError, match="all"):
         onnxprune.prune(model, {"x": x}, flops=0.4, seed=0, sequential=False)
+
+
+def test_an_unreachable_target_names_the_spaces_that_saw_too_few_rows() -> None:
+    """When spaces are left unpruned for too few calibration rows, the unreachable-target error
+    says more samples are the way out (it blamed pins, --min-keep and --round-to only)."""
+    model = random_mlp(widths=(12, 64, 16, 5), seed=2)
+    x = np.random.default_rng(0).standard_normal((60, 12)).astype(np.float32)  # fewer rows than the 64 units
+    with pytest.raises(TargetError, match="saw too few calibration rows to be pruned .*'fc1'.*more calibration samples"):
+        onnxprune.prune(model, {"x": x}, params=0.7, seed=0)

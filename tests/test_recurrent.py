@@ -360,3 +360,30 @@ def test_the_cost_model_counts_r_on_both_its_axes(op):
     predicted = cost.params({s.id: kept[s.name] for s in analysis.prunable})
     assert kept["rnn"] < 1
     assert abs(predicted - count_params(pruned)) <= 0.01 * count_params(model)
+
+
+def test_stacked_layers_read_through_h_n_last_are_prunable():
+    """`_, (h, _) = lstm(x); fc(h[-1])` with two layers: TorchScript concatenates both layers'
+    Y_h and Gathers the last; the Gather is pointed at layer 2's Y_h, so layer 1's units are not
+    tied to it and both layers are pruned (a planted copy in each goes exactly)."""
+    g = GraphBuilder([None, STEPS, 6])
+    seq = g.op("Transpose", ["x"], perm=[1, 0, 2])
+    width = 6
+    for layer in (1, 2):
+        w, r, b = normal(1, 4 * HIDDEN, width), normal(1, 4 * HIDDEN, HIDDEN), normal(1, 8 * HIDDEN)
+        for gate in range(8):
+            if gate < 4:
+                w[:, gate * HIDDEN + 4], r[:, gate * HIDDEN + 4] = w[:, gate * HIDDEN + 1], r[:, gate * HIDDEN + 1]
+            b[:, gate * HIDDEN + 4] = b[:, gate * HIDDEN + 1]
+        g.nodes.append(helper.make_node("LSTM", [seq, g.const(w), g.const(r), g.const(b)], [f"y{layer}", f"h{layer}"], name=f"rnn{layer}",
+                                        hidden_size=HIDDEN))
+        seq, width = g.op("Squeeze", [f"y{layer}", g.const(np.array([1]), dtype=np.int64)]), HIDDEN
+    stacked = g.op("Concat", ["h1", "h2"], axis=0)
+    last = g.op("Gather", [stacked, g.const(np.array(-1), dtype=np.int64)], axis=0)
+    model = g.build(g.gemm(last, normal(HIDDEN, 3), normal(3), name="fc"), [None, 3])
+    assert {s.name for s in onnxprune.inspect_model(model).spaces if not s.pinned} >= {"rnn1", "rnn2"}
+    x = RNG.normal(size=(128, STEPS, 6)).astype(np.float32)
+    pruned, report = onnxprune.prune(model, {"x": x}, tolerance=1e-6)
+    assert {r.name: r.kept for r in report.spaces if r.name.startswith("rnn")} == {"rnn1": HIDDEN - 1, "rnn2": HIDDEN - 1}
+    fresh = RNG.normal(size=(5, STEPS, 6)).astype(np.float32)
+    assert relative_l2(run(model, fresh), run(pruned, fresh)) < 1e-4
