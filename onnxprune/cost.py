@@ -130,7 +130,7 @@ def build_cost_model(index: GraphIndex, analysis: Analysis, recovery: bool = Tru
     const_tensors: dict[str, set[str]] = {}
     recurrent_tensors: dict[str, tuple[str, ...]] = {}  # a recurrent op's H x H part: its hidden units twice
     recurrent_weights: dict[str, tuple[str, ...]] = {}  # R: its rows and its columns, the hidden units twice (one name when Y is the site)
-    for space in analysis.prunable:
+    for space in [*analysis.prunable, *analysis.derived]:  # a derived space (KV heads) shrinks its producers with its plan
         for tensor, placement in space.tensors.items():
             model.occupancy.setdefault(tensor, (placement.width, []))[1].append((space.id, placement.count()))
         for label in space.producers:

@@ -69,6 +69,30 @@ class Plan:
         return self.units_removed == 0
 
 
+def pruned_spaces(analysis: Analysis, plan: Plan) -> list[tuple[Space, SpacePlan]]:
+    """The prunable spaces that lose units under `plan`, with their plans, and the derived
+    spaces (grouped-query KV heads) that lose units with them."""
+    found = [(s, plan.spaces[s.id]) for s in analysis.prunable if s.id in plan.spaces and len(plan.spaces[s.id].prune)]
+    return found + derived_plans(analysis.derived, found)
+
+
+def derived_plans(derived: list[Space], pruned: list[tuple[Space, SpacePlan]]) -> list[tuple[Space, SpacePlan]]:
+    """A `derived` space's unit goes when every position repeating it at the Gather's output is
+    removed by the space there (`spaces.DerivedFrom`)."""
+    found = []
+    for space in derived:
+        link = space.derived
+        source = next(((s, p) for s, p in pruned if link.output in s.tensors), None)
+        if source is None:
+            continue
+        gone = np.isin(np.arange(len(link.picks)), source[0].tensors[link.output].element_positions_of(source[1].prune))
+        picks = np.asarray(link.picks)
+        prune = np.array([u for u in range(space.n) if gone[picks == u].all()], dtype=np.int64)
+        if len(prune):
+            found.append((space, SpacePlan(space.id, space.n, np.setdiff1d(np.arange(space.n), prune), prune)))
+    return found
+
+
 def floor_units(n: int, min_keep: float) -> int:
     """Per-space floor: a count (>= 1) or, below 1, a fraction of the space's units."""
     wanted = math.ceil(min_keep * n) if min_keep < 1 else int(min_keep)
@@ -120,7 +144,7 @@ class Planner:
     heads) keeps a multiple of round_to / gcd(round_to, width) units."""
 
     def __init__(self, scores: dict[int, SpaceScore], cost: CostModel, min_keep: float = 1, round_to: int = 1,
-                 widths: dict[int, int] | None = None):
+                 widths: dict[int, int] | None = None, analysis: Analysis | None = None):
         if round_to < 1:
             raise TargetError(f"--round-to must be >= 1, got {round_to}")
         if min_keep <= 0:
@@ -133,6 +157,10 @@ class Planner:
         # locked units (always kept) come first in the order; the floor applies to the others
         self.floors = {sid: s.locked + floor_units(len(s.order) - s.locked, min_keep) if s.locked < len(s.order) else len(s.order)
                        for sid, s in scores.items()}
+        # spaces whose units go with these spaces' (grouped-query KV heads): their savings count too
+        self.derived = [] if analysis is None else analysis.derived
+        self.sources = {s.id: s for s in (analysis.prunable if analysis is not None else [])
+                        if s.id in scores and any(d.derived.output in s.tensors for d in self.derived)}
 
     def with_gains(self, gains: dict[int, float]) -> Planner:
         """Scale spaces' prune scores (gain > 1 protects a space, < 1 exposes it); in place."""
@@ -161,11 +189,25 @@ class Planner:
             total = sum(len(t) for t in self.tails.values())
             return (total - sum(counts.values())) / total if total else 0.0
         fractions = {sid: counts[sid] / len(self.tails[sid]) for sid in counts}
+        fractions.update(self.derived_fractions(counts))
         if kind == "flops":
             total = self.cost.total_macs
             return 1 - self.cost.macs(fractions) / total if total else 0.0
         total = self.cost.total_params
         return 1 - self.cost.params(fractions) / total if total else 0.0
+
+    def derived_fractions(self, counts: dict[int, int]) -> dict[int, float]:
+        """The kept fraction of every derived space (KV heads) when its source spaces keep the
+        first `counts` units of their order."""
+        if not self.derived:
+            return {}
+        pruned = []
+        for sid, space in self.sources.items():
+            order = self.scores[sid].order
+            if counts.get(sid, len(order)) < len(order):
+                prune = np.sort(order[counts[sid]:])
+                pruned.append((space, SpacePlan(sid, len(order), np.sort(order[:counts[sid]]), prune)))
+        return {space.id: p.fraction for space, p in derived_plans(self.derived, pruned)}
 
     def threshold_for(self, target: Target) -> float:
         if target.kind == "tolerance":
@@ -322,4 +364,4 @@ def make_planner(analysis: Analysis, scores: dict[int, SpaceScore], cost: CostMo
     prunable = {s.id: s for s in analysis.prunable}
     extra = {"gains": gains} if allocation in MEASURED else {}
     return PLANNERS[allocation]({sid: sc for sid, sc in scores.items() if sid in prunable}, cost, min_keep, round_to,
-                                {sid: unit_width(space) for sid, space in prunable.items()}, **extra)
+                                {sid: unit_width(space) for sid, space in prunable.items()}, analysis=analysis, **extra)

@@ -13,7 +13,7 @@ from .analyse import Analysis, AttrUpdate, Consumer, IndexUpdate, ParamSlice, Sh
 from .folds import FoldMixin, fold_consumer_weight  # noqa: F401 - fold_consumer_weight is part of this module's API
 from .graph import Constants, GraphIndex, copy_model, drop_dead_nodes, get_attr, node_reads, remove_initializers, weightless_skeleton
 from .placement import expand_blocks, removed_count
-from .plan import Plan, SpacePlan
+from .plan import Plan, SpacePlan, pruned_spaces
 from .recovery import Recovery
 from .tensors import in_memory
 
@@ -165,30 +165,6 @@ class ConstantEdits:
         while name in taken:
             name, k = f"{base}_{k}", k + 1
         return name
-
-
-def pruned_spaces(analysis: Analysis, plan: Plan) -> list[tuple[Space, SpacePlan]]:
-    """The prunable spaces that lose units under `plan`, with their plans, and the derived
-    spaces (grouped-query KV heads) that lose units with them."""
-    found = [(s, plan.spaces[s.id]) for s in analysis.prunable if s.id in plan.spaces and len(plan.spaces[s.id].prune)]
-    return found + derived_plans(analysis, found)
-
-
-def derived_plans(analysis: Analysis, pruned: list[tuple[Space, SpacePlan]]) -> list[tuple[Space, SpacePlan]]:
-    """A derived space's unit goes when every position repeating it at the Gather's output is
-    removed by the space there (`spaces.DerivedFrom`)."""
-    found = []
-    for space in analysis.derived:
-        link = space.derived
-        source = next(((s, p) for s, p in pruned if link.output in s.tensors), None)
-        if source is None:
-            continue
-        gone = np.isin(np.arange(len(link.picks)), source[0].tensors[link.output].element_positions_of(source[1].prune))
-        picks = np.asarray(link.picks)
-        prune = np.array([u for u in range(space.n) if gone[picks == u].all()], dtype=np.int64)
-        if len(prune):
-            found.append((space, SpacePlan(space.id, space.n, np.setdiff1d(np.arange(space.n), prune), prune)))
-    return found
 
 
 def removed_slots(spaces: list[tuple[Space, SpacePlan]]) -> tuple[dict[str, np.ndarray], dict[str, int], dict[str, int]]:

@@ -345,3 +345,30 @@ def test_gpt2_at_opset_13_is_analysed_like_opset_14() -> None:
         return sorted((s.name, s.units) for s in onnxprune.inspect_model(path).spaces if not s.pinned)
 
     assert prunable("models/transformers/gpt2_tiny_o13.ts.onnx") == prunable("models/transformers/gpt2_tiny.ts.onnx") != []
+
+
+def test_the_planner_counts_the_kv_heads_that_go_with_their_query_heads() -> None:
+    """Removing every query head of a KV group removes its KV head (k and v projections): the
+    planner's parameter count of a plan includes them, and equals the rewritten model's."""
+    from onnxprune.api import calibration_statistics, prepare
+    from onnxprune.cost import build_cost_model, count_params
+    from onnxprune.plan import make_planner
+    from onnxprune.rewrite import pruned_spaces, rewrite
+    from onnxprune.score import score_space
+
+    model, calib = onnx.load("models/transformers/llama3_gqa.dynamo.onnx"), dict(np.load("models/transformers/llama3_gqa_calib.npz"))
+    prepared = prepare(model, calib, verify_samples=4)
+    stats = calibration_statistics(prepared)
+    analysis, index = prepared.analysis, prepared.index
+    scores = {s.id: score_space(s, stats, index) for s in analysis.prunable}
+    cost = build_cost_model(index, analysis, recovery=False)
+    planner = make_planner(analysis, scores, cost)
+    counts = {sid: len(sc.order) for sid, sc in scores.items()}
+    queries = next(s for s in analysis.prunable if s.derived is None and any(d.derived.output in s.tensors for d in analysis.derived))
+    counts[queries.id] = queries.n - 4  # 6 query heads, 3 KV groups of 2: at least one whole group goes
+    plan = planner.plan_at(0.0, onnxprune.plan.Target("params", 0.1), counts)
+    assert any(s.derived is not None for s, _ in pruned_spaces(analysis, plan))  # a KV head goes
+    pruned = rewrite(prepared.original, analysis, plan, None, index.constants)
+    actual = 1 - count_params(pruned) / count_params(prepared.original)
+    predicted = planner.removed_with("params", counts)
+    assert abs(predicted - actual) < 1e-6 * max(actual, 1e-9) + 1e-9
