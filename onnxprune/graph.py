@@ -148,8 +148,11 @@ class Constants(Mapping):
 class GraphIndex:
     """Maps every tensor of the main graph to its producer, consumers, value and shape."""
 
-    def __init__(self, model: onnx.ModelProto, shapes: dict[str, Shape] | None = None, initializers: list[onnx.TensorProto] | None = None):
-        """`initializers` replaces the graph's own (a copy being rewritten keeps them in its source)."""
+    def __init__(self, model: onnx.ModelProto, shapes: dict[str, Shape] | None = None, initializers: list[onnx.TensorProto] | None = None,
+                 constants: Constants | None = None):
+        """`initializers` replaces the graph's own (a copy being rewritten keeps them in its source);
+        `constants`, the values an index of the same graph already converted and folded, are
+        taken as they are (a rewrite's working copy: folding again costs more than the rewrite)."""
         self.model = model
         graph = model.graph
         initializers = list(graph.initializer) if initializers is None else initializers
@@ -165,7 +168,7 @@ class GraphIndex:
         self.by_label: dict[str, onnx.NodeProto] = {self.labels[id(n)]: n for n in self.nodes}
         self.producer: dict[str, onnx.NodeProto] = {}
         self.uses: dict[str, list[Use]] = defaultdict(list)
-        self.constants = Constants({t.name: t for t in initializers})
+        self.constants = Constants({t.name: t for t in initializers}) if constants is None else constants
         self.initializer_names = {t.name for t in initializers}
         for node in self.nodes:
             for out in node.output:
@@ -176,13 +179,14 @@ class GraphIndex:
                     self.uses[name].append(Use(node, i))
             for name in subgraph_reads(node):
                 self.uses[name].append(Use(node, IMPLICIT))
-            if node.op_type == "Constant" and node.output:
+            if node.op_type == "Constant" and node.output and constants is None:
                 value = _constant_node_value(node)
                 if value is not None:
                     self.constants.add(node.output[0], value)
         self.opset = default_opset(model)  # the attribute forms of old shape ops fold at their own opset
-        for name, value in fold_constants(self.nodes, self.constants, self.opset).items():
-            self.constants.add(name, value)
+        if constants is None:
+            for name, value in fold_constants(self.nodes, self.constants, self.opset).items():
+                self.constants.add(name, value)
         self.graph_inputs = [i.name for i in graph.input if i.name not in self.initializer_names]
         self.graph_outputs = [o.name for o in graph.output]
         self.shapes: dict[str, Shape] = shapes if shapes is not None else infer_shapes(model)

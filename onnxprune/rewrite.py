@@ -202,9 +202,8 @@ class Rewriter(FoldMixin):
         self.analysis = analysis
         self.plan = plan
         self.recoveries = recoveries or {}
-        self.index = GraphIndex(self.model, shapes={}, initializers=self.source)
-        if constants is not None:  # the values the analysis already converted (read only: edits copy)
-            self.index.constants = constants
+        # the values the analysis already converted and folded (read only: edits copy)
+        self.index = GraphIndex(self.model, shapes={}, initializers=self.source, constants=constants)
         self.edits = ConstantEdits(self.model, self.index, self.source, keep_on_disk)
         self.refresh_shapes = not keep_on_disk  # a working copy (the sequential pass) needs no value_info
         # folds already computed by an earlier rewrite with the same recoveries (the sequential
