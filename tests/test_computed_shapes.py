@@ -225,3 +225,40 @@ def test_heads_of_a_qkv_unbound_by_gather_are_one_space_and_a_copy_goes(unbind: 
     assert next(r for r in report.spaces if r.name == "qkv").kept == H - 1
     assert initializer(pruned, "qkv", 1).shape == (C, 3 * (C - D))
     assert relative_l2(run(model, x[:1]), run(pruned, x[:1])) < 1e-4
+
+
+def test_interpolate_to_a_size_read_from_its_own_input_carries_the_channels() -> None:
+    """DeepLab's ASPP pooling branch by TorchScript: Resize(y, sizes=Concat(Shape(y)[0:2], [H, W]))
+    reads y's own channel count, which follows the pruning: the branch conv is prunable (it was
+    pinned for computed sizes) and the pruned model's outputs match."""
+    from onnx import helper
+
+    rng = np.random.default_rng(3)
+
+    def const(name, value):
+        return onnx.numpy_helper.from_array(np.asarray(value), name)
+    inits = [const("w1", rng.standard_normal((12, 3, 3, 3)).astype(np.float32) / 5), const("b1", np.zeros(12, np.float32)),
+             const("wp", rng.standard_normal((8, 12, 1, 1)).astype(np.float32) / 3), const("bp", np.full(8, 0.1, np.float32)),
+             const("wo", rng.standard_normal((4, 20, 1, 1)).astype(np.float32) / 4), const("bo", np.zeros(4, np.float32)),
+             const("lo", np.array([0], np.int64)), const("hi", np.array([2], np.int64)), const("hw", np.array([8, 8], np.int64))]
+    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c1"], ["a"], name="relu1"),
+             helper.make_node("GlobalAveragePool", ["a"], ["g"], name="gap"),
+             helper.make_node("Conv", ["g", "wp", "bp"], ["cp"], name="pool_conv"),
+             helper.make_node("Relu", ["cp"], ["y"], name="relu2"),
+             helper.make_node("Shape", ["y"], ["shape"], name="shape"),
+             helper.make_node("Slice", ["shape", "lo", "hi"], ["nc"], name="slice"),
+             helper.make_node("Concat", ["nc", "hw"], ["sizes"], name="sizes", axis=0),
+             helper.make_node("Resize", ["y", "", "", "sizes"], ["up"], name="resize", mode="linear"),
+             helper.make_node("Concat", ["a", "up"], ["cat"], name="cat", axis=1),
+             helper.make_node("Conv", ["cat", "wo", "bo"], ["out"], name="proj")]
+    graph = helper.make_graph(nodes, "aspp", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 3, 8, 8])],
+                              [helper.make_tensor_value_info("out", onnx.TensorProto.FLOAT, ["N", 4, 8, 8])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    spaces = {s.name: s for s in onnxprune.inspect_model(model).spaces}
+    assert not spaces["pool_conv"].pinned, spaces["pool_conv"].pinned
+    x = rng.standard_normal((160, 3, 8, 8)).astype(np.float32)
+    pruned, report = onnxprune.prune(model, {"x": x}, ratio=0.4, seed=0, allocation="uniform")
+    assert {s.name: s.kept for s in report.spaces}["pool_conv"] < 8
+    fresh = rng.standard_normal((8, 3, 8, 8)).astype(np.float32)
+    assert run(pruned, fresh).shape == (8, 4, 8, 8) and relative_l2(run(model, fresh), run(pruned, fresh)) < 0.5

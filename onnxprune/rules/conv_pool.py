@@ -11,6 +11,7 @@ from ..ops import CHANNEL_WISE
 from ..placement import Placement
 from ..spaces import AttrUpdate, Consumer, ParamSlice, ShapeUpdate
 from .registry import Coarsen, Effect, Pin, Produced, carries, consumes, produces, read_by, slice_param, through
+from .shape_values import entry_origin
 
 
 def _conv_output(index: GraphIndex, node: onnx.NodeProto) -> Produced | None:
@@ -172,12 +173,15 @@ def resize(index: GraphIndex, node: onnx.NodeProto, tensor: str, placement: Plac
     if axes is not None:
         listed = [a % rank if rank is not None else a for a in axes]
         if placement.axis not in listed:
-            return through(label, tensor, node.output[0], placement)
+            return through(label, node.input[0], node.output[0], placement)
         position = listed.index(placement.axis)
     else:
         position = placement.axis
     if scales is not None and scales.size > position and scales[position] == 1:
-        return through(label, tensor, node.output[0], placement)
+        return through(label, node.input[0], node.output[0], placement)
     if sizes is not None and sizes.size > position and sizes[position] == placement.width:
-        return [ShapeUpdate(label, 3, position, 1, tensor), *through(label, tensor, node.output[0], placement)]
+        return [ShapeUpdate(label, 3, position, 1, node.input[0]), *through(label, node.input[0], node.output[0], placement)]
+    computed = node.input[3] if node.op_type == "Resize" and len(node.input) > 3 and node.input[3] and sizes is None else None
+    if computed is not None and axes is None and entry_origin(index, computed, position) == (node.input[0], position):
+        return through(label, node.input[0], node.output[0], placement)  # sizes read from the input's own shape there
     return [Pin(f"{node.op_type} '{label}' does not keep the units' axis (needs constant scales or sizes)")]
