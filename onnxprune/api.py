@@ -112,6 +112,7 @@ def prune(
     head_gain: float = DEFAULT_HEAD_GAIN,
     sequential_samples: int = SEQUENTIAL_SAMPLES,
     rechoose: bool = True,
+    report_samples: int = 0,
 ) -> PruneResult:
     """Prune `model` with calibration data `calib`; returns the pruned ModelProto and a report.
 
@@ -153,6 +154,9 @@ def prune(
     and SmolLM2, docs/transformers.md; grouped Conv groups are not heads).
     With `sequential`, the refitted model is kept only if its held-out output error is no higher
     than the one-shot model's (the report says which).
+    `report_samples`: the last N calibration samples are held out for the report's fidelity
+    alone; by default it is measured on the held-out samples that also chose the allocation,
+    the shrinkage and the refit, which makes it optimistic on new data.
     Models of 64 MiB and more keep their weights on disk (their external-data files, or one
     temporary file) and fix glibc's mmap threshold for the process (`load.map_large_allocations`).
     """
@@ -164,7 +168,7 @@ def prune(
     warnings: list[str] = []
 
     with _stage(seconds, "load"):
-        prepared = prepare(model, calib, exclude, batch_size, verify_samples, image_options, calib_samples, spatial_stride)
+        prepared = prepare(model, calib, exclude, batch_size, verify_samples, image_options, calib_samples, spatial_stride, report_samples)
     warnings.extend(prepared.warnings)
     analysis, index = prepared.analysis, prepared.index
     fit = resolve_fit(sequential, method, analysis, index)
@@ -175,7 +179,7 @@ def prune(
             if workers > 1 or scheduler:
                 from .shards import collect_sharded
 
-                options = prepare_options(exclude, batch_size, verify_samples, image_options, calib_samples, spatial_stride)
+                options = prepare_options(exclude, batch_size, verify_samples, image_options, calib_samples, spatial_stride, report_samples)
                 statistics = collect_sharded(model, calib, max(workers, 1), scheduler, options)
             stats, strides = _statistics(prepared, statistics, progress)
             statistics = None  # gathered: its Grams go when the sequential pass drops them from `stats`
@@ -220,7 +224,8 @@ def prune(
         fidelity = _verify(prepared, pruned, io_changes, progress)
 
     report = _build_report(prepared.name, method, order, target, plan, analysis, cost, prepared.original, pruned, prepared.data,
-                           prepared.calib_data, prepared.verify_data, fidelity)
+                           prepared.calib_data, prepared.verify_data if prepared.report_data is None else prepared.report_data, fidelity)
+    report.fidelity_independent = prepared.report_data is not None
     report.warnings, report.seconds = warnings + far_outputs_warning(fidelity), seconds
     report.io_changes = _io_shapes(pruned, io_changes)
     report.spatial_strides = sampled
@@ -302,7 +307,8 @@ def _verify(prepared: Prepared, pruned: onnx.ModelProto, io_changes: dict, progr
     """The pruned model's outputs against the original's on the held-out samples (`io_changes`:
     the KV caches that shrank)."""
     advance = progress("verifying", 1)
-    fidelity = verify(prepared.original, pruned, prepared.verify_data, prepared.batch_size, io_changes)
+    samples = prepared.report_data if prepared.report_data is not None else prepared.verify_data
+    fidelity = verify(prepared.original, pruned, samples, prepared.batch_size, io_changes)
     release_memory(prepared.original)
     advance(1)
     return fidelity

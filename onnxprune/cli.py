@@ -140,6 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--exclude", action="append", default=[], metavar="PATTERN", help="never prune the units of producer nodes matching this name pattern (fnmatch; repeatable)")
     parser.add_argument("--batch-size", type=int, default=32, metavar="B", help="samples per onnxruntime run (default 32)")
     parser.add_argument("--verify-samples", type=int, metavar="N", help="calibration samples held out to verify the pruned model (default 10%%, at most 256)")
+    parser.add_argument("--report-samples", type=int, default=0, metavar="N",
+                        help="the last N calibration samples measure the report's fidelity alone (default 0: it is measured on the held-out "
+                             "samples, which also choose the allocation and the refit and so read optimistic on new data)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random baseline")
     parser.add_argument("--latency-batch", type=int, default=1, metavar="B", help="with --latency: samples per timed run (default 1)")
     parser.add_argument("--latency-threads", type=int, default=0, metavar="T", help="with --latency: onnxruntime threads (default 0: its default)")
@@ -208,7 +211,7 @@ def run(args: argparse.Namespace) -> int:
         ratio=args.ratio, flops=args.flops, params=args.params, tolerance=args.tolerance, latency=args.latency,
         latency_batch=args.latency_batch, latency_threads=args.latency_threads,
         method=args.method, order=args.order, round_to=args.round_to, min_keep=args.min_keep,
-        exclude=args.exclude, batch_size=args.batch_size, verify_samples=args.verify_samples, seed=args.seed,
+        exclude=args.exclude, batch_size=args.batch_size, verify_samples=args.verify_samples, report_samples=args.report_samples, seed=args.seed,
         calib_samples=args.calib_samples, workers=args.workers, scheduler=args.scheduler, spatial_stride=args.spatial_stride,
         sequential=args.sequential, sequential_samples=args.sequential_samples, shrinkage=args.shrinkage, rechoose=args.rechoose, allocation=args.allocation, sensitivity_samples=args.sensitivity_samples,
         head_gain=args.head_gain,
@@ -258,6 +261,7 @@ def build_stats_parser() -> argparse.ArgumentParser:
     parser.add_argument("--exclude", action="append", default=[], metavar="PATTERN", help="as for pruning (must match the pruning run)")
     parser.add_argument("--batch-size", type=int, default=32, metavar="B")
     parser.add_argument("--verify-samples", type=int, metavar="N", help="as for pruning (must match the pruning run)")
+    parser.add_argument("--report-samples", type=int, default=0, metavar="N", help="as for pruning (must match the pruning run)")
     parser.add_argument("--calib-samples", type=int, metavar="N")
     parser.add_argument("--spatial-stride", type=_stride, default="auto", metavar="auto|S", help="as for pruning (must match the pruning run)")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -273,7 +277,7 @@ def run_stats(args: argparse.Namespace) -> int:
     if not 0 <= shard[0] < shard[1]:
         raise OnnxPruneError(f"--shard {args.shard}: I must be in 0..K-1")
     options = dict(exclude=tuple(args.exclude), batch_size=args.batch_size, verify_samples=args.verify_samples,
-                   calib_samples=args.calib_samples, spatial_stride=args.spatial_stride)
+                   calib_samples=args.calib_samples, spatial_stride=args.spatial_stride, report_samples=args.report_samples)
     partial_statistics(args.model, args.calib, shard, options).save(args.output)
     return 0
 

@@ -50,6 +50,7 @@ class Prepared:
     strides: dict[str, int]
     static_batch: bool = False
     weights: WeightsFile | None = None  # the temporary file of a large model's weights (kept while `original` is used)
+    report_data: CalibrationData | None = None  # samples no decision reads, for the report's fidelity (--report-samples)
 
     @property
     def subsampled(self) -> dict[str, int]:
@@ -57,10 +58,10 @@ class Prepared:
         return {tensor: stride for tensor, stride in self.strides.items() if stride > 1}
 
 
-def prepare_options(exclude, batch_size, verify_samples, image_options, calib_samples, spatial_stride="auto") -> dict:
+def prepare_options(exclude, batch_size, verify_samples, image_options, calib_samples, spatial_stride="auto", report_samples=0) -> dict:
     """The options of `prepare`, as keywords (shards rebuild the same preparation)."""
     return dict(exclude=tuple(exclude), batch_size=batch_size, verify_samples=verify_samples, image_options=image_options,
-                calib_samples=calib_samples, spatial_stride=spatial_stride)
+                calib_samples=calib_samples, spatial_stride=spatial_stride, report_samples=report_samples)
 
 
 QUANTISED_OPS = frozenset({"QLinearConv", "QLinearMatMul", "ConvInteger", "MatMulInteger", "DynamicQuantizeLinear", "DequantizeLinear"})
@@ -129,27 +130,33 @@ def prepare(
     image_options: ImageOptions | None = None,
     calib_samples: int | None = None,
     spatial_stride: int | str = "auto",
+    report_samples: int = 0,
 ) -> Prepared:
-    """Load and check the model and data, hold out verification samples, analyse the graph."""
+    """Load and check the model and data, hold out verification samples (and `report_samples`
+    more, last, that only the report's fidelity reads), analyse the graph."""
     original, name, weights, load_notes = load_model(model, offload_weights=True)
     if problem := training_mode_ops(original):
         raise ModelError(f"'{name}': {problem}")
     if model_bytes(original) >= LARGE_MODEL:
         map_large_allocations()
     data = load_calibration(calib, original, image_options, calib_samples)
-    n_verify = default_verify_samples(data.n_samples) if verify_samples is None else verify_samples
-    if not 0 <= n_verify < data.n_samples:
-        raise CalibrationError(f"--verify-samples {n_verify} must leave calibration samples (the data has {data.n_samples})")
-    calib_data, verify_data = data.split(n_verify)
+    if not 0 <= report_samples < data.n_samples:
+        raise CalibrationError(f"--report-samples {report_samples} must leave calibration samples (the data has {data.n_samples})")
+    used, report_data = data.split(report_samples)
+    n_verify = default_verify_samples(used.n_samples) if verify_samples is None else verify_samples
+    if not 0 <= n_verify < used.n_samples:
+        raise CalibrationError(f"--verify-samples {n_verify} must leave calibration samples (the data has {data.n_samples}"
+                               + (f", {report_samples} of them for the report)" if report_samples else ")"))
+    calib_data, verify_data = used.split(n_verify)
     notes = [*load_notes, *data.notes]
     batch_size, static = _batch_size_for(original, batch_size)
     if static:  # onnxruntime only runs whole batches of the model's fixed batch size
         if calib_data.n_samples < batch_size:
             raise CalibrationError(f"model '{name}' has a fixed batch size of {batch_size}; give at least {batch_size + n_verify} samples"
                                    + _time_first_hint(original))
-        dropped = calib_data.n_samples % batch_size + verify_data.n_samples % batch_size
-        calib_data = calib_data.take(0, calib_data.n_samples - calib_data.n_samples % batch_size)
-        verify_data = verify_data.take(0, verify_data.n_samples - verify_data.n_samples % batch_size)
+        dropped = calib_data.n_samples % batch_size + verify_data.n_samples % batch_size + report_data.n_samples % batch_size
+        calib_data, verify_data, report_data = (part.take(0, part.n_samples - part.n_samples % batch_size)
+                                                for part in (calib_data, verify_data, report_data))
         if dropped:
             notes.append(f"model '{name}' has a fixed batch size of {batch_size}: {dropped} samples that do not fill a batch were left out")
     shapes, index = shapes_and_index(original, data.sample_shapes(batch_size if static else 1))
@@ -162,7 +169,8 @@ def prepare(
     if spatial_stride != "auto" and (not isinstance(spatial_stride, int) or spatial_stride < 1):
         raise TargetError(f"--spatial-stride must be 'auto' or a positive integer, got {spatial_stride!r}")
     strides = choose_strides(analysis.sites(), shapes, count_macs(index), spatial_stride, calib_data.n_samples)
-    return Prepared(original, name, data, calib_data, verify_data, shapes, index, analysis, batch_size, notes, strides, static, weights)
+    return Prepared(original, name, data, calib_data, verify_data, shapes, index, analysis, batch_size, notes, strides, static, weights,
+                    report_data if report_samples else None)
 
 
 def use_pooled_inputs(analysis: Analysis, shapes: dict, samples: int) -> list[str]:

@@ -69,6 +69,15 @@ class PruneReport:
     sensitivity: dict = field(default_factory=dict)  # with --allocation sensitivity: each space's probe and gain
     allocation: dict = field(default_factory=dict)  # with --allocation auto: the candidates' held-out errors and the choice
     fit: dict = field(default_factory=dict)  # one-shot or sequential recovery, and whether (and why) auto chose it
+    fidelity_independent: bool = False  # measured on --report-samples, which no choice of the run read
+
+    def fidelity_title(self) -> str:
+        """Where the fidelity was measured: samples no choice read, or the held-out samples that
+        also chose the allocation and the refit (then optimistic on new data)."""
+        if self.fidelity_independent:
+            return f"output fidelity on {self.verification_samples} report samples that no choice of the run read"
+        return (f"output fidelity on {self.verification_samples} held-out samples (they also chose among the candidate models: "
+                "expect larger errors on new data; --report-samples N measures on samples no choice reads)")
 
     @property
     def pinned(self) -> list[SpaceRow]:
@@ -173,7 +182,7 @@ class PruneReport:
             lines += ["", "| pinned (not prunable) | units | reason |", "|---|---:|---|"]
             lines += [f"| `{r.name}` | {r.units} | {'; '.join(r.pinned)} |" for r in self.pinned]
         if self.fidelity:
-            lines += ["", f"Output fidelity on {self.verification_samples} held-out samples:", "",
+            lines += ["", f"{self.fidelity_title()[0].upper()}{self.fidelity_title()[1:]}:", "",
                       "| output | relative L2 | cosine | max abs diff | top-1 agreement |", "|---|---:|---:|---:|---:|"]
             for f in self.fidelity:
                 top1 = "-" if f.top1_agreement is None else f"{f.top1_agreement:.1%}"
@@ -291,7 +300,7 @@ def _pinned_table(report: PruneReport) -> Table:
 
 
 def _fidelity_table(report: PruneReport) -> Table:
-    table = Table(title=f"output fidelity on {report.verification_samples} held-out samples")
+    table = Table(title=report.fidelity_title())
     for column in ("output", "relative L2 error", "cosine", "max |diff|", "top-1 agreement"):
         table.add_column(column, justify="left" if column == "output" else "right")
     for f in report.fidelity:

@@ -217,3 +217,17 @@ def test_exclude_pins_a_layer(files, capsys) -> None:
     assert spaces["fc1"]["kept"] == spaces["fc1"]["units"] == 24
     assert any("exclude" in reason for reason in spaces["fc1"]["pinned"])
     assert spaces["fc2"]["pinned"] == [] and spaces["fc2"]["kept"] == 12 - 4  # 30% of the 12 prunable units, rounded up
+
+
+def test_report_samples_from_the_cli(files, capsys) -> None:
+    """--report-samples reaches the run (and the stats subcommand accepts it, to match)."""
+    out, report = files["dir"] / "small.onnx", files["dir"] / "report.json"
+    code, stdout, err = cli([files["model"], "--calib", files["calib"], "-o", out, "--ratio", "0.3", "--report", report,
+                             "--report-samples", "20"], capsys)
+    assert code == 0, err
+    data = json.loads(report.read_text())
+    assert data["fidelity_independent"] and data["verification_samples"] == 20
+    assert "no choice of the run read" in stdout.replace("\n", " ")
+    stats = files["dir"] / "stats.npz"
+    code, _, err = cli(["stats", files["model"], "--calib", files["calib"], "-o", stats, "--report-samples", "20"], capsys)
+    assert code == 0 and stats.exists(), err

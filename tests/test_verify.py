@@ -139,3 +139,31 @@ def test_far_outputs_are_named_in_a_warning() -> None:
     _, report = onnxprune.prune(model, {"x": x}, ratio=0.95, seed=0, method="random")
     far = [f for f in report.fidelity if f.relative_l2 >= 0.8 or (f.top1_agreement or 1) < 0.5]
     assert far and any("far from the original" in w for w in report.warnings)
+
+
+def test_report_samples_measure_the_fidelity_and_nothing_else() -> None:
+    """--report-samples: the last N samples only measure the report's fidelity. Changing them
+    leaves the pruned model bit for bit the same (no choice read them) and changes the numbers
+    reported; without them the report says its samples also chose the model."""
+    model = random_mlp(widths=(12, 32, 24, 5), seed=3)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((300, 12)).astype(np.float32)
+    first, report = onnxprune.prune(model, {"x": x}, flops=0.4, seed=0, report_samples=40)
+    other = x.copy()
+    other[-40:] = 3 * rng.standard_normal((40, 12)).astype(np.float32)
+    second, other_report = onnxprune.prune(model, {"x": other}, flops=0.4, seed=0, report_samples=40)
+    assert first.SerializeToString() == second.SerializeToString()
+    assert report.fidelity_independent and report.verification_samples == 40
+    assert report.fidelity[0].relative_l2 != other_report.fidelity[0].relative_l2
+    expected = relative_l2_of(model, first, x[-40:])
+    assert abs(report.fidelity[0].relative_l2 - expected) < 1e-4 * max(expected, 1e-6) + 1e-7
+    assert "no choice of the run read" in report.markdown()
+    _, plain = onnxprune.prune(model, {"x": x}, flops=0.4, seed=0)
+    assert not plain.fidelity_independent and "expect larger errors on new data" in plain.markdown()
+    with pytest.raises(onnxprune.errors.CalibrationError, match="--report-samples 300"):
+        onnxprune.prune(model, {"x": x}, flops=0.4, report_samples=300)
+
+
+def relative_l2_of(model: onnx.ModelProto, pruned: onnx.ModelProto, x: np.ndarray) -> float:
+    reference, got = run(model, x), run(pruned, x)
+    return float(np.linalg.norm(got - reference) / np.linalg.norm(reference))
