@@ -91,6 +91,7 @@ def analyse(model: onnx.ModelProto, exclude: list[str] | None = None, index: Gra
         spaces.append(space)
     _pin_shared_shape_constants(spaces)
     spaces += _computed_weight_layers(index, len(spaces))
+    spaces += _grouped_conv_layers(index, claimed, len(spaces))
     return Analysis(spaces)
 
 
@@ -117,6 +118,25 @@ def _computed_weight_layers(index: GraphIndex, first_id: int) -> list[Space]:
         found.append(Space(first_id + len(found), label, int(units or 0), producers=[label],
                            pinned=[f"{node.op_type} '{label}' reads a weight computed at run time ({source.op_type} "
                                    f"'{index.label(source)}'): its units are not analysed"]))
+    return found
+
+
+def _grouped_conv_layers(index: GraphIndex, claimed: dict, first_id: int) -> list[Space]:
+    """Grouped (not depthwise) Convs start no space: one of their units would be a whole group
+    with its input channels, which the channels' own space upstream cannot follow. Unless another
+    space carries their output, the report lists them as pinned spaces with that reason."""
+    found = []
+    for node in index.nodes:
+        group = get_attr(node, "group", 1) if node.op_type == "Conv" else 1
+        if group == 1 or node.output[0] in claimed or len(node.input) < 2 or not index.is_constant(node.input[1]):
+            continue
+        dims = index.const_dims(node.input[1])
+        if dims[1] == 1 and dims[0] == group:  # depthwise: a pass-through of its input's units
+            continue
+        label = index.label(node)
+        found.append(Space(first_id + len(found), label, int(dims[0]), producers=[label],
+                           pinned=[f"grouped Conv '{label}' (group={group}) starts no space: a unit would be a whole group "
+                                   "with its input channels"]))
     return found
 
 

@@ -133,3 +133,20 @@ def test_group_normalization_prunes_whole_groups_and_a_copied_group_goes_exactly
     node = next(n for n in pruned.graph.node if n.op_type == "GroupNormalization")
     assert onnx.helper.get_attribute_value(next(a for a in node.attribute if a.name == "num_groups")) == 3
     assert relative_l2(run(model, x[:4]), run(pruned, x[:4])) < 1e-4
+
+
+def test_a_grouped_conv_whose_output_no_space_carries_is_listed_with_the_reason():
+    """ShuffleNet v1's grouped 1x1 convs read channels from a stem no group-wise unit can follow:
+    their outputs start no space, and the report lists them as pinned spaces with the reason
+    (they were left out of the analysis without a word); a grouped conv carried in whole groups
+    (ResNeXt) is part of its input's space, not listed apart."""
+    g = GraphBuilder([1, 3, 8, 8])
+    stem = g.op("Relu", [g.conv("x", normal(6, 3, 3, 3), normal(6), name="stem", pads=[1, 1, 1, 1])])
+    a = g.op("Relu", [g.conv(stem, normal(8, 3, 1, 1), normal(8), name="gconv_a", group=2)])
+    b = g.op("Relu", [g.conv(stem, normal(8, 2, 1, 1), normal(8), name="gconv_b", group=3)])
+    f = g.op("Flatten", [g.op("GlobalAveragePool", [g.op("Concat", [a, b], axis=1)])])
+    model = g.build(g.gemm(f, normal(16, 3), normal(3), name="fc"), ["N", 3])
+    spaces = {s.name: s for s in analyse(model).spaces}
+    assert "grouped Conv 'gconv_b' (group=3) starts no space" in spaces["gconv_b"].pinned[0]
+    assert "gconv_a" not in spaces and a in spaces["stem"].tensors  # carried in whole groups from the stem
+    assert "grouped" not in {s.name for s in analyse(resnext_block()).spaces}
