@@ -34,6 +34,7 @@ from .shards import Statistics
 from .sources import ImageOptions
 from .stats import SiteStats
 from .streams import StreamGains
+from .tidy import restore_fp16_weights
 from .verify import drop_units, far_outputs_warning, optimisation_problem, verify
 from .weights import WeightsFile, offload, with_weights_in_memory
 
@@ -209,6 +210,7 @@ def prune(
         with _stage(seconds, "rewrite"):
             pruned = builder.final(plan)
     refit = builder.refit
+    restore_fp16_weights(pruned)  # the weights the model stores as fp16 + Cast stay so
     warnings.extend(builder.warnings)
     if refit is not None and refit.plan is not None:
         plan = refit.plan  # the same counts, other units where the pass chose again

@@ -243,6 +243,7 @@ FOLDABLE = frozenset({
     "Mul", "Div", "Mod", "Neg", "Range", "ConstantOfShape", "Expand", "Equal", "Where", "Floor", "Ceil", "Transpose",
 })
 FOLD_LIMIT = 4096
+SUFFIX = "_onnxprune"  # what the rewrite appends to the names of the values it creates
 
 
 def fold_constants(nodes: list[onnx.NodeProto], constants: Constants, opset: int | None = None) -> dict[str, np.ndarray]:

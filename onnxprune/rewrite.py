@@ -11,13 +11,21 @@ from onnx import helper, numpy_helper
 
 from .analyse import Analysis, AttrUpdate, Consumer, IndexUpdate, ParamSlice, ShapeUpdate, Space, WindowUpdate
 from .folds import FoldMixin, fold_consumer_weight  # noqa: F401 - fold_consumer_weight is part of this module's API
-from .graph import Constants, GraphIndex, copy_model, drop_dead_nodes, get_attr, node_reads, remove_initializers, weightless_skeleton
+from .graph import (
+    SUFFIX,
+    Constants,
+    GraphIndex,
+    copy_model,
+    drop_dead_nodes,
+    get_attr,
+    node_reads,
+    remove_initializers,
+    weightless_skeleton,
+)
 from .placement import expand_blocks, removed_count
 from .plan import Plan, SpacePlan, pruned_spaces
 from .recovery import Recovery
 from .tensors import in_memory
-
-SUFFIX = "_onnxprune"
 
 
 @dataclass

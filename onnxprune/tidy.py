@@ -7,6 +7,7 @@ TorchScript: the latter is folded once the static shapes are known, `shapes_and_
 from __future__ import annotations
 
 import functools
+import json
 from collections.abc import Callable
 
 import numpy as np
@@ -15,8 +16,19 @@ from onnx import numpy_helper
 from onnx.external_data_helper import uses_external_data
 
 from .gathers import moves_as_gathers
-from .graph import FOLD_LIMIT, GraphIndex, default_opset, drop_dead_nodes, evaluate_outputs, get_attr, node_reads, static_shapes
-from .tensors import tensor_size
+from .graph import (
+    FOLD_LIMIT,
+    SUFFIX,
+    GraphIndex,
+    default_opset,
+    drop_dead_nodes,
+    evaluate_outputs,
+    get_attr,
+    node_reads,
+    remove_initializers,
+    static_shapes,
+)
+from .tensors import is_on_disk, tensor_size
 
 # Ops that only move a weight's values around: folding them never changes a number or a dtype
 # (Cast, which would widen an fp16 weight, and DequantizeLinear stay).
@@ -24,9 +36,12 @@ MOVES = frozenset({"Transpose", "Split", "Slice", "Reshape", "Squeeze", "Unsquee
 
 
 def tidy(model: onnx.ModelProto) -> list[str]:
-    """Weights listed as graph inputs become plain weights, shared weights are untied, weights
-    computed by value-moving ops are folded (in place); notes on what the user will see change."""
+    """Weights listed as graph inputs become plain weights, fp16 weights cast to float become
+    float weights (stored as fp16 again by `restore_fp16_weights`), shared weights are untied,
+    weights computed by value-moving ops are folded (in place); notes on what the user will see
+    change."""
     notes = initializers_not_inputs(model)
+    fold_fp16_weights(model)
     untie_identities(model)
     fold_moved_weights(model)
     return notes
@@ -47,6 +62,60 @@ def initializers_not_inputs(model: onnx.ModelProto) -> list[str]:
     model.ir_version = max(model.ir_version, 4)
     return [f"{dropped} weights the model also listed as graph inputs are plain weights in the pruned model (IR version "
             f"{model.ir_version}); its inputs are {', '.join(repr(v.name) for v in kept)}"]
+
+
+FP16_WEIGHTS = "onnxprune.fp16_weights"  # metadata of the loaded copy: float weights the model stores as fp16 + Cast
+HALF_TYPES = (onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16)
+
+
+def fold_fp16_weights(model: onnx.ModelProto) -> None:
+    """Fold Cast(fp16 weight -> float) into a float weight, so that the layers reading it are
+    analysed (mixed-precision storage: half the bytes, float arithmetic); their names are kept
+    in the metadata, and `restore_fp16_weights` stores the pruned weights as fp16 + Cast again."""
+    graph = model.graph
+    initializers = {t.name: t for t in graph.initializer}
+    folded = [n for n in graph.node if n.op_type == "Cast" and get_attr(n, "to") == onnx.TensorProto.FLOAT and n.input
+              and (source := initializers.get(n.input[0])) is not None and source.data_type in HALF_TYPES
+              and not uses_external_data(source) and n.output[0] not in {o.name for o in graph.output}]
+    if not folded:
+        return
+    for node in folded:
+        graph.initializer.append(numpy_helper.from_array(numpy_helper.to_array(initializers[node.input[0]]).astype(np.float32), node.output[0]))
+    kept = [n for n in graph.node if all(n is not f for f in folded)]
+    del graph.node[:]
+    graph.node.extend(kept)
+    used = {name for node in graph.node for name in node_reads(node)} | {o.name for o in graph.output}
+    remove_initializers(graph, {n.input[0] for n in folded} - used)
+    entry = model.metadata_props.add()
+    entry.key, entry.value = FP16_WEIGHTS, json.dumps([n.output[0] for n in folded])
+
+
+def restore_fp16_weights(model: onnx.ModelProto) -> int:
+    """Store the weights `fold_fp16_weights` made float (and the rewrite's edited copies of them)
+    as fp16 + Cast again, in place; how many. Weights on disk stay float."""
+    entry = next((e for e in model.metadata_props if e.key == FP16_WEIGHTS), None)
+    if entry is None:
+        return 0
+    names = set(json.loads(entry.value))
+    model.metadata_props.remove(entry)
+    graph = model.graph
+    taken = {t.name for t in graph.initializer} | {o for n in graph.node for o in n.output}
+    casts, restored = [], 0
+    for tensor in graph.initializer:
+        if tensor.data_type != onnx.TensorProto.FLOAT or not (tensor.name in names or tensor.name.split(SUFFIX)[0] in names) \
+                or is_on_disk(tensor) or uses_external_data(tensor):
+            continue
+        half, k = f"{tensor.name}_fp16", 1
+        while half in taken:
+            half, k = f"{tensor.name}_fp16_{k}", k + 1
+        taken.add(half)
+        value = numpy_helper.to_array(tensor).astype(np.float16)
+        casts.append(onnx.helper.make_node("Cast", [half], [tensor.name], name=half + "_cast", to=onnx.TensorProto.FLOAT))
+        tensor.CopyFrom(numpy_helper.from_array(value, half))
+        restored += 1
+    for cast in reversed(casts):
+        graph.node.insert(0, cast)
+    return restored
 
 
 UNTIE_ELEMENTS = 4 << 20  # a larger shared weight (a tied embedding and LM head) is not copied

@@ -144,14 +144,42 @@ def test_training_mode_batch_norm_is_refused_with_the_way_out(tmp_path, capsys) 
 
 
 def test_a_conv_reading_a_computed_weight_says_so() -> None:
-    """A Conv whose weight is computed at run time (fp16 storage cast to float) is pinned with
+    """A Conv whose weight is computed at run time (an int8 weight dequantised) is pinned with
     that reason, not as a grouped Conv."""
-    w16 = onnx.numpy_helper.from_array(np.random.default_rng(0).standard_normal((8, 8, 9, 9)).astype(np.float16), "w16")  # not folded
-    middle = [helper.make_node("Cast", ["w16"], ["w16f"], name="cast", to=onnx.TensorProto.FLOAT),
-              helper.make_node("Conv", ["r1", "w16f"], ["m"], name="conv_mid", pads=[4, 4, 4, 4])]
-    spaces = {s.name: s for s in onnxprune.inspect_model(_conv_net(13, middle, [w16])).spaces}
+    q = onnx.numpy_helper.from_array(np.random.default_rng(0).integers(-100, 100, (8, 8, 9, 9)).astype(np.int8), "q")
+    scale = onnx.numpy_helper.from_array(np.array(0.01, np.float32), "scale")
+    middle = [helper.make_node("DequantizeLinear", ["q", "scale"], ["wq"], name="dequant"),
+              helper.make_node("Conv", ["r1", "wq"], ["m"], name="conv_mid", pads=[4, 4, 4, 4])]
+    spaces = {s.name: s for s in onnxprune.inspect_model(_conv_net(13, middle, [q, scale])).spaces}
     reasons = " ".join(spaces["conv1"].pinned)
     assert "not a constant" in reasons and "grouped" not in reasons
+
+
+def test_fp16_weights_cast_to_float_are_pruned_and_stored_as_fp16_again() -> None:
+    """Mixed-precision storage (fp16 weights, a Cast to float before each layer): the layers are
+    pruned like float ones, and the pruned weights are written as fp16 + Cast again (the file
+    shrinks, it does not double)."""
+    model = _conv_net(13, [helper.make_node("Identity", ["r1"], ["m"], name="pass")], [])
+    half = onnx.ModelProto()
+    half.CopyFrom(model)
+    for tensor in list(half.graph.initializer):
+        if tensor.name in ("w1", "w2", "wf"):
+            tensor.CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(tensor).astype(np.float16), tensor.name + "_h"))
+            half.graph.node.insert(0, helper.make_node("Cast", [tensor.name], [tensor.name[:-2]], name="cast_" + tensor.name, to=1))
+    onnx.checker.check_model(half)
+    assert {"conv1", "conv2"} <= _prunable(half)
+    x = np.random.default_rng(1).standard_normal((160, 3, 8, 8)).astype(np.float32)
+    pruned, report = onnxprune.prune(half, {"x": x}, flops=0.3, seed=0)
+    assert {s.name: s.kept for s in report.spaces}["conv1"] < 8
+    weights = {t.name: t for t in pruned.graph.initializer}
+    readers = [n for n in pruned.graph.node if n.op_type in ("Conv", "Gemm")]
+    for node in readers:
+        cast = next(n for n in pruned.graph.node if n.output[0] == node.input[1])
+        assert cast.op_type == "Cast" and weights[cast.input[0]].data_type == onnx.TensorProto.FLOAT16
+    assert not any(p.key.startswith("onnxprune") for p in pruned.metadata_props)
+    assert len(pruned.SerializeToString()) < len(half.SerializeToString())
+    fresh = np.random.default_rng(2).standard_normal((16, 3, 8, 8)).astype(np.float32)
+    assert relative_l2(run(half, fresh), run(pruned, fresh)) < 0.5
 
 
 def test_a_fixed_batch_above_one_is_analysed_at_that_batch() -> None:

@@ -382,7 +382,13 @@ def test_sequential_with_a_shared_shape_concat_and_uneven_kv_groups() -> None:
 
 
 def test_latency_target_is_searched_one_shot_then_refitted() -> None:
-    pruned, report = onnxprune.prune("models/vgg_bn.ts.onnx", FMNIST, latency=0.1, round_to=8, sequential=True)
+    for attempt in range(3):  # the search times onnxruntime: on a loaded machine one search can see no gain at all
+        try:
+            pruned, report = onnxprune.prune("models/vgg_bn.ts.onnx", FMNIST, latency=0.1, round_to=8, sequential=True)
+            break
+        except onnxprune.errors.TargetError:
+            if attempt == 2:
+                raise
     assert report.latency["ratio"] < 1 and report.sequential["sites"]
     onnx.checker.check_model(pruned, full_check=True)
 
