@@ -274,3 +274,18 @@ def test_a_layer_whose_weight_is_cast_at_run_time_is_reported_not_silently_skipp
     assert not found["plain"].pinned
     _, report = onnxprune.prune(model, {"x": rng.normal(size=(64, 64)).astype(np.float32)}, ratio=0.3)
     assert any("stored_half" in s.name and s.pinned for s in report.spaces)
+
+
+def test_a_classifier_conv_flattened_into_the_output_says_graph_output():
+    """SqueezeNet's classifier is a conv whose pooled, flattened output is the graph output: its
+    pin names the graph output, not a missing linear layer."""
+    from builders import GraphBuilder
+
+    rng = np.random.default_rng(2)
+    g = GraphBuilder(["N", 3, 8, 8])
+    h = g.op("Relu", [g.conv("x", rng.normal(size=(8, 3, 3, 3)).astype(np.float32), np.zeros(8, np.float32), name="features", pads=[1, 1, 1, 1])])
+    c = g.op("Relu", [g.conv(h, rng.normal(size=(5, 8, 1, 1)).astype(np.float32), np.zeros(5, np.float32), name="classifier")])
+    model = g.build(g.op("Flatten", [g.op("GlobalAveragePool", [c])], name="flatten"), ["N", 5])
+    found = {s.name: s for s in onnxprune.inspect_model(model).spaces}
+    assert "is a graph output (through Flatten 'flatten')" in found["classifier"].pinned[0]
+    assert not found["features"].pinned

@@ -48,7 +48,9 @@ def flatten_into_linear(index: GraphIndex, node: onnx.NodeProto, slot: int, tens
         reshape_target = int(target[1])
     flat = node.output[0]
     uses = index.uses.get(flat, [])
-    if flat in index.graph_outputs or not uses:
+    if flat in index.graph_outputs:
+        return [Pin(f"tensor '{flat}' is a graph output (through {op} '{label}')")]
+    if not uses:
         return [Pin(f"{op} '{label}' output is not read by a linear layer")]
     consumers = []
     for use in uses:
