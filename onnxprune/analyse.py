@@ -17,6 +17,7 @@ import onnx
 from .graph import GraphIndex, get_attr
 from .grow import Alias, Grower, Regrow, append_new, producer_output, root_placement
 from .ops import op_key
+from .rules.conv_pool import is_depthwise
 from .rules.matmul import linear_weight_axes
 from .rules.recurrent import state_site
 from .spaces import (
@@ -128,11 +129,10 @@ def _grouped_conv_layers(index: GraphIndex, claimed: dict, first_id: int) -> lis
     found = []
     for node in index.nodes:
         group = get_attr(node, "group", 1) if node.op_type == "Conv" else 1
-        if group == 1 or node.output[0] in claimed or len(node.input) < 2 or not index.is_constant(node.input[1]):
+        if group == 1 or node.output[0] in claimed or len(node.input) < 2 or not index.is_constant(node.input[1]) \
+                or is_depthwise(index, node):  # depthwise: a pass-through of its input's units
             continue
         dims = index.const_dims(node.input[1])
-        if dims[1] == 1 and dims[0] == group:  # depthwise: a pass-through of its input's units
-            continue
         label = index.label(node)
         found.append(Space(first_id + len(found), label, int(dims[0]), producers=[label],
                            pinned=[f"grouped Conv '{label}' (group={group}) starts no space: a unit would be a whole group "

@@ -226,7 +226,7 @@ def prune(
         fidelity = _verify(prepared, pruned, io_changes, progress)
 
     report = _build_report(prepared.name, method, order, target, plan, analysis, cost, prepared.original, pruned, prepared.data,
-                           prepared.calib_data, prepared.verify_data if prepared.report_data is None else prepared.report_data, fidelity)
+                           prepared.calib_data, prepared.fidelity_data, fidelity)
     report.fidelity_independent = prepared.report_data is not None
     report.warnings, report.seconds = warnings + far_outputs_warning(fidelity), seconds
     report.io_changes = _io_shapes(pruned, io_changes)
@@ -309,8 +309,7 @@ def _verify(prepared: Prepared, pruned: onnx.ModelProto, io_changes: dict, progr
     """The pruned model's outputs against the original's on the held-out samples (`io_changes`:
     the KV caches that shrank)."""
     advance = progress("verifying", 1)
-    samples = prepared.report_data if prepared.report_data is not None else prepared.verify_data
-    fidelity = verify(prepared.original, pruned, samples, prepared.batch_size, io_changes)
+    fidelity = verify(prepared.original, pruned, prepared.fidelity_data, prepared.batch_size, io_changes)
     release_memory(prepared.original)
     advance(1)
     return fidelity

@@ -246,6 +246,15 @@ FOLD_LIMIT = 4096
 SUFFIX = "_onnxprune"  # what the rewrite appends to the names of the values it creates
 
 
+def unique_name(base: str, taken: set[str]) -> str:
+    """`base`, or `base_1`, `base_2`, ... : the first not in `taken`, which it joins."""
+    name, k = base, 1
+    while name in taken:
+        name, k = f"{base}_{k}", k + 1
+    taken.add(name)
+    return name
+
+
 def fold_constants(nodes: list[onnx.NodeProto], constants: Constants, opset: int | None = None) -> dict[str, np.ndarray]:
     """Values of the outputs of small nodes whose inputs are all constant (at the model's `opset`)."""
     folded: dict[str, np.ndarray] = {}

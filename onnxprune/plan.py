@@ -201,13 +201,14 @@ class Planner:
         first `counts` units of their order."""
         if not self.derived:
             return {}
-        pruned = []
-        for sid, space in self.sources.items():
-            order = self.scores[sid].order
-            if counts.get(sid, len(order)) < len(order):
-                prune = np.sort(order[counts[sid]:])
-                pruned.append((space, SpacePlan(sid, len(order), np.sort(order[:counts[sid]]), prune)))
+        pruned = [(space, self.space_plan(sid, counts[sid])) for sid, space in self.sources.items()
+                  if counts.get(sid, len(self.scores[sid].order)) < len(self.scores[sid].order)]
         return {space.id: p.fraction for space, p in derived_plans(self.derived, pruned)}
+
+    def space_plan(self, sid: int, kept: int) -> SpacePlan:
+        """The first `kept` units of the space's order kept, the rest pruned (both ascending)."""
+        order = self.scores[sid].order
+        return SpacePlan(sid, len(order), np.sort(order[:kept]), np.sort(order[kept:]))
 
     def threshold_for(self, target: Target) -> float:
         if target.kind == "tolerance":
@@ -264,11 +265,7 @@ class Planner:
     def plan_at(self, threshold: float, target: Target, counts: dict[int, int] | None = None) -> Plan:
         """The plan at `threshold` (or with the given kept counts)."""
         counts = self.kept_counts(threshold) if counts is None else counts
-        spaces = {}
-        for sid, score in self.scores.items():
-            order = score.order
-            spaces[sid] = SpacePlan(sid, len(order), np.sort(order[: counts[sid]]), np.sort(order[counts[sid]:]))
-        return Plan(spaces, threshold, target)
+        return Plan({sid: self.space_plan(sid, counts[sid]) for sid in self.scores}, threshold, target)
 
 
 class UniformPlanner(Planner):

@@ -53,6 +53,11 @@ class Prepared:
     report_data: CalibrationData | None = None  # samples no decision reads, for the report's fidelity (--report-samples)
 
     @property
+    def fidelity_data(self) -> CalibrationData:
+        """The samples the report's fidelity is measured on: --report-samples, else the held-out ones."""
+        return self.verify_data if self.report_data is None else self.report_data
+
+    @property
     def subsampled(self) -> dict[str, int]:
         """The sites whose feature maps the statistics sample with a stride > 1."""
         return {tensor: stride for tensor, stride in self.strides.items() if stride > 1}

@@ -20,6 +20,7 @@ from .graph import (
     get_attr,
     node_reads,
     remove_initializers,
+    unique_name,
     weightless_skeleton,
 )
 from .placement import expand_blocks, removed_count
@@ -169,10 +170,7 @@ class ConstantEdits:
         taken = {t.name for t in self.model.graph.initializer} | {t.name for t in self.source} | self.reserved
         taken.update(o for n in self.model.graph.node for o in n.output)
         taken.update(n.name for n in self.model.graph.node)
-        name, k = base, 1
-        while name in taken:
-            name, k = f"{base}_{k}", k + 1
-        return name
+        return unique_name(base, taken)
 
 
 def removed_slots(spaces: list[tuple[Space, SpacePlan]]) -> tuple[dict[str, np.ndarray], dict[str, int], dict[str, int]]:

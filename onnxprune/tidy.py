@@ -27,6 +27,7 @@ from .graph import (
     node_reads,
     remove_initializers,
     static_shapes,
+    unique_name,
 )
 from .tensors import is_on_disk, tensor_size
 
@@ -105,10 +106,7 @@ def restore_fp16_weights(model: onnx.ModelProto) -> int:
         if tensor.data_type != onnx.TensorProto.FLOAT or not (tensor.name in names or tensor.name.split(SUFFIX)[0] in names) \
                 or is_on_disk(tensor) or uses_external_data(tensor):
             continue
-        half, k = f"{tensor.name}_fp16", 1
-        while half in taken:
-            half, k = f"{tensor.name}_fp16_{k}", k + 1
-        taken.add(half)
+        half = unique_name(f"{tensor.name}_fp16", taken)
         value = numpy_helper.to_array(tensor).astype(np.float16)
         casts.append(onnx.helper.make_node("Cast", [half], [tensor.name], name=half + "_cast", to=onnx.TensorProto.FLOAT))
         tensor.CopyFrom(numpy_helper.from_array(value, half))
@@ -190,10 +188,7 @@ def gathers_from_concat_inputs(model: onnx.ModelProto, index: GraphIndex, varied
         j = int(np.searchsorted(starts, flat.min(), side="right")) - 1
         if not (0 <= j < len(sizes) and starts[j] <= flat.min() and flat.max() < starts[j + 1]):
             continue
-        name, k = f"{node.input[1]}_of_{source.input[j]}", 1
-        while name in taken:
-            name, k = f"{node.input[1]}_of_{source.input[j]}_{k}", k + 1
-        taken.add(name)
+        name = unique_name(f"{node.input[1]}_of_{source.input[j]}", taken)
         model.graph.initializer.append(numpy_helper.from_array((flat - starts[j]).astype(indices.dtype), name))
         node.input[0], node.input[1] = source.input[j], name
         changed = True
@@ -269,7 +264,8 @@ def fold_moved_weights(model: onnx.ModelProto) -> None:
         large = [name for name in inputs if name in initializers and tensor_size(initializers[name]) > FOLD_LIMIT]
         if not movable(node) or any(not all(movable(r) for r in readers[name]) for name in large):
             continue  # a large input that another kind of node reads too would be kept twice; small ones (split sizes) are shared
-        values = _evaluate(node, {name: numpy_helper.to_array(initializers[name] if name in initializers else small[name]) for name in inputs}, model)
+        values = evaluate_outputs(node, {name: numpy_helper.to_array(initializers[name] if name in initializers else small[name]) for name in inputs},
+                                  default_opset(model))
         if values is None:
             continue
         for name in inputs:
@@ -286,7 +282,3 @@ def fold_moved_weights(model: onnx.ModelProto) -> None:
         del graph.node[:]
         graph.node.extend(kept)
 
-
-def _evaluate(node: onnx.NodeProto, values: dict[str, np.ndarray], model: onnx.ModelProto) -> list[np.ndarray] | None:
-    """The node's outputs on constant inputs (onnx's reference evaluator), or None."""
-    return evaluate_outputs(node, values, default_opset(model))

@@ -159,8 +159,7 @@ def size_sinks(index: GraphIndex, name: str, tensor: str, position: int, size: i
             if user.op_type in SHAPE_TARGETS and use.index == 1 and position != SCALAR:
                 sinks.append((index.label(user), position))
                 continue
-            if user.op_type == "Resize" and use.index == 3 and user.input[0] == tensor and entry_origin(index, current, position) is not None \
-                    and entry_origin(index, user.input[3], position) == (tensor, position):
+            if user.op_type == "Resize" and use.index == 3 and user.input[0] == tensor and entry_origin(index, current, position) == (tensor, position):
                 continue  # interpolate(size=...) keeping the tensor's own size on the units' axis: it follows the pruning
             divisor = index.const(user.input[1]) if user.op_type == "Div" and use.index == 0 and len(user.input) > 1 else None
             if size is not None and divisor is not None and divisor.size == 1 and int(divisor.reshape(-1)[0]) == size:
