@@ -29,7 +29,7 @@ from .graph import (
     static_shapes,
     unique_name,
 )
-from .tensors import is_on_disk, tensor_size
+from .tensors import read_array, tensor_size
 
 # Ops that only move a weight's values around: folding them never changes a number or a dtype
 # (Cast, which would widen an fp16 weight, and DequantizeLinear stay).
@@ -93,7 +93,8 @@ def fold_fp16_weights(model: onnx.ModelProto) -> None:
 
 def restore_fp16_weights(model: onnx.ModelProto) -> int:
     """Store the weights `fold_fp16_weights` made float (and the rewrite's edited copies of them)
-    as fp16 + Cast again, in place; how many. Weights on disk stay float."""
+    as fp16 + Cast again, in place; how many. A large model's float copies that wait in the
+    pipeline's temporary weights file are read back as fp16 (half their float size in memory)."""
     entry = next((e for e in model.metadata_props if e.key == FP16_WEIGHTS), None)
     if entry is None:
         return 0
@@ -103,11 +104,10 @@ def restore_fp16_weights(model: onnx.ModelProto) -> int:
     taken = {t.name for t in graph.initializer} | {o for n in graph.node for o in n.output}
     casts, restored = [], 0
     for tensor in graph.initializer:
-        if tensor.data_type != onnx.TensorProto.FLOAT or not (tensor.name in names or tensor.name.split(SUFFIX)[0] in names) \
-                or is_on_disk(tensor) or uses_external_data(tensor):
+        if tensor.data_type != onnx.TensorProto.FLOAT or not (tensor.name in names or tensor.name.split(SUFFIX)[0] in names):
             continue
         half = unique_name(f"{tensor.name}_fp16", taken)
-        value = numpy_helper.to_array(tensor).astype(np.float16)
+        value = read_array(tensor).astype(np.float16)
         casts.append(onnx.helper.make_node("Cast", [half], [tensor.name], name=half + "_cast", to=onnx.TensorProto.FLOAT))
         tensor.CopyFrom(numpy_helper.from_array(value, half))
         restored += 1

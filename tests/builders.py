@@ -338,3 +338,14 @@ def cli(argv: list, capsys) -> tuple[int, str, str]:
         code = exc.code
     out, err = capsys.readouterr()
     return code, out, err
+
+
+def treat_as_large(monkeypatch) -> None:
+    """Every model counts as large: weights on disk, sessions through files."""
+    import onnxprune.calibrate
+    import onnxprune.load
+    import onnxprune.verify
+    import onnxprune.weights
+
+    for module in (onnxprune.calibrate, onnxprune.load, onnxprune.verify, onnxprune.weights):
+        monkeypatch.setattr(module, "LARGE_MODEL", 0)

@@ -11,7 +11,7 @@ import onnx
 import pytest
 
 import onnxprune
-from builders import GraphBuilder, cli, run, run_tensors
+from builders import GraphBuilder, cli, run, run_tensors, treat_as_large
 from onnxprune.analyse import Site, analyse
 from onnxprune.api import calibration_statistics, prepare
 from onnxprune.calibrate import choose_strides, collect_stats
@@ -181,17 +181,6 @@ def test_shards_record_their_strides_and_refuse_to_mix_them(tmp_path) -> None:
     other = partial_statistics(model, x, (1, 2), {**options, "spatial_stride": 1})
     with pytest.raises(onnxprune.OnnxPruneError, match="spatial strides"):
         parts[0].merge(other)
-
-
-def treat_as_large(monkeypatch) -> None:
-    """Every model counts as large: weights on disk, sessions through files."""
-    import onnxprune.calibrate
-    import onnxprune.load
-    import onnxprune.verify
-    import onnxprune.weights
-
-    for module in (onnxprune.calibrate, onnxprune.load, onnxprune.verify, onnxprune.weights):
-        monkeypatch.setattr(module, "LARGE_MODEL", 0)
 
 
 def test_large_models_keep_their_weights_on_disk_with_the_same_results(monkeypatch, tmp_path) -> None:

@@ -31,7 +31,7 @@ import onnxprune.preparation
 import onnxprune.report
 import onnxprune.verify
 import onnxprune.weights
-from builders import cli, random_cnn
+from builders import cli, random_cnn, treat_as_large
 from onnxprune import tempfiles
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -64,8 +64,7 @@ class Run:
         self.inputs = ["calib.npy", "net.onnx"]  # what the input folder holds
         monkeypatch.setenv("TMPDIR", str(self.tmp))
         monkeypatch.setattr(tempfile, "tempdir", str(self.tmp))
-        for module in (onnxprune.calibrate, onnxprune.load, onnxprune.verify, onnxprune.weights):
-            monkeypatch.setattr(module, "LARGE_MODEL", 0)
+        treat_as_large(monkeypatch)
         monkeypatch.setattr(onnxprune.load, "PROTOBUF_LIMIT", 1000)  # the output gets <name>.data
 
     def argv(self, *extra) -> list:

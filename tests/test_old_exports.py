@@ -9,7 +9,7 @@ import onnx
 from onnx import helper
 
 import onnxprune
-from builders import random_cnn, relative_l2, run
+from builders import random_cnn, relative_l2, run, treat_as_large
 
 
 def _weights_as_inputs(model: onnx.ModelProto, ir_version: int) -> onnx.ModelProto:
@@ -180,6 +180,28 @@ def test_fp16_weights_cast_to_float_are_pruned_and_stored_as_fp16_again() -> Non
     assert len(pruned.SerializeToString()) < len(half.SerializeToString())
     fresh = np.random.default_rng(2).standard_normal((16, 3, 8, 8)).astype(np.float32)
     assert relative_l2(run(half, fresh), run(pruned, fresh)) < 0.5
+
+
+def test_a_large_models_fp16_weights_stay_fp16(tmp_path, monkeypatch) -> None:
+    """A large model's weights wait in a temporary file during the run (the refitted model
+    while the guard scores it): its folded float weights are written back as fp16 + Cast from
+    there too (they came back as float, doubling a big model's file)."""
+    treat_as_large(monkeypatch)
+    middle = [helper.make_node("Cast", ["wm_h"], ["wm"], name="cast_wm", to=1),
+              helper.make_node("Conv", ["r1", "wm"], ["m"], name="conv_mid", pads=[1, 1, 1, 1])]
+    wm = onnx.numpy_helper.from_array((np.random.default_rng(3).standard_normal((8, 8, 3, 3)) / 8).astype(np.float16), "wm_h")
+    model = _conv_net(13, middle, [wm])
+    path = tmp_path / "half.onnx"
+    onnx.save(model, path)
+    x = np.random.default_rng(1).standard_normal((160, 3, 8, 8)).astype(np.float32)
+    pruned, report = onnxprune.prune(path, {"x": x}, flops=0.2, seed=0)
+    assert report.fit["mode"] == "sequential" and report.units_after < report.units_before
+    weights = {t.name: t for t in pruned.graph.initializer}
+    cast = next(n for n in pruned.graph.node if n.output[0] == "wm")
+    assert cast.op_type == "Cast" and weights[cast.input[0]].data_type == onnx.TensorProto.FLOAT16
+    assert not any(t.data_location == onnx.TensorProto.EXTERNAL for t in pruned.graph.initializer)
+    fresh = np.random.default_rng(2).standard_normal((16, 3, 8, 8)).astype(np.float32)
+    assert relative_l2(run(model, fresh), run(pruned, fresh)) < 0.5
 
 
 def test_a_fixed_batch_above_one_is_analysed_at_that_batch() -> None:
