@@ -66,11 +66,32 @@ def load_model(source: str | Path | onnx.ModelProto, offload_weights: bool = Fal
     return model, name, weights, notes
 
 
+# ops onnxruntime registers in the standard domain that ONNX lacks at some or all opsets (its
+# optimizer writes SimplifiedLayerNormalization there; LayerNormalization before opset 17; the
+# experimental ops ONNX removed): onnx.checker knows no schema for them, onnxruntime runs them
+ORT_STANDARD_DOMAIN_OPS = frozenset({"SimplifiedLayerNormalization", "LayerNormalization", "Affine", "Crop", "ParametricSoftplus",
+                                     "ImageScaler", "ThresholdedRelu", "DynamicSlice", "ScaledTanh", "MVN", "GivenTensorFill", "Scale"})
+
+
+def _checkable_skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The weightless skeleton, with onnxruntime's own standard-domain ops that ONNX has no schema
+    for at the model's opset moved to onnxruntime's domain (the checker skips their schema)."""
+    skeleton = weightless_skeleton(model, {})
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
+    moved = False
+    for node in skeleton.graph.node:
+        if node.domain in ("", "ai.onnx") and node.op_type in ORT_STANDARD_DOMAIN_OPS and not onnx.defs.has(node.op_type, opset):
+            node.domain, moved = "com.microsoft", True
+    if moved and not any(o.domain == "com.microsoft" for o in skeleton.opset_import):
+        skeleton.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
+    return skeleton
+
+
 def checker_problem(model: onnx.ModelProto, full_check: bool = False) -> str | None:
     """What onnx.checker finds wrong, or None. The graph is checked on its weightless skeleton (a
     serialised copy of a large model would double the memory), the weights' byte counts here."""
     try:
-        onnx.checker.check_model(weightless_skeleton(model, {}), full_check=full_check)
+        onnx.checker.check_model(_checkable_skeleton(model), full_check=full_check)
     except Exception as exc:  # noqa: BLE001 - onnx raises ValidationError, InferenceError and others
         return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
     for tensor in model.graph.initializer:

@@ -95,3 +95,30 @@ def test_a_quantised_model_is_refused_with_the_reason(tmp_path) -> None:
     x = np.random.default_rng(0).standard_normal((64, 20)).astype(np.float32)
     with pytest.raises(ModelError, match="quantised layers are not analysed .*MatMulInteger.*prune the float model"):
         onnxprune.prune(str(tmp_path / "mlp.int8.onnx"), {"x": x}, ratio=0.3)
+
+
+@pytest.mark.parametrize(("op", "opset"), [("SimplifiedLayerNormalization", 17), ("LayerNormalization", 13)])
+def test_onnxruntime_ops_in_the_standard_domain_are_accepted(op: str, opset: int) -> None:
+    """onnxruntime's optimizer writes SimplifiedLayerNormalization in the standard domain (and
+    LayerNormalization was its contrib op there before opset 17): onnx.checker has no schema for
+    them, onnxruntime runs them, so the model is pruned (it was refused as failing the checker)."""
+    rng = np.random.default_rng(0)
+    w1, w2 = rng.normal(size=(8, 24)).astype(np.float32), rng.normal(size=(24, 8)).astype(np.float32) / 5
+    w1[:, 20:] = w1[:, :4]  # four planted copies
+    norm_inputs = ["x", "scale"] + (["bias"] if op == "LayerNormalization" else [])
+    nodes = [helper.make_node(op, norm_inputs, ["n"], name="norm", axis=-1, epsilon=1e-5),
+             helper.make_node("MatMul", ["n", "w1"], ["h"], name="up"), helper.make_node("Relu", ["h"], ["a"], name="act"),
+             helper.make_node("MatMul", ["a", "w2"], ["f"], name="down"), helper.make_node("Add", ["x", "f"], ["y"], name="residual")]
+    inits = [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2"), numpy_helper.from_array(np.ones(8, np.float32), "scale"),
+             numpy_helper.from_array(np.zeros(8, np.float32), "bias")]
+    graph = helper.make_graph(nodes, "block", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 6, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 6, 8])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 8
+    with pytest.raises(onnx.checker.ValidationError):
+        onnx.checker.check_model(model)
+    x = rng.normal(size=(200, 6, 8)).astype(np.float32)
+    pruned, report = onnxprune.prune(model, {"x": x}, tolerance=1e-5)
+    assert {s.name: (s.kept, s.units) for s in report.spaces}["up"] == (20, 24)
+    assert next(n for n in pruned.graph.node if n.name == "norm").domain == ""
+    assert relative_l2(run(model, x[:20]), run(pruned, x[:20])) < 1e-4
