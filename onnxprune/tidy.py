@@ -29,7 +29,7 @@ from .graph import (
     static_shapes,
     unique_name,
 )
-from .tensors import read_array, tensor_size
+from .tensors import location, read_array, tensor_size
 
 # Ops that only move a weight's values around: folding them never changes a number or a dtype
 # (Cast, which would widen an fp16 weight, and DequantizeLinear stay).
@@ -77,11 +77,11 @@ def fold_fp16_weights(model: onnx.ModelProto) -> None:
     initializers = {t.name: t for t in graph.initializer}
     folded = [n for n in graph.node if n.op_type == "Cast" and get_attr(n, "to") == onnx.TensorProto.FLOAT and n.input
               and (source := initializers.get(n.input[0])) is not None and source.data_type in HALF_TYPES
-              and not uses_external_data(source) and n.output[0] not in {o.name for o in graph.output}]
+              and readable(source) and n.output[0] not in {o.name for o in graph.output}]
     if not folded:
         return
-    for node in folded:
-        graph.initializer.append(numpy_helper.from_array(numpy_helper.to_array(initializers[node.input[0]]).astype(np.float32), node.output[0]))
+    for node in folded:  # weights in external files too (optimum's model.onnx_data): their float copies are in memory
+        graph.initializer.append(numpy_helper.from_array(read_array(initializers[node.input[0]]).astype(np.float32), node.output[0]))
     kept = [n for n in graph.node if all(n is not f for f in folded)]
     del graph.node[:]
     graph.node.extend(kept)
@@ -89,6 +89,11 @@ def fold_fp16_weights(model: onnx.ModelProto) -> None:
     remove_initializers(graph, {n.input[0] for n in folded} - used)
     entry = model.metadata_props.add()
     entry.key, entry.value = FP16_WEIGHTS, json.dumps([n.output[0] for n in folded])
+
+
+def readable(tensor: onnx.TensorProto) -> bool:
+    """In memory, or on disk at a resolved location (a loaded file's external data is anchored)."""
+    return not uses_external_data(tensor) or location(tensor)[0].is_absolute()
 
 
 def restore_fp16_weights(model: onnx.ModelProto) -> int:

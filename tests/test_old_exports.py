@@ -4,6 +4,8 @@ opset-10 Resize, training-mode BatchNormalization."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import onnx
 from onnx import helper
@@ -97,7 +99,7 @@ def _pool_upsample(opset: int) -> tuple[list[onnx.NodeProto], list[onnx.TensorPr
     return [pool, helper.make_node(op, ["half", "scales"], ["m"], name="up")], [scales]
 
 
-def _prunable(model: onnx.ModelProto) -> set[str]:
+def _prunable(model: onnx.ModelProto | Path) -> set[str]:
     return {s.name for s in onnxprune.inspect_model(model).spaces if not s.pinned}
 
 
@@ -200,6 +202,27 @@ def test_a_large_models_fp16_weights_stay_fp16(tmp_path, monkeypatch) -> None:
     cast = next(n for n in pruned.graph.node if n.output[0] == "wm")
     assert cast.op_type == "Cast" and weights[cast.input[0]].data_type == onnx.TensorProto.FLOAT16
     assert not any(t.data_location == onnx.TensorProto.EXTERNAL for t in pruned.graph.initializer)
+    fresh = np.random.default_rng(2).standard_normal((16, 3, 8, 8)).astype(np.float32)
+    assert relative_l2(run(model, fresh), run(pruned, fresh)) < 0.5
+
+
+def test_fp16_weights_in_external_data_cast_to_float_are_pruned(tmp_path) -> None:
+    """The same storage with the weights in an external-data file (optimum's model.onnx +
+    model.onnx_data, every model over 2 GiB): the Casts are folded too (the layers were pinned as
+    reading a weight computed at run time), and the pruned weights are fp16 + Cast again."""
+    middle = [helper.make_node("Cast", ["wm_h"], ["wm"], name="cast_wm", to=1),
+              helper.make_node("Conv", ["r1", "wm"], ["m"], name="conv_mid", pads=[1, 1, 1, 1])]
+    wm = onnx.numpy_helper.from_array((np.random.default_rng(3).standard_normal((8, 8, 3, 3)) / 8).astype(np.float16), "wm_h")
+    model = _conv_net(13, middle, [wm])
+    path = tmp_path / "half.onnx"
+    onnx.save(onnx.ModelProto.FromString(model.SerializeToString()), path, save_as_external_data=True, all_tensors_to_one_file=True, location="half.onnx_data", size_threshold=0)
+    assert "conv_mid" in _prunable(path)
+    x = np.random.default_rng(1).standard_normal((160, 3, 8, 8)).astype(np.float32)
+    pruned, report = onnxprune.prune(path, {"x": x}, flops=0.3, seed=0)
+    assert not next(s for s in report.spaces if s.name == "conv_mid").pinned and report.units_after < report.units_before
+    weights = {t.name: t for t in pruned.graph.initializer}
+    cast = next(n for n in pruned.graph.node if n.output[0] == "wm")
+    assert cast.op_type == "Cast" and weights[cast.input[0]].data_type == onnx.TensorProto.FLOAT16
     fresh = np.random.default_rng(2).standard_normal((16, 3, 8, 8)).astype(np.float32)
     assert relative_l2(run(model, fresh), run(pruned, fresh)) < 0.5
 
