@@ -84,7 +84,25 @@ def unanalysed_ops(model: onnx.ModelProto) -> str | None:
     quantised = sorted({n.op_type for n in model.graph.node if n.op_type in QUANTISED_OPS})
     if quantised:
         return f"quantised layers are not analysed ({', '.join(quantised)}): prune the float model, then quantise it"
+    holders = [(n, count) for n in model.graph.node if (count := _layers_in_subgraphs(n))]
+    if holders:
+        node, count = holders[0]
+        return (f"the {count} layers inside {node.op_type} '{node.name or node.output[0]}'{' and other control-flow ops' if len(holders) > 1 else ''} "
+                "are not analysed (only the main graph is): prune a model without it (for a merged decoder with an If on "
+                "use_cache_branch, its decoder_with_past model or an export without merging)")
     return None
+
+
+def _layers_in_subgraphs(node: onnx.NodeProto) -> int:
+    """Conv/Gemm/MatMul nodes inside a node's subgraphs (an If's branches, a Loop's body), nested ones too."""
+    count = 0
+    for attribute in node.attribute:
+        for graph in [attribute.g] if attribute.type == onnx.AttributeProto.GRAPH else list(attribute.graphs):
+            count += sum(inner.op_type in LAYER_OPS for inner in graph.node) + sum(_layers_in_subgraphs(inner) for inner in graph.node)
+    return count
+
+
+LAYER_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
 
 
 def training_mode_ops(model: onnx.ModelProto) -> str | None:

@@ -55,3 +55,25 @@ def test_a_node_only_a_subgraph_reads_is_kept_by_the_rewrite():
     assert any(n.name == "neg" for n in pruned.graph.node)
     fresh = RNG.normal(size=(3, 2, 6, 6)).astype(np.float32)
     assert relative_l2(run(model, fresh), run(pruned, fresh)) < 1e-4
+
+
+def test_layers_only_inside_an_if_are_named_when_nothing_can_be_pruned(tmp_path, capsys):
+    """A merged decoder (optimum's If on use_cache_branch) holds its layers in the branches: the
+    refusal names the If and the way out, not only "no Conv/Gemm/MatMul with constant weights"."""
+    from builders import cli
+
+    def branch(name: str) -> onnx.GraphProto:
+        weight = onnx.numpy_helper.from_array(normal(4, 6), f"{name}_w")
+        node = helper.make_node("MatMul", ["x", f"{name}_w"], [f"{name}_y"], name=f"{name}_mm")
+        return helper.make_graph([node], name, [], [helper.make_tensor_value_info(f"{name}_y", TensorProto.FLOAT, None)], [weight])
+    node = helper.make_node("If", ["use_cache_branch"], ["y"], name="optimum::if", then_branch=branch("with_past"),
+                            else_branch=branch("without_past"))
+    graph = helper.make_graph([node], "merged", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4]),
+                                                 helper.make_tensor_value_info("use_cache_branch", TensorProto.BOOL, [1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 6])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    assert any("2 layers inside If 'optimum::if'" in note for note in onnxprune.inspect_model(model).notes)
+    onnx.save(model, tmp_path / "merged.onnx")
+    np.savez(tmp_path / "calib.npz", x=normal(32, 4), use_cache_branch=np.zeros(32, bool))
+    code, _, err = cli([str(tmp_path / "merged.onnx"), "--calib", str(tmp_path / "calib.npz"), "--ratio", "0.2"], capsys)
+    assert code == 2 and "layers inside If 'optimum::if' are not analysed" in err and "decoder_with_past" in err
