@@ -9,10 +9,9 @@ import onnx
 from rich.console import Console
 from rich.table import Table
 
-from .analyse import Space, analyse
+from .analyse import CACHE_NAME, Space, analyse
 from .calibrate import rows_per_sample
 from .cost import build_cost_model, count_params
-from .inputs import input_specs
 from .load import load_model
 from .preparation import training_mode_ops, unanalysed_ops
 from .report import print_lock_notes
@@ -39,7 +38,7 @@ class SpaceInfo:
 
 @dataclass
 class InspectReport:
-    """Prunable and pinned spaces, with params and MACs (symbolic dims taken as 1)."""
+    """Prunable and pinned spaces, with params and MACs (symbolic dims taken as 1, a KV cache's past as 0)."""
 
     model: str
     params: int
@@ -102,11 +101,15 @@ def samples_needed(space: Space, shapes: dict) -> int | None:
 def inspect_model(model: str | Path | onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]] | None = None, exclude: list[str] | None = None) -> InspectReport:
     """Analyse a model without calibration data."""
     proto, name, _, load_notes = load_model(model)
-    shapes = dict(input_shapes or {})
-    for spec in input_specs(proto):
-        shapes.setdefault(spec.name, tuple(1 if d is None else d for d in spec.dims))
+    shapes = {**probe_shapes(proto), **(input_shapes or {})}
     problems: list[str] = []
     _, index = shapes_and_index(proto, shapes, problems)
+    ones = {**{k: tuple(max(d, 1) for d in v) for k, v in shapes.items()}, **(input_shapes or {})}
+    if problems and ones != shapes:  # an input named like a cache that is not one: every dim 1, as before
+        retry: list[str] = []
+        _, second = shapes_and_index(proto, ones, retry)
+        if not retry:
+            shapes, problems, index = ones, retry, second
     analysis = analyse(proto, exclude, index=index)
     cost = build_cost_model(index, analysis)
     spaces = [
@@ -122,6 +125,22 @@ def inspect_model(model: str | Path | onnx.ModelProto, input_shapes: dict[str, t
              "spaces that need them are pinned; give the real sizes with --input-shapes NAME:D,D,.." for problem in problems]
     notes += [hint for hint in (unanalysed_ops(proto), training_mode_ops(proto)) if hint]
     return InspectReport(name, count_params(proto), cost.total_macs, {k: list(v) for k, v in shapes.items()}, spaces, notes)
+
+
+def probe_shapes(model: onnx.ModelProto) -> dict[str, tuple[int, ...]]:
+    """Input sizes to analyse at without data: every dynamic dim 1, except a KV cache's past
+    length, 0 (an empty cache, as a calibration run has it): with a past of 1 the attention mask
+    of 1 contradicted past + sequence = 2, the probe run failed and every head read as pinned."""
+    initializers = {t.name for t in model.graph.initializer}
+    inputs = [v for v in model.graph.input if v.name not in initializers]
+    named = {d.dim_param for v in inputs if not CACHE_NAME.search(v.name) for d in v.type.tensor_type.shape.dim if d.dim_param}
+    shapes = {}
+    for value in inputs:
+        cache = CACHE_NAME.search(value.name) is not None
+        shapes[value.name] = tuple(
+            d.dim_value if d.HasField("dim_value") else 0 if cache and axis > 0 and d.dim_param not in named else 1
+            for axis, d in enumerate(value.type.tensor_type.shape.dim))
+    return shapes
 
 
 def _shapes_text(shapes: dict[str, tuple[int, ...]]) -> str:

@@ -210,3 +210,44 @@ def test_inspect_says_when_the_model_does_not_run_at_the_default_sizes():
     notes = onnxprune.inspect_model(model).notes
     assert len(notes) == 1 and "Reshape 'pairs' fails" in notes[0] and "--input-shapes" in notes[0], notes
     assert onnxprune.inspect_model(model, {"x": (1, 4, 4)}).notes == []
+
+
+def test_inspect_probes_a_kv_cache_model_with_an_empty_past():
+    """A KV-cache export's attention mask spans past + sequence: with every dynamic dim 1 the
+    mask (1) contradicted past 1 + sequence 1 and the probe failed (every head read as pinned);
+    the past length defaults to 0, an empty cache, as calibration runs it. An input named like a
+    cache whose 0 breaks the probe gets 1 again."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from onnxprune.inspect import probe_shapes
+
+    rng = np.random.default_rng(0)
+    nodes = [
+        helper.make_node("Concat", ["past_key_values.0.key", "x"], ["cat"], axis=1, name="cat"),
+        helper.make_node("Shape", ["cat"], ["cat_shape"], end=2),
+        helper.make_node("Reshape", ["attention_mask", "cat_shape"], ["mask"], name="mask_to_total"),  # total = past + sequence
+        helper.make_node("Unsqueeze", ["mask", "axis2"], ["mask3"]),
+        helper.make_node("Mul", ["cat", "mask3"], ["masked"]),
+        helper.make_node("MatMul", ["masked", "w"], ["y"], name="proj"),
+        helper.make_node("NonZero", ["y"], ["where"]),  # a size only a run tells: the shapes are probed
+    ]
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "sequence", 4]),
+              helper.make_tensor_value_info("past_key_values.0.key", TensorProto.FLOAT, ["batch", "past", 4]),
+              helper.make_tensor_value_info("attention_mask", TensorProto.FLOAT, ["batch", "total"])]
+    outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", "total", 6]),
+               helper.make_tensor_value_info("where", TensorProto.INT64, [3, "K"])]
+    graph = helper.make_graph(nodes, "g", inputs, outputs,
+                              [numpy_helper.from_array(rng.normal(size=(4, 6)).astype(np.float32), "w"),
+                               numpy_helper.from_array(np.array([2], dtype=np.int64), "axis2")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    assert probe_shapes(model) == {"x": (1, 1, 4), "past_key_values.0.key": (1, 0, 4), "attention_mask": (1, 1)}
+    assert onnxprune.inspect_model(model).notes == []
+    assert "Reshape 'mask_to_total" in onnxprune.inspect_model(model, {"past_key_values.0.key": (1, 1, 4)}).notes[0]
+    frames = helper.make_graph(  # an input named like a cache that is none: its first frame is read, so 0 fails, 1 is kept
+        [helper.make_node("Gather", ["past_frames", "zero"], ["first"], axis=1), helper.make_node("MatMul", ["first", "w"], ["y"]),
+         helper.make_node("NonZero", ["y"], ["where"])], "g",
+        [helper.make_tensor_value_info("past_frames", TensorProto.FLOAT, ["batch", "frames", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 6]), helper.make_tensor_value_info("where", TensorProto.INT64, [2, "K"])],
+        [numpy_helper.from_array(rng.normal(size=(4, 6)).astype(np.float32), "w"), numpy_helper.from_array(np.array(0, dtype=np.int64), "zero")])
+    report = onnxprune.inspect_model(helper.make_model(frames, opset_imports=[helper.make_opsetid("", 17)]))
+    assert report.input_shapes["past_frames"] == [1, 1, 4] and report.notes == []
