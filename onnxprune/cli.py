@@ -286,7 +286,7 @@ def build_inspect_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="onnxprune inspect", description="Show the prunable and pinned spaces of a model, without calibration.")
     parser.add_argument("model", help="input .onnx model")
     parser.add_argument("--json", action="store_true", help="print the analysis as JSON")
-    parser.add_argument("--input-shapes", metavar="NAME:D,D,..", action="append", default=[], help="static shape of an input (dynamic dims default to 1)")
+    parser.add_argument("--input-shapes", metavar="NAME:D,D,..", action="append", default=[], help="static shape of an input (dynamic dims default to 1, a KV cache's past length to 0)")
     parser.add_argument("--exclude", action="append", default=[], metavar="PATTERN", help="producer name pattern to treat as excluded")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     return parser
