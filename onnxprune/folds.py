@@ -19,8 +19,11 @@ def fold_consumer_weight(weight: np.ndarray, consumer: Consumer, width: int, rec
     """W_K += W_P B (W_K <- W_K M + W_P B with a kept map) and the bias delta, on the consumer's full (unsliced) weight.
 
     `width` is the site's unit-axis size; each position owns `consumer.block` features of the
-    weight's input axis. For a Conv the fold is per kernel tap and the bias delta sums the taps;
-    for Flatten into a Gemm it is per spatial position (DESIGN §2).
+    weight's input axis. For a Conv the fold is per kernel tap and the bias delta sums the taps,
+    each weighted by its `consumer.coverage` (the share of outputs where it reads the input: a padded
+    position reads zero in both models, so the recovery's constant must not reach it; on the
+    H = 1 maps of an OCR neck a 3x3 kernel's top and bottom rows only read padding); for Flatten
+    into a Gemm it is per spatial position (DESIGN §2).
     """
     w = np.moveaxis(weight.astype(np.float64), consumer.in_axis, 0)
     rest = w.shape[1:]
@@ -33,6 +36,8 @@ def fold_consumer_weight(weight: np.ndarray, consumer: Consumer, width: int, rec
     else:
         w[recovery.keep] += np.tensordot(recovery.weights, pruned, axes=(0, 0))
     full = full.sum(axis=0).reshape(rest)
+    if consumer.coverage is not None:  # a Conv: rest is (output channels, *kernel)
+        full = full * np.asarray(consumer.coverage).reshape(rest[1:])
     out_pos = consumer.out_axis - (consumer.out_axis > consumer.in_axis)
     if consumer.op_type in RECURRENT_GATES:  # one input bias per direction: [directions, gates x hidden]
         delta = full

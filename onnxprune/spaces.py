@@ -101,7 +101,8 @@ class Consumer:
     """A linear op that reads units at `site` and absorbs the recovery into its weight.
 
     The weight's `in_axis` holds `block` features per position of the site's unit axis
-    (Flatten of C x H x W into a Gemm: block = H*W).
+    (Flatten of C x H x W into a Gemm: block = H*W). A Conv's `coverage`: per kernel tap (in
+    kernel order), the share of its outputs where the tap reads the input, not padding.
     """
 
     node: str
@@ -111,6 +112,7 @@ class Consumer:
     out_axis: int
     site: str
     block: int = 1
+    coverage: tuple[float, ...] | None = None
 
 
 @dataclass(frozen=True)

@@ -150,3 +150,42 @@ def test_lsq_recovery_beats_no_recovery_on_random_weights(build) -> None:
     assert errors["lsq_kept"] == errors["l2_kept"]
     assert errors["lsq"] < 0.85 * errors["l2"]  # a missing recovery gives 1.0
     assert errors["snp"] < errors["l2"]
+
+
+def test_conv_tap_coverage_counts_the_outputs_each_tap_reads_inside() -> None:
+    """Per tap, the share of outputs where it reads the input, not padding (explicit pads, SAME_UPPER)."""
+    from onnx import helper
+
+    from onnxprune.rules.conv_pool import conv_tap_coverage
+
+    node = helper.make_node("Conv", ["x", "w"], ["y"], kernel_shape=[3, 3], pads=[1, 1, 1, 1])
+    assert np.allclose(conv_tap_coverage(node, (1, 8, 1, 5)), np.outer([0, 1, 0], [0.8, 1, 0.8]))
+    same = helper.make_node("Conv", ["x", "w"], ["y"], kernel_shape=[3], strides=[2], auto_pad="SAME_UPPER")
+    assert np.allclose(conv_tap_coverage(same, (1, 8, 4)), [1, 1, 0.5])  # outputs 0, 1 read -0+.., the last tap of 1 reads index 4
+    assert conv_tap_coverage(node, (1, 8, None, 5)) is None
+
+
+def test_a_padded_conv_gets_only_the_recovery_constant_its_taps_read() -> None:
+    """On an H = 1 map (an OCR neck) a 3x3 consumer's top and bottom rows read only padding: the
+    recovery's constant must not reach them (every output got a wrong constant: relative L2 3.5
+    where the units are exactly recoverable). The fold now gives what the same function written
+    as a 1x3 conv gives."""
+    from builders import GraphBuilder
+
+    rng = np.random.default_rng(0)
+    w1, b1 = rng.normal(size=(16, 4, 1, 1)).astype(np.float32), rng.uniform(1, 3, size=16).astype(np.float32)
+    w2, b2 = rng.normal(size=(8, 16, 3, 3)).astype(np.float32) / 6, rng.normal(size=8).astype(np.float32)
+    outputs = []
+    x = rng.normal(size=(160, 4, 1, 24)).astype(np.float32)
+    for kernel in ("3x3", "1x3"):
+        g = GraphBuilder([1, 4, 1, 24])
+        h = g.conv("x", w1, b1, name="expand")  # 16 units of rank 4 plus a constant: exactly recoverable
+        if kernel == "3x3":
+            y = g.conv(h, w2, b2, name="mix", pads=[1, 1, 1, 1])
+        else:
+            y = g.conv(h, np.ascontiguousarray(w2[:, :, 1:2]), b2, name="mix", pads=[0, 1, 0, 1])
+        model = g.build(y, [None, 8, 1, 24])
+        pruned, report = onnxprune.prune(model, {"x": x}, ratio=0.5, sequential=False)
+        assert {s.name: s.kept for s in report.spaces}["expand"] == 8
+        outputs.append(relative_l2(run(model, x[:16]), run(pruned, x[:16])))
+    assert abs(outputs[0] - outputs[1]) < 1e-5, outputs

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
-from ..graph import GraphIndex, get_attr
+from ..graph import GraphIndex, Shape, get_attr
 from ..ops import CHANNEL_WISE
 from ..placement import Placement
 from ..spaces import AttrUpdate, Consumer, ParamSlice, ShapeUpdate
@@ -45,7 +45,37 @@ def conv_reads(index: GraphIndex, node: onnx.NodeProto, slot: int, tensor: str, 
         return [Pin(f"{op} '{label}' reads the units on axis {placement.axis}, not the channel axis")]
     if dims[in_axis] != placement.size:
         return [Pin(f"{op} '{label}' weight has {dims[in_axis]} input channels, expected {placement.size}")]
-    return read_by(index, Consumer(label, op, 1, in_axis, out_axis, tensor))
+    coverage = conv_tap_coverage(node, index.shape(node.input[0])) if op == "Conv" else None
+    partial = coverage is not None and bool((coverage < 1).any())  # every tap reads the input everywhere: nothing to weigh
+    return read_by(index, Consumer(label, op, 1, in_axis, out_axis, tensor, coverage=tuple(map(float, coverage.ravel())) if partial else None))
+
+
+def conv_tap_coverage(node: onnx.NodeProto, input_shape: Shape | None) -> np.ndarray | None:
+    """For each kernel tap of a Conv, the fraction of its output positions where the tap reads
+    the input, not padding (an array of the kernel's shape); None where the sizes are unknown."""
+    kernel = list(get_attr(node, "kernel_shape", []) or [])
+    if input_shape is None or len(input_shape) < 3 or any(d is None for d in input_shape[2:]) or len(kernel) != len(input_shape) - 2:
+        return None
+    rank = len(kernel)
+    strides, dilations = get_attr(node, "strides", [1] * rank), get_attr(node, "dilations", [1] * rank)
+    pads = list(get_attr(node, "pads", [0] * 2 * rank))
+    auto_pad = get_attr(node, "auto_pad", b"NOTSET")
+    auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
+    coverage = np.ones(())
+    for axis, (size, k, s, d) in enumerate(zip(input_shape[2:], kernel, strides, dilations, strict=True)):
+        begin, end = pads[axis], pads[axis + rank]
+        if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+            total = max((-(-size // s) - 1) * s + (k - 1) * d + 1 - size, 0)
+            begin = total // 2 if auto_pad == "SAME_UPPER" else total - total // 2
+            end = total - begin
+        elif auto_pad == "VALID":
+            begin = end = 0
+        outputs = (size + begin + end - d * (k - 1) - 1) // s + 1
+        if outputs < 1:
+            return None
+        read = np.arange(outputs)[:, None] * s - begin + np.arange(k)[None, :] * d  # input index of each (output, tap)
+        coverage = np.multiply.outer(coverage, ((read >= 0) & (read < size)).mean(axis=0))
+    return coverage
 
 
 def is_depthwise(index: GraphIndex, node: onnx.NodeProto) -> bool:
