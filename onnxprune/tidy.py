@@ -29,7 +29,8 @@ from .graph import (
     static_shapes,
     unique_name,
 )
-from .tensors import location, read_array, tensor_size
+from .ops import RECURRENT_GATES
+from .tensors import data_bytes, location, read_array, tensor_size
 
 # Ops that only move a weight's values around: folding them never changes a number or a dtype
 # (Cast, which would widen an fp16 weight, and DequantizeLinear stay).
@@ -45,7 +46,28 @@ def tidy(model: onnx.ModelProto) -> list[str]:
     fold_fp16_weights(model)
     untie_identities(model)
     fold_moved_weights(model)
+    add_recurrent_biases(model)
     return notes
+
+
+def add_recurrent_biases(model: onnx.ModelProto) -> None:
+    """Give an LSTM/GRU/RNN without its optional B input an explicit zero B (the same function):
+    the hidden units' slices and the recovery's folds then edit one bias of the right size."""
+    graph = model.graph
+    initializers = {t.name: t for t in graph.initializer}
+    taken = set(initializers) | {o for n in graph.node for o in n.output}
+    for node in graph.node:
+        if node.op_type not in RECURRENT_GATES or node.domain not in ("", "ai.onnx") or (len(node.input) > 3 and node.input[3]):
+            continue
+        weight = initializers.get(node.input[1]) if len(node.input) > 1 else None
+        if weight is None or len(weight.dims) != 3:
+            continue
+        name = unique_name(f"{node.name or node.output[0]}_B", taken)
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(weight.data_type)
+        graph.initializer.append(numpy_helper.from_array(np.zeros((weight.dims[0], 2 * weight.dims[1]), dtype), name))
+        while len(node.input) < 4:
+            node.input.append("")
+        node.input[3] = name
 
 
 def initializers_not_inputs(model: onnx.ModelProto) -> list[str]:
@@ -243,6 +265,9 @@ def varied_index(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]
     return GraphIndex(model, static_shapes(model, varied))
 
 
+MOVED_EXTERNAL_BYTES = 256 << 20  # external-data weights read into memory to fold the nodes that move them, at most
+
+
 def fold_moved_weights(model: onnx.ModelProto) -> None:
     """Replace value-moving nodes whose inputs are in-memory initializers (and whose outputs are
     not graph outputs) with initializers of their outputs, when a large input is read by no other
@@ -257,7 +282,11 @@ def fold_moved_weights(model: onnx.ModelProto) -> None:
     def movable(node: onnx.NodeProto) -> bool:
         inputs = [name for name in node.input if name]
         return (node.op_type in MOVES and node.domain in ("", "ai.onnx") and bool(inputs) and not any(o in outputs for o in node.output)
-                and all(name in small or name in initializers and not uses_external_data(initializers[name]) for name in inputs))
+                and all(name in small or name in initializers and readable(initializers[name]) for name in inputs))
+
+    # weights in external files (torch.export writes an LSTM's W and R as slices of its parameters
+    # there) come into memory when moved, up to a budget: a big model's are left where they are
+    external_budget = MOVED_EXTERNAL_BYTES
 
     readers: dict[str, list[onnx.NodeProto]] = {}
     for node in graph.node:
@@ -269,8 +298,12 @@ def fold_moved_weights(model: onnx.ModelProto) -> None:
         large = [name for name in inputs if name in initializers and tensor_size(initializers[name]) > FOLD_LIMIT]
         if not movable(node) or any(not all(movable(r) for r in readers[name]) for name in large):
             continue  # a large input that another kind of node reads too would be kept twice; small ones (split sizes) are shared
-        values = evaluate_outputs(node, {name: numpy_helper.to_array(initializers[name] if name in initializers else small[name]) for name in inputs},
-                                  default_opset(model))
+        external = sum(data_bytes(initializers[name]) for name in inputs if name in initializers and uses_external_data(initializers[name]))
+        if external > external_budget:
+            continue
+        external_budget -= external
+        values = evaluate_outputs(node, {name: read_array(initializers[name]) if name in initializers else numpy_helper.to_array(small[name])
+                                         for name in inputs}, default_opset(model))
         if values is None:
             continue
         for name in inputs:

@@ -387,3 +387,42 @@ def test_stacked_layers_read_through_h_n_last_are_prunable():
     assert {r.name: r.kept for r in report.spaces if r.name.startswith("rnn")} == {"rnn1": HIDDEN - 1, "rnn2": HIDDEN - 1}
     fresh = RNG.normal(size=(5, STEPS, 6)).astype(np.float32)
     assert relative_l2(run(model, fresh), run(pruned, fresh)) < 1e-4
+
+
+def test_an_lstm_without_its_optional_b_input_prunes_its_hidden_units():
+    """X, W, R only (valid ONNX: B absent, not an empty slot) crashed with an IndexError; tidy
+    gives it an explicit zero B, so the planted copy goes exactly."""
+    model = crnn("LSTM", planted_hidden=True, bias=False)
+    node = next(n for n in model.graph.node if n.op_type == "LSTM")
+    del node.input[3:]
+    x = RNG.normal(size=(64, 1, HEIGHT, STEPS)).astype(np.float32)
+    pruned, report = onnxprune.prune(model, {"x": x}, tolerance=1e-6)
+    assert {r.name: r.kept for r in report.spaces}["rnn"] == HIDDEN - 1
+    fresh = RNG.normal(size=(4, 1, HEIGHT, STEPS)).astype(np.float32)
+    assert relative_l2(run(model, fresh), run(pruned, fresh)) < 1e-4
+
+
+def test_recurrent_weights_moved_from_external_data_are_folded(tmp_path, monkeypatch):
+    """torch.export writes an LSTM's W and R as slices and concats of its parameters, in an
+    external-data file: those moves are folded too (an internal KeyError before), so the hidden
+    units prune. (This R is small; FOLD_LIMIT is lowered so that it counts as large, as real
+    ones are.)"""
+    import onnxprune.graph
+
+    monkeypatch.setattr(onnxprune.graph, "FOLD_LIMIT", 16)
+    model = crnn("LSTM", planted_hidden=True)
+    node = next(n for n in model.graph.node if n.op_type == "LSTM")
+    weights = {t.name: t for t in model.graph.initializer}
+    r = onnx.numpy_helper.to_array(weights[node.input[2]])
+    model.graph.initializer.append(onnx.numpy_helper.from_array(r[0], "r_param"))
+    model.graph.initializer.append(onnx.numpy_helper.from_array(np.array([0], np.int64), "axis0"))
+    model.graph.node.insert(0, helper.make_node("Unsqueeze", ["r_param", "axis0"], ["r_moved"], name="r_unsqueeze"))
+    node.input[2] = "r_moved"
+    path = tmp_path / "moved.onnx"
+    onnx.save(onnx.ModelProto.FromString(model.SerializeToString()), path, save_as_external_data=True, location="moved.onnx.data",
+              size_threshold=256)
+    x = RNG.normal(size=(64, 1, HEIGHT, STEPS)).astype(np.float32)
+    pruned, report = onnxprune.prune(path, {"x": x}, tolerance=1e-6)
+    assert {r.name: r.kept for r in report.spaces}["rnn"] == HIDDEN - 1
+    fresh = RNG.normal(size=(4, 1, HEIGHT, STEPS)).astype(np.float32)
+    assert relative_l2(run(model, fresh), run(pruned, fresh)) < 1e-4

@@ -95,7 +95,7 @@ def state_site(index: GraphIndex, tensors: dict[str, Placement], node: onnx.Node
     direction order, reached from Y through layout ops, Slices of one direction and a Concat of
     them in order (tf2onnx); for one direction, Y itself: where R's recovery is fitted. A
     consumer's site is preferred (its statistics are gathered anyway)."""
-    y, directions = node.output[0], index.const_dims(node.input[2])[0]
+    y, directions = node.output[0], 2 if get_attr(node, "direction", b"forward") in (b"bidirectional", "bidirectional") else 1
     found, queue, seen = [], [y], set()
     while queue:
         name = queue.pop(0)
