@@ -69,7 +69,9 @@ def logit_outputs(model: onnx.ModelProto) -> set[str]:
                 break
             if node.op_type not in PASS_THROUGH:
                 break
-            name = node.input[0]
+            # an Add's bias may come first (TorchScript writes a 3-D Linear as Add(bias, MatMul)): follow the computed input
+            name = next((i for i in node.input[:2] if i in producer and producer[i].op_type not in ("Constant", "Identity")), node.input[0]) \
+                if node.op_type == "Add" else node.input[0]
     return found
 
 

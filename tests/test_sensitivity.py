@@ -160,3 +160,19 @@ def test_output_error_kl_is_the_same_in_chunks(monkeypatch) -> None:
     error = fidelity.OutputError(["logits"], {"logits"})
     error.add({"logits": ref}, {"logits": got})
     assert error.value() == pytest.approx(expected, rel=1e-9)
+
+
+def test_logits_whose_bias_add_comes_first_are_logits() -> None:
+    """TorchScript writes a 3-D Linear (a CTC head) as Add(bias, MatMul): the head is found
+    through the Add's computed input, so the output is scored as logits (KL, top-1)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from onnxprune.fidelity import logit_outputs
+
+    rng = np.random.default_rng(0)
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["m"]), helper.make_node("Add", ["b", "m"], ["logits"])], "ctc",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["T", "N", 8])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["T", "N", 5])],
+                              [numpy_helper.from_array(rng.normal(size=(8, 5)).astype(np.float32), "w"),
+                               numpy_helper.from_array(np.zeros(5, np.float32), "b")])
+    assert logit_outputs(helper.make_model(graph)) == {"logits"}
