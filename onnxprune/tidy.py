@@ -269,10 +269,11 @@ MOVED_EXTERNAL_BYTES = 256 << 20  # external-data weights read into memory to fo
 
 
 def fold_moved_weights(model: onnx.ModelProto) -> None:
-    """Replace value-moving nodes whose inputs are in-memory initializers (and whose outputs are
-    not graph outputs) with initializers of their outputs, when a large input is read by no other
-    kind of node (a packed weight cut into parts by Slices or a Split): no weight is kept twice,
-    and the layers reading the parts get constant weights (their units become prunable)."""
+    """Replace value-moving nodes whose inputs are initializers (in memory, or in external files
+    up to MOVED_EXTERNAL_BYTES in all) and whose outputs are not graph outputs with initializers
+    of their outputs, when a large input is read by no other kind of node (a packed weight cut
+    into parts by Slices or a Split): no weight is kept twice, and the layers reading the parts
+    get constant weights (their units become prunable)."""
     graph = model.graph
     initializers = {t.name: t for t in graph.initializer}
     small = {n.output[0]: n.attribute[0].t for n in graph.node  # Constant nodes' tensors (TorchScript's slice bounds)
