@@ -28,15 +28,18 @@ class Use:
 IMPLICIT = -1
 
 
+def subgraphs(node: onnx.NodeProto) -> list[onnx.GraphProto]:
+    """A node's subgraphs (an If's branches, a Loop's or Scan's body)."""
+    return [graph for attr in node.attribute for graph in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else attr.graphs)]
+
+
 def subgraph_reads(node: onnx.NodeProto) -> set[str]:
     """Names a node's subgraphs (If/Loop/Scan bodies) read from the enclosing graph."""
     names: set[str] = set()
-    for attr in node.attribute:
-        graphs = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
-        for graph in graphs:
-            inner = {o for n in graph.node for o in n.output} | {i.name for i in graph.input} | {t.name for t in graph.initializer}
-            for sub in graph.node:
-                names.update(name for name in [*sub.input, *subgraph_reads(sub)] if name and name not in inner)
+    for graph in subgraphs(node):
+        inner = {o for n in graph.node for o in n.output} | {i.name for i in graph.input} | {t.name for t in graph.initializer}
+        for sub in graph.node:
+            names.update(name for name in [*sub.input, *subgraph_reads(sub)] if name and name not in inner)
     return names
 
 

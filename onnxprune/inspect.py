@@ -101,7 +101,7 @@ def samples_needed(space: Space, shapes: dict) -> int | None:
 def inspect_model(model: str | Path | onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]] | None = None, exclude: list[str] | None = None) -> InspectReport:
     """Analyse a model without calibration data."""
     proto, name, _, load_notes = load_model(model)
-    shapes = {**probe_shapes(proto), **(input_shapes or {})}
+    shapes = {**default_input_shapes(proto), **(input_shapes or {})}
     problems: list[str] = []
     _, index = shapes_and_index(proto, shapes, problems)
     ones = {**{k: tuple(max(d, 1) for d in v) for k, v in shapes.items()}, **(input_shapes or {})}
@@ -127,7 +127,7 @@ def inspect_model(model: str | Path | onnx.ModelProto, input_shapes: dict[str, t
     return InspectReport(name, count_params(proto), cost.total_macs, {k: list(v) for k, v in shapes.items()}, spaces, notes)
 
 
-def probe_shapes(model: onnx.ModelProto) -> dict[str, tuple[int, ...]]:
+def default_input_shapes(model: onnx.ModelProto) -> dict[str, tuple[int, ...]]:
     """Input sizes to analyse at without data: every dynamic dim 1, except a KV cache's past
     length, 0 (an empty cache, as a calibration run has it): with a past of 1 the attention mask
     of 1 contradicted past + sequence = 2, the probe run failed and every head read as pinned."""

@@ -15,8 +15,9 @@ from onnx.external_data_helper import load_external_data_for_tensor, uses_extern
 
 from . import tempfiles
 from .errors import ModelError, ResourceError
-from .graph import copy_model, weightless_skeleton
+from .graph import copy_model, default_opset, weightless_skeleton
 from .interrupts import deferred
+from .ops import STANDARD_DOMAINS
 from .tensors import anchor, data_bytes, is_on_disk, location
 from .tidy import tidy
 from .weights import LARGE_MODEL, WeightsFile, model_bytes, offload, with_weights_in_memory, write_weights
@@ -77,10 +78,10 @@ def _checkable_skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
     """The weightless skeleton, with onnxruntime's own standard-domain ops that ONNX has no schema
     for at the model's opset moved to onnxruntime's domain (the checker skips their schema)."""
     skeleton = weightless_skeleton(model, {})
-    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
+    opset = default_opset(model) or 1
     moved = False
     for node in skeleton.graph.node:
-        if node.domain in ("", "ai.onnx") and node.op_type in ORT_STANDARD_DOMAIN_OPS and not onnx.defs.has(node.op_type, opset):
+        if node.domain in STANDARD_DOMAINS and node.op_type in ORT_STANDARD_DOMAIN_OPS and not onnx.defs.has(node.op_type, opset):
             node.domain, moved = "com.microsoft", True
     if moved and not any(o.domain == "com.microsoft" for o in skeleton.opset_import):
         skeleton.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))

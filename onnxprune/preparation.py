@@ -15,9 +15,9 @@ from .calibrate import choose_strides, collect_stats, rows_per_sample
 from .cost import count_macs
 from .data import CalibrationData, load_calibration
 from .errors import CalibrationError, ModelError, TargetError
-from .graph import GraphIndex, fixed_batch_size
+from .graph import GraphIndex, fixed_batch_size, subgraphs
 from .load import load_model, map_large_allocations
-from .ops import STANDARD_DOMAINS, op_key
+from .ops import MAC_OPS, STANDARD_DOMAINS, op_key
 from .rules import CARRY, CONSUME, PRODUCE
 from .sources import ImageOptions
 from .stats import SiteStats
@@ -95,14 +95,7 @@ def unanalysed_ops(model: onnx.ModelProto) -> str | None:
 
 def _layers_in_subgraphs(node: onnx.NodeProto) -> int:
     """Conv/Gemm/MatMul nodes inside a node's subgraphs (an If's branches, a Loop's body), nested ones too."""
-    count = 0
-    for attribute in node.attribute:
-        for graph in [attribute.g] if attribute.type == onnx.AttributeProto.GRAPH else list(attribute.graphs):
-            count += sum(inner.op_type in LAYER_OPS for inner in graph.node) + sum(_layers_in_subgraphs(inner) for inner in graph.node)
-    return count
-
-
-LAYER_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
+    return sum((inner.op_type in MAC_OPS) + _layers_in_subgraphs(inner) for graph in subgraphs(node) for inner in graph.node)
 
 
 def training_mode_ops(model: onnx.ModelProto) -> str | None:

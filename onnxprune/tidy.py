@@ -29,7 +29,7 @@ from .graph import (
     static_shapes,
     unique_name,
 )
-from .ops import RECURRENT_GATES
+from .ops import RECURRENT_GATES, STANDARD_DOMAINS
 from .tensors import data_bytes, location, read_array, tensor_size
 
 # Ops that only move a weight's values around: folding them never changes a number or a dtype
@@ -57,7 +57,7 @@ def add_recurrent_biases(model: onnx.ModelProto) -> None:
     initializers = {t.name: t for t in graph.initializer}
     taken = set(initializers) | {o for n in graph.node for o in n.output}
     for node in graph.node:
-        if node.op_type not in RECURRENT_GATES or node.domain not in ("", "ai.onnx") or (len(node.input) > 3 and node.input[3]):
+        if node.op_type not in RECURRENT_GATES or node.domain not in STANDARD_DOMAINS or (len(node.input) > 3 and node.input[3]):
             continue
         weight = initializers.get(node.input[1]) if len(node.input) > 1 else None
         if weight is None or len(weight.dims) != 3:

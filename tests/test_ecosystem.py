@@ -219,7 +219,7 @@ def test_inspect_probes_a_kv_cache_model_with_an_empty_past():
     cache whose 0 breaks the probe gets 1 again."""
     from onnx import TensorProto, helper, numpy_helper
 
-    from onnxprune.inspect import probe_shapes
+    from onnxprune.inspect import default_input_shapes
 
     rng = np.random.default_rng(0)
     nodes = [
@@ -240,7 +240,7 @@ def test_inspect_probes_a_kv_cache_model_with_an_empty_past():
                               [numpy_helper.from_array(rng.normal(size=(4, 6)).astype(np.float32), "w"),
                                numpy_helper.from_array(np.array([2], dtype=np.int64), "axis2")])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    assert probe_shapes(model) == {"x": (1, 1, 4), "past_key_values.0.key": (1, 0, 4), "attention_mask": (1, 1)}
+    assert default_input_shapes(model) == {"x": (1, 1, 4), "past_key_values.0.key": (1, 0, 4), "attention_mask": (1, 1)}
     assert onnxprune.inspect_model(model).notes == []
     assert "Reshape 'mask_to_total" in onnxprune.inspect_model(model, {"past_key_values.0.key": (1, 1, 4)}).notes[0]
     frames = helper.make_graph(  # an input named like a cache that is none: its first frame is read, so 0 fails, 1 is kept
