@@ -1,0 +1,246 @@
+"""Correctness oracle: plant exact copies of units, prune, and check that nothing changed.
+
+In every prunable space one unit's producer-side parameters (each constant the space slices,
+i.e. everything but its consumers' weights) are overwritten with another unit's, so the two
+units carry the same activation everywhere. Pruning with a near-zero tolerance must then
+remove the copies (they explain nothing new) and recover them exactly: the pruned model's
+outputs must equal the planted model's on held-out samples. A copy that is not removed, or an
+output that changes, points at an analysis or rewrite bug (a missed coupling, a wrong fold).
+
+    python tools/plant_oracle.py models/zoo/resnet18s.ts.onnx models/zoo/unets.ts.onnx
+    python tools/plant_oracle.py /tmp/hfzoo/*.onnx --json out.jsonl   # <name>.calib.npz beside each
+
+The calibration file is `<name>.calib.npz` beside the model (the zoo builders' convention),
+else `--calib`. Prints one line per model: planted spaces, copies removed, the largest
+relative L2 change of an output on held-out samples and on calibration samples, and PASS, FAIL
+(a change on the calibration samples above `--atol-rel`, default 1e-3, 3e-3 for a model written
+back with float16 weights: a mis-prune; on held-out
+samples units that were dead in calibration may wake) or MISS (outputs exact, but a space kept
+both copies: its ranking missed them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import numpy_helper
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import onnxprune  # noqa: E402
+from onnxprune.preparation import prepare  # noqa: E402
+from onnxprune.spaces import Space  # noqa: E402
+from onnxprune.tensors import in_memory  # noqa: E402
+
+FP16_ATOL = 3e-3  # weights written back as float16 round the folds
+
+
+def unit_groups(space: Space, spaces: list[Space]) -> np.ndarray:
+    """A group label per unit: copies are planted within a group (grouped-query heads read one KV head)."""
+    labels = np.zeros(space.n, dtype=np.int64)
+    for other in spaces:
+        derived = other.derived
+        if derived is None or derived.output not in space.tensors:
+            continue
+        units, positions = space.tensors[derived.output].unit_positions()
+        picks = np.asarray(derived.picks)
+        labels[units] = picks[positions]
+    return labels
+
+
+def choose_pair(space: Space, spaces: list[Space]) -> tuple[int, int] | None:
+    """(source, copy): two free units of one group that sit on the same sliced tensors (a
+    Concat's parts hold different units), the copy as far from the source as possible."""
+    free = [u for u in range(space.n) if u not in space.locked]
+    groups = unit_groups(space, spaces)
+    members: dict[tuple, list[int]] = {}
+    for unit in free:
+        on = tuple(len(space.tensors[r.tensor].positions_of(np.array([unit]))) > 0 for r in space.slices)
+        members.setdefault((int(groups[unit]), on), []).append(unit)
+    return next(((units[0], units[-1]) for units in members.values() if len(units) >= 2), None)
+
+
+class Constants:
+    """Initializers and Constant-node values of a model, edited in place by name."""
+
+    def __init__(self, model: onnx.ModelProto):
+        self.model = model
+        self.initializers = {t.name: t for t in model.graph.initializer}
+        self.nodes = {n.output[0]: n for n in model.graph.node if n.op_type == "Constant"}
+        self.values: dict[str, np.ndarray] = {}
+
+    def get(self, name: str) -> np.ndarray | None:
+        if name not in self.values:
+            if name in self.initializers:
+                self.values[name] = numpy_helper.to_array(self.initializers[name]).copy()
+            elif name in self.nodes:
+                attribute = next((a for a in self.nodes[name].attribute if a.name == "value"), None)
+                if attribute is None:
+                    return None
+                self.values[name] = numpy_helper.to_array(attribute.t).copy()
+            else:
+                return None
+        return self.values[name]
+
+    def commit(self) -> None:
+        for name, value in self.values.items():
+            tensor = numpy_helper.from_array(value, name)
+            if name in self.initializers:
+                self.initializers[name].CopyFrom(tensor)
+            else:
+                attribute = next(a for a in self.nodes[name].attribute if a.name == "value")
+                attribute.t.CopyFrom(tensor)
+
+
+def plant(model: onnx.ModelProto, spaces: list[Space], prunable: list[Space]) -> tuple[dict[str, tuple[int, int]], dict[str, str]]:
+    """Copy a source unit's producer-side constants onto another unit in every prunable space.
+
+    Returns the planted pairs by space name and the spaces that could not be planted (why)."""
+    constants = Constants(model)
+    names = {n.name: n for n in model.graph.node}
+    planted: dict[str, tuple[int, int]] = {}
+    skipped: dict[str, str] = {}
+    for space in prunable:
+        pair = choose_pair(space, spaces)
+        if pair is None:
+            skipped[space.name] = "fewer than two free units in a group"
+            continue
+        source, copy = pair
+        edits = []
+        for record in dict.fromkeys(space.slices):
+            node = names.get(record.node)
+            name = node.input[record.input_index] if node is not None and record.input_index < len(node.input) else ""
+            value = constants.get(name) if name else None
+            if value is None:
+                edits = None
+                skipped[space.name] = f"{record.node} input {record.input_index} is not a stored constant"
+                break
+            placement = space.tensors[record.tensor]
+            if not len(placement.positions_of(np.array([source]))):
+                continue
+            width = placement.size
+            src = placement.element_positions_of(np.array([source]))
+            dst = placement.element_positions_of(np.array([copy]))
+            block = value.shape[record.axis] // record.repeats
+            if block != width:
+                edits = None
+                skipped[space.name] = f"{name}: axis {record.axis} holds {block} per block, the tensor {width}"
+                break
+            edits.append((name, record.axis, [src + k * block for k in range(record.repeats)],
+                          [dst + k * block for k in range(record.repeats)]))
+        if edits is None:
+            continue
+        for name, axis, sources, copies in edits:
+            value = constants.get(name)
+            for src, dst in zip(sources, copies, strict=True):
+                taken = np.take(value, src, axis=axis)
+                index = [slice(None)] * value.ndim
+                index[axis] = dst
+                value[tuple(index)] = taken
+        planted[space.name] = pair
+    constants.commit()
+    return planted, skipped
+
+
+def run_model(path: str, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    wanted = {i.name for i in session.get_inputs()}
+    return session.run(None, {k: v for k, v in feeds.items() if k in wanted})
+
+
+def relative_change(before: list[np.ndarray], after: list[np.ndarray]) -> float:
+    worst = 0.0
+    for a, b in zip(before, after, strict=True):
+        if not np.issubdtype(a.dtype, np.floating):
+            worst = max(worst, float(not np.array_equal(a, b)))
+            continue
+        a64, b64 = a.astype(np.float64), b.astype(np.float64)
+        worst = max(worst, float(np.linalg.norm(a64 - b64) / (np.linalg.norm(a64) + 1e-30)))
+    return worst
+
+
+def check(model_path: Path, calib_path: Path, tolerance: float, sequential: bool | str, held_out: int) -> dict:
+    """Plant, prune and compare one model; returns a result row.
+
+    The run holds out copies of its first calibration rows, so the report's fidelity (which
+    feeds and compares shrunk KV caches too) is the change on rows the fit saw; the data's own
+    last rows, which the run never reads, give the change on new data (models whose inputs
+    keep their shapes)."""
+    data = dict(np.load(calib_path))
+    n = next(iter(data.values())).shape[0]
+    fresh = {k: v[n - held_out:] for k, v in data.items()}
+    run_data = {k: np.concatenate([v[:n - held_out], v[:held_out]]) for k, v in data.items()}
+    prepared = prepare(str(model_path), run_data, verify_samples=held_out)
+    planted_model = onnx.ModelProto()
+    planted_model.CopyFrom(prepared.original)
+    for tensor in planted_model.graph.initializer:  # the pipeline's copy keeps large weights on disk
+        tensor.CopyFrom(in_memory(tensor))
+    planted, skipped = plant(planted_model, prepared.analysis.spaces, prepared.analysis.prunable)
+    with tempfile.TemporaryDirectory() as folder:
+        planted_path = str(Path(folder) / "planted.onnx")
+        onnx.save(planted_model, planted_path)
+        result = onnxprune.prune(planted_path, run_data, tolerance=tolerance, allocation="global", sequential=sequential,
+                                 verify_samples=held_out)
+        change = None
+        if not result.report.io_changes:
+            pruned_path = str(Path(folder) / "pruned.onnx")
+            onnx.save(result.model, pruned_path)
+            change = relative_change(run_model(planted_path, fresh), run_model(pruned_path, fresh))
+    rows = {row.name: row for row in result.report.spaces}
+    removed = {name: rows[name].units - rows[name].kept for name in planted if name in rows}
+    for name in planted:  # pinned once calibrated (a site with fewer rows than units): not planted after all
+        if name in rows and rows[name].pinned:
+            skipped[name] = rows[name].pinned[0]
+            removed.pop(name, None)
+    missed = sorted(name for name, count in removed.items() if count < 1)
+    fp16 = any(t.data_type == onnx.TensorProto.FLOAT16 for t in result.model.graph.initializer)
+    return {"model": model_path.name, "planted": len(removed), "skipped": skipped, "missed": missed,
+            "units_removed": sum(removed.values()), "change": change,
+            "change_calibration": max(f.relative_l2 for f in result.report.fidelity), "fp16": fp16}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("models", nargs="+", type=Path)
+    parser.add_argument("--calib", type=Path, default=None, help="calibration .npz (default: <name>.calib.npz beside the model)")
+    parser.add_argument("--tolerance", type=float, default=1e-7, help="largest normalised energy of a removed unit")
+    parser.add_argument("--sequential", default="auto", choices=["auto", "on", "off"])
+    parser.add_argument("--held-out", type=int, default=8)
+    parser.add_argument("--atol-rel", type=float, default=1e-3)
+    parser.add_argument("--json", type=Path, default=None, help="append one JSON line per model")
+    args = parser.parse_args()
+    sequential = {"auto": "auto", "on": True, "off": False}[args.sequential]
+    failures = 0
+    for path in args.models:
+        calib = args.calib or path.with_name(path.name.split(".")[0] + ".calib.npz")
+        try:
+            row = check(path, calib, args.tolerance, sequential, args.held_out)
+            atol = max(args.atol_rel, FP16_ATOL) if row["fp16"] else args.atol_rel
+            row["verdict"] = "FAIL" if row["change_calibration"] > atol else "MISS" if row["missed"] else "PASS"
+        except Exception as error:  # noqa: BLE001 - one line per model, the sweep goes on
+            row = {"model": path.name, "verdict": "ERROR", "error": f"{type(error).__name__}: {error}"}
+        failures += row["verdict"] in ("FAIL", "ERROR")
+        if row["verdict"] == "ERROR":
+            print(f"{row['model']}: ERROR {row['error']}", flush=True)
+        else:
+            print(f"{row['model']}: {row['verdict']} planted {row['planted']} (skipped {len(row['skipped'])}), "
+                  f"removed {row['units_removed']}, missed {len(row['missed'])}, largest relative change on calibration rows "
+                  f"{row['change_calibration']:.2e}, new rows " + ("n/a" if row["change"] is None else f"{row['change']:.2e}"), flush=True)
+        if args.json:
+            with args.json.open("a") as out:
+                out.write(json.dumps(row) + "\n")
+    sys.exit(1 if failures else 0)
+
+
+if __name__ == "__main__":
+    main()
