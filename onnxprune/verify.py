@@ -11,7 +11,7 @@ import onnx
 from .calibrate import make_session
 from .data import CalibrationData
 from .errors import ModelError
-from .graph import fixed_batch_size
+from .graph import default_opset, fixed_batch_size, get_attr
 from .load import checker_problem, release_memory
 from .weights import LARGE_MODEL, model_bytes
 
@@ -24,7 +24,7 @@ class OutputFidelity:
     relative_l2: float
     cosine: float
     max_abs: float
-    top1_agreement: float | None  # argmax agreement per row of a 2-D float output, per position of logits (a language model's next token)
+    top1_agreement: float | None  # argmax agreement per row of a 2-D float output, per position of class scores (a language model's next token), or the share of an ArgMax output's indices unchanged
 
 
 FAR_L2, FAR_TOP1 = 0.8, 0.5  # a pruned output this far from the original's is worth a warning
@@ -52,27 +52,74 @@ def check_model(model: onnx.ModelProto) -> None:
 
 LOGIT_PRODUCERS = frozenset({"Gemm", "MatMul"})
 PASS_THROUGH = frozenset({"Add", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity", "Transpose", "Cast"})
+LOGITS, PROBABILITIES = "logits", "probabilities"  # class scores: log-softmax them, or take their log first
 
 
-def logit_outputs(model: onnx.ModelProto) -> set[str]:
-    """Graph outputs that a Gemm/MatMul head produces (through bias adds and reshapes): logits."""
-    producer = {out: node for node in model.graph.node for out in node.output}
-    found = set()
+def logit_outputs(model: onnx.ModelProto) -> dict[str, str]:
+    """Graph outputs that hold class scores over their last axis, with their kind: logits that
+    a Gemm/MatMul head produces (through bias adds and reshapes) or a LogSoftmax's log-probabilities
+    (LOGITS: log-softmax is the identity on them), or a Softmax's probabilities (PROBABILITIES)."""
+    producer, ranks, opset = _walk_context(model)
+    found = {}
     for output in model.graph.output:
-        name = output.name
-        for _ in range(8):
-            node = producer.get(name)
-            if node is None:
-                break
-            if node.op_type in LOGIT_PRODUCERS:
-                found.add(output.name)
-                break
-            if node.op_type not in PASS_THROUGH:
-                break
-            # an Add's bias may come first (TorchScript writes a 3-D Linear as Add(bias, MatMul)): follow the computed input
-            name = next((i for i in node.input[:2] if i in producer and producer[i].op_type not in ("Constant", "Identity")), node.input[0]) \
-                if node.op_type == "Add" else node.input[0]
+        if kind := _score_kind(output.name, producer, ranks, opset):
+            found[output.name] = kind
     return found
+
+
+def argmax_outputs(model: onnx.ModelProto) -> dict[str, tuple[str, int, str]]:
+    """Graph outputs that are an ArgMax's indices (greedy CTC decoding, a segmentation mask):
+    output -> (the scores the ArgMax reads, their class axis, their kind). A pruned model is
+    judged on those scores: the indices rarely move on a few held-out samples."""
+    producer, ranks, opset = _walk_context(model)
+    found = {}
+    for output in model.graph.output:
+        node = producer.get(output.name)
+        while node is not None and node.op_type in ("Identity", "Cast", "Squeeze", "Unsqueeze") and node.input[0] in producer:
+            node = producer[node.input[0]]
+        if node is None or node.op_type != "ArgMax" or get_attr(node, "select_last_index", 0):
+            continue
+        scores = node.input[0]
+        axis = get_attr(node, "axis", 0)
+        if axis < 0 and (rank := ranks.get(scores)) is not None:
+            axis += rank
+        if axis >= 0 or axis == -1:
+            found[output.name] = (scores, axis, _score_kind(scores, producer, ranks, opset) or LOGITS)
+    return found
+
+
+def _walk_context(model: onnx.ModelProto) -> tuple[dict[str, onnx.NodeProto], dict[str, int], int]:
+    producer = {out: node for node in model.graph.node for out in node.output}
+    ranks = {v.name: len(v.type.tensor_type.shape.dim) for v in [*model.graph.value_info, *model.graph.input, *model.graph.output]
+             if v.type.tensor_type.HasField("shape")}
+    return producer, ranks, default_opset(model) or 13
+
+
+def _score_kind(name: str, producer: dict[str, onnx.NodeProto], ranks: dict[str, int], opset: int) -> str | None:
+    """LOGITS or PROBABILITIES when the tensor holds class scores over its last axis, else None."""
+    for _ in range(8):
+        node = producer.get(name)
+        if node is None:
+            return None
+        if node.op_type in LOGIT_PRODUCERS:
+            return LOGITS
+        if node.op_type in ("Softmax", "LogSoftmax"):
+            if not _over_last_axis(node, ranks.get(node.output[0]), opset):
+                return None
+            return LOGITS if node.op_type == "LogSoftmax" else PROBABILITIES
+        if node.op_type not in PASS_THROUGH:
+            return None
+        # an Add's bias may come first (TorchScript writes a 3-D Linear as Add(bias, MatMul)): follow the computed input
+        name = next((i for i in node.input[:2] if i in producer and producer[i].op_type not in ("Constant", "Identity")), node.input[0]) \
+            if node.op_type == "Add" else node.input[0]
+    return None
+
+
+def _over_last_axis(node: onnx.NodeProto, rank: int | None, opset: int) -> bool:
+    """Whether a (Log)Softmax normalises each position over the last axis alone (before opset 13
+    it flattens from `axis`, default 1, on: one distribution per row only for the last axis)."""
+    axis = get_attr(node, "axis", -1 if opset >= 13 else 1)
+    return axis == -1 or (rank is not None and axis == rank - 1)
 
 
 CHUNK = 1 << 20  # output elements compared per step
@@ -83,12 +130,13 @@ class _Agreement:
     """Running sums for one output, batch by batch (a language model's logits over the
     verification samples would not fit in memory at once)."""
 
-    def __init__(self, name: str, logits: bool = False):
+    def __init__(self, name: str, logits: bool = False, indices: bool = False):
         self.name = name
+        self.indices = indices  # an ArgMax's class indices: agreement is the share left unchanged
         self.ref2 = self.got2 = self.dot = self.diff2 = self.max_abs = 0.0
         self.matches = self.rows = 0
         self.classes = True
-        self.logits = logits  # scores over the last axis at every position (`logit_outputs`)
+        self.logits = logits  # class scores over the last axis at every position (`logit_outputs`)
 
     def add(self, ref: np.ndarray, got: np.ndarray) -> None:
         if got.shape != ref.shape:
@@ -103,6 +151,10 @@ class _Agreement:
             got64 -= ref64
             self.diff2 += float(got64 @ got64)
             self.max_abs = max(self.max_abs, float(np.max(np.abs(got64), initial=0.0)))
+        if self.indices:
+            self.matches += int(np.sum(ref == got))
+            self.rows += ref.size
+            return
         self.classes = self.classes and np.issubdtype(ref.dtype, np.floating) and ref.ndim >= 2 and ref.shape[-1] > 1 \
             and (ref.ndim == 2 or self.logits)
         if self.classes:
@@ -114,7 +166,7 @@ class _Agreement:
         rel = diff / norm if norm > 0 else float(diff)
         denom = norm * np.sqrt(self.got2)
         cosine = self.dot / denom if denom > 0 else float(diff == 0)
-        top1 = self.matches / self.rows if self.classes and self.rows else None
+        top1 = self.matches / self.rows if (self.classes or self.indices) and self.rows else None
         return OutputFidelity(self.name, float(rel), float(cosine), self.max_abs, top1)
 
 
@@ -237,8 +289,8 @@ def verify(
         reference_session = None
         release_memory(original)
     pruned_session = make_session(pruned, rewritten=True)
-    logits = logit_outputs(original)
-    agreements = {name: _Agreement(name, name in logits) for name in names}
+    logits, indices = logit_outputs(original), argmax_outputs(original)
+    agreements = {name: _Agreement(name, name in logits, name in indices) for name in names}
     probe: _Probe | None = None
     take = None if fixed_batch_size(pruned) else 1 if original_bytes >= LARGE_MODEL else CHECK_SAMPLES
     for i, batch in enumerate(batches):

@@ -132,17 +132,17 @@ def test_auto_allocation_with_a_tolerance_keeps_the_global_threshold() -> None:
 def test_output_error_is_kl_for_logits_and_relative_l2_otherwise() -> None:
     from onnxprune.fidelity import OutputError, logit_outputs
 
-    assert logit_outputs(two_branches()) == {"y"}  # Add of two Gemm heads
+    assert set(logit_outputs(two_branches())) == {"y"}  # Add of two Gemm heads
     rng = np.random.default_rng(0)
     ref, got = rng.standard_normal((50, 4)), rng.standard_normal((50, 4))
-    kl = OutputError(["y"], {"y"})
+    kl = OutputError(["y"], {"y": "logits"})
     kl.add({"y": ref}, {"y": got})
     p, q = np.exp(ref) / np.exp(ref).sum(1, keepdims=True), np.exp(got) / np.exp(got).sum(1, keepdims=True)
     assert kl.value() == pytest.approx(float(np.mean(np.sum(p * np.log(p / q), 1))))
-    l2 = OutputError(["y"], set())
+    l2 = OutputError(["y"], {})
     l2.add({"y": ref}, {"y": got})
     assert l2.value() == pytest.approx(float(np.sum((got - ref) ** 2) / np.sum(ref ** 2)))
-    same = OutputError(["y"], {"y"})
+    same = OutputError(["y"], {"y": "logits"})
     same.add({"y": ref}, {"y": ref + 5.0})  # softmax ignores a shift: no decision changes
     assert same.value() == pytest.approx(0.0, abs=1e-12)
 
@@ -157,7 +157,7 @@ def test_output_error_kl_is_the_same_in_chunks(monkeypatch) -> None:
     lq = got - np.log(np.exp(got.astype(np.float64)).sum(-1, keepdims=True))
     expected = float(np.sum(np.exp(lp) * (lp - lq)) / 21)
     monkeypatch.setattr(fidelity, "LOGIT_ELEMENTS", 40)  # 3 rows per step
-    error = fidelity.OutputError(["logits"], {"logits"})
+    error = fidelity.OutputError(["logits"], {"logits": "logits"})
     error.add({"logits": ref}, {"logits": got})
     assert error.value() == pytest.approx(expected, rel=1e-9)
 
@@ -175,4 +175,50 @@ def test_logits_whose_bias_add_comes_first_are_logits() -> None:
                               [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["T", "N", 5])],
                               [numpy_helper.from_array(rng.normal(size=(8, 5)).astype(np.float32), "w"),
                                numpy_helper.from_array(np.zeros(5, np.float32), "b")])
-    assert logit_outputs(helper.make_model(graph)) == {"logits"}
+    assert logit_outputs(helper.make_model(graph)) == {"logits": "logits"}
+
+
+def _softmax_head(op: str, axis: int | None, opset: int, rank: int = 3):
+    """x [T, N, 8] (or [N, 8]) -> MatMul -> Add -> (Log)Softmax(axis) -> y."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    shape = ["T", "N", 8][3 - rank:]
+    attrs = {} if axis is None else {"axis": axis}
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["m"]), helper.make_node("Add", ["m", "b"], ["z"]), helper.make_node(op, ["z"], ["y"], **attrs)]
+    graph = helper.make_graph(nodes, "head", [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [*shape[:-1], 5])],
+                              [numpy_helper.from_array(rng.normal(size=(8, 5)).astype(np.float32), "w"),
+                               numpy_helper.from_array(np.zeros(5, np.float32), "b")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+
+
+def test_softmax_and_log_softmax_outputs_are_class_scores() -> None:
+    """A classifier or CTC head that ends in Softmax / LogSoftmax over the last axis is scored
+    as a class distribution (probabilities, or log-probabilities like logits); over another
+    axis, or a flattening pre-13 Softmax of a 3-D tensor, it is not."""
+    from onnxprune.fidelity import logit_outputs
+
+    assert logit_outputs(_softmax_head("Softmax", None, 17)) == {"y": "probabilities"}
+    assert logit_outputs(_softmax_head("LogSoftmax", -1, 17)) == {"y": "logits"}
+    assert logit_outputs(_softmax_head("Softmax", 2, 17)) == {"y": "probabilities"}  # the last axis of a rank-3 output
+    assert logit_outputs(_softmax_head("Softmax", 1, 17)) == {}  # over N: not one distribution per position
+    assert logit_outputs(_softmax_head("Softmax", None, 11)) == {}  # opset 11 default axis 1 flattens T x N x C from N on
+    assert logit_outputs(_softmax_head("Softmax", None, 11, rank=2)) == {"y": "probabilities"}
+
+
+def test_output_error_of_probabilities_is_the_kl_of_their_logits() -> None:
+    """Probabilities are compared by KL(original || pruned), the same number as for the logits
+    they came from (relative L2 of probabilities hardly sees the classes that are not the top)."""
+    from onnxprune.fidelity import OutputError
+
+    rng = np.random.default_rng(1)
+    ref, got = rng.standard_normal((40, 6)) * 3, rng.standard_normal((40, 6)) * 3
+    softmax = lambda z: np.exp(z) / np.exp(z).sum(1, keepdims=True)  # noqa: E731
+    from_logits, from_probabilities = OutputError(["y"], {"y": "logits"}), OutputError(["y"], {"y": "probabilities"})
+    from_logits.add({"y": ref}, {"y": got})
+    from_probabilities.add({"y": softmax(ref).astype(np.float32)}, {"y": softmax(got).astype(np.float32)})
+    assert from_probabilities.value() == pytest.approx(from_logits.value(), rel=1e-5)
+    plain = OutputError(["y"], {})
+    plain.add({"y": softmax(ref)}, {"y": softmax(got)})
+    assert plain.value() != pytest.approx(from_logits.value(), rel=0.1)

@@ -167,3 +167,44 @@ def test_report_samples_measure_the_fidelity_and_nothing_else() -> None:
 def relative_l2_of(model: onnx.ModelProto, pruned: onnx.ModelProto, x: np.ndarray) -> float:
     reference, got = run(model, x), run(pruned, x)
     return float(np.linalg.norm(got - reference) / np.linalg.norm(reference))
+
+
+def _argmax_head(axis: int = -1) -> onnx.ModelProto:
+    """x [N, T, 8] -> MatMul -> Add -> ArgMax(axis) -> ids (greedy CTC decoding in the graph)."""
+    from onnx import TensorProto, numpy_helper
+
+    rng = np.random.default_rng(3)
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["m"]), helper.make_node("Add", ["m", "b"], ["scores"]),
+             helper.make_node("ArgMax", ["scores"], ["ids"], axis=axis, keepdims=0)]
+    graph = helper.make_graph(nodes, "greedy", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", "T", 8])],
+                              [helper.make_tensor_value_info("ids", TensorProto.INT64, None)],
+                              [numpy_helper.from_array(rng.normal(size=(8, 5)).astype(np.float32), "w"),
+                               numpy_helper.from_array(np.zeros(5, np.float32), "b")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_an_argmax_output_is_judged_by_the_scores_it_reads():
+    """A graph that ends in ArgMax: candidates are compared on the class scores the ArgMax reads
+    (KL, along its axis), which move when the indices on a few samples do not; the model handed
+    in keeps its outputs; the report gives the share of indices left unchanged."""
+    from onnx import numpy_helper
+
+    from onnxprune.fidelity import ReferenceOutputs
+    from onnxprune.verify import _Agreement, argmax_outputs
+
+    model = _argmax_head()
+    assert argmax_outputs(model) == {"ids": ("scores", -1, "logits")}
+    assert argmax_outputs(_argmax_head(axis=1)) == {"ids": ("scores", 1, "logits")}
+    x = np.random.default_rng(4).normal(size=(6, 3, 8)).astype(np.float32)
+    reference = ReferenceOutputs(model, CalibrationData({"x": x}), batch_size=6, samples=6)
+    assert [o.name for o in model.graph.output] == ["ids"]
+    nudged = onnx.ModelProto()
+    nudged.CopyFrom(model)
+    w = numpy_helper.to_array(nudged.graph.initializer[0])
+    nudged.graph.initializer[0].CopyFrom(numpy_helper.from_array((w * 1.01).astype(np.float32), "w"))
+    np.testing.assert_array_equal(run(model, x), run(nudged, x))  # the same indices ...
+    assert reference.error(nudged, {}) > 1e-6  # ... yet the candidate is not the original
+    assert reference.error(model, {}) == pytest.approx(0.0, abs=1e-12)
+    ids = _Agreement("ids", indices=True)
+    ids.add(np.array([[1, 2], [3, 4]]), np.array([[1, 2], [3, 0]]))
+    assert ids.result().top1_agreement == pytest.approx(0.75)
