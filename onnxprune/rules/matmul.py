@@ -78,7 +78,8 @@ def linear_reads(index: GraphIndex, node: onnx.NodeProto, slot: int, tensor: str
 
 @carries("MatMul")
 def batched_matmul(index: GraphIndex, node: onnx.NodeProto, tensor: str, placement: Placement) -> list[Effect]:
-    """MatMul of two activations (attention scores, probs @ V): units must sit on a batch axis."""
+    """MatMul of two activations (attention scores, probs @ V): units on a batch axis (heads), or
+    on the right operand's columns / the left operand's rows (`_matrix_axis`)."""
     label = index.label(node)
     ranks = [index.rank(i) for i in node.input]
     out_rank = index.rank(node.output[0])
@@ -86,7 +87,7 @@ def batched_matmul(index: GraphIndex, node: onnx.NodeProto, tensor: str, placeme
         return [Pin(f"MatMul '{label}' mixes the units (constant operand on the units' side or unknown rank)")]
     from_right = placement.axis - index.rank(tensor)
     if from_right >= -2:
-        return [Pin(f"MatMul '{label}' contracts or mixes the units' axis")]
+        return _matrix_axis(index, node, tensor, placement, from_right)
     effects: list[Effect] = []
     for inp, r in zip(node.input, ranks, strict=True):
         if inp != tensor:
@@ -95,6 +96,21 @@ def batched_matmul(index: GraphIndex, node: onnx.NodeProto, tensor: str, placeme
             if pos >= 0 and shape is not None and shape[pos] not in (1,):
                 effects.append(Carry(inp, placement.moved(pos)))
     return effects + through(label, tensor, node.output[0], placement, placement.moved(out_rank + from_right))
+
+
+def _matrix_axis(index: GraphIndex, node: onnx.NodeProto, tensor: str, placement: Placement, from_right: int) -> list[Effect]:
+    """Units on a matrix axis of an activation MatMul: the right operand's columns are the
+    output's columns (probs @ V of single-head attention, SAR's glimpse), the left operand's rows
+    the output's rows; every other case contracts or mixes them."""
+    label, (left, right), out = index.label(node), node.input, node.output[0]
+    pin = [Pin(f"MatMul '{label}' contracts or mixes the units' axis")]
+    if left == right:
+        return pin
+    side = {(right, -1): right, (left, -2): left, (out, -1): right, (out, -2): left}.get((tensor, from_right))
+    shape = index.shape(side) if side is not None else None
+    if side is None or shape is None or len(shape) < 2 or shape[from_right] == 1:
+        return pin
+    return [Through(label), Carry(side, placement.moved(len(shape) + from_right)), Carry(out, placement.moved(index.rank(out) + from_right))]
 
 
 @carries("Einsum")
