@@ -208,3 +208,27 @@ def test_an_argmax_output_is_judged_by_the_scores_it_reads():
     ids = _Agreement("ids", indices=True)
     ids.add(np.array([[1, 2], [3, 4]]), np.array([[1, 2], [3, 0]]))
     assert ids.result().top1_agreement == pytest.approx(0.75)
+
+
+def test_a_segmentation_mask_is_judged_by_the_kl_along_its_class_axis():
+    """ArgMax over the channels of a [N, C, H, W] score map: the KL is taken per pixel along C."""
+    from onnx import TensorProto, numpy_helper
+
+    from onnxprune.fidelity import ReferenceOutputs
+
+    rng = np.random.default_rng(8)
+    w = rng.normal(size=(4, 3, 1, 1)).astype(np.float32)
+    graph = helper.make_graph([helper.make_node("Conv", ["x", "w"], ["scores"]), helper.make_node("ArgMax", ["scores"], ["mask"], axis=1, keepdims=0)],
+                              "seg", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 5, 5])],
+                              [helper.make_tensor_value_info("mask", TensorProto.INT64, None)], [numpy_helper.from_array(w, "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    x = rng.normal(size=(2, 3, 5, 5)).astype(np.float32)
+    reference = ReferenceOutputs(model, CalibrationData({"x": x}), batch_size=2, samples=2)
+    other = onnx.ModelProto()
+    other.CopyFrom(model)
+    other.graph.initializer[0].CopyFrom(numpy_helper.from_array(w * 0.5, "w"))
+    z_ref = np.einsum("oc,nchw->nohw", w[:, :, 0, 0].astype(np.float64), x)
+    lp = z_ref - np.log(np.exp(z_ref).sum(1, keepdims=True))
+    lq = 0.5 * z_ref - np.log(np.exp(0.5 * z_ref).sum(1, keepdims=True))
+    want = float(np.sum(np.exp(lp) * (lp - lq)) / (2 * 5 * 5))
+    assert reference.error(other, {}) == pytest.approx(want, rel=1e-4)
