@@ -226,10 +226,12 @@ def _merge_labels(labels: list[int], pairs: list[tuple[int, int]]) -> list[int]:
 
 
 def _pin_shared_shape_constants(spaces: list[Space]) -> None:
-    """A shape constant that must hold the sizes of two different tensors (exporters share one
-    Concat between layers and no Reshape owns it) cannot be edited for both: pin those spaces.
-    Spaces on the same tensor (a Concat of several spaces), and one space's tensors that carry
-    its units alike (q, k and v of a head fold's factor), agree on the size and are fine."""
+    """A shape constant edited in place (a Div's divisor, a nested Concat's entry) that must hold
+    the sizes of two different tensors cannot be edited for both: pin those spaces. A target
+    Concat, or the batch x heads product under it, that exporters share between layers is copied
+    for each Reshape (`ShapeUpdate.via`), so its records never meet here. Spaces on the same tensor
+    (a Concat of several spaces), and one space's tensors that carry its units alike (q, k and v
+    of a head fold's factor), agree on the size and are fine."""
     owners: dict[tuple[str, int, int, str], dict[str, set[int]]] = {}
     layouts: dict[str, tuple] = {}
     for space in spaces:

@@ -26,6 +26,7 @@ from .graph import (
 from .placement import expand_blocks, removed_count
 from .plan import Plan, SpacePlan, pruned_spaces
 from .recovery import Recovery
+from .rules.shape_targets import shape_chain
 from .tensors import in_memory
 
 
@@ -60,17 +61,20 @@ class ConstantEdits:
         self.reserved: set[str] = set()  # names given to tensors not yet in the graph
         self.edits: dict[tuple[int, int], _Edit] = {}
         self.bias_nodes: list[tuple[onnx.NodeProto, np.ndarray]] = []
-        self.own_shapes: dict[int, tuple[onnx.NodeProto, onnx.NodeProto, dict[int, np.ndarray]]] = {}
+        # Reshape -> (it, {holder: (it, {input slot: new value})}): the copies `own_shape` asks for
+        self.own_shapes: dict[int, tuple[onnx.NodeProto, dict[int, tuple[onnx.NodeProto, dict[int, np.ndarray]]]]] = {}
 
-    def own_shape(self, reshape: onnx.NodeProto, concat: onnx.NodeProto, slot: int, position: int, value: int,
+    def own_shape(self, reshape: onnx.NodeProto, holder: onnx.NodeProto, slot: int, position: int, value: int,
                   dtype: str = "int64") -> None:
-        """Give `reshape` its own copy of the Concat that builds its target, with entry
-        `position` of input `slot` set to `value` (exporters share one Concat between layers).
+        """Give `reshape` its own copy of the shape computation that builds its target, from its
+        Concat down to `holder`, with entry `position` (-1: a scalar) of `holder`'s input `slot`
+        set to `value` (exporters share one Concat, or one batch x heads product, between layers).
         A slot computed at run time (an axis size read by Shape) becomes a one-entry constant."""
-        _, _, inputs = self.own_shapes.setdefault(id(reshape), (reshape, concat, {}))
-        stored = self.index.const(concat.input[slot])
+        _, holders = self.own_shapes.setdefault(id(reshape), (reshape, {}))
+        _, inputs = holders.setdefault(id(holder), (holder, {}))
+        stored = self.index.const(holder.input[slot])
         current = inputs.get(slot, np.zeros(1, dtype=dtype) if stored is None else stored).copy()
-        current[position] = value
+        current[() if position < 0 else position] = value
         inputs[slot] = current
 
     def get(self, label: str, slot: int) -> np.ndarray:
@@ -146,25 +150,41 @@ class ConstantEdits:
 
     def _insert_own_shapes(self) -> None:
         graph = self.model.graph
-        for reshape, concat, inputs in self.own_shapes.values():
-            clone = onnx.NodeProto()
-            clone.CopyFrom(concat)
-            clone.name = self._fresh_name(f"{concat.name or concat.output[0]}{SUFFIX}")
-            for slot, value in inputs.items():
-                const = self._fresh_name(f"{concat.input[slot]}{SUFFIX}")
-                graph.initializer.append(numpy_helper.from_array(value, const))
-                clone.input[slot] = const
-            del clone.output[:]
-            clone.output.append(self._fresh_name(f"{concat.output[0]}{SUFFIX}"))
-            added = [clone]
-            if any(value.dtype != np.int64 for value in inputs.values()):  # tf2onnx: int32 shape arithmetic, cast at the end
-                cast = helper.make_node("Cast", [clone.output[0]], [self._fresh_name(f"{clone.output[0]}_int64")],
-                                        name=self._fresh_name(f"{clone.name}_cast"), to=onnx.TensorProto.INT64)
-                added.append(cast)
+        for reshape, holders in self.own_shapes.values():
+            added = self._copied_chain(reshape, {key: inputs for key, (_, inputs) in holders.items()})
+            if any(value.dtype != np.int64 for _, inputs in holders.values() for value in inputs.values()):
+                cast = helper.make_node("Cast", [added[-1].output[0]], [self._fresh_name(f"{added[-1].output[0]}_int64")],
+                                        name=self._fresh_name(f"{added[-1].name}_cast"), to=onnx.TensorProto.INT64)
+                added.append(cast)  # tf2onnx: int32 shape arithmetic, cast at the end
             reshape.input[1] = added[-1].output[0]  # the target / shape input of Reshape and Expand
             position = next(i for i, n in enumerate(graph.node) if n is reshape)
             for node in reversed(added):
                 graph.node.insert(position, node)
+
+    def _copied_chain(self, reshape: onnx.NodeProto, edits: dict[int, dict[int, np.ndarray]]) -> list[onnx.NodeProto]:
+        """Copies of the nodes from `reshape`'s target Concat down to the edited holders (node id
+        -> {input slot: new value}), in graph order, reading each other and the new constants;
+        the Concat's copy comes last. The original chain stays for its other readers."""
+        copies: dict[str, str] = {}  # original outputs -> their copies'
+        added = []
+        for node in shape_chain(self.index, reshape, set(edits)):
+            clone = onnx.NodeProto()
+            clone.CopyFrom(node)
+            clone.name = self._fresh_name(f"{node.name or node.output[0]}{SUFFIX}")
+            self.reserved.add(clone.name)
+            for slot, name in enumerate(node.input):
+                if name in copies:
+                    clone.input[slot] = copies[name]
+            for slot, value in edits.get(id(node), {}).items():
+                clone.input[slot] = self._fresh_name(f"{node.input[slot]}{SUFFIX}")
+                self.model.graph.initializer.append(numpy_helper.from_array(value, clone.input[slot]))
+            del clone.output[:]
+            for name in node.output:
+                copies[name] = self._fresh_name(f"{name}{SUFFIX}") if name else ""
+                self.reserved.add(copies[name])
+                clone.output.append(copies[name])
+            added.append(clone)
+        return added
 
     def _fresh_name(self, base: str) -> str:
         taken = {t.name for t in self.model.graph.initializer} | {t.name for t in self.source} | self.reserved

@@ -43,7 +43,7 @@ class ShapeUpdate:
     position: int
     block: int
     tensor: str
-    via: str = ""  # the Reshape whose target a shared Concat builds: the rewrite gives it its own copy
+    via: str = ""  # the Reshape whose target `node` helps build: the rewrite gives it its own copy, from its Concat down to `node`
     dtype: str = "int64"  # of a computed Concat input replaced by a constant (tf2onnx computes in int32)
     infer: bool = False  # a computed Reshape entry becomes -1: the size may fold in the batch (B x heads)
 

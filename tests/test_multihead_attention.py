@@ -209,3 +209,63 @@ def test_slices_of_a_fused_projection_keep_whole_heads_and_a_copied_head_goes_ex
     assert next(s for s in report.spaces if s.name == "qkv").kept == 3
     for batch in (1, 3):
         assert relative_l2(run(model, x[:batch]), run(pruned, x[:batch])) < 1e-4
+
+
+def dynamo_attention_layers(copies: dict[int, dict[int, int]]) -> onnx.ModelProto:
+    """Two nn.MultiheadAttention layers as torch.export writes them with a dynamic sequence length
+    (the exported graph's structure at a smaller size): batch x heads is computed once, Mul(N, H),
+    and one Concat [T, N x H, d] built from it is the target of the q, k and v head views of BOTH
+    layers; the other targets ([T, N, 3, C], [N, H, T, d], [T, N, C]) are shared Concats too.
+    `copies[layer]`: head -> the head it copies (in q, k and v)."""
+    from builders import GraphBuilder
+
+    rng = np.random.default_rng(14)
+    h, d = 4, 4
+    c = h * d
+    g = GraphBuilder([None, "T", c])
+
+    def ints(*values: int) -> str:
+        return g.const(np.array(values, dtype=np.int64), "shape", dtype=np.int64)
+
+    batch, length = g.op("Shape", ["x"], start=0, end=1), g.op("Shape", ["x"], start=1, end=2)
+    heads_in_batch = g.op("Reshape", [g.op("Mul", [g.op("Squeeze", [batch]), g.const(np.array(h), "heads", dtype=np.int64)]), ints(-1)])
+    folded = g.op("Concat", [length, heads_in_batch, ints(d)], axis=0)  # the shared [T, N x H, d]
+    packed = g.op("Concat", [length, batch, ints(3), ints(c)], axis=0)
+    split = g.op("Concat", [batch, ints(h), length, ints(d)], axis=0)
+    tokens = g.op("Concat", [length, batch, ints(c)], axis=0)
+    flat = ints(-1, c)
+    x = "x"
+    for layer in range(2):
+        w, b = rng.normal(size=(c, 3 * c)).astype(np.float32) / 4, rng.normal(size=3 * c).astype(np.float32) / 4
+        for head, source in copies.get(layer, {}).items():
+            for part in range(3):
+                to, of = slice(part * c + head * d, part * c + (head + 1) * d), slice(part * c + source * d, part * c + (source + 1) * d)
+                w[:, to], b[to] = w[:, of], b[of]
+        qkv = g.matmul(g.op("Transpose", [x], perm=[1, 0, 2]), w, b, name=f"in_proj_{layer}")
+        parts = g.op("Squeeze", [g.op("Transpose", [g.op("Unsqueeze", [g.op("Reshape", [qkv, packed]), ints(0)])], perm=[3, 1, 2, 0, 4]),
+                                 ints(-2)])
+        q, k, v = (g.op("Reshape", [g.op("Transpose", [g.op("Reshape", [g.op("Gather", [parts, g.const(np.array(part), "part", dtype=np.int64)],
+                                                                                 axis=0), folded])], perm=[1, 0, 2]), split])
+                   for part in range(3))
+        scores = g.op("Softmax", [g.op("MatMul", [q, g.op("Transpose", [k], perm=[0, 1, 3, 2])])], axis=-1)
+        context = g.op("Reshape", [g.op("Transpose", [g.op("MatMul", [scores, v])], perm=[2, 0, 1, 3]), flat])
+        out = g.op("Gemm", [context, g.const(rng.normal(size=(c, c)) / 4, "w"), g.const(rng.normal(size=c) / 4, "b")], transB=1,
+                   name=f"out_proj_{layer}")
+        x = g.op("Add", [x, g.op("Transpose", [g.op("Reshape", [out, tokens])], perm=[1, 0, 2])])
+    return g.build(g.matmul(x, rng.normal(size=(c, 8)).astype(np.float32) / 4, name="head"), ["N", "T", 8])
+
+
+def test_dynamo_heads_of_layers_that_share_the_batch_x_heads_product_are_units_and_copies_go_exactly() -> None:
+    """Each head view edits its own copy of the shared target down to the Mul's head count (it
+    pinned both layers' heads: 'shape constant ... is shared with another space'): layer 0 loses
+    its one copied head and layer 1 its two, and the pruned model runs at other batches and lengths."""
+    model = dynamo_attention_layers({0: {3: 1}, 1: {2: 0, 3: 0}})
+    heads = [s for s in onnxprune.inspect_model(model, {"x": (1, 6, 16)}).spaces if s.name.startswith("in_proj")]
+    assert [(s.units, s.pinned) for s in heads] == [(4, []), (4, [])], [(s.name, s.pinned) for s in heads]
+    x = np.random.default_rng(5).normal(size=(64, 6, 16)).astype(np.float32)
+    pruned, report = onnxprune.prune(model, {"x": x}, tolerance=1e-6, order="pivoted", sequential=False)
+    assert [s.kept for s in report.spaces if s.name.startswith("in_proj")] == [3, 2]
+    onnx.checker.check_model(pruned, full_check=True)
+    for batch, length in ((1, 6), (3, 9), (2, 1)):
+        fresh = np.random.default_rng(batch).normal(size=(batch, length, 16)).astype(np.float32)
+        assert relative_l2(run(model, fresh), run(pruned, fresh)) < 1e-4

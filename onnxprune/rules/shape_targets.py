@@ -53,7 +53,7 @@ def shape_update(index: GraphIndex, node: onnx.NodeProto, position: int, block: 
         value = index.const(holder.input[source.slot])
         if int(value[()] if source.position < 0 else value[source.position]) in automatic:
             return []
-    via = label if holder.op_type == "Concat" and not source.nested else ""
+    via = "" if source.nested else label  # a shared target Concat or batch x heads product: each Reshape edits its own copy
     stored = index.const(holder.input[source.slot])
     dtype = _value_dtype(index, holder.input[source.slot]) if source.computed else stored.dtype.name
     outer = index.producer.get(node.input[1])
@@ -137,6 +137,29 @@ def _shape_source(index: GraphIndex, name: str, position: int) -> EntrySource | 
             return None
         offset += length
     return None
+
+
+def shape_chain(index: GraphIndex, target: onnx.NodeProto, holders: set[int]) -> list[onnx.NodeProto]:
+    """The nodes a copy of `target`'s shape computation repeats to edit the `holders` (node ids,
+    `ShapeUpdate.via`), in graph order: the Concat that builds the target (past Cast, Identity and
+    the expand guard, as `_shape_source` finds it) and every node between it and a holder."""
+    name, _ = _unguarded(index, target.input[1])
+    top = index.producer.get(name)
+    while top is not None and top.op_type in ("Cast", "Identity"):
+        top = index.producer.get(top.input[0])
+    leads: dict[int, bool] = {}
+
+    def walk(node: onnx.NodeProto, depth: int) -> bool:
+        if id(node) not in leads:
+            leads[id(node)] = id(node) in holders
+            inputs = [p for p in (index.producer.get(i) for i in node.input if i) if p is not None]
+            if depth < 16 and node.op_type != "Shape" and any([walk(p, depth + 1) for p in inputs]):  # every branch
+                leads[id(node)] = True
+        return leads[id(node)]
+
+    if top is not None:
+        walk(top, 0)
+    return [n for n in index.nodes if leads.get(id(n))]
 
 
 def _batch_fold(index: GraphIndex, name: str) -> EntrySource | None:
