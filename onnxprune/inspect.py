@@ -9,13 +9,14 @@ import onnx
 from rich.console import Console
 from rich.table import Table
 
-from .analyse import CACHE_NAME, Space, analyse
+from .analyse import CACHE_NAME, Space
 from .calibrate import rows_per_sample
 from .cost import build_cost_model, count_params
 from .load import load_model
 from .preparation import training_mode_ops, unanalysed_ops
 from .report import print_lock_notes
 from .tidy import shapes_and_index
+from .unfuse import analyse_unfused
 
 
 @dataclass
@@ -110,7 +111,7 @@ def inspect_model(model: str | Path | onnx.ModelProto, input_shapes: dict[str, t
         _, second = shapes_and_index(proto, ones, retry)
         if not retry:
             shapes, problems, index = ones, retry, second
-    analysis = analyse(proto, exclude, index=index)
+    index, analysis = analyse_unfused(proto, exclude, index)
     cost = build_cost_model(index, analysis)
     spaces = [
         SpaceInfo(

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from .analyse import Analysis, analyse
+from .analyse import Analysis
 from .calibrate import choose_strides, collect_stats, rows_per_sample
 from .cost import count_macs
 from .data import CalibrationData, load_calibration
@@ -22,6 +22,7 @@ from .rules import CARRY, CONSUME, PRODUCE
 from .sources import ImageOptions
 from .stats import SiteStats
 from .tidy import shapes_and_index
+from .unfuse import analyse_unfused
 from .weights import LARGE_MODEL, WeightsFile, model_bytes
 
 REFERENCE_SAMPLES = 8  # calibration samples whose mean centres the float32 Gram of every batch
@@ -176,7 +177,7 @@ def prepare(
         if dropped:
             notes.append(f"model '{name}' has a fixed batch size of {batch_size}: {dropped} samples that do not fill a batch were left out")
     shapes, index = shapes_and_index(original, data.sample_shapes(batch_size if static else 1))
-    analysis = analyse(original, list(exclude), index=index)
+    index, analysis = analyse_unfused(original, list(exclude), index)
     if not analysis.prunable:
         reasons = "; ".join(f"{s.name}: {s.pinned[0]}" for s in analysis.spaces[:3]) or "no Conv/Gemm/MatMul with constant weights"
         raise ModelError(f"nothing to prune in '{name}': {len(analysis.spaces)} spaces found, none prunable ({reasons})"

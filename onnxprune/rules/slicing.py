@@ -45,7 +45,9 @@ def concat(index: GraphIndex, node: onnx.NodeProto, tensor: str, placement: Plac
     return effects
 
 
-def _split_windows(index: GraphIndex, node: onnx.NodeProto, width: int) -> list[tuple[int, int]] | None:
+def split_windows(index: GraphIndex, node: onnx.NodeProto, width: int) -> list[tuple[int, int]] | None:
+    """[start, stop) of each output of a Split of an axis of `width` elements (sizes as an input, an
+    attribute, or equal parts), or None when its sizes are not constant or do not add up."""
     sizes = get_attr(node, "split")
     if sizes is None and len(node.input) > 1 and node.input[1]:
         value = index.const(node.input[1])
@@ -71,7 +73,7 @@ def split(index: GraphIndex, node: onnx.NodeProto, tensor: str, placement: Place
         return [Pin(f"Split '{label}' input has an unknown rank")]
     if get_attr(node, "axis", 0) % rank != placement.axis:
         return [Through(label), Carry(node.input[0], placement), *(Carry(out, placement) for out in node.output if out)]
-    windows = _split_windows(index, node, placement.size)
+    windows = split_windows(index, node, placement.size)
     if windows is not None and placement.block > 1:  # sizes are in elements: whole units only
         if any(a % placement.block or b % placement.block for a, b in windows):
             windows = None
