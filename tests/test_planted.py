@@ -163,6 +163,8 @@ def test_conv_tap_coverage_counts_the_outputs_each_tap_reads_inside() -> None:
     same = helper.make_node("Conv", ["x", "w"], ["y"], kernel_shape=[3], strides=[2], auto_pad="SAME_UPPER")
     assert np.allclose(conv_tap_coverage(same, (1, 8, 4)), [1, 1, 0.5])  # outputs 0, 1 read -0+.., the last tap of 1 reads index 4
     assert conv_tap_coverage(node, (1, 8, None, 5)) is None
+    bare = helper.make_node("Conv", ["x", "w"], ["y"], pads=[1, 1, 1, 1])  # kernel_shape is optional: the weight's dims stand in
+    assert np.allclose(conv_tap_coverage(bare, (1, 8, 1, 5), (3, 3)), np.outer([0, 1, 0], [0.8, 1, 0.8]))
 
 
 def test_a_padded_conv_gets_only_the_recovery_constant_its_taps_read() -> None:

@@ -45,15 +45,16 @@ def conv_reads(index: GraphIndex, node: onnx.NodeProto, slot: int, tensor: str, 
         return [Pin(f"{op} '{label}' reads the units on axis {placement.axis}, not the channel axis")]
     if dims[in_axis] != placement.size:
         return [Pin(f"{op} '{label}' weight has {dims[in_axis]} input channels, expected {placement.size}")]
-    coverage = conv_tap_coverage(node, index.shape(node.input[0])) if op == "Conv" else None
+    coverage = conv_tap_coverage(node, index.shape(node.input[0]), dims[2:]) if op == "Conv" else None
     partial = coverage is not None and bool((coverage < 1).any())  # every tap reads the input everywhere: nothing to weigh
     return read_by(index, Consumer(label, op, 1, in_axis, out_axis, tensor, coverage=tuple(map(float, coverage.ravel())) if partial else None))
 
 
-def conv_tap_coverage(node: onnx.NodeProto, input_shape: Shape | None) -> np.ndarray | None:
+def conv_tap_coverage(node: onnx.NodeProto, input_shape: Shape | None, weight_kernel: tuple[int, ...] = ()) -> np.ndarray | None:
     """For each kernel tap of a Conv, the fraction of its output positions where the tap reads
-    the input, not padding (an array of the kernel's shape); None where the sizes are unknown."""
-    kernel = list(get_attr(node, "kernel_shape", []) or [])
+    the input, not padding (an array of the kernel's shape); None where the sizes are unknown.
+    `kernel_shape` is optional in ONNX: the weight's spatial dims stand in for it."""
+    kernel = list(get_attr(node, "kernel_shape", []) or weight_kernel)
     if input_shape is None or len(input_shape) < 3 or any(d is None for d in input_shape[2:]) or len(kernel) != len(input_shape) - 2:
         return None
     rank = len(kernel)
