@@ -70,10 +70,12 @@ class ReferenceOutputs:
 
     def __init__(self, original: onnx.ModelProto, data: CalibrationData, batch_size: int, samples: int):
         argmax = argmax_outputs(original)
-        self.names = [argmax[o.name][0] if o.name in argmax else o.name for o in original.graph.output]
+        self.names = list(dict.fromkeys(argmax[o.name][0] if o.name in argmax else o.name for o in original.graph.output))
         self.logits = {**logit_outputs(original), **{scores: kind for scores, _, kind in argmax.values()}}
         self.axes = {scores: axis for scores, axis, _ in argmax.values() if axis != -1}
-        self.outputs_of = {argmax[o.name][0] if o.name in argmax else o.name: o.name for o in original.graph.output}
+        self.outputs_of = {o.name: o.name for o in original.graph.output}  # fetched tensor -> the graph output it answers for
+        for output, (scores, _, _) in argmax.items():
+            self.outputs_of.setdefault(scores, output)
         session = _session_with_outputs(original, self.names)
         step = fixed_batch_size(original) or 1  # a fixed batch runs whole batches only
         per_sample = sum(int(np.prod(v.shape)) for v in session.run(self.names, next(iter(data.batches(step))))) / step

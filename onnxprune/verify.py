@@ -79,12 +79,12 @@ def argmax_outputs(model: onnx.ModelProto) -> dict[str, tuple[str, int, str]]:
             node = producer[node.input[0]]
         if node is None or node.op_type != "ArgMax" or get_attr(node, "select_last_index", 0):
             continue
-        scores = node.input[0]
-        axis = get_attr(node, "axis", 0)
-        if axis < 0 and (rank := ranks.get(scores)) is not None:
+        scores, axis, rank = node.input[0], get_attr(node, "axis", 0), ranks.get(node.input[0])
+        if axis < 0 and rank is not None:
             axis += rank
-        if axis >= 0 or axis == -1:
-            found[output.name] = (scores, axis, _score_kind(scores, producer, ranks, opset) or LOGITS)
+        if axis >= 0 or axis == -1:  # a negative axis stays only as the last one, when the rank is unknown
+            last = axis == -1 or (rank is not None and axis == rank - 1)
+            found[output.name] = (scores, -1 if last else axis, _score_kind(scores, producer, ranks, opset, axis) or LOGITS)
     return found
 
 
@@ -95,8 +95,9 @@ def _walk_context(model: onnx.ModelProto) -> tuple[dict[str, onnx.NodeProto], di
     return producer, ranks, default_opset(model) or 13
 
 
-def _score_kind(name: str, producer: dict[str, onnx.NodeProto], ranks: dict[str, int], opset: int) -> str | None:
-    """LOGITS or PROBABILITIES when the tensor holds class scores over its last axis, else None."""
+def _score_kind(name: str, producer: dict[str, onnx.NodeProto], ranks: dict[str, int], opset: int, axis: int = -1) -> str | None:
+    """LOGITS or PROBABILITIES when the tensor holds class scores over `axis` (a (Log)Softmax over
+    it, or a Gemm/MatMul head for the last axis), else None."""
     for _ in range(8):
         node = producer.get(name)
         if node is None:
@@ -104,7 +105,7 @@ def _score_kind(name: str, producer: dict[str, onnx.NodeProto], ranks: dict[str,
         if node.op_type in LOGIT_PRODUCERS:
             return LOGITS
         if node.op_type in ("Softmax", "LogSoftmax"):
-            if not _over_last_axis(node, ranks.get(node.output[0]), opset):
+            if not _over_axis(node, ranks.get(node.output[0]), opset, axis):
                 return None
             return LOGITS if node.op_type == "LogSoftmax" else PROBABILITIES
         if node.op_type not in PASS_THROUGH:
@@ -115,11 +116,16 @@ def _score_kind(name: str, producer: dict[str, onnx.NodeProto], ranks: dict[str,
     return None
 
 
-def _over_last_axis(node: onnx.NodeProto, rank: int | None, opset: int) -> bool:
-    """Whether a (Log)Softmax normalises each position over the last axis alone (before opset 13
-    it flattens from `axis`, default 1, on: one distribution per row only for the last axis)."""
+def _over_axis(node: onnx.NodeProto, rank: int | None, opset: int, wanted: int = -1) -> bool:
+    """Whether a (Log)Softmax normalises each position over axis `wanted` alone (-1: the last;
+    before opset 13 it flattens from its axis, default 1, on: one distribution per position only
+    for the last axis)."""
     axis = get_attr(node, "axis", -1 if opset >= 13 else 1)
-    return axis == -1 or (rank is not None and axis == rank - 1)
+    if rank is not None:
+        axis, wanted = axis % rank, wanted % rank
+    if opset < 13:
+        return axis == wanted and (axis == -1 or (rank is not None and axis == rank - 1))
+    return axis == wanted
 
 
 CHUNK = 1 << 20  # output elements compared per step
