@@ -53,10 +53,22 @@ def fit_recovery(stats: SiteStats, keep: np.ndarray, prune: np.ndarray) -> Recov
     s_kp = cov[np.ix_(keep, prune)]
     try:
         solution = sla.cho_solve(sla.cho_factor(s_kk, check_finite=False), s_kp, check_finite=False)
-    except np.linalg.LinAlgError:
-        solution = sla.lstsq(s_kk, s_kp, check_finite=False)[0]
+    except np.linalg.LinAlgError:  # not positive definite: round-off of a Gram of lower rank than its units
+        solution = minimum_norm_solve(s_kk, s_kp)
     weights = solution.T
     return Recovery(weights, mean[prune] - weights @ mean[keep], keep, prune)
+
+
+GRAM_PRECISION = 1e-6  # eigenvalues below this share of the largest are the float32 Grams' round-off
+
+
+def minimum_norm_solve(s_kk: np.ndarray, s_kp: np.ndarray) -> np.ndarray:
+    """S_KK^+ S_KP on the directions S_KK measures above its round-off: the kept units of a site
+    whose rows repeat (learned queries, a fixed decoder prompt) span fewer dimensions than they
+    count, and inverting the round-off in the others blew the recovery's weights up 3000-fold."""
+    values, vectors = np.linalg.eigh((s_kk + s_kk.T) / 2)
+    measured = values > GRAM_PRECISION * max(values.max(), np.finfo(float).tiny)
+    return vectors[:, measured] @ ((vectors[:, measured].T @ s_kp) / values[measured][:, None])
 
 
 # Shrinkage toward the one-shot solution, relative to the mean variance of the pruned model's

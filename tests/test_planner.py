@@ -274,6 +274,30 @@ def test_fit_recovery_recovers_an_exact_affine_relation() -> None:
     np.testing.assert_allclose(recovery.offset, rows.mean(axis=0))
 
 
+def test_fit_recovery_on_kept_units_of_lower_rank_does_not_invert_round_off() -> None:
+    """Kept units that span fewer dimensions than they count (a site whose rows repeat: learned
+    queries, a fixed decoder prompt), with round-off making S_KK indefinite: the recovery is the
+    minimum-norm one on the measured directions (the exact relation's weights), not weights that
+    invert the round-off."""
+    from scipy.linalg import cho_factor
+
+    rng = np.random.default_rng(3)
+    basis = rng.standard_normal((40, 5))  # 40 distinct rows, rank 5, repeated over the samples
+    kept = basis @ rng.standard_normal((5, 8))
+    pruned = kept @ rng.standard_normal((8, 3)) * 0.3
+    stats = SiteStats.from_rows(np.tile(np.column_stack([kept, pruned]), (20, 1)))
+    noise = rng.standard_normal((11, 11)) * 1e-7 * np.abs(stats.gram).max()
+    stats.gram = stats.gram.astype(np.float32).astype(np.float64) + noise + noise.T  # a float32 Gram's rounding
+    keep, prune = np.arange(8), np.arange(8, 11)
+    with pytest.raises(np.linalg.LinAlgError):  # the Cholesky path cannot be taken
+        cho_factor(stats.covariance()[np.ix_(keep, keep)])
+    recovery = fit_recovery(stats, keep, prune)
+    predicted = kept @ recovery.weights.T + recovery.offset
+    assert np.linalg.norm(predicted - pruned) / np.linalg.norm(pruned) < 1e-4
+    exact = np.linalg.lstsq(kept - kept.mean(0), pruned - pruned.mean(0), rcond=None)[0]  # minimum norm, no round-off
+    assert np.abs(recovery.weights).max() < 1.5 * np.abs(exact).max()  # inverting the round-off gave 10.8 against 0.65
+
+
 # -- statistics --------------------------------------------------------------------------------
 def test_site_stats_are_additive() -> None:
     rows = np.random.default_rng(5).standard_normal((50, 6))
