@@ -57,13 +57,14 @@ def unit_groups(space: Space, spaces: list[Space]) -> np.ndarray:
 
 
 def choose_pair(space: Space, spaces: list[Space]) -> tuple[int, int] | None:
-    """(source, copy): two free units of one group that sit on the same sliced tensors (a
-    Concat's parts hold different units), the copy as far from the source as possible."""
+    """(source, copy): two free units of one group that sit on the same tensors of the space as
+    often (a Concat's or Split's parts hold different units, and a copy is only exact where its
+    source is too), the copy as far from the source as possible."""
     free = [u for u in range(space.n) if u not in space.locked]
     groups = unit_groups(space, spaces)
     members: dict[tuple, list[int]] = {}
     for unit in free:
-        on = tuple(len(space.tensors[r.tensor].positions_of(np.array([unit]))) > 0 for r in space.slices)
+        on = tuple(len(placement.positions_of(np.array([unit]))) for _, placement in sorted(space.tensors.items()))
         members.setdefault((int(groups[unit]), on), []).append(unit)
     return next(((units[0], units[-1]) for units in members.values() if len(units) >= 2), None)
 
