@@ -262,3 +262,33 @@ def test_interpolate_to_a_size_read_from_its_own_input_carries_the_channels() ->
     assert {s.name: s.kept for s in report.spaces}["pool_conv"] < 8
     fresh = rng.standard_normal((8, 3, 8, 8)).astype(np.float32)
     assert run(pruned, fresh).shape == (8, 4, 8, 8) and relative_l2(run(model, fresh), run(pruned, fresh)) < 0.5
+
+
+def expand_guard_pooling() -> onnx.ModelProto:
+    """DeepLab's image-pooling branch as TorchScript writes `p.expand(-1, -1, h, w)`: the target
+    Concat([-1], [-1], h, w) behind the guard Where(Equal(t, -1), 1, t); the pooled 1x1 conv's
+    8 units reach the Expand on the channel entry -1 (unit 7 a planted copy of unit 3)."""
+    g = GraphBuilder([None, 3, 6, 6])
+    y = g.op("Relu", [g.conv("x", normal(16, 3, 3, 3), normal(16), pads=[1, 1, 1, 1])])
+    w_pool, b_pool = normal(8, 16, 1, 1), normal(8)
+    w_pool[7], b_pool[7] = w_pool[3], b_pool[3]
+    p = g.op("Relu", [g.conv(g.op("GlobalAveragePool", [y]), w_pool, b_pool, name="pool")])
+    shape = g.op("Shape", [y])
+    h, w = (g.op("Unsqueeze", [g.op("Gather", [shape, scalar(g, axis)], axis=0), ints(g, 0)]) for axis in (2, 3))
+    target = g.op("Reshape", [g.op("Concat", [ints(g, -1), ints(g, -1), h, w], axis=0), ints(g, -1)])
+    ones = g.op("ConstantOfShape", [g.op("Shape", [target])], value=onnx.numpy_helper.from_array(np.array([1], dtype=np.int64)))
+    guard = g.op("Where", [g.op("Equal", [target, g.op("Mul", [ones, scalar(g, -1)])]), ones, target])
+    branches = g.op("Concat", [g.op("Relu", [g.conv(y, normal(8, 16, 1, 1), normal(8))]), g.op("Expand", [p, guard])], axis=1)
+    return g.build(g.conv(branches, normal(4, 16, 1, 1), normal(4)), ["N", 4, 6, 6])
+
+
+def test_an_expand_guard_with_minus_one_on_the_units_entry_carries_them() -> None:
+    """The channel entry -1 keeps the input's size whatever the pruning: nothing to rewrite, so
+    the guard (pinned since it was found) no longer pins the pooled conv; its copy goes exactly."""
+    model = expand_guard_pooling()
+    x = RNG.normal(size=(48, 3, 6, 6)).astype(np.float32)
+    pruned, report = onnxprune.prune(model, {"x": x}, tolerance=1e-7, allocation="global")
+    pool = next(s for s in report.spaces if s.name == "pool")
+    assert not pool.pinned and pool.kept <= 7, pool  # the copy, and units the ReLU silences on these samples
+    fresh = RNG.normal(size=(3, 3, 6, 6)).astype(np.float32)  # new samples, another batch
+    assert relative_l2(run(model, fresh), run(pruned, fresh)) < 1e-5

@@ -47,12 +47,12 @@ def shape_update(index: GraphIndex, node: onnx.NodeProto, position: int, block: 
     if source is None:
         return [Pin(f"{node.op_type} '{label}' target entry {position} is computed at run time; onnxprune cannot rewrite it")]
     holder = index.node(source.holder)
-    if source.guarded and any(-1 in np.atleast_1d(index.const(i)).tolist() for i in holder.input if index.is_constant(i)):
-        return [Pin(f"{node.op_type} '{label}' target keeps axes with -1 behind a computed guard")]
-    if not source.computed:
+    if not source.computed:  # an entry that follows the units by itself needs no edit, guarded or not
         value = index.const(holder.input[source.slot])
         if int(value[()] if source.position < 0 else value[source.position]) in automatic:
             return []
+    if source.guarded and any(-1 in np.atleast_1d(index.const(i)).tolist() for i in holder.input if index.is_constant(i)):
+        return [Pin(f"{node.op_type} '{label}' target keeps axes with -1 behind a computed guard")]
     via = "" if source.nested else label  # a shared target Concat or batch x heads product: each Reshape edits its own copy
     stored = index.const(holder.input[source.slot])
     dtype = _value_dtype(index, holder.input[source.slot]) if source.computed else stored.dtype.name
