@@ -10,6 +10,7 @@ map is sampled (a 1x1 MaxPool with stride s, which onnxruntime runs in its block
 from __future__ import annotations
 
 import heapq
+import math
 from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
@@ -19,7 +20,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from .analyse import Site
 from .errors import ModelError
-from .graph import copy_model
+from .graph import GraphIndex, copy_model, get_attr
+from .ops import BROADCAST_ELEMENTWISE, CHANNEL_PARAM_OPS, UNARY_PASS_THROUGH, op_key
 from .stats import SiteStats
 from .weights import LARGE_MODEL, has_weights_on_disk, model_bytes, session_files
 
@@ -66,11 +68,38 @@ def _max_stride(site: Site, shape: Sequence[int | None] | None) -> int:
     return max(1, min(MAX_STRIDE, min(int(d) for d in shape[2:]) // 2))
 
 
+PER_POSITION = UNARY_PASS_THROUGH | BROADCAST_ELEMENTWISE | frozenset(CHANNEL_PARAM_OPS) | {"Concat"}
+
+
+def phase_periods(index: GraphIndex, sites: list[Site]) -> dict[str, int]:
+    """Per site, the stride of the ConvTranspose ops whose outputs reach it through per-position
+    ops only (their least common multiple): such a map repeats a pattern with that period, and
+    a spatial stride sharing a factor with it samples one phase alone, where a unit can be
+    silent (a ReLU after a k4/s2 deconvolution) and look dead."""
+    periods = {}
+    for site in sites:
+        period, seen, stack = 1, set(), [site.tensor]
+        while stack and len(seen) < 64:
+            node = index.producer.get(stack.pop())
+            if node is None or id(node) in seen:
+                continue
+            seen.add(id(node))
+            if op_key(node) == "ConvTranspose":
+                period = math.lcm(period, *(get_attr(node, "strides", []) or [1]))
+            elif op_key(node) in PER_POSITION:
+                stack.extend(name for name in node.input if name and not index.is_constant(name))
+        if period > 1:
+            periods[site.tensor] = period
+    return periods
+
+
 def choose_strides(sites: list[Site], shapes: dict, model_macs: int, spatial_stride: int | str = "auto",
-                   samples: int | None = None, budget: float = GRAM_BUDGET) -> dict[str, int]:
+                   samples: int | None = None, budget: float = GRAM_BUDGET, periods: dict[str, int] | None = None) -> dict[str, int]:
     """Spatial stride per site. "auto": widen the stride of the currently most expensive site
     until the Gram work (rows x n^2 per sample) is within `budget` x the model's MACs, keeping at
-    least ROWS_PER_UNIT rows per unit over the `samples` calibration samples (when given)."""
+    least ROWS_PER_UNIT rows per unit over the `samples` calibration samples (when given), and
+    never a stride that shares a factor with the site's phase period (`phase_periods`)."""
+    periods = periods or {}
     limits = {s.tensor: _max_stride(s, shapes.get(s.tensor)) for s in sites}
     if spatial_stride != "auto":
         return {s.tensor: min(int(spatial_stride), limits[s.tensor]) for s in sites}
@@ -88,16 +117,22 @@ def choose_strides(sites: list[Site], shapes: dict, model_macs: int, spatial_str
             while limits[site.tensor] > 1 and samples * rows(site, limits[site.tensor]) < ROWS_PER_UNIT * site.width:
                 limits[site.tensor] -= 1
 
+    def wider(site: Site, stride: int) -> int:
+        stride += 1
+        while math.gcd(stride, periods.get(site.tensor, 1)) > 1:
+            stride += 1
+        return stride
+
     total = sum(work(s, 1) for s in sites)
-    heap = [(-work(s, 1), i) for i, s in enumerate(sites) if limits[s.tensor] > 1]
+    heap = [(-work(s, 1), i) for i, s in enumerate(sites) if wider(s, 1) <= limits[s.tensor]]
     heapq.heapify(heap)
     while heap and total > budget * model_macs:
         cost, i = heapq.heappop(heap)
         site = sites[i]
-        stride = strides[site.tensor] + 1
+        stride = wider(site, strides[site.tensor])
         strides[site.tensor] = stride
         total += work(site, stride) + cost
-        if stride < limits[site.tensor]:
+        if wider(site, stride) <= limits[site.tensor]:
             heapq.heappush(heap, (-work(site, stride), i))
     return strides
 

@@ -11,7 +11,7 @@ import numpy as np
 import onnx
 
 from .analyse import Analysis
-from .calibrate import choose_strides, collect_stats, rows_per_sample
+from .calibrate import choose_strides, collect_stats, phase_periods, rows_per_sample
 from .cost import count_macs
 from .data import CalibrationData, load_calibration
 from .errors import CalibrationError, ModelError, TargetError
@@ -185,7 +185,8 @@ def prepare(
     notes += use_pooled_inputs(analysis, shapes, calib_data.n_samples)
     if spatial_stride != "auto" and (not isinstance(spatial_stride, int) or spatial_stride < 1):
         raise TargetError(f"--spatial-stride must be 'auto' or a positive integer, got {spatial_stride!r}")
-    strides = choose_strides(analysis.sites(), shapes, count_macs(index), spatial_stride, calib_data.n_samples)
+    sites = analysis.sites()
+    strides = choose_strides(sites, shapes, count_macs(index), spatial_stride, calib_data.n_samples, periods=phase_periods(index, sites))
     return Prepared(original, name, data, calib_data, verify_data, shapes, index, analysis, batch_size, notes, strides, static, weights,
                     report_data if report_samples else None)
 

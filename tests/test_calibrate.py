@@ -15,7 +15,7 @@ from builders import GraphBuilder, cli, run, run_tensors, treat_as_large
 from onnxprune.analyse import Site, analyse
 from onnxprune.api import calibration_statistics, prepare
 from onnxprune.calibrate import choose_strides, collect_stats
-from onnxprune.graph import GraphIndex
+from onnxprune.graph import GraphIndex, static_shapes
 from onnxprune.shards import Statistics, partial_statistics
 from onnxprune.stats import SiteStats
 
@@ -248,3 +248,35 @@ def test_a_full_temporary_folder_is_a_clear_error(monkeypatch) -> None:
     x = {"x": np.zeros((16, 8, 32, 32), np.float32)}
     with pytest.raises(onnxprune.OnnxPruneError, match="No space left on device.*TMPDIR"):
         onnxprune.prune(expansion_cnn(hidden=8), x, ratio=0.25)
+
+
+def _deconvolution_decoder() -> onnx.ModelProto:
+    """ReLU -> ConvTranspose k2 s2 (2 -> 16 units, the Gram work 8x its MACs: subsampled; unit 15
+    negative on tap (0, 0), which alone makes the even rows' even columns) -> ReLU -> 1x1 conv:
+    unit 15 is silent on every even row and column and alive elsewhere."""
+    rng = np.random.default_rng(2)
+    g = GraphBuilder([None, 2, 6, 6])
+    w = np.abs(rng.normal(size=(2, 16, 2, 2))).astype(np.float32)
+    w[:, 15, 0, 0] *= -1
+    up = g.op("ConvTranspose", [g.op("Relu", ["x"]), g.const(w), g.const(np.full(16, -0.05, np.float32))], name="up", kernel_shape=[2, 2],
+              strides=[2, 2])
+    return g.build(g.conv(g.op("Relu", [up]), rng.normal(size=(4, 16, 1, 1)).astype(np.float32), np.zeros(4, np.float32)), ["N", 4, 12, 12])
+
+
+def test_a_deconvolution_map_is_never_subsampled_in_step_with_its_stride() -> None:
+    """A spatial stride of 2 on the map of a stride-2 ConvTranspose reads one phase of it: a unit
+    silent there looked dead and was removed. The auto stride skips strides that share a factor
+    with the period (3 instead of 2), and nothing is removed."""
+    from builders import relative_l2
+    from onnxprune.calibrate import phase_periods
+
+    model = _deconvolution_decoder()
+    index = GraphIndex(model, static_shapes(model, {"x": (1, 2, 6, 6)}))
+    up_site = next(s for s in analyse(model, index=index).sites() if s.width == 16)
+    assert phase_periods(index, [up_site]) == {up_site.tensor: 2}
+    assert choose_strides([up_site], index.shapes, 1, periods={up_site.tensor: 2}) == {up_site.tensor: 3}
+    x = np.random.default_rng(3).normal(size=(64, 2, 6, 6)).astype(np.float32)
+    pruned, report = onnxprune.prune(model, {"x": x}, tolerance=1e-7, allocation="global")
+    assert report.spatial_strides.get(up_site.tensor, 1) % 2  # was 2; 3 would leave too few rows here: 1
+    assert {s.name: s.kept for s in report.spaces}["up"] == 16
+    assert relative_l2(run(model, x[:8]), run(pruned, x[:8])) < 1e-5
