@@ -150,3 +150,25 @@ def test_a_grouped_conv_whose_output_no_space_carries_is_listed_with_the_reason(
     assert "grouped Conv 'gconv_b' (group=3) starts no space" in spaces["gconv_b"].pinned[0]
     assert "gconv_a" not in spaces and a in spaces["stem"].tensors  # carried in whole groups from the stem
     assert "grouped" not in {s.name for s in analyse(resnext_block()).spaces}
+
+
+def test_a_depthwise_conv_transpose_carries_the_units_and_a_copy_goes_exactly() -> None:
+    """conv (8 units, unit 7 a copy of unit 3) -> depthwise ConvTranspose k4 s2 p1 (a learned
+    per-channel upsampling, its weight [8, 1, 4, 4] copied alike) -> conv: the units pass
+    through the ConvTranspose (weight and bias sliced, group updated), as through a depthwise Conv."""
+    g = GraphBuilder([None, 3, 5, 5])
+    w, b = normal(8, 3, 3, 3), normal(8)
+    w[7], b[7] = w[3], b[3]
+    h = g.op("Relu", [g.conv("x", w, b, name="expand", pads=[1, 1, 1, 1])])
+    up_w, up_b = normal(8, 1, 4, 4), normal(8)
+    up_w[7], up_b[7] = up_w[3], up_b[3]
+    up = g.op("ConvTranspose", [h, g.const(up_w), g.const(up_b)], name="up", group=8, kernel_shape=[4, 4], strides=[2, 2], pads=[1, 1, 1, 1])
+    model = g.build(g.conv(g.op("Relu", [up]), normal(4, 8, 1, 1), normal(4)), ["N", 4, 10, 10])
+    x = RNG.normal(size=(48, 3, 5, 5)).astype(np.float32)
+    pruned, report = onnxprune.prune(model, {"x": x}, tolerance=1e-7, allocation="global")
+    expand = next(s for s in report.spaces if s.name == "expand")
+    assert not expand.pinned and expand.kept <= 7, expand
+    node = next(n for n in pruned.graph.node if n.name == "up")
+    assert next(a.i for a in node.attribute if a.name == "group") == expand.kept
+    fresh = RNG.normal(size=(3, 3, 5, 5)).astype(np.float32)
+    assert relative_l2(run(model, fresh), run(pruned, fresh)) < 1e-5

@@ -80,7 +80,7 @@ def conv_tap_coverage(node: onnx.NodeProto, input_shape: Shape | None, weight_ke
 
 
 def is_depthwise(index: GraphIndex, node: onnx.NodeProto) -> bool:
-    """A Conv with one input and one output channel per group (group == channels)."""
+    """A Conv (or ConvTranspose) with one input and one output channel per group (group == channels)."""
     if len(node.input) < 2 or not index.is_constant(node.input[1]):
         return False
     dims, group = index.const_dims(node.input[1]), get_attr(node, "group", 1)
@@ -91,11 +91,25 @@ def is_depthwise(index: GraphIndex, node: onnx.NodeProto) -> bool:
 def grouped_conv(index: GraphIndex, node: onnx.NodeProto, tensor: str, placement: Placement) -> list[Effect]:
     """Depthwise Conv acts on each channel alone (slice its weight, update `group`); another
     grouped Conv carries whole groups (see `_whole_groups`)."""
-    label = index.label(node)
     if not is_depthwise(index, node):
         return _whole_groups(index, node, tensor, placement)
+    return _depthwise(index, node, placement)
+
+
+@carries("ConvTranspose")
+def grouped_conv_transpose(index: GraphIndex, node: onnx.NodeProto, tensor: str, placement: Placement) -> list[Effect]:
+    """A depthwise ConvTranspose (a learned per-channel upsampling) acts on each channel alone,
+    as a depthwise Conv: its weight is [C, 1, k, k] too. Other groups pin."""
+    if not is_depthwise(index, node):
+        return [Pin(f"ConvTranspose '{index.label(node)}' (group={get_attr(node, 'group', 1)}) mixes the channels of each group")]
+    return _depthwise(index, node, placement)
+
+
+def _depthwise(index: GraphIndex, node: onnx.NodeProto, placement: Placement) -> list[Effect]:
+    """Slice the per-channel weight and bias, update `group`, pass the units through."""
+    label = index.label(node)
     if placement.axis != 1:
-        return [Pin(f"depthwise Conv '{label}' acts on axis 1, the units are on axis {placement.axis}")]
+        return [Pin(f"depthwise {node.op_type} '{label}' acts on axis 1, the units are on axis {placement.axis}")]
     effects = slice_param(index, node, 1, 0, node.input[0], placement)
     if len(node.input) > 2 and node.input[2]:
         effects += slice_param(index, node, 2, 0, node.input[0], placement)
