@@ -14,7 +14,7 @@ import dataclasses
 
 import onnx
 
-from .graph import GraphIndex, get_attr
+from .graph import GraphIndex, get_attr, get_text_attr
 from .grow import Alias, Grower, Regrow, append_new, producer_output, root_placement
 from .ops import op_key
 from .rules.conv_pool import is_depthwise
@@ -191,7 +191,7 @@ def _is_mean(node: onnx.NodeProto) -> bool:
         return True
     if node.op_type == "AveragePool":
         pads = get_attr(node, "pads", [])
-        same = get_attr(node, "auto_pad", b"NOTSET") not in (b"NOTSET", b"VALID", "NOTSET", "VALID")
+        same = get_text_attr(node, "auto_pad", "NOTSET") not in ("NOTSET", "VALID")
         return not get_attr(node, "count_include_pad", 0) or not (any(pads) or same)
     return False
 

@@ -82,6 +82,12 @@ def get_attr(node: onnx.NodeProto, name: str, default=None):
     return default
 
 
+def get_text_attr(node: onnx.NodeProto, name: str, default: str = "") -> str:
+    """A string attribute (auto_pad, direction, an Einsum equation) as text: onnx hands it over as bytes."""
+    value = get_attr(node, name, default)
+    return value.decode() if isinstance(value, bytes) else value
+
+
 def copy_fields(source, target, skip: tuple[str, ...] = ()) -> None:
     """Copy every set field of a protobuf message except `skip` (e.g. a graph without its
     initializers, without copying the weights)."""

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
-from ..graph import GraphIndex, Shape, get_attr
+from ..graph import GraphIndex, Shape, get_attr, get_text_attr
 from ..ops import CHANNEL_WISE
 from ..placement import Placement
 from ..spaces import AttrUpdate, Consumer, ParamSlice, ShapeUpdate
@@ -60,8 +60,7 @@ def conv_tap_coverage(node: onnx.NodeProto, input_shape: Shape | None, weight_ke
     rank = len(kernel)
     strides, dilations = get_attr(node, "strides", [1] * rank), get_attr(node, "dilations", [1] * rank)
     pads = list(get_attr(node, "pads", [0] * 2 * rank))
-    auto_pad = get_attr(node, "auto_pad", b"NOTSET")
-    auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
+    auto_pad = get_text_attr(node, "auto_pad", "NOTSET")
     coverage = np.ones(())
     for axis, (size, k, s, d) in enumerate(zip(input_shape[2:], kernel, strides, dilations, strict=True)):
         begin, end = pads[axis], pads[axis + rank]
@@ -190,9 +189,9 @@ def _untouched_spatial_axis(node: onnx.NodeProto, k: int) -> bool:
     if node.op_type not in ("MaxPool", "AveragePool", "LpPool") or kernel is None or k >= len(kernel):
         return False
     pads = get_attr(node, "pads") or [0] * (2 * len(kernel))
-    auto_pad = get_attr(node, "auto_pad", b"NOTSET")
+    auto_pad = get_text_attr(node, "auto_pad", "NOTSET")
     same = [(get_attr(node, a) or [1] * len(kernel))[k] for a in ("strides", "dilations")]
-    return kernel[k] == 1 and same == [1, 1] and pads[k] == 0 and pads[k + len(kernel)] == 0 and auto_pad in (b"NOTSET", "NOTSET", b"VALID", "VALID")
+    return kernel[k] == 1 and same == [1, 1] and pads[k] == 0 and pads[k + len(kernel)] == 0 and auto_pad in ("NOTSET", "VALID")
 
 
 def _resize_inputs(index: GraphIndex, node: onnx.NodeProto) -> tuple[np.ndarray | None, np.ndarray | None]:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import onnx
 
-from ..graph import GraphIndex, get_attr
+from ..graph import GraphIndex, get_attr, get_text_attr
 from ..placement import Placement
 from ..spaces import Consumer, ParamSlice
 from .registry import Carry, Effect, Pin, Produced, Through, carries, consumes, produces, read_by, through
@@ -118,7 +118,7 @@ def einsum(index: GraphIndex, node: onnx.NodeProto, tensor: str, placement: Plac
     """Einsum of activations with an explicit equation ('bhid,bhjd->bhij'): the units' letter
     must be a batch index, kept in the output; every operand with that letter carries them."""
     label = index.label(node)
-    terms = _einsum_terms(get_attr(node, "equation", b""))
+    terms = _einsum_terms(get_text_attr(node, "equation"))
     if terms is None:
         return [Pin(f"Einsum '{label}' has an implicit or broadcast (...) equation")]
     *inputs, output = terms
@@ -138,9 +138,9 @@ def einsum(index: GraphIndex, node: onnx.NodeProto, tensor: str, placement: Plac
     return effects
 
 
-def _einsum_terms(equation: bytes | str) -> list[str] | None:
+def _einsum_terms(equation: str) -> list[str] | None:
     """The letters of each operand and of the output, or None for an implicit output or '...'."""
-    text = (equation.decode() if isinstance(equation, bytes) else equation).replace(" ", "")
+    text = equation.replace(" ", "")
     if "->" not in text or "." in text:
         return None
     lhs, rhs = text.split("->")

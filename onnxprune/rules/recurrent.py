@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
-from ..graph import GraphIndex, get_attr
+from ..graph import GraphIndex, get_attr, get_text_attr
 from ..ops import RECURRENT_GATES
 from ..placement import Placement
 from ..spaces import AttrUpdate, Consumer, ParamSlice, RecurrentRead
@@ -95,7 +95,7 @@ def state_site(index: GraphIndex, tensors: dict[str, Placement], node: onnx.Node
     direction order, reached from Y through layout ops, Slices of one direction and a Concat of
     them in order (tf2onnx); for one direction, Y itself: where R's recovery is fitted. A
     consumer's site is preferred (its statistics are gathered anyway)."""
-    y, directions = node.output[0], 2 if get_attr(node, "direction", b"forward") in (b"bidirectional", "bidirectional") else 1
+    y, directions = node.output[0], 2 if get_text_attr(node, "direction", "forward") == "bidirectional" else 1
     found, queue, seen = [], [y], set()
     while queue:
         name = queue.pop(0)
