@@ -45,8 +45,8 @@ class OutputError:
             if name in self.logits and ref.ndim >= 1 and ref.shape[-1] > 1:
                 ref_rows, out_rows = ref.reshape(-1, ref.shape[-1]), out.reshape(-1, ref.shape[-1])
                 rows = max(1, LOGIT_ELEMENTS // ref.shape[-1])  # a 49k vocabulary: 42 rows, not 1024 (2 GB of temporaries)
+                probabilities = self.logits[name] == PROBABILITIES
                 for start in range(0, len(ref_rows), rows):  # float64 copies of a few rows at a time
-                    probabilities = self.logits[name] == PROBABILITIES
                     lp = _log_softmax(ref_rows[start:start + rows], probabilities)
                     lq = _log_softmax(out_rows[start:start + rows], probabilities)
                     self.sums[name] += float(np.sum(np.exp(lp) * (lp - lq)))

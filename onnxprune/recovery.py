@@ -11,7 +11,7 @@ import scipy.linalg as sla
 
 from .analyse import Analysis, Space
 from .plan import Plan, SpacePlan
-from .score import RIDGE
+from .score import RIDGE, regularised
 from .stats import CrossMoments, SiteStats
 
 
@@ -47,9 +47,7 @@ def fit_recovery(stats: SiteStats, keep: np.ndarray, prune: np.ndarray) -> Recov
     cov, mean = stats.covariance(), stats.mean()
     if len(keep) == 0:
         return Recovery(np.zeros((len(prune), 0)), mean[prune], keep, prune)
-    s_kk = cov[np.ix_(keep, keep)]
-    ridge = RIDGE * max(np.trace(s_kk) / len(keep), np.finfo(float).tiny)
-    s_kk = s_kk + ridge * np.eye(len(keep))
+    s_kk = regularised(cov[np.ix_(keep, keep)])
     s_kp = cov[np.ix_(keep, prune)]
     try:
         solution = sla.cho_solve(sla.cho_factor(s_kk, check_finite=False), s_kp, check_finite=False)
