@@ -48,18 +48,24 @@ def node_reads(node: onnx.NodeProto) -> list[str]:
     return [name for name in node.input if name] + sorted(subgraph_reads(node))
 
 
+def read_names(graph: onnx.GraphProto, inputs: bool = False) -> set[str]:
+    """What must stay: the names the nodes (and their subgraphs) read, the graph's outputs, and
+    with `inputs` its inputs (a weight declared an input too can be fed)."""
+    used = {name for node in graph.node for name in node_reads(node)} | {o.name for o in graph.output}
+    return used | {i.name for i in graph.input} if inputs else used
+
+
 def drop_dead_nodes(model: onnx.ModelProto) -> None:
     """Remove nodes whose outputs nothing reads any more (a shape Concat replaced by its copy)."""
     graph = model.graph
     while True:
-        used = {name for node in graph.node for name in node_reads(node)} | {o.name for o in graph.output}
+        used = read_names(graph)
         dead = [i for i, n in enumerate(graph.node) if n.output and not any(o in used for o in n.output if o)]
         if not dead:
             return
         for i in reversed(dead):
             del graph.node[i]
-        used = {name for node in graph.node for name in node_reads(node)} | {o.name for o in graph.output} | {i.name for i in graph.input}
-        remove_initializers(graph, {t.name for t in graph.initializer} - used)  # one declared an input too stays (it can be fed)
+        remove_initializers(graph, {t.name for t in graph.initializer} - read_names(graph, inputs=True))  # one declared an input too stays (it can be fed)
 
 
 def remove_initializers(graph: onnx.GraphProto, names: set[str]) -> None:

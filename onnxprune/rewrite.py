@@ -19,6 +19,7 @@ from .graph import (
     drop_dead_nodes,
     get_attr,
     node_reads,
+    read_names,
     remove_initializers,
     unique_name,
     weightless_skeleton,
@@ -132,7 +133,7 @@ class ConstantEdits:
             graph.initializer.append(_release(edit, name))
         self._insert_bias_nodes()
         self._insert_own_shapes()
-        _drop_unused_initializers(self.model, orphans)
+        remove_initializers(self.model.graph, orphans - read_names(self.model.graph))
         drop_dead_nodes(self.model)
         return changed
 
@@ -203,12 +204,6 @@ def removed_slots(spaces: list[tuple[Space, SpacePlan]]) -> tuple[dict[str, np.n
             removed.setdefault(tensor, set()).update(placement.positions_of(plan.prune).tolist())
             widths[tensor], blocks[tensor] = placement.width, placement.block
     return {t: np.array(sorted(p), dtype=np.int64) for t, p in removed.items()}, widths, blocks
-
-
-def _drop_unused_initializers(model: onnx.ModelProto, candidates: set[str]) -> None:
-    used = {name for node in model.graph.node for name in node_reads(node)}
-    used.update(o.name for o in model.graph.output)
-    remove_initializers(model.graph, candidates - used)
 
 
 class Rewriter(FoldMixin):

@@ -25,6 +25,7 @@ from .graph import (
     evaluate_outputs,
     get_attr,
     node_reads,
+    read_names,
     remove_initializers,
     static_shapes,
     unique_name,
@@ -107,8 +108,7 @@ def fold_fp16_weights(model: onnx.ModelProto) -> None:
     kept = [n for n in graph.node if all(n is not f for f in folded)]
     del graph.node[:]
     graph.node.extend(kept)
-    used = {name for node in graph.node for name in node_reads(node)} | {o.name for o in graph.output}
-    remove_initializers(graph, {n.input[0] for n in folded} - used)
+    remove_initializers(graph, {n.input[0] for n in folded} - read_names(graph))
     entry = model.metadata_props.add()
     entry.key, entry.value = FP16_WEIGHTS, json.dumps([n.output[0] for n in folded])
 

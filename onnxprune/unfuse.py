@@ -18,7 +18,7 @@ import onnx
 from onnx import numpy_helper
 
 from .analyse import Analysis, analyse
-from .graph import GraphIndex, drop_dead_nodes, get_attr, node_reads, remove_initializers, unique_name
+from .graph import GraphIndex, drop_dead_nodes, get_attr, read_names, remove_initializers, unique_name
 from .rules.shape_values import slice_bound
 from .rules.slicing import split_windows
 from .tidy import FP16_WEIGHTS
@@ -59,9 +59,7 @@ def unfuse_projections(model: onnx.ModelProto, index: GraphIndex, found: list[Fu
     del model.graph.node[:]
     model.graph.node.extend(nodes)
     drop_dead_nodes(model)  # the cuts' bound constants
-    graph = model.graph
-    used = {name for node in graph.node for name in node_reads(node)} | {v.name for v in (*graph.input, *graph.output)}
-    remove_initializers(graph, {name for node in replaced for name in node.input} - used)  # the fused weight, bias and bounds
+    remove_initializers(model.graph, {name for node in replaced for name in node.input} - read_names(model.graph, inputs=True))  # the fused weight, bias and bounds
     return GraphIndex(model, index.shapes)
 
 
