@@ -30,13 +30,14 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnxruntime as ort
-from onnx import numpy_helper
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import onnxprune  # noqa: E402
+from onnxprune.graph import GraphIndex  # noqa: E402
 from onnxprune.preparation import prepare  # noqa: E402
+from onnxprune.rewrite import ConstantEdits  # noqa: E402
 from onnxprune.spaces import Space  # noqa: E402
 from onnxprune.tensors import in_memory  # noqa: E402
 
@@ -69,44 +70,15 @@ def choose_pair(space: Space, spaces: list[Space]) -> tuple[int, int] | None:
     return next(((units[0], units[-1]) for units in members.values() if len(units) >= 2), None)
 
 
-class Constants:
-    """Initializers and Constant-node values of a model, edited in place by name."""
-
-    def __init__(self, model: onnx.ModelProto):
-        self.model = model
-        self.initializers = {t.name: t for t in model.graph.initializer}
-        self.nodes = {n.output[0]: n for n in model.graph.node if n.op_type == "Constant"}
-        self.values: dict[str, np.ndarray] = {}
-
-    def get(self, name: str) -> np.ndarray | None:
-        if name not in self.values:
-            if name in self.initializers:
-                self.values[name] = numpy_helper.to_array(self.initializers[name]).copy()
-            elif name in self.nodes:
-                attribute = next((a for a in self.nodes[name].attribute if a.name == "value"), None)
-                if attribute is None:
-                    return None
-                self.values[name] = numpy_helper.to_array(attribute.t).copy()
-            else:
-                return None
-        return self.values[name]
-
-    def commit(self) -> None:
-        for name, value in self.values.items():
-            tensor = numpy_helper.from_array(value, name)
-            if name in self.initializers:
-                self.initializers[name].CopyFrom(tensor)
-            else:
-                attribute = next(a for a in self.nodes[name].attribute if a.name == "value")
-                attribute.t.CopyFrom(tensor)
-
-
 def plant(model: onnx.ModelProto, spaces: list[Space], prunable: list[Space]) -> tuple[dict[str, tuple[int, int]], dict[str, str]]:
-    """Copy a source unit's producer-side constants onto another unit in every prunable space.
+    """Copy a source unit's producer-side constants onto another unit in every prunable space,
+    in place, through the rewrite's own constant edits (node labels as the analysis gave them).
 
     Returns the planted pairs by space name and the spaces that could not be planted (why)."""
-    constants = Constants(model)
-    names = {n.name: n for n in model.graph.node}
+    index = GraphIndex(model, shapes={})
+    source = list(model.graph.initializer)
+    del model.graph.initializer[:]  # ConstantEdits.commit writes them back, edited ones replaced
+    edits = ConstantEdits(model, index, source)
     planted: dict[str, tuple[int, int]] = {}
     skipped: dict[str, str] = {}
     for space in prunable:
@@ -114,41 +86,41 @@ def plant(model: onnx.ModelProto, spaces: list[Space], prunable: list[Space]) ->
         if pair is None:
             skipped[space.name] = "fewer than two free units in a group"
             continue
-        source, copy = pair
-        edits = []
-        for record in dict.fromkeys(space.slices):
-            node = names.get(record.node)
-            name = node.input[record.input_index] if node is not None and record.input_index < len(node.input) else ""
-            value = constants.get(name) if name else None
-            if value is None:
-                edits = None
-                skipped[space.name] = f"{record.node} input {record.input_index} is not a stored constant"
-                break
-            placement = space.tensors[record.tensor]
-            if not len(placement.positions_of(np.array([source]))):
-                continue
-            width = placement.size
-            src = placement.element_positions_of(np.array([source]))
-            dst = placement.element_positions_of(np.array([copy]))
-            block = value.shape[record.axis] // record.repeats
-            if block != width:
-                edits = None
-                skipped[space.name] = f"{name}: axis {record.axis} holds {block} per block, the tensor {width}"
-                break
-            edits.append((name, record.axis, [src + k * block for k in range(record.repeats)],
-                          [dst + k * block for k in range(record.repeats)]))
-        if edits is None:
+        copies = _copied_values(space, pair, edits)
+        if isinstance(copies, str):
+            skipped[space.name] = copies
             continue
-        for name, axis, sources, copies in edits:
-            value = constants.get(name)
-            for src, dst in zip(sources, copies, strict=True):
-                taken = np.take(value, src, axis=axis)
-                index = [slice(None)] * value.ndim
-                index[axis] = dst
-                value[tuple(index)] = taken
+        for (label, slot), value in copies.items():
+            edits.set(label, slot, value)
         planted[space.name] = pair
-    constants.commit()
+    edits.commit()
     return planted, skipped
+
+
+def _copied_values(space: Space, pair: tuple[int, int], edits: ConstantEdits) -> dict[tuple[str, int], np.ndarray] | str:
+    """The space's sliced constants with the copy's entries overwritten by the source's (by node
+    label and input slot), or why they cannot be."""
+    source, copy = pair
+    values: dict[tuple[str, int], np.ndarray] = {}
+    for record in dict.fromkeys(space.slices):
+        key = (record.node, record.input_index)
+        if key not in values:
+            stored = edits.get(*key) if edits.has(*key) else None
+            if stored is None:
+                return f"{record.node} input {record.input_index} is not a constant"
+            values[key] = np.array(stored)
+        placement, value = space.tensors[record.tensor], values[key]
+        src, dst = (placement.element_positions_of(np.array([unit])) for unit in pair)
+        if not len(src):
+            continue
+        block = value.shape[record.axis] // record.repeats
+        if block != placement.size:
+            return f"{record.node} input {record.input_index}: axis {record.axis} holds {block} per block, the tensor {placement.size}"
+        for k in range(record.repeats):
+            target = [slice(None)] * value.ndim
+            target[record.axis] = dst + k * block
+            value[tuple(target)] = np.take(value, src + k * block, axis=record.axis)
+    return values
 
 
 def run_model(path: str, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
