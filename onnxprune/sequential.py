@@ -23,7 +23,7 @@ from .recovery import Recovery
 from .rewrite import rewrite
 from .segments import GraphSegment, cut_segments, extract, needed_nodes
 from .sitefit import NONE, SiteFits
-from .stats import CrossStats, SiteStats
+from .stats import SMALL_PRODUCT, CrossStats, SiteStats, single_blas_thread
 from .verify import drop_units
 
 SEQUENTIAL_SAMPLES = 512  # calibration samples the pass refits on by default (docs/speed.md, section 6)
@@ -139,11 +139,12 @@ class SequentialFitter:
             session_o = session_p = None
             moments = {t: (cal.moments(), held.moments() if held.count else None) for t, (cal, held) in accumulators.items()}
             shown = self.plans.run_removed  # what this run did not show: it places the kept units in the moments
-            if again:  # the rest of the segment (and the pass) then runs the units just chosen
-                self.decisions.rechoose(again, moments, [resume, cache_p] if resume is not cache_p else [cache_p])
-                self.decisions.forget_prefits(ahead)
-            for tensor in segment.sites:
-                self.decisions.fit_site(tensor, *moments[tensor], changed[tensor], shown)
+            with single_blas_thread(self._small(measured)):
+                if again:  # the rest of the segment (and the pass) then runs the units just chosen
+                    self.decisions.rechoose(again, moments, [resume, cache_p] if resume is not cache_p else [cache_p])
+                    self.decisions.forget_prefits(ahead)
+                for tensor in segment.sites:
+                    self.decisions.fit_site(tensor, *moments[tensor], changed[tensor], shown)
             if refit_boundary and new_boundary:
                 self._resume(new_boundary, batches, cache_p, resume)
         finally:
@@ -183,6 +184,12 @@ class SequentialFitter:
             else:
                 feeds[name] = drop_units(batch[name], self.plans.run_io.get(name)) if pruned else batch[name]
         return feeds
+
+    def _small(self, sites: list[str]) -> bool:
+        """Whether the fits at these sites are small enough for one BLAS thread to be faster:
+        OpenBLAS's threads made a 64 x 64 eigendecomposition 100x slower between onnxruntime's runs."""
+        width = max((s.tensors[t].size for s in self.spaces for t in sites if t in s.tensors), default=0)
+        return width ** 3 < SMALL_PRODUCT
 
     def _axis(self, tensor: str) -> int:
         return next(s.tensors[tensor].axis for s in self.spaces if tensor in s.tensors)
