@@ -17,7 +17,7 @@ import scipy.linalg as sla
 
 from .analyse import Space
 from .placement import expand_blocks
-from .stats import SiteStats
+from .stats import SiteStats, regularised, spd_inverse
 
 RIDGE = 1e-8  # relative to the mean unit variance: exact copies stay invertible, far from round-off
 STEPS = 256  # removals per space at most: larger spaces remove ceil(n / STEPS) units per step
@@ -44,13 +44,6 @@ def site_grams(space: Space, stats: dict[str, SiteStats], block: int, unit_major
     return pairs
 
 
-def _precision(cov: np.ndarray) -> np.ndarray:
-    n = len(cov)
-    ridge = RIDGE * max(np.trace(cov) / max(n, 1), np.finfo(float).tiny)
-    factor = sla.cho_factor(cov + ridge * np.eye(n), check_finite=False)
-    return sla.cho_solve(factor, np.eye(n), check_finite=False)
-
-
 def _unit_costs(gram: np.ndarray, precision: np.ndarray, block: int) -> np.ndarray:
     """Per alive unit, the output error of removing it alone now: tr(G~_uu L_uu^-1)."""
     if block == 1:
@@ -66,7 +59,7 @@ def obs_order(pairs: list[tuple[np.ndarray, np.ndarray]], n: int, block: int) ->
     added when it was removed (a step of several units shares the step's exact error among
     them in proportion to their single-unit costs)."""
     grams = [g.copy() for _, g in pairs]
-    precisions = [_precision(c) for c, _ in pairs]
+    precisions = [spd_inverse(regularised(c, RIDGE)) for c, _ in pairs]
     alive = np.arange(n)
     removed, energies = [], []
     step = max(1, -(-n // STEPS))

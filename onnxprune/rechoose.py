@@ -9,7 +9,6 @@ import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
-import scipy.linalg as sla
 
 from .analyse import Space
 from .graph import GraphIndex
@@ -17,7 +16,7 @@ from .plan import Plan, SpacePlan
 from .recovery import Recovery, fit_recovery
 from .score import RIDGE, consumer_metric
 from .segments import GraphSegment
-from .stats import CrossMoments, SiteStats
+from .stats import CrossMoments, SiteStats, spd_inverse
 from .streams import JOINS
 
 BLOCK_ELEMENTS = 4096  # a site of multi-element units (heads, Flatten positions) wider than this keeps the plan's choice
@@ -203,8 +202,7 @@ def backward_selection(covariances: list[np.ndarray], crosses: list[np.ndarray],
 
 
 def _precision(cov: np.ndarray, floor: float) -> np.ndarray:
-    factor = sla.cho_factor(np.asarray(cov, dtype=np.float64) + floor * np.eye(len(cov)), check_finite=False)
-    return sla.cho_solve(factor, np.eye(len(cov)), check_finite=False)
+    return spd_inverse(np.asarray(cov, dtype=np.float64) + floor * np.eye(len(cov)))
 
 
 class _Removal:

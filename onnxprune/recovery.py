@@ -11,8 +11,8 @@ import scipy.linalg as sla
 
 from .analyse import Analysis, Space
 from .plan import Plan, SpacePlan
-from .score import RIDGE, regularised
-from .stats import CrossMoments, SiteStats
+from .score import RIDGE
+from .stats import CrossMoments, SiteStats, regularised
 
 
 @dataclass
@@ -47,7 +47,7 @@ def fit_recovery(stats: SiteStats, keep: np.ndarray, prune: np.ndarray) -> Recov
     cov, mean = stats.covariance(), stats.mean()
     if len(keep) == 0:
         return Recovery(np.zeros((len(prune), 0)), mean[prune], keep, prune)
-    s_kk = regularised(cov[np.ix_(keep, keep)])
+    s_kk = regularised(cov[np.ix_(keep, keep)], RIDGE)
     s_kp = cov[np.ix_(keep, prune)]
     try:
         solution = sla.cho_solve(sla.cho_factor(s_kk, check_finite=False), s_kp, check_finite=False)

@@ -12,7 +12,7 @@ from .analyse import Space
 from .graph import GraphIndex
 from .obs import obs_order, site_grams
 from .placement import Placement, expand_blocks
-from .stats import SiteStats
+from .stats import SiteStats, regularised, spd_inverse
 
 ORDERS = ("pivoted", "weighted", "obs", "variance", "residual", "zca")
 DEFAULT_ORDER = "weighted"  # measured: docs/benchmark.md (order ablation)
@@ -49,12 +49,6 @@ class SpaceScore:
         tail = np.cumsum(self.energy[::-1])[::-1]
         total = tail[0] if len(tail) else 0.0
         return tail / total if total > 0 else np.zeros_like(tail)
-
-
-def regularised(cov: np.ndarray, ridge: float = RIDGE) -> np.ndarray:
-    n = len(cov)
-    ridge = ridge * max(np.trace(cov) / max(n, 1), np.finfo(float).tiny)
-    return cov + ridge * np.eye(n)
 
 
 def ordered_cholesky(cov: np.ndarray, order: np.ndarray) -> np.ndarray:
@@ -119,7 +113,7 @@ def block_pivoted_order(cov: np.ndarray, block: int) -> tuple[np.ndarray, np.nda
     """Greedy block pivoting: next is the unit whose residual block has the largest trace; its
     energy is that trace (the block Schur complement, DESIGN §2)."""
     n = len(cov) // block
-    residual = regularised(cov).copy()
+    residual = regularised(cov, RIDGE)
     remaining = list(range(n))
     order, energy = [], []
     for _ in range(n):
@@ -157,7 +151,7 @@ def pivoted_order(cov: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     n = len(cov)
     if not np.trace(cov) > 0:
         return np.arange(n), np.zeros(n)
-    factor, piv, rank, _ = sla.lapack.dpstrf(regularised(cov), lower=0)
+    factor, piv, rank, _ = sla.lapack.dpstrf(regularised(cov, RIDGE), lower=0)
     order = piv[:n] - 1
     energy = np.zeros(n)
     energy[:rank] = np.diag(factor)[:rank] ** 2
@@ -293,7 +287,7 @@ def _ordered(space: Space, stats: dict[str, SiteStats], index: GraphIndex, metho
         units = _by_score(per_unit(zca_scores(cov)))
     elif order == "residual":
         # ||W_i||^2 / [C^-1]_ii: output error of removing unit i alone with LS recovery
-        inv_diag = np.diag(sla.cho_solve(sla.cho_factor(regularised(cov)), np.eye(len(cov))))
+        inv_diag = np.diag(spd_inverse(regularised(cov, RIDGE)))
         units = _by_score(per_unit(consumer_weight_norms(space, index) / inv_diag))
     else:
         raise ValueError(f"unknown order '{order}'")

@@ -7,7 +7,19 @@ import functools
 from dataclasses import dataclass
 
 import numpy as np
+import scipy.linalg as sla
 from threadpoolctl import ThreadpoolController
+
+
+def regularised(cov: np.ndarray, ridge: float) -> np.ndarray:
+    """`cov` + ridge x its mean variance on the diagonal: exactly redundant units stay finite."""
+    n = len(cov)
+    return cov + ridge * max(np.trace(cov) / max(n, 1), np.finfo(float).tiny) * np.eye(n)
+
+
+def spd_inverse(matrix: np.ndarray) -> np.ndarray:
+    """The inverse of a symmetric positive-definite matrix, through its Cholesky factor."""
+    return sla.cho_solve(sla.cho_factor(matrix, check_finite=False), np.eye(len(matrix)), check_finite=False)
 
 
 @dataclass

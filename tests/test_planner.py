@@ -17,8 +17,8 @@ from onnxprune.cost import CostModel
 from onnxprune.graph import GraphIndex
 from onnxprune.plan import Planner, Target, floor_units
 from onnxprune.recovery import fit_recovery
-from onnxprune.score import SpaceScore, cholesky_energy, pivoted_order, regularised
-from onnxprune.stats import SiteStats
+from onnxprune.score import RIDGE, SpaceScore, cholesky_energy, pivoted_order
+from onnxprune.stats import SiteStats, regularised
 
 
 def _calib(model: onnx.ModelProto, n: int, seed: int = 0) -> dict[str, np.ndarray]:
@@ -218,7 +218,7 @@ def test_pivoted_cholesky_puts_a_duplicate_last_with_zero_energy() -> None:
     assert np.all(np.diff(energy) <= 1e-12 * energy.max())  # greedy: the largest residual comes next
     # D_i are the Cholesky pivots of the reordered (regularised) matrix: their product is its determinant
     np.testing.assert_allclose(energy, cholesky_energy(cov, order), rtol=1e-6, atol=1e-12 * energy.max())
-    sign, logdet = np.linalg.slogdet(regularised(cov))
+    sign, logdet = np.linalg.slogdet(regularised(cov, RIDGE))
     assert sign > 0 and np.sum(np.log(energy)) == pytest.approx(logdet, rel=1e-6)
 
 
