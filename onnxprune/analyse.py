@@ -123,19 +123,21 @@ def _computed_weight_layers(index: GraphIndex, first_id: int) -> list[Space]:
 
 
 def _grouped_conv_layers(index: GraphIndex, claimed: dict, first_id: int) -> list[Space]:
-    """Grouped (not depthwise) Convs start no space: one of their units would be a whole group
-    with its input channels, which the channels' own space upstream cannot follow. Unless another
-    space carries their output, the report lists them as pinned spaces with that reason."""
+    """Grouped (not depthwise) Convs and ConvTransposes start no space: one of their units would
+    be a whole group with its input channels, which the channels' own space upstream cannot
+    follow. Unless another space carries their output, the report lists them as pinned spaces
+    with that reason."""
     found = []
     for node in index.nodes:
-        group = get_attr(node, "group", 1) if node.op_type == "Conv" else 1
+        group = get_attr(node, "group", 1) if node.op_type in ("Conv", "ConvTranspose") else 1
         if group == 1 or node.output[0] in claimed or len(node.input) < 2 or not index.is_constant(node.input[1]) \
                 or is_depthwise(index, node):  # depthwise: a pass-through of its input's units
             continue
         dims = index.const_dims(node.input[1])
         label = index.label(node)
-        found.append(Space(first_id + len(found), label, int(dims[0]), producers=[label],
-                           pinned=[f"grouped Conv '{label}' (group={group}) starts no space: a unit would be a whole group "
+        units = dims[0] if node.op_type == "Conv" else dims[1] * group
+        found.append(Space(first_id + len(found), label, int(units), producers=[label],
+                           pinned=[f"grouped {node.op_type} '{label}' (group={group}) starts no space: a unit would be a whole group "
                                    "with its input channels"]))
     return found
 

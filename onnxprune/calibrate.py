@@ -72,10 +72,11 @@ PER_POSITION = UNARY_PASS_THROUGH | BROADCAST_ELEMENTWISE | frozenset(CHANNEL_PA
 
 
 def phase_periods(index: GraphIndex, sites: list[Site]) -> dict[str, int]:
-    """Per site, the stride of the ConvTranspose ops whose outputs reach it through per-position
-    ops only (their least common multiple): such a map repeats a pattern with that period, and
-    a spatial stride sharing a factor with it samples one phase alone, where a unit can be
-    silent (a ReLU after a k4/s2 deconvolution) and look dead."""
+    """Per site, the stride of the ConvTranspose ops, and the block size of the DepthToSpace ops
+    (each phase of a PixelShuffle is another input channel), whose outputs reach it through
+    per-position ops only (their least common multiple): such a map repeats a pattern with that
+    period, and a spatial stride sharing a factor with it samples one phase alone, where a unit
+    can be silent (a ReLU after a k4/s2 deconvolution) and look dead."""
     periods = {}
     for site in sites:
         period, seen, stack = 1, set(), [site.tensor]
@@ -86,6 +87,8 @@ def phase_periods(index: GraphIndex, sites: list[Site]) -> dict[str, int]:
             seen.add(id(node))
             if op_key(node) == "ConvTranspose":
                 period = math.lcm(period, *(get_attr(node, "strides", []) or [1]))
+            elif op_key(node) == "DepthToSpace":
+                period = math.lcm(period, get_attr(node, "blocksize", 1))
             elif op_key(node) in PER_POSITION:
                 stack.extend(name for name in node.input if name and not index.is_constant(name))
         if period > 1:

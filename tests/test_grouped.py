@@ -1,6 +1,7 @@
-"""Grouped (non-depthwise) convolutions (issue 14): a unit is a whole group, carried from the
-group's input channels to its output channels; the weight loses the group's rows and `group`
-counts the kept groups. A planted duplicate group is removed without changing the output."""
+"""Grouped (non-depthwise) convolutions (issue 14) and ConvTransposes (session 21): a unit is a
+whole group, carried from the group's input channels to its output channels; the weight loses
+the group's rows and `group` counts the kept groups. A planted duplicate group is removed
+without changing the output."""
 
 from __future__ import annotations
 
@@ -172,3 +173,40 @@ def test_a_depthwise_conv_transpose_carries_the_units_and_a_copy_goes_exactly() 
     assert next(a.i for a in node.attribute if a.name == "group") == expand.kept
     fresh = RNG.normal(size=(3, 3, 5, 5)).astype(np.float32)
     assert relative_l2(run(model, fresh), run(pruned, fresh)) < 1e-5
+
+
+def test_a_grouped_conv_transpose_loses_a_copied_group_exactly() -> None:
+    """conv (G x 3 channels) -> ReLU -> grouped ConvTranspose k4 s2 p1 (weight [G x 3, 2, 4, 4])
+    -> ReLU -> conv: group 3 is a copy of group 1 (conv rows, deconvolution rows and bias), so
+    the whole group goes: the ConvTranspose's input rows, its output channels and `group`."""
+    w, b = normal(GROUPS * PER_IN, 3, 3, 3), normal(GROUPS * PER_IN)
+    up_w, up_b = normal(GROUPS * PER_IN, PER_OUT, 4, 4), normal(GROUPS * PER_OUT)
+    for array, per in ((w, PER_IN), (b, PER_IN), (up_w, PER_IN), (up_b, PER_OUT)):
+        array[3 * per:4 * per] = array[per:2 * per]
+    g = GraphBuilder([None, 3, 5, 5])
+    h = g.op("Relu", [g.conv("x", w, b, name="expand", pads=[1, 1, 1, 1])])
+    up = g.op("ConvTranspose", [h, g.const(up_w), g.const(up_b)], name="up", group=GROUPS, kernel_shape=[4, 4], strides=[2, 2],
+              pads=[1, 1, 1, 1])
+    model = g.build(g.conv(g.op("Relu", [up]), normal(3, GROUPS * PER_OUT, 1, 1), normal(3), name="head"), ["N", 3, 10, 10])
+    space = next(s for s in analyse(model).spaces if s.name == "expand")
+    assert not space.pinned and space.n == GROUPS, space.pinned
+    x = RNG.normal(size=(48, 3, 5, 5)).astype(np.float32)
+    pruned, report = onnxprune.prune(model, {"x": x}, tolerance=1e-7, allocation="global")
+    assert next(r for r in report.spaces if r.name == "expand").kept == GROUPS - 1
+    node = next(n for n in pruned.graph.node if n.name == "up")
+    assert next(a.i for a in node.attribute if a.name == "group") == GROUPS - 1
+    assert initializer(pruned, "up", 1).shape == ((GROUPS - 1) * PER_IN, PER_OUT, 4, 4)
+    assert initializer(pruned, "head", 1).shape[1] == (GROUPS - 1) * PER_OUT
+    fresh = RNG.normal(size=(4, 3, 5, 5)).astype(np.float32)
+    assert relative_l2(run(model, fresh), run(pruned, fresh)) < 1e-5
+
+
+def test_a_grouped_conv_transpose_whose_output_no_space_carries_is_listed_with_the_reason() -> None:
+    """A grouped ConvTranspose reading the graph input starts no space (its output channels come
+    in groups with input channels no space owns): the report lists it, with C_out = G x weight dim 1."""
+    g = GraphBuilder([None, 4, 5, 5])
+    up = g.op("ConvTranspose", ["x", g.const(normal(4, 3, 2, 2))], name="up", group=2, kernel_shape=[2, 2], strides=[2, 2])
+    model = g.build(g.conv(g.op("Relu", [up]), normal(3, 6, 1, 1), normal(3), name="head"), ["N", 3, 10, 10])
+    space = next(s for s in analyse(model).spaces if s.name == "up")
+    assert space.n == 6 and space.pinned == ["grouped ConvTranspose 'up' (group=2) starts no space: a unit would be a whole group with its "
+                                             "input channels"]

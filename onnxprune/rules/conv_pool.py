@@ -98,9 +98,9 @@ def grouped_conv(index: GraphIndex, node: onnx.NodeProto, tensor: str, placement
 @carries("ConvTranspose")
 def grouped_conv_transpose(index: GraphIndex, node: onnx.NodeProto, tensor: str, placement: Placement) -> list[Effect]:
     """A depthwise ConvTranspose (a learned per-channel upsampling) acts on each channel alone,
-    as a depthwise Conv: its weight is [C, 1, k, k] too. Other groups pin."""
+    as a depthwise Conv: its weight is [C, 1, k, k] too. Other groups carry whole groups."""
     if not is_depthwise(index, node):
-        return [Pin(f"ConvTranspose '{index.label(node)}' (group={get_attr(node, 'group', 1)}) mixes the channels of each group")]
+        return _whole_groups(index, node, tensor, placement)
     return _depthwise(index, node, placement)
 
 
@@ -129,31 +129,43 @@ def not_whole_groups(placement: Placement, per_group: int, where: str) -> list[E
     return []
 
 
+def group_channels(node: onnx.NodeProto, dims: tuple[int, ...], group: int) -> tuple[int, int] | None:
+    """(input, output) channels per group from the weight: Conv's is [C_out, C_in/G, ..],
+    ConvTranspose's [C_in, C_out/G, ..]; None when its first axis does not split into groups."""
+    if dims[0] % group:
+        return None
+    if node.op_type == "Conv":
+        return int(dims[1]), int(dims[0]) // group
+    return int(dims[0]) // group, int(dims[1])
+
+
 def _whole_groups(index: GraphIndex, node: onnx.NodeProto, tensor: str, placement: Placement) -> list[Effect]:
-    """A grouped (non-depthwise) Conv mixes the channels inside each group, so a unit is a whole
-    group: its input channels (block Cin/G) and output channels (block Cout/G) go together, the
-    weight loses the group's rows and `group` counts the kept groups. Finer units are regrown."""
-    label, group = index.label(node), get_attr(node, "group", 1)
-    where = f"grouped Conv '{label}' (group={group})"
+    """A grouped (non-depthwise) Conv or ConvTranspose mixes the channels inside each group, so
+    a unit is a whole group: its input channels (block Cin/G) and output channels (block Cout/G)
+    go together, the weight loses the group's rows and `group` counts the kept groups. Finer
+    units are regrown."""
+    op, label, group = node.op_type, index.label(node), get_attr(node, "group", 1)
+    where = f"grouped {op} '{label}' (group={group})"
     if len(node.input) < 2 or not index.is_constant(node.input[1]):
-        return [Pin(f"Conv '{label}' reads a weight that is not a constant ('{node.input[1] if len(node.input) > 1 else ''}')")]
+        return [Pin(f"{op} '{label}' reads a weight that is not a constant ('{node.input[1] if len(node.input) > 1 else ''}')")]
     if group == 1:
         return [Pin(f"{where} couples units in blocks")]
     dims = index.const_dims(node.input[1])
-    if placement.axis != 1 or dims[0] % group:
+    channels = group_channels(node, dims, group)
+    if placement.axis != 1 or channels is None:
         return [Pin(f"{where} reads the units on axis {placement.axis}, not the channel axis")]
-    per_in, per_out = int(dims[1]), int(dims[0]) // group
+    per_in, per_out = channels
     from_input = tensor == node.input[0]
-    per_group = per_in if from_input else per_out
-    regroup = not_whole_groups(placement, per_group, where)
+    regroup = not_whole_groups(placement, per_in if from_input else per_out, where)
     if regroup:
         return regroup
     in_placement = placement if from_input else placement.moved(1, block=per_in, width=placement.width)
     out_placement = placement.moved(1, block=per_out, width=placement.width) if from_input else placement
-    effects: list[Effect] = [ParamSlice(label, 1, 0, node.output[0])]
+    rows = node.output[0] if op == "Conv" else node.input[0]  # the channels the weight's first axis holds
+    effects: list[Effect] = [ParamSlice(label, 1, 0, rows)]
     if len(node.input) > 2 and node.input[2]:
         bias = index.const(node.input[2])
-        if bias is None or bias.shape != (dims[0],):
+        if bias is None or bias.shape != (group * per_out,):
             return [Pin(f"{where} has a bias that is not a constant per output channel")]
         effects.append(ParamSlice(label, 2, 0, node.output[0]))
     effects.append(AttrUpdate(label, "group", node.input[0]))
