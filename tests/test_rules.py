@@ -37,7 +37,7 @@ def test_every_op_table_has_a_rule():
     for op in UNARY_PASS_THROUGH | CHANNEL_WISE | set(CHANNEL_PARAM_OPS) | BROADCAST_ELEMENTWISE | REDUCE_OPS:
         assert op in CARRY, op
     for op in ("Concat", "Split", "Slice", "Pad", "Resize", "Reshape", "Flatten", "Transpose", "Unsqueeze", "Squeeze",
-               "Expand", "MatMul", "Softmax", "Shape", "Conv", "LayerNormalization", "Attention"):
+               "Expand", "MatMul", "Softmax", "Shape", "Conv", "LayerNormalization", "Attention", "Gather", "GatherND"):
         assert op in CARRY, op
     assert set(PRODUCE) == {"Conv", "ConvTranspose", "Gemm", "MatMul", "LSTM", "GRU", "RNN"}
     assert {"Conv", "ConvTranspose", "Gemm", "MatMul", "Flatten", "Reshape", "LSTM", "GRU", "RNN"} <= set(CONSUME)
@@ -61,6 +61,21 @@ def test_a_consumer_rule_reads_the_units_and_a_carry_rule_pins_with_a_reason():
     scale = index.node("scale")
     pin = CARRY["Mul"](index, scale, scale.input[0], Placement.identity(1, 3))
     assert pin == [Pin(f"Mul 'scale' input '{scale.input[1]}' does not broadcast over 3 elements")]
+
+
+def test_gather_nd_moves_the_units_past_the_indices_leading_axes_both_ways():
+    """GatherND of a [positions, heads] table by ids [T, T, 1]: heads on data axis 1 are output
+    axis 2, reached from either side; the ids are never the units' tensor."""
+    g = GraphBuilder([1, 4])
+    table = g.op("Relu", ["x"])
+    picked = g.op("GatherND", [table, g.const(np.zeros((3, 3, 1)), dtype=np.int64)], name="lookup")
+    index = GraphIndex(g.build(picked, [3, 3, 4]))
+    node, heads = index.node("lookup"), Placement.identity(1, 2, 2)
+    forward = CARRY["GatherND"](index, node, table, heads)
+    assert forward == [Through("lookup"), Carry(table, heads), Carry(picked, heads.moved(2))]
+    assert CARRY["GatherND"](index, node, picked, heads.moved(2)) == forward
+    assert CARRY["GatherND"](index, node, picked, heads.moved(1))[0].reason == "GatherND 'lookup' indexes the units' axis"
+    assert isinstance(CARRY["GatherND"](index, node, node.input[1], heads)[0], Pin)
 
 
 def test_registering_an_op_twice_is_refused():

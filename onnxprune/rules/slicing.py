@@ -1,6 +1,6 @@
-"""Concat, Split, Slice and Pad: a Concat on the unit axis shifts the units (DenseNet, UNet
-skips), Split and Slice cut windows of them (their sizes are rewritten), and Pad must leave
-the unit axis alone."""
+"""Concat, Split, Slice, Pad and Gather(ND): a Concat on the unit axis shifts the units (DenseNet,
+UNet skips), Split and Slice cut windows of them (their sizes are rewritten), Pad must leave the
+unit axis alone, and a Gather carries the units of the axes it does not index."""
 
 from __future__ import annotations
 
@@ -168,6 +168,25 @@ def gather(index: GraphIndex, node: onnx.NodeProto, tensor: str, placement: Plac
     out = source.moved(source.axis if source.axis < axis else source.axis + picks - 1)
     if index.is_constant(node.input[0]):  # a table of per-unit rows (T5's relative attention bias per head)
         return [Through(label), *slice_param(index, node, 0, source.axis, node.output[0], out, per_element=True), Carry(node.output[0], out)]
+    return through(label, node.input[0], node.output[0], source, out)
+
+
+@carries("GatherND")
+def gather_nd(index: GraphIndex, node: onnx.NodeProto, tensor: str, placement: Placement) -> list[Effect]:
+    """GatherND that indexes other axes than the units' (Swin-v2's relative position bias, a
+    [positions, heads] table picked by constant position ids) keeps every unit: the axes after
+    the indexed ones follow the indices' leading axes. A constant table is sliced per unit."""
+    label, batch = index.label(node), get_attr(node, "batch_dims", 0)
+    rank, picks = index.rank(node.input[0]), index.shape(node.input[1])
+    if tensor == node.input[1] or rank is None or picks is None or picks[-1] is None:
+        return [Pin(f"GatherND '{label}' on the unit axis is not supported")]
+    lead, first = len(picks) - 1, batch + picks[-1]  # output axes from the indices; first data axis kept
+    data_axis = placement.axis if tensor == node.input[0] else placement.axis - lead + first
+    if data_axis < first or data_axis >= rank:
+        return [Pin(f"GatherND '{label}' indexes the units' axis")]
+    source, out = placement.moved(data_axis), placement.moved(data_axis - first + lead)
+    if index.is_constant(node.input[0]):  # a table of per-unit columns
+        return [Through(label), *slice_param(index, node, 0, data_axis, node.output[0], out, per_element=True), Carry(node.output[0], out)]
     return through(label, node.input[0], node.output[0], source, out)
 
 
