@@ -22,6 +22,7 @@ from .rules.registry import slice_param, through
 from .spaces import (
     CACHE_NAME,
     AttrUpdate,
+    BroadcastUpdate,
     CacheIO,
     Consumer,
     DerivedFrom,
@@ -33,7 +34,8 @@ from .spaces import (
     WindowUpdate,
 )
 
-RECORDS = {ParamSlice: "slices", AttrUpdate: "attrs", ShapeUpdate: "reshapes", WindowUpdate: "windows", IndexUpdate: "indices", RecurrentRead: "recurrent_reads"}
+RECORDS = {ParamSlice: "slices", AttrUpdate: "attrs", ShapeUpdate: "reshapes", WindowUpdate: "windows", IndexUpdate: "indices", BroadcastUpdate: "broadcasts",
+           RecurrentRead: "recurrent_reads"}
 
 
 def _slice_axes(index: GraphIndex, node: onnx.NodeProto, rank: int) -> list[int] | None:

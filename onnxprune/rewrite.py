@@ -28,6 +28,7 @@ from .placement import expand_blocks, removed_count
 from .plan import Plan, SpacePlan, pruned_spaces
 from .recovery import Recovery
 from .rules.shape_targets import shape_chain
+from .spaces import BroadcastUpdate
 from .tensors import in_memory
 
 
@@ -64,6 +65,13 @@ class ConstantEdits:
         self.bias_nodes: list[tuple[onnx.NodeProto, np.ndarray]] = []
         # Reshape -> (it, {holder: (it, {input slot: new value})}): the copies `own_shape` asks for
         self.own_shapes: dict[int, tuple[onnx.NodeProto, dict[int, tuple[onnx.NodeProto, dict[int, np.ndarray]]]]] = {}
+        self.narrowed: dict[tuple[int, int], tuple[onnx.NodeProto, int, int]] = {}  # (node, slot) -> (node, slot, axis)
+
+    def narrow(self, label: str, slot: int, axis: int) -> None:
+        """Give input `slot` of node `label` one index of `axis` (a Slice): the input is the same
+        along it, and broadcasts over however many units its reader keeps (`BroadcastUpdate`)."""
+        node = self.index.node(label)
+        self.narrowed[(id(node), slot)] = (node, slot, axis)
 
     def own_shape(self, reshape: onnx.NodeProto, holder: onnx.NodeProto, slot: int, position: int, value: int,
                   dtype: str = "int64") -> None:
@@ -133,6 +141,7 @@ class ConstantEdits:
             graph.initializer.append(_release(edit, name))
         self._insert_bias_nodes()
         self._insert_own_shapes()
+        self._insert_narrowed()
         remove_initializers(self.model.graph, orphans - read_names(self.model.graph))
         drop_dead_nodes(self.model)
         return changed
@@ -161,6 +170,22 @@ class ConstantEdits:
             position = next(i for i, n in enumerate(graph.node) if n is reshape)
             for node in reversed(added):
                 graph.node.insert(position, node)
+
+    def _insert_narrowed(self) -> None:
+        graph = self.model.graph
+        for node, slot, axis in self.narrowed.values():
+            source = node.input[slot]
+            narrow = self._fresh_name(f"{source}{SUFFIX}_one")
+            name = self._fresh_name(f"{node.name or node.output[0]}{SUFFIX}_narrow{slot}")
+            if _opset(self.model) >= 10:
+                bounds = [self._fresh_name(f"{narrow}_{part}") for part in ("starts", "ends", "axes")]
+                graph.initializer.extend(numpy_helper.from_array(np.array([v], dtype=np.int64), b) for v, b in zip((0, 1, axis), bounds, strict=True))
+                added = helper.make_node("Slice", [source, *bounds], [narrow], name=name)
+            else:
+                added = helper.make_node("Slice", [source], [narrow], name=name, starts=[0], ends=[1], axes=[axis])
+            node.input[slot] = narrow
+            position = next(i for i, n in enumerate(graph.node) if n is node)
+            graph.node.insert(position, added)
 
     def _copied_chain(self, reshape: onnx.NodeProto, edits: dict[int, dict[int, np.ndarray]]) -> list[onnx.NodeProto]:
         """Copies of the nodes from `reshape`'s target Concat down to the edited holders (node id
@@ -251,7 +276,8 @@ class Rewriter(FoldMixin):
                     self._fold_states(space, read)
         # a shared shape Concat's per-Reshape copy goes with its Reshape/Expand (`via`): the
         # Concat itself may lie in an earlier segment, its output cached with the old count
-        records = [r for space, _ in spaces for r in [*space.slices, *space.consumers, *space.attrs, *space.reshapes, *space.windows, *space.indices]
+        records = [r for space, _ in spaces
+                   for r in [*space.slices, *space.consumers, *space.attrs, *space.reshapes, *space.windows, *space.indices, *space.broadcasts]
                    if self._wanted(getattr(r, "via", "") or r.node)]
         sliced = set()
         for record in dict.fromkeys(records):  # 2. deletions and updates, once per record
@@ -277,6 +303,8 @@ class Rewriter(FoldMixin):
                 self.edits.set(record.node, record.input_index, target)
             elif isinstance(record, IndexUpdate):
                 self._renumber(record, removed[record.tensor])
+            elif isinstance(record, BroadcastUpdate):
+                self.edits.narrow(record.node, record.input_index, record.axis)
             else:
                 self._shrink_windows(record, removed[record.tensor], blocks[record.tensor])
         for (label, slot), tensor in self.biases.items():  # biases that were created or broadcast by a fold

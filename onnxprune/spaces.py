@@ -74,6 +74,18 @@ class IndexUpdate:
 
 
 @dataclass(frozen=True)
+class BroadcastUpdate:
+    """Input `input_index` of element-wise `node` holds the same values at every index of `axis`
+    (T5's zeros bias [1, heads, q, k]): the rewrite gives the node a Slice of it to one index
+    there, which broadcasts over the units kept on `tensor` (the other readers keep it whole)."""
+
+    node: str
+    input_index: int
+    axis: int
+    tensor: str
+
+
+@dataclass(frozen=True)
 class DerivedFrom:
     """The space's units reach Gather `node` as its input, each repeated at several positions of
     its `output` (repeat_kv: a KV head for each query head of its group, `picks[j]` the unit at
@@ -148,6 +160,7 @@ class Space:
     reshapes: list[ShapeUpdate] = field(default_factory=list)
     windows: list[WindowUpdate] = field(default_factory=list)
     indices: list[IndexUpdate] = field(default_factory=list)
+    broadcasts: list[BroadcastUpdate] = field(default_factory=list)
     cache_io: list[CacheIO] = field(default_factory=list)
     consumers: list[Consumer] = field(default_factory=list)
     recurrent_reads: list[RecurrentRead] = field(default_factory=list)

@@ -19,7 +19,7 @@ import onnx
 
 from ..graph import GraphIndex, get_attr
 from ..placement import Placement
-from ..spaces import AttrUpdate, Consumer, DerivedFrom, IndexUpdate, ParamSlice, RecurrentRead, ShapeUpdate, WindowUpdate
+from ..spaces import AttrUpdate, BroadcastUpdate, Consumer, DerivedFrom, IndexUpdate, ParamSlice, RecurrentRead, ShapeUpdate, WindowUpdate
 
 
 @dataclass(frozen=True)
@@ -91,7 +91,8 @@ class SizeFollows:
     where: str
 
 
-Effect = Carry | Pin | Lock | Through | Flattened | Coarsen | SizeRead | SizeFollows | ParamSlice | AttrUpdate | ShapeUpdate | WindowUpdate | IndexUpdate | Consumer | RecurrentRead | DerivedFrom
+Effect = (Carry | Pin | Lock | Through | Flattened | Coarsen | SizeRead | SizeFollows | ParamSlice | AttrUpdate | ShapeUpdate | WindowUpdate | IndexUpdate
+          | BroadcastUpdate | Consumer | RecurrentRead | DerivedFrom)
 CarryRule = Callable[[GraphIndex, onnx.NodeProto, str, Placement], list[Effect]]
 ConsumerRule = Callable[[GraphIndex, onnx.NodeProto, int, str, Placement], "list[Effect] | None"]
 
