@@ -26,6 +26,24 @@ def phase_channels(channel: int, mode: str) -> list[int]:
     return [channel * R * R + p for p in range(R * R)] if mode == "CRD" else [p * C + channel for p in range(R * R)]
 
 
+def with_tail(g: GraphBuilder, h: str, width: int, side: int) -> onnx.ModelProto:
+    """h -> ReLU -> 1x1 conv `mix` (width -> 5) -> ReLU -> 1x1 conv `head`: every model's tail here."""
+    h = g.op("Relu", [g.conv(g.op("Relu", [h]), normal(5, width, 1, 1), normal(5), name="mix")])
+    return g.build(g.conv(h, normal(2, 5, 1, 1), normal(2), name="head"), ["N", 2, side, side])
+
+
+def pruned_without_the_copy(model: onnx.ModelProto, name: str, shape: tuple[int, ...]) -> onnx.ModelProto:
+    """Pruned at tolerance 1e-7: space `name` keeps C - 1 of its C units and the outputs on fresh
+    inputs are unchanged."""
+    x = RNG.normal(size=(48, *shape)).astype(np.float32)
+    pruned, report = onnxprune.prune(model, {"x": x}, tolerance=1e-7, allocation="global")
+    row = next(r for r in report.spaces if r.name == name)
+    assert (row.kept, row.units) == (C - 1, C), row
+    fresh = RNG.normal(size=(4, *shape)).astype(np.float32)
+    assert relative_l2(run(model, fresh), run(pruned, fresh)) < 1e-5
+    return pruned
+
+
 def shuffle_model(mode: str, source: int = 1, copy: int = 3) -> onnx.ModelProto:
     """conv (3 -> C x r x r) -> DepthToSpace(r, mode) -> ReLU -> conv (C -> 5) -> ReLU -> conv:
     output channel `copy` of the DepthToSpace is a copy of `source` (its r x r filters copied)."""
@@ -33,8 +51,7 @@ def shuffle_model(mode: str, source: int = 1, copy: int = 3) -> onnx.ModelProto:
     w[phase_channels(copy, mode)], b[phase_channels(copy, mode)] = w[phase_channels(source, mode)], b[phase_channels(source, mode)]
     g = GraphBuilder([None, 3, 5, 5])
     h = g.op("DepthToSpace", [g.conv("x", w, b, name="sub_pixel", pads=[1, 1, 1, 1])], name="shuffle", blocksize=R, mode=mode)
-    h = g.op("Relu", [g.conv(g.op("Relu", [h]), normal(5, C, 1, 1), normal(5), name="mix")])
-    return g.build(g.conv(h, normal(2, 5, 1, 1), normal(2), name="head"), ["N", 2, 10, 10])
+    return with_tail(g, h, C, 10)
 
 
 @pytest.mark.parametrize("mode", ["CRD", "DCR"])
@@ -42,14 +59,9 @@ def test_the_conv_before_a_pixel_shuffle_loses_a_copied_output_channel_exactly(m
     model = shuffle_model(mode)
     space = next(s for s in analyse(model).spaces if s.name == "sub_pixel")
     assert not space.pinned and space.n == C, space.pinned
-    x = RNG.normal(size=(48, 3, 5, 5)).astype(np.float32)
-    pruned, report = onnxprune.prune(model, {"x": x}, tolerance=1e-7, allocation="global")
-    row = next(r for r in report.spaces if r.name == "sub_pixel")
-    assert (row.kept, row.units) == (C - 1, C), row
+    pruned = pruned_without_the_copy(model, "sub_pixel", (3, 5, 5))
     assert initializer(pruned, "sub_pixel", 1).shape[0] == (C - 1) * R * R
     assert initializer(pruned, "mix", 1).shape[1] == C - 1
-    fresh = RNG.normal(size=(4, 3, 5, 5)).astype(np.float32)
-    assert relative_l2(run(model, fresh), run(pruned, fresh)) < 1e-5
 
 
 @pytest.mark.parametrize("mode", ["CRD", "DCR"])
@@ -64,16 +76,11 @@ def test_a_pixel_shuffle_reached_from_its_output_couples_the_conv_before_it(mode
     w, b = normal(C * R * R, 3, 2, 2), normal(C * R * R)
     w[phase_channels(3, mode)], b[phase_channels(3, mode)] = w[phase_channels(1, mode)], b[phase_channels(1, mode)]
     h = g.op("DepthToSpace", [g.conv("x", w, b, name="sub_pixel", strides=[2, 2])], name="shuffle", blocksize=R, mode=mode)
-    h = g.op("Relu", [g.conv(g.op("Relu", [g.op("Add", [h, skip])]), normal(5, C, 1, 1), normal(5), name="mix")])
-    model = g.build(g.conv(h, normal(2, 5, 1, 1), normal(2), name="head"), ["N", 2, 10, 10])
+    model = with_tail(g, g.op("Add", [h, skip]), C, 10)
     space = next(s for s in analyse(model).spaces if s.name == "conv_b")
     assert not space.pinned and space.n == C and set(space.producers) == {"conv_b", "sub_pixel"}, space.pinned
-    x = RNG.normal(size=(48, 3, 10, 10)).astype(np.float32)
-    pruned, report = onnxprune.prune(model, {"x": x}, tolerance=1e-7, allocation="global")
-    assert next(r for r in report.spaces if r.name == "conv_b").kept == C - 1
+    pruned = pruned_without_the_copy(model, "conv_b", (3, 10, 10))
     assert initializer(pruned, "sub_pixel", 1).shape[0] == (C - 1) * R * R
-    fresh = RNG.normal(size=(4, 3, 10, 10)).astype(np.float32)
-    assert relative_l2(run(model, fresh), run(pruned, fresh)) < 1e-5
 
 
 def test_a_pixel_shuffled_map_is_never_subsampled_in_step_with_its_block_size() -> None:
@@ -96,21 +103,15 @@ def unshuffle_model(copy: int = 2, source: int = 0) -> onnx.ModelProto:
     w[copy], b[copy] = w[source], b[source]
     g = GraphBuilder([None, 3, 6, 6])
     h = g.op("SpaceToDepth", [g.op("Relu", [g.conv("x", w, b, name="stem", pads=[1, 1, 1, 1])])], name="unshuffle", blocksize=R)
-    h = g.op("Relu", [g.conv(h, normal(5, C * R * R, 1, 1), normal(5), name="mix")])
-    return g.build(g.conv(h, normal(2, 5, 1, 1), normal(2), name="head"), ["N", 2, 3, 3])
+    return with_tail(g, h, C * R * R, 3)
 
 
 def test_space_to_depth_carries_every_unit_block_size_squared_times_and_a_copy_goes_exactly() -> None:
     model = unshuffle_model()
     space = next(s for s in analyse(model).spaces if s.name == "stem")
     assert not space.pinned and space.n == C and space.tensors[space.sites[0]].repeats == R * R, space.pinned
-    x = RNG.normal(size=(48, 3, 6, 6)).astype(np.float32)
-    pruned, report = onnxprune.prune(model, {"x": x}, tolerance=1e-7, allocation="global")
-    row = next(r for r in report.spaces if r.name == "stem")
-    assert (row.kept, row.units) == (C - 1, C), row
+    pruned = pruned_without_the_copy(model, "stem", (3, 6, 6))
     assert initializer(pruned, "mix", 1).shape[1] == (C - 1) * R * R
-    fresh = RNG.normal(size=(4, 3, 6, 6)).astype(np.float32)
-    assert relative_l2(run(model, fresh), run(pruned, fresh)) < 1e-5
 
 
 def test_space_to_depth_reached_from_its_output_makes_each_run_of_channels_one_unit() -> None:
@@ -125,16 +126,11 @@ def test_space_to_depth_reached_from_its_output_makes_each_run_of_channels_one_u
     g = GraphBuilder([None, 3, 6, 6])
     skip = g.conv("x", wb, bb, name="conv_b", strides=[2, 2])
     a = g.op("SpaceToDepth", [g.conv("x", wa, ba, name="conv_a", pads=[1, 1, 1, 1])], name="unshuffle", blocksize=R)
-    h = g.op("Relu", [g.conv(g.op("Relu", [g.op("Add", [a, skip])]), normal(5, C * R * R, 1, 1), normal(5), name="mix")])
-    model = g.build(g.conv(h, normal(2, 5, 1, 1), normal(2), name="head"), ["N", 2, 3, 3])
+    model = with_tail(g, g.op("Add", [a, skip]), C * R * R, 3)
     space = next(s for s in analyse(model).spaces if s.name == "conv_b")
     assert not space.pinned and space.n == C and set(space.producers) == {"conv_b", "conv_a"}, space.pinned
-    x = RNG.normal(size=(48, 3, 6, 6)).astype(np.float32)
-    pruned, report = onnxprune.prune(model, {"x": x}, tolerance=1e-7, allocation="global")
-    assert next(r for r in report.spaces if r.name == "conv_b").kept == C - 1
+    pruned = pruned_without_the_copy(model, "conv_b", (3, 6, 6))
     assert initializer(pruned, "conv_a", 1).shape[0] == C - 1 and initializer(pruned, "conv_b", 1).shape[0] == (C - 1) * R * R
-    fresh = RNG.normal(size=(4, 3, 6, 6)).astype(np.float32)
-    assert relative_l2(run(model, fresh), run(pruned, fresh)) < 1e-5
 
 
 @pytest.mark.parametrize("mode", ["CRD", "DCR"])
