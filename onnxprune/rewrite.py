@@ -155,11 +155,9 @@ class ConstantEdits:
             graph.initializer.append(numpy_helper.from_array(bias, const))
             producer.output[0] = inner
             add = helper.make_node("Add", [inner, const], [original], name=self._fresh_name(f"{producer.name or original}{SUFFIX}_bias_add"))
-            position = next(i for i, n in enumerate(graph.node) if n is producer)
-            graph.node.insert(position + 1, add)
+            self._insert_beside(producer, [add], after=True)
 
     def _insert_own_shapes(self) -> None:
-        graph = self.model.graph
         for reshape, holders in self.own_shapes.values():
             added = self._copied_chain(reshape, {key: inputs for key, (_, inputs) in holders.items()})
             if any(value.dtype != np.int64 for _, inputs in holders.values() for value in inputs.values()):
@@ -167,9 +165,7 @@ class ConstantEdits:
                                         name=self._fresh_name(f"{added[-1].name}_cast"), to=onnx.TensorProto.INT64)
                 added.append(cast)  # tf2onnx: int32 shape arithmetic, cast at the end
             reshape.input[1] = added[-1].output[0]  # the target / shape input of Reshape and Expand
-            position = next(i for i, n in enumerate(graph.node) if n is reshape)
-            for node in reversed(added):
-                graph.node.insert(position, node)
+            self._insert_beside(reshape, added)
 
     def _insert_narrowed(self) -> None:
         graph = self.model.graph
@@ -184,8 +180,14 @@ class ConstantEdits:
             else:
                 added = helper.make_node("Slice", [source], [narrow], name=name, starts=[0], ends=[1], axes=[axis])
             node.input[slot] = narrow
-            position = next(i for i, n in enumerate(graph.node) if n is node)
-            graph.node.insert(position, added)
+            self._insert_beside(node, [added])
+
+    def _insert_beside(self, anchor: onnx.NodeProto, added: list[onnx.NodeProto], after: bool = False) -> None:
+        """Insert `added` (in order) just before `anchor` in the graph, or just after it."""
+        nodes = self.model.graph.node
+        position = next(i for i, n in enumerate(nodes) if n is anchor) + int(after)
+        for node in reversed(added):
+            nodes.insert(position, node)
 
     def _copied_chain(self, reshape: onnx.NodeProto, edits: dict[int, dict[int, np.ndarray]]) -> list[onnx.NodeProto]:
         """Copies of the nodes from `reshape`'s target Concat down to the edited holders (node id

@@ -17,6 +17,7 @@ from .boundary import BoundaryCache
 from .calibrate import make_session
 from .decisions import PassDecisions, PassPlan, SequentialResult
 from .graph import GraphIndex
+from .placement import Placement
 from .plan import Plan
 from .rechoose import rechoosable
 from .recovery import Recovery
@@ -128,7 +129,7 @@ class SequentialFitter:
                 out_o = dict(zip(outputs_o, session_o.run(None, self._feeds(inputs_o, batch, [cache_o], i, False)), strict=True))
                 out_p = dict(zip(pruned_outputs, session_p.run(None, self._feeds(inputs_p, batch, [cache_p], i, True)), strict=True))
                 for tensor in measured:
-                    axis, stride = self._axis(tensor), self.strides.get(tensor, 1)
+                    axis, stride = self._placement(tensor).axis, self.strides.get(tensor, 1)
                     cols_p, cols_o = site_matrix(out_p[tensor], axis, stride), site_matrix(out_o[tensor], axis, stride)
                     changed[tensor] = changed[tensor] or cols_p.shape != cols_o.shape or not np.array_equal(cols_p, cols_o)
                     accumulators[tensor][int(heldout)].add_columns(cols_p, cols_o)
@@ -188,15 +189,16 @@ class SequentialFitter:
     def _small(self, sites: list[str]) -> bool:
         """Whether the fits at these sites are small enough for one BLAS thread to be faster:
         OpenBLAS's threads made a 64 x 64 eigendecomposition 100x slower between onnxruntime's runs."""
-        width = max((s.tensors[t].size for s in self.spaces for t in sites if t in s.tensors), default=0)
+        width = max((self._placement(t).size for t in sites), default=0)
         return width ** 3 < SMALL_PRODUCT
 
-    def _axis(self, tensor: str) -> int:
-        return next(s.tensors[tensor].axis for s in self.spaces if tensor in s.tensors)
+    def _placement(self, tensor: str) -> Placement:
+        """Where the units of the space measured at site `tensor` lie on it."""
+        return next(s.tensors[tensor] for s in self.spaces if tensor in s.tensors)
 
     def _new_stats(self, tensor: str, held: bool) -> CrossStats:
         shift = self.stats[tensor].mean() if tensor in self.stats else None
-        width = next(s.tensors[tensor].size for s in self.spaces if tensor in s.tensors)
+        width = self._placement(tensor).size
         if shift is None:
             shift = np.zeros(width)
         kept = np.setdiff1d(np.arange(width), self.plans.run_removed.get(tensor, NONE))

@@ -86,19 +86,11 @@ def is_depthwise(index: GraphIndex, node: onnx.NodeProto) -> bool:
     return group > 1 and dims[0] == group and dims[1] == 1
 
 
-@carries("Conv")
+@carries("Conv", "ConvTranspose")
 def grouped_conv(index: GraphIndex, node: onnx.NodeProto, tensor: str, placement: Placement) -> list[Effect]:
-    """Depthwise Conv acts on each channel alone (slice its weight, update `group`); another
-    grouped Conv carries whole groups (see `_whole_groups`)."""
-    if not is_depthwise(index, node):
-        return _whole_groups(index, node, tensor, placement)
-    return _depthwise(index, node, placement)
-
-
-@carries("ConvTranspose")
-def grouped_conv_transpose(index: GraphIndex, node: onnx.NodeProto, tensor: str, placement: Placement) -> list[Effect]:
-    """A depthwise ConvTranspose (a learned per-channel upsampling) acts on each channel alone,
-    as a depthwise Conv: its weight is [C, 1, k, k] too. Other groups carry whole groups."""
+    """A depthwise Conv or ConvTranspose (a learned per-channel upsampling; its weight is
+    [C, 1, k, k] too) acts on each channel alone (slice its weight, update `group`); another
+    grouped one carries whole groups (see `_whole_groups`)."""
     if not is_depthwise(index, node):
         return _whole_groups(index, node, tensor, placement)
     return _depthwise(index, node, placement)

@@ -166,7 +166,14 @@ def gather(index: GraphIndex, node: onnx.NodeProto, tensor: str, placement: Plac
     if source.axis == axis:
         return [Pin(f"Gather '{label}' selects along the units' axis")]
     out = source.moved(source.axis if source.axis < axis else source.axis + picks - 1)
-    if index.is_constant(node.input[0]):  # a table of per-unit rows (T5's relative attention bias per head)
+    return _gathered_through(index, node, source, out)
+
+
+def _gathered_through(index: GraphIndex, node: onnx.NodeProto, source: Placement, out: Placement) -> list[Effect]:
+    """The units pass from the data (`source`) to the output (`out`) of a Gather(ND) of other
+    axes; a constant table of per-unit columns (T5's or Swin's relative bias per head) is sliced."""
+    label = index.label(node)
+    if index.is_constant(node.input[0]):
         return [Through(label), *slice_param(index, node, 0, source.axis, node.output[0], out, per_element=True), Carry(node.output[0], out)]
     return through(label, node.input[0], node.output[0], source, out)
 
@@ -184,10 +191,7 @@ def gather_nd(index: GraphIndex, node: onnx.NodeProto, tensor: str, placement: P
     data_axis = placement.axis if tensor == node.input[0] else placement.axis - lead + first
     if data_axis < first or data_axis >= rank:
         return [Pin(f"GatherND '{label}' indexes the units' axis")]
-    source, out = placement.moved(data_axis), placement.moved(data_axis - first + lead)
-    if index.is_constant(node.input[0]):  # a table of per-unit columns
-        return [Through(label), *slice_param(index, node, 0, data_axis, node.output[0], out, per_element=True), Carry(node.output[0], out)]
-    return through(label, node.input[0], node.output[0], source, out)
+    return _gathered_through(index, node, placement.moved(data_axis), placement.moved(data_axis - first + lead))
 
 
 def _along_units(index: GraphIndex, node: onnx.NodeProto, tensor: str, placement: Placement) -> list[Effect]:
