@@ -160,45 +160,11 @@ def instrument(model: onnx.ModelProto, sites: list[Site], ranks: dict[str, int],
     names = []
     for i, site in enumerate(sites):
         p = f"{PREFIX}{i}_"
-        rank = ranks[site.tensor]
-        nodes = [helper.make_node("Cast", [site.tensor], [p + "x"], to=TensorProto.FLOAT)]  # a no-op on float32, removed by onnxruntime
-        source = p + "x"
-        stride = strides.get(site.tensor, 1)
-        if stride > 1:
-            spatial = rank - 2
-            nodes.append(helper.make_node("MaxPool", [source], [p + "sampled"], kernel_shape=[1] * spatial, strides=[stride] * spatial))
-            source = p + "sampled"
-        # per-sample column sums of the raw rows (short float32 reductions, added up in float64)
-        others = [a for a in range(1, rank) if a != site.axis] if site.axis != 0 else list(range(1, rank))
-        if not others:
-            nodes.append(helper.make_node("Identity", [source], [p + "sum"]))
-        elif opset >= 13:
-            graph.initializer.append(numpy_helper.from_array(np.array(others, dtype=np.int64), p + "axes"))
-            nodes.append(helper.make_node("ReduceSum", [source, p + "axes"], [p + "sum"], keepdims=0))
-        else:
-            nodes.append(helper.make_node("ReduceSum", [source], [p + "sum"], axes=others, keepdims=0))
+        per_sample = channels_first(site, positions_after.get(site.tensor))
+        source = sampled_site(graph, site.tensor, ranks[site.tensor], strides.get(site.tensor, 1), p)
         graph.input.append(helper.make_tensor_value_info(p + "shift", TensorProto.FLOAT, [site.width]))
-        if channels_first(site, positions_after.get(site.tensor)):
-            # [N, C, P]: one Gram per sample, X_n X_n^T, without moving the feature map (summed over N outside)
-            graph.initializer.append(numpy_helper.from_array(np.array([0, site.width, -1], dtype=np.int64), p + "shape"))
-            graph.initializer.append(numpy_helper.from_array(np.array([site.width, 1], dtype=np.int64), p + "column"))
-            nodes.append(helper.make_node("Reshape", [source, p + "shape"], [p + "raw"]))
-            nodes.append(helper.make_node("Reshape", [p + "shift", p + "column"], [p + "centre"]))
-            nodes.append(helper.make_node("Sub", [p + "raw", p + "centre"], [p + "rows"]))
-            nodes.append(helper.make_node("Transpose", [p + "rows"], [p + "rowsT"], perm=[0, 2, 1]))
-            nodes.append(helper.make_node("MatMul", [p + "rows", p + "rowsT"], [p + "gram"]))
-        else:
-            if site.axis != rank - 1:
-                perm = [a for a in range(rank) if a != site.axis] + [site.axis]
-                nodes.append(helper.make_node("Transpose", [source], [p + "t"], perm=perm))
-                source = p + "t"
-            graph.initializer.append(numpy_helper.from_array(np.array([-1, site.width], dtype=np.int64), p + "shape"))
-            nodes.append(helper.make_node("Reshape", [source, p + "shape"], [p + "raw"]))
-            nodes.append(helper.make_node("Sub", [p + "raw", p + "shift"], [p + "rows"]))
-            nodes.append(helper.make_node("Transpose", [p + "rows"], [p + "rowsT"], perm=[1, 0]))
-            nodes.append(helper.make_node("MatMul", [p + "rowsT", p + "rows"], [p + "gram"]))
-        nodes.append(helper.make_node("Shape", [p + "rows"], [p + "rshape"]))
-        graph.node.extend(nodes)
+        rows = centred_rows(graph, source, p + "shift", site.axis, ranks[site.tensor], site.width, per_sample, p, opset)
+        graph.node.extend(second_moment(rows, rows, per_sample, p + "gram"))
         graph.output.extend([
             helper.make_tensor_value_info(p + "gram", TensorProto.FLOAT, None),
             helper.make_tensor_value_info(p + "sum", TensorProto.FLOAT, None),
@@ -206,6 +172,59 @@ def instrument(model: onnx.ModelProto, sites: list[Site], ranks: dict[str, int],
         ])
         names.append((p + "gram", p + "sum", p + "rshape"))
     return out, names
+
+
+def sampled_site(graph: onnx.GraphProto, tensor: str, rank: int, stride: int, p: str) -> str:
+    """Nodes that give the site's activation in float32, every `stride`-th position of each
+    spatial dim (a 1x1 MaxPool, which onnxruntime runs in its blocked layout)."""
+    graph.node.append(helper.make_node("Cast", [tensor], [p + "x"], to=TensorProto.FLOAT))  # a no-op on float32, removed by onnxruntime
+    if stride == 1:
+        return p + "x"
+    spatial = rank - 2
+    graph.node.append(helper.make_node("MaxPool", [p + "x"], [p + "sampled"], kernel_shape=[1] * spatial, strides=[stride] * spatial))
+    return p + "sampled"
+
+
+def centred_rows(graph: onnx.GraphProto, source: str, shift: str, axis: int, rank: int, width: int, per_sample: bool,
+                 p: str, opset: int) -> str:
+    """Nodes that lay a site's (sampled) activation out as rows centred by `shift`: [N, C, P]
+    `per_sample` (no transpose of the map), else [R, C]. Also `p`sum, the per-sample column sums
+    of the raw activation, and `p`rshape, the shape of the rows."""
+    others = [a for a in range(1, rank) if a != axis] if axis != 0 else list(range(1, rank))
+    if not others:
+        graph.node.append(helper.make_node("Identity", [source], [p + "sum"]))
+    elif opset >= 13:
+        graph.initializer.append(numpy_helper.from_array(np.array(others, dtype=np.int64), p + "axes"))
+        graph.node.append(helper.make_node("ReduceSum", [source, p + "axes"], [p + "sum"], keepdims=0))
+    else:
+        graph.node.append(helper.make_node("ReduceSum", [source], [p + "sum"], axes=others, keepdims=0))
+    if per_sample:  # [N, C, P]: one product per sample, X_n X_n^T, without moving the feature map (summed over N outside)
+        graph.initializer.append(numpy_helper.from_array(np.array([0, width, -1], dtype=np.int64), p + "shape"))
+        graph.initializer.append(numpy_helper.from_array(np.array([width, 1], dtype=np.int64), p + "column"))
+        graph.node.append(helper.make_node("Reshape", [source, p + "shape"], [p + "raw"]))
+        graph.node.append(helper.make_node("Reshape", [shift, p + "column"], [p + "centre"]))
+        graph.node.append(helper.make_node("Sub", [p + "raw", p + "centre"], [p + "rows"]))
+    else:
+        if axis != rank - 1:
+            perm = [a for a in range(rank) if a != axis] + [axis]
+            graph.node.append(helper.make_node("Transpose", [source], [p + "t"], perm=perm))
+            source = p + "t"
+        graph.initializer.append(numpy_helper.from_array(np.array([-1, width], dtype=np.int64), p + "shape"))
+        graph.node.append(helper.make_node("Reshape", [source, p + "shape"], [p + "raw"]))
+        graph.node.append(helper.make_node("Sub", [p + "raw", shift], [p + "rows"]))
+    graph.node.append(helper.make_node("Shape", [p + "rows"], [p + "rshape"]))
+    return p + "rows"
+
+
+def second_moment(left: str, right: str, per_sample: bool, output: str) -> list[onnx.NodeProto]:
+    """left^T right of two row layouts from `centred_rows`: [N, k, n] per sample, else [k, n]
+    (onnxruntime fuses the Transpose into its MatMul)."""
+    transposed = output + "_T"
+    if per_sample:
+        return [helper.make_node("Transpose", [right], [transposed], perm=[0, 2, 1]),
+                helper.make_node("MatMul", [left, transposed], [output])]
+    return [helper.make_node("Transpose", [left], [transposed], perm=[1, 0]),
+            helper.make_node("MatMul", [transposed, right], [output])]
 
 
 def make_session(model: onnx.ModelProto, optimize: bool = True, patch: onnx.ModelProto | None = None,

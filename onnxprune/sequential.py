@@ -15,6 +15,8 @@ import onnx
 from .analyse import Analysis
 from .boundary import BoundaryCache
 from .calibrate import make_session
+from .crossgraph import CrossSite, accumulate, cross_patch
+from .crossgraph import feeds as cross_feeds
 from .decisions import PassDecisions, PassPlan, SequentialResult
 from .graph import GraphIndex
 from .placement import Placement
@@ -28,15 +30,6 @@ from .stats import SMALL_PRODUCT, CrossStats, SiteStats, single_blas_thread
 from .verify import drop_units
 
 SEQUENTIAL_SAMPLES = 512  # calibration samples the pass refits on by default (docs/speed.md, section 6)
-
-
-def site_matrix(array: np.ndarray, axis: int, stride: int = 1) -> np.ndarray:
-    """Units x rows (a contiguous float32 copy) of an activation, sampled like the calibration
-    (stride on the spatial dims of channels-first maps)."""
-    if stride > 1 and axis == 1 and array.ndim >= 3:
-        array = array[(slice(None), slice(None), *[slice(None, None, stride)] * (array.ndim - 2))]
-    matrix = np.moveaxis(array, axis, 0).reshape(array.shape[axis], -1)
-    return np.array(matrix, dtype=np.float32, order="C", copy=True)
 
 
 class SequentialFitter:
@@ -115,9 +108,9 @@ class SequentialFitter:
         pruned_part = extract(pruned, cache_p.dtypes(), pruned_outputs)
         del pruned
         # errors are handled by the caller (the one-shot model is written): onnxruntime need not print them
-        session_o, session_p = make_session(original_part, spinning=False, log_level=4), make_session(pruned_part, spinning=False, log_level=4)
+        session_o = make_session(original_part, spinning=False, log_level=4)
+        session_p = None  # built at the first batch, once the sites' ranks and sizes are seen
         inputs_o = [i.name for i in original_part.graph.input]
-        inputs_p = [i.name for i in pruned_part.graph.input]
         accumulators = {t: (self._new_stats(t, t in full_width), self._new_stats(t, True)) for t in measured}
         changed = dict.fromkeys(measured, False)
         resume = BoundaryCache() if refit_boundary else cache_p  # the pruned activations kept from this run
@@ -127,12 +120,20 @@ class SequentialFitter:
                 if segment is self.segments[0] and not heldout:
                     self.result.samples += len(next(iter(batch.values())))
                 out_o = dict(zip(outputs_o, session_o.run(None, self._feeds(inputs_o, batch, [cache_o], i, False)), strict=True))
-                out_p = dict(zip(pruned_outputs, session_p.run(None, self._feeds(inputs_p, batch, [cache_p], i, True)), strict=True))
+                if session_p is None:
+                    sites = {t: self._cross_site(t, out_o[t], len(accumulators[t][0].shift_p)) for t in measured}
+                    shifts = {t: (cal.shift_p, cal.shift_o) for t, (cal, _) in accumulators.items()}
+                    patch, cross = cross_patch(pruned_part, list(sites.values()), shifts, kept_p)
+                    session_p = make_session(pruned_part, patch=patch, spinning=False, log_level=4)
+                    inputs_p = [i.name for i in pruned_part.graph.input]
+                    fetch = [*kept_p, *(n for t in measured for n in cross[t].fetched())]
+                feeds = self._feeds(inputs_p, batch, [cache_p], i, True)
+                for t in measured:
+                    feeds.update(cross_feeds(cross[t], sites[t], out_o[t], accumulators[t][int(heldout)]))
+                out_p = dict(zip(fetch, session_p.run(fetch, feeds), strict=True))
                 for tensor in measured:
-                    axis, stride = self._placement(tensor).axis, self.strides.get(tensor, 1)
-                    cols_p, cols_o = site_matrix(out_p[tensor], axis, stride), site_matrix(out_o[tensor], axis, stride)
-                    changed[tensor] = changed[tensor] or cols_p.shape != cols_o.shape or not np.array_equal(cols_p, cols_o)
-                    accumulators[tensor][int(heldout)].add_columns(cols_p, cols_o)
+                    differs = accumulate(accumulators[tensor][int(heldout)], sites[tensor], out_p, cross[tensor])
+                    changed[tensor] = changed[tensor] or differs
                 for name in new_boundary:
                     cache_o.put(i, name, out_o[name])
                 for name in kept_p:
@@ -185,6 +186,13 @@ class SequentialFitter:
             else:
                 feeds[name] = drop_units(batch[name], self.plans.run_io.get(name)) if pruned else batch[name]
         return feeds
+
+    def _cross_site(self, tensor: str, original: np.ndarray, kept: int) -> CrossSite:
+        """How the pass measures site `tensor`, given one batch of the original's activation there."""
+        placement = self._placement(tensor)
+        stride = self.strides.get(tensor, 1) if placement.axis == 1 and original.ndim >= 3 else 1
+        dims = [-(-d // stride) if a >= 2 else d for a, d in enumerate(original.shape) if a not in (0, placement.axis)]
+        return CrossSite(tensor, placement.axis, original.ndim, stride, kept, placement.size, int(np.prod(dims, dtype=np.int64)))
 
     def _small(self, sites: list[str]) -> bool:
         """Whether the fits at these sites are small enough for one BLAS thread to be faster:

@@ -9,6 +9,7 @@ import itertools
 import numpy as np
 import onnx
 import pytest
+from onnx import TensorProto, helper
 
 import onnxprune
 import onnxprune.fidelity
@@ -22,7 +23,8 @@ from onnxprune.recovery import Recovery, fit_sequential
 from onnxprune.rewrite import fold_consumer_weight, rewrite
 from onnxprune.score import score_space
 from onnxprune.segments import cut_segments, extract
-from onnxprune.sequential import site_matrix
+from onnxprune.calibrate import make_session
+from onnxprune.crossgraph import CrossSite, accumulate, cross_patch, feeds
 from onnxprune.stats import CrossStats
 
 FMNIST = "models/data/fmnist_calib.npz"
@@ -209,11 +211,47 @@ def test_segments_cut_between_sites_and_reproduce_activations() -> None:
         available = {t: (values[t] if t in values else available[t]) for t in segment.boundary}
 
 
-def test_site_matrix_samples_like_the_calibration() -> None:
-    array = np.arange(2 * 3 * 4 * 4, dtype=np.float32).reshape(2, 3, 4, 4)
-    matrix = site_matrix(array, 1, 2)
-    assert matrix.shape == (3, 2 * 2 * 2) and matrix.flags["C_CONTIGUOUS"]
-    np.testing.assert_array_equal(matrix[1], array[:, 1, ::2, ::2].reshape(-1))
+def reference_columns(array: np.ndarray, axis: int, stride: int) -> np.ndarray:
+    """Units x rows of an activation sampled like the calibration, in NumPy."""
+    if stride > 1:
+        array = array[(slice(None), slice(None), *[slice(None, None, stride)] * (array.ndim - 2))]
+    return np.moveaxis(array, axis, 0).reshape(array.shape[axis], -1).astype(np.float32)
+
+
+@pytest.mark.parametrize(("shape", "axis", "stride", "kept", "noise"), [
+    ((3, 4, 9, 9), 1, 2, [0, 2, 3], True),  # per-sample products on a sampled feature map
+    ((3, 6, 5), 1, 1, [1, 2, 3, 4, 5], True),  # too few positions per unit: rows [R, C]
+    ((2, 7, 5), 2, 1, [0, 1, 3, 4], True),  # units on the last axis (a transformer's hidden state)
+    ((2, 7, 5), 2, 1, [0, 1, 2, 3, 4], False),
+    ((3, 4, 9, 9), 1, 1, [0, 1, 2, 3], False),  # the same units, unchanged by upstream pruning
+    ((3, 4, 9, 9), 1, 2, [0, 1, 2, 3], True),  # the same units, changed
+])
+def test_in_graph_cross_moments_equal_numpy(shape, axis, stride, kept, noise) -> None:
+    """The pruned segment's session computes x~^T x~, x~^T x_o and x_o^T x_o about the shifts
+    and the raw sums, as CrossStats.add_columns does from the activations in NumPy."""
+    rng = np.random.default_rng(0)
+    original = rng.normal(1.0, 2.0, shape).astype(np.float32)
+    pruned = np.take(original, kept, axis=axis)
+    pruned = pruned + np.float32(0.1 * noise) * rng.normal(size=pruned.shape).astype(np.float32)
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["site"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, None)],
+                              [helper.make_tensor_value_info("site", TensorProto.FLOAT, None)])
+    part = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    shift_o = rng.normal(1.0, 0.5, shape[axis]).astype(np.float32)
+    shift_p = shift_o[kept]
+    sampled_dims = [-(-d // stride) if a >= 2 else d for a, d in enumerate(shape) if a not in (0, axis)]
+    site = CrossSite("site", axis, len(shape), stride, len(kept), shape[axis], int(np.prod(sampled_dims)))
+    patch, names = cross_patch(part, [site], {"site": (shift_p, shift_o)}, [])
+    session = make_session(part, patch=patch)
+    in_graph, reference = CrossStats(shift_p, shift_o, with_oo=True), CrossStats(shift_p, shift_o, with_oo=True)
+    fetch = names["site"].fetched()
+    values = dict(zip(fetch, session.run(fetch, {"x": pruned, **feeds(names["site"], site, original, in_graph)}), strict=True))
+    differs = accumulate(in_graph, site, values, names["site"])
+    reference.add_columns(reference_columns(pruned, axis, stride), reference_columns(original, axis, stride))
+    assert differs == noise
+    assert in_graph.count == reference.count
+    for field in ("total_p", "total_o", "pp", "po", "oo"):
+        np.testing.assert_allclose(getattr(in_graph, field), getattr(reference, field), rtol=1e-5, atol=1e-3)
 
 
 def test_cli_sequential_flags(tmp_path, capsys) -> None:
