@@ -16,15 +16,15 @@ import onnxprune.fidelity
 from builders import cli, planted_cnn, planted_mlp, random_cnn, random_mlp, relative_l2, run, run_tensors
 from onnxprune.analyse import Consumer
 from onnxprune.api import calibration_statistics, fit_recoveries, fit_sequentially, prepare
+from onnxprune.calibrate import make_session
 from onnxprune.cost import build_cost_model
+from onnxprune.crossgraph import CrossSite, accumulate, cross_patch, feeds
 from onnxprune.data import CalibrationData
 from onnxprune.plan import Target, make_plan
 from onnxprune.recovery import Recovery, fit_sequential
 from onnxprune.rewrite import fold_consumer_weight, rewrite
 from onnxprune.score import score_space
 from onnxprune.segments import cut_segments, extract
-from onnxprune.calibrate import make_session
-from onnxprune.crossgraph import CrossSite, accumulate, cross_patch, feeds
 from onnxprune.stats import CrossStats
 
 FMNIST = "models/data/fmnist_calib.npz"
