@@ -529,7 +529,7 @@ SEQUENTIAL_BATCH_BYTES = 256 << 20  # the largest site's activations of one batc
 def sequential_batch_size(prepared: Prepared) -> int:
     """The batch of the sequential pass: the calibration batch, smaller where one batch of the
     largest site's activations would pass SEQUENTIAL_BATCH_BYTES (a 512x512 segmentation map):
-    the pass holds both models' activations of a batch and their unit-major copies at once."""
+    the pass holds both models' activations of a batch and their products' operands at once."""
     if prepared.static_batch:
         return prepared.batch_size
     sizes = [(positions(prepared.shapes[s.tensor], s.axis) or 0) * s.width for s in prepared.analysis.sites() if prepared.shapes.get(s.tensor)]

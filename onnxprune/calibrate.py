@@ -140,10 +140,10 @@ def choose_strides(sites: list[Site], shapes: dict, model_macs: int, spatial_str
     return strides
 
 
-def channels_first(site: Site, positions_per_sample: int | None) -> bool:
+def channels_first(axis: int, width: int, positions_per_sample: int | None) -> bool:
     """Per-sample Grams on the [N, C, positions] map (no transpose of the activations) pay off
     when a sample has many positions per unit; the [N, C, C] output stays small then."""
-    return site.axis == 1 and positions_per_sample is not None and positions_per_sample >= CHANNELS_FIRST * site.width
+    return axis == 1 and positions_per_sample is not None and positions_per_sample >= CHANNELS_FIRST * width
 
 
 def instrument(model: onnx.ModelProto, sites: list[Site], ranks: dict[str, int], strides: dict[str, int] | None = None,
@@ -160,7 +160,7 @@ def instrument(model: onnx.ModelProto, sites: list[Site], ranks: dict[str, int],
     names = []
     for i, site in enumerate(sites):
         p = f"{PREFIX}{i}_"
-        per_sample = channels_first(site, positions_after.get(site.tensor))
+        per_sample = channels_first(site.axis, site.width, positions_after.get(site.tensor))
         source = sampled_site(graph, site.tensor, ranks[site.tensor], strides.get(site.tensor, 1), p)
         graph.input.append(helper.make_tensor_value_info(p + "shift", TensorProto.FLOAT, [site.width]))
         rows = centred_rows(graph, source, p + "shift", site.axis, ranks[site.tensor], site.width, per_sample, p, opset)

@@ -1,7 +1,8 @@
-"""In-graph cross moments for the sequential pass: the pruned segment's session also takes the
-original model's (sampled) activation at each measured site and computes x~^T x~, x~^T x_o and
-x_o^T x_o about fixed shifts, so only small matrices leave onnxruntime (the products run in its
-threaded GEMM, without moving the feature maps into NumPy first)."""
+"""One onnxruntime session per segment of the sequential pass: the original's and the pruned
+model's segments run side by side, and the cross moments of each measured site (x~^T x~,
+x~^T x_o, x_o^T x_o about fixed shifts) are computed in the graph, so only small matrices and
+the activations at the cut leave onnxruntime (the products run in its threaded GEMM, the
+feature maps never move into NumPy)."""
 
 from __future__ import annotations
 
@@ -12,16 +13,22 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from .calibrate import CHANNELS_FIRST, PREFIX, centred_rows, default_opset, sampled_site, second_moment
+from .calibrate import PREFIX, centred_rows, channels_first, default_opset, make_session, sampled_site, second_moment
+from .segments import side_by_side
 from .stats import CrossStats
+
+PRUNED = PREFIX + "pruned/"  # the pruned segment's names in the joint session
+ALL_ROWS, NO_ROWS = np.array([0], np.int64), np.array([np.iinfo(np.int64).max], np.int64)
 
 
 @dataclass(frozen=True)
 class CrossSite:
-    """One measured site of a segment: where its units lie, how it is sampled, how many units
-    the pruned run (`kept`) and the original (`width`) have there."""
+    """One measured site: its tensor in the original (`tensor`) and the pruned model (`pruned`),
+    where its units lie, how it is sampled, and how many units the pruned run (`kept`) and the
+    original (`width`) have there."""
 
     tensor: str
+    pruned: str
     axis: int
     rank: int
     stride: int
@@ -31,24 +38,14 @@ class CrossSite:
 
     @property
     def per_sample(self) -> bool:
-        """Products per sample on [N, C, P] maps pay off when a sample has many positions per unit."""
-        return self.axis == 1 and self.positions is not None and self.positions >= CHANNELS_FIRST * self.width
-
-
-def sampled(array: np.ndarray, site: CrossSite) -> np.ndarray:
-    """The original's activation as the pruned graph's cross input: float32, every `stride`-th
-    position of channels-first maps (as the calibration samples it)."""
-    if site.stride > 1 and site.axis == 1 and array.ndim >= 3:
-        array = array[(slice(None), slice(None), *[slice(None, None, site.stride)] * (array.ndim - 2))]
-    return np.ascontiguousarray(array, dtype=np.float32)
+        return channels_first(self.axis, self.width, self.positions)
 
 
 @dataclass(frozen=True)
 class CrossOutputs:
-    """The names of one site's outputs in the patched session."""
+    """The names of one site's inputs and outputs in the patched session."""
 
-    original: str  # the input that takes the original's sampled activation
-    oo_from: str  # the input that takes the first row that x_o^T x_o sums: ALL_ROWS, or NO_ROWS where no statistics keep it
+    oo_from: str  # the input that takes the first row x_o^T x_o sums: ALL_ROWS, or NO_ROWS where no statistics keep it
     pp: str
     po: str
     oo: str
@@ -60,44 +57,34 @@ class CrossOutputs:
         return [self.pp, self.po, self.oo, self.sum_p, self.sum_o, self.rshape]
 
 
-ALL_ROWS, NO_ROWS = np.array([0], np.int64), np.array([np.iinfo(np.int64).max], np.int64)
-
-
-def cross_patch(part: onnx.ModelProto, sites: Sequence[CrossSite], shifts: dict[str, tuple[np.ndarray, np.ndarray]],
+def cross_patch(model: onnx.ModelProto, sites: Sequence[CrossSite], shifts: dict[str, tuple[np.ndarray, np.ndarray]],
                 passed: Sequence[str]) -> tuple[onnx.ModelProto, dict[str, CrossOutputs]]:
-    """A patch (see `calibrate.make_session`) of the pruned segment `part` that outputs, per site,
-    the products of its rows about `shifts` (pruned, original), their raw column sums and the
-    rows' shape; the `passed` tensors stay outputs of the session."""
-    opset = default_opset(part)
+    """A patch (see `calibrate.make_session`) of a model computing both sites' tensors that
+    outputs, per site, the products of their rows about `shifts` (pruned, original), their raw
+    column sums and the rows' shape; the `passed` tensors stay outputs of the session."""
+    opset = default_opset(model)
     patch = onnx.ModelProto()
     graph = patch.graph
+    graph.initializer.extend([numpy_helper.from_array(NO_ROWS, PREFIX + "oo_to"), numpy_helper.from_array(np.array([0], np.int64), PREFIX + "oo_axis")])
     names = {}
     for i, site in enumerate(sites):
         p = f"{PREFIX}x{i}_"
         shift_p, shift_o = shifts[site.tensor]
         graph.initializer.extend([numpy_helper.from_array(np.asarray(shift_p, np.float32), p + "shift_p"),
                                   numpy_helper.from_array(np.asarray(shift_o, np.float32), p + "shift_o")])
-        graph.input.append(helper.make_tensor_value_info(p + "original", TensorProto.FLOAT, None))
-        source = sampled_site(graph, site.tensor, site.rank, site.stride, p + "p_")
-        rows_p = centred_rows(graph, source, p + "shift_p", site.axis, site.rank, site.kept, site.per_sample, p + "p_", opset)
-        rows_o = centred_rows(graph, p + "original", p + "shift_o", site.axis, site.rank, site.width, site.per_sample, p + "o_", opset)
+        source_p = sampled_site(graph, site.pruned, site.rank, site.stride, p + "p_")
+        source_o = sampled_site(graph, site.tensor, site.rank, site.stride, p + "o_")
+        rows_p = centred_rows(graph, source_p, p + "shift_p", site.axis, site.rank, site.kept, site.per_sample, p + "p_", opset)
+        rows_o = centred_rows(graph, source_o, p + "shift_o", site.axis, site.rank, site.width, site.per_sample, p + "o_", opset)
         # x_o^T x_o is kept by some statistics only: the rows from `oo_from` on (all or none) enter it
         graph.input.append(helper.make_tensor_value_info(p + "oo_from", TensorProto.INT64, [1]))
-        sliced = p + "o_some"
-        graph.node.append(helper.make_node("Slice", [rows_o, p + "oo_from", PREFIX + "oo_to", PREFIX + "oo_axis"], [sliced]))
-        for left, right, product in ((rows_p, rows_p, "pp"), (rows_p, rows_o, "po"), (sliced, sliced, "oo")):
+        graph.node.append(helper.make_node("Slice", [rows_o, p + "oo_from", PREFIX + "oo_to", PREFIX + "oo_axis"], [p + "o_some"]))
+        for left, right, product in ((rows_p, rows_p, "pp"), (rows_p, rows_o, "po"), (p + "o_some", p + "o_some", "oo")):
             graph.node.extend(second_moment(left, right, site.per_sample, p + product))
-        names[site.tensor] = CrossOutputs(p + "original", p + "oo_from", p + "pp", p + "po", p + "oo", p + "p_sum", p + "o_sum", p + "p_rshape")
-    graph.initializer.extend([numpy_helper.from_array(NO_ROWS, PREFIX + "oo_to"), numpy_helper.from_array(np.array([0], np.int64), PREFIX + "oo_axis")])
+        names[site.tensor] = CrossOutputs(p + "oo_from", p + "pp", p + "po", p + "oo", p + "p_sum", p + "o_sum", p + "p_rshape")
     fetched = [t for o in names.values() for t in o.fetched()]
     graph.output.extend(helper.make_empty_tensor_value_info(t) for t in [*passed, *fetched])
     return patch, names
-
-
-def feeds(outputs: CrossOutputs, site: CrossSite, original: np.ndarray, stats: CrossStats) -> dict[str, np.ndarray]:
-    """The patched session's inputs for one site: the original's activation there, and whether
-    the statistics this batch goes to keep x_o^T x_o."""
-    return {outputs.original: sampled(original, site), outputs.oo_from: ALL_ROWS if stats.with_oo else NO_ROWS}
 
 
 def accumulate(stats: CrossStats, site: CrossSite, values: dict[str, np.ndarray], outputs: CrossOutputs) -> bool:
@@ -115,3 +102,36 @@ def accumulate(stats: CrossStats, site: CrossSite, values: dict[str, np.ndarray]
     stats.add_moments(rows, sum_p.reshape(-1, site.kept).sum(axis=0, dtype=np.float64),
                       sum_o.reshape(-1, site.width).sum(axis=0, dtype=np.float64), summed(pp), summed(po), oo)
     return site.kept != site.width or not (np.array_equal(pp, po) and np.array_equal(sum_p, sum_o))
+
+
+class JointSegment:
+    """A segment of the original and of the pruned model in one session (the pruned one's names
+    prefixed with PRUNED), with the cross moments of `sites` in the graph. `passed_o` and
+    `passed_p` are the activations each side also returns (at the cut, for the next segment)."""
+
+    def __init__(self, original_part: onnx.ModelProto, pruned_part: onnx.ModelProto, sites: Sequence[CrossSite],
+                 shifts: dict[str, tuple[np.ndarray, np.ndarray]], passed_o: Sequence[str], passed_p: Sequence[str]):
+        self.inputs_o = [i.name for i in original_part.graph.input]
+        self.inputs_p = [i.name for i in pruned_part.graph.input]
+        self.sites = list(sites)
+        self.passed_o, self.passed_p = list(passed_o), list(passed_p)
+        model = side_by_side(original_part, pruned_part, PRUNED)
+        passed = [*passed_o, *(PRUNED + t for t in passed_p)]
+        patch, self.outputs = cross_patch(model, self.sites, shifts, passed)
+        # errors are handled by the caller (the one-shot model is written): onnxruntime need not print them
+        self.session = make_session(model, patch=patch, spinning=False, log_level=4)
+        self.fetch = [*passed, *(n for o in self.outputs.values() for n in o.fetched())]
+
+    def run(self, feeds_o: dict[str, np.ndarray], feeds_p: dict[str, np.ndarray],
+            stats: dict[str, CrossStats]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict[str, bool]]:
+        """One batch through both segments; each site's products go to its `stats`. Returns the
+        passed activations of each side and, per site, whether the pruned activation differs
+        from the original's."""
+        feeds = {**feeds_o, **{PRUNED + name: value for name, value in feeds_p.items()}}
+        for site in self.sites:
+            feeds[self.outputs[site.tensor].oo_from] = ALL_ROWS if stats[site.tensor].with_oo else NO_ROWS
+        values = dict(zip(self.fetch, self.session.run(self.fetch, feeds), strict=True))
+        changed = {site.tensor: accumulate(stats[site.tensor], site, values, self.outputs[site.tensor]) for site in self.sites}
+        passed_o = {name: values[name] for name in self.passed_o}
+        passed_p = {name: values[PRUNED + name] for name in self.passed_p}
+        return passed_o, passed_p, changed

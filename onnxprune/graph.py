@@ -28,8 +28,13 @@ class Use:
 IMPLICIT = -1
 
 
+STANDARD_WITH_SUBGRAPHS = frozenset({"If", "Loop", "Scan", "SequenceMap"})  # the ONNX ops with graph attributes
+
+
 def subgraphs(node: onnx.NodeProto) -> list[onnx.GraphProto]:
     """A node's subgraphs (an If's branches, a Loop's or Scan's body)."""
+    if node.op_type not in STANDARD_WITH_SUBGRAPHS and node.domain in ("", "ai.onnx"):
+        return []  # the common case, without walking the attributes
     return [graph for attr in node.attribute for graph in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else attr.graphs)]
 
 

@@ -61,6 +61,10 @@ class Placement:
 
     def positions_of(self, units: np.ndarray) -> np.ndarray:
         """Positions (ascending) of the given units that appear on this tensor."""
+        if len(self.segments) == 1:  # the common case, without building the unit table
+            segment = self.segments[0]
+            units = np.asarray(units, dtype=np.int64)
+            return np.unique(units[(units >= segment.lo) & (units < segment.hi)]) - segment.lo + segment.offset
         all_units, positions = self.unit_positions()
         return np.sort(positions[np.isin(all_units, units)])
 

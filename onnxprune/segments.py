@@ -145,3 +145,48 @@ def extract(model: onnx.ModelProto, available: dict[str, np.dtype], outputs: lis
     part.graph.input.extend(value for name, value in graph_inputs.items() if name in used and name not in available and name not in initializers)
     part.graph.output.extend(helper.make_empty_tensor_value_info(name) for name in outputs)
     return part
+
+
+def prefix_names(graph: onnx.GraphProto, prefix: str) -> None:
+    """Every tensor and node name of `graph` and its subgraphs gets `prefix`, in place (names a
+    subgraph reads from the enclosing scope are renamed alike, so they still match)."""
+
+    def renamed(names: Iterable[str]) -> list[str]:
+        return [prefix + name if name else name for name in names]
+
+    for node in graph.node:
+        inputs, outputs = renamed(node.input), renamed(node.output)
+        del node.input[:], node.output[:]
+        node.input.extend(inputs)
+        node.output.extend(outputs)
+        if node.name:
+            node.name = prefix + node.name
+        for attr in node.attribute:
+            for inner in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else attr.graphs:
+                prefix_names(inner, prefix)
+    for tensor in graph.initializer:
+        tensor.name = prefix + tensor.name
+    for sparse in graph.sparse_initializer:
+        sparse.values.name = prefix + sparse.values.name
+    for value in [*graph.input, *graph.output, *graph.value_info]:
+        value.name = prefix + value.name
+    for annotation in graph.quantization_annotation:
+        annotation.tensor_name = prefix + annotation.tensor_name
+
+
+def side_by_side(first: onnx.ModelProto, second: onnx.ModelProto, prefix: str) -> onnx.ModelProto:
+    """One model that computes both parts (of the same model, so the same opsets): `first` as it
+    is and `second` with its names prefixed. Both arguments are consumed (changed in place)."""
+    prefix_names(second.graph, prefix)
+    for field_name in ("node", "initializer", "sparse_initializer", "input", "output", "value_info"):
+        getattr(first.graph, field_name).extend(getattr(second.graph, field_name))
+    versions = {(o.domain or ""): o for o in first.opset_import}
+    for opset in second.opset_import:
+        current = versions.get(opset.domain or "")
+        if current is None:
+            first.opset_import.append(opset)
+        elif opset.version > current.version:
+            current.version = opset.version
+    known = {(f.domain, f.name) for f in first.functions}
+    first.functions.extend(f for f in second.functions if (f.domain, f.name) not in known)
+    return first

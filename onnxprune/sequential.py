@@ -2,8 +2,10 @@
 pruned upstream, against the original model's activations (DESIGN §2, sequential recovery).
 
 The node order is cut into segments (`segments.cut_segments`); both models' activations at
-each cut are cached per batch, so each segment of the original runs once and each segment of
-the pruned model once or twice, instead of a full forward pass per layer."""
+each cut are cached per batch, and each segment of the original and of the pruned model runs
+once, side by side in one session that also computes the cross moments (`crossgraph`), instead
+of a full forward pass per layer. Where a refitted site's consumer lies in its own segment, the
+next segment's pruned side starts where the sites were produced (that tail runs twice)."""
 
 from __future__ import annotations
 
@@ -14,9 +16,7 @@ import onnx
 
 from .analyse import Analysis
 from .boundary import BoundaryCache
-from .calibrate import make_session
-from .crossgraph import CrossSite, accumulate, cross_patch
-from .crossgraph import feeds as cross_feeds
+from .crossgraph import PRUNED, CrossSite, JointSegment
 from .decisions import PassDecisions, PassPlan, SequentialResult
 from .graph import GraphIndex
 from .placement import Placement
@@ -40,7 +40,7 @@ class SequentialFitter:
                  one_shot: dict[tuple[int, str], Recovery] | None = None, shrinkage: float | None = None,
                  rechoose: bool = False):
         self.original, self.analysis, self.stats = original, analysis, stats
-        self.index, self.strides = index, strides
+        self.index, self.strides, self.shapes = index, strides, shapes
         self.spaces = [s for s in analysis.prunable if s.id in plan.spaces]
 
         sites = sorted({t for s in self.spaces for t in s.sites})
@@ -65,7 +65,7 @@ class SequentialFitter:
         cache_o, cache_p = BoundaryCache(), BoundaryCache()
         try:
             for segment in self.segments:
-                self._segment(segment, batches, cache_o, cache_p)
+                cache_p = self._segment(segment, batches, cache_o, cache_p)
                 advance(1)
         except BaseException:
             self.result.spill.close()
@@ -88,8 +88,11 @@ class SequentialFitter:
         return rewrite(self.original, self.analysis, self.plans.run, recoveries, self.index.constants, keep_on_disk=True,
                        fold_cache=self.fold_cache, only=only)
 
-    def _segment(self, segment: GraphSegment, batches, cache_o: BoundaryCache, cache_p: BoundaryCache) -> None:
-        new_boundary = [t for t in segment.boundary if t not in cache_o.names()]
+    def _segment(self, segment: GraphSegment, batches, cache_o: BoundaryCache, cache_p: BoundaryCache) -> BoundaryCache:
+        """Measure and fit the segment's sites; returns the pruned model's activations the next
+        segment starts from: at the cut, or, where a refitted site's consumer lies in this
+        segment, where the sites are produced (the next segment's pruned side then runs this
+        one's tail again, with the new folds)."""
         refit_boundary = any(p <= segment.stop for t in segment.sites for p in self.consumer_positions[t])
         # spaces chosen again after this run, at their first site: both models also run ahead to
         # their later sites, measured for the choice only (each is fitted in its own segment)
@@ -97,83 +100,73 @@ class SequentialFitter:
         ahead = [t for s in again for t in s.sites if t not in segment.sites]
         measured = list(dict.fromkeys([*segment.sites, *ahead]))
         full_width = {t for s in again for t in s.sites}
-        outputs_o = list(dict.fromkeys([*measured, *new_boundary]))
-        original_part = extract(self.original, cache_o.dtypes(), outputs_o)
-        # when a refitted site's consumer lies in this segment, the pruned run stops where the
-        # sites are produced and resumes from there after the fit (only the tail runs twice)
-        wanted = list(dict.fromkeys([*measured, *(segment.at_sites if refit_boundary else new_boundary)]))
-        pruned = self._pruned_model(cache_p.names(), wanted, ahead=bool(ahead))
-        present = {o for n in pruned.graph.node for o in n.output}  # a shape Concat replaced by its copies is gone
-        pruned_outputs = [t for t in wanted if t in measured or t in present]
-        pruned_part = extract(pruned, cache_p.dtypes(), pruned_outputs)
-        del pruned
-        # errors are handled by the caller (the one-shot model is written): onnxruntime need not print them
-        session_o = make_session(original_part, spinning=False, log_level=4)
-        session_p = None  # built at the first batch, once the sites' ranks and sizes are seen
-        inputs_o = [i.name for i in original_part.graph.input]
         accumulators = {t: (self._new_stats(t, t in full_width), self._new_stats(t, True)) for t in measured}
-        changed = dict.fromkeys(measured, False)
-        resume = BoundaryCache() if refit_boundary else cache_p  # the pruned activations kept from this run
-        kept_p = [t for t in pruned_outputs if t in (segment.at_sites if refit_boundary else new_boundary)]
+        handed_on = [] if segment is self.segments[-1] else segment.at_sites if refit_boundary else None
+        joint = self._joint(segment, measured, bool(ahead), handed_on, accumulators, cache_o, cache_p)
+        handed = BoundaryCache() if refit_boundary else cache_p  # the pruned activations the next segment starts from
         try:
-            for i, (batch, heldout) in enumerate(batches()):
-                if segment is self.segments[0] and not heldout:
-                    self.result.samples += len(next(iter(batch.values())))
-                out_o = dict(zip(outputs_o, session_o.run(None, self._feeds(inputs_o, batch, [cache_o], i, False)), strict=True))
-                if session_p is None:
-                    sites = {t: self._cross_site(t, out_o[t], len(accumulators[t][0].shift_p)) for t in measured}
-                    shifts = {t: (cal.shift_p, cal.shift_o) for t, (cal, _) in accumulators.items()}
-                    patch, cross = cross_patch(pruned_part, list(sites.values()), shifts, kept_p)
-                    session_p = make_session(pruned_part, patch=patch, spinning=False, log_level=4)
-                    inputs_p = [i.name for i in pruned_part.graph.input]
-                    fetch = [*kept_p, *(n for t in measured for n in cross[t].fetched())]
-                feeds = self._feeds(inputs_p, batch, [cache_p], i, True)
-                for t in measured:
-                    feeds.update(cross_feeds(cross[t], sites[t], out_o[t], accumulators[t][int(heldout)]))
-                out_p = dict(zip(fetch, session_p.run(fetch, feeds), strict=True))
-                for tensor in measured:
-                    differs = accumulate(accumulators[tensor][int(heldout)], sites[tensor], out_p, cross[tensor])
-                    changed[tensor] = changed[tensor] or differs
-                for name in new_boundary:
-                    cache_o.put(i, name, out_o[name])
-                for name in kept_p:
-                    resume.put(i, name, out_p[name])
-            session_o = session_p = None
+            changed = self._measure(joint, batches, accumulators, cache_o, cache_p, handed, first=segment is self.segments[0])
+            joint = None
             moments = {t: (cal.moments(), held.moments() if held.count else None) for t, (cal, held) in accumulators.items()}
             shown = self.plans.run_removed  # what this run did not show: it places the kept units in the moments
             with single_blas_thread(self._small(measured)):
                 if again:  # the rest of the segment (and the pass) then runs the units just chosen
-                    self.decisions.rechoose(again, moments, [resume, cache_p] if resume is not cache_p else [cache_p])
+                    self.decisions.rechoose(again, moments, [handed, cache_p] if handed is not cache_p else [cache_p])
                     self.decisions.forget_prefits(ahead)
                 for tensor in segment.sites:
                     self.decisions.fit_site(tensor, *moments[tensor], changed[tensor], shown)
-            if refit_boundary and new_boundary:
-                self._resume(new_boundary, batches, cache_p, resume)
-        finally:
-            if resume is not cache_p:
-                resume.close()
-        keep = set(segment.boundary)
-        cache_o.keep_only(keep)
-        cache_p.keep_only(keep)
+        except BaseException:
+            if handed is not cache_p:
+                handed.close()
+            raise
+        cache_o.keep_only(set(segment.boundary))
+        if handed is not cache_p:
+            cache_p.close()
+        else:
+            cache_p.keep_only(set(segment.boundary))
         for key in [k for k in self.result.recoveries if len(k) == 2 and k[1] in segment.sites]:
             self.result.recoveries[key] = self.result.spill.spill(self.result.recoveries[key])
         self.fold_cache = {}  # the next segment runs other consumers; the keys are ids, none may outlive its recovery
+        return handed
 
-    def _resume(self, names: list[str], batches, cache_p: BoundaryCache, resume: BoundaryCache) -> None:
-        """The pruned model's activations at the cut, with this segment's new folds applied,
-        computed from the activations kept where its sites were produced."""
-        available = {**cache_p.dtypes(), **resume.dtypes()}
-        pruned = self._pruned_model(available, names)
-        present = {o for n in pruned.graph.node for o in n.output}
-        names = [t for t in names if t in present]
-        if not names:
-            return
-        part = extract(pruned, available, names)
-        session = make_session(part, spinning=False, log_level=4)
-        inputs = [i.name for i in part.graph.input]
-        for i, (batch, _) in enumerate(batches()):
-            for name, value in zip(names, session.run(None, self._feeds(inputs, batch, [resume, cache_p], i, True)), strict=True):
-                cache_p.put(i, name, value)
+    def _joint(self, segment: GraphSegment, measured: list[str], ahead: bool, handed_on: list[str] | None,
+               accumulators: dict[str, tuple[CrossStats, CrossStats]], cache_o: BoundaryCache, cache_p: BoundaryCache) -> JointSegment:
+        """The session running the segment of both models from their cached activations to the
+        `measured` sites and what each hands on (the pruned side: `handed_on`, by default the
+        activations at the cut that it has not cached yet)."""
+        new_boundary = [t for t in segment.boundary if t not in cache_o.names()]
+        if handed_on is None:
+            handed_on = [t for t in segment.boundary if t not in cache_p.names()]
+        original_part = extract(self.original, cache_o.dtypes(), list(dict.fromkeys([*measured, *new_boundary])))
+        wanted = list(dict.fromkeys([*measured, *handed_on]))
+        pruned = self._pruned_model(cache_p.names(), wanted, ahead=ahead)
+        present = {o for n in pruned.graph.node for o in n.output}  # a shape Concat replaced by its copies is gone
+        pruned_outputs = [t for t in wanted if t in measured or t in present]
+        pruned_part = extract(pruned, cache_p.dtypes(), pruned_outputs)
+        del pruned
+        sites = [self._cross_site(t, len(accumulators[t][0].shift_p)) for t in measured]
+        shifts = {t: (cal.shift_p, cal.shift_o) for t, (cal, _) in accumulators.items()}
+        return JointSegment(original_part, pruned_part, sites, shifts, new_boundary, [t for t in pruned_outputs if t in handed_on])
+
+    def _measure(self, joint: JointSegment, batches, accumulators: dict[str, tuple[CrossStats, CrossStats]], cache_o: BoundaryCache,
+                 cache_p: BoundaryCache, handed: BoundaryCache, first: bool) -> dict[str, bool]:
+        """Run every batch through the joint session: its products go to the sites' statistics
+        (calibration or held out), the original's activations at the cut to `cache_o`, the
+        pruned side's handed-on ones to `handed`. Returns, per site, whether the pruned model
+        changed its activation."""
+        changed = dict.fromkeys(accumulators, False)
+        for i, (batch, heldout) in enumerate(batches()):
+            if first and not heldout:
+                self.result.samples += len(next(iter(batch.values())))
+            out_o, out_p, differs = joint.run(self._feeds(joint.inputs_o, batch, [cache_o], i, False),
+                                              self._feeds(joint.inputs_p, batch, [cache_p], i, True),
+                                              {t: pair[int(heldout)] for t, pair in accumulators.items()})
+            changed = {t: changed[t] or differs[t] for t in changed}
+            for name, value in out_o.items():
+                cache_o.put(i, name, value)
+            for name, value in out_p.items():
+                handed.put(i, name, value)
+        return changed
 
     def _feeds(self, names: list[str], batch: dict[str, np.ndarray], caches: list[BoundaryCache], i: int, pruned: bool) -> dict[str, np.ndarray]:
         """Each input from the first cache that has it, else from the batch (cut to the pruned
@@ -187,12 +180,13 @@ class SequentialFitter:
                 feeds[name] = drop_units(batch[name], self.plans.run_io.get(name)) if pruned else batch[name]
         return feeds
 
-    def _cross_site(self, tensor: str, original: np.ndarray, kept: int) -> CrossSite:
-        """How the pass measures site `tensor`, given one batch of the original's activation there."""
-        placement = self._placement(tensor)
-        stride = self.strides.get(tensor, 1) if placement.axis == 1 and original.ndim >= 3 else 1
-        dims = [-(-d // stride) if a >= 2 else d for a, d in enumerate(original.shape) if a not in (0, placement.axis)]
-        return CrossSite(tensor, placement.axis, original.ndim, stride, kept, placement.size, int(np.prod(dims, dtype=np.int64)))
+    def _cross_site(self, tensor: str, kept: int) -> CrossSite:
+        """How the pass measures site `tensor` (sampled like the calibration)."""
+        placement, shape = self._placement(tensor), self.shapes[tensor]
+        stride = self.strides.get(tensor, 1) if placement.axis == 1 and len(shape) >= 3 else 1
+        dims = [d if d is None or a < 2 else -(-d // stride) for a, d in enumerate(shape) if a not in (0, placement.axis)]
+        positions = None if None in dims else int(np.prod(dims, dtype=np.int64))
+        return CrossSite(tensor, PRUNED + tensor, placement.axis, len(shape), stride, kept, placement.size, positions)
 
     def _small(self, sites: list[str]) -> bool:
         """Whether the fits at these sites are small enough for one BLAS thread to be faster:

@@ -3,6 +3,8 @@ files (EXTERNAL tensors with an absolute `location`) and reads one when a stage 
 
 from __future__ import annotations
 
+import functools
+import math
 from pathlib import Path
 
 import numpy as np
@@ -19,16 +21,21 @@ def _external_fields(tensor: onnx.TensorProto) -> dict[str, str]:
 
 
 def tensor_size(tensor: onnx.TensorProto) -> int:
-    return int(np.prod(tensor.dims, dtype=np.int64)) if tensor.dims else 1
+    return math.prod(tensor.dims)
+
+
+@functools.cache
+def item_size(data_type: int) -> int:
+    """Bytes per element of an ONNX data type (0 for types without a NumPy counterpart)."""
+    try:
+        return onnx.helper.tensor_dtype_to_np_dtype(data_type).itemsize
+    except (KeyError, TypeError):
+        return 0
 
 
 def data_bytes(tensor: onnx.TensorProto) -> int:
     """The bytes the tensor's shape and type need (0 for types without a NumPy counterpart)."""
-    try:
-        itemsize = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
-    except (KeyError, TypeError):
-        return 0
-    return tensor_size(tensor) * itemsize
+    return tensor_size(tensor) * item_size(tensor.data_type)
 
 
 def location(tensor: onnx.TensorProto) -> tuple[Path, int, int]:

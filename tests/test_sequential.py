@@ -18,7 +18,7 @@ from onnxprune.analyse import Consumer
 from onnxprune.api import calibration_statistics, fit_recoveries, fit_sequentially, prepare
 from onnxprune.calibrate import make_session
 from onnxprune.cost import build_cost_model
-from onnxprune.crossgraph import CrossSite, accumulate, cross_patch, feeds
+from onnxprune.crossgraph import ALL_ROWS, CrossSite, accumulate, cross_patch
 from onnxprune.data import CalibrationData
 from onnxprune.plan import Target, make_plan
 from onnxprune.recovery import Recovery, fit_sequential
@@ -233,19 +233,19 @@ def test_in_graph_cross_moments_equal_numpy(shape, axis, stride, kept, noise) ->
     original = rng.normal(1.0, 2.0, shape).astype(np.float32)
     pruned = np.take(original, kept, axis=axis)
     pruned = pruned + np.float32(0.1 * noise) * rng.normal(size=pruned.shape).astype(np.float32)
-    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["site"])], "g",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, None)],
-                              [helper.make_tensor_value_info("site", TensorProto.FLOAT, None)])
-    part = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["site"]), helper.make_node("Identity", ["y"], ["pruned_site"])], "g",
+                              [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("x", "y")],
+                              [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("site", "pruned_site")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     shift_o = rng.normal(1.0, 0.5, shape[axis]).astype(np.float32)
     shift_p = shift_o[kept]
     sampled_dims = [-(-d // stride) if a >= 2 else d for a, d in enumerate(shape) if a not in (0, axis)]
-    site = CrossSite("site", axis, len(shape), stride, len(kept), shape[axis], int(np.prod(sampled_dims)))
-    patch, names = cross_patch(part, [site], {"site": (shift_p, shift_o)}, [])
-    session = make_session(part, patch=patch)
+    site = CrossSite("site", "pruned_site", axis, len(shape), stride, len(kept), shape[axis], int(np.prod(sampled_dims)))
+    patch, names = cross_patch(model, [site], {"site": (shift_p, shift_o)}, [])
+    session = make_session(model, patch=patch)
     in_graph, reference = CrossStats(shift_p, shift_o, with_oo=True), CrossStats(shift_p, shift_o, with_oo=True)
     fetch = names["site"].fetched()
-    values = dict(zip(fetch, session.run(fetch, {"x": pruned, **feeds(names["site"], site, original, in_graph)}), strict=True))
+    values = dict(zip(fetch, session.run(fetch, {"x": original, "y": pruned, names["site"].oo_from: ALL_ROWS}), strict=True))
     differs = accumulate(in_graph, site, values, names["site"])
     reference.add_columns(reference_columns(pruned, axis, stride), reference_columns(original, axis, stride))
     assert differs == noise
