@@ -77,3 +77,29 @@ def test_layers_only_inside_an_if_are_named_when_nothing_can_be_pruned(tmp_path,
     np.savez(tmp_path / "calib.npz", x=normal(32, 4), use_cache_branch=np.zeros(32, bool))
     code, _, err = cli([str(tmp_path / "merged.onnx"), "--calib", str(tmp_path / "calib.npz"), "--ratio", "0.2"], capsys)
     assert code == 2 and "layers inside If 'optimum::if' are not analysed" in err and "decoder_with_past" in err
+
+
+def test_two_parts_side_by_side_compute_what_each_computes_alone():
+    """The sequential pass's joint session: a model and a copy whose names (an If body's outer
+    reads included) are prefixed run side by side in one graph."""
+    from onnxprune.segments import side_by_side
+
+    model = model_with_if(False)
+    x, y = (RNG.normal(size=(4, 2, 6, 6)).astype(np.float32) for _ in range(2))
+    both = side_by_side(onnx.ModelProto.FromString(model.SerializeToString()), onnx.ModelProto.FromString(model.SerializeToString()), "p/")
+    onnx.checker.check_model(both)
+    assert len(both.graph.output) == 2 * len(model.graph.output)
+    session = onnxprune.calibrate.make_session(both)
+    first, second = session.run(None, {"x": x, "p/x": y})
+    np.testing.assert_array_equal(first, run(model, x))
+    np.testing.assert_array_equal(second, run(model, y))
+
+
+def test_the_sequential_pass_runs_segments_holding_an_if():
+    model = model_with_if(False)
+    x = RNG.normal(size=(64, 2, 6, 6)).astype(np.float32)
+    pruned, report = onnxprune.prune(model, {"x": x}, tolerance=1e-6, sequential=True)
+    assert {r.name: r.kept for r in report.spaces}["conv_a"] == 4
+    assert report.sequential.get("segments", 0) > 0
+    fresh = RNG.normal(size=(3, 2, 6, 6)).astype(np.float32)
+    assert relative_l2(run(model, fresh), run(pruned, fresh)) < 1e-4
