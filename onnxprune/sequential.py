@@ -48,6 +48,7 @@ class SequentialFitter:
         fits = SiteFits(self.spaces, index, kind, shrinkage)
         self.segments: list[GraphSegment] = cut_segments(original, sites, shapes)
         position = {id(node): i for i, node in enumerate(original.graph.node)}
+        self.produced_at = {o: i for i, node in enumerate(original.graph.node) for o in node.output if o}
         self.consumer_positions = {t: [position[id(index.node(c.node))] for s in self.spaces for c in s.consumers if c.site == t]
                                    for t in sites}
         # a recurrent op's fold of its own hidden units (per direction, keys (space, site, d)) is
@@ -155,18 +156,27 @@ class SequentialFitter:
         pruned side's handed-on ones to `handed`. Returns, per site, whether the pruned model
         changed its activation."""
         changed = dict.fromkeys(accumulators, False)
+        possible = {t: self._after_a_change(t) for t in accumulators}
         for i, (batch, heldout) in enumerate(batches()):
             if first and not heldout:
                 self.result.samples += len(next(iter(batch.values())))
             out_o, out_p, differs = joint.run(self._feeds(joint.inputs_o, batch, [cache_o], i, False),
                                               self._feeds(joint.inputs_p, batch, [cache_p], i, True),
                                               {t: pair[int(heldout)] for t, pair in accumulators.items()})
-            changed = {t: changed[t] or differs[t] for t in changed}
+            changed = {t: changed[t] or (differs[t] and possible[t]) for t in changed}
             for name, value in out_o.items():
                 cache_o.put(i, name, value)
             for name, value in out_p.items():
                 handed.put(i, name, value)
         return changed
+
+    def _after_a_change(self, tensor: str) -> bool:
+        """Whether a node before the one producing `tensor` runs differently in the pruned model
+        (it lost units, or a fold changed its weights). Without one the site's values are the
+        original's, whatever the joint session's round-off (its two sides may fuse differently)."""
+        removed = [self.produced_at.get(t, -1) for t, r in self.plans.run_removed.items() if len(r)]
+        folded = [p for key in self.result.recoveries for p in self.consumer_positions.get(key[1], [])]
+        return min([*removed, *folded], default=len(self.produced_at)) < self.produced_at.get(tensor, -1)
 
     def _feeds(self, names: list[str], batch: dict[str, np.ndarray], caches: list[BoundaryCache], i: int, pruned: bool) -> dict[str, np.ndarray]:
         """Each input from the first cache that has it, else from the batch (cut to the pruned
