@@ -5,7 +5,8 @@ them apart. Its one space would hold query heads (planned) and key and value hea
 derived from a repeat_kv Gather: two derivations, and a space is either derived or planned),
 so it was pinned. One MatMul per part makes each part a space of its own, as with Llama's
 q/k/v projections; the written model keeps the parts (docs/design.md, "One fused QKV
-projection with grouped-query attention")."""
+projection with grouped-query attention"). Falcon's `query_key_value` interleaves the parts by
+KV group instead ([..., groups, members, head], cut on the members axis): `interleaved.py`."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from onnx import numpy_helper
 
 from .analyse import Analysis, analyse
 from .graph import GraphIndex, drop_dead_nodes, get_attr, read_names, remove_initializers, unique_name
+from .interleaved import Part, interleaved_parts
 from .rules.shape_values import slice_bound
 from .rules.slicing import split_windows
 from .tidy import FP16_WEIGHTS
@@ -26,13 +28,13 @@ from .tidy import FP16_WEIGHTS
 
 @dataclass(frozen=True)
 class Fused:
-    """A MatMul or Gemm with a constant weight (and a bias Add) whose output only `cuts` read,
-    each output of a cut holding the columns [start, stop) of it (`parts`)."""
+    """A MatMul or Gemm with a constant weight (and a bias Add) whose output only `cuts` read
+    (with the Reshapes around them that the parts replace), each part writing some of its columns."""
 
     node: onnx.NodeProto
     bias: onnx.NodeProto | None
     cuts: tuple[onnx.NodeProto, ...]
-    parts: tuple[tuple[str, int, int], ...]
+    parts: tuple[Part, ...]
 
 
 def analyse_unfused(model: onnx.ModelProto, exclude: list[str] | tuple[str, ...] | None, index: GraphIndex) -> tuple[GraphIndex, Analysis]:
@@ -66,7 +68,8 @@ def unfuse_projections(model: onnx.ModelProto, index: GraphIndex, found: list[Fu
 def fused_projection(index: GraphIndex, node: onnx.NodeProto) -> Fused | None:
     """The parts of a MatMul/Gemm with a constant 2-D weight, through an optional Add of a
     constant bias of its width, whose output only Slices and Splits on its last axis with
-    constant bounds read, in disjoint windows; None for any other node."""
+    constant bounds read, in disjoint windows, or whose output Reshapes view as [..., groups,
+    members, head] cut on the members axis (`interleaved_parts`); None for any other node."""
     width = _output_width(index, node)
     if width is None:
         return None
@@ -78,6 +81,16 @@ def fused_projection(index: GraphIndex, node: onnx.NodeProto) -> Fused | None:
         if value is None or value.shape != (width,):
             return None
         bias, cut = uses[0].node, uses[0].node.output[0]
+    found = _last_axis_parts(index, cut, width)
+    if found is None:
+        leading = node.input[0] if node.op_type == "MatMul" or not get_attr(node, "transA", 0) else None  # same leading axes as the output
+        found = interleaved_parts(index, cut, width, tuple(s for s in (leading, node.output[0] if bias else None) if s))
+    return None if found is None else Fused(node, bias, tuple(found[0]), tuple(found[1]))
+
+
+def _last_axis_parts(index: GraphIndex, cut: str, width: int) -> tuple[list[onnx.NodeProto], list[Part]] | None:
+    """The readers of `cut` and its parts when only Slices and Splits of its last axis with
+    constant bounds read it, in disjoint windows; None otherwise."""
     rank = index.rank(cut)
     cuts = [use.node for use in index.uses.get(cut, [])]
     if rank is None or not cuts or cut in index.graph_outputs or any(use.index != 0 for use in index.uses[cut]):
@@ -91,7 +104,7 @@ def fused_projection(index: GraphIndex, node: onnx.NodeProto) -> Fused | None:
     spans = sorted((start, stop) for _, start, stop in parts)
     if any(stop <= start for start, stop in spans) or any(b[0] < a[1] for a, b in zip(spans, spans[1:], strict=False)):
         return None
-    return Fused(node, bias, tuple(cuts), tuple(parts))
+    return cuts, [Part(np.arange(start, stop), ((out, None),)) for out, start, stop in parts]
 
 
 def _output_width(index: GraphIndex, node: onnx.NodeProto) -> int | None:
@@ -127,39 +140,55 @@ def _windows(index: GraphIndex, node: onnx.NodeProto, rank: int, width: int) -> 
 
 
 def unfuse(model: onnx.ModelProto, index: GraphIndex, fused: Fused) -> list[onnx.NodeProto]:
-    """The nodes that replace the projection, its bias Add and its cuts: one projection (and
-    Add) per part, with its weight's columns and its bias's entries (new initializers), writing
-    the part's tensor itself (the shapes of `index` learn the new ones); fp16-stored weights
-    stay so (`tidy.FP16_WEIGHTS`)."""
+    """The nodes that replace the projection, its bias Add, its cuts and the Reshapes around them:
+    one projection (and Add) per part, with its weight's columns and its bias's entries (new
+    initializers), writing the part's tensor itself or Reshapes of it to its views (the shapes of
+    `index` learn the new tensors); fp16-stored weights stay so (`tidy.FP16_WEIGHTS`)."""
     graph, node = model.graph, fused.node
     taken = {t.name for t in graph.initializer} | {o for n in graph.node for o in n.output}
+    created: dict[str, list[str]] = {}
+    added: list[onnx.NodeProto] = []
+    for k, part in enumerate(fused.parts):
+        direct = part.views[0][0] if len(part.views) == 1 and part.views[0][1] is None else None
+        out = direct or unique_name(f"{node.output[0]}_part{k}", taken)
+        if not direct:  # the fused (or biased) output's leading axes, and the part's columns
+            index.shapes[out] = (*index.shape((fused.bias or node).output[0])[:-1], len(part.columns))
+        added += _projection_part(graph, index, fused, k, part.columns, out, taken, created)
+        for tensor, target in ([] if direct else part.views):
+            shape = _add_weight(graph, np.array(target, dtype=np.int64), f"{node.output[0]}_shape", k, taken, {})
+            added.append(onnx.helper.make_node("Reshape", [out, shape], [tensor], name=unique_name(f"{index.label(node)}_part{k}_view", taken)))
+    _keep_fp16(model, created)
+    return added
+
+
+def _projection_part(graph: onnx.GraphProto, index: GraphIndex, fused: Fused, k: int, columns: np.ndarray, out: str, taken: set[str],
+                     created: dict[str, list[str]]) -> list[onnx.NodeProto]:
+    """The projection (and bias Add) of part `k`, its weight's `columns` (and its bias's entries),
+    writing `out`."""
+    node = fused.node
     weight = index.const(node.input[1])
     transposed = node.op_type == "Gemm" and get_attr(node, "transB", 0)  # the weight holds a row per output
     c = index.const(node.input[2]) if node.op_type == "Gemm" and len(node.input) > 2 and node.input[2] else None
-    bias = None if fused.bias is None else next(n for n in fused.bias.input if index.is_constant(n))
-    created: dict[str, list[str]] = {}
-    added: list[onnx.NodeProto] = []
-    for k, (out, start, stop) in enumerate(fused.parts):
-        part = onnx.NodeProto()
-        part.CopyFrom(node)
-        part.name = unique_name(f"{index.label(node)}_part{k}", taken)
-        part.input[1] = _add_weight(graph, weight[start:stop] if transposed else weight[:, start:stop], node.input[1], k, taken, created)
-        if c is not None and c.shape and c.shape[-1] != 1:
-            part.input[2] = _add_weight(graph, c[..., start:stop], node.input[2], k, taken, created)
-        part.output[0] = out if fused.bias is None else unique_name(f"{node.output[0]}_part{k}", taken)
-        added.append(part)
-        if fused.bias is not None:
-            index.shapes[part.output[0]] = index.shapes.get(out)
-            add = onnx.NodeProto()
-            add.CopyFrom(fused.bias)
-            add.name = unique_name(f"{index.label(fused.bias)}_part{k}", taken)
-            slot = list(add.input).index(bias)
-            add.input[slot] = _add_weight(graph, index.const(bias)[start:stop], bias, k, taken, created)
-            add.input[1 - slot] = part.output[0]
-            add.output[0] = out
-            added.append(add)
-    _keep_fp16(model, created)
-    return added
+    part = onnx.NodeProto()
+    part.CopyFrom(node)
+    part.name = unique_name(f"{index.label(node)}_part{k}", taken)
+    part.input[1] = _add_weight(graph, weight[columns] if transposed else weight[:, columns], node.input[1], k, taken, created)
+    if c is not None and c.shape and c.shape[-1] != 1:
+        part.input[2] = _add_weight(graph, c[..., columns], node.input[2], k, taken, created)
+    if fused.bias is None:
+        part.output[0] = out
+        return [part]
+    part.output[0] = unique_name(f"{node.output[0]}_part{k}", taken)
+    index.shapes[part.output[0]] = index.shapes.get(out)
+    bias = next(n for n in fused.bias.input if index.is_constant(n))
+    add = onnx.NodeProto()
+    add.CopyFrom(fused.bias)
+    add.name = unique_name(f"{index.label(fused.bias)}_part{k}", taken)
+    slot = list(add.input).index(bias)
+    add.input[slot] = _add_weight(graph, index.const(bias)[columns], bias, k, taken, created)
+    add.input[1 - slot] = part.output[0]
+    add.output[0] = out
+    return [part, add]
 
 
 def _add_weight(graph: onnx.GraphProto, value: np.ndarray, source: str, part: int, taken: set[str], created: dict[str, list[str]]) -> str:

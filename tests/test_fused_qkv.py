@@ -1,6 +1,7 @@
 """Grouped-query attention with one fused QKV projection (Phi-3's and Phi-4-mini's qkv_proj, as
 TorchScript exports it: one MatMul, Slices of its last axis, repeat_kv on the key and value
-parts). The projection is written as one MatMul per part (`onnxprune.unfuse`), so the query
+parts; Falcon's query_key_value, viewed as [.., groups, members, head] and cut on the members
+axis). The projection is written as one MatMul per part (`onnxprune.unfuse`), so the query
 heads are units and the key and value heads are derived from them, as with separate q/k/v."""
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import pytest
 from onnx import helper
 
 import onnxprune
-from builders import GraphBuilder, relative_l2, run, session, treat_as_large
+from builders import GraphBuilder, op_types, relative_l2, run, session, treat_as_large
 from onnxprune.graph import GraphIndex, static_shapes
 from onnxprune.unfuse import fused_projection, unfuse_projections
 
@@ -143,7 +144,7 @@ def test_a_gemm_with_a_bias_cut_by_a_split_computes_the_same_parts() -> None:
     before = run_all(model, x)
     index = GraphIndex(model, static_shapes(model, {"x": (1, E)}))
     fused = fused_projection(index, index.node("fused"))
-    assert fused is not None and [p[1:] for p in fused.parts] == [(0, 6), (6, 8), (8, 12)]
+    assert fused is not None and [(p.columns[0], p.columns[-1] + 1) for p in fused.parts] == [(0, 6), (6, 8), (8, 12)]
     unfuse_projections(model, index, [fused])
     assert [n.op_type for n in model.graph.node] == ["Gemm"] * 3 + ["Concat"] and len(model.graph.initializer) == 6
     onnx.checker.check_model(model, full_check=True)
@@ -152,3 +153,108 @@ def test_a_gemm_with_a_bias_cut_by_a_split_computes_the_same_parts() -> None:
 
 def run_all(model: onnx.ModelProto, x: np.ndarray) -> list[np.ndarray]:
     return session(model).run(None, {"x": x})
+
+
+def shape_entry(g: GraphBuilder, x: str, axis: int) -> str:
+    """Unsqueeze(Gather(Shape(x), axis)): TorchScript's x.size(axis) in a view target."""
+    size = g.op("Gather", [g.op("Shape", [x]), g.const(np.array(axis), dtype=np.int64)], axis=0)
+    return g.op("Unsqueeze", [size, g.const(np.array([0]), dtype=np.int64)])
+
+
+def falcon_attention(kv: int = KV, bias: bool = False, copy: tuple[int, int] | None = (2, 3), silent: tuple[int, ...] = (),
+                     fixed_lead: bool = False) -> onnx.ModelProto:
+    """Falcon's new decoder architecture, as TorchScript exports it: x [N, T, E] -> query_key_value
+    (E -> kv (H / kv + 2) D) -> view [N, T, -1, D] -> view [N, T, kv, H / kv + 2, D] -> queries
+    [.., :-2, :] (a Slice, then a view [N, T, -1, D] from its own shape), key [.., -2, :] and value
+    [.., -1, :] (Gathers) -> repeat_kv -> softmax attention -> dense. `copy` (source, copy): a
+    query head copied in the same KV group; `silent`: query heads dense does not read;
+    `fixed_lead`: the second view's target is the constant [1, -1, ..] (a traced batch of 1)."""
+    rng = np.random.default_rng(5)
+    members = H // kv + 2
+    g = GraphBuilder([None, "T", E])
+    w = rng.standard_normal((E, kv, members, D)).astype(np.float32)
+    b = rng.standard_normal((kv, members, D)).astype(np.float32)
+    if copy is not None:  # query head h is member h % (H / kv) of group h // (H / kv)
+        (gs, ms), (gc, mc) = (divmod(h, H // kv) for h in copy)
+        w[:, gc, mc], b[gc, mc] = w[:, gs, ms], b[gs, ms]
+    qkv = g.op("MatMul", ["x", g.const(w.reshape(E, -1))], name="qkv")
+    if bias:
+        qkv = g.op("Add", [qkv, g.const(b.reshape(-1))], name="qkv_bias")
+    batch, time = shape_entry(g, "x", 0), shape_entry(g, "x", 1)
+
+    def ints(*values: int) -> str:
+        return g.const(np.array(values), dtype=np.int64)
+
+    heads = g.op("Reshape", [qkv, g.op("Concat", [batch, time, ints(-1, D)], axis=0)])
+    grouped_target = ints(1, -1, kv, members, D) if fixed_lead else g.op("Concat", [batch, time, ints(kv, -1, D)], axis=0)
+    grouped = g.op("Reshape", [heads, grouped_target])  # [N, T, kv, members, D]
+    queries = g.op("Slice", [grouped, ints(0), ints(-2), ints(3), ints(1)])
+    size = g.op("Shape", [queries])
+    merged = g.op("Concat", [g.op("Slice", [size, ints(0), ints(-3), ints(0)]), ints(-1), g.op("Slice", [size, ints(4), ints(5), ints(0)])], axis=0)
+    q = g.op("Transpose", [g.op("Reshape", [queries, merged])], perm=[0, 2, 1, 3])
+    k, v = (g.op("Transpose", [g.op("Gather", [grouped, g.const(np.array(m), dtype=np.int64)], axis=3)], perm=[0, 2, 1, 3]) for m in (-2, -1))
+
+    def repeated(one: str) -> str:
+        inserted = g.op("Unsqueeze", [one, ints(2)])  # [N, kv, 1, T, D]
+        expanded = g.op("Expand", [inserted, ints(1, 1, H // kv, 1, 1)])
+        return g.op("Reshape", [expanded, ints(0, H, -1, D)])
+
+    scores = g.op("MatMul", [q, g.op("Transpose", [repeated(k)], perm=[0, 1, 3, 2])])
+    y = g.op("MatMul", [g.op("Softmax", [scores], axis=-1), repeated(v)])
+    y = g.op("Reshape", [g.op("Transpose", [y], perm=[0, 2, 1, 3]), ints(0, 0, H * D)])
+    w_o = rng.standard_normal((H * D, 3)).astype(np.float32)
+    for head in silent:
+        w_o[head * D:(head + 1) * D] = 0
+    return g.build(g.matmul(y, w_o, None, name="dense"), ["N", "T", 3])
+
+
+def falcon_inputs(n: int, seed: int, time: int = T) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((n, time, E)).astype(np.float32)
+
+
+def test_interleaved_query_key_value_is_written_as_parts() -> None:
+    spaces = {s.name: s for s in onnxprune.inspect_model(falcon_attention(), {"x": (1, T, E)}).spaces}
+    assert "qkv" not in spaces, spaces.get("qkv")  # before: one space, pinned ("Gathers ... both repeat these units")
+    query, key, value = spaces["qkv_part0"], spaces["qkv_part1"], spaces["qkv_part2"]
+    assert not query.pinned and query.units == H and query.derived_from is None, query
+    assert (key.units, value.units) == (KV, KV) and not key.pinned and not value.pinned, (key, value)
+    assert key.derived_from and value.derived_from and key.derived_from != value.derived_from
+    # a view whose leading axes are not the projection's at every run is not un-fused: pinned as before
+    fixed = {s.name: s for s in onnxprune.inspect_model(falcon_attention(fixed_lead=True), {"x": (1, T, E)}).spaces}
+    assert fixed["qkv"].pinned and not any(name.startswith("qkv_part") for name in fixed)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_interleaved_parts_compute_the_same_outputs(bias: bool) -> None:
+    model = falcon_attention(bias=bias)
+    unfused = onnx.ModelProto()
+    unfused.CopyFrom(model)
+    index = GraphIndex(unfused, static_shapes(unfused, {"x": (1, T, E)}))
+    fused = fused_projection(index, index.node("qkv"))
+    members = H // KV + 2
+    assert fused is not None and [len(p.columns) for p in fused.parts] == [H * D, KV * D, KV * D]
+    assert np.array_equal(fused.parts[1].columns.reshape(KV, D) // D, [[g * members + members - 2] * D for g in range(KV)])  # each group's key head
+    unfuse_projections(unfused, index, [fused])
+    onnx.checker.check_model(unfused, full_check=True)
+    assert op_types(unfused).count("MatMul") == 3 + 3 and "Slice" not in op_types(unfused)  # the parts, scores, probs @ V, dense
+    assert not any(n.op_type == "Gather" and n.input[0].startswith("reshape") for n in unfused.graph.node)
+    for batch, time in ((1, T), (3, T), (2, 9)):
+        x = falcon_inputs(batch, 9, time)
+        assert np.array_equal(run(model, x), run(unfused, x))
+
+
+def test_interleaved_copied_query_head_and_silent_group_are_removed_exactly() -> None:
+    model = falcon_attention()
+    pruned, report = onnxprune.prune(model, calibration(), tolerance=1e-6, order="pivoted", head_gain=1)
+    found = rows(report)
+    assert found["qkv_part0"] == (H, H - 1) and found["qkv_part1"] == (KV, KV) and found["qkv_part2"] == (KV, KV), report.spaces
+    for batch, time in ((1, T), (3, 9)):
+        x = falcon_inputs(batch, 9, time)
+        assert relative_l2(run(model, x), run(pruned, x)) < 1e-4
+    model = falcon_attention(copy=None, silent=(2, 3), bias=True)
+    pruned, report = onnxprune.prune(model, calibration(), tolerance=1e-5)
+    found = rows(report)
+    assert found["qkv_part0"] == (H, H - 2) and found["qkv_part1"] == (KV, KV - 1) and found["qkv_part2"] == (KV, KV - 1), report.spaces
+    assert sorted(t.dims[1] for t in part_weights(pruned)) == [(KV - 1) * D, (KV - 1) * D, (H - 2) * D]
+    x = falcon_inputs(3, 9, 9)
+    assert relative_l2(run(model, x), run(pruned, x)) < 1e-4
