@@ -38,6 +38,7 @@ class CrossSite:
 
     @property
     def per_sample(self) -> bool:
+        """Products per sample on the [N, C, P] map, as the calibration takes its Grams there."""
         return channels_first(self.axis, self.width, self.positions)
 
 
