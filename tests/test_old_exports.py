@@ -245,3 +245,23 @@ def test_a_fixed_batch_above_one_is_analysed_at_that_batch() -> None:
     pruned, report = onnxprune.prune(model, {"x": x}, ratio=0.3, seed=0)
     assert {s.name: s.kept for s in report.spaces}["fc1"] < 32
     assert run(pruned, x[:2]).shape == (2, 5)
+
+
+def test_lrn_pins_its_channels_with_the_reason_and_the_rest_prunes() -> None:
+    """AlexNet's LRN couples neighbouring channels: the conv before it is pinned, with a reason
+    that says why; the conv after it still prunes, and the output is unchanged where nothing goes."""
+    from builders import GraphBuilder
+
+    rng = np.random.default_rng(3)
+    g = GraphBuilder([1, 3, 8, 8])
+    lrn = g.op("LRN", [g.op("Relu", [g.conv("x", rng.normal(size=(6, 3, 3, 3)).astype(np.float32), np.zeros(6, np.float32), name="c1",
+                                            pads=[1, 1, 1, 1])])], size=3)
+    c2 = g.op("Relu", [g.conv(lrn, rng.normal(size=(5, 6, 1, 1)).astype(np.float32), np.zeros(5, np.float32), name="c2")])
+    model = g.build(g.gemm(g.op("Flatten", [g.op("GlobalAveragePool", [c2])]), rng.normal(size=(5, 2)).astype(np.float32),
+                           np.zeros(2, np.float32), name="fc"), [None, 2])
+    spaces = {s.name: s for s in onnxprune.inspect_model(model, input_shapes={"x": (2, 3, 8, 8)}).spaces}
+    assert any("LRN" in r and "neighbours" in r and "not prunable" in r for r in spaces["c1"].pinned)
+    assert not spaces["c2"].pinned
+    x = rng.normal(size=(64, 3, 8, 8)).astype(np.float32)
+    pruned, _ = onnxprune.prune(model, {"x": x}, ratio=0.0)
+    assert relative_l2(run(model, x[:4]), run(pruned, x[:4])) == 0

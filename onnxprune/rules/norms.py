@@ -1,6 +1,7 @@
 """Normalisations and reductions: BatchNorm/InstanceNorm slice their per-channel parameters,
 a reduction keeps the units unless it reduces over them, and norms over a hidden size
-(LayerNorm, RMSNorm) pin: node pruning cannot remove units they normalise together."""
+(LayerNorm, RMSNorm) or a window of channels (LRN) pin: node pruning cannot remove units they
+normalise together."""
 
 from __future__ import annotations
 
@@ -72,3 +73,14 @@ def group_norm(index: GraphIndex, node: onnx.NodeProto, tensor: str, placement: 
             return [Pin(f"{where} has a scale or bias that is not a constant per group or channel")]
         effects += slice_param(index, node, slot, 0, node.input[0], placement, per_element=len(value) == shape[1])
     return effects + through(label, node.input[0], node.output[0], placement)
+
+
+@carries("LRN")
+def local_response_norm(index: GraphIndex, node: onnx.NodeProto, tensor: str, placement: Placement) -> list[Effect]:
+    """LRN divides each channel by a sum over its neighbours' squares: channels are coupled (a
+    removed one changes its neighbours), positions are not."""
+    label = index.label(node)
+    if placement.axis == 1:
+        return [Pin(f"LRN '{label}' normalises each channel by its {get_attr(node, 'size', 1)} neighbours' squares: "
+                    "removing a channel changes the others, not prunable by node pruning")]
+    return through(label, node.input[0], node.output[0], placement, placement)
