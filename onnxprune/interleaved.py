@@ -16,7 +16,7 @@ import onnx
 
 from .graph import GraphIndex, get_attr
 from .rules.shape_values import slice_bound
-from .rules.slicing import split_windows
+from .rules.slicing import cut_windows
 
 MAX_DEPTH = 16  # shape arithmetic followed back from a Reshape target
 
@@ -120,22 +120,10 @@ def _members_cut(index: GraphIndex, node: onnx.NodeProto, lead: int, layout: Lay
         if picks.ndim > 1 or len(members) != picks.size or not members:
             return None
         return [(node.output[0], tuple(members), picks.ndim == 1)]
-    if node.op_type == "Split" and get_attr(node, "axis", 0) % rank == axis:
-        windows = split_windows(index, node, count)
-        if windows is None or len(windows) != len(node.output):
-            return None
-        return [(out, tuple(range(a, b)), True) for out, (a, b) in zip(node.output, windows, strict=True) if out]
-    if node.op_type != "Slice" or len(node.input) < 4:
+    windows = cut_windows(index, node, rank, count, axis)
+    if windows is None or (node.op_type == "Slice" and windows[0][2] <= windows[0][1]):
         return None
-    bounds = [index.const(name) if name else None for name in node.input[1:5]]
-    if any(b is None or b.size != 1 for b in bounds[:3]) or (len(bounds) > 3 and node.input[4] and (bounds[3] is None or bounds[3].size != 1)):
-        return None
-    starts, ends, axes = (int(np.asarray(b).reshape(-1)[0]) for b in bounds[:3])
-    step = int(np.asarray(bounds[3]).reshape(-1)[0]) if len(bounds) > 3 and bounds[3] is not None else 1
-    start, stop = slice_bound(starts, count), slice_bound(ends, count)
-    if step != 1 or axes % rank != axis or stop <= start:
-        return None
-    return [(node.output[0], tuple(range(start, stop)), True)]
+    return [(out, tuple(range(start, stop)), True) for out, start, stop in windows]
 
 
 def _merging_reshape(index: GraphIndex, tensor: str, lead: int, known: dict[str, tuple[int, ...]]) -> onnx.NodeProto | None:

@@ -21,8 +21,7 @@ from onnx import numpy_helper
 from .analyse import Analysis, analyse
 from .graph import GraphIndex, drop_dead_nodes, get_attr, read_names, remove_initializers, unique_name
 from .interleaved import Part, interleaved_parts
-from .rules.shape_values import slice_bound
-from .rules.slicing import split_windows
+from .rules.slicing import cut_windows
 from .tidy import FP16_WEIGHTS
 
 
@@ -97,7 +96,7 @@ def _last_axis_parts(index: GraphIndex, cut: str, width: int) -> tuple[list[onnx
         return None
     parts: list[tuple[str, int, int]] = []
     for reader in cuts:
-        windows = _windows(index, reader, rank, width)
+        windows = cut_windows(index, reader, rank, width, rank - 1)
         if windows is None:
             return None
         parts += windows
@@ -118,25 +117,6 @@ def _output_width(index: GraphIndex, node: onnx.NodeProto) -> int | None:
         if not index.is_constant(node.input[2]) or c is None or len(c) > 2 or any(d != 1 for d in c[:-1]):
             return None
     return dims[0] if node.op_type == "Gemm" and get_attr(node, "transB", 0) else dims[1]
-
-
-def _windows(index: GraphIndex, node: onnx.NodeProto, rank: int, width: int) -> list[tuple[str, int, int]] | None:
-    """(output, start, stop) of a Slice or Split on the last axis with constant bounds, else None."""
-    if node.domain not in ("", "ai.onnx") or node.op_type not in ("Slice", "Split"):
-        return None
-    if node.op_type == "Split":
-        windows = split_windows(index, node, width) if get_attr(node, "axis", 0) % rank == rank - 1 else None
-        if windows is None or len(windows) != len(node.output):
-            return None
-        return [(out, start, stop) for out, (start, stop) in zip(node.output, windows, strict=True) if out]
-    bounds = [index.const(name) if name else None for name in node.input[1:5]]
-    if len(bounds) < 3 or any(b is None for b in bounds[:3]) or (len(bounds) > 3 and node.input[4] and bounds[3] is None):
-        return None  # computed bounds, or none given for the axes (opset < 10's attributes, every axis)
-    starts, ends, axes = (np.atleast_1d(b).tolist() for b in bounds[:3])
-    steps = np.atleast_1d(bounds[3]).tolist() if len(bounds) > 3 and bounds[3] is not None else [1]
-    if len(starts) != 1 or len(ends) != 1 or len(axes) != 1 or steps != [1] or axes[0] % rank != rank - 1:
-        return None
-    return [(node.output[0], slice_bound(int(starts[0]), width), slice_bound(int(ends[0]), width))]
 
 
 def unfuse(model: onnx.ModelProto, index: GraphIndex, fused: Fused) -> list[onnx.NodeProto]:

@@ -64,6 +64,26 @@ def split_windows(index: GraphIndex, node: onnx.NodeProto, width: int) -> list[t
     return [(int(a), int(b)) for a, b in zip(ends[:-1], ends[1:], strict=True)]
 
 
+def cut_windows(index: GraphIndex, node: onnx.NodeProto, rank: int, width: int, axis: int) -> list[tuple[str, int, int]] | None:
+    """(output, start, stop) of a Slice (step 1) or a Split of `axis` (`width` elements) with
+    constant bounds, else None (a fused projection's parts: `unfuse`, `interleaved`)."""
+    if node.domain not in ("", "ai.onnx") or node.op_type not in ("Slice", "Split"):
+        return None
+    if node.op_type == "Split":
+        windows = split_windows(index, node, width) if get_attr(node, "axis", 0) % rank == axis else None
+        if windows is None or len(windows) != len(node.output):
+            return None
+        return [(out, start, stop) for out, (start, stop) in zip(node.output, windows, strict=True) if out]
+    bounds = [index.const(name) if name else None for name in node.input[1:5]]
+    if len(bounds) < 3 or any(b is None for b in bounds[:3]) or (len(bounds) > 3 and node.input[4] and bounds[3] is None):
+        return None  # computed bounds, or none given for the axes (opset < 10's attributes, every axis)
+    starts, ends, axes = (np.atleast_1d(b).tolist() for b in bounds[:3])
+    steps = np.atleast_1d(bounds[3]).tolist() if len(bounds) > 3 and bounds[3] is not None else [1]
+    if len(starts) != 1 or len(ends) != 1 or len(axes) != 1 or steps != [1] or axes[0] % rank != axis:
+        return None
+    return [(node.output[0], slice_bound(int(starts[0]), width), slice_bound(int(ends[0]), width))]
+
+
 @carries("Split")
 def split(index: GraphIndex, node: onnx.NodeProto, tensor: str, placement: Placement) -> list[Effect]:
     """Each output gets the units inside its window; the windows are rewritten."""
