@@ -109,21 +109,6 @@ class CrossStats:
     oo: np.ndarray | None = None
     with_oo: bool = False
 
-    def add_columns(self, cols_p: np.ndarray, cols_o: np.ndarray) -> None:
-        """Accumulate one batch given unit-major float32 matrices (k x samples, n x samples);
-        they are shifted in place (callers pass their own copies)."""
-        rows = cols_p.shape[1]
-        total_p, total_o = cols_p.sum(axis=1, dtype=np.float64), cols_o.sum(axis=1, dtype=np.float64)
-        cols_p -= self.shift_p.astype(np.float32)[:, None]
-        cols_o -= self.shift_o.astype(np.float32)[:, None]
-        # one BLAS thread for small products: OpenBLAS's threads on thin products were up to 100x
-        # slower whenever onnxruntime or another process kept the other core busy
-        small = rows * len(cols_p) * (len(cols_p) + len(cols_o)) < SMALL_PRODUCT
-        with single_blas_thread(small):
-            pp, po = cols_p @ cols_p.T, cols_p @ cols_o.T
-            oo = cols_o @ cols_o.T if self.with_oo else None
-        self.add_moments(rows, total_p, total_o, pp, po, oo)
-
     def add_moments(self, rows: int, total_p: np.ndarray, total_o: np.ndarray, pp: np.ndarray, po: np.ndarray,
                     oo: np.ndarray | None = None) -> None:
         """Accumulate one batch given its raw column sums and its products about the shifts

@@ -48,6 +48,16 @@ def _lstsq_map(x_pruned: np.ndarray, x_original: np.ndarray) -> np.ndarray:
     return np.linalg.lstsq(design, x_original, rcond=None)[0]
 
 
+def add_columns(stats: CrossStats, cols_p: np.ndarray, cols_o: np.ndarray) -> None:
+    """The NumPy reference of one batch's cross moments (unit-major float32 matrices, shifted in
+    place), added to `stats` as the pass's in-graph products are."""
+    rows = cols_p.shape[1]
+    total_p, total_o = cols_p.sum(axis=1, dtype=np.float64), cols_o.sum(axis=1, dtype=np.float64)
+    cols_p -= stats.shift_p.astype(np.float32)[:, None]
+    cols_o -= stats.shift_o.astype(np.float32)[:, None]
+    stats.add_moments(rows, total_p, total_o, cols_p @ cols_p.T, cols_p @ cols_o.T, cols_o @ cols_o.T if stats.with_oo else None)
+
+
 def test_sequential_fit_matches_numpy_reference_on_three_layers() -> None:
     model = random_mlp(widths=(12, 16, 14, 10, 5), seed=3)
     x = np.random.default_rng(0).standard_normal((600, 12)).astype(np.float32)
@@ -130,9 +140,9 @@ def test_cross_stats_of_shards_merge_exactly() -> None:
     shift_o = original[:, :8].mean(axis=1)
     whole, first, second = (CrossStats(shift_o[[0, 2, 3, 6]], shift_o, with_oo=True) for _ in range(3))
     for batch in (slice(0, 100), slice(100, 300)):
-        whole.add_columns(pruned[:, batch].copy(), original[:, batch].copy())
-    first.add_columns(pruned[:, :100].copy(), original[:, :100].copy())
-    second.add_columns(pruned[:, 100:].copy(), original[:, 100:].copy())
+        add_columns(whole, pruned[:, batch].copy(), original[:, batch].copy())
+    add_columns(first, pruned[:, :100].copy(), original[:, :100].copy())
+    add_columns(second, pruned[:, 100:].copy(), original[:, 100:].copy())
     first.add(second)
     for name in ("total_p", "total_o", "pp", "po", "oo"):
         assert np.array_equal(getattr(first, name), getattr(whole, name)), name
@@ -166,7 +176,7 @@ def test_shrinkage_choice_minimises_heldout_error() -> None:
         original = rng.standard_normal((n, 6)) @ mixing
         pruned = original[:, :4] + 0.3 * rng.standard_normal((n, 4))
         stats = CrossStats(np.zeros(4), np.zeros(6), with_oo=True)
-        stats.add_columns(pruned.T.astype(np.float32).copy(), original.T.astype(np.float32).copy())
+        add_columns(stats, pruned.T.astype(np.float32).copy(), original.T.astype(np.float32).copy())
         return stats.moments()
 
     cal, held = moments(40), moments(2000)
@@ -228,7 +238,7 @@ def reference_columns(array: np.ndarray, axis: int, stride: int) -> np.ndarray:
 ])
 def test_in_graph_cross_moments_equal_numpy(shape, axis, stride, kept, noise) -> None:
     """The pruned segment's session computes x~^T x~, x~^T x_o and x_o^T x_o about the shifts
-    and the raw sums, as CrossStats.add_columns does from the activations in NumPy."""
+    and the raw sums, as `add_columns` does from the activations in NumPy."""
     rng = np.random.default_rng(0)
     original = rng.normal(1.0, 2.0, shape).astype(np.float32)
     pruned = np.take(original, kept, axis=axis)
@@ -247,7 +257,7 @@ def test_in_graph_cross_moments_equal_numpy(shape, axis, stride, kept, noise) ->
     fetch = names["site"].fetched()
     values = dict(zip(fetch, session.run(fetch, {"x": original, "y": pruned, names["site"].oo_from: ALL_ROWS}), strict=True))
     differs = accumulate(in_graph, site, values, names["site"])
-    reference.add_columns(reference_columns(pruned, axis, stride), reference_columns(original, axis, stride))
+    add_columns(reference, reference_columns(pruned, axis, stride), reference_columns(original, axis, stride))
     assert differs == noise
     assert in_graph.count == reference.count
     for field in ("total_p", "total_o", "pp", "po", "oo"):
