@@ -51,12 +51,13 @@ def rows_per_sample(shapes: dict, tensor: str, axis: int) -> int | None:
     return positions(shape, axis) if shape else None
 
 
-def sampled_positions(shape: Sequence[int | None] | None, site: Site, stride: int = 1) -> int | None:
-    """Rows one sample contributes after the site's spatial stride (ceil per dim, like the MaxPool)."""
+def sampled_positions(shape: Sequence[int | None] | None, axis: int, stride: int = 1) -> int | None:
+    """Rows one sample contributes to a site with units on `axis` after its spatial stride (ceil
+    per dim, like the MaxPool)."""
     if shape is None:
         return None
     if stride == 1:
-        return positions(shape, site.axis)
+        return positions(shape, axis)
     dims = shape[2:]
     return None if any(d is None for d in dims) else int(np.prod([-(-int(d) // stride) for d in dims], dtype=np.int64))
 
@@ -300,7 +301,7 @@ def collect_stats(
     if not sites:
         return {}
     strides = strides or {}
-    after = {s.tensor: sampled_positions((shapes or {}).get(s.tensor), s, strides.get(s.tensor, 1)) for s in sites}
+    after = {s.tensor: sampled_positions((shapes or {}).get(s.tensor), s.axis, strides.get(s.tensor, 1)) for s in sites}
     patch, names = instrument(model, sites, ranks, strides, {t: p for t, p in after.items() if p is not None})
     session = make_session(model, patch=patch)
     fetch = [name for triple in names for name in triple]

@@ -16,6 +16,7 @@ import onnx
 
 from .analyse import Analysis
 from .boundary import BoundaryCache
+from .calibrate import sampled_positions
 from .crossgraph import PRUNED, CrossSite, JointSegment
 from .decisions import PassDecisions, PassPlan, SequentialResult
 from .graph import GraphIndex
@@ -47,9 +48,8 @@ class SequentialFitter:
         graph_io = {v.name for v in [*original.graph.input, *original.graph.output]}
         fits = SiteFits(self.spaces, index, kind, shrinkage)
         self.segments: list[GraphSegment] = cut_segments(original, sites, shapes)
-        position = {id(node): i for i, node in enumerate(original.graph.node)}
         self.produced_at = {o: i for i, node in enumerate(original.graph.node) for o in node.output if o}
-        self.consumer_positions = {t: [position[id(index.node(c.node))] for s in self.spaces for c in s.consumers if c.site == t]
+        self.consumer_positions = {t: [self.produced_at[index.node(c.node).output[0]] for s in self.spaces for c in s.consumers if c.site == t]
                                    for t in sites}
         # a recurrent op's fold of its own hidden units (per direction, keys (space, site, d)) is
         # not refitted: R reads the pruned model's states whatever the fit, so it stays one-shot
@@ -194,9 +194,8 @@ class SequentialFitter:
         """How the pass measures site `tensor` (sampled like the calibration)."""
         placement, shape = self._placement(tensor), self.shapes[tensor]
         stride = self.strides.get(tensor, 1) if placement.axis == 1 and len(shape) >= 3 else 1
-        dims = [d if d is None or a < 2 else -(-d // stride) for a, d in enumerate(shape) if a not in (0, placement.axis)]
-        positions = None if None in dims else int(np.prod(dims, dtype=np.int64))
-        return CrossSite(tensor, PRUNED + tensor, placement.axis, len(shape), stride, kept, placement.size, positions)
+        return CrossSite(tensor, PRUNED + tensor, placement.axis, len(shape), stride, kept, placement.size,
+                         sampled_positions(shape, placement.axis, stride))
 
     def _small(self, sites: list[str]) -> bool:
         """Whether the fits at these sites are small enough for one BLAS thread to be faster:
