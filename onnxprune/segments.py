@@ -11,7 +11,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from .graph import Shape, copy_model, node_reads
+from .graph import Shape, copy_model, node_reads, subgraphs
 
 UNKNOWN_SIZE = 1 << 40  # a tensor of unknown shape is never a cheap place to cut
 
@@ -161,9 +161,8 @@ def prefix_names(graph: onnx.GraphProto, prefix: str) -> None:
         node.output.extend(outputs)
         if node.name:
             node.name = prefix + node.name
-        for attr in node.attribute:
-            for inner in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else attr.graphs:
-                prefix_names(inner, prefix)
+        for inner in subgraphs(node):
+            prefix_names(inner, prefix)
     for tensor in graph.initializer:
         tensor.name = prefix + tensor.name
     for sparse in graph.sparse_initializer:
