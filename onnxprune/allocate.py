@@ -11,7 +11,7 @@ import onnx
 
 from .analyse import Analysis
 from .cost import CostModel
-from .errors import ModelError
+from .errors import ModelError, TargetError
 from .fidelity import ReferenceOutputs
 from .graph import GraphIndex
 from .plan import Plan, Planner, Target, make_planner, unit_width
@@ -25,6 +25,9 @@ from .stats import SiteStats
 from .streams import StreamGains, measure_stream_gains
 
 DEFAULT_HEAD_GAIN = 4.0  # measured: docs/transformers.md (session 8), every rule on MiniLM and SmolLM2
+# auto also tries its chosen rule with these head gains where heads and other units share the
+# budget: the best gain moved with the model and the target (docs/transformers.md, session 23)
+SEARCHED_HEAD_GAINS = (2.0, 8.0)
 ProgressFactory = Callable[[str, int], Callable[[int], None]]
 
 
@@ -76,17 +79,18 @@ def allocation_planner(
     round_to: int,
     sensitivity_samples: int | None,
     progress: ProgressFactory,
-    head_gain: float = DEFAULT_HEAD_GAIN,
+    head_gain: float | None = None,
 ) -> tuple[Planner, Sensitivity | AllocationChoice | StreamGains | None]:
     """The planner for `allocation`, and what was measured to make it (None for a fixed rule);
     auto with a tolerance or latency target keeps the global threshold. `head_gain` scales the
-    attention heads' scores in every rule: the per-kind budget."""
+    attention heads' scores in every rule: the per-kind budget (None: DEFAULT_HEAD_GAIN, and
+    auto also tries SEARCHED_HEAD_GAINS)."""
     analysis = prepared.analysis
-    kind_gains = {} if head_gain == 1 else dict.fromkeys(attention_spaces(analysis, prepared.index), head_gain)
+    heads = attention_spaces(analysis, prepared.index)
 
-    def planner(name: str, gains: dict[int, float] | None = None) -> Planner:
+    def planner(name: str, gains: dict[int, float] | None = None, head: float = head_gain or DEFAULT_HEAD_GAIN) -> Planner:
         made = make_planner(analysis, scores, cost, min_keep, round_to, name, gains)
-        return made.with_gains(kind_gains) if kind_gains else made
+        return made if head == 1 else made.with_gains(dict.fromkeys(heads, head))
 
     build, io_changes = candidate_builder(prepared, stats, method), partial(cache_io_changes, analysis)
     if allocation == "auto":
@@ -95,7 +99,20 @@ def allocation_planner(
         streams = stream_gains(prepared, progress, required=False)
         names = [name for name in AUTO_CANDIDATES if name != "stream" or not streams.failed]
         planners = {name: planner(name, streams.gains if name == "stream" else None) for name in names}
-        choice = choose_allocation(planners, target, held_out_reference(prepared), build, io_changes, progress("choosing the allocation", len(planners)))
+        gains = SEARCHED_HEAD_GAINS if head_gain is None and 0 < len(heads) < len(analysis.prunable) else ()
+        reference, seen = held_out_reference(prepared), {}
+        advance = progress("choosing the allocation", len(planners) + len(gains))
+        choice = choose_allocation(planners, target, reference, build, io_changes, advance, seen)
+        if gains:  # the budget between heads and the other units, for the chosen rule
+            rule = choice.chosen
+            more = {f"{rule} (heads x{g:g})": planner(rule, streams.gains if rule == "stream" else None, g) for g in gains}
+            try:
+                choice = choice.extended(choose_allocation(more, target, reference, build, io_changes, advance, seen))
+            except TargetError:
+                pass  # no other gain meets the target: the chosen rule stands
+            except Exception as exc:  # noqa: BLE001 - as for a failed candidate: the chosen rule stands, the report says why
+                choice.failed[", ".join(more)] = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            planners.update(more)
         choice.streams = streams
         return planners[choice.chosen], choice
     if allocation == "stream":

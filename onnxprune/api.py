@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from .allocate import DEFAULT_HEAD_GAIN, allocation_planner, attention_spaces, has_attention, held_out_reference
+from .allocate import allocation_planner, attention_spaces, has_attention, held_out_reference
 from .analyse import Analysis
 from .calibrate import positions
 from .cost import CostModel, build_cost_model, count_macs, count_params
@@ -110,7 +110,7 @@ def prune(
     shrinkage: float | str = "auto",
     allocation: str = DEFAULT_ALLOCATION,
     sensitivity_samples: int | None = None,
-    head_gain: float = DEFAULT_HEAD_GAIN,
+    head_gain: float | None = None,
     sequential_samples: int = SEQUENTIAL_SAMPLES,
     rechoose: bool = True,
     report_samples: int = 0,
@@ -151,8 +151,11 @@ def prune(
     the energies are rescaled by it before one threshold). docs/design.md has the measurements.
     `head_gain`: multiplies the attention heads' scores before any allocation:
     above 1 keeps more heads and removes more FFN neurons or channels for the same target, below
-    1 the reverse (per-kind budgets; default 4, measured better than 1 under every rule on MiniLM
-    and SmolLM2, docs/transformers.md; grouped Conv groups are not heads).
+    1 the reverse (per-kind budgets; grouped Conv groups are not heads). Default (None): 4,
+    measured better than 1 under every rule on MiniLM and SmolLM2, and the auto allocation also
+    tries its chosen rule with 2 and 8 where heads share the budget with other units, keeping
+    the lowest held-out error (the best gain moved with the model and target,
+    docs/transformers.md).
     With `sequential`, the refitted model is kept only if its held-out output error is no higher
     than the one-shot model's (the report says which).
     `report_samples`: the last N calibration samples are held out for the report's fidelity
@@ -326,7 +329,7 @@ def _add_allocation_notes(report: PruneReport, allocated, names: dict[int, str])
 
 
 def check_options(method: str, allocation: str, order: str, batch_size: int, latency_batch: int,
-                  sensitivity_samples: int | None = None, head_gain: float = DEFAULT_HEAD_GAIN,
+                  sensitivity_samples: int | None = None, head_gain: float | None = None,
                   sequential_samples: int = SEQUENTIAL_SAMPLES, sequential: bool | str = False) -> None:
     """One-line errors for option values no stage can use, before anything is loaded."""
     for name, value, choices in (("method", method, METHODS), ("allocation", allocation, ALLOCATIONS), ("order", order, ORDERS)):
@@ -338,7 +341,7 @@ def check_options(method: str, allocation: str, order: str, batch_size: int, lat
         raise TargetError(f"--latency-batch must be >= 1, got {latency_batch}")
     if sensitivity_samples is not None and sensitivity_samples < 1:
         raise TargetError(f"--sensitivity-samples must be >= 1, got {sensitivity_samples}")
-    if not (np.isfinite(head_gain) and head_gain > 0):
+    if head_gain is not None and not (np.isfinite(head_gain) and head_gain > 0):
         raise TargetError(f"--head-gain must be a positive number, got {head_gain}")
     if sequential not in (True, False, "auto"):
         raise TargetError(f"sequential must be True, False or 'auto', got {sequential!r}")

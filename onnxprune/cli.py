@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from . import __version__, tempfiles
-from .allocate import DEFAULT_HEAD_GAIN
+from .allocate import DEFAULT_HEAD_GAIN, SEARCHED_HEAD_GAINS
 from .api import DEFAULT_TOLERANCE, prune
 from .errors import OnnxPruneError
 from .inspect import inspect_model
@@ -124,11 +124,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "the global rule on models without residual adds); uniform = the same fraction of every layer's units; "
                         "tempered = in between; sensitivity = every layer first pruned alone and the model's output error "
                         "measured, which rescales its energies before the one threshold (one extra model run per layer)")
-    parser.add_argument("--head-gain", type=float, default=DEFAULT_HEAD_GAIN, metavar="G",
+    parser.add_argument("--head-gain", type=float, default=None, metavar="G",
                         help="multiply the attention heads' scores by G before the allocation: G > 1 keeps "
-                        f"more heads and removes more FFN neurons for the same target, G < 1 the reverse (default {DEFAULT_HEAD_GAIN:g}: "
-                        "better than 1 under every allocation rule measured on MiniLM and SmolLM2, docs/transformers.md; "
-                        "1 = heads scored like any unit)")
+                        "more heads and removes more FFN neurons for the same target, G < 1 the reverse, 1 = heads scored "
+                        f"like any unit (default {DEFAULT_HEAD_GAIN:g}, better than 1 under every allocation rule measured on "
+                        f"MiniLM and SmolLM2; --allocation auto also tries its chosen rule with G = "
+                        f"{' and '.join(f'{g:g}' for g in SEARCHED_HEAD_GAINS)} and keeps the lowest held-out error, as the "
+                        "best G moved with the model and target: docs/transformers.md)")
     parser.add_argument("--sensitivity-samples", type=int, default=None, metavar="N",
                         help="calibration samples each sensitivity probe runs (default: about four calibration passes in all)")
     parser.add_argument("--round-to", type=int, default=8, metavar="N",

@@ -48,6 +48,17 @@ class AllocationChoice:
     def warnings(self) -> list[str]:
         return [f"allocation candidate '{name}' failed and was skipped: {why}" for name, why in self.failed.items()]
 
+    def extended(self, more: AllocationChoice) -> AllocationChoice:
+        """This choice with `more` candidates scored on the same samples; ties keep the earlier."""
+        errors = {**self.errors, **more.errors}
+        chosen = _lowest(errors, list(errors))
+        return AllocationChoice(chosen, errors, self.samples, self.seconds + more.seconds, self.streams, {**self.failed, **more.failed})
+
+
+def _lowest(errors: dict[str, float | None], order: list[str]) -> str:
+    scored = {name: e for name, e in errors.items() if e is not None}
+    return min(scored, key=lambda name: (scored[name], order.index(name)))
+
 
 def choose_allocation(
     planners: dict[str, Planner],
@@ -56,13 +67,16 @@ def choose_allocation(
     build: Callable[[Plan], onnx.ModelProto],
     io_changes: Callable[[Plan], dict[str, tuple[int, np.ndarray]]],
     progress: Callable[[int], None] | None = None,
+    seen: dict[tuple, float | None] | None = None,
 ) -> AllocationChoice:
     """Plan the target with every candidate planner, score each distinct plan once on
     `reference`, and choose the lowest error (the first candidate on ties). A candidate whose
-    model cannot be built or run is skipped (and named) while another one works."""
+    model cannot be built or run is skipped (and named) while another one works. `seen` keeps
+    the distinct plans' errors for a later call (a plan another candidate made is not scored
+    again)."""
     start = time.perf_counter()
     errors: dict[str, float | None] = {}
-    seen: dict[tuple, float | None] = {}
+    seen = {} if seen is None else seen
     refusals: list[TargetError] = []
     failures: dict[str, Exception] = {}
     for name, planner in planners.items():
@@ -85,6 +99,6 @@ def choose_allocation(
     scored = {name: e for name, e in errors.items() if e is not None}
     if not scored:
         raise next(iter(failures.values())) if failures else refusals[0]
-    chosen = min(scored, key=lambda name: (scored[name], list(planners).index(name)))
+    chosen = _lowest(scored, list(planners))
     failed = {name: str(exc).splitlines()[0] if str(exc) else type(exc).__name__ for name, exc in failures.items()}
     return AllocationChoice(chosen, errors, reference.samples, time.perf_counter() - start, failed=failed)

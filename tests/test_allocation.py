@@ -181,3 +181,36 @@ def test_an_unreachable_target_names_the_spaces_that_saw_too_few_rows() -> None:
     x = np.random.default_rng(0).standard_normal((60, 12)).astype(np.float32)  # fewer rows than the 64 units
     with pytest.raises(TargetError, match="saw too few calibration rows to be pruned .*'fc1'.*more calibration samples"):
         onnxprune.prune(model, {"x": x}, params=0.7, seed=0)
+
+
+def test_auto_also_tries_its_rule_with_other_head_gains() -> None:
+    """Where heads and FFN neurons share the budget, auto scores its chosen rule with head gains
+    2 and 8 as well and keeps the lowest held-out error; that plan is the one a fixed rule and
+    gain make. An explicit --head-gain, or a model without heads, has no such candidates."""
+    from pathlib import Path
+
+    from onnxprune.allocate import SEARCHED_HEAD_GAINS
+
+    folder = Path(__file__).resolve().parents[1] / "models" / "transformers"
+    model = onnx.load(folder / "bert_tiny.dynamo.onnx")
+    names = {i.name for i in model.graph.input}
+    data = {k: v for k, v in np.load(folder / "calib_tokens.npz").items() if k in names}
+    options = dict(params=0.5, sequential=False, seed=0)  # here auto keeps heads x2 (a gain other than the default)
+    _, report = onnxprune.prune(model, data, **options)
+    errors = report.allocation["heldout_error"]
+    rules = [name for name in errors if "heads" not in name]
+    searched = [name for name in errors if "heads" in name]
+    assert len(searched) == len(SEARCHED_HEAD_GAINS) and len({name.split(" (")[0] for name in searched}) == 1
+    assert searched[0].split(" (")[0] in rules
+    chosen = report.allocation["chosen"]
+    assert errors[chosen] == min(e for e in errors.values() if e is not None)
+    rule, _, gain = chosen.partition(" (heads x")
+    _, fixed = onnxprune.prune(model, data, allocation=rule, head_gain=float(gain.rstrip(")") or 4), **options)
+    assert [s.kept for s in fixed.spaces] == [s.kept for s in report.spaces]
+
+    _, explicit = onnxprune.prune(model, data, head_gain=4.0, **options)
+    assert not any("heads" in name for name in explicit.allocation["heldout_error"])
+    cnn = random_cnn(channels=(3, 16, 24, 8), seed=4)
+    x = np.random.default_rng(0).standard_normal((200, 3, 8, 8)).astype(np.float32)
+    _, plain = onnxprune.prune(cnn, {"x": x}, flops=0.4, seed=0, sequential=False)
+    assert not any("heads" in name for name in plain.allocation["heldout_error"])
