@@ -522,7 +522,7 @@ def better_than_one_shot(prepared: Prepared, plan: Plan, refitted: onnx.ModelPro
     if refitted_error > one_shot_error:
         return False
     # a refit with huge coefficients (few samples) can amplify onnxruntime's rounding: verification would refuse it
-    result.rejected = optimisation_problem(prepared.original, refitted, reference.batches[0], reference.outputs[0], changes)
+    result.rejected = optimisation_problem(prepared.original, refitted, reference.batches[0], reference.first_outputs, changes)
     return result.rejected is None
 
 

@@ -5,6 +5,8 @@ other output."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import onnx
 
@@ -26,6 +28,58 @@ def _log_softmax(z: np.ndarray, probabilities: bool = False) -> np.ndarray:
     return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
 
 
+TOP_CLASSES = 1024  # a reference row over more than 4x this many classes keeps only its most likely ones
+
+
+@dataclass
+class TopClasses:
+    """A reference's class scores over a large vocabulary, kept as the log-probabilities of each
+    row's TOP_CLASSES most likely classes and the log of the rest's mass: 8 kB per row instead of
+    a 49k-vocabulary's 196 kB, so candidates are scored on every held-out window. The KL is then
+    that of the distributions with the rest merged into one class, a lower bound of the full KL
+    (on SmolLM2 the top 1024 tokens hold 98% of the mass on average)."""
+
+    index: np.ndarray  # [rows, k] int32
+    logp: np.ndarray  # [rows, k] float32
+    log_rest: np.ndarray  # [rows] float64
+
+    @classmethod
+    def of(cls, scores: np.ndarray, probabilities: bool) -> TopClasses:
+        rows = scores.reshape(-1, scores.shape[-1])
+        step = max(1, LOGIT_ELEMENTS // rows.shape[1])
+        parts = []
+        for start in range(0, len(rows), step):
+            lp = _log_softmax(rows[start:start + step], probabilities)
+            index = np.argpartition(lp, -TOP_CLASSES, axis=-1)[:, -TOP_CLASSES:]
+            top = np.take_along_axis(lp, index, -1)
+            parts.append((index.astype(np.int32), top.astype(np.float32), _log_rest(top)))
+        return cls(*(np.concatenate(arrays) for arrays in zip(*parts, strict=True)))
+
+    @property
+    def size(self) -> int:
+        return self.index.size + self.logp.size + self.log_rest.size
+
+    def kl_sum(self, scores: np.ndarray, probabilities: bool) -> float:
+        """Sum over the rows of KL(reference || scores) with the rest as one class."""
+        rows, total = scores.reshape(-1, scores.shape[-1]), 0.0
+        step = max(1, LOGIT_ELEMENTS // rows.shape[1])
+        for start in range(0, len(rows), step):
+            lq = np.take_along_axis(_log_softmax(rows[start:start + step], probabilities), self.index[start:start + step], -1)
+            lp, lp_rest = self.logp[start:start + step].astype(np.float64), self.log_rest[start:start + step]
+            total += float(np.sum(np.exp(lp) * (lp - lq)) + np.sum(np.exp(lp_rest) * (lp_rest - _log_rest(lq))))
+        return total
+
+
+def _log_rest(top: np.ndarray) -> np.ndarray:
+    """log(1 - sum(exp(top))) per row: the log-probability of every class not in `top`."""
+    return np.log(np.maximum(-np.expm1(np.logaddexp.reduce(top.astype(np.float64), axis=-1)), TINY))
+
+
+def compressible(scores: np.ndarray, kind: str | None) -> bool:
+    """Whether a reference output is class scores over a vocabulary large enough to keep as TopClasses."""
+    return kind is not None and scores.ndim >= 1 and scores.shape[-1] > 4 * TOP_CLASSES
+
+
 class OutputError:
     """Running sums over batches: per output, KL(original || pruned) per row for class scores
     (`logits`: name -> kind, as `verify.logit_outputs`), else ||got - ref||^2 / ||ref||^2;
@@ -40,6 +94,10 @@ class OutputError:
     def add(self, reference: dict[str, np.ndarray], got: dict[str, np.ndarray]) -> None:
         for name in self.sums:
             ref, out = reference[name], got[name]
+            if isinstance(ref, TopClasses):
+                self.sums[name] += ref.kl_sum(out, self.logits[name] == PROBABILITIES)
+                self.norms[name] += len(ref.log_rest)
+                continue
             if name in self.axes:
                 ref, out = np.moveaxis(ref, self.axes[name], -1), np.moveaxis(out, self.axes[name], -1)
             if name in self.logits and ref.ndim >= 1 and ref.shape[-1] > 1:
@@ -66,7 +124,9 @@ ELEMENTS_MAX = 1 << 26  # original outputs kept to compare candidates with (256 
 class ReferenceOutputs:
     """The original's outputs on the first samples of `data` (as many as ELEMENTS_MAX allows), to
     score candidate models by `OutputError`. An output that is an ArgMax's indices is scored by
-    the class scores it reads (`verify.argmax_outputs`), fetched from both models."""
+    the class scores it reads (`verify.argmax_outputs`), fetched from both models. Class scores
+    over a large vocabulary are kept as `TopClasses`; the first batch's outputs are also kept
+    whole (`first_outputs`, for verification's optimisation check)."""
 
     def __init__(self, original: onnx.ModelProto, data: CalibrationData, batch_size: int, samples: int):
         argmax = argmax_outputs(original)
@@ -78,11 +138,21 @@ class ReferenceOutputs:
             self.outputs_of.setdefault(scores, output)
         session = _session_with_outputs(original, self.names)
         step = fixed_batch_size(original) or 1  # a fixed batch runs whole batches only
-        per_sample = sum(int(np.prod(v.shape)) for v in session.run(self.names, next(iter(data.batches(step))))) / step
+        first = dict(zip(self.names, session.run(self.names, next(iter(data.batches(step)))), strict=True))
+        self.compressed = {name for name, value in first.items() if name not in self.axes and compressible(value, self.logits.get(name))}
+        per_sample = sum(self._kept(name, value).size for name, value in first.items()) / step
         wanted = max(1, min(samples, data.n_samples, int(ELEMENTS_MAX // max(per_sample, 1))))
         self.samples = whole_batches(wanted, step)
-        self.batches = list(data.take(0, self.samples).batches(step if step > 1 else batch_size))
-        self.outputs = [dict(zip(self.names, session.run(self.names, batch), strict=True)) for batch in self.batches]
+        # one sample per run where the outputs are compressed: the whole first batch stays as it is
+        self.batches = list(data.take(0, self.samples).batches(step if step > 1 or self.compressed else batch_size))
+        self.outputs, self.first_outputs = [], {}
+        for batch in self.batches:
+            outputs = dict(zip(self.names, session.run(self.names, batch), strict=True))
+            self.first_outputs = self.first_outputs or outputs
+            self.outputs.append({name: self._kept(name, value) for name, value in outputs.items()})
+
+    def _kept(self, name: str, value: np.ndarray) -> np.ndarray | TopClasses:
+        return TopClasses.of(value, self.logits[name] == PROBABILITIES) if name in self.compressed else value
 
     def error(self, model: onnx.ModelProto, changes: dict[str, tuple[int, np.ndarray]]) -> float:
         """The candidate's OutputError; inputs whose units shrank are fed their kept units, outputs

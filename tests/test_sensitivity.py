@@ -162,6 +162,67 @@ def test_output_error_kl_is_the_same_in_chunks(monkeypatch) -> None:
     assert error.value() == pytest.approx(expected, rel=1e-9)
 
 
+def test_a_large_vocabulary_reference_keeps_its_top_classes(monkeypatch) -> None:
+    """Over a large vocabulary the reference keeps each row's top classes and the rest's mass:
+    the KL is exactly that of the distributions with the rest merged into one class (NumPy
+    reference, in chunks too), equals the full KL where the rest holds no mass, and never
+    exceeds it."""
+    import onnxprune.fidelity as fidelity
+
+    monkeypatch.setattr(fidelity, "TOP_CLASSES", 8)
+    rng = np.random.default_rng(0)
+    ref, got = (rng.standard_normal((2, 5, 40)) * 3).astype(np.float32), (rng.standard_normal((2, 5, 40)) * 3).astype(np.float32)
+    assert fidelity.compressible(ref, "logits") and not fidelity.compressible(ref, None) and not fidelity.compressible(ref[..., :32], "logits")
+    lp = ref.reshape(-1, 40).astype(np.float64)
+    lp -= np.log(np.exp(lp).sum(-1, keepdims=True))
+    lq = got.reshape(-1, 40).astype(np.float64)
+    lq -= np.log(np.exp(lq).sum(-1, keepdims=True))
+    top = np.argsort(lp, -1)[:, -8:]
+    p_top, q_top = np.exp(np.take_along_axis(lp, top, -1)), np.exp(np.take_along_axis(lq, top, -1))
+    p_rest, q_rest = 1 - p_top.sum(-1), 1 - q_top.sum(-1)
+    merged = float(np.sum(p_top * np.log(p_top / q_top)) + np.sum(p_rest * np.log(p_rest / q_rest))) / 10
+    full = float(np.sum(np.exp(lp) * (lp - lq))) / 10
+    for elements in (1 << 21, 90):  # one step; 2 rows per step
+        monkeypatch.setattr(fidelity, "LOGIT_ELEMENTS", elements)
+        error = fidelity.OutputError(["logits"], {"logits": "logits"})
+        error.add({"logits": fidelity.TopClasses.of(ref, False)}, {"logits": got})
+        assert error.value() == pytest.approx(merged, rel=1e-5) and error.value() < full
+    peaked = ref.copy()
+    peaked[..., 8:] = -60.0  # the other classes hold no mass
+    error = fidelity.OutputError(["logits"], {"logits": "logits"})
+    error.add({"logits": fidelity.TopClasses.of(peaked, False)}, {"logits": got})
+    whole = fidelity.OutputError(["logits"], {"logits": "logits"})
+    whole.add({"logits": peaked}, {"logits": got})
+    assert error.value() == pytest.approx(whole.value(), rel=1e-5)
+
+
+def test_reference_outputs_score_more_samples_when_compressed(monkeypatch) -> None:
+    """A model whose logits span a large vocabulary is scored on more held-out samples within
+    the same memory (its reference rows compressed), one sample per run; its first outputs stay
+    whole for the optimisation check, and a copy of the model scores 0."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    import onnxprune.fidelity as fidelity
+    from onnxprune.data import CalibrationData
+
+    monkeypatch.setattr(fidelity, "TOP_CLASSES", 16)
+    w = numpy_helper.from_array(np.random.default_rng(0).standard_normal((6, 200)).astype(np.float32), "w")
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["logits"])], "lm",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 12, 6])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 12, 200])], [w])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    data = CalibrationData({"x": np.random.default_rng(1).standard_normal((20, 12, 6)).astype(np.float32)})
+    monkeypatch.setattr(fidelity, "ELEMENTS_MAX", 12 * 200 * 4)  # 4 whole samples
+    reference = fidelity.ReferenceOutputs(model, data, 8, 20)
+    assert reference.compressed == {"logits"} and reference.samples > 4 and len(reference.batches) == reference.samples
+    assert isinstance(reference.outputs[0]["logits"], fidelity.TopClasses)
+    assert reference.first_outputs["logits"].shape == (1, 12, 200)
+    assert reference.error(model, {}) == pytest.approx(0.0, abs=1e-6)
+    monkeypatch.setattr(fidelity, "TOP_CLASSES", 64)  # 200 classes: kept whole
+    whole = fidelity.ReferenceOutputs(model, data, 8, 20)
+    assert not whole.compressed and whole.samples == 4
+
+
 def test_logits_whose_bias_add_comes_first_are_logits() -> None:
     """TorchScript writes a 3-D Linear (a CTC head) as Add(bias, MatMul): the head is found
     through the Add's computed input, so the output is scored as logits (KL, top-1)."""
