@@ -540,17 +540,21 @@ def sequential_batch_size(prepared: Prepared) -> int:
     return max(1, min(prepared.batch_size, SEQUENTIAL_BATCH_BYTES // max(per_sample, 1)))
 
 
+HELDOUT_SHARE = 4  # the pass's held-out samples: at most a quarter of its refit samples (all of them when it refits on all)
+
+
 def fit_sequentially(prepared: Prepared, plan: Plan, stats: dict[str, SiteStats], kind: str, one_shot: dict[tuple[int, str], Recovery],
                      progress: ProgressFactory | None = None, shrinkage: float | None = None,
                      samples: int = SEQUENTIAL_SAMPLES, rechoose: bool = False) -> SequentialResult:
     """The sequential refit of every site of `plan` over `samples` calibration samples spread
-    over the set (0: all), the shrinkage chosen on the verification batches."""
+    over the set (0: all), the shrinkage and any new choice of units made on at most a
+    HELDOUT_SHARE-th as many verification samples, spread alike (docs/speed.md)."""
     size = sequential_batch_size(prepared)
 
     def batches() -> Iterator[tuple[dict[str, np.ndarray], bool]]:
         yield from ((batch, False) for batch in prepared.calib_data.spread_batches(samples, size))
         if prepared.verify_data.n_samples:
-            yield from ((batch, True) for batch in prepared.verify_data.batches(size))
+            yield from ((batch, True) for batch in prepared.verify_data.spread_batches(samples // HELDOUT_SHARE, size))
 
     return sequential_recoveries(prepared.original, prepared.analysis, plan, stats, prepared.index, prepared.shapes, prepared.strides,
                                  batches, kind, one_shot, progress, shrinkage,
