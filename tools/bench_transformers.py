@@ -145,6 +145,7 @@ def run_model(name: str, path: Path, calib: dict, evaluation: dict, targets, met
             row = {"model": name, "method": label, "target": target, "prune_seconds": round(seconds, 1), "stage_seconds": report.seconds,
                    "sequential": report.sequential.get("median_heldout_error_vs_one_shot") if report.sequential else None,
                    "params_kept": round(report.params_after / report.params_before, 3),
+                   "allocation": (report.allocation or {}).get("chosen"),  # auto's choice, with its head gain
                    "heads_kept": sum(s.kept for s in report.spaces if not s.pinned and s.units <= 32 and s.derived_from is None),
                    "heads": sum(s.units for s in report.spaces if not s.pinned and s.units <= 32 and s.derived_from is None),
                    # grouped-query KV heads of the k and v projections, removed with their query heads
