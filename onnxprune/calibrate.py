@@ -20,7 +20,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from .analyse import Site
 from .errors import ModelError
-from .graph import GraphIndex, copy_model, get_attr
+from .graph import GraphIndex, copy_model, default_opset, get_attr
 from .ops import BROADCAST_ELEMENTWISE, CHANNEL_PARAM_OPS, UNARY_PASS_THROUGH, op_key
 from .stats import SiteStats
 from .weights import LARGE_MODEL, has_weights_on_disk, model_bytes, session_files
@@ -30,13 +30,6 @@ GRAM_BUDGET = 0.25  # with spatial_stride="auto", the Gram work may be this frac
 MAX_STRIDE = 4
 CHANNELS_FIRST = 2  # positions per sample per unit from which a site's Gram is computed per sample
 ROWS_PER_UNIT = 64  # "auto" never subsamples a site below this many calibration rows per unit
-
-
-def default_opset(model: onnx.ModelProto) -> int:
-    for opset in model.opset_import:
-        if opset.domain in ("", "ai.onnx"):
-            return opset.version
-    return 1
 
 
 def positions(shape: Sequence[int | None], axis: int) -> int | None:
@@ -154,7 +147,7 @@ def instrument(model: onnx.ModelProto, sites: list[Site], ranks: dict[str, int],
     site's stride. The patch holds only the added nodes, constants, inputs and outputs: the
     model's bytes followed by the patch's parse as the instrumented model (protobuf appends
     repeated fields), so the weights are never copied (see `make_session`)."""
-    opset = default_opset(model)
+    opset = default_opset(model) or 1
     strides, positions_after = strides or {}, positions_after or {}
     out = onnx.ModelProto()
     graph = out.graph

@@ -13,7 +13,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from .calibrate import PREFIX, centred_rows, channels_first, default_opset, make_session, sampled_site, second_moment
+from .calibrate import PREFIX, centred_rows, channels_first, make_session, sampled_site, second_moment
+from .graph import default_opset
 from .segments import side_by_side
 from .stats import CrossStats
 
@@ -63,7 +64,7 @@ def cross_patch(model: onnx.ModelProto, sites: Sequence[CrossSite], shifts: dict
     """A patch (see `calibrate.make_session`) of a model computing both sites' tensors that
     outputs, per site, the products of their rows about `shifts` (pruned, original), their raw
     column sums and the rows' shape; the `passed` tensors stay outputs of the session."""
-    opset = default_opset(model)
+    opset = default_opset(model) or 1
     patch = onnx.ModelProto()
     graph = patch.graph
     graph.initializer.extend([numpy_helper.from_array(NO_ROWS, PREFIX + "oo_to"), numpy_helper.from_array(np.array([0], np.int64), PREFIX + "oo_axis")])
