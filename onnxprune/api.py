@@ -554,7 +554,7 @@ def fit_sequentially(prepared: Prepared, plan: Plan, stats: dict[str, SiteStats]
     def batches() -> Iterator[tuple[dict[str, np.ndarray], bool]]:
         yield from ((batch, False) for batch in prepared.calib_data.spread_batches(samples, size))
         if prepared.verify_data.n_samples:
-            yield from ((batch, True) for batch in prepared.verify_data.spread_batches(samples // HELDOUT_SHARE, size))
+            yield from ((batch, True) for batch in prepared.verify_data.spread_batches(-(-samples // HELDOUT_SHARE), size))
 
     return sequential_recoveries(prepared.original, prepared.analysis, plan, stats, prepared.index, prepared.shapes, prepared.strides,
                                  batches, kind, one_shot, progress, shrinkage,
