@@ -112,6 +112,39 @@ def test_first_site_equals_one_shot() -> None:
     np.testing.assert_allclose(recovery.kept_weights, np.eye(len(recovery.keep)), atol=1e-6)
 
 
+def test_the_pass_holds_out_at_most_a_quarter_of_its_refit_samples(monkeypatch) -> None:
+    """The pass refits on `samples` calibration samples and scores its shrinkage on at most a
+    quarter as many held-out ones, spread over the held-out set; with every calibration sample
+    (samples=0) it takes every held-out one."""
+    import onnxprune.api as api
+
+    model = random_mlp(widths=(12, 20, 6), seed=1)
+    x = np.random.default_rng(2).standard_normal((2000, 12)).astype(np.float32)
+    prepared = prepare(model, {"x": x}, batch_size=16, verify_samples=200)
+    stats = calibration_statistics(prepared)
+    scores = {s.id: score_space(s, stats, prepared.index) for s in prepared.analysis.prunable}
+    plan = make_plan(prepared.analysis, scores, build_cost_model(prepared.index, prepared.analysis), Target("ratio", 0.4))
+    seen: dict[int, list] = {}
+
+    def counting(*args):
+        batches = args[7]
+        seen[len(seen)] = [(len(b["x"]), held, b["x"][:, 0].copy()) for b, held in batches()]
+        raise RuntimeError("counted")
+
+    monkeypatch.setattr(api, "sequential_recoveries", counting)
+    held_rows = {}
+    for samples in (160, 0):
+        with pytest.raises(RuntimeError, match="counted"):
+            fit_sequentially(prepared, plan, stats, "lsq", fit_recoveries(prepared.analysis, plan, stats), samples=samples)
+        held = [(n, rows) for n, h, rows in seen[len(seen) - 1] if h]
+        held_rows[samples] = held
+    assert sum(n for n, _ in held_rows[160]) == 48  # 40 wanted: three whole batches of 16
+    assert sum(n for n, _ in held_rows[0]) == 200
+    every = np.concatenate([rows for _, rows in held_rows[0]])
+    capped = np.concatenate([rows for _, rows in held_rows[160]])
+    assert np.isin(capped, every).all() and capped[-1] == every[-1]  # held-out samples, spread to the set's end
+
+
 @pytest.mark.parametrize("planted", [planted_cnn(bn=True, pool=True), planted_cnn(kernel=3), planted_mlp(), planted_mlp(style="matmul")],
                          ids=["cnn_bn_pool", "cnn_3x3", "mlp_gemm", "mlp_matmul"])
 def test_planted_duplicates_removed_exactly_with_sequential(planted) -> None:
