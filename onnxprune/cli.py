@@ -118,7 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--allocation", choices=ALLOCATIONS, default=DEFAULT_ALLOCATION,
                         help="how the target is spread over layers: auto (default) = plan it with each of global, stream, "
                         "tempered and uniform, rewrite each, keep the one whose outputs are closest to the original's on the "
-                        "held-out samples (no single rule won on every benchmark model; docs/benchmark.md); global = one "
+                        "held-out samples (no single rule won on every benchmark model; docs/benchmark.md), then try the chosen "
+                        "rule with other head gains (--head-gain); global = one "
                         "threshold on every layer's normalised energy loss; stream = the same, with each layer's loss measured "
                         "relative to the residual stream its output joins (best on SmolLM2, MiniLM-like encoders and ResNets; "
                         "the global rule on models without residual adds); uniform = the same fraction of every layer's units; "
