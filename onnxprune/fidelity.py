@@ -119,6 +119,7 @@ class OutputError:
 
 
 ELEMENTS_MAX = 1 << 26  # original outputs kept to compare candidates with (256 MB of float32)
+CLASS_ROWS_MAX = 1 << 13  # rows of compressed class scores scored per candidate (16 windows of 512 tokens)
 
 
 class ReferenceOutputs:
@@ -140,8 +141,13 @@ class ReferenceOutputs:
         step = fixed_batch_size(original) or 1  # a fixed batch runs whole batches only
         first = dict(zip(self.names, session.run(self.names, next(iter(data.batches(step)))), strict=True))
         self.compressed = {name for name, value in first.items() if name not in self.axes and compressible(value, self.logits.get(name))}
-        per_sample = sum(self._kept(name, value).size for name, value in first.items()) / step
+        kept = {name: self._kept(name, value) for name, value in first.items()}
+        per_sample = sum(value.size for value in kept.values()) / step
         wanted = max(1, min(samples, data.n_samples, int(ELEMENTS_MAX // max(per_sample, 1))))
+        if self.compressed:  # a compressed row costs little memory but a candidate's run: bound the time
+            rows = max(len(kept[name].log_rest) for name in self.compressed) / step
+            wanted = max(1, min(wanted, int(CLASS_ROWS_MAX // max(rows, 1))))
+        first = kept = None
         self.samples = whole_batches(wanted, step)
         # one sample per run where the outputs are compressed: the whole first batch stays as it is
         self.batches = list(data.take(0, self.samples).batches(step if step > 1 or self.compressed else batch_size))

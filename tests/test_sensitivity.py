@@ -218,6 +218,8 @@ def test_reference_outputs_score_more_samples_when_compressed(monkeypatch) -> No
     assert isinstance(reference.outputs[0]["logits"], fidelity.TopClasses)
     assert reference.first_outputs["logits"].shape == (1, 12, 200)
     assert reference.error(model, {}) == pytest.approx(0.0, abs=1e-6)
+    monkeypatch.setattr(fidelity, "CLASS_ROWS_MAX", 12 * 6)  # at most 6 samples' rows: the candidates' time bounded
+    assert fidelity.ReferenceOutputs(model, data, 8, 20).samples == 6
     monkeypatch.setattr(fidelity, "TOP_CLASSES", 64)  # 200 classes: kept whole
     whole = fidelity.ReferenceOutputs(model, data, 8, 20)
     assert not whole.compressed and whole.samples == 4
