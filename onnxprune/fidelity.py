@@ -28,6 +28,13 @@ def _log_softmax(z: np.ndarray, probabilities: bool = False) -> np.ndarray:
     return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
 
 
+def _row_chunks(rows: int, classes: int) -> list[slice]:
+    """Slices of a few rows each, so float64 log-probabilities over a large vocabulary stay
+    LOGIT_ELEMENTS per temporary (a 49k vocabulary: 42 rows, not 1024: 2 GB of temporaries)."""
+    step = max(1, LOGIT_ELEMENTS // classes)
+    return [slice(start, start + step) for start in range(0, rows, step)]
+
+
 TOP_CLASSES = 1024  # a reference row over more than 4x this many classes keeps only its most likely ones
 
 
@@ -46,10 +53,9 @@ class TopClasses:
     @classmethod
     def of(cls, scores: np.ndarray, probabilities: bool) -> TopClasses:
         rows = scores.reshape(-1, scores.shape[-1])
-        step = max(1, LOGIT_ELEMENTS // rows.shape[1])
         parts = []
-        for start in range(0, len(rows), step):
-            lp = _log_softmax(rows[start:start + step], probabilities)
+        for chunk in _row_chunks(*rows.shape):
+            lp = _log_softmax(rows[chunk], probabilities)
             index = np.argpartition(lp, -TOP_CLASSES, axis=-1)[:, -TOP_CLASSES:]
             top = np.take_along_axis(lp, index, -1)
             parts.append((index.astype(np.int32), top.astype(np.float32), _log_rest(top)))
@@ -62,10 +68,9 @@ class TopClasses:
     def kl_sum(self, scores: np.ndarray, probabilities: bool) -> float:
         """Sum over the rows of KL(reference || scores) with the rest as one class."""
         rows, total = scores.reshape(-1, scores.shape[-1]), 0.0
-        step = max(1, LOGIT_ELEMENTS // rows.shape[1])
-        for start in range(0, len(rows), step):
-            lq = np.take_along_axis(_log_softmax(rows[start:start + step], probabilities), self.index[start:start + step], -1)
-            lp, lp_rest = self.logp[start:start + step].astype(np.float64), self.log_rest[start:start + step]
+        for chunk in _row_chunks(*rows.shape):
+            lq = np.take_along_axis(_log_softmax(rows[chunk], probabilities), self.index[chunk], -1)
+            lp, lp_rest = self.logp[chunk].astype(np.float64), self.log_rest[chunk]
             total += float(np.sum(np.exp(lp) * (lp - lq)) + np.sum(np.exp(lp_rest) * (lp_rest - _log_rest(lq))))
         return total
 
@@ -102,11 +107,10 @@ class OutputError:
                 ref, out = np.moveaxis(ref, self.axes[name], -1), np.moveaxis(out, self.axes[name], -1)
             if name in self.logits and ref.ndim >= 1 and ref.shape[-1] > 1:
                 ref_rows, out_rows = ref.reshape(-1, ref.shape[-1]), out.reshape(-1, ref.shape[-1])
-                rows = max(1, LOGIT_ELEMENTS // ref.shape[-1])  # a 49k vocabulary: 42 rows, not 1024 (2 GB of temporaries)
                 probabilities = self.logits[name] == PROBABILITIES
-                for start in range(0, len(ref_rows), rows):  # float64 copies of a few rows at a time
-                    lp = _log_softmax(ref_rows[start:start + rows], probabilities)
-                    lq = _log_softmax(out_rows[start:start + rows], probabilities)
+                for chunk in _row_chunks(*ref_rows.shape):  # float64 copies of a few rows at a time
+                    lp = _log_softmax(ref_rows[chunk], probabilities)
+                    lq = _log_softmax(out_rows[chunk], probabilities)
                     self.sums[name] += float(np.sum(np.exp(lp) * (lp - lq)))
                 self.norms[name] += len(ref_rows)
             else:
@@ -147,15 +151,16 @@ class ReferenceOutputs:
         if self.compressed:  # a compressed row costs little memory but a candidate's run: bound the time
             rows = max(len(kept[name].log_rest) for name in self.compressed) / step
             wanted = max(1, min(wanted, int(CLASS_ROWS_MAX // max(rows, 1))))
-        first = kept = None
         self.samples = whole_batches(wanted, step)
         # one sample per run where the outputs are compressed: the whole first batch stays as it is
-        self.batches = list(data.take(0, self.samples).batches(step if step > 1 or self.compressed else batch_size))
+        size = step if step > 1 or self.compressed else batch_size
+        self.batches = list(data.take(0, self.samples).batches(size))
         self.outputs, self.first_outputs = [], {}
-        for batch in self.batches:
-            outputs = dict(zip(self.names, session.run(self.names, batch), strict=True))
+        for i, batch in enumerate(self.batches):
+            again = i == 0 and size == step  # the run that sized the reference was this batch
+            outputs = first if again else dict(zip(self.names, session.run(self.names, batch), strict=True))
             self.first_outputs = self.first_outputs or outputs
-            self.outputs.append({name: self._kept(name, value) for name, value in outputs.items()})
+            self.outputs.append(kept if again else {name: self._kept(name, value) for name, value in outputs.items()})
 
     def _kept(self, name: str, value: np.ndarray) -> np.ndarray | TopClasses:
         return TopClasses.of(value, self.logits[name] == PROBABILITIES) if name in self.compressed else value
