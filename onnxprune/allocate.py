@@ -98,14 +98,17 @@ def allocation_planner(
             return planner("global"), None
         streams = stream_gains(prepared, progress, required=False)
         names = [name for name in AUTO_CANDIDATES if name != "stream" or not streams.failed]
-        planners = {name: planner(name, streams.gains if name == "stream" else None) for name in names}
-        gains = SEARCHED_HEAD_GAINS if head_gain is None and 0 < len(heads) < len(analysis.prunable) else ()
+        def rule_gains(name: str) -> dict[int, float] | None:
+            return streams.gains if name == "stream" else None
+
+        planners = {name: planner(name, rule_gains(name)) for name in names}
+        head_gains = SEARCHED_HEAD_GAINS if head_gain is None and 0 < len(heads) < len(analysis.prunable) else ()
         reference, seen = held_out_reference(prepared), {}
-        advance = progress("choosing the allocation", len(planners) + len(gains))
+        advance = progress("choosing the allocation", len(planners) + len(head_gains))
         choice = choose_allocation(planners, target, reference, build, io_changes, advance, seen)
-        if gains:  # the budget between heads and the other units, for the chosen rule
+        if head_gains:  # the budget between heads and the other units, for the chosen rule
             rule = choice.chosen
-            more = {f"{rule} (heads x{g:g})": planner(rule, streams.gains if rule == "stream" else None, g) for g in gains}
+            more = {f"{rule} (heads x{g:g})": planner(rule, rule_gains(rule), g) for g in head_gains}
             try:
                 choice = choice.extended(choose_allocation(more, target, reference, build, io_changes, advance, seen))
             except TargetError:
