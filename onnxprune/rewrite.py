@@ -61,6 +61,7 @@ class ConstantEdits:
         self.index = index
         self.source = source  # the initializers of the model being rewritten, in order
         self.reserved: set[str] = set()  # names given to tensors not yet in the graph
+        self._taken: set[str] | None = None  # every name in use or given (`_fresh_name`)
         self.edits: dict[tuple[int, int], _Edit] = {}
         self.bias_nodes: list[tuple[onnx.NodeProto, np.ndarray]] = []
         # Reshape -> (it, {holder: (it, {input slot: new value})}): the copies `own_shape` asks for
@@ -215,10 +216,17 @@ class ConstantEdits:
         return added
 
     def _fresh_name(self, base: str) -> str:
-        taken = {t.name for t in self.model.graph.initializer} | {t.name for t in self.source} | self.reserved
-        taken.update(o for n in self.model.graph.node for o in n.output)
-        taken.update(n.name for n in self.model.graph.node)
-        return unique_name(base, taken)
+        """A name no tensor or node of the graph has, nor any name given before: every new name
+        comes from here, so the set is built once per rewrite (a whole-graph scan per name made
+        a model's rewrite quadratic in its fresh names)."""
+        if self._taken is None:
+            self._taken = {t.name for t in self.model.graph.initializer} | {t.name for t in self.source}
+            self._taken.update(o for n in self.model.graph.node for o in n.output)
+            self._taken.update(n.name for n in self.model.graph.node)
+        self._taken.update(self.reserved)
+        name = unique_name(base, self._taken)
+        self._taken.add(name)
+        return name
 
 
 def removed_slots(spaces: list[tuple[Space, SpacePlan]]) -> tuple[dict[str, np.ndarray], dict[str, int], dict[str, int]]:
