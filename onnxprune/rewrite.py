@@ -60,8 +60,7 @@ class ConstantEdits:
         self.model = model
         self.index = index
         self.source = source  # the initializers of the model being rewritten, in order
-        self.reserved: set[str] = set()  # names given to tensors not yet in the graph
-        self._taken: set[str] | None = None  # every name in use or given (`_fresh_name`)
+        self._taken: set[str] | None = None  # every name in use or given, also those not in the graph yet (`_fresh_name`)
         self.edits: dict[tuple[int, int], _Edit] = {}
         self.bias_nodes: list[tuple[onnx.NodeProto, np.ndarray]] = []
         # Reshape -> (it, {holder: (it, {input slot: new value})}): the copies `own_shape` asks for
@@ -125,7 +124,6 @@ class ConstantEdits:
                 node.attribute.append(helper.make_attribute("value", numpy_helper.from_array(_contiguous(edit.value), name)))
             else:
                 new_name = self._fresh_name(f"{name or edit.node.output[0]}{SUFFIX}")
-                self.reserved.add(new_name)
                 fresh.append((new_name, edit))
                 if name:
                     orphans.add(name)
@@ -200,7 +198,6 @@ class ConstantEdits:
             clone = onnx.NodeProto()
             clone.CopyFrom(node)
             clone.name = self._fresh_name(f"{node.name or node.output[0]}{SUFFIX}")
-            self.reserved.add(clone.name)
             for slot, name in enumerate(node.input):
                 if name in copies:
                     clone.input[slot] = copies[name]
@@ -210,23 +207,19 @@ class ConstantEdits:
             del clone.output[:]
             for name in node.output:
                 copies[name] = self._fresh_name(f"{name}{SUFFIX}") if name else ""
-                self.reserved.add(copies[name])
                 clone.output.append(copies[name])
             added.append(clone)
         return added
 
     def _fresh_name(self, base: str) -> str:
-        """A name no tensor or node of the graph has, nor any name given before: every new name
-        comes from here, so the set is built once per rewrite (a whole-graph scan per name made
-        a model's rewrite quadratic in its fresh names)."""
+        """A name no tensor or node of the graph has, nor any name given before (placed in the
+        graph or not yet): every new name comes from here, so the set is built once per rewrite
+        (a whole-graph scan per name made a model's rewrite quadratic in its fresh names)."""
         if self._taken is None:
             self._taken = {t.name for t in self.model.graph.initializer} | {t.name for t in self.source}
             self._taken.update(o for n in self.model.graph.node for o in n.output)
             self._taken.update(n.name for n in self.model.graph.node)
-        self._taken.update(self.reserved)
-        name = unique_name(base, self._taken)
-        self._taken.add(name)
-        return name
+        return unique_name(base, self._taken)  # which adds the name to the set
 
 
 def removed_slots(spaces: list[tuple[Space, SpacePlan]]) -> tuple[dict[str, np.ndarray], dict[str, int], dict[str, int]]:
