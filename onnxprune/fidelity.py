@@ -159,7 +159,8 @@ class ReferenceOutputs:
         for i, batch in enumerate(self.batches):
             again = i == 0 and size == step  # the run that sized the reference was this batch
             outputs = first if again else dict(zip(self.names, session.run(self.names, batch), strict=True))
-            self.first_outputs = self.first_outputs or outputs
+            if i == 0:
+                self.first_outputs = outputs
             self.outputs.append(kept if again else {name: self._kept(name, value) for name, value in outputs.items()})
 
     def _kept(self, name: str, value: np.ndarray) -> np.ndarray | TopClasses:
