@@ -5,15 +5,14 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import onnx
 
-from .allocate import allocation_planner, attention_spaces, has_attention, held_out_reference
+from .allocate import allocation_planner, attention_spaces, has_attention
 from .analyse import Analysis
-from .calibrate import positions
 from .cost import CostModel, build_cost_model, count_macs, count_params
 from .data import CalibrationData
 from .decisions import SequentialResult
@@ -23,22 +22,25 @@ from .latency import max_steps, search_latency
 from .load import release_memory
 from .plan import ALLOCATIONS, DEFAULT_ALLOCATION, Plan, Target, misaligned_warning, overshoot_warning
 from .preparation import Prepared, calibration_statistics, prepare, prepare_options
-from .recovery import Recovery, fit_recoveries, shared_sites
+from .recovery import fit_recoveries
+from .refit import Refit, fit_sequentially, refit_or_one_shot, sequential_batch_size  # noqa: F401 - the last two are used through this module
+from .refitjudge import judge_refits
 from .report import PruneReport, SpaceRow
 from .rewrite import cache_io_changes, pruned_spaces, rewrite
 from .score import DEFAULT_ORDER, METHODS, ORDERS, RECOVERY, STATS_METHODS, score_space
-from .selection import AllocationChoice
+from .selection import REFIT_RIVAL, AllocationChoice
 from .sensitivity import Sensitivity
-from .sequential import SEQUENTIAL_SAMPLES, sequential_recoveries
+from .sequential import SEQUENTIAL_SAMPLES
 from .shards import Statistics
 from .sources import ImageOptions
 from .stats import SiteStats
 from .streams import StreamGains
 from .tidy import restore_fp16_weights
-from .verify import drop_units, far_outputs_warning, optimisation_problem, verify
-from .weights import WeightsFile, offload, with_weights_in_memory
+from .verify import drop_units, far_outputs_warning, verify
+from .weights import offload, with_weights_in_memory
 
 DEFAULT_TOLERANCE = 0.01
+JUDGES = ("refit", "one-shot")  # how auto's choice is judged under the sequential fit (`refitjudge`)
 ProgressFactory = Callable[[str, int], Callable[[int], None]]
 
 
@@ -114,6 +116,7 @@ def prune(
     sequential_samples: int = SEQUENTIAL_SAMPLES,
     rechoose: bool = True,
     report_samples: int = 0,
+    judge: str = "refit",
 ) -> PruneResult:
     """Prune `model` with calibration data `calib`; returns the pruned ModelProto and a report.
 
@@ -158,13 +161,18 @@ def prune(
     docs/transformers.md).
     With `sequential`, the refitted model is kept only if its held-out output error is no higher
     than the one-shot model's (the report says which).
+    `judge`: with the auto allocation and the sequential fit, "refit" (default) also refits the
+    uniform plan where auto chose another rule, and keeps the refit whose outputs are closer to
+    the original's on the calibration and held-out samples (one more sequential pass; the refit
+    reorders the candidates at high ratios, docs/benchmark.md); "one-shot" keeps auto's choice.
     `report_samples`: the last N calibration samples are held out for the report's fidelity
     alone; by default it is measured on the held-out samples that also chose the allocation,
     the shrinkage and the refit, which makes it optimistic on new data.
     Models of 64 MiB and more keep their weights on disk (their external-data files, or one
     temporary file) and fix glibc's mmap threshold for the process (`load.map_large_allocations`).
     """
-    check_options(method, allocation, order, batch_size, latency_batch, sensitivity_samples, head_gain, sequential_samples, sequential)
+    check_options(method, allocation, order, batch_size, latency_batch, sensitivity_samples, head_gain, sequential_samples, sequential,
+                  judge)
     target = resolve_target(ratio, flops, params, tolerance, latency)
     fixed_shrinkage = resolve_shrinkage(shrinkage)
     progress = progress or _no_progress
@@ -211,12 +219,13 @@ def prune(
             plan = planner.plan(target)
         warnings.extend(overshoot_warning(planner, plan, round_to))
         with _stage(seconds, "rewrite"):
-            pruned = builder.final(plan)
+            rival = allocated.rival() if judge == "refit" and isinstance(allocated, AllocationChoice) else None
+            pruned = builder.final(plan, rival=rival)
     refit = builder.refit
     restore_fp16_weights(pruned)  # the weights the model stores as fp16 + Cast stay so
     warnings.extend(builder.warnings)
     if refit is not None and refit.plan is not None:
-        plan = refit.plan  # the same counts, other units where the pass chose again
+        plan = refit.plan  # the same counts, other units where the pass chose again (or the rival's plan)
     warnings.extend(misaligned_warning(analysis, plan))
     sampled = strides if stats else {}
     stats, scores = {}, {}  # what verification does not need goes before its sessions start
@@ -282,14 +291,22 @@ class ModelBuilder:
         recoveries = fit_recoveries(analysis, plan, self.stats, RECOVERY[self.method]) if self.method in RECOVERY else None
         return rewrite(self.prepared.original, analysis, plan, recoveries, self.prepared.index.constants)
 
-    def final(self, plan: Plan, pruned: onnx.ModelProto | None = None) -> onnx.ModelProto:
-        """The pruned model: refitted sequentially when asked, else `pruned` or `build(plan)`."""
+    def final(self, plan: Plan, pruned: onnx.ModelProto | None = None, rival: Plan | None = None) -> onnx.ModelProto:
+        """The pruned model: refitted sequentially when asked, else `pruned` or `build(plan)`.
+        With a `rival` plan (auto's REFIT_RIVAL), both are refitted and the better refit is kept
+        (`refitjudge`); `self.refit.plan` is the plan the model realises."""
         if not self.sequential:
             return pruned if pruned is not None else self.build(plan)
-        allocated = self.allocated
+        allocated, kind = self.allocated, RECOVERY[self.method]
         scored = allocated.errors[allocated.chosen] if isinstance(allocated, AllocationChoice) else None
-        self.refit = refit_or_one_shot(self.prepared, plan, self.stats, RECOVERY[self.method], scored, self.progress, self.shrinkage,
-                                       self.samples, self.rechoose)
+        options = (self.progress, self.shrinkage, self.samples, self.rechoose)
+        if rival is None:
+            self.refit = refit_or_one_shot(self.prepared, plan, self.stats, kind, scored, *options)
+        else:
+            plans = {allocated.chosen: plan, REFIT_RIVAL: rival}
+            chosen, self.refit, judgement = judge_refits(self.prepared, plans, {n: allocated.errors[n] for n in plans}, self.stats, kind,
+                                                         *options)
+            allocated.judged(chosen, judgement.summary())
         self.warnings.extend(self.refit.warnings)
         model, self.refit.model = self.refit.model, None  # one reference only: verification offloads it
         return model
@@ -330,7 +347,7 @@ def _add_allocation_notes(report: PruneReport, allocated, names: dict[int, str])
 
 def check_options(method: str, allocation: str, order: str, batch_size: int, latency_batch: int,
                   sensitivity_samples: int | None = None, head_gain: float | None = None,
-                  sequential_samples: int = SEQUENTIAL_SAMPLES, sequential: bool | str = False) -> None:
+                  sequential_samples: int = SEQUENTIAL_SAMPLES, sequential: bool | str = False, judge: str = "refit") -> None:
     """One-line errors for option values no stage can use, before anything is loaded."""
     for name, value, choices in (("method", method, METHODS), ("allocation", allocation, ALLOCATIONS), ("order", order, ORDERS)):
         if value not in choices:
@@ -343,6 +360,8 @@ def check_options(method: str, allocation: str, order: str, batch_size: int, lat
         raise TargetError(f"--sensitivity-samples must be >= 1, got {sensitivity_samples}")
     if head_gain is not None and not (np.isfinite(head_gain) and head_gain > 0):
         raise TargetError(f"--head-gain must be a positive number, got {head_gain}")
+    if judge not in JUDGES:
+        raise TargetError(f"unknown judge '{judge}' (choose from {', '.join(JUDGES)})")
     if sequential not in (True, False, "auto"):
         raise TargetError(f"sequential must be True, False or 'auto', got {sequential!r}")
     if sequential_samples < 0:
@@ -426,139 +445,6 @@ def resolve_shrinkage(shrinkage: float | str) -> float | None:
     if not value >= 0:
         raise TargetError(f"--shrinkage must be 'auto' or a number >= 0, got {shrinkage!r}")
     return value
-
-
-@dataclass
-class Refit:
-    """The sequential branch's model: refitted if the guard kept it, else the one-shot fold;
-    the pass's result (None if it failed, with `warnings` saying why) and the temporary file of
-    a large kept refit."""
-
-    model: onnx.ModelProto | None
-    result: SequentialResult | None
-    weights: WeightsFile | None = None
-    warnings: list[str] = field(default_factory=list)  # why a refit was not kept or failed
-    plan: Plan | None = None  # the kept refit's plan where `rechoose` chose other units
-
-
-def refit_or_one_shot(prepared: Prepared, plan: Plan, stats: dict[str, SiteStats], kind: str, one_shot_error: float | None,
-                      progress: ProgressFactory | None, shrinkage: float | None, samples: int, rechoose: bool = False) -> Refit:
-    """Fit one-shot, refit sequentially, keep the refit if the held-out guard does (a pass that
-    fails writes the one-shot model). Frees what the pass does not read as it goes: `stats` keep
-    only their means, the refitted recoveries go once folded, a large refit waits on disk."""
-    analysis, original, constants = prepared.analysis, prepared.original, prepared.index.constants
-    prior = fit_recoveries(analysis, plan, stats, kind, within_space=True)  # the refit's columns are each space's own
-    one_shot = fit_recoveries(analysis, plan, stats, kind) if shared_sites(analysis) else prior  # the same without shared sites
-    for tensor, site in stats.items():  # nothing after this fit reads the Grams
-        stats[tensor] = site.without_gram()
-    # scored before the pass (unless auto already did), so that the one-shot model and the refitted one are never in memory together
-    one_shot_error = heldout_error(prepared, plan, one_shot) if one_shot_error is None else one_shot_error
-    result, warnings, retried = None, [], None
-    for again in ([True, False] if rechoose else [False]):  # units chosen again first, then the plan's if that is not kept
-        refit, result, failure = _attempt_refit(prepared, plan, stats, kind, prior, progress, shrinkage, samples, again, one_shot_error)
-        if result is not None:
-            result.retried = retried
-        if refit is not None:
-            refit.warnings = warnings
-            return refit
-        if again and failure is None and not result.rechosen:
-            break  # nothing was chosen again: a second pass would be the same
-        if again and failure:  # a fault of the re-choosing path: worth a warning, the plain pass may still succeed
-            warnings.append(f"the sequential refit with units chosen again failed ({failure}); refitted with the plan's units")
-        elif again:
-            errors = result.heldout_errors
-            retried = ("the refit with units chosen again was not kept (" + (result.rejected or (
-                f"held-out output error {errors[1]:.3g} vs {errors[0]:.3g} one-shot" if errors else "the held-out guard")) + "); refitted with the plan's units")
-        elif failure:
-            warnings.append(f"the sequential refit failed ({failure}); the one-shot fit was written")
-    return Refit(rewrite(original, analysis, plan, one_shot, constants), result, warnings=warnings)
-
-
-def _attempt_refit(prepared: Prepared, plan: Plan, stats: dict[str, SiteStats], kind: str, prior: dict, progress: ProgressFactory | None,
-                   shrinkage: float | None, samples: int, rechoose: bool,
-                   one_shot_error: float) -> tuple[Refit | None, SequentialResult | None, str | None]:
-    """One sequential pass and its guard: (the kept refit or None, the pass's result, why the pass failed)."""
-    analysis, original, constants = prepared.analysis, prepared.original, prepared.index.constants
-    weights, result, failure = None, None, None
-    try:
-        result = fit_sequentially(prepared, plan, stats, kind, prior, progress, shrinkage, samples, rechoose)
-        refitted = rewrite(original, analysis, result.plan, result.recoveries, constants)
-        result.recoveries = {}  # folded: up to k x n floats per site, read by neither the guard nor the report
-        result.spill.close()
-        refitted, weights = offload(refitted)
-        if better_than_one_shot(prepared, plan, refitted, result, one_shot_error):
-            return Refit(refitted, result, weights, plan=result.plan), result, None
-        del refitted
-    except Exception as exc:  # noqa: BLE001 - the one-shot fold is correct without the refit; the caller says why it is written
-        if result is not None:
-            result.spill.close()
-        result, failure = None, f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:300]}"
-    if weights is not None:
-        weights.close()
-    return None, result, failure
-
-
-def heldout_error(prepared: Prepared, plan: Plan, recoveries: dict[tuple[int, str], Recovery] | None) -> float:
-    """The output error (`fidelity.OutputError`) on the held-out samples of `plan` folded with
-    `recoveries` (a working copy: weights on disk stay there). The original's reference outputs
-    are made here and again for the refitted model rather than kept (up to 256 MB) through the
-    sequential pass."""
-    reference, changes = held_out_reference(prepared), cache_io_changes(prepared.analysis, plan)
-    # passed as a temporary: its rewritten weights go as soon as onnxruntime has its copy
-    return reference.error(rewrite(prepared.original, prepared.analysis, plan, recoveries, prepared.index.constants, keep_on_disk=True), changes)
-
-
-def better_than_one_shot(prepared: Prepared, plan: Plan, refitted: onnx.ModelProto, result: SequentialResult,
-                         one_shot_error: float) -> bool:
-    """Whether the sequentially refitted model's outputs are at least as close to the original's
-    on the held-out samples as the one-shot fold's (its error measured before the pass, or by the
-    auto allocation on the same samples); both errors go into `result`. Each site's shrinkage is
-    chosen on the same samples, but a sum of per-site errors does not always predict the model's
-    (SmolLM2's perplexity rose while every site improved)."""
-    changes = cache_io_changes(prepared.analysis, plan)
-    reference = held_out_reference(prepared)
-    refitted_error = reference.error(refitted, changes)
-    result.heldout_errors = (one_shot_error, refitted_error)
-    if refitted_error > one_shot_error:
-        return False
-    # a refit with huge coefficients (few samples) can amplify onnxruntime's rounding: verification would refuse it
-    result.rejected = optimisation_problem(prepared.original, refitted, reference.batches[0], reference.first_outputs, changes)
-    return result.rejected is None
-
-
-SEQUENTIAL_BATCH_BYTES = 256 << 20  # the largest site's activations of one batch, at most (unless a sample is bigger)
-
-
-def sequential_batch_size(prepared: Prepared) -> int:
-    """The batch of the sequential pass: the calibration batch, smaller where one batch of the
-    largest site's activations would pass SEQUENTIAL_BATCH_BYTES (a 512x512 segmentation map):
-    the pass holds both models' activations of a batch and their products' operands at once."""
-    if prepared.static_batch:
-        return prepared.batch_size
-    sizes = [(positions(prepared.shapes[s.tensor], s.axis) or 0) * s.width for s in prepared.analysis.sites() if prepared.shapes.get(s.tensor)]
-    per_sample = 4 * max(sizes, default=0)  # float32 elements
-    return max(1, min(prepared.batch_size, SEQUENTIAL_BATCH_BYTES // max(per_sample, 1)))
-
-
-HELDOUT_SHARE = 4  # the pass's held-out samples: at most a quarter of its refit samples (all of them when it refits on all)
-
-
-def fit_sequentially(prepared: Prepared, plan: Plan, stats: dict[str, SiteStats], kind: str, one_shot: dict[tuple[int, str], Recovery],
-                     progress: ProgressFactory | None = None, shrinkage: float | None = None,
-                     samples: int = SEQUENTIAL_SAMPLES, rechoose: bool = False) -> SequentialResult:
-    """The sequential refit of every site of `plan` over `samples` calibration samples spread
-    over the set (0: all), the shrinkage and any new choice of units made on at most a
-    HELDOUT_SHARE-th as many verification samples, spread alike (docs/speed.md)."""
-    size = sequential_batch_size(prepared)
-
-    def batches() -> Iterator[tuple[dict[str, np.ndarray], bool]]:
-        yield from ((batch, False) for batch in prepared.calib_data.spread_batches(samples, size))
-        if prepared.verify_data.n_samples:
-            yield from ((batch, True) for batch in prepared.verify_data.spread_batches(-(-samples // HELDOUT_SHARE), size))
-
-    return sequential_recoveries(prepared.original, prepared.analysis, plan, stats, prepared.index, prepared.shapes, prepared.strides,
-                                 batches, kind, one_shot, progress, shrinkage,
-                                 rechoose and prepared.verify_data.n_samples > 0)  # a new choice needs held-out rows
 
 
 def _io_shapes(model: onnx.ModelProto, changes: dict) -> dict[str, list]:

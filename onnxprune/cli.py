@@ -14,7 +14,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from . import __version__, tempfiles
 from .allocate import DEFAULT_HEAD_GAIN, SEARCHED_HEAD_GAINS
-from .api import DEFAULT_TOLERANCE, prune
+from .api import DEFAULT_TOLERANCE, JUDGES, prune
 from .errors import OnnxPruneError
 from .inspect import inspect_model
 from .interrupts import interrupted_signal, signals_raise
@@ -119,8 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="how the target is spread over layers: auto (default) = plan it with each of global, stream, "
                         "tempered and uniform, rewrite each, keep the one whose outputs are closest to the original's on the "
                         "held-out samples (no single rule won on every benchmark model; docs/benchmark.md), then try the chosen "
-                        "rule with other head gains (--head-gain); it judges them before the sequential refit, which can "
-                        "reorder them: near 70%% of the MACs removed, try uniform too; global = one "
+                        "rule with other head gains (--head-gain); under the sequential fit the uniform plan is refitted too "
+                        "and the better refit kept (--judge); global = one "
                         "threshold on every layer's normalised energy loss; stream = the same, with each layer's loss measured "
                         "relative to the residual stream its output joins (best on SmolLM2, MiniLM-like encoders and ResNets; "
                         "the global rule on models without residual adds); uniform = the same fraction of every layer's units; "
@@ -176,6 +176,12 @@ def build_parser() -> argparse.ArgumentParser:
                           "already pruned upstream, where its fit's held-out error is lower; the plan ranked them on the unpruned model "
                           "(default on: better or equal in 15 of 16 measured cells of the CNN and OCR benchmarks, EfficientNet-Lite0 at 30%% "
                           "MACs +9 points agreement, docs/benchmark.md; about 1.2x the sequential run's time)")
+    recovery.add_argument("--judge", choices=JUDGES, default="refit",
+                          help="with --allocation auto and the sequential refit: refit (default) = where auto's one-shot "
+                          "choice is not uniform, refit the uniform plan too and keep the refit whose outputs are closer to the "
+                          "original's on the calibration and held-out samples (one more refit pass; the refit reorders the "
+                          "candidates at high ratios: Fashion-MNIST VGG / ShuffleNetV2 at 70%% MACs, docs/benchmark.md); "
+                          "one-shot = keep auto's choice, one pass")
     recovery.add_argument("--shrinkage", type=_shrinkage, default="auto", metavar="auto|L",
                           help="when the sequential refit runs: shrinkage of each layer's fit toward the one-shot fit (default auto: chosen per "
                           "layer on the held-out verification samples; 0 = plain least squares)")
@@ -217,7 +223,7 @@ def run(args: argparse.Namespace) -> int:
         method=args.method, order=args.order, round_to=args.round_to, min_keep=args.min_keep,
         exclude=args.exclude, batch_size=args.batch_size, verify_samples=args.verify_samples, report_samples=args.report_samples, seed=args.seed,
         calib_samples=args.calib_samples, workers=args.workers, scheduler=args.scheduler, spatial_stride=args.spatial_stride,
-        sequential=args.sequential, sequential_samples=args.sequential_samples, shrinkage=args.shrinkage, rechoose=args.rechoose, allocation=args.allocation, sensitivity_samples=args.sensitivity_samples,
+        sequential=args.sequential, sequential_samples=args.sequential_samples, shrinkage=args.shrinkage, rechoose=args.rechoose, judge=args.judge, allocation=args.allocation, sensitivity_samples=args.sensitivity_samples,
         head_gain=args.head_gain,
         statistics=Statistics.merge_all([Statistics.load(p) for p in args.stats]) if args.stats else None,
         image_options=ImageOptions(size=args.input_size, mean=args.mean, std=args.std, layout=args.layout, scale=args.scale),

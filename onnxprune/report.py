@@ -141,6 +141,12 @@ class PruneReport:
         if "chosen" not in self.allocation:
             return f"allocation: stream{joined or '; no space joins a residual stream (the global rule)'}"
         scored = ", ".join(f"{name} {'n/a' if e is None else f'{e:.3g}'}" for name, e in self.allocation["heldout_error"].items())
+        refitted = self.allocation.get("refitted")
+        if refitted:
+            finalists = ", ".join(f"{name} {e:.3g}" for name, e in refitted["errors"].items())
+            return (f"allocation: {self.allocation['chosen']}, chosen by the output error after the refit on "
+                    f"{refitted['samples']} calibration and held-out samples ({finalists}; one-shot on "
+                    f"{self.allocation['samples']} held-out samples: {scored}){joined}")
         return (f"allocation: {self.allocation['chosen']}, chosen by the output error on {self.allocation['samples']} held-out "
                 f"samples ({scored}){joined}")
 

@@ -22,6 +22,9 @@ from .streams import StreamGains
 
 AUTO_CANDIDATES = ("global", "stream", "tempered", "uniform")
 CHOICE_SAMPLES = 64  # held-out samples each candidate is scored on, at most
+# under the sequential fit, the rule refitted beside auto's one-shot choice (refitjudge.py): after
+# the refit it was best at 70% MACs where the one-shot models ranked it behind (docs/benchmark.md)
+REFIT_RIVAL = "uniform"
 
 
 @dataclass
@@ -35,6 +38,20 @@ class AllocationChoice:
     seconds: float
     streams: StreamGains | None = None  # the stream candidate's measured gains
     failed: dict[str, str] = field(default_factory=dict)  # candidates whose model could not be built or run, and why
+    plans: dict[str, Plan] = field(default_factory=dict, repr=False)  # each scored candidate's plan
+    refitted: dict | None = None  # the judgement after the refits (`refitjudge.Judgement.summary`), where one ran
+
+    def rival(self) -> Plan | None:
+        """The plan refitted beside the chosen one under the sequential fit: REFIT_RIVAL's, where
+        auto chose another rule and REFIT_RIVAL met the target with other units."""
+        rival = self.plans.get(REFIT_RIVAL)
+        if self.chosen.startswith(REFIT_RIVAL) or rival is None or self.errors.get(REFIT_RIVAL) is None:
+            return None
+        return None if _plan_key(rival) == _plan_key(self.plans[self.chosen]) else rival
+
+    def judged(self, chosen: str, summary: dict) -> None:
+        """Record the judgement after the refits, which may change the choice."""
+        self.chosen, self.refitted = chosen, summary
 
     def summary(self, names: dict[int, str] | None = None) -> dict:
         errors = {name: None if e is None else float(f"{e:.4g}") for name, e in self.errors.items()}
@@ -43,6 +60,8 @@ class AllocationChoice:
             summary["stream"] = self.streams.summary(names or {})
         if self.failed:
             summary["failed"] = dict(self.failed)
+        if self.refitted is not None:
+            summary["refitted"] = self.refitted
         return summary
 
     def warnings(self) -> list[str]:
@@ -52,7 +71,13 @@ class AllocationChoice:
         """This choice with `more` candidates scored on the same samples; ties keep the earlier."""
         errors = {**self.errors, **more.errors}
         chosen = _lowest(errors, list(errors))
-        return AllocationChoice(chosen, errors, self.samples, self.seconds + more.seconds, self.streams, {**self.failed, **more.failed})
+        return AllocationChoice(chosen, errors, self.samples, self.seconds + more.seconds, self.streams, {**self.failed, **more.failed},
+                                {**self.plans, **more.plans})
+
+
+def _plan_key(plan: Plan) -> tuple:
+    """What makes two plans the same model: every space's kept units."""
+    return tuple(sorted((sid, tuple(p.keep)) for sid, p in plan.spaces.items()))
 
 
 def _lowest(errors: dict[str, float | None], order: list[str]) -> str:
@@ -79,6 +104,7 @@ def choose_allocation(
     seen = {} if seen is None else seen
     refusals: list[TargetError] = []
     failures: dict[str, Exception] = {}
+    plans: dict[str, Plan] = {}
     for name, planner in planners.items():
         try:
             plan = planner.plan(target)
@@ -86,7 +112,7 @@ def choose_allocation(
             errors[name] = None
             refusals.append(exc)
         else:
-            key = tuple(sorted((sid, tuple(p.keep)) for sid, p in plan.spaces.items()))
+            key = _plan_key(plan)
             if key not in seen:
                 try:
                     seen[key] = reference.error(build(plan), io_changes(plan))
@@ -94,6 +120,8 @@ def choose_allocation(
                     failures[name] = exc
                     seen[key] = None
             errors[name] = seen[key]
+            if errors[name] is not None:
+                plans[name] = plan
         if progress is not None:
             progress(1)
     scored = {name: e for name, e in errors.items() if e is not None}
@@ -101,4 +129,4 @@ def choose_allocation(
         raise next(iter(failures.values())) if failures else refusals[0]
     chosen = _lowest(scored, list(planners))
     failed = {name: str(exc).splitlines()[0] if str(exc) else type(exc).__name__ for name, exc in failures.items()}
-    return AllocationChoice(chosen, errors, reference.samples, time.perf_counter() - start, failed=failed)
+    return AllocationChoice(chosen, errors, reference.samples, time.perf_counter() - start, failed=failed, plans=plans)

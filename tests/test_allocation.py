@@ -214,3 +214,42 @@ def test_auto_also_tries_its_rule_with_other_head_gains() -> None:
     x = np.random.default_rng(0).standard_normal((200, 3, 8, 8)).astype(np.float32)
     _, plain = onnxprune.prune(cnn, {"x": x}, flops=0.4, seed=0, sequential=False)
     assert not any("heads" in name for name in plain.allocation["heldout_error"])
+
+
+def _kept_units(report) -> list[int]:
+    return [row.kept for row in report.spaces]
+
+
+def test_auto_judges_its_choice_against_uniform_after_both_refits(monkeypatch) -> None:
+    """Under the sequential fit auto refits its one-shot choice and the uniform plan and keeps
+    the lower output error on the calibration and held-out samples; that error is the written
+    model's mean KL divergence of its logits over both. `judge="one-shot"` keeps
+    the one-shot choice without refitting uniform."""
+    model = random_cnn(channels=(3, 16, 24, 8), seed=0)
+    x = np.random.default_rng(0).standard_normal((200, 3, 8, 8)).astype(np.float32)
+    pruned, report = onnxprune.prune(model, {"x": x}, flops=0.4, seed=0)
+    refitted = report.allocation["refitted"]
+    chosen = report.allocation["chosen"]
+    assert set(refitted["errors"]) == {chosen, "uniform"} and chosen != "uniform" and refitted["samples"] == 200
+    assert refitted["errors"][chosen] <= refitted["errors"]["uniform"]
+    ref, got = run(model, x), run(pruned, x)
+    lp, lq = (z - np.log(np.exp(z).sum(1, keepdims=True)) for z in (ref.astype(np.float64), got.astype(np.float64)))
+    assert refitted["errors"][chosen] == pytest.approx(np.mean(np.sum(np.exp(lp) * (lp - lq), axis=1)), rel=1e-3)
+    assert "after the refit on 200 calibration and held-out samples" in report.allocation_note()
+
+    plain_model, plain = onnxprune.prune(model, {"x": x}, flops=0.4, seed=0, judge="one-shot")
+    assert "refitted" not in plain.allocation and plain.allocation["chosen"] == chosen
+    np.testing.assert_array_equal(run(plain_model, x), got)
+
+    import onnxprune.refitjudge as refitjudge
+
+    calls = iter([1.0, 0.5])  # the chosen refit is judged first, then uniform's: uniform wins
+    monkeypatch.setattr(refitjudge.RefitError, "__call__", lambda self, refit: next(calls))
+    judged_model, judged = onnxprune.prune(model, {"x": x}, flops=0.4, seed=0)
+    assert judged.allocation["chosen"] == "uniform" and judged.allocation["refitted"]["errors"] == {chosen: 1.0, "uniform": 0.5}
+    monkeypatch.undo()
+    uniform_model, uniform = onnxprune.prune(model, {"x": x}, flops=0.4, seed=0, allocation="uniform")
+    assert _kept_units(judged) == _kept_units(uniform) != _kept_units(report)
+    np.testing.assert_allclose(run(judged_model, x), run(uniform_model, x), rtol=0, atol=1e-6)
+    with pytest.raises(TargetError, match="unknown judge 'best'"):
+        onnxprune.prune(model, {"x": x}, flops=0.4, judge="best")

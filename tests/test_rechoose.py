@@ -252,10 +252,10 @@ def test_nothing_chosen_again_without_held_out_samples() -> None:
 
 def test_a_rejected_rechosen_refit_is_refitted_with_the_plans_units(monkeypatch) -> None:
     """The model guard refuses the pass with units chosen again: a second pass without it is kept."""
-    import onnxprune.api as api
+    import onnxprune.refit as refit
 
-    guard = api.better_than_one_shot
-    monkeypatch.setattr(api, "better_than_one_shot", lambda p, plan, model, result, error: not result.rechosen and guard(p, plan, model, result, error))
+    guard = refit.better_than_one_shot
+    monkeypatch.setattr(refit, "better_than_one_shot", lambda p, plan, model, result, error: not result.rechosen and guard(p, plan, model, result, error))
     report = onnxprune.prune("models/vgg_bn.ts.onnx", "models/data/fmnist_calib.npz", flops=0.5, sequential=True, allocation="global").report
     assert report.sequential["kept"] and report.sequential["rechosen"] == []
     assert "units chosen again was not kept" in report.sequential["retried"]

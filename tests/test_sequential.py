@@ -116,7 +116,7 @@ def test_the_pass_holds_out_at_most_a_quarter_of_its_refit_samples(monkeypatch) 
     """The pass refits on `samples` calibration samples and scores its shrinkage on at most a
     quarter as many held-out ones, spread over the held-out set; with every calibration sample
     (samples=0) it takes every held-out one."""
-    import onnxprune.api as api
+    import onnxprune.refit as refit
 
     model = random_mlp(widths=(12, 20, 6), seed=1)
     x = np.random.default_rng(2).standard_normal((2000, 12)).astype(np.float32)
@@ -131,7 +131,7 @@ def test_the_pass_holds_out_at_most_a_quarter_of_its_refit_samples(monkeypatch) 
         seen[len(seen)] = [(len(b["x"]), held, b["x"][:, 0].copy()) for b, held in batches()]
         raise RuntimeError("counted")
 
-    monkeypatch.setattr(api, "sequential_recoveries", counting)
+    monkeypatch.setattr(refit, "sequential_recoveries", counting)
     held_rows = {}
     for samples in (160, 0):
         with pytest.raises(RuntimeError, match="counted"):
@@ -366,6 +366,7 @@ def test_a_large_refitted_model_waits_on_disk_during_the_guard(monkeypatch) -> N
         return copy, weights
 
     monkeypatch.setattr(onnxprune.weights, "LARGE_MODEL", 1)
+    monkeypatch.setattr(onnxprune.refit, "offload", counting)  # the refit waits on disk during the guard
     monkeypatch.setattr(onnxprune.api, "offload", counting)
     offloaded, report = onnxprune.prune("models/vgg_bn.ts.onnx", FMNIST, flops=0.5, sequential=True)
     assert report.sequential["kept"] and offloads[0]
@@ -617,7 +618,7 @@ def test_auto_fits_sequentially_without_attention_and_one_shot_with_it() -> None
 def test_a_failing_sequential_pass_writes_the_one_shot_model(monkeypatch) -> None:
     """Anything that stops the refit (an onnxruntime kernel refusing a segment, memory) leaves
     the one-shot fold, which is correct on its own: it is written with a warning."""
-    import onnxprune.api
+    import onnxprune.refit
 
     model = random_cnn(seed=3)
     calib = {"x": np.random.default_rng(0).standard_normal((128, 3, 8, 8)).astype(np.float32)}
@@ -626,7 +627,7 @@ def test_a_failing_sequential_pass_writes_the_one_shot_model(monkeypatch) -> Non
     def broken(*args, **kwargs):
         raise RuntimeError("[ONNXRuntimeError] : 1 : FAIL : ReorderInput (channels % 4) == 0 was false")
 
-    monkeypatch.setattr(onnxprune.api, "sequential_recoveries", broken)
+    monkeypatch.setattr(onnxprune.refit, "sequential_recoveries", broken)
     pruned, report = onnxprune.prune(model, calib, ratio=0.4, sequential=True, allocation="global")
     assert any(w.startswith("the sequential refit failed (RuntimeError: [ONNXRuntimeError]") for w in report.warnings)
     x = calib["x"][:16]
@@ -636,12 +637,12 @@ def test_a_failing_sequential_pass_writes_the_one_shot_model(monkeypatch) -> Non
 def test_a_refit_that_onnxruntime_optimisations_would_change_is_not_kept(monkeypatch) -> None:
     """A refit with a lower held-out error but outputs that onnxruntime's graph optimisations
     change (huge coefficients from few samples) would fail verification: one-shot is written."""
-    import onnxprune.api
+    import onnxprune.refit
 
     model = random_cnn(seed=3)
     calib = {"x": np.random.default_rng(0).standard_normal((128, 3, 8, 8)).astype(np.float32)}
     one_shot, _ = onnxprune.prune(model, calib, ratio=0.4, sequential=False, allocation="global")
-    monkeypatch.setattr(onnxprune.api, "optimisation_problem", lambda *args: "output 'y' differs with onnxruntime optimisations on and off")
+    monkeypatch.setattr(onnxprune.refit, "optimisation_problem", lambda *args: "output 'y' differs with onnxruntime optimisations on and off")
     calls = itertools.chain([1.0], itertools.repeat(0.0))  # one-shot scored first, then the refits: each looks better
     monkeypatch.setattr(onnxprune.fidelity.ReferenceOutputs, "error", lambda self, m, changes: next(calls))
     pruned, report = onnxprune.prune(model, calib, ratio=0.4, sequential=True, allocation="global")
@@ -663,15 +664,15 @@ def test_optimisation_problem_passes_a_faithful_model() -> None:
 def test_large_activations_shrink_the_sequential_batch(monkeypatch) -> None:
     """Where one batch of the largest site's activations would pass the budget, the pass runs
     smaller batches (every sample still seen) and fits about the same model."""
-    import onnxprune.api
-    from onnxprune.api import sequential_batch_size
+    import onnxprune.refit
+    from onnxprune.refit import sequential_batch_size
 
     model = random_cnn(seed=3)
     calib = {"x": np.random.default_rng(0).standard_normal((128, 3, 8, 8)).astype(np.float32)}
     normal, report = onnxprune.prune(model, calib, ratio=0.4, sequential=True, allocation="global")
     prepared = prepare(model, calib)
     per_sample = max(int(np.prod(prepared.shapes[s.tensor][1:])) * 4 for s in prepared.analysis.sites())
-    monkeypatch.setattr(onnxprune.api, "SEQUENTIAL_BATCH_BYTES", 5 * per_sample)
+    monkeypatch.setattr(onnxprune.refit, "SEQUENTIAL_BATCH_BYTES", 5 * per_sample)
     assert sequential_batch_size(prepared) == 5
     small, small_report = onnxprune.prune(model, calib, ratio=0.4, sequential=True, allocation="global")
     assert small_report.sequential["samples"] == report.sequential["samples"] == prepared.calib_data.n_samples
