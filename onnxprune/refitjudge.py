@@ -66,7 +66,8 @@ def judge_refits(prepared: Prepared, plans: dict[str, Plan], one_shot_errors: di
     errors: dict[str, float] = {}
     best: tuple[str, Refit] | None = None
     for name, plan in plans.items():
-        refit = refit_or_one_shot(prepared, plan, stats, kind, one_shot_errors[name], progress, shrinkage, samples, rechoose,
+        named = None if progress is None else _named(progress, name)
+        refit = refit_or_one_shot(prepared, plan, stats, kind, one_shot_errors[name], named, shrinkage, samples, rechoose,
                                   fits.pop(name))
         errors[name] = judge(refit)
         if best is None or errors[name] < errors[best[0]]:
@@ -74,3 +75,8 @@ def judge_refits(prepared: Prepared, plans: dict[str, Plan], one_shot_errors: di
         if refit is not None and refit.weights is not None:  # the loser's temporary file
             refit.weights.close()
     return best[0], best[1], Judgement(errors, judge.samples, time.perf_counter() - start)
+
+
+def _named(progress: ProgressFactory, name: str) -> ProgressFactory:
+    """Progress bars that say which finalist's refit they count."""
+    return lambda description, total: progress(f"{description} ({name})", total)

@@ -380,7 +380,8 @@ x = np.random.default_rng(0).standard_normal(size=(n, *shape), dtype=np.float32)
 open('/proc/self/clear_refs', 'w').write('5')
 base = next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmRSS'))
 start = time.perf_counter()
-_, report = onnxprune.prune(path, {key: x}, flops=0.5, batch_size=32, round_to=8, sequential=mode != 'one-shot', rechoose=mode == 'sequential')
+_, report = onnxprune.prune(path, {key: x}, flops=0.5, batch_size=32, round_to=8, sequential=mode != 'one-shot',
+                            rechoose=mode in ('sequential', 'one-pass'), judge='one-shot' if mode == 'one-pass' else 'refit')
 seconds = time.perf_counter() - start
 peak = next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmHWM'))
 print(seconds, (peak - base) / 1024, report.fidelity[0].relative_l2, report.sequential.get('segments', 0))
@@ -388,21 +389,22 @@ print(seconds, (peak - base) / 1024, report.fidelity[0].relative_l2, report.sequ
 
 
 def sequential_cost(name: str, path: Path, shape, n: int, rounds: int = 5) -> dict:
-    """Whole prune() runs, one-shot, --sequential (the default re-chooses units) and --sequential
-    --no-rechoose interleaved in fresh processes: the ratios of the fastest runs' times to
-    one-shot's, of their peak RSS growth, and the held-out error of each. Five rounds: with two,
-    the ratio of these sub-second runs moved by +-0.2 between identical runs of the benchmark."""
+    """Whole prune() runs, one-shot, --sequential (the default re-chooses units and judges auto's
+    choice against uniform after both refits), --sequential --no-rechoose and --sequential
+    --judge one-shot (one pass) interleaved in fresh processes: the ratios of the fastest runs'
+    times to one-shot's, of their peak RSS growth, and the held-out error of each. Five rounds:
+    with two, the ratio of these sub-second runs moved by +-0.2 between identical runs."""
     key = input_name(path)
-    modes = ("one-shot", "sequential", "no-rechoose")
+    modes = ("one-shot", "sequential", "no-rechoose", "one-pass")
     runs: dict[str, list] = {mode: [] for mode in modes}
     for _ in range(rounds):
         for mode in modes:
             out = subprocess.run([sys.executable, "-c", SEQUENTIAL_CHILD, str(path), str(n), ",".join(map(str, shape)), key, mode],
                                  capture_output=True, text=True, check=True, cwd=ROOT).stdout.split()
             runs[mode].append(tuple(map(float, out)))
-    one, seq, plain = (min(runs[mode]) for mode in modes)
+    one, seq, plain, single = (min(runs[mode]) for mode in modes)
     return {"model": name, "samples": n, "segments": int(seq[3]), "time_ratio": round(seq[0] / one[0], 2),
-            "time_ratio_no_rechoose": round(plain[0] / one[0], 2),
+            "time_ratio_no_rechoose": round(plain[0] / one[0], 2), "time_ratio_one_pass": round(single[0] / one[0], 2),
             "rss_growth_mb": [round(one[1]), round(seq[1]), round(plain[1])], "rss_ratio": round(seq[1] / max(one[1], 1), 2),
             "rel_l2": [round(one[2], 4), round(seq[2], 4), round(plain[2], 4)]}
 
