@@ -27,6 +27,7 @@ from onnx import TensorProto, helper
 import onnxprune
 import onnxprune.api
 import onnxprune.preparation
+import onnxprune.refit
 from builders import GraphBuilder, cli, random_cnn, random_mlp, run
 
 MLP_WIDTHS = (16, 24, 12, 4)  # x[16] -> 24 -> 12 -> 4
@@ -484,6 +485,7 @@ def test_failure_during_rewrite_leaves_no_files(env: Env, capsys, monkeypatch) -
         raise RuntimeError("rewrite blew up")
 
     monkeypatch.setattr(onnxprune.api, "rewrite", broken_rewrite)
+    monkeypatch.setattr(onnxprune.refit, "rewrite", broken_rewrite)  # the sequential fit's models
     line = refused(env, capsys, [env.model, "--calib", env.calib, "--ratio", "0.2"], "rewrite blew up", "--debug", exit_code=1)
     assert line.startswith("onnxprune: internal error: RuntimeError")
 

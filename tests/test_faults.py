@@ -28,6 +28,7 @@ import onnxprune.calibrate
 import onnxprune.cli
 import onnxprune.load
 import onnxprune.preparation
+import onnxprune.refit
 import onnxprune.report
 import onnxprune.verify
 import onnxprune.weights
@@ -40,7 +41,7 @@ STAGES = {  # stage -> (module, function): the fault fires when the stage's func
     "calibrate": (onnxprune.preparation, "collect_stats"),
     "score": (onnxprune.api, "score_space"),
     "plan": (onnxprune.api, "allocation_planner"),
-    "rewrite": (onnxprune.api, "rewrite"),
+    "rewrite": (onnxprune.refit, "rewrite"),  # the CNN is refitted sequentially: its model is rewritten there
     "verify": (onnxprune.api, "verify"),
     "write": (onnxprune.load, "_write_bytes"),
     "report": (onnxprune.report.PruneReport, "write_json"),
