@@ -44,6 +44,7 @@ DATA = ROOT / "models" / "data"
 VARIANTS = (
     ("snp (defaults: sequential)", "snp", {}),
     ("snp, --no-rechoose", "snp", {"sequential": True, "rechoose": False}),
+    ("snp, --judge one-shot", "snp", {"judge": "one-shot"}),
     ("snp, --one-shot", "snp", {"sequential": False}),
     ("snp, LSTM hidden units pinned", "snp", {"pinned": "hidden"}),
     ("snp, --one-shot, LSTM hidden units pinned", "snp", {"sequential": False, "pinned": "hidden"}),
