@@ -23,7 +23,7 @@ from .load import release_memory
 from .plan import ALLOCATIONS, DEFAULT_ALLOCATION, Plan, Target, misaligned_warning, overshoot_warning
 from .preparation import Prepared, calibration_statistics, prepare, prepare_options
 from .recovery import fit_recoveries
-from .refit import Refit, fit_sequentially, refit_or_one_shot, sequential_batch_size  # noqa: F401 - the last two are used through this module
+from .refit import Refit, refit_or_one_shot
 from .refitjudge import judge_refits
 from .report import PruneReport, SpaceRow
 from .rewrite import cache_io_changes, pruned_spaces, rewrite

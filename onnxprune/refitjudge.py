@@ -1,14 +1,14 @@
 """Auto's one-shot choice against the uniform plan, judged after both are refitted.
 
 Auto scores its candidates on their one-shot models, but under the sequential fit the model
-written is a refit, and at high ratios the refit reorders them: the one-shot error penalises the
-compounding that the refit undoes, so on the Fashion-MNIST CNNs at 70% of the MACs uniform ratios
-were best after the refit where the one-shot models ranked them behind (docs/benchmark.md,
-"Judging the allocation after the refit"). So the chosen plan and the uniform one are both
-refitted, and the model whose outputs are closer to the original's on the calibration samples
-(those the refit fitted and the held-out ones) is kept. The 51 held-out samples alone were too
-few to rank the refits; the in-sample error favours the plan with more regressors where rows
-are few, measured smaller than the ranking error of the one-shot models."""
+written is a refit, and at high ratios the refit reorders them: the one-shot error penalises
+the compounding that the refit undoes, so on the Fashion-MNIST CNNs at 70% of the MACs uniform
+ratios were best after the refit where the one-shot models ranked them behind (docs/benchmark.md,
+"Judging after the refit"). So the chosen plan and the uniform one are both refitted, and the
+model whose outputs are closer to the original's on the calibration samples (those the refit
+fitted and the held-out ones) is kept. The held-out samples alone (51 on that benchmark) were
+too few to rank the refits; the in-sample error favours the plan with more regressors where
+rows are few, a bias measured smaller than the one-shot ranking's error."""
 
 from __future__ import annotations
 

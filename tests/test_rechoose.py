@@ -14,12 +14,13 @@ import onnxprune.boundary as boundary
 import onnxprune.decisions as decisions
 from builders import cli, planted_cnn, planted_mlp, random_cnn, random_mlp, relative_l2, run
 from onnxprune.analyse import analyse
-from onnxprune.api import calibration_statistics, fit_recoveries, fit_sequentially, prepare
+from onnxprune.api import calibration_statistics, fit_recoveries, prepare
 from onnxprune.cost import build_cost_model
 from onnxprune.graph import GraphIndex
 from onnxprune.plan import Target, make_plan
 from onnxprune.rechoose import SharedColumns, backward_selection, forward_selection, greedy_cross_selection, greedy_selection
 from onnxprune.recovery import shared_sites
+from onnxprune.refit import fit_sequentially
 from onnxprune.rewrite import rewrite
 from onnxprune.score import consumer_metric, score_space, unit_block
 from onnxprune.stats import CrossMoments

@@ -15,13 +15,14 @@ import onnxprune
 import onnxprune.fidelity
 from builders import cli, planted_cnn, planted_mlp, random_cnn, random_mlp, relative_l2, run, run_tensors
 from onnxprune.analyse import Consumer
-from onnxprune.api import calibration_statistics, fit_recoveries, fit_sequentially, prepare
+from onnxprune.api import calibration_statistics, fit_recoveries, prepare
 from onnxprune.calibrate import make_session
 from onnxprune.cost import build_cost_model
 from onnxprune.crossgraph import ALL_ROWS, CrossSite, accumulate, cross_patch
 from onnxprune.data import CalibrationData
 from onnxprune.plan import Target, make_plan
 from onnxprune.recovery import Recovery, fit_sequential
+from onnxprune.refit import fit_sequentially
 from onnxprune.rewrite import fold_consumer_weight, rewrite
 from onnxprune.score import score_space
 from onnxprune.segments import cut_segments, extract
