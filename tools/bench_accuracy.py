@@ -97,6 +97,7 @@ SEQUENTIAL_VARIANTS = (
     ("sensitivity sequential", "snp", "weighted", {"sequential": True, "allocation": "sensitivity"}),
     ("auto one-shot", "snp", "weighted", {"sequential": False, "allocation": "auto"}),
     ("auto sequential", "snp", "weighted", {"sequential": True, "allocation": "auto"}),
+    ("auto sequential judge one-shot", "snp", "weighted", {"sequential": True, "allocation": "auto", "judge": "one-shot"}),
     ("auto sequential no-rechoose", "snp", "weighted", {"sequential": True, "allocation": "auto", "rechoose": False}),
     ("sequential no-rechoose", "snp", "weighted", {"sequential": True, "allocation": "global", "rechoose": False}),
     ("obs one-shot", "snp", "obs", {"sequential": False, "allocation": "global"}),
