@@ -60,15 +60,45 @@ class CalibrationData:
         for start in range(0, self.n_samples, batch_size):
             yield self.read(start, start + batch_size)
 
+    def spread_starts(self, samples: int, batch_size: int) -> np.ndarray | None:
+        """Where `spread_batches` starts its batches (None: it takes every batch)."""
+        count = -(-samples // batch_size)
+        if samples <= 0 or count * batch_size >= self.n_samples:
+            return None
+        return np.linspace(0, self.n_samples - batch_size, count).round().astype(np.int64)
+
     def spread_batches(self, samples: int, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
         """Whole batches of about `samples` samples in all, spread evenly over the range (every
         batch when `samples` covers it): a subset that is not the first classes of a sorted set."""
-        count = -(-samples // batch_size)
-        if samples <= 0 or count * batch_size >= self.n_samples:
+        starts = self.spread_starts(samples, batch_size)
+        if starts is None:
             yield from self.batches(batch_size)
             return
-        for start in np.linspace(0, self.n_samples - batch_size, count).round().astype(np.int64):
+        for start in starts:
             yield self.read(int(start), int(start) + batch_size)
+
+    def outside_spread(self, samples: int, batch_size: int, limit: int) -> CalibrationData | None:
+        """Up to `limit` of the samples that `spread_batches(samples, batch_size)` leaves out,
+        spread over them and read into memory (None: it leaves none out)."""
+        starts = self.spread_starts(samples, batch_size)
+        if starts is None:
+            return None
+        taken = np.zeros(self.n_samples, bool)
+        for start in starts:
+            taken[start:start + batch_size] = True
+        left = np.flatnonzero(~taken)
+        if not len(left):
+            return None
+        chosen = left[np.linspace(0, len(left) - 1, min(limit, len(left))).round().astype(np.int64)]
+        runs = np.split(np.unique(chosen), np.flatnonzero(np.diff(np.unique(chosen)) > 1) + 1)  # consecutive samples read together
+        parts = [self.read(int(run[0]), int(run[-1]) + 1) for run in runs]
+        arrays = {name: np.concatenate([part[name] for part in parts]) for name in self.columns}
+        return CalibrationData(arrays, self.source, self.notes)
+
+    @property
+    def sample_bytes(self) -> int:
+        """Bytes of one sample over every input."""
+        return sum(int(np.prod(column.shape[1:], dtype=np.int64)) * np.dtype(column.dtype).itemsize for column in self.columns.values())
 
     def sample_shapes(self, batch: int = 1) -> dict[str, tuple[int, ...]]:
         """Shape of one batch of each input (a model with a fixed batch size runs only that)."""

@@ -19,11 +19,13 @@ from .allocate import held_out_reference
 from .fidelity import ReferenceOutputs
 from .plan import Plan
 from .preparation import Prepared
-from .refit import ProgressFactory, Refit, one_shot_fits, refit_or_one_shot
+from .refit import ProgressFactory, Refit, one_shot_fits, refit_or_one_shot, sequential_batch_size
 from .rewrite import cache_io_changes
 from .stats import SiteStats
 
 JUDGE_SAMPLES = 512  # calibration samples the refitted models are compared on, at most (besides the held-out ones)
+JUDGE_BYTES = 256 << 20  # their inputs, held in memory through both refits, at most
+UNFITTED_ENOUGH = JUDGE_SAMPLES // 2  # samples the pass left out that make the comparison out-of-sample
 
 
 @dataclass
@@ -33,19 +35,26 @@ class Judgement:
     errors: dict[str, float]
     samples: int
     seconds: float
+    calibration: str  # "unfitted": the calibration samples compared on are not the refit's own; "fitted": they are
 
     def summary(self) -> dict:
         return {"errors": {name: float(f"{e:.4g}") for name, e in self.errors.items()}, "samples": self.samples,
-                "seconds": round(self.seconds, 2)}
+                "calibration": self.calibration, "seconds": round(self.seconds, 2)}
 
 
 class RefitError:
-    """A refitted model's output error on the first JUDGE_SAMPLES calibration samples and on the
-    held-out samples, the mean over both weighted by their counts."""
+    """A refitted model's output error on calibration samples and on the held-out samples, the
+    mean over both weighted by their counts. The calibration samples are those the pass does not
+    refit on where it leaves out UNFITTED_ENOUGH of them (a larger calibration set than
+    `samples`), else the first ones, which it fits (`kind` says which)."""
 
-    def __init__(self, prepared: Prepared):
+    def __init__(self, prepared: Prepared, samples: int):
         self.prepared = prepared
-        self.parts = [ReferenceOutputs(prepared.original, prepared.calib_data, prepared.batch_size, JUDGE_SAMPLES)]
+        limit = max(1, min(JUDGE_SAMPLES, JUDGE_BYTES // max(prepared.calib_data.sample_bytes, 1)))
+        unfitted = prepared.calib_data.outside_spread(samples, sequential_batch_size(prepared), limit)
+        calibration = unfitted if unfitted is not None and unfitted.n_samples >= min(UNFITTED_ENOUGH, limit) else prepared.calib_data
+        self.kind = "unfitted" if calibration is unfitted else "fitted"
+        self.parts = [ReferenceOutputs(prepared.original, calibration, prepared.batch_size, limit)]
         if prepared.verify_data.n_samples:
             self.parts.append(held_out_reference(prepared))
         self.samples = sum(part.samples for part in self.parts)
@@ -62,7 +71,7 @@ def judge_refits(prepared: Prepared, plans: dict[str, Plan], one_shot_errors: di
     the lowest `RefitError`; the others' temporary files are closed as soon as they lose."""
     start = time.perf_counter()
     fits = {name: one_shot_fits(prepared, plan, stats, kind) for name, plan in plans.items()}  # before a refit drops the Grams
-    judge = RefitError(prepared)
+    judge = RefitError(prepared, samples)
     errors: dict[str, float] = {}
     best: tuple[str, Refit] | None = None
     for name, plan in plans.items():
@@ -74,7 +83,7 @@ def judge_refits(prepared: Prepared, plans: dict[str, Plan], one_shot_errors: di
             best, refit = (name, refit), best[1] if best else None
         if refit is not None and refit.weights is not None:  # the loser's temporary file
             refit.weights.close()
-    return best[0], best[1], Judgement(errors, judge.samples, time.perf_counter() - start)
+    return best[0], best[1], Judgement(errors, judge.samples, time.perf_counter() - start, judge.kind)
 
 
 def _named(progress: ProgressFactory, name: str) -> ProgressFactory:

@@ -144,8 +144,10 @@ class PruneReport:
         refitted = self.allocation.get("refitted")
         if refitted:
             finalists = ", ".join(f"{name} {e:.3g}" for name, e in refitted["errors"].items())
+            samples = ("calibration and held-out samples" if refitted.get("calibration") != "unfitted"
+                       else "samples the refit did not fit (calibration and held-out)")
             return (f"allocation: {self.allocation['chosen']}, chosen by the output error after the refit on "
-                    f"{refitted['samples']} calibration and held-out samples ({finalists}; one-shot on "
+                    f"{refitted['samples']} {samples} ({finalists}; one-shot on "
                     f"{self.allocation['samples']} held-out samples: {scored}){joined}")
         return (f"allocation: {self.allocation['chosen']}, chosen by the output error on {self.allocation['samples']} held-out "
                 f"samples ({scored}){joined}")

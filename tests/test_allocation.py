@@ -253,3 +253,32 @@ def test_auto_judges_its_choice_against_uniform_after_both_refits(monkeypatch) -
     np.testing.assert_allclose(run(judged_model, x), run(uniform_model, x), rtol=0, atol=1e-6)
     with pytest.raises(TargetError, match="unknown judge 'best'"):
         onnxprune.prune(model, {"x": x}, flops=0.4, judge="best")
+
+
+def test_outside_spread_takes_only_samples_the_spread_batches_leave_out() -> None:
+    from onnxprune.data import CalibrationData
+
+    data = CalibrationData({"x": np.arange(100, dtype=np.float32)[:, None]})
+    fitted = np.concatenate([batch["x"][:, 0] for batch in data.spread_batches(30, 10)])
+    left = data.outside_spread(30, 10, limit=40).arrays["x"][:, 0]
+    assert len(left) == len(set(left)) == 40 and not set(left) & set(fitted)
+    assert left.min() <= 12 and left.max() >= 87  # spread over what is left, not its first 40
+    assert data.outside_spread(0, 10, 40) is None and data.outside_spread(100, 10, 40) is None  # every batch taken
+
+
+def test_the_refit_judge_compares_on_samples_the_pass_did_not_fit() -> None:
+    """With more calibration samples than the pass refits on, the finalists are compared on
+    samples it left out (and the held-out ones): the error is the written model's there."""
+    from onnxprune.api import prepare
+
+    model = random_cnn(channels=(3, 16, 24, 8), seed=0)
+    x = np.random.default_rng(0).standard_normal((700, 3, 8, 8)).astype(np.float32)
+    pruned, report = onnxprune.prune(model, {"x": x}, flops=0.4, seed=0, sequential_samples=64)
+    refitted = report.allocation["refitted"]
+    assert refitted["calibration"] == "unfitted" and refitted["samples"] == 512 + 64
+    prepared = prepare(model, {"x": x})
+    compared = np.concatenate([prepared.calib_data.outside_spread(64, 32, 512).arrays["x"], prepared.verify_data.read(0, 64)["x"]])
+    ref, got = (run(m, compared).astype(np.float64) for m in (model, pruned))
+    lp, lq = (z - np.log(np.exp(z).sum(1, keepdims=True)) for z in (ref, got))
+    assert refitted["errors"][report.allocation["chosen"]] == pytest.approx(np.mean(np.sum(np.exp(lp) * (lp - lq), axis=1)), rel=1e-3)
+    assert "samples the refit did not fit" in report.allocation_note()
