@@ -163,7 +163,8 @@ def prune(
     than the one-shot model's (the report says which).
     `judge`: with the auto allocation and the sequential fit, "refit" (default) also refits the
     uniform plan where auto chose another rule, and keeps the refit whose outputs are closer to
-    the original's on the calibration and held-out samples (one more sequential pass; the refit
+    the original's on the calibration and held-out samples (those the pass did not refit on where
+    it leaves out enough; one more sequential pass; the refit
     reorders the candidates at high ratios, docs/benchmark.md); "one-shot" keeps auto's choice.
     `report_samples`: the last N calibration samples are held out for the report's fidelity
     alone; by default it is measured on the held-out samples that also chose the allocation,
