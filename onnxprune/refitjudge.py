@@ -5,10 +5,11 @@ written is a refit, and at high ratios the refit reorders them: the one-shot err
 the compounding that the refit undoes, so on the Fashion-MNIST CNNs at 70% of the MACs uniform
 ratios were best after the refit where the one-shot models ranked them behind (docs/benchmark.md,
 "Judging after the refit"). So the chosen plan and the uniform one are both refitted, and the
-model whose outputs are closer to the original's on the calibration samples (those the refit
-fitted and the held-out ones) is kept. The held-out samples alone (51 on that benchmark) were
-too few to rank the refits; the in-sample error favours the plan with more regressors where
-rows are few, a bias measured smaller than the one-shot ranking's error."""
+model whose outputs are closer to the original's on calibration samples and the held-out ones
+is kept. The calibration samples are ones the pass left out where there are enough; else its
+own, whose error favours the plan with more regressors where rows are few, a bias measured
+smaller than the one-shot ranking's error. The held-out samples alone (51 on that benchmark)
+were too few to rank the refits."""
 
 from __future__ import annotations
 
