@@ -282,3 +282,22 @@ def test_the_refit_judge_compares_on_samples_the_pass_did_not_fit() -> None:
     lp, lq = (z - np.log(np.exp(z).sum(1, keepdims=True)) for z in (ref, got))
     assert refitted["errors"][report.allocation["chosen"]] == pytest.approx(np.mean(np.sum(np.exp(lp) * (lp - lq), axis=1)), rel=1e-3)
     assert "samples the refit did not fit" in report.allocation_note()
+
+
+def test_cli_judge_option_reaches_the_run(tmp_path, capsys) -> None:
+    """`--judge one-shot` keeps auto's one-shot choice (no refit of uniform); the default judges
+    the refits and the report's JSON says on what."""
+    import json
+
+    model, calib = tmp_path / "net.onnx", tmp_path / "calib.npy"
+    onnx.save(random_cnn(channels=(3, 16, 24, 8), seed=0), str(model))
+    np.save(calib, np.random.default_rng(0).standard_normal((200, 3, 8, 8)).astype(np.float32))
+    reports = {}
+    for judge in ("refit", "one-shot"):
+        report = tmp_path / f"{judge}.json"
+        code, _, err = cli([model, "--calib", calib, "--flops", "0.4", "-o", tmp_path / f"{judge}.onnx", "--judge", judge,
+                            "--report", report, "-q"], capsys)
+        assert code == 0, err
+        reports[judge] = json.loads(report.read_text())["allocation"]
+    assert reports["refit"]["refitted"]["calibration"] == "fitted" and "uniform" in reports["refit"]["refitted"]["errors"]
+    assert "refitted" not in reports["one-shot"]
