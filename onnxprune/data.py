@@ -89,8 +89,8 @@ class CalibrationData:
         left = np.flatnonzero(~taken)
         if not len(left):
             return None
-        chosen = left[np.linspace(0, len(left) - 1, min(limit, len(left))).round().astype(np.int64)]
-        runs = np.split(np.unique(chosen), np.flatnonzero(np.diff(np.unique(chosen)) > 1) + 1)  # consecutive samples read together
+        chosen = np.unique(left[np.linspace(0, len(left) - 1, min(limit, len(left))).round().astype(np.int64)])
+        runs = np.split(chosen, np.flatnonzero(np.diff(chosen) > 1) + 1)  # consecutive samples are read together
         parts = [self.read(int(run[0]), int(run[-1]) + 1) for run in runs]
         arrays = {name: np.concatenate([part[name] for part in parts]) for name in self.columns}
         return CalibrationData(arrays, self.source, self.notes)
