@@ -308,6 +308,7 @@ class ModelBuilder:
             chosen, self.refit, judgement = judge_refits(self.prepared, plans, {n: allocated.errors[n] for n in plans}, self.stats, kind,
                                                          *options)
             allocated.judged(chosen, judgement.summary())
+            self.warnings.extend(judgement.warnings())
         self.warnings.extend(self.refit.warnings)
         model, self.refit.model = self.refit.model, None  # one reference only: verification offloads it
         return model

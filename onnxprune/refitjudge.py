@@ -14,7 +14,7 @@ were too few to rank the refits."""
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .allocate import held_out_reference
 from .fidelity import ReferenceOutputs
@@ -37,10 +37,17 @@ class Judgement:
     samples: int
     seconds: float
     calibration: str  # "unfitted": the calibration samples compared on are not the refit's own; "fitted": they are
+    failed: dict[str, str] = field(default_factory=dict)  # finalists whose refit could not be made or run, and why
 
     def summary(self) -> dict:
-        return {"errors": {name: float(f"{e:.4g}") for name, e in self.errors.items()}, "samples": self.samples,
-                "calibration": self.calibration, "seconds": round(self.seconds, 2)}
+        summary = {"errors": {name: float(f"{e:.4g}") for name, e in self.errors.items() if name not in self.failed},
+                   "samples": self.samples, "calibration": self.calibration, "seconds": round(self.seconds, 2)}
+        if self.failed:
+            summary["failed"] = dict(self.failed)
+        return summary
+
+    def warnings(self) -> list[str]:
+        return [f"the refit of allocation finalist '{name}' failed and lost the comparison: {why}" for name, why in self.failed.items()]
 
 
 class RefitError:
@@ -69,22 +76,38 @@ def judge_refits(prepared: Prepared, plans: dict[str, Plan], one_shot_errors: di
                  kind: str, progress: ProgressFactory | None, shrinkage: float | None, samples: int,
                  rechoose: bool) -> tuple[str, Refit, Judgement]:
     """Refit every plan in `plans` (the first is auto's choice, kept on ties), keep the refit with
-    the lowest `RefitError`; the others' temporary files are closed as soon as they lose."""
+    the lowest `RefitError`; the others' temporary files are closed as soon as they lose. A
+    finalist whose refit cannot be made or run is named in `Judgement.failed` and loses; a
+    failure of the first one's pass is raised, as without a judge."""
     start = time.perf_counter()
     fits = {name: one_shot_fits(prepared, plan, stats, kind) for name, plan in plans.items()}  # before a refit drops the Grams
     judge = RefitError(prepared, samples)
     errors: dict[str, float] = {}
+    failed: dict[str, str] = {}
     best: tuple[str, Refit] | None = None
     for name, plan in plans.items():
         named = None if progress is None else _named(progress, name)
-        refit = refit_or_one_shot(prepared, plan, stats, kind, one_shot_errors[name], named, shrinkage, samples, rechoose,
-                                  fits.pop(name))
-        errors[name] = judge(refit)
+        try:
+            refit = refit_or_one_shot(prepared, plan, stats, kind, one_shot_errors[name], named, shrinkage, samples, rechoose,
+                                      fits.pop(name))
+        except Exception as exc:  # noqa: BLE001 - a rival that cannot be refitted loses; the chosen plan's failure ends the run as before
+            if best is None:
+                raise
+            failed[name] = _first_line(exc)
+            continue
+        try:
+            errors[name] = judge(refit)
+        except Exception as exc:  # noqa: BLE001 - a model onnxruntime cannot run loses the comparison, not the run
+            failed[name], errors[name] = _first_line(exc), float("inf")
         if best is None or errors[name] < errors[best[0]]:
             best, refit = (name, refit), best[1] if best else None
         if refit is not None and refit.weights is not None:  # the loser's temporary file
             refit.weights.close()
-    return best[0], best[1], Judgement(errors, judge.samples, time.perf_counter() - start, judge.kind)
+    return best[0], best[1], Judgement(errors, judge.samples, time.perf_counter() - start, judge.kind, failed)
+
+
+def _first_line(exc: Exception) -> str:
+    return f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:300]}"
 
 
 def _named(progress: ProgressFactory, name: str) -> ProgressFactory:

@@ -143,7 +143,8 @@ class PruneReport:
         scored = ", ".join(f"{name} {'n/a' if e is None else f'{e:.3g}'}" for name, e in self.allocation["heldout_error"].items())
         refitted = self.allocation.get("refitted")
         if refitted:
-            finalists = ", ".join(f"{name} {e:.3g}" for name, e in refitted["errors"].items())
+            finalists = ", ".join([*(f"{name} {e:.3g}" for name, e in refitted["errors"].items()),
+                                   *(f"{name} failed" for name in refitted.get("failed", {}))])
             samples = ("calibration and held-out samples" if refitted.get("calibration") != "unfitted"
                        else "samples the refit did not fit (calibration and held-out)")
             return (f"allocation: {self.allocation['chosen']}, chosen by the output error after the refit on "

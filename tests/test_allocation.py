@@ -301,3 +301,21 @@ def test_cli_judge_option_reaches_the_run(tmp_path, capsys) -> None:
         reports[judge] = json.loads(report.read_text())["allocation"]
     assert reports["refit"]["refitted"]["calibration"] == "fitted" and "uniform" in reports["refit"]["refitted"]["errors"]
     assert "refitted" not in reports["one-shot"]
+
+
+def test_a_rival_whose_refit_cannot_be_run_loses_and_is_named(monkeypatch) -> None:
+    """If onnxruntime cannot run the uniform plan's refit, the chosen plan's refit is written (the
+    same model as without the judge) and the report names the failure."""
+    import onnxprune.refitjudge as refitjudge
+
+    model = random_cnn(channels=(3, 16, 24, 8), seed=0)
+    x = np.random.default_rng(0).standard_normal((200, 3, 8, 8)).astype(np.float32)
+    plain, _ = onnxprune.prune(model, {"x": x}, flops=0.4, seed=0, judge="one-shot")
+    calls = iter([lambda: 1.0, lambda: (_ for _ in ()).throw(RuntimeError("onnxruntime refuses the model: planted"))])
+    monkeypatch.setattr(refitjudge.RefitError, "__call__", lambda self, refit: next(calls)())
+    pruned, report = onnxprune.prune(model, {"x": x}, flops=0.4, seed=0)
+    refitted = report.allocation["refitted"]
+    assert report.allocation["chosen"] != "uniform" and refitted["failed"] == {"uniform": "RuntimeError: onnxruntime refuses the model: planted"}
+    assert "uniform" not in refitted["errors"] and "uniform failed" in report.allocation_note()
+    assert any("finalist 'uniform' failed" in w for w in report.warnings)
+    np.testing.assert_array_equal(run(pruned, x), run(plain, x))
