@@ -319,3 +319,24 @@ def test_a_rival_whose_refit_cannot_be_run_loses_and_is_named(monkeypatch) -> No
     assert "uniform" not in refitted["errors"] and "uniform failed" in report.allocation_note()
     assert any("finalist 'uniform' failed" in w for w in report.warnings)
     np.testing.assert_array_equal(run(pruned, x), run(plain, x))
+
+
+def test_a_rival_whose_refit_raises_loses_and_the_chosen_one_stays(monkeypatch) -> None:
+    """An error while refitting the rival (not only while running its model) costs the rival only."""
+    import onnxprune.refitjudge as refitjudge
+
+    model = random_cnn(channels=(3, 16, 24, 8), seed=0)
+    x = np.random.default_rng(0).standard_normal((200, 3, 8, 8)).astype(np.float32)
+    plain, _ = onnxprune.prune(model, {"x": x}, flops=0.4, seed=0, judge="one-shot")
+    original, seen = refitjudge.refit_or_one_shot, []
+
+    def second_raises(*args, **kwargs):
+        seen.append(1)
+        if len(seen) == 2:
+            raise MemoryError("planted")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(refitjudge, "refit_or_one_shot", second_raises)
+    pruned, report = onnxprune.prune(model, {"x": x}, flops=0.4, seed=0)
+    assert report.allocation["refitted"]["failed"] == {"uniform": "MemoryError: planted"}
+    np.testing.assert_array_equal(run(pruned, x), run(plain, x))
