@@ -668,6 +668,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ablations", nargs="*", default=None, choices=ABLATIONS,
                     help="which ablations to run (default all; give none to skip)")
     ap.add_argument("--no-pca", action="store_true", help="skip the PCA reference bound")
+    ap.add_argument("--sequential-seeds", action="store_true",
+                    help=f"the sequential ablation also on the FMNIST calibration sets of seeds {CALIB_SEEDS} (e.g. auto against "
+                    "uniform over four sets: --variants 'auto sequential' 'auto sequential judge one-shot' 'uniform sequential')")
     ap.add_argument("--variants", nargs="+", default=None, choices=[v[0] for v in SEQUENTIAL_VARIANTS], metavar="VARIANT",
                     help="sequential ablation: which variants to run (default all)")
     ap.add_argument("--ablation-targets", nargs="+", default=None, help="MACs removed for the ablations (default 30 50 70 / 10 30)")
@@ -810,12 +813,16 @@ def main(argv: list[str] | None = None) -> int:
                            context=f"seed{seed}", tag="seeds", extra={"calib_seed": seed})
         if "sequential" in ablations:
             print(f"== {name}: one-shot vs sequential recovery" + (" (head excluded)" if xhead else ""), flush=True)
-            for label, method, order, kw in SEQUENTIAL_VARIANTS:
-                if args.variants and label not in args.variants:
-                    continue
-                for t in abl_targets(b):
-                    go(b, f"{label} @{100 * t:.0f}%", method=method, order=order, target=t, exclude=xhead, tag="sequential",
-                       prune_kw=kw, extra={"variant": label})
+            sets = {0: None, **(getattr(b, "seed_sets", {}) if args.sequential_seeds else {})}  # set 0: the main grid's
+            for seed, calib in sets.items():
+                for label, method, order, kw in SEQUENTIAL_VARIANTS:
+                    if args.variants and label not in args.variants:
+                        continue
+                    named = label if seed == 0 else f"{label}, calibration set {seed}"
+                    for t in abl_targets(b):
+                        go(b, f"{named} @{100 * t:.0f}%", method=method, order=order, target=t, exclude=xhead, tag="sequential",
+                           prune_kw=kw, extra={"variant": named, "calib_seed": seed}, calib=calib,
+                           context="main" if seed == 0 else f"seed{seed}")
         if "head" in ablations and xhead:
             print(f"== {name}: head-excluded ablation", flush=True)
             for method in HEAD_METHODS:
