@@ -102,10 +102,15 @@ def _attempt_refit(prepared: Prepared, plan: Plan, stats: dict[str, SiteStats], 
     except Exception as exc:  # noqa: BLE001 - the one-shot fold is correct without the refit; the caller says why it is written
         if result is not None:
             result.spill.close()
-        result, failure = None, f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:300]}"
+        result, failure = None, failure_line(exc)
     if weights is not None:
         weights.close()
     return None, result, failure
+
+
+def failure_line(exc: Exception) -> str:
+    """An exception as one short line for a warning: its type and the first line of its message."""
+    return f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:300]}"
 
 
 def heldout_error(prepared: Prepared, plan: Plan, recoveries: dict[tuple[int, str], Recovery] | None) -> float:

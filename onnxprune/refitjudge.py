@@ -20,7 +20,7 @@ from .allocate import held_out_reference
 from .fidelity import ReferenceOutputs
 from .plan import Plan
 from .preparation import Prepared
-from .refit import ProgressFactory, Refit, one_shot_fits, refit_or_one_shot, sequential_batch_size
+from .refit import ProgressFactory, Refit, failure_line, one_shot_fits, refit_or_one_shot, sequential_batch_size
 from .rewrite import cache_io_changes
 from .stats import SiteStats
 
@@ -93,21 +93,17 @@ def judge_refits(prepared: Prepared, plans: dict[str, Plan], one_shot_errors: di
         except Exception as exc:  # noqa: BLE001 - a rival that cannot be refitted loses; the chosen plan's failure ends the run as before
             if best is None:
                 raise
-            failed[name] = _first_line(exc)
+            failed[name] = failure_line(exc)
             continue
         try:
             errors[name] = judge(refit)
         except Exception as exc:  # noqa: BLE001 - a model onnxruntime cannot run loses the comparison, not the run
-            failed[name], errors[name] = _first_line(exc), float("inf")
+            failed[name], errors[name] = failure_line(exc), float("inf")
         if best is None or errors[name] < errors[best[0]]:
             best, refit = (name, refit), best[1] if best else None
         if refit is not None and refit.weights is not None:  # the loser's temporary file
             refit.weights.close()
     return best[0], best[1], Judgement(errors, judge.samples, time.perf_counter() - start, judge.kind, failed)
-
-
-def _first_line(exc: Exception) -> str:
-    return f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:300]}"
 
 
 def _named(progress: ProgressFactory, name: str) -> ProgressFactory:
