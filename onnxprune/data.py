@@ -77,9 +77,9 @@ class CalibrationData:
         for start in starts:
             yield self.read(int(start), int(start) + batch_size)
 
-    def outside_spread(self, samples: int, batch_size: int, limit: int) -> CalibrationData | None:
+    def outside_spread(self, samples: int, batch_size: int, limit: int, least: int = 1) -> CalibrationData | None:
         """Up to `limit` of the samples that `spread_batches(samples, batch_size)` leaves out,
-        spread over them and read into memory (None: it leaves none out)."""
+        spread over them and read into memory (None: it leaves fewer than `least` out, nothing read)."""
         starts = self.spread_starts(samples, batch_size)
         if starts is None:
             return None
@@ -87,7 +87,7 @@ class CalibrationData:
         for start in starts:
             taken[start:start + batch_size] = True
         left = np.flatnonzero(~taken)
-        if not len(left):
+        if len(left) < max(least, 1):
             return None
         chosen = np.unique(left[np.linspace(0, len(left) - 1, min(limit, len(left))).round().astype(np.int64)])
         runs = np.split(chosen, np.flatnonzero(np.diff(chosen) > 1) + 1)  # consecutive samples are read together

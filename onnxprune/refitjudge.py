@@ -59,9 +59,9 @@ class RefitError:
     def __init__(self, prepared: Prepared, samples: int):
         self.prepared = prepared
         limit = max(1, min(JUDGE_SAMPLES, JUDGE_BYTES // max(prepared.calib_data.sample_bytes, 1)))
-        unfitted = prepared.calib_data.outside_spread(samples, sequential_batch_size(prepared), limit)
-        calibration = unfitted if unfitted is not None and unfitted.n_samples >= min(UNFITTED_ENOUGH, limit) else prepared.calib_data
-        self.kind = "unfitted" if calibration is unfitted else "fitted"
+        unfitted = prepared.calib_data.outside_spread(samples, sequential_batch_size(prepared), limit, min(UNFITTED_ENOUGH, limit))
+        calibration = prepared.calib_data if unfitted is None else unfitted
+        self.kind = "fitted" if unfitted is None else "unfitted"
         self.parts = [ReferenceOutputs(prepared.original, calibration, prepared.batch_size, limit)]
         if prepared.verify_data.n_samples:
             self.parts.append(held_out_reference(prepared))

@@ -264,6 +264,7 @@ def test_outside_spread_takes_only_samples_the_spread_batches_leave_out() -> Non
     assert len(left) == len(set(left)) == 40 and not set(left) & set(fitted)
     assert left.min() <= 12 and left.max() >= 87  # spread over what is left, not its first 40
     assert data.outside_spread(0, 10, 40) is None and data.outside_spread(100, 10, 40) is None  # every batch taken
+    assert data.outside_spread(30, 10, 40, least=71) is None and data.outside_spread(30, 10, 40, least=70) is not None  # 70 left out
 
 
 def test_the_refit_judge_compares_on_samples_the_pass_did_not_fit() -> None:
