@@ -54,22 +54,29 @@ class RefitError:
     """A refitted model's output error on calibration samples and on the held-out samples, the
     mean over both weighted by their counts. The calibration samples are those the pass does not
     refit on where it leaves out UNFITTED_ENOUGH of them (a larger calibration set than
-    `samples`), else the first ones, which it fits (`kind` says which)."""
+    `samples`), else the first ones, which it fits (`kind` says which). The same samples every
+    call; their inputs and the original's outputs are made for each call rather than kept
+    through the passes (up to JUDGE_BYTES and 256 MB a part), as `refit.heldout_error` does."""
 
     def __init__(self, prepared: Prepared, samples: int):
-        self.prepared = prepared
+        self.prepared, self.pass_samples = prepared, samples
+        self.samples, self.kind = 0, "fitted"
+
+    def _references(self) -> list[ReferenceOutputs]:
+        prepared = self.prepared
         limit = max(1, min(JUDGE_SAMPLES, JUDGE_BYTES // max(prepared.calib_data.sample_bytes, 1)))
-        unfitted = prepared.calib_data.outside_spread(samples, sequential_batch_size(prepared), limit, min(UNFITTED_ENOUGH, limit))
-        calibration = prepared.calib_data if unfitted is None else unfitted
+        unfitted = prepared.calib_data.outside_spread(self.pass_samples, sequential_batch_size(prepared), limit, min(UNFITTED_ENOUGH, limit))
         self.kind = "fitted" if unfitted is None else "unfitted"
-        self.parts = [ReferenceOutputs(prepared.original, calibration, prepared.batch_size, limit)]
+        parts = [ReferenceOutputs(prepared.original, prepared.calib_data if unfitted is None else unfitted, prepared.batch_size, limit)]
         if prepared.verify_data.n_samples:
-            self.parts.append(held_out_reference(prepared))
-        self.samples = sum(part.samples for part in self.parts)
+            parts.append(held_out_reference(prepared))
+        return parts
 
     def __call__(self, refit: Refit) -> float:
+        parts = self._references()
+        self.samples = sum(part.samples for part in parts)
         changes = cache_io_changes(self.prepared.analysis, refit.plan)
-        return sum(part.error(refit.model, changes) * part.samples for part in self.parts) / self.samples
+        return sum(part.error(refit.model, changes) * part.samples for part in parts) / self.samples
 
 
 def judge_refits(prepared: Prepared, plans: dict[str, Plan], one_shot_errors: dict[str, float], stats: dict[str, SiteStats],
