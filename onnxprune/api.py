@@ -36,6 +36,7 @@ from .sources import ImageOptions
 from .stats import SiteStats
 from .streams import StreamGains
 from .tidy import restore_fp16_weights
+from .undersampled import pin_undersampled, undersampled_hint
 from .verify import drop_units, far_outputs_warning, verify
 from .weights import offload, with_weights_in_memory
 
@@ -202,7 +203,7 @@ def prune(
         cost = build_cost_model(index, analysis, recovery=method in RECOVERY)
     with _stage(seconds, "score"):
         scores = {s.id: score_space(s, stats, index, method, order, seed) for s in analysis.prunable}
-    with _stage(seconds, "plan"), _undersampled_hint(analysis):
+    with _stage(seconds, "plan"), undersampled_hint(analysis):
         planner, allocated = allocation_planner(allocation, target, prepared, scores, cost, stats, method, min_keep, round_to,
                                                  sensitivity_samples, progress, head_gain)
     if isinstance(allocated, AllocationChoice):
@@ -216,7 +217,7 @@ def prune(
         with _stage(seconds, "rewrite"):
             pruned = builder.final(plan, pruned)
     else:
-        with _stage(seconds, "plan"), _undersampled_hint(analysis):
+        with _stage(seconds, "plan"), undersampled_hint(analysis):
             plan = planner.plan(target)
         warnings.extend(overshoot_warning(planner, plan, round_to))
         with _stage(seconds, "rewrite"):
@@ -241,7 +242,7 @@ def prune(
     report = _build_report(prepared.name, method, order, target, plan, analysis, cost, prepared.original, pruned, prepared.data,
                            prepared.calib_data, prepared.fidelity_data, fidelity)
     report.fidelity_independent = prepared.report_data is not None
-    report.warnings, report.seconds = warnings + far_outputs_warning(fidelity), seconds
+    report.warnings, report.seconds = list(dict.fromkeys(warnings + far_outputs_warning(fidelity))), seconds
     report.io_changes = _io_shapes(pruned, io_changes)
     report.spatial_strides = sampled
     _add_fit_notes(report, fit["mode"] == "sequential", method in RECOVERY, refit.result if refit else None, latency_result)
@@ -395,45 +396,6 @@ def _add_fit_notes(report: PruneReport, sequential: bool, recovers: bool, sequen
     if latency_result is not None:
         report.latency = {"batch": latency_result.batch, "threads": latency_result.threads, "ratio": round(latency_result.ratio, 4),
                           "steps": latency_result.steps}
-
-
-WELL_SAMPLED = 4  # rows per unit below which a site's statistics are flagged as noisy
-
-
-def pin_undersampled(analysis: Analysis, stats: dict[str, SiteStats]) -> list[str]:
-    """Pin spaces whose statistics cannot tell redundancy from missing data, warn on thin ones.
-
-    With fewer rows than units, any unit beyond the rank looks exactly redundant (zero energy)
-    only because it was not observed (e.g. a 1280-channel head after global pooling with 256
-    images): such spaces are pinned, with the number of samples needed."""
-    warnings = []
-    for space in analysis.prunable:
-        for tensor in space.sites:
-            rows, width = stats[tensor].count, space.tensors[tensor].size
-            if rows <= width:
-                space.pinned.append(f"site '{tensor}' saw only {rows} rows for {width} units: give at least {width + 1} {UNDERSAMPLED}")
-                warnings.append(f"space '{space.name}' is not pruned: its site '{tensor}' saw {rows} rows for {width} units; give more calibration samples")
-                break
-            if rows < WELL_SAMPLED * width:
-                warnings.append(f"site '{tensor}' saw {rows} rows for {width} units: its statistics are noisy; more calibration samples help")
-    return list(dict.fromkeys(warnings))  # a site shared by several spaces (a Concat, a channel shuffle) is named once
-
-
-UNDERSAMPLED = "calibration rows (samples x positions) to prune it"  # the end of pin_undersampled's pin reason
-
-
-@contextmanager
-def _undersampled_hint(analysis: Analysis) -> Iterator[None]:
-    """A target that cannot be reached also names the spaces left unpruned for too few
-    calibration rows: more samples, not other options, is the way out there."""
-    try:
-        yield
-    except TargetError as exc:
-        starved = [s.name for s in analysis.spaces if any(r.endswith(UNDERSAMPLED) for r in s.pinned)]
-        if not starved:
-            raise
-        raise TargetError(f"{exc}; {len(starved)} spaces saw too few calibration rows to be pruned (e.g. '{starved[0]}'): "
-                          "give more calibration samples") from None
 
 
 def resolve_shrinkage(shrinkage: float | str) -> float | None:

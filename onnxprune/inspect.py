@@ -84,7 +84,7 @@ class InspectReport:
 
 def samples_needed(space: Space, shapes: dict) -> int | None:
     """Calibration samples (besides the held-out ones) for more rows than units at every site
-    (`api.pin_undersampled`); a pooled site counts its pooled input's rows when that needs fewer
+    (`undersampled.pin_undersampled`); a pooled site counts its pooled input's rows when that needs fewer
     (`preparation.use_pooled_inputs`). None when a site's positions per sample are unknown."""
     def need(tensor: str) -> int | None:
         rows = rows_per_sample(shapes, tensor, space.tensors[tensor].axis)

@@ -107,6 +107,11 @@ def unit_width(space: Space) -> int:
 ALIGNMENT = 8  # channel counts that onnxruntime's CPU kernels and GPU engines run at full speed
 
 
+def counted(n: int, noun: str) -> str:
+    """'1 layer', '3 layers': a count for a warning line."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
 def misaligned_warning(analysis: Analysis, plan: Plan) -> list[str]:
     """A warning when pruning left channel counts that are not multiples of 8 where the original
     had them: such models can run slower than the original (docs/speed.md, --round-to 1)."""
@@ -116,7 +121,7 @@ def misaligned_warning(analysis: Analysis, plan: Plan) -> list[str]:
     if not rows:
         return []
     name, kept, n = rows[0]
-    return [f"{len(rows)} layers keep channel counts that are not multiples of {ALIGNMENT} (e.g. '{name}': {kept} of {n}); "
+    return [f"{counted(len(rows), 'layer')} keep{'s' if len(rows) == 1 else ''} channel counts that are not multiples of {ALIGNMENT} (e.g. '{name}': {kept} of {n}); "
             f"onnxruntime's CPU kernels and GPU engines run such counts slowly and the pruned model can be slower than the "
             f"original: --round-to {ALIGNMENT} (the CLI's default; round_to={ALIGNMENT} in Python) keeps multiples of {ALIGNMENT}"]
 

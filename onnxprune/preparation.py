@@ -205,7 +205,7 @@ def use_pooled_inputs(analysis: Analysis, shapes: dict, samples: int) -> list[st
                 notes.append(f"site '{tensor}' would see {samples * per_sample} rows for {placement.size} units: its consumers' "
                              f"recovery is fitted on every position of the pooled input '{source}'")
         space.pooled.clear()
-    return notes
+    return list(dict.fromkeys(notes))  # one pooled site read by several spaces (a Concat's branches) is named once
 
 
 def calibration_statistics(prepared: Prepared, shard: tuple[int, int] | None = None, progress: ProgressFactory | None = None) -> dict[str, SiteStats]:
