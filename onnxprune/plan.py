@@ -121,7 +121,8 @@ def misaligned_warning(analysis: Analysis, plan: Plan) -> list[str]:
     if not rows:
         return []
     name, kept, n = rows[0]
-    return [f"{counted(len(rows), 'layer')} keep{'s' if len(rows) == 1 else ''} channel counts that are not multiples of {ALIGNMENT} (e.g. '{name}': {kept} of {n}); "
+    verb = "keeps" if len(rows) == 1 else "keep"
+    return [f"{counted(len(rows), 'layer')} {verb} channel counts that are not multiples of {ALIGNMENT} (e.g. '{name}': {kept} of {n}); "
             f"onnxruntime's CPU kernels and GPU engines run such counts slowly and the pruned model can be slower than the "
             f"original: --round-to {ALIGNMENT} (the CLI's default; round_to={ALIGNMENT} in Python) keeps multiples of {ALIGNMENT}"]
 

@@ -65,5 +65,5 @@ def undersampled_hint(analysis: Analysis) -> Iterator[None]:
         starved = [s.name for s in analysis.spaces if any(r.endswith(UNDERSAMPLED) for r in s.pinned)]
         if not starved:
             raise
-        raise TargetError(f"{exc}; {len(starved)} spaces saw too few calibration rows to be pruned (e.g. '{starved[0]}'): "
+        raise TargetError(f"{exc}; {counted(len(starved), 'space')} saw too few calibration rows to be pruned (e.g. '{starved[0]}'): "
                           "give more calibration samples") from None
