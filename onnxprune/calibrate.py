@@ -29,7 +29,8 @@ PREFIX = "__onnxprune_"
 GRAM_BUDGET = 0.25  # with spatial_stride="auto", the Gram work may be this fraction of the model's MACs
 MAX_STRIDE = 4
 CHANNELS_FIRST = 2  # positions per sample per unit from which a site's Gram is computed per sample
-ROWS_PER_UNIT = 64  # "auto" never subsamples a site below this many calibration rows per unit
+ROWS_PER_UNIT = 1024  # "auto" never subsamples a site below this many calibration rows per unit (64 until session 26:
+# the sequential refit fits whole maps from the kept units, and neighbouring positions repeat each other; docs/benchmark.md)
 
 
 def positions(shape: Sequence[int | None], axis: int) -> int | None:

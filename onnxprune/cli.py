@@ -15,6 +15,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from . import __version__, tempfiles
 from .allocate import DEFAULT_HEAD_GAIN, SEARCHED_HEAD_GAINS
 from .api import DEFAULT_TOLERANCE, JUDGES, prune
+from .calibrate import ROWS_PER_UNIT
 from .errors import OnnxPruneError
 from .inspect import inspect_model
 from .interrupts import interrupted_signal, signals_raise
@@ -152,7 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--latency-threads", type=int, default=0, metavar="T", help="with --latency: onnxruntime threads (default 0: its default)")
     parser.add_argument("--spatial-stride", type=_stride, default="auto", metavar="auto|S",
                         help="sample every S-th row and column of conv feature maps for the statistics (default auto: only "
-                        "where their Gram matrices would cost more than a quarter of the model's MACs; 1 = every position)")
+                        "where their Gram matrices would cost more than a quarter of the model's MACs, and only while at least "
+                        f"{ROWS_PER_UNIT} calibration rows per unit remain; 1 = every position)")
     recovery = parser.add_argument_group("recovery fit")
     modes = recovery.add_mutually_exclusive_group()
     modes.add_argument("--sequential", dest="sequential", action="store_const", const=True, default=SEQUENTIAL_DEFAULT,

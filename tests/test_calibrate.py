@@ -12,6 +12,7 @@ import pytest
 
 import onnxprune
 from builders import GraphBuilder, cli, run, run_tensors, treat_as_large
+from onnxprune import calibrate
 from onnxprune.analyse import Site, analyse
 from onnxprune.api import calibration_statistics, prepare
 from onnxprune.calibrate import choose_strides, collect_stats
@@ -113,7 +114,7 @@ def expansion_cnn(hidden: int, hw: int = 32) -> onnx.ModelProto:
 
 
 def test_auto_strides_only_where_the_gram_would_be_expensive() -> None:
-    x = np.zeros((64, 8, 32, 32), np.float32)
+    x = np.zeros((1024, 8, 32, 32), np.float32)
     cheap = prepare(expansion_cnn(hidden=2), {"x": x}, verify_samples=0)
     assert set(cheap.strides.values()) == {1}
     wide = prepare(expansion_cnn(hidden=40), {"x": x}, verify_samples=0)
@@ -123,10 +124,10 @@ def test_auto_strides_only_where_the_gram_would_be_expensive() -> None:
     work = sum(np.prod(wide.shapes[s.tensor][2:]) / wide.strides[s.tensor] ** 2 * s.width ** 2 for s in wide.analysis.sites())
     assert work <= 0.25 * (32 * 32 * 8 * 40 * 2 + 8 * 3)
     assert set(prepare(expansion_cnn(hidden=40), {"x": x}, verify_samples=0, spatial_stride=1).strides.values()) == {1}
-    # with few calibration samples the statistics need every position (>= 64 rows per unit)
-    few = prepare(expansion_cnn(hidden=40), {"x": x[:16]}, verify_samples=0)
-    assert few.strides[hidden.tensor] == 2  # stride 2: 16 x 16 x 16 rows >= 64 x 40; stride 3 would leave 16 x 11 x 11 < 64 x 40
-    assert prepare(expansion_cnn(hidden=40), {"x": x[:8]}, verify_samples=0).strides[hidden.tensor] == 1
+    # with fewer calibration samples the statistics keep more positions (>= ROWS_PER_UNIT = 1024 rows per unit)
+    few = prepare(expansion_cnn(hidden=40), {"x": x[:256]}, verify_samples=0)
+    assert few.strides[hidden.tensor] == 2  # stride 2: 256 x 16 x 16 rows >= 1024 x 40; stride 3 would leave 256 x 11 x 11 < 1024 x 40
+    assert prepare(expansion_cnn(hidden=40), {"x": x[:128]}, verify_samples=0).strides[hidden.tensor] == 1
 
 
 def test_strides_never_leave_fewer_than_two_positions_per_dim() -> None:
@@ -139,7 +140,10 @@ def test_strides_never_leave_fewer_than_two_positions_per_dim() -> None:
     assert choose_strides([token], {"m": (1, 4096, 512)}, model_macs=1) == {"m": 1}
 
 
-def test_prune_with_subsampled_statistics_reports_it_and_stays_faithful() -> None:
+def test_prune_with_subsampled_statistics_reports_it_and_stays_faithful(monkeypatch) -> None:
+    """Subsampled statistics are reported and still prune faithfully (the row floor lowered to
+    64 per unit so that a small set is subsampled)."""
+    monkeypatch.setattr(calibrate, "ROWS_PER_UNIT", 64)
     model = expansion_cnn(hidden=96)
     x = np.random.default_rng(5).standard_normal((96, 8, 32, 32)).astype(np.float32)
     pruned, report = onnxprune.prune(model, {"x": x}, ratio=0.25)
@@ -165,7 +169,8 @@ def test_cli_spatial_stride_option(tmp_path, capsys) -> None:
     assert set(json.loads(report.read_text())["spatial_strides"].values()) == {2}
 
 
-def test_shards_record_their_strides_and_refuse_to_mix_them(tmp_path) -> None:
+def test_shards_record_their_strides_and_refuse_to_mix_them(tmp_path, monkeypatch) -> None:
+    monkeypatch.setattr(calibrate, "ROWS_PER_UNIT", 64)  # a small set subsampled: the strides are what is tested
     model = expansion_cnn(hidden=96)
     x = {"x": np.random.default_rng(8).standard_normal((64, 8, 32, 32)).astype(np.float32)}
     options = dict(verify_samples=0, batch_size=16)
