@@ -13,6 +13,8 @@ from .plan import counted
 from .stats import SiteStats
 
 WELL_SAMPLED = 4  # rows per unit below which a site's statistics are flagged as noisy
+NAMED = 3  # spaces or sites a grouped warning names
+UNDERSAMPLED = "calibration rows (samples x positions) to prune it"  # the end of pin_undersampled's pin reason
 
 
 def pin_undersampled(analysis: Analysis, stats: dict[str, SiteStats]) -> list[str]:
@@ -45,14 +47,8 @@ def pin_undersampled(analysis: Analysis, stats: dict[str, SiteStats]) -> list[st
     return warnings
 
 
-NAMED = 3  # spaces or sites a grouped warning names
-
-
 def _more(n: int) -> str:
     return f"; and {n - NAMED} more" if n > NAMED else ""
-
-
-UNDERSAMPLED = "calibration rows (samples x positions) to prune it"  # the end of pin_undersampled's pin reason
 
 
 @contextmanager
