@@ -42,8 +42,9 @@ def pin_undersampled(analysis: Analysis, stats: dict[str, SiteStats]) -> list[st
                         f"{_more(len(pinned))}); give more calibration samples")
     if noisy:
         shown = "; ".join(f"'{tensor}': {rows}" for tensor, rows in list(noisy.items())[:NAMED])
-        warnings.append(f"{counted(len(noisy), 'site')} saw fewer than {WELL_SAMPLED} calibration rows per unit, so their statistics "
-                        f"are noisy ({shown}{_more(len(noisy))}); more calibration samples help")
+        its = "its statistics are" if len(noisy) == 1 else "their statistics are"
+        warnings.append(f"{counted(len(noisy), 'site')} saw fewer than {WELL_SAMPLED} calibration rows per unit, so {its} "
+                        f"noisy ({shown}{_more(len(noisy))}); more calibration samples help")
     return warnings
 
 
