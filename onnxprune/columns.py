@@ -49,7 +49,8 @@ class MemoryColumn:
         return self.array[start:stop]
 
 
-def _row_bytes(shape: tuple[int, ...], dtype: np.dtype) -> int:
+def row_bytes(shape: tuple[int, ...], dtype: np.dtype) -> int:
+    """Bytes of one sample (one row along axis 0) of a column."""
     return int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
 
 
@@ -74,7 +75,7 @@ class FileColumn:
         stop = min(stop, self.shape[0])
         out = np.empty((max(stop - start, 0), *self.shape[1:]), self.dtype)
         view = memoryview(out.reshape(-1).view(np.uint8))
-        row = _row_bytes(self.shape, self.dtype)
+        row = row_bytes(self.shape, self.dtype)
         try:
             with open(self.path, "rb") as handle:
                 handle.seek(self.offset + start * row)
@@ -126,7 +127,7 @@ class StreamColumn:
 
     def read(self, start: int, stop: int) -> np.ndarray:
         stop = min(stop, self.shape[0])
-        row = _row_bytes(self.shape, self.dtype)
+        row = row_bytes(self.shape, self.dtype)
         try:
             stream = self._stream[1] if self._stream is not None and self._position <= start else self._restart()
             while self._position < start:

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from .columns import Column, MemoryColumn, open_npy, open_npz
+from .columns import Column, MemoryColumn, open_npy, open_npz, row_bytes
 from .errors import CalibrationError
 from .inputs import InputSpec, input_specs
 from .sources import ImageOptions, load_image_folder, load_loader_script
@@ -98,7 +98,7 @@ class CalibrationData:
     @property
     def sample_bytes(self) -> int:
         """Bytes of one sample over every input."""
-        return sum(int(np.prod(column.shape[1:], dtype=np.int64)) * np.dtype(column.dtype).itemsize for column in self.columns.values())
+        return sum(row_bytes(column.shape, np.dtype(column.dtype)) for column in self.columns.values())
 
     def sample_shapes(self, batch: int = 1) -> dict[str, tuple[int, ...]]:
         """Shape of one batch of each input (a model with a fixed batch size runs only that)."""
