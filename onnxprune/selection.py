@@ -45,7 +45,7 @@ class AllocationChoice:
         """The plan refitted beside the chosen one under the sequential fit: REFIT_RIVAL's, where
         auto chose another rule and REFIT_RIVAL met the target with other units."""
         rival = self.plans.get(REFIT_RIVAL)
-        if self.chosen.startswith(REFIT_RIVAL) or rival is None or self.errors.get(REFIT_RIVAL) is None:
+        if self.chosen.startswith(REFIT_RIVAL) or rival is None:  # `plans` holds only candidates with an error
             return None
         return None if _plan_key(rival) == _plan_key(self.plans[self.chosen]) else rival
 
