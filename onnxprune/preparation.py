@@ -18,10 +18,12 @@ from .errors import CalibrationError, ModelError, TargetError
 from .graph import GraphIndex, fixed_batch_size, subgraphs
 from .load import load_model, map_large_allocations
 from .ops import MAC_OPS, STANDARD_DOMAINS, op_key
+from .plan import counted
 from .rules import CARRY, CONSUME, PRODUCE
 from .sources import ImageOptions
 from .stats import SiteStats
 from .tidy import shapes_and_index
+from .undersampled import first_named
 from .unfuse import analyse_unfused
 from .weights import LARGE_MODEL, WeightsFile, model_bytes
 
@@ -194,18 +196,22 @@ def prepare(
 def use_pooled_inputs(analysis: Analysis, shapes: dict, samples: int) -> list[str]:
     """A pooled site that would see no more rows than it has units (an SE block's squeeze with
     fewer calibration samples than channels) takes its statistics from every position of the
-    pooled input instead of pinning its space (analyse._attach_pooled_sources); the notes say so."""
-    notes = []
+    pooled input instead of pinning its space (analyse._attach_pooled_sources); one note says
+    so, naming the first few (a pooled site read by several spaces, a Concat's branches, once)."""
+    read: dict[str, str] = {}  # pooled site -> its rows and the input read instead
     for space in analysis.prunable:
         for tensor, source in list(space.pooled.items()):
             placement = space.tensors[tensor]
             per_sample = rows_per_sample(shapes, tensor, placement.axis)
             if per_sample is not None and samples * per_sample <= placement.size:
                 space.read_pooled_input(tensor)
-                notes.append(f"site '{tensor}' would see {samples * per_sample} rows for {placement.size} units: its consumers' "
-                             f"recovery is fitted on every position of the pooled input '{source}'")
+                read.setdefault(tensor, f"{samples * per_sample} rows for {placement.size} units, reads '{source}'")
         space.pooled.clear()
-    return list(dict.fromkeys(notes))  # one pooled site read by several spaces (a Concat's branches) is named once
+    if not read:
+        return []
+    their = "its" if len(read) == 1 else "their"
+    return [f"{counted(len(read), 'pooled site')} would see no more calibration rows than units, so {their} consumers' recovery "
+            f"is fitted on every position of the pooled input instead ({first_named(read)}); more calibration samples help"]
 
 
 def calibration_statistics(prepared: Prepared, shard: tuple[int, int] | None = None, progress: ProgressFactory | None = None) -> dict[str, SiteStats]:

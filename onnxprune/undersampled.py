@@ -37,19 +37,19 @@ def pin_undersampled(analysis: Analysis, stats: dict[str, SiteStats]) -> list[st
                 noisy.setdefault(tensor, f"{rows} rows for {width} units")
     warnings = []
     if pinned:
-        shown = "; ".join(f"'{name}': {why}" for name, why in list(pinned.items())[:NAMED])
-        warnings.append(f"{counted(len(pinned), 'space')} not pruned, too few calibration rows to judge redundancy ({shown}"
-                        f"{_more(len(pinned))}); give more calibration samples")
+        warnings.append(f"{counted(len(pinned), 'space')} not pruned, too few calibration rows to judge redundancy "
+                        f"({first_named(pinned)}); give more calibration samples")
     if noisy:
-        shown = "; ".join(f"'{tensor}': {rows}" for tensor, rows in list(noisy.items())[:NAMED])
         its = "its statistics are" if len(noisy) == 1 else "their statistics are"
         warnings.append(f"{counted(len(noisy), 'site')} saw fewer than {WELL_SAMPLED} calibration rows per unit, so {its} "
-                        f"noisy ({shown}{_more(len(noisy))}); more calibration samples help")
+                        f"noisy ({first_named(noisy)}); more calibration samples help")
     return warnings
 
 
-def _more(n: int) -> str:
-    return f"; and {n - NAMED} more" if n > NAMED else ""
+def first_named(why: dict[str, str]) -> str:
+    """The first NAMED entries as "'name': why; ...", and how many more there are."""
+    shown = "; ".join(f"'{name}': {reason}" for name, reason in list(why.items())[:NAMED])
+    return shown + (f"; and {len(why) - NAMED} more" if len(why) > NAMED else "")
 
 
 @contextmanager

@@ -41,6 +41,26 @@ def test_a_pooled_site_shared_by_several_spaces_is_noted_once() -> None:
     x = rng.standard_normal((20, 3, 6, 6)).astype(np.float32)
     pruned, report = onnxprune.prune(model, {"x": x}, ratio=0.2, verify_samples=2)
     notes = _warnings_with(report, "would see")
-    assert len(notes) == 1 and "'gap_out' would see 18 rows for 32 units" in notes[0], report.warnings
+    assert len(notes) == 1 and "'gap_out': 18 rows for 32 units, reads" in notes[0], report.warnings
     assert len(report.warnings) == len(set(report.warnings))
+    assert np.isfinite(run(pruned, x)).all()
+
+
+def test_many_pooled_sites_are_one_note() -> None:
+    """Four conv branches, each pooled to its own Gemm, on 18 calibration samples for 32
+    channels: every branch reads its pooled input's positions, and one line says so for all four."""
+    rng = np.random.default_rng(0)
+    g = GraphBuilder([None, 3, 6, 6])
+    heads = []
+    for b in range(4):
+        conv = g.op("Relu", [g.conv(g.input_name, _normal(rng, (32, 3, 3, 3), 27), np.zeros(32, np.float32), name=f"conv_{b}",
+                                    pads=[1, 1, 1, 1])])
+        pooled = g.op("Flatten", [g.op("GlobalAveragePool", [conv], name=f"gap_{b}")])
+        heads.append(g.gemm(pooled, _normal(rng, (32, 5), 32), np.zeros(5, np.float32), name=f"fc_{b}"))
+    model = g.build(g.op("Sum", heads), ["N", 5])
+    x = rng.standard_normal((20, 3, 6, 6)).astype(np.float32)
+    pruned, report = onnxprune.prune(model, {"x": x}, ratio=0.2, verify_samples=2)
+    notes = _warnings_with(report, "pooled input")
+    assert len(notes) == 1 and notes[0].startswith("4 pooled sites would see"), report.warnings
+    assert notes[0].count("18 rows for 32 units, reads") == 3 and "and 1 more" in notes[0]
     assert np.isfinite(run(pruned, x)).all()
