@@ -126,3 +126,19 @@ def test_working_copies_with_big_new_weights_reach_onnxruntime_through_files(tmp
 
     np.testing.assert_array_equal(run_model(reference), run_model(pruned))
     assert not list(temporary.glob("onnxprune-session*"))  # the folder and its links are gone
+
+
+def test_large_models_run_without_the_arena_or_a_planned_block(monkeypatch) -> None:
+    """A model over LARGE_MODEL gets sessions that free each intermediate when it is dead (no
+    arena, no memory pattern: the planned block held SmolLM2's whole working set, +133 MB peak);
+    a small model keeps onnxruntime's defaults, and a latency session always does."""
+    import onnxprune.calibrate as calibrate
+
+    model = onnx.load(MLP)
+    small = calibrate.make_session(model).get_session_options()
+    assert small.enable_cpu_mem_arena and small.enable_mem_pattern
+    monkeypatch.setattr(calibrate, "LARGE_MODEL", 1000)
+    large = calibrate.make_session(model).get_session_options()
+    assert not large.enable_cpu_mem_arena and not large.enable_mem_pattern
+    timed = calibrate.make_session(model, timing=True).get_session_options()
+    assert timed.enable_cpu_mem_arena and timed.enable_mem_pattern
