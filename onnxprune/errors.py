@@ -19,3 +19,9 @@ class TargetError(OnnxPruneError):
 
 class ResourceError(OnnxPruneError):
     """A file or folder the run needs cannot be written: a full disk, an I/O error, an unwritable TMPDIR."""
+
+
+def failure_line(exc: Exception) -> str:
+    """An exception as one short line for a warning or the report: its type and the first line
+    of its message (a candidate or finalist that failed, a refit that could not be kept)."""
+    return f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:300]}"

@@ -13,6 +13,7 @@ import onnx
 from .allocate import held_out_reference
 from .calibrate import positions
 from .decisions import SequentialResult
+from .errors import failure_line
 from .plan import Plan
 from .preparation import Prepared
 from .recovery import Recovery, fit_recoveries, shared_sites
@@ -106,11 +107,6 @@ def _attempt_refit(prepared: Prepared, plan: Plan, stats: dict[str, SiteStats], 
     if weights is not None:
         weights.close()
     return None, result, failure
-
-
-def failure_line(exc: Exception) -> str:
-    """An exception as one short line for a warning: its type and the first line of its message."""
-    return f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:300]}"
 
 
 def heldout_error(prepared: Prepared, plan: Plan, recoveries: dict[tuple[int, str], Recovery] | None) -> float:

@@ -17,10 +17,11 @@ import time
 from dataclasses import dataclass, field
 
 from .allocate import held_out_reference
+from .errors import failure_line
 from .fidelity import ReferenceOutputs
 from .plan import Plan
 from .preparation import Prepared
-from .refit import ProgressFactory, Refit, failure_line, one_shot_fits, refit_or_one_shot, sequential_batch_size
+from .refit import ProgressFactory, Refit, one_shot_fits, refit_or_one_shot, sequential_batch_size
 from .rewrite import cache_io_changes
 from .stats import SiteStats
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
-from .errors import TargetError
+from .errors import TargetError, failure_line
 from .fidelity import ReferenceOutputs
 from .plan import Plan, Planner, Target
 from .streams import StreamGains
@@ -128,5 +128,5 @@ def choose_allocation(
     if not scored:
         raise next(iter(failures.values())) if failures else refusals[0]
     chosen = _lowest(scored, list(planners))
-    failed = {name: str(exc).splitlines()[0] if str(exc) else type(exc).__name__ for name, exc in failures.items()}
+    failed = {name: failure_line(exc) for name, exc in failures.items()}
     return AllocationChoice(chosen, errors, reference.samples, time.perf_counter() - start, failed=failed, plans=plans)

@@ -166,7 +166,7 @@ def test_a_failing_auto_candidate_is_skipped_and_named(monkeypatch) -> None:
     model = random_cnn(channels=(3, 16, 24, 8), seed=4)
     x = np.random.default_rng(0).standard_normal((200, 3, 8, 8)).astype(np.float32)
     _, report = onnxprune.prune(model, {"x": x}, flops=0.4, seed=0, sequential=False)
-    assert report.allocation["failed"] == {"global": "onnxruntime cannot load the pruned model: planted"}
+    assert report.allocation["failed"] == {"global": "RuntimeError: onnxruntime cannot load the pruned model: planted"}
     assert report.allocation["chosen"] != "global"
     assert any("candidate 'global' failed" in w for w in report.warnings)
     monkeypatch.setattr(fidelity.ReferenceOutputs, "error", lambda self, model, changes: (_ for _ in ()).throw(RuntimeError("all")))
