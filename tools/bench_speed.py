@@ -159,7 +159,7 @@ def traced(seconds, name):  # the exact peak RSS of every pipeline stage
     reset_peak()
     with timed(seconds, name):
         yield
-    peaks[name] = status_kb('VmHWM')
+    peaks[name] = max(peaks.get(name, 0), status_kb('VmHWM'))  # a stage that runs twice (plan) keeps its highest peak
     reset_peak()
 api._stage = traced
 reset_peak()
