@@ -142,7 +142,8 @@ def session_files(model: onnx.ModelProto, drop_outputs: bool = False) -> Iterato
         tempfiles.remove(temporary)
 
 
-MIXED_IN_MEMORY_MAX = 1 << 30  # new weights beside on-disk ones go to a file too from here (protobuf's 2 GB limit)
+MIXED_IN_MEMORY_MAX = LARGE_MODEL  # new weights beside on-disk ones go to a file too from here: from serialised bytes onnxruntime
+# holds about three copies while the session is made (SmolLM2's auto candidates: +1 GB of peak), and protobuf stops at 2 GB
 
 
 @contextmanager

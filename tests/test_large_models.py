@@ -142,3 +142,29 @@ def test_large_models_run_without_the_arena_or_a_planned_block(monkeypatch) -> N
     assert not large.enable_cpu_mem_arena and not large.enable_mem_pattern
     timed = calibrate.make_session(model, timing=True).get_session_options()
     assert timed.enable_cpu_mem_arena and timed.enable_mem_pattern
+
+
+def test_big_new_weights_beside_on_disk_ones_reach_onnxruntime_through_files(tmp_path) -> None:
+    """A working copy of a model on disk with LARGE_MODEL bytes of new weights in memory (a
+    pruned candidate of a language model) gives onnxruntime files only: from serialised bytes it
+    holds about three copies while the session is made (SmolLM2's peak +590 MB). The session
+    still computes the model."""
+    import onnxruntime as ort
+    from onnx import numpy_helper
+
+    from onnxprune.load import load_model
+    from onnxprune.tensors import is_on_disk
+    from onnxprune.weights import LARGE_MODEL, session_files
+
+    model, _, _, _ = load_model(external_copy(tmp_path))
+    assert all(is_on_disk(t) for t in model.graph.initializer)
+    extra = np.zeros(LARGE_MODEL // 4 + 1, np.float32)  # unread by the graph: only its bytes matter here
+    model.graph.initializer.append(numpy_helper.from_array(extra, "new_weights"))
+    with session_files(model) as (folder, small):
+        assert all(is_on_disk(t) for t in small.graph.initializer)
+        options = ort.SessionOptions()
+        options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(folder))
+        session = ort.InferenceSession(small.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        x = dict(np.load(CALIB))
+        x = next(iter(x.values()))[:4]
+        assert np.isfinite(session.run(None, {session.get_inputs()[0].name: x})[0]).all()
