@@ -165,6 +165,5 @@ def test_big_new_weights_beside_on_disk_ones_reach_onnxruntime_through_files(tmp
         options = ort.SessionOptions()
         options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(folder))
         session = ort.InferenceSession(small.SerializeToString(), options, providers=["CPUExecutionProvider"])
-        x = dict(np.load(CALIB))
-        x = next(iter(x.values()))[:4]
+        x = next(iter(dict(np.load(CALIB)).values()))[:4]
         assert np.isfinite(session.run(None, {session.get_inputs()[0].name: x})[0]).all()
