@@ -107,9 +107,14 @@ def unit_width(space: Space) -> int:
 ALIGNMENT = 8  # channel counts that onnxruntime's CPU kernels and GPU engines run at full speed
 
 
+def agree(n: int, one: str, many: str) -> str:
+    """The word that agrees with a count of `n`: 'keeps' / 'keep', 'its' / 'their'."""
+    return one if n == 1 else many
+
+
 def counted(n: int, noun: str) -> str:
     """'1 layer', '3 layers': a count for a warning line."""
-    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+    return f"{n} {agree(n, noun, noun + 's')}"
 
 
 def misaligned_warning(analysis: Analysis, plan: Plan) -> list[str]:
@@ -121,8 +126,7 @@ def misaligned_warning(analysis: Analysis, plan: Plan) -> list[str]:
     if not rows:
         return []
     name, kept, n = rows[0]
-    verb = "keeps" if len(rows) == 1 else "keep"
-    return [f"{counted(len(rows), 'layer')} {verb} channel counts that are not multiples of {ALIGNMENT} (e.g. '{name}': {kept} of {n}); "
+    return [f"{counted(len(rows), 'layer')} {agree(len(rows), 'keeps', 'keep')} channel counts that are not multiples of {ALIGNMENT} (e.g. '{name}': {kept} of {n}); "
             f"onnxruntime's CPU kernels and GPU engines run such counts slowly and the pruned model can be slower than the "
             f"original: --round-to {ALIGNMENT} (the CLI's default; round_to={ALIGNMENT} in Python) keeps multiples of {ALIGNMENT}"]
 

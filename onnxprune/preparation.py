@@ -18,7 +18,7 @@ from .errors import CalibrationError, ModelError, TargetError
 from .graph import GraphIndex, fixed_batch_size, subgraphs
 from .load import load_model, map_large_allocations
 from .ops import MAC_OPS, STANDARD_DOMAINS, op_key
-from .plan import counted
+from .plan import agree, counted
 from .rules import CARRY, CONSUME, PRODUCE
 from .sources import ImageOptions
 from .stats import SiteStats
@@ -209,9 +209,9 @@ def use_pooled_inputs(analysis: Analysis, shapes: dict, samples: int) -> list[st
         space.pooled.clear()
     if not read:
         return []
-    their = "its" if len(read) == 1 else "their"
-    return [f"{counted(len(read), 'pooled site')} would see no more calibration rows than units, so {their} consumers' recovery "
-            f"is fitted on every position of the pooled input instead ({first_named(read)}); more calibration samples help"]
+    return [f"{counted(len(read), 'pooled site')} would see no more calibration rows than units, so {agree(len(read), 'its', 'their')} "
+            f"consumers' recovery is fitted on every position of the pooled input instead ({first_named(read)}); more calibration "
+            "samples help"]
 
 
 def calibration_statistics(prepared: Prepared, shard: tuple[int, int] | None = None, progress: ProgressFactory | None = None) -> dict[str, SiteStats]:

@@ -9,7 +9,7 @@ from contextlib import contextmanager
 
 from .analyse import Analysis
 from .errors import TargetError
-from .plan import counted
+from .plan import agree, counted
 from .stats import SiteStats
 
 WELL_SAMPLED = 4  # rows per unit below which a site's statistics are flagged as noisy
@@ -40,9 +40,8 @@ def pin_undersampled(analysis: Analysis, stats: dict[str, SiteStats]) -> list[st
         warnings.append(f"{counted(len(pinned), 'space')} not pruned, too few calibration rows to judge redundancy "
                         f"({first_named(pinned)}); give more calibration samples")
     if noisy:
-        its = "its statistics are" if len(noisy) == 1 else "their statistics are"
-        warnings.append(f"{counted(len(noisy), 'site')} saw fewer than {WELL_SAMPLED} calibration rows per unit, so {its} "
-                        f"noisy ({first_named(noisy)}); more calibration samples help")
+        warnings.append(f"{counted(len(noisy), 'site')} saw fewer than {WELL_SAMPLED} calibration rows per unit, so "
+                        f"{agree(len(noisy), 'its', 'their')} statistics are noisy ({first_named(noisy)}); more calibration samples help")
     return warnings
 
 
