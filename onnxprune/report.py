@@ -150,8 +150,9 @@ class PruneReport:
             return (f"allocation: {self.allocation['chosen']}, chosen by the output error after the refit on "
                     f"{refitted['samples']} {samples} ({finalists}; one-shot on "
                     f"{self.allocation['samples']} held-out samples: {scored}){joined}")
+        unjudged = f"; {self.allocation['unjudged']}" if self.allocation.get("unjudged") else ""
         return (f"allocation: {self.allocation['chosen']}, chosen by the output error on {self.allocation['samples']} held-out "
-                f"samples ({scored}){joined}")
+                f"samples ({scored}){unjudged}{joined}")
 
     def sampling_note(self) -> str | None:
         """One line on the spatial subsampling of the statistics, when there was any."""

@@ -25,6 +25,10 @@ CHOICE_SAMPLES = 64  # held-out samples each candidate is scored on, at most
 # under the sequential fit, the rule refitted beside auto's one-shot choice (refitjudge.py): after
 # the refit it was best at 70% MACs where the one-shot models ranked it behind (docs/benchmark.md)
 REFIT_RIVAL = "uniform"
+# ...but only where its one-shot error is within this factor of the choice's: on 80 Fashion-MNIST
+# cells the refit of a rival further behind won no accuracy on balance, and on the ImageNet models
+# (1.8-5x behind) it never won; its pass was pure cost (docs/benchmark.md, "The rival's margin")
+RIVAL_MARGIN = 1.5
 
 
 @dataclass
@@ -40,14 +44,22 @@ class AllocationChoice:
     failed: dict[str, str] = field(default_factory=dict)  # candidates whose model could not be built or run, and why
     plans: dict[str, Plan] = field(default_factory=dict, repr=False)  # each scored candidate's plan
     refitted: dict | None = None  # the judgement after the refits (`refitjudge.Judgement.summary`), where one ran
+    unjudged: str | None = None  # why REFIT_RIVAL was not refitted beside the choice, where it was asked for and not
 
     def rival(self) -> Plan | None:
         """The plan refitted beside the chosen one under the sequential fit: REFIT_RIVAL's, where
-        auto chose another rule and REFIT_RIVAL met the target with other units."""
+        auto chose another rule and REFIT_RIVAL met the target with other units, with a one-shot
+        error within RIVAL_MARGIN of the choice's (`unjudged` then says why it is not)."""
         rival = self.plans.get(REFIT_RIVAL)
         if self.chosen.startswith(REFIT_RIVAL) or rival is None:  # `plans` holds only candidates with an error
             return None
-        return None if _plan_key(rival) == _plan_key(self.plans[self.chosen]) else rival
+        if _plan_key(rival) == _plan_key(self.plans[self.chosen]):
+            return None
+        ratio = self.errors[REFIT_RIVAL] / max(self.errors[self.chosen], np.finfo(float).tiny)
+        if ratio > RIVAL_MARGIN:
+            self.unjudged = f"{REFIT_RIVAL} not refitted: its one-shot error is {ratio:.3g}x the choice's (more than {RIVAL_MARGIN:g}x)"
+            return None
+        return rival
 
     def judged(self, chosen: str, summary: dict) -> None:
         """Record the judgement after the refits, which may change the choice."""
@@ -62,6 +74,8 @@ class AllocationChoice:
             summary["failed"] = dict(self.failed)
         if self.refitted is not None:
             summary["refitted"] = self.refitted
+        if self.unjudged is not None:
+            summary["unjudged"] = self.unjudged
         return summary
 
     def warnings(self) -> list[str]:

@@ -220,7 +220,16 @@ def _kept_units(report) -> list[int]:
     return [row.kept for row in report.spaces]
 
 
-def test_auto_judges_its_choice_against_uniform_after_both_refits(monkeypatch) -> None:
+@pytest.fixture
+def every_rival(monkeypatch) -> None:
+    """The judge's mechanics, on a small random net whose uniform plan is more than RIVAL_MARGIN
+    behind auto's choice one-shot: the rival is refitted whatever its margin."""
+    import onnxprune.selection as selection
+
+    monkeypatch.setattr(selection, "RIVAL_MARGIN", np.inf)
+
+
+def test_auto_judges_its_choice_against_uniform_after_both_refits(monkeypatch, every_rival) -> None:
     """Under the sequential fit auto refits its one-shot choice and the uniform plan and keeps
     the lower output error on the calibration and held-out samples; that error is the written
     model's mean KL divergence of its logits over both. `judge="one-shot"` keeps
@@ -255,6 +264,32 @@ def test_auto_judges_its_choice_against_uniform_after_both_refits(monkeypatch) -
         onnxprune.prune(model, {"x": x}, flops=0.4, judge="best")
 
 
+def test_a_rival_far_behind_one_shot_is_not_refitted() -> None:
+    """The uniform plan is refitted beside auto's choice only when its one-shot error is within
+    RIVAL_MARGIN of the choice's. Further behind, the run is `judge="one-shot"`'s, one pass, and
+    the report says why; within it, both are refitted."""
+    import re
+
+    from onnxprune.selection import RIVAL_MARGIN
+
+    x = np.random.default_rng(0).standard_normal((200, 3, 8, 8)).astype(np.float32)
+    model = random_cnn(channels=(3, 16, 24, 8), seed=0)
+    pruned, report = onnxprune.prune(model, {"x": x}, flops=0.4, seed=0)
+    errors, chosen = report.allocation["heldout_error"], report.allocation["chosen"]
+    assert chosen != "uniform" and errors["uniform"] > RIVAL_MARGIN * errors[chosen] and "refitted" not in report.allocation
+    found = re.fullmatch(r"uniform not refitted: its one-shot error is ([\d.]+)x the choice's \(more than 1.5x\)", report.allocation["unjudged"])
+    assert found and float(found[1]) == pytest.approx(errors["uniform"] / errors[chosen], rel=1e-2)
+    assert report.allocation["unjudged"] in report.allocation_note()
+    plain, _ = onnxprune.prune(model, {"x": x}, flops=0.4, seed=0, judge="one-shot")
+    np.testing.assert_array_equal(run(pruned, x), run(plain, x))
+
+    close = random_cnn(channels=(3, 24, 32, 8), seed=1)
+    _, judged = onnxprune.prune(close, {"x": x}, flops=0.4, seed=0)
+    errors = judged.allocation["heldout_error"]
+    assert "uniform" in judged.allocation["refitted"]["errors"] and "unjudged" not in judged.allocation
+    assert min(errors.values()) < errors["uniform"] <= RIVAL_MARGIN * min(errors.values())
+
+
 def test_outside_spread_takes_only_samples_the_spread_batches_leave_out() -> None:
     from onnxprune.data import CalibrationData
 
@@ -267,7 +302,7 @@ def test_outside_spread_takes_only_samples_the_spread_batches_leave_out() -> Non
     assert data.outside_spread(30, 10, 40, least=71) is None and data.outside_spread(30, 10, 40, least=70) is not None  # 70 left out
 
 
-def test_the_refit_judge_compares_on_samples_the_pass_did_not_fit() -> None:
+def test_the_refit_judge_compares_on_samples_the_pass_did_not_fit(every_rival) -> None:
     """With more calibration samples than the pass refits on, the finalists are compared on
     samples it left out (and the held-out ones): the error is the written model's there."""
     from onnxprune.api import prepare
@@ -285,7 +320,7 @@ def test_the_refit_judge_compares_on_samples_the_pass_did_not_fit() -> None:
     assert "samples the refit did not fit" in report.allocation_note()
 
 
-def test_cli_judge_option_reaches_the_run(tmp_path, capsys) -> None:
+def test_cli_judge_option_reaches_the_run(tmp_path, capsys, every_rival) -> None:
     """`--judge one-shot` keeps auto's one-shot choice (no refit of uniform); the default judges
     the refits and the report's JSON says on what."""
     import json
@@ -304,7 +339,7 @@ def test_cli_judge_option_reaches_the_run(tmp_path, capsys) -> None:
     assert "refitted" not in reports["one-shot"]
 
 
-def test_a_rival_whose_refit_cannot_be_run_loses_and_is_named(monkeypatch) -> None:
+def test_a_rival_whose_refit_cannot_be_run_loses_and_is_named(monkeypatch, every_rival) -> None:
     """If onnxruntime cannot run the uniform plan's refit, the chosen plan's refit is written (the
     same model as without the judge) and the report names the failure."""
     import onnxprune.refitjudge as refitjudge
@@ -322,7 +357,7 @@ def test_a_rival_whose_refit_cannot_be_run_loses_and_is_named(monkeypatch) -> No
     np.testing.assert_array_equal(run(pruned, x), run(plain, x))
 
 
-def test_a_rival_whose_refit_raises_loses_and_the_chosen_one_stays(monkeypatch) -> None:
+def test_a_rival_whose_refit_raises_loses_and_the_chosen_one_stays(monkeypatch, every_rival) -> None:
     """An error while refitting the rival (not only while running its model) costs the rival only."""
     import onnxprune.refitjudge as refitjudge
 
