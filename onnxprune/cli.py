@@ -181,7 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "MACs +9 points agreement, docs/benchmark.md; about 1.2x the sequential run's time)")
     recovery.add_argument("--judge", choices=JUDGES, default="refit",
                           help="with --allocation auto and the sequential refit: refit (default) = where auto's one-shot "
-                          "choice is not uniform, refit the uniform plan too and keep the refit whose outputs are closer to the "
+                          "choice is not uniform and uniform's one-shot error is within 1.5x of it, refit the uniform plan too and keep the refit whose outputs are closer to the "
                           "original's on the calibration and held-out samples (those the pass did not refit on where there are "
                           "enough: more calibration samples than --sequential-samples; one more refit pass; the refit reorders the "
                           "candidates at high ratios: Fashion-MNIST VGG / ShuffleNetV2 at 70%% MACs, docs/benchmark.md); "
