@@ -67,6 +67,45 @@ def held_out_reference(prepared: Prepared) -> ReferenceOutputs:
     return ReferenceOutputs(prepared.original, held_out, prepared.batch_size, CHOICE_SAMPLES)
 
 
+def _auto_choice(planner: Callable[..., Planner], target: Target, prepared: Prepared, heads: list[int], head_gain: float | None,
+                 build: Callable[[Plan], onnx.ModelProto], io_changes: Callable, progress: ProgressFactory) -> tuple[Planner, AllocationChoice]:
+    """Auto's candidates scored at `target` on the held-out samples, then the head gains of the
+    chosen rule (SEARCHED_HEAD_GAINS, where heads share the budget and no gain is given)."""
+    streams = stream_gains(prepared, progress, required=False)
+    names = [name for name in AUTO_CANDIDATES if name != "stream" or not streams.failed]
+
+    def rule_gains(name: str) -> dict[int, float] | None:
+        return streams.gains if name == "stream" else None
+
+    planners = {name: planner(name, rule_gains(name)) for name in names}
+    head_gains = SEARCHED_HEAD_GAINS if head_gain is None and 0 < len(heads) < len(prepared.analysis.prunable) else ()
+    reference, seen = held_out_reference(prepared), {}
+    advance = progress("choosing the allocation", len(planners) + len(head_gains))
+    choice = choose_allocation(planners, target, reference, build, io_changes, advance, seen)
+    if head_gains:  # the budget between heads and the other units, for the chosen rule
+        rule = choice.chosen
+        more = {f"{rule} (heads x{g:g})": planner(rule, rule_gains(rule), g) for g in head_gains}
+        try:
+            choice = choice.extended(choose_allocation(more, target, reference, build, io_changes, advance, seen))
+        except TargetError:
+            pass  # no other gain meets the target: the chosen rule stands
+        except Exception as exc:  # noqa: BLE001 - as for a failed candidate: the chosen rule stands, the report says why
+            choice.failed[", ".join(more)] = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        planners.update(more)
+    choice.streams = streams
+    return planners[choice.chosen], choice
+
+
+def latency_stand_in(target: Target) -> Target | None:
+    """The target auto compares its candidates at: a budget target itself; for a latency target
+    the same fraction of the MACs (latency falls about as the MACs do, a little slower: docs/speed.md,
+    section 3), so that the rule is chosen by the model's output as for a MACs target and the
+    latency search then times that rule's plans; None for a tolerance (the global threshold)."""
+    if target.kind in ("ratio", "flops", "params"):
+        return target
+    return Target("flops", target.value) if target.kind == "latency" else None
+
+
 def allocation_planner(
     allocation: str,
     target: Target,
@@ -82,9 +121,10 @@ def allocation_planner(
     head_gain: float | None = None,
 ) -> tuple[Planner, Sensitivity | AllocationChoice | StreamGains | None]:
     """The planner for `allocation`, and what was measured to make it (None for a fixed rule);
-    auto with a tolerance or latency target keeps the global threshold. `head_gain` scales the
-    attention heads' scores in every rule: the per-kind budget (None: DEFAULT_HEAD_GAIN, and
-    auto also tries SEARCHED_HEAD_GAINS)."""
+    auto with a tolerance target keeps the global threshold (the tolerance is defined on its
+    energies), with a latency target it compares the candidates at the same fraction of the MACs
+    (`latency_stand_in`). `head_gain` scales the attention heads' scores in every rule: the
+    per-kind budget (None: DEFAULT_HEAD_GAIN, and auto also tries SEARCHED_HEAD_GAINS)."""
     analysis = prepared.analysis
     heads = attention_spaces(analysis, prepared.index)
 
@@ -94,30 +134,18 @@ def allocation_planner(
 
     build, io_changes = candidate_builder(prepared, stats, method), partial(cache_io_changes, analysis)
     if allocation == "auto":
-        if target.kind not in ("ratio", "flops", "params"):
+        compared_at = latency_stand_in(target)
+        if compared_at is None:
             return planner("global"), None
-        streams = stream_gains(prepared, progress, required=False)
-        names = [name for name in AUTO_CANDIDATES if name != "stream" or not streams.failed]
-        def rule_gains(name: str) -> dict[int, float] | None:
-            return streams.gains if name == "stream" else None
-
-        planners = {name: planner(name, rule_gains(name)) for name in names}
-        head_gains = SEARCHED_HEAD_GAINS if head_gain is None and 0 < len(heads) < len(analysis.prunable) else ()
-        reference, seen = held_out_reference(prepared), {}
-        advance = progress("choosing the allocation", len(planners) + len(head_gains))
-        choice = choose_allocation(planners, target, reference, build, io_changes, advance, seen)
-        if head_gains:  # the budget between heads and the other units, for the chosen rule
-            rule = choice.chosen
-            more = {f"{rule} (heads x{g:g})": planner(rule, rule_gains(rule), g) for g in head_gains}
-            try:
-                choice = choice.extended(choose_allocation(more, target, reference, build, io_changes, advance, seen))
-            except TargetError:
-                pass  # no other gain meets the target: the chosen rule stands
-            except Exception as exc:  # noqa: BLE001 - as for a failed candidate: the chosen rule stands, the report says why
-                choice.failed[", ".join(more)] = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            planners.update(more)
-        choice.streams = streams
-        return planners[choice.chosen], choice
+        try:
+            chosen, choice = _auto_choice(planner, compared_at, prepared, heads, head_gain, build, io_changes, progress)
+        except TargetError:
+            if compared_at is target:
+                raise
+            return planner("global"), None  # the latency search then says how far this model can go
+        if compared_at is not target:
+            choice.compared_at = f"--{compared_at.kind} {compared_at.value:g}, the latency target's stand-in"
+        return chosen, choice
     if allocation == "stream":
         streams = stream_gains(prepared, progress)
         return planner(allocation, streams.gains), streams

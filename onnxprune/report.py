@@ -151,8 +151,9 @@ class PruneReport:
                     f"{refitted['samples']} {samples} ({finalists}; one-shot on "
                     f"{self.allocation['samples']} held-out samples: {scored}){joined}")
         unjudged = f"; {self.allocation['unjudged']}" if self.allocation.get("unjudged") else ""
+        at = f" at {self.allocation['compared_at']}" if self.allocation.get("compared_at") else ""
         return (f"allocation: {self.allocation['chosen']}, chosen by the output error on {self.allocation['samples']} held-out "
-                f"samples ({scored}){unjudged}{joined}")
+                f"samples{at} ({scored}){unjudged}{joined}")
 
     def sampling_note(self) -> str | None:
         """One line on the spatial subsampling of the statistics, when there was any."""

@@ -45,6 +45,7 @@ class AllocationChoice:
     plans: dict[str, Plan] = field(default_factory=dict, repr=False)  # each scored candidate's plan
     refitted: dict | None = None  # the judgement after the refits (`refitjudge.Judgement.summary`), where one ran
     unjudged: str | None = None  # why REFIT_RIVAL was not refitted beside the choice, where it was asked for and not
+    compared_at: str | None = None  # the target the candidates were compared at, where it is not the run's own
 
     def rival(self) -> Plan | None:
         """The plan refitted beside the chosen one under the sequential fit: REFIT_RIVAL's, where
@@ -76,6 +77,8 @@ class AllocationChoice:
             summary["refitted"] = self.refitted
         if self.unjudged is not None:
             summary["unjudged"] = self.unjudged
+        if self.compared_at is not None:
+            summary["compared_at"] = self.compared_at
         return summary
 
     def warnings(self) -> list[str]:

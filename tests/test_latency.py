@@ -79,3 +79,21 @@ def test_latency_target_end_to_end_with_the_real_timer(tmp_path, capsys) -> None
     assert "measured onnxruntime CPU latency" in out
     code, _, err = cli([path, "--calib", tmp_path / "calib.npz", "--latency", "0.2", "--latency-batch", "0"], capsys)
     assert code == 2 and "--latency-batch" in err
+
+
+def test_auto_chooses_the_rule_of_a_latency_target_at_the_same_fraction_of_the_macs(fake_timer) -> None:
+    """With a latency target auto scores its candidates at --flops F, the latency's stand-in, and
+    the search times the chosen rule's plans (before: always the global threshold); the report
+    says at what the candidates were compared. A tolerance target keeps the global threshold."""
+    model = random_mlp(widths=(20, 96, 32, 64, 6), seed=0)
+    _, report = onnxprune.prune(model, calib(), latency=0.3)
+    chosen = report.allocation["chosen"]
+    assert chosen == "tempered" and report.allocation["compared_at"] == "--flops 0.3, the latency target's stand-in"
+    assert set(report.allocation["heldout_error"]) == {"global", "stream", "tempered", "uniform"}
+    assert "held-out samples at --flops 0.3, the latency target's stand-in" in report.allocation_note()
+    kept = [s.kept for s in report.spaces]
+    _, fixed = onnxprune.prune(model, calib(), latency=0.3, allocation=chosen)
+    _, global_rule = onnxprune.prune(model, calib(), latency=0.3, allocation="global")
+    assert kept == [s.kept for s in fixed.spaces] != [s.kept for s in global_rule.spaces]
+    _, tolerance = onnxprune.prune(model, calib(), tolerance=0.01)
+    assert not tolerance.allocation
