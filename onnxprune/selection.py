@@ -25,7 +25,7 @@ CHOICE_SAMPLES = 64  # held-out samples each candidate is scored on, at most
 # under the sequential fit, the rule refitted beside auto's one-shot choice (refitjudge.py): after
 # the refit it was best at 70% MACs where the one-shot models ranked it behind (docs/benchmark.md)
 REFIT_RIVAL = "uniform"
-# ...but only where its one-shot error is within this factor of the choice's: on 80 Fashion-MNIST
+# ...but only where its one-shot error is within this factor of the choice's: on 81 Fashion-MNIST
 # cells the refit of a rival further behind won no accuracy on balance, and on the ImageNet models
 # (1.8-5x behind) it never won; its pass was pure cost (docs/benchmark.md, "The rival's margin")
 RIVAL_MARGIN = 1.5
