@@ -96,14 +96,26 @@ def _auto_choice(planner: Callable[..., Planner], target: Target, prepared: Prep
     return planners[choice.chosen], choice
 
 
-def latency_stand_in(target: Target) -> Target | None:
-    """The target auto compares its candidates at: a budget target itself; for a latency target
-    the same fraction of the MACs (latency falls about as the MACs do, a little slower: docs/speed.md,
-    section 3), so that the rule is chosen by the model's output as for a MACs target and the
-    latency search then times that rule's plans; None for a tolerance (the global threshold)."""
+def stand_in(target: Target, global_rule: Planner) -> Target | None:
+    """The budget auto compares its candidates at, and the chosen rule then plans: a budget target
+    itself; for a latency target the same fraction of the MACs (latency falls about as the MACs
+    do, a little slower: docs/speed.md, section 3; the latency search then times the chosen
+    rule's plans); for a tolerance the MACs the global threshold removes at it (the tolerance sets
+    the size, the best rule spreads it: the global rule gutted SmolLM2's layer-11 FFN, whose one
+    massive neuron makes every other look free). None where a tolerance removes no MACs."""
     if target.kind in ("ratio", "flops", "params"):
         return target
-    return Target("flops", target.value) if target.kind == "latency" else None
+    if target.kind == "latency":
+        return Target("flops", target.value)
+    removed = global_rule.removed("flops", global_rule.threshold_for(target))
+    return Target("flops", removed) if removed > 0 else None
+
+
+def _stand_in_note(target: Target, compared_at: Target) -> str:
+    """How the report names the budget a latency or tolerance target was compared at."""
+    if target.kind == "latency":
+        return f"--flops {compared_at.value:g}, the latency target's stand-in"
+    return f"--flops {compared_at.value:.3g}, what --tolerance {target.value:g} removes with the global threshold"
 
 
 def allocation_planner(
@@ -121,9 +133,8 @@ def allocation_planner(
     head_gain: float | None = None,
 ) -> tuple[Planner, Sensitivity | AllocationChoice | StreamGains | None]:
     """The planner for `allocation`, and what was measured to make it (None for a fixed rule);
-    auto with a tolerance target keeps the global threshold (the tolerance is defined on its
-    energies), with a latency target it compares the candidates at the same fraction of the MACs
-    (`latency_stand_in`). `head_gain` scales the attention heads' scores in every rule: the
+    auto with a latency or tolerance target compares the candidates at a MACs budget standing in
+    for it (`stand_in`; `AllocationChoice.planned_at`). `head_gain` scales the attention heads' scores in every rule: the
     per-kind budget (None: DEFAULT_HEAD_GAIN, and auto also tries SEARCHED_HEAD_GAINS)."""
     analysis = prepared.analysis
     heads = attention_spaces(analysis, prepared.index)
@@ -134,17 +145,18 @@ def allocation_planner(
 
     build, io_changes = candidate_builder(prepared, stats, method), partial(cache_io_changes, analysis)
     if allocation == "auto":
-        compared_at = latency_stand_in(target)
+        global_rule = planner("global")
+        compared_at = stand_in(target, global_rule)
         if compared_at is None:
-            return planner("global"), None
+            return global_rule, None
         try:
             chosen, choice = _auto_choice(planner, compared_at, prepared, heads, head_gain, build, io_changes, progress)
         except TargetError:
             if compared_at is target:
                 raise
-            return planner("global"), None  # the latency search then says how far this model can go
+            return global_rule, None  # the latency search then says how far this model can go
         if compared_at is not target:
-            choice.compared_at = f"--{compared_at.kind} {compared_at.value:g}, the latency target's stand-in"
+            choice.compared_at, choice.planned_at = _stand_in_note(target, compared_at), compared_at
         return chosen, choice
     if allocation == "stream":
         streams = stream_gains(prepared, progress)

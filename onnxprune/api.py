@@ -147,7 +147,8 @@ def prune(
     the statistics do, docs/speed.md; 0 = all of them).
     `allocation`: "auto" (default: each of "global", "stream", "tempered" and "uniform" plans the
     target, the one whose one-shot model's outputs are closest to the original's on the held-out
-    samples is kept; a tolerance or latency target uses "global"), "global" (one threshold on the
+    samples is kept; a latency target compares them at the same fraction of the MACs, a tolerance
+    at the MACs the global threshold removes at it, and the chosen rule plans that), "global" (one threshold on the
     normalised energies of every space, DESIGN §2), "stream" (the same, each space's energies
     scaled by its consumers' share of the residual stream they join), "uniform" (the same fraction of every
     space's units), "tempered" (in between) or "sensitivity" (every space pruned alone first and
@@ -218,7 +219,7 @@ def prune(
             pruned = builder.final(plan, pruned)
     else:
         with _stage(seconds, "plan"), undersampled_hint(analysis):
-            plan = planner.plan(target)
+            plan = planner.plan(allocated.planned_at if isinstance(allocated, AllocationChoice) and allocated.planned_at else target)
         warnings.extend(overshoot_warning(planner, plan, round_to))
         with _stage(seconds, "rewrite"):
             rival = allocated.rival() if judge == "refit" and isinstance(allocated, AllocationChoice) else None

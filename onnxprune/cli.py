@@ -108,7 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
     target.add_argument("--params", type=_fraction, help="fraction of the model's parameters to REMOVE (0..1)")
     target.add_argument("--latency", type=_fraction, help="fraction of the measured onnxruntime CPU latency to REMOVE: the threshold "
                         "is searched by timing the rewritten model on this machine (a few seconds per step; see --latency-batch)")
-    target.add_argument("--tolerance", type=_fraction, help=f"remove every unit whose normalised energy loss is <= T (default {DEFAULT_TOLERANCE} when no target is given)")
+    target.add_argument("--tolerance", type=_fraction, help=f"remove the MACs carried by the units whose normalised energy loss is <= T (default {DEFAULT_TOLERANCE} when no "
+                        "target is given); --allocation global removes exactly those units, auto spreads the same MACs by its chosen rule")
     parser.add_argument("--method", choices=METHODS, default="snp", help="pruning criterion: snp (default); lsq = weight-magnitude order + LS recovery; fluct = FLAP (fluctuation x weight norm, mean compensation); wanda = Wanda-sp (|W| x ||X||); l1/l2/variance/random = baselines without recovery")
     parser.add_argument("--order", choices=ORDERS, default=DEFAULT_ORDER,
                         help="SNP unit order: weighted = greedy pivoted Cholesky on the activations scaled by the consumer weights "
@@ -121,7 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "tempered and uniform, rewrite each, keep the one whose outputs are closest to the original's on the "
                         "held-out samples (no single rule won on every benchmark model; docs/benchmark.md), then try the chosen "
                         "rule with other head gains (--head-gain); with --latency L the candidates are compared at --flops L and the "
-                        "latency search times the chosen rule's plans; under the sequential fit the uniform plan is refitted too "
+                        "latency search times the chosen rule's plans, with --tolerance T at the MACs the global rule removes at T; "
+                        "under the sequential fit the uniform plan is refitted too "
                         "and the better refit kept (--judge); global = one "
                         "threshold on every layer's normalised energy loss; stream = the same, with each layer's loss measured "
                         "relative to the residual stream its output joins (best on SmolLM2, MiniLM-like encoders and ResNets; "

@@ -45,7 +45,8 @@ class AllocationChoice:
     plans: dict[str, Plan] = field(default_factory=dict, repr=False)  # each scored candidate's plan
     refitted: dict | None = None  # the judgement after the refits (`refitjudge.Judgement.summary`), where one ran
     unjudged: str | None = None  # why REFIT_RIVAL was not refitted beside the choice, where it was asked for and not
-    compared_at: str | None = None  # the target the candidates were compared at, where it is not the run's own
+    compared_at: str | None = None  # the target the candidates were compared at, where it is not the run's own (for the report)
+    planned_at: Target | None = None  # that target, which the chosen rule then plans (a tolerance's stand-in)
 
     def rival(self) -> Plan | None:
         """The plan refitted beside the chosen one under the sequential fit: REFIT_RIVAL's, where

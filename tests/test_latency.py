@@ -95,5 +95,24 @@ def test_auto_chooses_the_rule_of_a_latency_target_at_the_same_fraction_of_the_m
     _, fixed = onnxprune.prune(model, calib(), latency=0.3, allocation=chosen)
     _, global_rule = onnxprune.prune(model, calib(), latency=0.3, allocation="global")
     assert kept == [s.kept for s in fixed.spaces] != [s.kept for s in global_rule.spaces]
-    _, tolerance = onnxprune.prune(model, calib(), tolerance=0.01)
-    assert not tolerance.allocation
+
+
+def test_a_tolerance_sets_the_size_and_auto_spreads_it() -> None:
+    """`--tolerance T` removes the MACs the global threshold removes at T; auto compares its
+    candidates at that budget and the chosen rule plans it (the report says so), while
+    `allocation="global"` keeps the tolerance's own plan. A tolerance that removes nothing
+    measures nothing."""
+    import re
+
+    model = random_mlp(widths=(20, 96, 32, 64, 6), seed=0)
+    _, own = onnxprune.prune(model, calib(), tolerance=0.01, allocation="global", sequential=False)
+    removed = 1 - own.macs_after / own.macs_before
+    _, report = onnxprune.prune(model, calib(), tolerance=0.01, sequential=False)
+    found = re.fullmatch(r"--flops ([\d.]+), what --tolerance 0.01 removes with the global threshold", report.allocation["compared_at"])
+    assert found and float(found[1]) == pytest.approx(removed, rel=1e-2) and report.target == {"tolerance": 0.01}
+    chosen = report.allocation["chosen"]
+    assert chosen != "global" and 1 - report.macs_after / report.macs_before == pytest.approx(removed, abs=0.02)
+    _, same = onnxprune.prune(model, calib(), flops=float(found[1]), allocation=chosen, sequential=False)
+    assert [s.kept for s in report.spaces] == [s.kept for s in same.spaces] != [s.kept for s in own.spaces]
+    _, nothing = onnxprune.prune(random_mlp(widths=(20, 16, 12, 6), seed=0), calib(), tolerance=1e-9, sequential=False)
+    assert not nothing.allocation and nothing.macs_after == nothing.macs_before

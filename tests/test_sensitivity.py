@@ -119,14 +119,17 @@ def test_auto_allocation_chooses_the_candidate_with_the_lowest_heldout_error() -
     assert "chosen by the output error" in report.markdown()
 
 
-def test_auto_allocation_with_a_tolerance_keeps_the_global_threshold() -> None:
+def test_auto_allocation_with_a_tolerance_spreads_its_size_by_the_chosen_rule() -> None:
+    """A tolerance sets the MACs removed (the global threshold's at it); auto plans that budget
+    with the candidate of lowest held-out error."""
     model = two_branches()
     calib = {"x": np.random.default_rng(1).standard_normal((300, 16)).astype(np.float32)}
-    pruned_a, report_a = onnxprune.prune(model, calib, tolerance=0.05, allocation="auto")
-    pruned_g, report_g = onnxprune.prune(model, calib, tolerance=0.05)
-    assert _kept(report_a) == _kept(report_g) and not report_a.allocation
-    x = calib["x"][:20]
-    np.testing.assert_array_equal(run(pruned_a, x), run(pruned_g, x))
+    _, report_a = onnxprune.prune(model, calib, tolerance=0.05)
+    _, report_g = onnxprune.prune(model, calib, tolerance=0.05, allocation="global")
+    errors = report_a.allocation["heldout_error"]
+    assert report_a.allocation["compared_at"].endswith("what --tolerance 0.05 removes with the global threshold")
+    assert errors[report_a.allocation["chosen"]] == min(e for e in errors.values() if e is not None)
+    assert report_a.macs_after == pytest.approx(report_g.macs_after, rel=0.05) and not report_g.allocation
 
 
 def test_output_error_is_kl_for_logits_and_relative_l2_otherwise() -> None:
