@@ -123,7 +123,7 @@ def prune(
 
     Targets (one of them): `ratio` / `flops` / `params` = fraction of prunable units / MACs /
     parameters to REMOVE; `tolerance` = largest normalised energy loss of a removed unit under the
-    global rule, which sets the MACs to remove (other allocations spread that size their way).
+    allocation's rule (with "auto": under the global rule, which sets the MACs auto's choice removes).
     `calib`: a .npz/.npy path, a folder of images (see `image_options`), a `loader.py:function`
     hook yielding {input name: array} batches, or a dict of arrays (samples on axis 0).
     `statistics`: precomputed (merged) calibration statistics from `onnxprune.shards`; `workers`

@@ -108,8 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
     target.add_argument("--params", type=_fraction, help="fraction of the model's parameters to REMOVE (0..1)")
     target.add_argument("--latency", type=_fraction, help="fraction of the measured onnxruntime CPU latency to REMOVE: the threshold "
                         "is searched by timing the rewritten model on this machine (a few seconds per step; see --latency-batch)")
-    target.add_argument("--tolerance", type=_fraction, help=f"remove the MACs carried by the units whose normalised energy loss is <= T (default {DEFAULT_TOLERANCE} when no "
-                        "target is given); --allocation global removes exactly those units, auto spreads the same MACs by its chosen rule")
+    target.add_argument("--tolerance", type=_fraction, help=f"remove every unit whose normalised energy loss is <= T under the --allocation rule (default {DEFAULT_TOLERANCE} "
+                        "when no target is given); with auto (the default) T sets the size instead: the MACs those units carry "
+                        "under the global rule, spread by auto's chosen rule")
     parser.add_argument("--method", choices=METHODS, default="snp", help="pruning criterion: snp (default); lsq = weight-magnitude order + LS recovery; fluct = FLAP (fluctuation x weight norm, mean compensation); wanda = Wanda-sp (|W| x ||X||); l1/l2/variance/random = baselines without recovery")
     parser.add_argument("--order", choices=ORDERS, default=DEFAULT_ORDER,
                         help="SNP unit order: weighted = greedy pivoted Cholesky on the activations scaled by the consumer weights "
