@@ -11,7 +11,7 @@ import onnx
 
 from .analyse import Analysis
 from .cost import CostModel
-from .errors import ModelError, TargetError
+from .errors import ModelError, TargetError, failure_line
 from .fidelity import ReferenceOutputs
 from .graph import GraphIndex
 from .plan import Plan, Planner, Target, make_planner, unit_width
@@ -90,7 +90,7 @@ def _auto_choice(planner: Callable[..., Planner], target: Target, prepared: Prep
         except TargetError:
             pass  # no other gain meets the target: the chosen rule stands
         except Exception as exc:  # noqa: BLE001 - as for a failed candidate: the chosen rule stands, the report says why
-            choice.failed[", ".join(more)] = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            choice.failed[", ".join(more)] = failure_line(exc)
         planners.update(more)
     choice.streams = streams
     return planners[choice.chosen], choice

@@ -216,6 +216,31 @@ def test_auto_also_tries_its_rule_with_other_head_gains() -> None:
     assert not any("heads" in name for name in plain.allocation["heldout_error"])
 
 
+def test_a_failed_head_gain_search_is_named_like_any_failed_candidate(monkeypatch) -> None:
+    """If scoring the chosen rule's other head gains fails, the chosen rule stands and the report
+    names the failure as it names a failed candidate ('RuntimeError: <first line>')."""
+    from pathlib import Path
+
+    import onnxprune.allocate as allocate
+
+    folder = Path(__file__).resolve().parents[1] / "models" / "transformers"
+    model = onnx.load(folder / "bert_tiny.dynamo.onnx")
+    names = {i.name for i in model.graph.input}
+    data = {k: v for k, v in np.load(folder / "calib_tokens.npz").items() if k in names}
+    real, calls = allocate.choose_allocation, []
+
+    def second_fails(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("planted\nsecond line")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(allocate, "choose_allocation", second_fails)
+    _, report = onnxprune.prune(model, data, params=0.5, sequential=False, seed=0)
+    assert "heads" not in report.allocation["chosen"]
+    assert list(report.allocation["failed"].values()) == ["RuntimeError: planted"]
+
+
 def _kept_units(report) -> list[int]:
     return [row.kept for row in report.spaces]
 
