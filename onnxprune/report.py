@@ -142,6 +142,7 @@ class PruneReport:
             return f"allocation: stream{joined or '; no space joins a residual stream (the global rule)'}"
         scored = ", ".join(f"{name} {'n/a' if e is None else f'{e:.3g}'}" for name, e in self.allocation["heldout_error"].items())
         refitted = self.allocation.get("refitted")
+        at = f" at {self.allocation['compared_at']}" if self.allocation.get("compared_at") else ""
         if refitted:
             finalists = ", ".join([*(f"{name} {e:.3g}" for name, e in refitted["errors"].items()),
                                    *(f"{name} failed" for name in refitted.get("failed", {}))])
@@ -149,9 +150,8 @@ class PruneReport:
                        else "samples the refit did not fit (calibration and held-out)")
             return (f"allocation: {self.allocation['chosen']}, chosen by the output error after the refit on "
                     f"{refitted['samples']} {samples} ({finalists}; one-shot on "
-                    f"{self.allocation['samples']} held-out samples: {scored}){joined}")
+                    f"{self.allocation['samples']} held-out samples{at}: {scored}){joined}")
         unjudged = f"; {self.allocation['unjudged']}" if self.allocation.get("unjudged") else ""
-        at = f" at {self.allocation['compared_at']}" if self.allocation.get("compared_at") else ""
         return (f"allocation: {self.allocation['chosen']}, chosen by the output error on {self.allocation['samples']} held-out "
                 f"samples{at} ({scored}){unjudged}{joined}")
 

@@ -289,6 +289,16 @@ def test_auto_judges_its_choice_against_uniform_after_both_refits(monkeypatch, e
         onnxprune.prune(model, {"x": x}, flops=0.4, judge="best")
 
 
+def test_a_tolerance_judged_after_the_refits_names_its_stand_in(every_rival) -> None:
+    """A tolerance's size stands in for the target; when the refit judge decides, the report line
+    still says at what budget the candidates were compared."""
+    model = random_cnn(channels=(3, 16, 24, 8), seed=0)
+    x = np.random.default_rng(0).standard_normal((200, 3, 8, 8)).astype(np.float32)
+    _, report = onnxprune.prune(model, {"x": x}, tolerance=0.05, seed=0)
+    assert "refitted" in report.allocation
+    assert f"one-shot on {report.allocation['samples']} held-out samples at {report.allocation['compared_at']}:" in report.allocation_note()
+
+
 def test_a_rival_far_behind_one_shot_is_not_refitted() -> None:
     """The uniform plan is refitted beside auto's choice only when its one-shot error is within
     RIVAL_MARGIN of the choice's. Further behind, the run is `judge="one-shot"`'s, one pass, and
