@@ -121,6 +121,29 @@ def test_a_gain_protects_a_space_and_the_target_still_holds(allocation: str) -> 
         assert any(moved) and all(-sign * m >= 0 for m in moved)
 
 
+def _bert_tiny() -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+    """The committed tiny BERT and its calibration tokens (the inputs it reads)."""
+    from pathlib import Path
+
+    folder = Path(__file__).resolve().parents[1] / "models" / "transformers"
+    model = onnx.load(folder / "bert_tiny.dynamo.onnx")
+    names = {i.name for i in model.graph.input}
+    return model, {k: v for k, v in np.load(folder / "calib_tokens.npz").items() if k in names}
+
+
+def _second_call_raises(real, error: Exception):
+    """`real`, except that its second call raises `error`."""
+    calls = []
+
+    def wrapped(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise error
+        return real(*args, **kwargs)
+
+    return wrapped
+
+
 def test_head_gain_moves_the_budget_between_heads_and_neurons(capsys) -> None:
     """--head-gain < 1 exposes the attention heads: fewer heads kept, more FFN neurons, the same
     parameter target met, and the pruned model runs in onnxruntime close to the original."""
@@ -187,14 +210,9 @@ def test_auto_also_tries_its_rule_with_other_head_gains() -> None:
     """Where heads and FFN neurons share the budget, auto scores its chosen rule with head gains
     2 and 8 as well and keeps the lowest held-out error; that plan is the one a fixed rule and
     gain make. An explicit --head-gain, or a model without heads, has no such candidates."""
-    from pathlib import Path
-
     from onnxprune.allocate import SEARCHED_HEAD_GAINS
 
-    folder = Path(__file__).resolve().parents[1] / "models" / "transformers"
-    model = onnx.load(folder / "bert_tiny.dynamo.onnx")
-    names = {i.name for i in model.graph.input}
-    data = {k: v for k, v in np.load(folder / "calib_tokens.npz").items() if k in names}
+    model, data = _bert_tiny()
     options = dict(params=0.5, sequential=False, seed=0)  # here auto keeps heads x2 (a gain other than the default)
     _, report = onnxprune.prune(model, data, **options)
     errors = report.allocation["heldout_error"]
@@ -219,23 +237,10 @@ def test_auto_also_tries_its_rule_with_other_head_gains() -> None:
 def test_a_failed_head_gain_search_is_named_like_any_failed_candidate(monkeypatch) -> None:
     """If scoring the chosen rule's other head gains fails, the chosen rule stands and the report
     names the failure as it names a failed candidate ('RuntimeError: <first line>')."""
-    from pathlib import Path
-
     import onnxprune.allocate as allocate
 
-    folder = Path(__file__).resolve().parents[1] / "models" / "transformers"
-    model = onnx.load(folder / "bert_tiny.dynamo.onnx")
-    names = {i.name for i in model.graph.input}
-    data = {k: v for k, v in np.load(folder / "calib_tokens.npz").items() if k in names}
-    real, calls = allocate.choose_allocation, []
-
-    def second_fails(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise RuntimeError("planted\nsecond line")
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(allocate, "choose_allocation", second_fails)
+    model, data = _bert_tiny()
+    monkeypatch.setattr(allocate, "choose_allocation", _second_call_raises(allocate.choose_allocation, RuntimeError("planted\nsecond line")))
     _, report = onnxprune.prune(model, data, params=0.5, sequential=False, seed=0)
     assert "heads" not in report.allocation["chosen"]
     assert list(report.allocation["failed"].values()) == ["RuntimeError: planted"]
@@ -399,15 +404,7 @@ def test_a_rival_whose_refit_raises_loses_and_the_chosen_one_stays(monkeypatch, 
     model = random_cnn(channels=(3, 16, 24, 8), seed=0)
     x = np.random.default_rng(0).standard_normal((200, 3, 8, 8)).astype(np.float32)
     plain, _ = onnxprune.prune(model, {"x": x}, flops=0.4, seed=0, judge="one-shot")
-    original, seen = refitjudge.refit_or_one_shot, []
-
-    def second_raises(*args, **kwargs):
-        seen.append(1)
-        if len(seen) == 2:
-            raise MemoryError("planted")
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(refitjudge, "refit_or_one_shot", second_raises)
+    monkeypatch.setattr(refitjudge, "refit_or_one_shot", _second_call_raises(refitjudge.refit_or_one_shot, MemoryError("planted")))
     pruned, report = onnxprune.prune(model, {"x": x}, flops=0.4, seed=0)
     assert report.allocation["refitted"]["failed"] == {"uniform": "MemoryError: planted"}
     np.testing.assert_array_equal(run(pruned, x), run(plain, x))
