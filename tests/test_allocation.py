@@ -150,9 +150,7 @@ def test_head_gain_moves_the_budget_between_heads_and_neurons(capsys) -> None:
     from pathlib import Path
 
     folder = Path(__file__).resolve().parents[1] / "models" / "transformers"
-    model = onnx.load(folder / "bert_tiny.dynamo.onnx")
-    names = {i.name for i in model.graph.input}
-    data = {k: v for k, v in np.load(folder / "calib_tokens.npz").items() if k in names}
+    model, data = _bert_tiny()
     kept = {}
     for gain in (1.0, 0.25):
         pruned, report = onnxprune.prune(model, data, params=0.3, head_gain=gain, allocation="global")
